@@ -1,0 +1,415 @@
+//! The nines client library: what applications embed to talk to a nines
+//! cluster. It depends on the wire crate only, never on the node.
+//!
+//! A [`Client`] is given a list of endpoints (any nodes of a region). It
+//! sends each request to the node it last succeeded with, follows leader
+//! hints, moves to the next endpoint when a node is unreachable, and retries
+//! with bounded exponential backoff. A write is retried only when the server
+//! (or a refused connection) guarantees it had no effect; otherwise the
+//! caller gets [`Error::Indeterminate`], because a blind retry could apply a
+//! write twice or over a newer one. Reads are always retried.
+//!
+//! # Layout
+//!
+//! - [`Client`], [`ClientConfig`]: the client and its limits.
+//! - [`Error`]: what can go wrong, grouped by what the caller should do.
+//! - [`retry`]: how an error is classified (retry-safe or not).
+
+pub mod retry;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nines_proto::v1::{
+    AddLearnerRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest,
+    MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, StatusRequest,
+    admin_client::AdminClient, compare_and_swap_request, kv_client::KvClient,
+};
+pub use nines_proto::v1::{
+    CompareAndSwapResponse, Consistency, DeleteResponse, GetResponse, KeyValue, Member,
+    MembersResponse, NodeInfo, PutResponse, ScanResponse, StatusResponse, Version,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+
+use crate::retry::Retry;
+
+/// A closure for [`Client::call`] that sends a clone of `$req` with the
+/// `$client` stub's `$method`.
+macro_rules! rpc {
+    ($client:ident, $method:ident, $req:expr) => {
+        |c| {
+            let r = $req.clone();
+            async move { Self::$client(c).$method(r).await }
+        }
+    };
+}
+
+/// The endpoints `nines up` serves on, used when none are given.
+pub const DEFAULT_ENDPOINTS: &[&str] = &[
+    "http://127.0.0.1:7001",
+    "http://127.0.0.1:7002",
+    "http://127.0.0.1:7003",
+];
+
+/// Largest response the client accepts, in bytes: a full scan page (the
+/// server caps a page at 8 MiB of keys and values) plus framing.
+pub const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// What can go wrong, grouped by what the caller should do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// Every attempt failed with a retryable error; the request had no effect
+    /// as far as the client knows. Try again later.
+    #[error("unavailable after {attempts} attempts: {last}")]
+    Unavailable { attempts: u32, last: String },
+    /// The write may or may not have been applied (a timeout, or a connection
+    /// lost after the request was sent). Read back to find out.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// The request is malformed or beyond a limit; the message names which.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The cluster's state refuses the request (e.g. already initialized).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// An endpoint string cannot be used.
+    #[error("invalid endpoint {endpoint:?}: {reason}")]
+    InvalidEndpoint { endpoint: String, reason: String },
+    /// Any other server error, with its gRPC code.
+    #[error("{code:?}: {message}")]
+    Server { code: Code, message: String },
+}
+
+impl Error {
+    fn from_final(status: &Status) -> Self {
+        let message = status.message().to_string();
+        match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(message),
+            Code::FailedPrecondition => Error::FailedPrecondition(message),
+            Code::ResourceExhausted => Error::InvalidArgument(message),
+            code => Error::Server { code, message },
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The client's limits. Every retry loop is bounded in count and time.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// How long one attempt may take.
+    pub attempt_timeout: Duration,
+    /// How many attempts one request makes at most.
+    pub attempts_max: u32,
+    /// The first backoff between attempts; doubles up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How long connecting to one node may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        // 12 attempts with backoff capped at 1 s span about 8 s: longer than
+        // an election (default timeout up to 1 s) plus a client's view of it.
+        ClientConfig {
+            attempt_timeout: Duration::from_secs(12),
+            attempts_max: 12,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_secs(1),
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What a CompareAndSwap compares against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The current version's index.
+    Version(u64),
+    /// The key must be absent.
+    Absent,
+}
+
+/// Which keys a scan covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRange {
+    /// Keys in `[start, end)`; an empty `end` means no upper bound.
+    Range { start: Vec<u8>, end: Vec<u8> },
+    /// Every key beginning with these bytes.
+    Prefix(Vec<u8>),
+}
+
+/// A client of one nines cluster (region).
+pub struct Client {
+    endpoints: Vec<String>,
+    config: ClientConfig,
+    /// One channel per address, reused for every request (HTTP/2
+    /// multiplexes). `std::sync::Mutex` because it is never held across an
+    /// `.await`.
+    channels: Mutex<HashMap<String, Channel>>,
+    /// The address that last answered (or was hinted as leader).
+    preferred: Mutex<Option<String>>,
+}
+
+impl Client {
+    /// A client of the cluster reachable at `endpoints` (e.g.
+    /// `http://127.0.0.1:7001`). Connections are made lazily.
+    pub fn new(endpoints: Vec<String>, config: ClientConfig) -> Result<Self> {
+        if endpoints.is_empty() {
+            return Err(Error::InvalidEndpoint {
+                endpoint: String::new(),
+                reason: "no endpoints given".into(),
+            });
+        }
+        let client = Client {
+            endpoints,
+            config,
+            channels: Mutex::new(HashMap::new()),
+            preferred: Mutex::new(None),
+        };
+        for e in &client.endpoints {
+            client.channel(e)?;
+        }
+        Ok(client)
+    }
+
+    /// A client of the cluster `nines up` starts.
+    pub fn local_default() -> Result<Self> {
+        Self::new(
+            DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect(),
+            ClientConfig::default(),
+        )
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| Error::InvalidEndpoint {
+                endpoint: addr.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn first_target(&self) -> String {
+        let preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+        preferred
+            .clone()
+            .unwrap_or_else(|| self.endpoints[0].clone())
+    }
+
+    fn set_preferred(&self, addr: &str) {
+        *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.to_string());
+    }
+
+    fn next_endpoint(&self, after: &str) -> String {
+        let i = self
+            .endpoints
+            .iter()
+            .position(|e| e == after)
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        self.endpoints[i % self.endpoints.len()].clone()
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .config
+            .backoff_base
+            .saturating_mul(1u32 << attempt.min(16));
+        exp.min(self.config.backoff_max)
+    }
+
+    /// Runs one request with routing and bounded retries. `idempotent`
+    /// requests are retried after any retryable error; others only after
+    /// errors that guarantee no effect.
+    async fn call<T, F, Fut>(&self, idempotent: bool, mut f: F) -> Result<T>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let mut target = self.first_target();
+        let mut last = String::new();
+        for attempt in 0..self.config.attempts_max {
+            let channel = self.channel(&target)?;
+            let outcome = tokio::time::timeout(self.config.attempt_timeout, f(channel)).await;
+            let status = match outcome {
+                Ok(Ok(resp)) => {
+                    self.set_preferred(&target);
+                    return Ok(resp.into_inner());
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!(
+                    "no answer from {target} within {:?}",
+                    self.config.attempt_timeout
+                )),
+            };
+            last = format!("{target}: {}", status.message());
+            match retry::classify(&status) {
+                Retry::Final => return Err(Error::from_final(&status)),
+                Retry::Unsafe if !idempotent => return Err(Error::Indeterminate(last)),
+                Retry::Unsafe | Retry::Safe => {}
+            }
+            tracing::debug!(attempt, %target, error = %status.message(), "retrying");
+            match retry::leader_hint(&status) {
+                Some(hint) if hint != target => target = hint,
+                _ => {
+                    target = self.next_endpoint(&target);
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            attempts: self.config.attempts_max,
+            last,
+        })
+    }
+
+    fn kv(channel: Channel) -> KvClient<Channel> {
+        KvClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+    }
+
+    fn admin(channel: Channel) -> AdminClient<Channel> {
+        AdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+    }
+
+    /// Writes `value` under `key`; returns the new version.
+    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<Version> {
+        let req = PutRequest {
+            key: key.into(),
+            value: value.into(),
+        };
+        let resp: PutResponse = self.call(false, rpc!(kv, put, req)).await?;
+        resp.version.ok_or_else(|| Error::Server {
+            code: Code::Internal,
+            message: "put response without version".into(),
+        })
+    }
+
+    /// Reads `key` at the given consistency.
+    pub async fn get(
+        &self,
+        key: impl Into<Vec<u8>>,
+        consistency: Consistency,
+    ) -> Result<GetResponse> {
+        let req = GetRequest {
+            key: key.into(),
+            consistency: consistency as i32,
+        };
+        self.call(true, rpc!(kv, get, req)).await
+    }
+
+    /// Deletes `key` (writes a tombstone).
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<DeleteResponse> {
+        let req = DeleteRequest { key: key.into() };
+        self.call(false, rpc!(kv, delete, req)).await
+    }
+
+    /// Writes `value` under `key` only if the current version matches.
+    pub async fn compare_and_swap(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        expect: Expect,
+    ) -> Result<CompareAndSwapResponse> {
+        let expected = match expect {
+            Expect::Version(i) => compare_and_swap_request::Expected::ExpectedIndex(i),
+            Expect::Absent => compare_and_swap_request::Expected::ExpectAbsent(true),
+        };
+        let req = CompareAndSwapRequest {
+            key: key.into(),
+            value: value.into(),
+            expected: Some(expected),
+        };
+        self.call(false, rpc!(kv, compare_and_swap, req)).await
+    }
+
+    /// Lists live keys in a range or with a prefix, at most `limit` (0: the
+    /// server's default).
+    pub async fn scan(
+        &self,
+        range: KeyRange,
+        limit: u32,
+        consistency: Consistency,
+    ) -> Result<ScanResponse> {
+        let (start, end, prefix) = match range {
+            KeyRange::Range { start, end } => (start, end, Vec::new()),
+            KeyRange::Prefix(p) => (Vec::new(), Vec::new(), p),
+        };
+        let req = ScanRequest {
+            start,
+            end,
+            prefix,
+            limit,
+            consistency: consistency as i32,
+        };
+        self.call(true, rpc!(kv, scan, req)).await
+    }
+
+    /// The status of the node at `endpoint` (not routed: status is per node).
+    pub async fn status_of(&self, endpoint: &str) -> Result<StatusResponse> {
+        let channel = self.channel(endpoint)?;
+        let fut = async move { Self::admin(channel).status(StatusRequest {}).await };
+        match tokio::time::timeout(self.config.attempt_timeout, fut).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(Error::Unavailable {
+                attempts: 1,
+                last: format!("{endpoint}: {}", s.message()),
+            }),
+            Err(_) => Err(Error::Unavailable {
+                attempts: 1,
+                last: format!("{endpoint}: timed out"),
+            }),
+        }
+    }
+
+    /// Bootstraps a fresh cluster through the node at `endpoint`. Refused
+    /// (`FailedPrecondition`) if that node is already initialized.
+    pub async fn init(&self, endpoint: &str, members: Vec<NodeInfo>) -> Result<()> {
+        let channel = self.channel(endpoint)?;
+        Self::admin(channel)
+            .init(InitRequest { members })
+            .await
+            .map_err(|s| Error::from_final(&s))?;
+        Ok(())
+    }
+
+    /// The cluster's members and leader.
+    pub async fn members(&self) -> Result<MembersResponse> {
+        self.call(true, rpc!(admin, members, MembersRequest {}))
+            .await
+    }
+
+    /// Adds a node as a learner; returns once it has caught up.
+    pub async fn add_learner(&self, node: NodeInfo) -> Result<MembersResponse> {
+        let req = AddLearnerRequest { node: Some(node) };
+        self.call(false, rpc!(admin, add_learner, req)).await
+    }
+
+    /// Promotes a learner to voter.
+    pub async fn promote(&self, node_id: u64) -> Result<MembersResponse> {
+        self.call(false, rpc!(admin, promote, PromoteRequest { node_id }))
+            .await
+    }
+
+    /// Removes a node (voter or learner) from the cluster.
+    pub async fn remove(&self, node_id: u64) -> Result<MembersResponse> {
+        self.call(false, rpc!(admin, remove, RemoveRequest { node_id }))
+            .await
+    }
+}

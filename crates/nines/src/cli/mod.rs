@@ -1,0 +1,583 @@
+//! The `nines` command line, shaped like `etcdctl`: `--endpoints` (or
+//! `NINES_ENDPOINTS`) defaulting to the cluster `nines up` starts, `-w
+//! table|json`, exit code 0 on success and 1 with a one-line reason on
+//! stderr otherwise.
+
+pub mod up;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nines_client::{
+    Client, ClientConfig, Consistency, Expect, KeyRange, KeyValue, NodeInfo, Version,
+};
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::config::NodeConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nines",
+    version,
+    about = "A replicated key-value store with multi-region failover"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Comma-separated gRPC endpoints of the cluster.
+    #[arg(long, global = true, env = "NINES_ENDPOINTS", value_delimiter = ',',
+          default_values_t = nines_client::DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    pub endpoints: Vec<String>,
+    /// Output format.
+    #[arg(short = 'w', long = "write-out", global = true, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReadConsistency {
+    Linearizable,
+    Local,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start a local three-node cluster on loopback (no config needed).
+    Up(up::UpArgs),
+    /// Run one node.
+    Node(NodeArgs),
+    /// Write a value.
+    Put { key: String, value: String },
+    /// Read a value.
+    Get {
+        key: String,
+        #[arg(long, value_enum, default_value_t = ReadConsistency::Linearizable)]
+        consistency: ReadConsistency,
+    },
+    /// Delete a key.
+    Del { key: String },
+    /// Write a value only if the key's current version matches.
+    Cas {
+        key: String,
+        value: String,
+        /// The version index the key must currently have.
+        #[arg(
+            long,
+            conflicts_with = "expect_absent",
+            required_unless_present = "expect_absent"
+        )]
+        expect_version: Option<u64>,
+        /// The key must not exist.
+        #[arg(long)]
+        expect_absent: bool,
+    },
+    /// List keys in a range or with a prefix.
+    Scan {
+        /// Keys beginning with this.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        prefix: Option<String>,
+        /// First key (inclusive).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last key (exclusive).
+        #[arg(long)]
+        to: Option<String>,
+        /// At most this many keys (default 1000, at most 10000).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = ReadConsistency::Linearizable)]
+        consistency: ReadConsistency,
+    },
+    /// Show every node: region, AZ, role, term, log and applied index, leader.
+    Status,
+    /// Membership: list, init, add a learner, promote, remove.
+    #[command(subcommand)]
+    Member(MemberCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MemberCommand {
+    /// List members and the leader.
+    List,
+    /// Bootstrap a fresh cluster through the first endpoint: ID=URL[@REGION/AZ] ...
+    Init { members: Vec<String> },
+    /// Add a node as a learner (returns once it caught up).
+    AddLearner {
+        id: u64,
+        /// The node's gRPC URL, e.g. http://127.0.0.1:7004.
+        grpc_addr: String,
+        #[arg(long, default_value = "")]
+        admin_addr: String,
+        #[arg(long, default_value = "local")]
+        region: String,
+        #[arg(long, default_value = "")]
+        az: String,
+    },
+    /// Promote a learner to voter.
+    Promote { id: u64 },
+    /// Remove a node.
+    Remove { id: u64 },
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// The node's TOML config (see deploy/nines.example.toml); defaults apply without one.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "NINES_ID")]
+    pub id: Option<u64>,
+    #[arg(long, env = "NINES_REGION")]
+    pub region: Option<String>,
+    #[arg(long, env = "NINES_AZ")]
+    pub az: Option<String>,
+    #[arg(long, env = "NINES_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "NINES_GRPC_LISTEN")]
+    pub grpc_listen: Option<std::net::SocketAddr>,
+    #[arg(long, env = "NINES_ADMIN_LISTEN")]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+impl NodeArgs {
+    /// The config file (or defaults) with environment and flags applied.
+    pub fn resolve(&self) -> anyhow::Result<NodeConfig> {
+        let mut c = crate::node::load_config(self.config.as_ref())?;
+        if let Some(v) = self.id {
+            c.id = v;
+        }
+        if let Some(v) = &self.region {
+            c.region = v.clone();
+        }
+        if let Some(v) = &self.az {
+            c.az = v.clone();
+        }
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = self.grpc_listen {
+            c.grpc_listen = v;
+        }
+        if let Some(v) = self.admin_listen {
+            c.admin_listen = v;
+        }
+        if self.log_json {
+            c.log_format = "json".into();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Sets up logging. Every line of a node names its node, region and AZ (the
+/// `node` span entered by [`run_node`]).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NINES_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Ignored: a subscriber may already be set (tests).
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Runs `nines node`.
+pub async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    init_tracing(config.log_format == "json");
+    let span =
+        tracing::info_span!("node", id = config.id, region = %config.region, az = %config.az);
+    crate::node::run(config, crate::node::termination_signal())
+        .instrument(span)
+        .await
+}
+
+fn client(g: &Global) -> anyhow::Result<Client> {
+    Ok(Client::new(g.endpoints.clone(), ClientConfig::default())?)
+}
+
+fn consistency(c: ReadConsistency) -> Consistency {
+    match c {
+        ReadConsistency::Linearizable => Consistency::Linearizable,
+        ReadConsistency::Local => Consistency::Local,
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn version_json(v: &Option<Version>) -> serde_json::Value {
+    match v {
+        Some(v) => json!({
+            "index": v.index, "hlc": format!("{}.{}", v.hlc_physical_ms, v.hlc_logical), "origin_region": v.origin_region
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn version_text(v: &Option<Version>) -> String {
+    match v {
+        Some(v) => format!(
+            "version {} (hlc {}.{}, origin {})",
+            v.index, v.hlc_physical_ms, v.hlc_logical, v.origin_region
+        ),
+        None => "no version".into(),
+    }
+}
+
+fn kv_json(kv: &KeyValue) -> serde_json::Value {
+    json!({ "key": text(&kv.key), "value": text(&kv.value), "version": version_json(&kv.version) })
+}
+
+/// Prints rows as an aligned table.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{v}");
+}
+
+/// Parses `ID=URL[@REGION/AZ]`.
+fn parse_member(s: &str) -> anyhow::Result<NodeInfo> {
+    let (id, rest) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("member {s:?} is not ID=URL[@REGION/AZ]"))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| anyhow::anyhow!("member {s:?}: id {id:?} is not a number"))?;
+    let (url, labels) = match rest.split_once('@') {
+        Some((u, l)) => (u, Some(l)),
+        None => (rest, None),
+    };
+    let (region, az) = match labels {
+        Some(l) => {
+            let (r, a) = l
+                .split_once('/')
+                .ok_or_else(|| anyhow::anyhow!("member {s:?}: labels must be REGION/AZ"))?;
+            (r.to_string(), a.to_string())
+        }
+        None => ("local".to_string(), String::new()),
+    };
+    Ok(NodeInfo {
+        id,
+        grpc_addr: url.to_string(),
+        admin_addr: String::new(),
+        region,
+        az,
+    })
+}
+
+fn print_members(g: &Global, m: &nines_client::MembersResponse) {
+    if g.format == Format::Json {
+        let members: Vec<_> = m
+            .members
+            .iter()
+            .filter_map(|m| m.node.as_ref().map(|n| (n, m.voter)))
+            .map(|(n, voter)| json!({"id": n.id, "grpc_addr": n.grpc_addr, "admin_addr": n.admin_addr, "region": n.region, "az": n.az, "voter": voter}))
+            .collect();
+        print_json(json!({ "leader_id": m.leader_id, "members": members }));
+        return;
+    }
+    let rows: Vec<Vec<String>> = m
+        .members
+        .iter()
+        .filter_map(|mem| mem.node.as_ref().map(|n| (n, mem.voter)))
+        .map(|(n, voter)| {
+            vec![
+                n.id.to_string(),
+                if voter { "voter" } else { "learner" }.into(),
+                n.region.clone(),
+                n.az.clone(),
+                n.grpc_addr.clone(),
+                if m.leader_id == Some(n.id) {
+                    "*".into()
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    print_table(&["ID", "KIND", "REGION", "AZ", "GRPC", "LEADER"], &rows);
+}
+
+/// Runs one client command; `Ok(false)` means "ran, but the answer is no"
+/// (key not found, comparison failed), which exits 1.
+pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
+    let json = g.format == Format::Json;
+    match command {
+        Command::Up(_) | Command::Node(_) => unreachable!("handled by main"),
+        Command::Put { key, value } => {
+            let v = client(&g)?.put(key.clone(), value).await?;
+            if json {
+                print_json(json!({ "key": key, "version": version_json(&Some(v)) }));
+            } else {
+                println!("OK {}", version_text(&Some(v)));
+            }
+        }
+        Command::Get {
+            key,
+            consistency: c,
+        } => {
+            let r = client(&g)?.get(key.clone(), consistency(c)).await?;
+            if json {
+                print_json(json!({
+                    "kv": r.kv.as_ref().map(kv_json), "applied_index": r.applied_index, "served_by": r.served_by
+                }));
+            }
+            match r.kv {
+                Some(kv) => {
+                    if !json {
+                        print_table(
+                            &["KEY", "VALUE", "VERSION"],
+                            &[vec![
+                                text(&kv.key),
+                                text(&kv.value),
+                                version_text(&kv.version),
+                            ]],
+                        );
+                    }
+                }
+                None => {
+                    eprintln!("key {key:?} not found");
+                    return Ok(false);
+                }
+            }
+        }
+        Command::Del { key } => {
+            let r = client(&g)?.delete(key.clone()).await?;
+            if json {
+                print_json(
+                    json!({ "key": key, "existed": r.existed, "version": version_json(&r.version) }),
+                );
+            } else {
+                println!(
+                    "{} {}",
+                    if r.existed {
+                        "DELETED"
+                    } else {
+                        "ABSENT (tombstone written)"
+                    },
+                    version_text(&r.version)
+                );
+            }
+        }
+        Command::Cas {
+            key,
+            value,
+            expect_version,
+            expect_absent,
+        } => {
+            let expect = match (expect_version, expect_absent) {
+                (Some(v), false) => Expect::Version(v),
+                _ => Expect::Absent,
+            };
+            let r = client(&g)?
+                .compare_and_swap(key.clone(), value, expect)
+                .await?;
+            if json {
+                print_json(json!({
+                    "key": key, "succeeded": r.succeeded, "version": version_json(&r.version),
+                    "current": r.current.as_ref().map(kv_json)
+                }));
+            } else if r.succeeded {
+                println!("OK {}", version_text(&r.version));
+            }
+            if !r.succeeded {
+                let current = match &r.current {
+                    Some(kv) => version_text(&kv.version),
+                    None => "absent".into(),
+                };
+                eprintln!("compare failed: key {key:?} is {current}");
+                return Ok(false);
+            }
+        }
+        Command::Scan {
+            prefix,
+            from,
+            to,
+            limit,
+            consistency: c,
+        } => {
+            let range = match prefix {
+                Some(p) => KeyRange::Prefix(p.into_bytes()),
+                None => KeyRange::Range {
+                    start: from.unwrap_or_default().into_bytes(),
+                    end: to.unwrap_or_default().into_bytes(),
+                },
+            };
+            let r = client(&g)?.scan(range, limit, consistency(c)).await?;
+            if json {
+                let kvs: Vec<_> = r.kvs.iter().map(kv_json).collect();
+                print_json(json!({ "kvs": kvs, "more": r.more, "applied_index": r.applied_index }));
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .kvs
+                    .iter()
+                    .map(|kv| vec![text(&kv.key), text(&kv.value), version_text(&kv.version)])
+                    .collect();
+                print_table(&["KEY", "VALUE", "VERSION"], &rows);
+                if r.more {
+                    println!("(more keys follow; continue with --from)");
+                }
+            }
+        }
+        Command::Status => status(&g).await?,
+        Command::Member(m) => {
+            let c = client(&g)?;
+            match m {
+                MemberCommand::List => print_members(&g, &c.members().await?),
+                MemberCommand::Init { members } => {
+                    let members = members
+                        .iter()
+                        .map(|m| parse_member(m))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    c.init(&g.endpoints[0], members).await?;
+                    println!("initialized");
+                }
+                MemberCommand::AddLearner {
+                    id,
+                    grpc_addr,
+                    admin_addr,
+                    region,
+                    az,
+                } => {
+                    let m = c
+                        .add_learner(NodeInfo {
+                            id,
+                            grpc_addr,
+                            admin_addr,
+                            region,
+                            az,
+                        })
+                        .await?;
+                    print_members(&g, &m);
+                }
+                MemberCommand::Promote { id } => print_members(&g, &c.promote(id).await?),
+                MemberCommand::Remove { id } => print_members(&g, &c.remove(id).await?),
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// `nines status`: asks one node for the members, then each member for its
+/// own status; unreachable nodes are shown as such.
+async fn status(g: &Global) -> anyhow::Result<()> {
+    let c = client(g)?;
+    let members = c.members().await?;
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for m in &members.members {
+        let Some(n) = &m.node else { continue };
+        match c.status_of(&n.grpc_addr).await {
+            Ok(s) => {
+                let leader = s
+                    .leader_id
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "-".into());
+                rows.push(vec![
+                    n.id.to_string(),
+                    n.region.clone(),
+                    n.az.clone(),
+                    s.role.clone(),
+                    s.term.to_string(),
+                    s.last_log_index.to_string(),
+                    s.applied_index.to_string(),
+                    leader,
+                    n.grpc_addr.clone(),
+                ]);
+                out.push(json!({
+                    "id": n.id, "region": n.region, "az": n.az, "role": s.role, "term": s.term,
+                    "last_log_index": s.last_log_index, "applied_index": s.applied_index,
+                    "leader_id": s.leader_id, "grpc_addr": n.grpc_addr, "reachable": true
+                }));
+            }
+            Err(e) => {
+                rows.push(vec![
+                    n.id.to_string(),
+                    n.region.clone(),
+                    n.az.clone(),
+                    "unreachable".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    n.grpc_addr.clone(),
+                ]);
+                out.push(json!({ "id": n.id, "region": n.region, "az": n.az, "grpc_addr": n.grpc_addr, "reachable": false, "error": e.to_string() }));
+            }
+        }
+    }
+    if g.format == Format::Json {
+        print_json(json!({ "nodes": out }));
+    } else {
+        print_table(
+            &[
+                "NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "GRPC",
+            ],
+            &rows,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_parse_with_and_without_labels() {
+        let n = parse_member("2=http://127.0.0.1:7002@us-east/us-east-b").unwrap();
+        assert_eq!(
+            (n.id, n.grpc_addr.as_str(), n.region.as_str(), n.az.as_str()),
+            (2, "http://127.0.0.1:7002", "us-east", "us-east-b")
+        );
+        assert_eq!(parse_member("1=http://h:1").unwrap().region, "local");
+        for bad in ["x=http://h", "http://h", "1=http://h@nolabel"] {
+            assert!(parse_member(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,268 @@
+//! A node's configuration: a TOML file whose every field has a default (see
+//! `deploy/nines.example.toml`, which documents each one), overridden by
+//! environment variables and flags (`nines node --help`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::LABEL_BYTES_MAX;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node's id, unique within its region. Must not be 0.
+    pub id: u64,
+    pub region: String,
+    pub az: String,
+    /// Where the node keeps its log, state and snapshots.
+    pub data_dir: PathBuf,
+    /// Where gRPC (client, admin and Raft services) listens. Port 0 picks a
+    /// free port; the node then writes its addresses to `data_dir/addrs.json`.
+    pub grpc_listen: SocketAddr,
+    /// Where the HTTP probes listen.
+    pub admin_listen: SocketAddr,
+    pub raft: RaftConfig,
+    /// Largest offset a remote clock may be ahead of this node's.
+    #[serde(with = "humantime_serde")]
+    pub clock_offset_max: Duration,
+    /// How long a write may wait for commit before the client is told its
+    /// outcome is unknown.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Log format: "text" (human-readable) or "json".
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log below the snapshot, so briefly lagging
+    /// followers catch up from the log instead of a snapshot.
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_millis(1000),
+            snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 1_000,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: 1,
+            region: "local".into(),
+            az: "local-a".into(),
+            data_dir: PathBuf::from("nines-data"),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
+            raft: RaftConfig::default(),
+            clock_offset_max: Duration::from_millis(500),
+            write_timeout: Duration::from_secs(10),
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl NodeConfig {
+    pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks every field; the error names the first one that is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(invalid(
+                "id",
+                "must not be 0 (0 means \"no node\" in status output)",
+            ));
+        }
+        for (field, label) in [("region", &self.region), ("az", &self.az)] {
+            if label.is_empty() {
+                return Err(invalid(field, "must not be empty"));
+            }
+            if label.len() > LABEL_BYTES_MAX {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "is {} bytes; limit LABEL_BYTES_MAX is {LABEL_BYTES_MAX}",
+                        label.len()
+                    ),
+                ));
+            }
+            if !label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    field,
+                    format!("{label:?} may hold only ASCII letters, digits, '-' and '_'"),
+                ));
+            }
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval.is_zero() {
+            return Err(invalid("raft.heartbeat_interval", "must be greater than 0"));
+        }
+        if r.election_timeout_min <= r.heartbeat_interval {
+            return Err(invalid(
+                "raft.election_timeout_min",
+                "must be greater than raft.heartbeat_interval",
+            ));
+        }
+        if r.election_timeout_max <= r.election_timeout_min {
+            return Err(invalid(
+                "raft.election_timeout_max",
+                "must be greater than raft.election_timeout_min",
+            ));
+        }
+        if r.snapshot_logs_since_last == 0 {
+            return Err(invalid(
+                "raft.snapshot_logs_since_last",
+                "must be greater than 0",
+            ));
+        }
+        if self.write_timeout.is_zero() {
+            return Err(invalid("write_timeout", "must be greater than 0"));
+        }
+        if self.log_format != "text" && self.log_format != "json" {
+            return Err(invalid(
+                "log_format",
+                format!("{:?} is neither \"text\" nor \"json\"", self.log_format),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The openraft configuration this node runs with.
+    pub fn openraft(&self) -> Result<openraft::Config, ConfigError> {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let c = openraft::Config {
+            cluster_name: format!("nines-{}", self.region),
+            heartbeat_interval: ms(self.raft.heartbeat_interval),
+            election_timeout_min: ms(self.raft.election_timeout_min),
+            election_timeout_max: ms(self.raft.election_timeout_max),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+                self.raft.snapshot_logs_since_last,
+            ),
+            max_in_snapshot_log_to_keep: self.raft.logs_kept_after_snapshot,
+            max_payload_entries: crate::limits::RAFT_PAYLOAD_ENTRIES_MAX,
+            snapshot_max_chunk_size: crate::limits::SNAPSHOT_CHUNK_BYTES_MAX,
+            ..Default::default()
+        };
+        c.validate().map_err(|e| invalid("raft", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses_to_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/nines.example.toml");
+        let c = NodeConfig::load(&path).expect("example parses");
+        assert_eq!(
+            c,
+            NodeConfig::default(),
+            "the example must document the defaults"
+        );
+        c.validate().expect("defaults are valid");
+        c.openraft().expect("defaults make a valid openraft config");
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        let c = NodeConfig::from_toml(
+            "write_timeout = \"2s 500ms\"\n[raft]\nheartbeat_interval = \"50ms\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.write_timeout, Duration::from_millis(2500));
+        assert_eq!(c.raft.heartbeat_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let table: &[(&str, &str)] = &[
+            ("id = 0", "`id`"),
+            ("region = \"\"", "`region`"),
+            ("az = \"a b\"", "`az`"),
+            (
+                "[raft]\nelection_timeout_min = \"50ms\"",
+                "`raft.election_timeout_min`",
+            ),
+            (
+                "[raft]\nelection_timeout_max = \"100ms\"",
+                "`raft.election_timeout_max`",
+            ),
+            ("log_format = \"xml\"", "`log_format`"),
+        ];
+        for (text, field) in table {
+            let c = NodeConfig::from_toml(text, std::path::Path::new("t.toml")).unwrap();
+            let err = c.validate().expect_err(text).to_string();
+            assert!(
+                err.contains(field),
+                "{text}: error {err:?} does not name {field}"
+            );
+        }
+        let err = NodeConfig::from_toml("write_timeout = \"soon\"", std::path::Path::new("t.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("write_timeout"), "{err}");
+        let err = NodeConfig::from_toml("colour = 1", std::path::Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}

@@ -1,0 +1,59 @@
+//! Every limit of a node, each a named constant whose doc comment gives the
+//! reason for the number. Input beyond a limit is refused with an error that
+//! names the limit; nothing is truncated.
+
+/// Largest key, in bytes. Keys are copied into every index entry and every
+/// log entry; 4 KiB is generous for a key (DynamoDB allows 2 KiB) and keeps
+/// scans cheap.
+pub const KEY_BYTES_MAX: usize = 4 * 1024;
+
+/// Largest value, in bytes. With `RAFT_PAYLOAD_ENTRIES_MAX` entries per
+/// append-entries message this bounds one message at 16 MiB, under
+/// `RAFT_MESSAGE_BYTES_MAX`. etcd's default request limit is 1.5 MiB;
+/// DynamoDB's item limit is 400 KB.
+pub const VALUE_BYTES_MAX: usize = 256 * 1024;
+
+/// Largest client request on the wire, in bytes: a maximal key and value
+/// plus framing. Larger messages are refused by the gRPC layer before they
+/// are decoded.
+pub const REQUEST_BYTES_MAX: usize = KEY_BYTES_MAX + VALUE_BYTES_MAX + 4 * 1024;
+
+/// Largest response on the client wire, in bytes: a full scan page of
+/// maximal values would exceed it, so scans also stop at this many bytes
+/// (see `SCAN_RESPONSE_BYTES_MAX`).
+pub const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Results a scan returns when the request does not say.
+pub const SCAN_LIMIT_DEFAULT: u32 = 1_000;
+
+/// Most results one scan may ask for. Larger pages hold the state machine
+/// longer and build larger responses; clients page with `start`.
+pub const SCAN_LIMIT_MAX: u32 = 10_000;
+
+/// A scan page stops early (with `more = true`) once its keys and values
+/// reach this many bytes, so a response always fits `RESPONSE_BYTES_MAX`.
+pub const SCAN_RESPONSE_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// Entries in one append-entries message. Bounds the message at
+/// 64 x (`KEY_BYTES_MAX` + `VALUE_BYTES_MAX`) plus framing, about 16.3 MiB.
+pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 64;
+
+/// Largest message of the internal Raft transport, in bytes: a full
+/// append-entries batch (see `RAFT_PAYLOAD_ENTRIES_MAX`) with room to spare.
+pub const RAFT_MESSAGE_BYTES_MAX: usize = 32 * 1024 * 1024;
+
+/// Snapshot chunk size, in bytes: under tonic's default 4 MiB message limit
+/// with room for framing, so a snapshot of any size streams in chunks.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = 1024 * 1024;
+
+/// How many times a node forwards a request to the leader: once. A forwarded
+/// request that reaches a non-leader again is answered with a leader hint
+/// instead, so forwarding can never loop.
+pub const FORWARD_HOPS_MAX: u32 = 1;
+
+/// Members in the initial membership of `Init`. Raft groups larger than
+/// seven voters gain no availability and pay in latency.
+pub const INIT_MEMBERS_MAX: usize = 7;
+
+/// Longest region or AZ label, in bytes: labels appear in every version.
+pub const LABEL_BYTES_MAX: usize = 64;

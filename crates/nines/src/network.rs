@@ -1,0 +1,189 @@
+//! The Raft transport client: openraft's `RaftNetwork` over the internal
+//! `Raft` gRPC service.
+//!
+//! Invariants:
+//! - One HTTP/2 channel per peer address, shared by every RPC to that peer
+//!   and by request forwarding ([`Channels`]); nothing opens a connection per
+//!   RPC.
+//! - Each RPC is bounded by openraft's hard TTL for it.
+//! - A peer that cannot be connected to is reported `Unreachable`, so
+//!   openraft backs off; any other transport failure is a `Network` error.
+//!
+//! Caveats:
+//! - openraft's messages travel postcard-encoded inside an opaque protobuf
+//!   `bytes` field: both ends must run the same nines build. Rolling upgrades
+//!   across versions with a changed message layout are not supported yet.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nines_proto::v1::RaftMessage;
+use nines_proto::v1::raft_client::RaftClient;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::limits::RAFT_MESSAGE_BYTES_MAX;
+use crate::types::{NodeId, NodeInfo, TypeConfig};
+
+/// How long connecting to a peer may take before the RPC fails. Peers are
+/// on a LAN (or loopback): a connection that takes longer is as good as
+/// down, and openraft retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A cache of one lazily connected channel per address.
+#[derive(Clone, Default)]
+pub struct Channels {
+    /// `std::sync::Mutex`: held only to look up or insert, never across `.await`.
+    inner: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    /// The channel to `addr`, created (without connecting) on first use.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(addr.to_string())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .connect_lazy();
+        map.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Creates a [`PeerClient`] per target; openraft keeps one per peer.
+pub struct NetworkFactory {
+    id: NodeId,
+    channels: Channels,
+}
+
+impl NetworkFactory {
+    pub fn new(id: NodeId, channels: Channels) -> Self {
+        NetworkFactory { id, channels }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
+        PeerClient {
+            id: self.id,
+            target,
+            addr: node.grpc_addr.clone(),
+            channel: self.channels.get(&node.grpc_addr),
+        }
+    }
+}
+
+/// Sends Raft RPCs to one peer.
+pub struct PeerClient {
+    id: NodeId,
+    target: NodeId,
+    addr: String,
+    /// An address that does not parse stays an error, reported on each RPC.
+    channel: Result<Channel, tonic::transport::Error>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    async fn send<Req, Resp, E>(
+        &mut self,
+        action: RPCTypes,
+        req: &Req,
+        ttl: Duration,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        E: std::error::Error + DeserializeOwned,
+        Resp: DeserializeOwned,
+    {
+        let channel = match &self.channel {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                let e = TransportError(format!(
+                    "peer {} address {:?} is unusable: {e}",
+                    self.target, self.addr
+                ));
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+        };
+        let payload =
+            postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let msg = RaftMessage { payload };
+        let call = async move {
+            match action {
+                RPCTypes::AppendEntries => client.append_entries(msg).await,
+                RPCTypes::Vote => client.vote(msg).await,
+                RPCTypes::InstallSnapshot => client.install_snapshot(msg).await,
+            }
+        };
+        let resp = match tokio::time::timeout(ttl, call).await {
+            Err(_) => {
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: self.id,
+                    target: self.target,
+                    timeout: ttl,
+                }));
+            }
+            Ok(Err(status)) if nines_client::retry::connect_failed(&status) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+            Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
+            Ok(Ok(resp)) => resp.into_inner(),
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&resp.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.send(RPCTypes::AppendEntries, &rpc, option.hard_ttl())
+            .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.send(RPCTypes::InstallSnapshot, &rpc, option.hard_ttl())
+            .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.send(RPCTypes::Vote, &rpc, option.hard_ttl()).await
+    }
+}

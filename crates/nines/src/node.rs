@@ -1,0 +1,256 @@
+//! A node: opens storage, starts Raft, serves gRPC and HTTP, and stops
+//! cleanly.
+//!
+//! Startup never bootstraps a cluster by itself: a fresh cluster is
+//! initialised exactly once through the admin `Init` call, so a node that
+//! restarts (or restarts with a wiped disk) can never found a second cluster.
+//!
+//! Shutdown (SIGTERM or Ctrl-C): stop accepting requests, let in-flight ones
+//! finish for up to `SHUTDOWN_GRACE`, stop Raft, flush storage.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use nines_proto::v1::admin_server::AdminServer;
+use nines_proto::v1::kv_server::KvServer;
+use nines_proto::v1::raft_server::RaftServer;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::NodeConfig;
+use crate::error::Error;
+use crate::hlc::HlcClock;
+use crate::limits::{RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
+use crate::network::{Channels, NetworkFactory};
+use crate::server::admin::AdminService;
+use crate::server::kv::KvService;
+use crate::server::raft::RaftService;
+use crate::storage::{self, StateReader};
+use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft};
+
+/// How long in-flight requests may run after shutdown begins. Longer than
+/// the default write timeout would let one stuck write hold up a restart;
+/// shorter than a container runtime's usual 10 s grace before SIGKILL.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The file a node writes into its data directory once it serves, naming
+/// the addresses it bound (useful with port 0) and its PID.
+pub const ADDRS_FILE: &str = "addrs.json";
+
+/// The contents of [`ADDRS_FILE`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Addrs {
+    pub id: NodeId,
+    pub grpc_addr: String,
+    pub admin_addr: String,
+    pub pid: u32,
+}
+
+/// What every service of a node shares.
+pub struct Shared {
+    pub id: NodeId,
+    /// This node as it appears in the membership.
+    pub info: NodeInfo,
+    pub raft: Raft,
+    pub reader: StateReader,
+    pub clock: Arc<HlcClock>,
+    pub channels: Channels,
+    pub write_timeout: Duration,
+}
+
+impl Shared {
+    pub(crate) fn not_leader(f: ForwardToLeader<NodeId, NodeInfo>) -> Error {
+        Error::NotLeader {
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.map(|n| n.grpc_addr),
+        }
+    }
+
+    /// Proposes a write and waits until it is applied here.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, Error> {
+        let outcome = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)).await;
+        match outcome {
+            Err(_) => Err(Error::Indeterminate(format!(
+                "not committed within {:?}",
+                self.write_timeout
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            // openraft answers ForwardToLeader either before proposing or
+            // after truncating the entry: in both cases it had no effect.
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(Self::not_leader(f))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(
+                Error::Internal(format!("a data write failed as a membership change: {e}")),
+            ),
+            Ok(Err(RaftError::Fatal(f))) => Err(Error::Unavailable {
+                reason: format!("raft stopped: {f}"),
+                retry_safe: false,
+            }),
+        }
+    }
+
+    /// Confirms leadership with a quorum and waits until the state machine
+    /// has applied everything committed before the read began (ReadIndex).
+    pub async fn ensure_linearizable(&self) -> Result<(), Error> {
+        let outcome =
+            tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable()).await;
+        match outcome {
+            Err(_) => Err(Error::Unavailable {
+                reason: format!("leadership not confirmed within {:?}", self.write_timeout),
+                retry_safe: true,
+            }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(Self::not_leader(f))
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                Err(Error::Unavailable {
+                    reason: e.to_string(),
+                    retry_safe: true,
+                })
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(Error::Unavailable {
+                reason: format!("raft stopped: {f}"),
+                retry_safe: true,
+            }),
+        }
+    }
+}
+
+/// Loads a node's configuration from a file (or defaults) with overrides.
+pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
+    Ok(match path {
+        Some(p) => NodeConfig::load(p)?,
+        None => NodeConfig::default(),
+    })
+}
+
+/// Runs a node until `shutdown` completes.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let raft_config = Arc::new(config.openraft()?);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let clock = Arc::new(HlcClock::wall(config.clock_offset_max.as_millis() as u64));
+    let (log_store, state_machine) = storage::open(&config.data_dir, &config.region, clock.clone())
+        .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
+    let reader = state_machine.reader();
+
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("binding grpc_listen {}", config.grpc_listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
+    let grpc_addr: SocketAddr = grpc_listener.local_addr()?;
+    let admin_addr: SocketAddr = admin_listener.local_addr()?;
+    let info = NodeInfo {
+        grpc_addr: format!("http://{grpc_addr}"),
+        admin_addr: format!("http://{admin_addr}"),
+        region: config.region.clone(),
+        az: config.az.clone(),
+    };
+
+    let channels = Channels::default();
+    let network = NetworkFactory::new(config.id, channels.clone());
+    let raft = Raft::new(config.id, raft_config, network, log_store, state_machine)
+        .await
+        .context("starting raft")?;
+    let shared = Arc::new(Shared {
+        id: config.id,
+        info: info.clone(),
+        raft: raft.clone(),
+        reader,
+        clock,
+        channels,
+        write_timeout: config.write_timeout,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(
+            KvServer::new(KvService::new(shared.clone()))
+                .max_decoding_message_size(REQUEST_BYTES_MAX)
+                .max_encoding_message_size(RESPONSE_BYTES_MAX),
+        )
+        .add_service(AdminServer::new(AdminService::new(shared.clone())))
+        .add_service(
+            RaftServer::new(RaftService::new(raft.clone()))
+                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let grpc_task = tokio::spawn(grpc);
+    let http_task = tokio::spawn(crate::http::serve(
+        admin_listener,
+        shared.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let addrs = Addrs {
+        id: config.id,
+        grpc_addr: info.grpc_addr.clone(),
+        admin_addr: info.admin_addr.clone(),
+        pid: std::process::id(),
+    };
+    let addrs_path = config.data_dir.join(ADDRS_FILE);
+    let tmp = config.data_dir.join(format!("{ADDRS_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&addrs)?)?;
+    std::fs::rename(&tmp, &addrs_path)?;
+    tracing::info!(grpc = %info.grpc_addr, admin = %info.admin_addr, "node serving");
+
+    shutdown.await;
+    tracing::info!("shutting down: no new requests, finishing in-flight ones");
+    // Ignored: the receivers only disappear once both servers have stopped.
+    let _ = stop_tx.send(true);
+    let drain = async {
+        let _ = grpc_task.await;
+        let _ = http_task.await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish within the grace period");
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft did not shut down cleanly");
+    }
+    let _ = std::fs::remove_file(&addrs_path);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        // Without signal handlers the node still stops on Ctrl-C via tokio.
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

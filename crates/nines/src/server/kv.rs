@@ -1,0 +1,191 @@
+//! The client `Kv` service: validates, stamps, proposes writes through Raft
+//! and serves reads at the requested consistency.
+
+use std::sync::Arc;
+
+use nines_proto::v1::kv_client::KvClient;
+use nines_proto::v1::kv_server::Kv;
+use nines_proto::v1::{
+    CompareAndSwapRequest, CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse,
+    GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ScanRequest, ScanResponse,
+};
+use tonic::{Request, Response, Status};
+
+use super::{forward, hops, validate, version_to_proto};
+use crate::error::Error;
+use crate::limits::{RESPONSE_BYTES_MAX, SCAN_RESPONSE_BYTES_MAX};
+use crate::node::Shared;
+use crate::types::{Command, CommandResult, StoredValue};
+
+pub struct KvService {
+    node: Arc<Shared>,
+}
+
+impl KvService {
+    pub fn new(node: Arc<Shared>) -> Self {
+        KvService { node }
+    }
+}
+
+fn kv(key: Vec<u8>, stored: StoredValue) -> Option<KeyValue> {
+    let version = Some(version_to_proto(&stored.version));
+    stored.value.map(|value| KeyValue {
+        key,
+        value,
+        version,
+    })
+}
+
+fn unexpected(what: &str, got: &CommandResult) -> Status {
+    Error::Internal(format!("{what} applied as {got:?}")).into()
+}
+
+fn kv_client(c: tonic::transport::Channel) -> KvClient<tonic::transport::Channel> {
+    KvClient::new(c).max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let hops = hops(&req);
+        let r = req.into_inner();
+        validate::key(&r.key)?;
+        validate::value(&r.value)?;
+        let cmd = Command::Put {
+            key: r.key.clone(),
+            value: r.value.clone(),
+            hlc: self.node.clock.now(),
+        };
+        match self.node.write(cmd).await {
+            Ok(CommandResult::Put { version }) => Ok(Response::new(PutResponse {
+                version: Some(version_to_proto(&version)),
+            })),
+            Ok(other) => Err(unexpected("put", &other)),
+            Err(e) => {
+                forward(&self.node, e, hops, r, |c, req| async move {
+                    kv_client(c).put(req).await
+                })
+                .await
+            }
+        }
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let hops = hops(&req);
+        let r = req.into_inner();
+        validate::key(&r.key)?;
+        if validate::consistency(r.consistency)? == Consistency::Linearizable
+            && let Err(e) = self.node.ensure_linearizable().await
+        {
+            return forward(&self.node, e, hops, r, |c, req| async move {
+                kv_client(c).get(req).await
+            })
+            .await;
+        }
+        let applied_index = self.node.reader.applied_index();
+        let stored = self
+            .node
+            .reader
+            .get(&r.key)
+            .map_err(|e| Status::from(Error::from(e)))?;
+        let kv = stored.and_then(|s| kv(r.key, s));
+        Ok(Response::new(GetResponse {
+            kv,
+            applied_index,
+            served_by: self.node.id,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let hops = hops(&req);
+        let r = req.into_inner();
+        validate::key(&r.key)?;
+        let cmd = Command::Delete {
+            key: r.key.clone(),
+            hlc: self.node.clock.now(),
+        };
+        match self.node.write(cmd).await {
+            Ok(CommandResult::Delete { existed, version }) => Ok(Response::new(DeleteResponse {
+                existed,
+                version: Some(version_to_proto(&version)),
+            })),
+            Ok(other) => Err(unexpected("delete", &other)),
+            Err(e) => {
+                forward(&self.node, e, hops, r, |c, req| async move {
+                    kv_client(c).delete(req).await
+                })
+                .await
+            }
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        req: Request<CompareAndSwapRequest>,
+    ) -> Result<Response<CompareAndSwapResponse>, Status> {
+        let hops = hops(&req);
+        let r = req.into_inner();
+        validate::key(&r.key)?;
+        validate::value(&r.value)?;
+        let expected = validate::expected(&r)?;
+        let cmd = Command::CompareAndSwap {
+            key: r.key.clone(),
+            value: r.value.clone(),
+            expected,
+            hlc: self.node.clock.now(),
+        };
+        match self.node.write(cmd).await {
+            Ok(CommandResult::CompareAndSwap {
+                succeeded,
+                version,
+                current,
+            }) => Ok(Response::new(CompareAndSwapResponse {
+                succeeded,
+                version: version.as_ref().map(version_to_proto),
+                current: current.and_then(|(k, v)| kv(k, v)),
+            })),
+            Ok(other) => Err(unexpected("compare-and-swap", &other)),
+            Err(e) => {
+                forward(&self.node, e, hops, r, |c, req| async move {
+                    kv_client(c).compare_and_swap(req).await
+                })
+                .await
+            }
+        }
+    }
+
+    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let hops = hops(&req);
+        let r = req.into_inner();
+        let bounds = validate::scan(&r)?;
+        if validate::consistency(r.consistency)? == Consistency::Linearizable
+            && let Err(e) = self.node.ensure_linearizable().await
+        {
+            return forward(&self.node, e, hops, r, |c, req| async move {
+                kv_client(c).scan(req).await
+            })
+            .await;
+        }
+        let applied_index = self.node.reader.applied_index();
+        let (found, more) = self
+            .node
+            .reader
+            .scan(
+                &bounds.start,
+                &bounds.end,
+                bounds.limit as usize,
+                SCAN_RESPONSE_BYTES_MAX,
+            )
+            .map_err(|e| Status::from(Error::from(e)))?;
+        let kvs = found.into_iter().filter_map(|(k, v)| kv(k, v)).collect();
+        Ok(Response::new(ScanResponse {
+            kvs,
+            more,
+            applied_index,
+            served_by: self.node.id,
+        }))
+    }
+}

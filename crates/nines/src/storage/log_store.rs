@@ -1,0 +1,239 @@
+//! The Raft log and vote on sled (openraft's `RaftLogStorage`).
+//!
+//! Layout: tree `raft_log` maps the big-endian log index to an encoded
+//! [`Entry`]; tree `raft_meta` holds the vote, the last purged log id and the
+//! committed log id.
+//!
+//! Invariants:
+//! - `save_vote` returns, and `append` reports its entries persisted, only
+//!   after sled has flushed them to disk: sled's `insert` alone is not
+//!   durable.
+//! - The key of every log record equals the index inside it; a mismatch is
+//!   reported as corruption.
+//! - `purge` records the new last-purged id before it removes entries, so a
+//!   crash between the two leaves entries that are merely redundant.
+//!
+//! Caveats:
+//! - The committed log id is stored without a flush: openraft treats it as a
+//!   hint that speeds up restart, and losing it only means re-learning the
+//!   commit index from the leader.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError};
+
+use super::record;
+use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+const VOTE_KEY: &[u8] = b"vote";
+const LAST_PURGED_KEY: &[u8] = b"last_purged";
+const COMMITTED_KEY: &[u8] = b"committed";
+
+/// The Raft log of one node. Cloning shares the same trees (sled trees are
+/// reference counted), which is how the log reader is made.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn io_err(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError {
+    StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
+}
+
+fn read_logs_err(e: impl std::error::Error + 'static) -> StorageError {
+    io_err(ErrorSubject::Logs, ErrorVerb::Read, e)
+}
+
+fn write_logs_err(e: impl std::error::Error + 'static) -> StorageError {
+    io_err(ErrorSubject::Logs, ErrorVerb::Write, e)
+}
+
+impl LogStore {
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(LogStore {
+            db: db.clone(),
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+        })
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        let subject = || match key {
+            VOTE_KEY => ErrorSubject::Vote,
+            _ => ErrorSubject::Store,
+        };
+        match self
+            .meta
+            .get(key)
+            .map_err(|e| io_err(subject(), ErrorVerb::Read, e))?
+        {
+            None => Ok(None),
+            Some(bytes) => record::decode(&bytes)
+                .map(Some)
+                .map_err(|e| io_err(subject(), ErrorVerb::Read, e)),
+        }
+    }
+
+    fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
+        let bytes =
+            record::encode(value).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.meta
+            .insert(key, bytes)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush_async().await.map_err(write_logs_err)?;
+        Ok(())
+    }
+
+    fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StorageError> {
+        let entry: Entry = record::decode(value).map_err(read_logs_err)?;
+        let index = index_of_key(key).map_err(read_logs_err)?;
+        if entry.log_id.index != index {
+            return Err(read_logs_err(CorruptLog(format!(
+                "log record under index {index} holds entry {}",
+                entry.log_id
+            ))));
+        }
+        Ok(entry)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CorruptLog(String);
+
+fn index_of_key(key: &[u8]) -> Result<u64, CorruptLog> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| CorruptLog(format!("log key of {} bytes, want 8", key.len())))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let mut entries = Vec::new();
+        for item in self.log.range(start.to_be_bytes()..) {
+            let (key, value) = item.map_err(read_logs_err)?;
+            let entry = Self::decode_entry(&key, &value)?;
+            if !range.contains(&entry.log_id.index) {
+                break;
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
+        let last = match self.log.last().map_err(read_logs_err)? {
+            Some((key, value)) => Some(Self::decode_entry(&key, &value)?.log_id),
+            None => None,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.write_meta(VOTE_KEY, vote)?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.read_meta(VOTE_KEY)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.write_meta(COMMITTED_KEY, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.read_meta::<Option<LogId>>(COMMITTED_KEY)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = record::encode(&entry).map_err(write_logs_err)?;
+            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        match self.db.flush_async().await {
+            Ok(_) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_logs_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(log_id.index.to_be_bytes()..) {
+            let (key, _) = item.map_err(read_logs_err)?;
+            batch.remove(key);
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        self.flush().await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.write_meta(LAST_PURGED_KEY, &log_id)?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=log_id.index.to_be_bytes()) {
+            let (key, _) = item.map_err(read_logs_err)?;
+            batch.remove(key);
+        }
+        self.log.apply_batch(batch).map_err(write_logs_err)?;
+        // This flush also persists the state machine (same sled database),
+        // whose applied index is at least the snapshot's, which is at least
+        // `log_id`: after it no restart can find applied < last purged.
+        self.flush().await
+    }
+}

@@ -1,0 +1,121 @@
+//! The types openraft is instantiated with: what goes into the log
+//! ([`Command`]), what applying it returns ([`CommandResult`]), and what a
+//! member of the cluster is ([`NodeInfo`]).
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Hlc;
+
+/// A node's identifier, unique within its region's Raft group.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of a nines region.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, NodeInfo>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, NodeInfo>;
+pub type Snapshot = openraft::storage::Snapshot<TypeConfig>;
+pub type Vote = openraft::Vote<NodeId>;
+
+/// A member of a region's Raft group, as stored in the membership config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Where the node serves gRPC, e.g. `http://127.0.0.1:7001`.
+    pub grpc_addr: String,
+    /// Where the node serves HTTP probes, e.g. `http://127.0.0.1:8001`.
+    pub admin_addr: String,
+    pub region: String,
+    pub az: String,
+}
+
+/// What a CompareAndSwap compares against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expected {
+    /// The current value's version index.
+    Index(u64),
+    /// The key must not exist (or be deleted).
+    Absent,
+}
+
+/// A write, as proposed to Raft. The leader stamps `hlc` before proposing so
+/// every replica applies the same timestamp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        hlc: Hlc,
+    },
+    Delete {
+        key: Vec<u8>,
+        hlc: Hlc,
+    },
+    CompareAndSwap {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expected: Expected,
+        hlc: Hlc,
+    },
+}
+
+/// The version of a stored value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    pub hlc: Hlc,
+    /// The region where the write was accepted.
+    pub origin: String,
+    /// The log index at which this region applied the write.
+    pub index: u64,
+}
+
+/// A stored value: a live value or a tombstone, with its version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredValue {
+    /// `None` is a tombstone: the key was deleted at `version`.
+    pub value: Option<Vec<u8>>,
+    pub version: Version,
+}
+
+impl StoredValue {
+    /// The live value, if this is not a tombstone.
+    pub fn live(&self) -> Option<&[u8]> {
+        self.value.as_deref()
+    }
+}
+
+/// What applying one log entry returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Blank and membership entries.
+    None,
+    Put {
+        version: Version,
+    },
+    Delete {
+        existed: bool,
+        version: Version,
+    },
+    CompareAndSwap {
+        succeeded: bool,
+        /// The new version if `succeeded`.
+        version: Option<Version>,
+        /// The current value if the comparison failed (absent or a tombstone
+        /// reads as `None`).
+        current: Option<(Vec<u8>, StoredValue)>,
+    },
+}
