@@ -113,13 +113,16 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        // 12 attempts with backoff capped at 1 s span about 8 s: longer than
-        // an election (default timeout up to 1 s) plus a client's view of it.
+        // 50 attempts with backoff capped at 200 ms span about 9 s: several
+        // elections (a dead leader is replaced after about 1.2 s with the
+        // default timeouts). The low cap keeps the client from sleeping long
+        // past the moment a new leader is ready; 5 requests a second per
+        // client is no load for a node.
         ClientConfig {
             attempt_timeout: Duration::from_secs(12),
-            attempts_max: 12,
-            backoff_base: Duration::from_millis(25),
-            backoff_max: Duration::from_secs(1),
+            attempts_max: 50,
+            backoff_base: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
             connect_timeout: Duration::from_millis(500),
         }
     }

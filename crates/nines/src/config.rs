@@ -41,6 +41,9 @@ pub struct NodeConfig {
 pub struct RaftConfig {
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// A follower that hears no leader starts an election after
+    /// `election_timeout_max` (openraft's leader lease) plus a random time
+    /// in `[election_timeout_min, election_timeout_max)` chosen at start.
     #[serde(with = "humantime_serde")]
     pub election_timeout_min: Duration,
     #[serde(with = "humantime_serde")]
@@ -56,8 +59,8 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(500),
-            election_timeout_max: Duration::from_millis(1000),
+            election_timeout_min: Duration::from_millis(300),
+            election_timeout_max: Duration::from_millis(600),
             snapshot_logs_since_last: 10_000,
             logs_kept_after_snapshot: 1_000,
         }

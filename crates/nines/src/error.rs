@@ -75,6 +75,18 @@ impl From<Error> for Status {
     }
 }
 
+impl From<crate::storage::state_machine::ReadError> for Error {
+    fn from(e: crate::storage::state_machine::ReadError) -> Self {
+        match e {
+            crate::storage::state_machine::ReadError::Corrupt { .. } => {
+                tracing::error!(error = %e, "corrupt record in the state machine");
+                Error::InvalidData(e.to_string())
+            }
+            crate::storage::state_machine::ReadError::Io(_) => Error::Internal(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,18 +142,6 @@ mod tests {
                 safe,
                 "{e:?}"
             );
-        }
-    }
-}
-
-impl From<crate::storage::state_machine::ReadError> for Error {
-    fn from(e: crate::storage::state_machine::ReadError) -> Self {
-        match e {
-            crate::storage::state_machine::ReadError::Corrupt { .. } => {
-                tracing::error!(error = %e, "corrupt record in the state machine");
-                Error::InvalidData(e.to_string())
-            }
-            crate::storage::state_machine::ReadError::Io(_) => Error::Internal(e.to_string()),
         }
     }
 }

@@ -62,9 +62,18 @@ pub struct Shared {
     pub clock: Arc<HlcClock>,
     pub channels: Channels,
     pub write_timeout: Duration,
+    /// Set when this replica can no longer be trusted (a corrupt record was
+    /// read); the node then stops with an error.
+    pub fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Shared {
+    /// Stops the node: its data is corrupt and it must not serve.
+    pub fn stop_fatally(&self, reason: String) {
+        tracing::error!(%reason, "stopping: this replica can no longer be trusted");
+        self.fatal.send_replace(Some(reason));
+    }
+
     pub(crate) fn not_leader(f: ForwardToLeader<NodeId, NodeInfo>) -> Error {
         Error::NotLeader {
             leader_id: f.leader_id,
@@ -166,6 +175,7 @@ pub async fn run(
     let raft = Raft::new(config.id, raft_config, network, log_store, state_machine)
         .await
         .context("starting raft")?;
+    let (fatal, mut fatal_rx) = tokio::sync::watch::channel(None);
     let shared = Arc::new(Shared {
         id: config.id,
         info: info.clone(),
@@ -174,6 +184,7 @@ pub async fn run(
         clock,
         channels,
         write_timeout: config.write_timeout,
+        fatal,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -217,8 +228,32 @@ pub async fn run(
     std::fs::rename(&tmp, &addrs_path)?;
     tracing::info!(grpc = %info.grpc_addr, admin = %info.admin_addr, "node serving");
 
-    shutdown.await;
-    tracing::info!("shutting down: no new requests, finishing in-flight ones");
+    let mut metrics = raft.metrics();
+    let raft_failed = async move {
+        loop {
+            if let Err(f) = &metrics.borrow_and_update().running_state {
+                return format!("raft stopped: {f}");
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
+    };
+    let corrupt = async move {
+        match fatal_rx.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone().unwrap_or_default(),
+            Err(_) => "fatal channel closed".to_string(),
+        }
+    };
+    let failure = tokio::select! {
+        _ = shutdown => None,
+        reason = raft_failed => Some(reason),
+        reason = corrupt => Some(reason),
+    };
+    match &failure {
+        None => tracing::info!("shutting down: no new requests, finishing in-flight ones"),
+        Some(reason) => tracing::error!(%reason, "stopping after a fatal error"),
+    }
     // Ignored: the receivers only disappear once both servers have stopped.
     let _ = stop_tx.send(true);
     let drain = async {
@@ -232,8 +267,13 @@ pub async fn run(
         tracing::warn!(error = %e, "raft did not shut down cleanly");
     }
     let _ = std::fs::remove_file(&addrs_path);
-    tracing::info!("stopped");
-    Ok(())
+    match failure {
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Some(reason) => Err(anyhow::anyhow!("node stopped: {reason}")),
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

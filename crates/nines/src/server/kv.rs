@@ -36,6 +36,15 @@ fn kv(key: Vec<u8>, stored: StoredValue) -> Option<KeyValue> {
     })
 }
 
+/// Maps a failed state read; corruption also stops the node.
+fn read_failed(node: &Shared, e: crate::storage::state_machine::ReadError) -> Status {
+    let e = Error::from(e);
+    if let Error::InvalidData(reason) = &e {
+        node.stop_fatally(reason.clone());
+    }
+    e.into()
+}
+
 fn unexpected(what: &str, got: &CommandResult) -> Status {
     Error::Internal(format!("{what} applied as {got:?}")).into()
 }
@@ -87,7 +96,7 @@ impl Kv for KvService {
             .node
             .reader
             .get(&r.key)
-            .map_err(|e| Status::from(Error::from(e)))?;
+            .map_err(|e| read_failed(&self.node, e))?;
         let kv = stored.and_then(|s| kv(r.key, s));
         Ok(Response::new(GetResponse {
             kv,
@@ -179,7 +188,7 @@ impl Kv for KvService {
                 bounds.limit as usize,
                 SCAN_RESPONSE_BYTES_MAX,
             )
-            .map_err(|e| Status::from(Error::from(e)))?;
+            .map_err(|e| read_failed(&self.node, e))?;
         let kvs = found.into_iter().filter_map(|(k, v)| kv(k, v)).collect();
         Ok(Response::new(ScanResponse {
             kvs,

@@ -88,6 +88,9 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// Key-value pairs of a scan page, and whether more remain.
+pub type ScanPage = (Vec<(Vec<u8>, StoredValue)>, bool);
+
 /// A read-only view of the state machine for serving reads. Cloning shares it.
 #[derive(Clone)]
 pub struct StateReader {
@@ -136,7 +139,7 @@ impl StateReader {
         end: &[u8],
         limit: usize,
         bytes_max: usize,
-    ) -> Result<(Vec<(Vec<u8>, StoredValue)>, bool), ReadError> {
+    ) -> Result<ScanPage, ReadError> {
         let lo = data_key(start);
         let hi = if end.is_empty() {
             vec![DATA_PREFIX + 1]

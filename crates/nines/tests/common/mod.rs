@@ -8,7 +8,6 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nines::config::NodeConfig;
@@ -17,15 +16,26 @@ use nines_client::{Client, ClientConfig, NodeInfo, StatusResponse};
 /// Cluster tests run one at a time: three node processes per test on a
 /// two-core machine is already a full load, and elections under a heavier
 /// one would test the machine rather than nines.
-static SERIAL: Mutex<()> = Mutex::new(());
+/// A tokio mutex: it is held across `.await` for the whole test, and works
+/// across the separate runtime each test starts.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+/// [`serial`] for tests that are not async.
+pub fn serial_blocking() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.blocking_lock()
 }
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
@@ -39,7 +49,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -101,7 +114,14 @@ impl TestCluster {
             tweak(&mut config);
             let config_path = dir.path().join(format!("node-{id}.toml"));
             std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-            nodes.insert(id, TestNode { config, config_path, child: None });
+            nodes.insert(
+                id,
+                TestNode {
+                    config,
+                    config_path,
+                    child: None,
+                },
+            );
         }
         let mut cluster = TestCluster { dir, nodes };
         for id in 1..=n {
@@ -111,7 +131,11 @@ impl TestCluster {
             cluster.wait_serving(id).await;
         }
         let members: Vec<NodeInfo> = cluster.nodes.values().map(|n| n.info()).collect();
-        cluster.client_of(&[1]).init(&cluster.nodes[&1].grpc(), members).await.expect("init");
+        cluster
+            .client_of(&[1])
+            .init(&cluster.nodes[&1].grpc(), members)
+            .await
+            .expect("init");
         cluster.wait_leader().await;
         cluster
     }
@@ -139,9 +163,47 @@ impl TestCluster {
 
     /// kill -9.
     pub fn kill(&mut self, id: u64) {
-        let mut child = self.nodes.get_mut(&id).unwrap().child.take().expect("node running");
+        let mut child = self
+            .nodes
+            .get_mut(&id)
+            .unwrap()
+            .child
+            .take()
+            .expect("node running");
         child.kill().expect("kill");
         child.wait().expect("reap");
+    }
+
+    /// SIGTERM, and wait for the process to exit; returns its exit status.
+    pub fn stop(&mut self, id: u64) -> std::process::ExitStatus {
+        let mut child = self
+            .nodes
+            .get_mut(&id)
+            .unwrap()
+            .child
+            .take()
+            .expect("node running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        child.wait().expect("reap")
+    }
+
+    /// Waits (bounded) for node `id`'s process to exit by itself.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let node = self.nodes.get_mut(&id).unwrap();
+        let child = node.child.as_mut().expect("node running");
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                node.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     pub fn wipe(&mut self, id: u64) {
@@ -165,11 +227,19 @@ impl TestCluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        self.client_of(&[id]).status_of(&self.nodes[&id].grpc()).await.ok()
+        self.client_of(&[id])
+            .status_of(&self.nodes[&id].grpc())
+            .await
+            .ok()
     }
 
     pub async fn wait_serving(&self, id: u64) {
-        wait_for(&format!("node {id} to serve"), Duration::from_secs(30), || self.status(id)).await;
+        wait_for(
+            &format!("node {id} to serve"),
+            Duration::from_secs(30),
+            || self.status(id),
+        )
+        .await;
     }
 
     /// Waits until the running nodes agree on one leader; returns its id.
@@ -192,9 +262,11 @@ impl TestCluster {
 
     /// Waits until node `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64) -> StatusResponse {
-        wait_for(&format!("node {id} to apply index {index}"), Duration::from_secs(60), || async {
-            self.status(id).await.filter(|s| s.applied_index >= index)
-        })
+        wait_for(
+            &format!("node {id} to apply index {index}"),
+            Duration::from_secs(60),
+            || async { self.status(id).await.filter(|s| s.applied_index >= index) },
+        )
         .await
     }
 

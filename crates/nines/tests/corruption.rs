@@ -1,0 +1,89 @@
+//! Corrupt records on disk are errors that stop the node, never silently
+//! missing data.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestCluster, serial};
+use nines_client::{Consistency, Error};
+use tonic::Code;
+
+/// Flips one payload byte of a stored record, leaving its header intact,
+/// so only the checksum can tell.
+fn flip_payload(record: &[u8]) -> Vec<u8> {
+    let mut bad = record.to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    bad
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_state_record_is_data_loss_and_stops_the_node() {
+    // Shows: a value whose record fails its checksum is reported as
+    // DATA_LOSS (not as a missing key) and the node stops with an error.
+    let _serial = serial().await;
+    let mut cluster = TestCluster::start(1, |_| {}).await;
+    cluster.client().put("k", "value").await.expect("put");
+    assert!(cluster.stop(1).success(), "clean stop");
+    {
+        let db = sled::open(cluster.nodes[&1].config.data_dir.join("db")).expect("open db");
+        let state = db.open_tree("state").unwrap();
+        let record = state
+            .get(b"dk")
+            .unwrap()
+            .expect("the value's record is on disk after a clean stop");
+        state.insert(b"dk", flip_payload(&record)).unwrap();
+        db.flush().unwrap();
+    }
+    cluster.spawn(1);
+    cluster.wait_serving(1).await;
+    let err = cluster
+        .client()
+        .get("k", Consistency::Local)
+        .await
+        .expect_err("corrupt read");
+    assert!(
+        matches!(&err, Error::Server { code: Code::DataLoss, message } if message.contains("checksum")),
+        "{err:?}"
+    );
+    let status = cluster
+        .wait_exit(1, Duration::from_secs(30))
+        .expect("the node stops by itself");
+    assert!(
+        !status.success(),
+        "a node that found corruption must exit with an error: {status}"
+    );
+    assert!(
+        cluster.log_of(1).contains("can no longer be trusted"),
+        "{}",
+        cluster.log_of(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_log_record_stops_the_node_at_startup() {
+    // Shows: a Raft log entry that fails its checksum stops the node when it
+    // reads its log, with an error that says so.
+    let _serial = serial().await;
+    let mut cluster = TestCluster::start(1, |_| {}).await;
+    cluster.client().put("k", "value").await.expect("put");
+    assert!(cluster.stop(1).success(), "clean stop");
+    {
+        let db = sled::open(cluster.nodes[&1].config.data_dir.join("db")).expect("open db");
+        let log = db.open_tree("raft_log").unwrap();
+        let (key, record) = log.last().unwrap().expect("log entries on disk");
+        log.insert(key, flip_payload(&record)).unwrap();
+        db.flush().unwrap();
+    }
+    cluster.spawn(1);
+    let status = cluster
+        .wait_exit(1, Duration::from_secs(30))
+        .expect("the node stops by itself");
+    assert!(!status.success(), "{status}");
+    let log = cluster.log_of(1);
+    assert!(
+        log.contains("checksum mismatch"),
+        "the error names the checksum: {log}"
+    );
+}
