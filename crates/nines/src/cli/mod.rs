@@ -111,7 +111,7 @@ pub enum Command {
 pub enum MemberCommand {
     /// List members and the leader.
     List,
-    /// Bootstrap a fresh cluster through the first endpoint: ID=URL[@REGION/AZ] ...
+    /// Bootstrap a fresh cluster through the first endpoint: `ID=URL[@REGION/AZ]` ...
     Init { members: Vec<String> },
     /// Add a node as a learner (returns once it caught up).
     AddLearner {
