@@ -6,12 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [
-        "nines/v1/kv.proto",
-        "nines/v1/admin.proto",
-        "nines/v1/raft.proto",
-    ]
-    .map(|f| root.join(f));
+    let files = ["nines/v1/kv.proto", "nines/v1/admin.proto", "nines/v1/raft.proto", "nines/v1/replication.proto"]
+        .map(|f| root.join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -23,13 +23,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use nines_proto::v1::{
-    AddLearnerRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest,
-    MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, StatusRequest,
-    admin_client::AdminClient, compare_and_swap_request, kv_client::KvClient,
+    AddLearnerRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest, MembersRequest, PromoteRequest,
+    PutRequest, RemoveRequest, ScanRequest, StatusRequest, admin_client::AdminClient, compare_and_swap_request,
+    kv_client::KvClient,
 };
 pub use nines_proto::v1::{
-    CompareAndSwapResponse, Consistency, DeleteResponse, GetResponse, KeyValue, Member,
-    MembersResponse, NodeInfo, PutResponse, ScanResponse, StatusResponse, Version,
+    CompareAndSwapResponse, Consistency, DeleteResponse, GetResponse, KeyValue, Member, MembersResponse, NodeInfo,
+    PutResponse, ScanResponse, StatusResponse, Version,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
@@ -48,11 +48,7 @@ macro_rules! rpc {
 }
 
 /// The endpoints `nines up` serves on, used when none are given.
-pub const DEFAULT_ENDPOINTS: &[&str] = &[
-    "http://127.0.0.1:7001",
-    "http://127.0.0.1:7002",
-    "http://127.0.0.1:7003",
-];
+pub const DEFAULT_ENDPOINTS: &[&str] = &["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"];
 
 /// Largest response the client accepts, in bytes: a full scan page (the
 /// server caps a page at 8 MiB of keys and values) plus framing.
@@ -109,6 +105,9 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// How long connecting to one node may take.
     pub connect_timeout: Duration,
+    /// How long one request may take over all its attempts: no new attempt
+    /// starts after it.
+    pub request_deadline: Duration,
 }
 
 impl Default for ClientConfig {
@@ -124,6 +123,7 @@ impl Default for ClientConfig {
             backoff_base: Duration::from_millis(20),
             backoff_max: Duration::from_millis(200),
             connect_timeout: Duration::from_millis(500),
+            request_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -163,17 +163,9 @@ impl Client {
     /// `http://127.0.0.1:7001`). Connections are made lazily.
     pub fn new(endpoints: Vec<String>, config: ClientConfig) -> Result<Self> {
         if endpoints.is_empty() {
-            return Err(Error::InvalidEndpoint {
-                endpoint: String::new(),
-                reason: "no endpoints given".into(),
-            });
+            return Err(Error::InvalidEndpoint { endpoint: String::new(), reason: "no endpoints given".into() });
         }
-        let client = Client {
-            endpoints,
-            config,
-            channels: Mutex::new(HashMap::new()),
-            preferred: Mutex::new(None),
-        };
+        let client = Client { endpoints, config, channels: Mutex::new(HashMap::new()), preferred: Mutex::new(None) };
         for e in &client.endpoints {
             client.channel(e)?;
         }
@@ -182,10 +174,7 @@ impl Client {
 
     /// A client of the cluster `nines up` starts.
     pub fn local_default() -> Result<Self> {
-        Self::new(
-            DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect(),
-            ClientConfig::default(),
-        )
+        Self::new(DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect(), ClientConfig::default())
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -198,10 +187,7 @@ impl Client {
             return Ok(c.clone());
         }
         let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| Error::InvalidEndpoint {
-                endpoint: addr.to_string(),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| Error::InvalidEndpoint { endpoint: addr.to_string(), reason: e.to_string() })?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
@@ -211,9 +197,7 @@ impl Client {
 
     fn first_target(&self) -> String {
         let preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
-        preferred
-            .clone()
-            .unwrap_or_else(|| self.endpoints[0].clone())
+        preferred.clone().unwrap_or_else(|| self.endpoints[0].clone())
     }
 
     fn set_preferred(&self, addr: &str) {
@@ -221,34 +205,33 @@ impl Client {
     }
 
     fn next_endpoint(&self, after: &str) -> String {
-        let i = self
-            .endpoints
-            .iter()
-            .position(|e| e == after)
-            .map(|i| i + 1)
-            .unwrap_or(0);
+        let i = self.endpoints.iter().position(|e| e == after).map(|i| i + 1).unwrap_or(0);
         self.endpoints[i % self.endpoints.len()].clone()
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .config
-            .backoff_base
-            .saturating_mul(1u32 << attempt.min(16));
+        let exp = self.config.backoff_base.saturating_mul(1u32 << attempt.min(16));
         exp.min(self.config.backoff_max)
     }
 
     /// Runs one request with routing and bounded retries. `idempotent`
     /// requests are retried after any retryable error; others only after
     /// errors that guarantee no effect.
-    async fn call<T, F, Fut>(&self, idempotent: bool, mut f: F) -> Result<T>
+    ///
+    /// Public so that services built on the same routing (replication
+    /// between regions) can use it with their own gRPC stubs.
+    pub async fn call<T, F, Fut>(&self, idempotent: bool, mut f: F) -> Result<T>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let mut target = self.first_target();
         let mut last = String::new();
+        let started = std::time::Instant::now();
         for attempt in 0..self.config.attempts_max {
+            if attempt > 0 && started.elapsed() >= self.config.request_deadline {
+                return Err(Error::Unavailable { attempts: attempt, last });
+            }
             let channel = self.channel(&target)?;
             let outcome = tokio::time::timeout(self.config.attempt_timeout, f(channel)).await;
             let status = match outcome {
@@ -270,17 +253,21 @@ impl Client {
             }
             tracing::debug!(attempt, %target, error = %status.message(), "retrying");
             match retry::leader_hint(&status) {
-                Some(hint) if hint != target => target = hint,
+                Some(hint) if hint != target => {
+                    // Straight to a fresh hint; a hint that keeps changing
+                    // (an election in progress) still backs off a little.
+                    if attempt > 0 {
+                        tokio::time::sleep(self.backoff(attempt) / 2).await;
+                    }
+                    target = hint;
+                }
                 _ => {
                     target = self.next_endpoint(&target);
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
             }
         }
-        Err(Error::Unavailable {
-            attempts: self.config.attempts_max,
-            last,
-        })
+        Err(Error::Unavailable { attempts: self.config.attempts_max, last })
     }
 
     fn kv(channel: Channel) -> KvClient<Channel> {
@@ -293,27 +280,15 @@ impl Client {
 
     /// Writes `value` under `key`; returns the new version.
     pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<Version> {
-        let req = PutRequest {
-            key: key.into(),
-            value: value.into(),
-        };
+        let req = PutRequest { key: key.into(), value: value.into() };
         let resp: PutResponse = self.call(false, rpc!(kv, put, req)).await?;
-        resp.version.ok_or_else(|| Error::Server {
-            code: Code::Internal,
-            message: "put response without version".into(),
-        })
+        resp.version
+            .ok_or_else(|| Error::Server { code: Code::Internal, message: "put response without version".into() })
     }
 
     /// Reads `key` at the given consistency.
-    pub async fn get(
-        &self,
-        key: impl Into<Vec<u8>>,
-        consistency: Consistency,
-    ) -> Result<GetResponse> {
-        let req = GetRequest {
-            key: key.into(),
-            consistency: consistency as i32,
-        };
+    pub async fn get(&self, key: impl Into<Vec<u8>>, consistency: Consistency) -> Result<GetResponse> {
+        let req = GetRequest { key: key.into(), consistency: consistency as i32 };
         self.call(true, rpc!(kv, get, req)).await
     }
 
@@ -334,33 +309,18 @@ impl Client {
             Expect::Version(i) => compare_and_swap_request::Expected::ExpectedIndex(i),
             Expect::Absent => compare_and_swap_request::Expected::ExpectAbsent(true),
         };
-        let req = CompareAndSwapRequest {
-            key: key.into(),
-            value: value.into(),
-            expected: Some(expected),
-        };
+        let req = CompareAndSwapRequest { key: key.into(), value: value.into(), expected: Some(expected) };
         self.call(false, rpc!(kv, compare_and_swap, req)).await
     }
 
     /// Lists live keys in a range or with a prefix, at most `limit` (0: the
     /// server's default).
-    pub async fn scan(
-        &self,
-        range: KeyRange,
-        limit: u32,
-        consistency: Consistency,
-    ) -> Result<ScanResponse> {
+    pub async fn scan(&self, range: KeyRange, limit: u32, consistency: Consistency) -> Result<ScanResponse> {
         let (start, end, prefix) = match range {
             KeyRange::Range { start, end } => (start, end, Vec::new()),
             KeyRange::Prefix(p) => (Vec::new(), Vec::new(), p),
         };
-        let req = ScanRequest {
-            start,
-            end,
-            prefix,
-            limit,
-            consistency: consistency as i32,
-        };
+        let req = ScanRequest { start, end, prefix, limit, consistency: consistency as i32 };
         self.call(true, rpc!(kv, scan, req)).await
     }
 
@@ -370,14 +330,8 @@ impl Client {
         let fut = async move { Self::admin(channel).status(StatusRequest {}).await };
         match tokio::time::timeout(self.config.attempt_timeout, fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => Err(Error::Unavailable {
-                attempts: 1,
-                last: format!("{endpoint}: {}", s.message()),
-            }),
-            Err(_) => Err(Error::Unavailable {
-                attempts: 1,
-                last: format!("{endpoint}: timed out"),
-            }),
+            Ok(Err(s)) => Err(Error::Unavailable { attempts: 1, last: format!("{endpoint}: {}", s.message()) }),
+            Err(_) => Err(Error::Unavailable { attempts: 1, last: format!("{endpoint}: timed out") }),
         }
     }
 
@@ -385,17 +339,13 @@ impl Client {
     /// (`FailedPrecondition`) if that node is already initialized.
     pub async fn init(&self, endpoint: &str, members: Vec<NodeInfo>) -> Result<()> {
         let channel = self.channel(endpoint)?;
-        Self::admin(channel)
-            .init(InitRequest { members })
-            .await
-            .map_err(|s| Error::from_final(&s))?;
+        Self::admin(channel).init(InitRequest { members }).await.map_err(|s| Error::from_final(&s))?;
         Ok(())
     }
 
     /// The cluster's members and leader.
     pub async fn members(&self) -> Result<MembersResponse> {
-        self.call(true, rpc!(admin, members, MembersRequest {}))
-            .await
+        self.call(true, rpc!(admin, members, MembersRequest {})).await
     }
 
     /// Adds a node as a learner; returns once it has caught up.
@@ -406,13 +356,11 @@ impl Client {
 
     /// Promotes a learner to voter.
     pub async fn promote(&self, node_id: u64) -> Result<MembersResponse> {
-        self.call(false, rpc!(admin, promote, PromoteRequest { node_id }))
-            .await
+        self.call(false, rpc!(admin, promote, PromoteRequest { node_id })).await
     }
 
     /// Removes a node (voter or learner) from the cluster.
     pub async fn remove(&self, node_id: u64) -> Result<MembersResponse> {
-        self.call(false, rpc!(admin, remove, RemoveRequest { node_id }))
-            .await
+        self.call(false, rpc!(admin, remove, RemoveRequest { node_id })).await
     }
 }

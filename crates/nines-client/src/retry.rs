@@ -23,10 +23,7 @@ pub fn connect_failed(status: &Status) -> bool {
     let mut source = status.source();
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
-            )
+            && matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable)
         {
             return true;
         }
@@ -36,8 +33,7 @@ pub fn connect_failed(status: &Status) -> bool {
         }
         source = e.source();
     }
-    status.message().contains("tcp connect error")
-        || status.message().contains("Connection refused")
+    status.message().contains("tcp connect error") || status.message().contains("Connection refused")
 }
 
 /// Classifies a failed attempt.
@@ -45,22 +41,14 @@ pub fn classify(status: &Status) -> Retry {
     match status.code() {
         Code::Unavailable if status.metadata().get(metadata::RETRY_SAFE).is_some() => Retry::Safe,
         Code::Unavailable if connect_failed(status) => Retry::Safe,
-        Code::Unavailable
-        | Code::DeadlineExceeded
-        | Code::Cancelled
-        | Code::Unknown
-        | Code::Aborted => Retry::Unsafe,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Aborted => Retry::Unsafe,
         _ => Retry::Final,
     }
 }
 
 /// The leader address a node suggested, if any.
 pub fn leader_hint(status: &Status) -> Option<String> {
-    status
-        .metadata()
-        .get(metadata::LEADER_HINT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    status.metadata().get(metadata::LEADER_HINT).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 #[cfg(test)]
@@ -78,14 +66,8 @@ mod tests {
     #[test]
     fn classification_table() {
         let table = [
-            (
-                with(Code::Unavailable, &[(metadata::RETRY_SAFE, "true")]),
-                Retry::Safe,
-            ),
-            (
-                Status::unavailable("tcp connect error: Connection refused (os error 111)"),
-                Retry::Safe,
-            ),
+            (with(Code::Unavailable, &[(metadata::RETRY_SAFE, "true")]), Retry::Safe),
+            (Status::unavailable("tcp connect error: Connection refused (os error 111)"), Retry::Safe),
             (with(Code::Unavailable, &[]), Retry::Unsafe),
             (with(Code::DeadlineExceeded, &[]), Retry::Unsafe),
             (with(Code::InvalidArgument, &[]), Retry::Final),
@@ -99,10 +81,7 @@ mod tests {
 
     #[test]
     fn leader_hint_is_read_from_metadata() {
-        let s = with(
-            Code::Unavailable,
-            &[(metadata::LEADER_HINT, "http://127.0.0.1:7002")],
-        );
+        let s = with(Code::Unavailable, &[(metadata::LEADER_HINT, "http://127.0.0.1:7002")]);
         assert_eq!(leader_hint(&s).as_deref(), Some("http://127.0.0.1:7002"));
         assert_eq!(leader_hint(&Status::unavailable("x")), None);
     }

@@ -34,6 +34,110 @@ pub struct NodeConfig {
     pub write_timeout: Duration,
     /// Log format: "text" (human-readable) or "json".
     pub log_format: String,
+    /// The regions of the cluster and how they replicate.
+    pub cluster: ClusterConfig,
+    /// Simulated one-way network latency, added by this node's transport.
+    pub latency: LatencyConfig,
+    /// Test only: enables the fault hooks (dropping replication traffic,
+    /// offsetting the clock) through the admin API. Off by default; a node
+    /// without it refuses every fault request.
+    pub fault_injection: bool,
+}
+
+/// How regions relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Every region accepts writes; conflicts resolve last-writer-wins.
+    #[default]
+    ActiveActive,
+    /// One primary region accepts writes under an epoch.
+    ActivePassive,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::ActiveActive => "active-active",
+            Mode::ActivePassive => "active-passive",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub mode: Mode,
+    /// The primary region at epoch 0 (active-passive only).
+    pub primary: String,
+    /// Every region with the gRPC endpoints of its nodes. Empty: this node's
+    /// region is alone and nothing is replicated across regions.
+    pub regions: Vec<RegionConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub name: String,
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LatencyConfig {
+    /// Between nodes of the same AZ.
+    #[serde(with = "humantime_serde")]
+    pub same_az: Duration,
+    /// Between AZs of one region.
+    #[serde(with = "humantime_serde")]
+    pub cross_az: Duration,
+    /// Between regions, unless a pair below says otherwise.
+    #[serde(with = "humantime_serde")]
+    pub cross_region: Duration,
+    pub region_pairs: Vec<RegionPairLatency>,
+}
+
+impl Default for LatencyConfig {
+    fn default() -> Self {
+        LatencyConfig {
+            same_az: Duration::ZERO,
+            cross_az: Duration::ZERO,
+            cross_region: Duration::ZERO,
+            region_pairs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionPairLatency {
+    pub a: String,
+    pub b: String,
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+}
+
+impl LatencyConfig {
+    /// The one-way delay from a node in (`from_region`, `from_az`) to one in
+    /// (`to_region`, `to_az`).
+    pub fn between(&self, from_region: &str, from_az: &str, to_region: &str, to_az: &str) -> Duration {
+        if from_region != to_region {
+            return self
+                .region_pairs
+                .iter()
+                .find(|p| (p.a == from_region && p.b == to_region) || (p.a == to_region && p.b == from_region))
+                .map(|p| p.latency)
+                .unwrap_or(self.cross_region);
+        }
+        if from_az == to_az { self.same_az } else { self.cross_az }
+    }
+}
+
+impl NodeConfig {
+    /// The other regions, with their endpoints.
+    pub fn peer_regions(&self) -> Vec<RegionConfig> {
+        self.cluster.regions.iter().filter(|r| r.name != self.region).cloned().collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +184,9 @@ impl Default for NodeConfig {
             clock_offset_max: Duration::from_millis(500),
             write_timeout: Duration::from_secs(10),
             log_format: "text".into(),
+            cluster: ClusterConfig::default(),
+            latency: LatencyConfig::default(),
+            fault_injection: false,
         }
     }
 }
@@ -88,49 +195,32 @@ impl Default for NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("config field `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { field, reason: reason.into() }
 }
 
 impl NodeConfig {
     pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::from_toml(&text, path)
     }
 
     /// Checks every field; the error names the first one that is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id == 0 {
-            return Err(invalid(
-                "id",
-                "must not be 0 (0 means \"no node\" in status output)",
-            ));
+            return Err(invalid("id", "must not be 0 (0 means \"no node\" in status output)"));
         }
         for (field, label) in [("region", &self.region), ("az", &self.az)] {
             if label.is_empty() {
@@ -139,20 +229,11 @@ impl NodeConfig {
             if label.len() > LABEL_BYTES_MAX {
                 return Err(invalid(
                     field,
-                    format!(
-                        "is {} bytes; limit LABEL_BYTES_MAX is {LABEL_BYTES_MAX}",
-                        label.len()
-                    ),
+                    format!("is {} bytes; limit LABEL_BYTES_MAX is {LABEL_BYTES_MAX}", label.len()),
                 ));
             }
-            if !label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(invalid(
-                    field,
-                    format!("{label:?} may hold only ASCII letters, digits, '-' and '_'"),
-                ));
+            if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid(field, format!("{label:?} may hold only ASCII letters, digits, '-' and '_'")));
             }
         }
         let r = &self.raft;
@@ -160,31 +241,46 @@ impl NodeConfig {
             return Err(invalid("raft.heartbeat_interval", "must be greater than 0"));
         }
         if r.election_timeout_min <= r.heartbeat_interval {
-            return Err(invalid(
-                "raft.election_timeout_min",
-                "must be greater than raft.heartbeat_interval",
-            ));
+            return Err(invalid("raft.election_timeout_min", "must be greater than raft.heartbeat_interval"));
         }
         if r.election_timeout_max <= r.election_timeout_min {
-            return Err(invalid(
-                "raft.election_timeout_max",
-                "must be greater than raft.election_timeout_min",
-            ));
+            return Err(invalid("raft.election_timeout_max", "must be greater than raft.election_timeout_min"));
         }
         if r.snapshot_logs_since_last == 0 {
-            return Err(invalid(
-                "raft.snapshot_logs_since_last",
-                "must be greater than 0",
-            ));
+            return Err(invalid("raft.snapshot_logs_since_last", "must be greater than 0"));
         }
         if self.write_timeout.is_zero() {
             return Err(invalid("write_timeout", "must be greater than 0"));
         }
-        if self.log_format != "text" && self.log_format != "json" {
+        let regions = &self.cluster.regions;
+        if !regions.is_empty() {
+            let mut names = std::collections::BTreeSet::new();
+            for r in regions {
+                if !names.insert(r.name.as_str()) {
+                    return Err(invalid("cluster.regions", format!("region {:?} is listed twice", r.name)));
+                }
+                if r.endpoints.is_empty() {
+                    return Err(invalid("cluster.regions", format!("region {:?} has no endpoints", r.name)));
+                }
+                if let Some(e) = r.endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
+                    return Err(invalid(
+                        "cluster.regions",
+                        format!("endpoint {e:?} of region {:?} must be a URL such as http://127.0.0.1:7001", r.name),
+                    ));
+                }
+            }
+            if !names.contains(self.region.as_str()) {
+                return Err(invalid("cluster.regions", format!("does not list this node's region {:?}", self.region)));
+            }
+        }
+        if self.cluster.mode == Mode::ActivePassive && !regions.iter().any(|r| r.name == self.cluster.primary) {
             return Err(invalid(
-                "log_format",
-                format!("{:?} is neither \"text\" nor \"json\"", self.log_format),
+                "cluster.primary",
+                format!("{:?} must name one of cluster.regions in active-passive mode", self.cluster.primary),
             ));
+        }
+        if self.log_format != "text" && self.log_format != "json" {
+            return Err(invalid("log_format", format!("{:?} is neither \"text\" nor \"json\"", self.log_format)));
         }
         Ok(())
     }
@@ -197,9 +293,7 @@ impl NodeConfig {
             heartbeat_interval: ms(self.raft.heartbeat_interval),
             election_timeout_min: ms(self.raft.election_timeout_min),
             election_timeout_max: ms(self.raft.election_timeout_max),
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
-                self.raft.snapshot_logs_since_last,
-            ),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.raft.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: self.raft.logs_kept_after_snapshot,
             max_payload_entries: crate::limits::RAFT_PAYLOAD_ENTRIES_MAX,
             snapshot_max_chunk_size: crate::limits::SNAPSHOT_CHUNK_BYTES_MAX,
@@ -215,16 +309,34 @@ mod tests {
 
     #[test]
     fn the_shipped_example_parses_to_the_defaults() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deploy/nines.example.toml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nines.example.toml");
         let c = NodeConfig::load(&path).expect("example parses");
-        assert_eq!(
-            c,
-            NodeConfig::default(),
-            "the example must document the defaults"
-        );
+        assert_eq!(c, NodeConfig::default(), "the example must document the defaults");
         c.validate().expect("defaults are valid");
         c.openraft().expect("defaults make a valid openraft config");
+    }
+
+    #[test]
+    fn latency_is_chosen_by_geography() {
+        let l = LatencyConfig {
+            same_az: Duration::from_millis(0),
+            cross_az: Duration::from_millis(1),
+            cross_region: Duration::from_millis(40),
+            region_pairs: vec![RegionPairLatency {
+                a: "us".into(),
+                b: "ap".into(),
+                latency: Duration::from_millis(90),
+            }],
+        };
+        let table = [
+            (("us", "us-a", "us", "us-a"), 0),
+            (("us", "us-a", "us", "us-b"), 1),
+            (("us", "us-a", "eu", "eu-a"), 40),
+            (("ap", "ap-a", "us", "us-c"), 90),
+        ];
+        for ((fr, fa, tr, ta), ms) in table {
+            assert_eq!(l.between(fr, fa, tr, ta), Duration::from_millis(ms), "{fr}/{fa} -> {tr}/{ta}");
+        }
     }
 
     #[test]
@@ -244,27 +356,22 @@ mod tests {
             ("id = 0", "`id`"),
             ("region = \"\"", "`region`"),
             ("az = \"a b\"", "`az`"),
-            (
-                "[raft]\nelection_timeout_min = \"50ms\"",
-                "`raft.election_timeout_min`",
-            ),
-            (
-                "[raft]\nelection_timeout_max = \"100ms\"",
-                "`raft.election_timeout_max`",
-            ),
+            ("[raft]\nelection_timeout_min = \"50ms\"", "`raft.election_timeout_min`"),
+            ("[raft]\nelection_timeout_max = \"100ms\"", "`raft.election_timeout_max`"),
             ("log_format = \"xml\"", "`log_format`"),
+            ("[cluster]\nmode = \"active-passive\"", "`cluster.primary`"),
+            ("[[cluster.regions]]\nname = \"other\"\nendpoints = [\"http://h:1\"]", "`cluster.regions`"),
+            ("[[cluster.regions]]\nname = \"local\"\nendpoints = [\"h:1\"]", "`cluster.regions`"),
         ];
         for (text, field) in table {
             let c = NodeConfig::from_toml(text, std::path::Path::new("t.toml")).unwrap();
             let err = c.validate().expect_err(text).to_string();
-            assert!(
-                err.contains(field),
-                "{text}: error {err:?} does not name {field}"
-            );
+            assert!(err.contains(field), "{text}: error {err:?} does not name {field}");
         }
-        let err = NodeConfig::from_toml("write_timeout = \"soon\"", std::path::Path::new("t.toml"))
-            .unwrap_err();
+        let err = NodeConfig::from_toml("write_timeout = \"soon\"", std::path::Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("write_timeout"), "{err}");
+        let err = NodeConfig::from_toml("[cluster]\nmode = \"both\"", std::path::Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("mode"), "{err}");
         let err = NodeConfig::from_toml("colour = 1", std::path::Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
     }

@@ -8,10 +8,7 @@ use tonic::{Code, Status};
 pub enum Error {
     /// Retry elsewhere: this node does not lead. The request had no effect.
     #[error("not the leader{}", leader_addr.as_ref().map(|a| format!("; the leader is node {} at {a}", leader_id.unwrap_or(0))).unwrap_or_else(|| "; no leader is known yet".into()))]
-    NotLeader {
-        leader_id: Option<u64>,
-        leader_addr: Option<String>,
-    },
+    NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
     /// Retry later or elsewhere. `retry_safe` says whether the request
     /// certainly had no effect.
     #[error("unavailable: {reason}")]
@@ -93,16 +90,10 @@ mod tests {
 
     #[test]
     fn not_leader_carries_the_hint_and_is_retry_safe() {
-        let s: Status = Error::NotLeader {
-            leader_id: Some(2),
-            leader_addr: Some("http://127.0.0.1:7002".into()),
-        }
-        .into();
+        let s: Status =
+            Error::NotLeader { leader_id: Some(2), leader_addr: Some("http://127.0.0.1:7002".into()) }.into();
         assert_eq!(s.code(), Code::Unavailable);
-        assert_eq!(
-            s.metadata().get(metadata::LEADER_HINT).unwrap(),
-            "http://127.0.0.1:7002"
-        );
+        assert_eq!(s.metadata().get(metadata::LEADER_HINT).unwrap(), "http://127.0.0.1:7002");
         assert!(s.metadata().get(metadata::RETRY_SAFE).is_some());
         assert!(s.message().contains("node 2"), "{}", s.message());
     }
@@ -110,38 +101,16 @@ mod tests {
     #[test]
     fn only_effect_free_failures_are_retry_safe() {
         let table = [
-            (
-                Error::Unavailable {
-                    reason: "x".into(),
-                    retry_safe: true,
-                },
-                Code::Unavailable,
-                true,
-            ),
-            (
-                Error::Unavailable {
-                    reason: "x".into(),
-                    retry_safe: false,
-                },
-                Code::Unavailable,
-                false,
-            ),
-            (
-                Error::Indeterminate("t".into()),
-                Code::DeadlineExceeded,
-                false,
-            ),
+            (Error::Unavailable { reason: "x".into(), retry_safe: true }, Code::Unavailable, true),
+            (Error::Unavailable { reason: "x".into(), retry_safe: false }, Code::Unavailable, false),
+            (Error::Indeterminate("t".into()), Code::DeadlineExceeded, false),
             (Error::invalid("bad"), Code::InvalidArgument, false),
             (Error::InvalidData("crc".into()), Code::DataLoss, false),
         ];
         for (e, code, safe) in table {
             let s: Status = e.clone().into();
             assert_eq!(s.code(), code, "{e:?}");
-            assert_eq!(
-                s.metadata().get(metadata::RETRY_SAFE).is_some(),
-                safe,
-                "{e:?}"
-            );
+            assert_eq!(s.metadata().get(metadata::RETRY_SAFE).is_some(), safe, "{e:?}");
         }
     }
 }

@@ -23,9 +23,7 @@ use serde::{Deserialize, Serialize};
 
 /// One hybrid-logical-clock timestamp. Field order matters: the derived
 /// `Ord` compares `physical_ms` first.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch.
     pub physical_ms: u64,
@@ -37,14 +35,8 @@ impl Hlc {
     /// The smallest timestamp greater than `self`.
     pub fn successor(self) -> Hlc {
         match self.logical.checked_add(1) {
-            Some(logical) => Hlc {
-                physical_ms: self.physical_ms,
-                logical,
-            },
-            None => Hlc {
-                physical_ms: self.physical_ms + 1,
-                logical: 0,
-            },
+            Some(logical) => Hlc { physical_ms: self.physical_ms, logical },
+            None => Hlc { physical_ms: self.physical_ms + 1, logical: 0 },
         }
     }
 }
@@ -57,9 +49,7 @@ impl std::fmt::Display for Hlc {
 
 /// A remote timestamp too far ahead of the local clock to adopt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "remote timestamp {remote} is {ahead_ms} ms ahead of the local clock (maximum offset {offset_ms_max} ms)"
-)]
+#[error("remote timestamp {remote} is {ahead_ms} ms ahead of the local clock (maximum offset {offset_ms_max} ms)")]
 pub struct ClockOffsetError {
     pub remote: Hlc,
     pub ahead_ms: u64,
@@ -79,10 +69,7 @@ impl PhysicalClock for WallClock {
     fn now_ms(&self) -> u64 {
         // A clock before 1970 is a broken machine; treating it as 0 keeps the
         // HLC monotonic (the logical counter carries on) instead of panicking.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }
 }
 
@@ -98,11 +85,7 @@ pub struct HlcClock {
 
 impl HlcClock {
     pub fn new(physical: Box<dyn PhysicalClock>, offset_ms_max: u64) -> Self {
-        HlcClock {
-            physical,
-            offset_ms_max,
-            last: Mutex::new(Hlc::default()),
-        }
+        HlcClock { physical, offset_ms_max, last: Mutex::new(Hlc::default()) }
     }
 
     /// A clock on the system's wall clock.
@@ -120,14 +103,7 @@ impl HlcClock {
     pub fn now(&self) -> Hlc {
         let wall = self.physical.now_ms();
         let mut last = self.lock();
-        let next = if wall > last.physical_ms {
-            Hlc {
-                physical_ms: wall,
-                logical: 0,
-            }
-        } else {
-            last.successor()
-        };
+        let next = if wall > last.physical_ms { Hlc { physical_ms: wall, logical: 0 } } else { last.successor() };
         *last = next;
         next
     }
@@ -148,11 +124,7 @@ impl HlcClock {
         let wall = self.physical.now_ms();
         let ahead_ms = remote.physical_ms.saturating_sub(wall);
         if ahead_ms > self.offset_ms_max {
-            return Err(ClockOffsetError {
-                remote,
-                ahead_ms,
-                offset_ms_max: self.offset_ms_max,
-            });
+            return Err(ClockOffsetError { remote, ahead_ms, offset_ms_max: self.offset_ms_max });
         }
         self.witness(remote);
         Ok(())
@@ -182,41 +154,11 @@ mod tests {
     fn now_is_strictly_increasing_even_when_the_wall_clock_steps_back() {
         // Each step: set the wall clock, take a timestamp, expect this value.
         let table: &[(u64, Hlc)] = &[
-            (
-                100,
-                Hlc {
-                    physical_ms: 100,
-                    logical: 0,
-                },
-            ),
-            (
-                100,
-                Hlc {
-                    physical_ms: 100,
-                    logical: 1,
-                },
-            ),
-            (
-                90,
-                Hlc {
-                    physical_ms: 100,
-                    logical: 2,
-                },
-            ),
-            (
-                101,
-                Hlc {
-                    physical_ms: 101,
-                    logical: 0,
-                },
-            ),
-            (
-                50,
-                Hlc {
-                    physical_ms: 101,
-                    logical: 1,
-                },
-            ),
+            (100, Hlc { physical_ms: 100, logical: 0 }),
+            (100, Hlc { physical_ms: 100, logical: 1 }),
+            (90, Hlc { physical_ms: 100, logical: 2 }),
+            (101, Hlc { physical_ms: 101, logical: 0 }),
+            (50, Hlc { physical_ms: 101, logical: 1 }),
         ];
         let (c, t) = clock(0, 1000);
         for (wall, want) in table {
@@ -228,51 +170,24 @@ mod tests {
     #[test]
     fn observe_within_offset_advances_the_clock() {
         let (c, _) = clock(1000, 500);
-        let remote = Hlc {
-            physical_ms: 1400,
-            logical: 7,
-        };
+        let remote = Hlc { physical_ms: 1400, logical: 7 };
         c.observe(remote).expect("within offset");
-        assert_eq!(
-            c.now(),
-            Hlc {
-                physical_ms: 1400,
-                logical: 8
-            }
-        );
+        assert_eq!(c.now(), Hlc { physical_ms: 1400, logical: 8 });
     }
 
     #[test]
     fn observe_beyond_offset_is_refused_and_leaves_the_clock_alone() {
         let (c, _) = clock(1000, 500);
-        let remote = Hlc {
-            physical_ms: 1501,
-            logical: 0,
-        };
+        let remote = Hlc { physical_ms: 1501, logical: 0 };
         let err = c.observe(remote).expect_err("beyond offset");
         assert_eq!(err.ahead_ms, 501);
-        assert_eq!(
-            c.now(),
-            Hlc {
-                physical_ms: 1000,
-                logical: 0
-            }
-        );
+        assert_eq!(c.now(), Hlc { physical_ms: 1000, logical: 0 });
     }
 
     #[test]
     fn successor_carries_logical_overflow_into_physical() {
-        let h = Hlc {
-            physical_ms: 5,
-            logical: u32::MAX,
-        };
-        assert_eq!(
-            h.successor(),
-            Hlc {
-                physical_ms: 6,
-                logical: 0
-            }
-        );
+        let h = Hlc { physical_ms: 5, logical: u32::MAX };
+        assert_eq!(h.successor(), Hlc { physical_ms: 6, logical: 0 });
         assert!(h.successor() > h);
     }
 }

@@ -31,11 +31,7 @@ async fn live() -> Json<serde_json::Value> {
 async fn ready(State(node): State<Arc<Shared>>) -> (StatusCode, Json<serde_json::Value>) {
     let m = node.raft.metrics().borrow().clone();
     let has_leader = m.current_leader.is_some();
-    let member = m
-        .membership_config
-        .membership()
-        .nodes()
-        .any(|(id, _)| *id == node.id);
+    let member = m.membership_config.membership().nodes().any(|(id, _)| *id == node.id);
     let last_log = m.last_log_index.unwrap_or(0);
     let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
     let lag = last_log.saturating_sub(applied);
@@ -49,32 +45,18 @@ async fn ready(State(node): State<Arc<Shared>>) -> (StatusCode, Json<serde_json:
             "applied": { "ok": caught_up, "last_log_index": last_log, "applied_index": applied, "lag_max": READY_APPLY_LAG_MAX },
         }
     });
-    (
-        if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        Json(body),
-    )
+    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
 /// Serves the admin port until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
-    node: Arc<Shared>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+pub async fn serve(listener: TcpListener, node: Arc<Shared>, shutdown: impl Future<Output = ()> + Send + 'static) {
     let app = Router::new()
         .route("/health/live", get(live))
         .route("/livez", get(live))
         .route("/health/ready", get(ready))
         .route("/readyz", get(ready))
         .with_state(node);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(error = %e, "admin HTTP server failed");
     }
 }

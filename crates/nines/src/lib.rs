@@ -12,17 +12,21 @@
 //! - [`http`]: the admin HTTP port (health probes).
 //! - [`config`]: a node's configuration file.
 //! - [`node`]: wires a node together, runs it and stops it.
+//! - [`replication`]: cross-region shipping, roles and divergence.
+//! - [`faults`]: test-only fault hooks (off unless configured).
 //! - [`error`]: the error type at the service boundary and its gRPC mapping.
 //! - [`cli`]: the `nines` command line, including `nines up`.
 
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod hlc;
 pub mod http;
 pub mod limits;
 pub mod network;
 pub mod node;
+pub mod replication;
 pub mod server;
 pub mod storage;
 pub mod types;

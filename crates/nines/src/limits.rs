@@ -57,3 +57,24 @@ pub const INIT_MEMBERS_MAX: usize = 7;
 
 /// Longest region or AZ label, in bytes: labels appear in every version.
 pub const LABEL_BYTES_MAX: usize = 64;
+
+/// Writes kept in a region's changefeed until every peer region has applied
+/// them. At the limit the region refuses new writes (retry-safe
+/// `UNAVAILABLE` naming this limit) rather than drop any: a peer region that
+/// is down for long stops the writes of an active-active region instead of
+/// silently losing replication. 100,000 writes of a few hundred bytes is
+/// tens of MiB of disk, minutes of lag at typical rates.
+pub const CHANGEFEED_BACKLOG_MAX: u64 = 100_000;
+
+/// Changefeed entries in one shipment to a peer region.
+pub const SHIP_BATCH_ENTRIES_MAX: usize = 512;
+
+/// Bytes of keys and values in one shipment (at least one entry is always
+/// sent): under the client API's message limit with room to spare.
+pub const SHIP_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Divergence records one request may list.
+pub const DIVERGENT_LIST_MAX: u32 = 10_000;
+
+/// Keys resynchronised from the new primary per proposal after a demotion.
+pub const RESYNC_BATCH_KEYS_MAX: usize = 128;

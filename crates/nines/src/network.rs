@@ -20,18 +20,17 @@ use std::time::Duration;
 
 use nines_proto::v1::RaftMessage;
 use nines_proto::v1::raft_client::RaftClient;
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::config::LatencyConfig;
 use crate::limits::RAFT_MESSAGE_BYTES_MAX;
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
@@ -68,11 +67,14 @@ impl Channels {
 pub struct NetworkFactory {
     id: NodeId,
     channels: Channels,
+    /// This node, for its region and AZ.
+    me: NodeInfo,
+    latency: LatencyConfig,
 }
 
 impl NetworkFactory {
-    pub fn new(id: NodeId, channels: Channels) -> Self {
-        NetworkFactory { id, channels }
+    pub fn new(id: NodeId, channels: Channels, me: NodeInfo, latency: LatencyConfig) -> Self {
+        NetworkFactory { id, channels, me, latency }
     }
 }
 
@@ -80,12 +82,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
-        PeerClient {
-            id: self.id,
-            target,
-            addr: node.grpc_addr.clone(),
-            channel: self.channels.get(&node.grpc_addr),
-        }
+        let delay = self.latency.between(&self.me.region, &self.me.az, &node.region, &node.az);
+        PeerClient { id: self.id, target, addr: node.grpc_addr.clone(), channel: self.channels.get(&node.grpc_addr), delay }
     }
 }
 
@@ -96,6 +94,8 @@ pub struct PeerClient {
     addr: String,
     /// An address that does not parse stays an error, reported on each RPC.
     channel: Result<Channel, tonic::transport::Error>,
+    /// Simulated one-way latency to this peer, added before each RPC.
+    delay: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,12 +105,7 @@ struct TransportError(String);
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
 impl PeerClient {
-    async fn send<Req, Resp, E>(
-        &mut self,
-        action: RPCTypes,
-        req: &Req,
-        ttl: Duration,
-    ) -> RpcResult<Resp, E>
+    async fn send<Req, Resp, E>(&mut self, action: RPCTypes, req: &Req, ttl: Duration) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         E: std::error::Error + DeserializeOwned,
@@ -119,15 +114,11 @@ impl PeerClient {
         let channel = match &self.channel {
             Ok(c) => c.clone(),
             Err(e) => {
-                let e = TransportError(format!(
-                    "peer {} address {:?} is unusable: {e}",
-                    self.target, self.addr
-                ));
+                let e = TransportError(format!("peer {} address {:?} is unusable: {e}", self.target, self.addr));
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
         };
-        let payload =
-            postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
@@ -139,14 +130,16 @@ impl PeerClient {
                 RPCTypes::InstallSnapshot => client.install_snapshot(msg).await,
             }
         };
+        let delay = self.delay;
+        let call = async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            call.await
+        };
         let resp = match tokio::time::timeout(ttl, call).await {
             Err(_) => {
-                return Err(RPCError::Timeout(Timeout {
-                    action,
-                    id: self.id,
-                    target: self.target,
-                    timeout: ttl,
-                }));
+                return Err(RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout: ttl }));
             }
             Ok(Err(status)) if nines_client::retry::connect_failed(&status) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
@@ -154,8 +147,8 @@ impl PeerClient {
             Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
             Ok(Ok(resp)) => resp.into_inner(),
         };
-        let result: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&resp.payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            postcard::from_bytes(&resp.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -166,8 +159,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.send(RPCTypes::AppendEntries, &rpc, option.hard_ttl())
-            .await
+        self.send(RPCTypes::AppendEntries, &rpc, option.hard_ttl()).await
     }
 
     async fn install_snapshot(
@@ -175,8 +167,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.send(RPCTypes::InstallSnapshot, &rpc, option.hard_ttl())
-            .await
+        self.send(RPCTypes::InstallSnapshot, &rpc, option.hard_ttl()).await
     }
 
     async fn vote(

@@ -23,15 +23,20 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::config::NodeConfig;
+use crate::config::{LatencyConfig, Mode, NodeConfig, RegionConfig};
+use crate::faults::Faults;
+use crate::server::region::RegionAdminService;
+use crate::server::replication::ReplicationService;
+use nines_proto::v1::region_admin_server::RegionAdminServer;
+use nines_proto::v1::replication_server::ReplicationServer;
 use crate::error::Error;
 use crate::hlc::HlcClock;
-use crate::limits::{RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
+use crate::limits::{CHANGEFEED_BACKLOG_MAX, RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
 use crate::network::{Channels, NetworkFactory};
 use crate::server::admin::AdminService;
 use crate::server::kv::KvService;
 use crate::server::raft::RaftService;
-use crate::storage::{self, StateReader};
+use crate::storage::{self, ReplicationSetup, StateReader};
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft};
 
 /// How long in-flight requests may run after shutdown begins. Longer than
@@ -65,6 +70,14 @@ pub struct Shared {
     /// Set when this replica can no longer be trusted (a corrupt record was
     /// read); the node then stops with an error.
     pub fatal: tokio::sync::watch::Sender<Option<String>>,
+    pub mode: Mode,
+    /// The other regions, which this region ships to and receives from.
+    pub peers: Vec<RegionConfig>,
+    /// Every region, this one included.
+    pub all_regions: Vec<RegionConfig>,
+    pub latency: LatencyConfig,
+    pub faults: Arc<Faults>,
+    pub stats: crate::replication::Stats,
 }
 
 impl Shared {
@@ -75,62 +88,98 @@ impl Shared {
     }
 
     pub(crate) fn not_leader(f: ForwardToLeader<NodeId, NodeInfo>) -> Error {
-        Error::NotLeader {
-            leader_id: f.leader_id,
-            leader_addr: f.leader_node.map(|n| n.grpc_addr),
+        Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.grpc_addr) }
+    }
+
+    /// This node's leadership as far as its metrics know: `Ok` if it leads,
+    /// else `NotLeader` with the leader it knows of. Nothing was proposed,
+    /// so the error is safe to retry anywhere.
+    pub fn check_leader(&self) -> Result<(), Error> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader == Some(self.id) && m.state == openraft::ServerState::Leader {
+            return Ok(());
+        }
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.grpc_addr.clone()));
+        Err(Error::NotLeader { leader_id: m.current_leader, leader_addr })
+    }
+
+    /// Proposes a command on this node (which must lead) and waits until it
+    /// is applied here.
+    ///
+    /// Only a failed leadership check before proposing is retry-safe. Once
+    /// `client_write` has been called, even openraft's `ForwardToLeader` is
+    /// not: it is also the answer when the entry was truncated from this
+    /// node's log, and a copy of it may still be committed by a later leader.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, Error> {
+        self.check_leader()?;
+        let outcome = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)).await;
+        match outcome {
+            Err(_) => Err(Error::Indeterminate(format!("not committed within {:?}", self.write_timeout))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(Error::Indeterminate(format!(
+                "leadership moved to {:?} while the write was in flight",
+                f.leader_id
+            ))),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Error::Internal(format!("a data write failed as a membership change: {e}")))
+            }
+            Ok(Err(RaftError::Fatal(f))) => {
+                Err(Error::Unavailable { reason: format!("raft stopped: {f}"), retry_safe: false })
+            }
         }
     }
 
-    /// Proposes a write and waits until it is applied here.
+    /// Proposes a client write: refused up front when this region does not
+    /// take writes or its changefeed backlog is full, and mapped to an error
+    /// when the state machine refused it at apply time.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, Error> {
-        let outcome = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)).await;
-        match outcome {
-            Err(_) => Err(Error::Indeterminate(format!(
-                "not committed within {:?}",
-                self.write_timeout
-            ))),
-            Ok(Ok(resp)) => Ok(resp.data),
-            // openraft answers ForwardToLeader either before proposing or
-            // after truncating the entry: in both cases it had no effect.
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(Self::not_leader(f))
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(
-                Error::Internal(format!("a data write failed as a membership change: {e}")),
-            ),
-            Ok(Err(RaftError::Fatal(f))) => Err(Error::Unavailable {
-                reason: format!("raft stopped: {f}"),
-                retry_safe: false,
-            }),
+        self.check_leader()?;
+        if let Some((reason, retry_later)) = self.reader.write_refusal() {
+            return Err(refusal(reason, retry_later));
+        }
+        let backlog = self.reader.changefeed_len();
+        if backlog >= CHANGEFEED_BACKLOG_MAX {
+            tracing::warn!(backlog, "changefeed backlog full: refusing writes until peer regions catch up");
+            return Err(Error::Unavailable {
+                reason: format!(
+                    "the changefeed holds {backlog} writes not yet applied by every peer region; \
+                     limit CHANGEFEED_BACKLOG_MAX is {CHANGEFEED_BACKLOG_MAX}"
+                ),
+                retry_safe: true,
+            });
+        }
+        match self.propose(cmd).await? {
+            CommandResult::Rejected { reason, retry_later } => Err(refusal(reason, retry_later)),
+            other => Ok(other),
         }
     }
 
     /// Confirms leadership with a quorum and waits until the state machine
     /// has applied everything committed before the read began (ReadIndex).
     pub async fn ensure_linearizable(&self) -> Result<(), Error> {
-        let outcome =
-            tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable()).await;
+        let outcome = tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable()).await;
         match outcome {
             Err(_) => Err(Error::Unavailable {
                 reason: format!("leadership not confirmed within {:?}", self.write_timeout),
                 retry_safe: true,
             }),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(Self::not_leader(f))
-            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(Self::not_leader(f)),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                Err(Error::Unavailable {
-                    reason: e.to_string(),
-                    retry_safe: true,
-                })
+                Err(Error::Unavailable { reason: e.to_string(), retry_safe: true })
             }
-            Ok(Err(RaftError::Fatal(f))) => Err(Error::Unavailable {
-                reason: format!("raft stopped: {f}"),
-                retry_safe: true,
-            }),
+            Ok(Err(RaftError::Fatal(f))) => {
+                Err(Error::Unavailable { reason: format!("raft stopped: {f}"), retry_safe: true })
+            }
         }
     }
+}
+
+/// A write the region's role refuses; it had no effect.
+fn refusal(reason: String, retry_later: bool) -> Error {
+    if retry_later { Error::Unavailable { reason, retry_safe: true } } else { Error::FailedPrecondition(reason) }
 }
 
 /// Loads a node's configuration from a file (or defaults) with overrides.
@@ -142,16 +191,24 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
 }
 
 /// Runs a node until `shutdown` completes.
-pub async fn run(
-    config: NodeConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     config.validate()?;
     let raft_config = Arc::new(config.openraft()?);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    let clock = Arc::new(HlcClock::wall(config.clock_offset_max.as_millis() as u64));
-    let (log_store, state_machine) = storage::open(&config.data_dir, &config.region, clock.clone())
+    let faults = Arc::new(Faults::new(config.fault_injection));
+    if config.fault_injection {
+        tracing::warn!("fault injection is enabled: this node is for tests only");
+    }
+    let clock = Arc::new(HlcClock::new(Box::new(faults.clock()), config.clock_offset_max.as_millis() as u64));
+    let peers = config.peer_regions();
+    let setup = ReplicationSetup {
+        region: config.region.clone(),
+        peers: peers.iter().map(|p| p.name.clone()).collect(),
+        mode: config.cluster.mode,
+        initial_primary: config.cluster.primary.clone(),
+    };
+    let (log_store, state_machine) = storage::open(&config.data_dir, setup, clock.clone())
         .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
     let reader = state_machine.reader();
 
@@ -171,10 +228,8 @@ pub async fn run(
     };
 
     let channels = Channels::default();
-    let network = NetworkFactory::new(config.id, channels.clone());
-    let raft = Raft::new(config.id, raft_config, network, log_store, state_machine)
-        .await
-        .context("starting raft")?;
+    let network = NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone());
+    let raft = Raft::new(config.id, raft_config, network, log_store, state_machine).await.context("starting raft")?;
     let (fatal, mut fatal_rx) = tokio::sync::watch::channel(None);
     let shared = Arc::new(Shared {
         id: config.id,
@@ -185,6 +240,12 @@ pub async fn run(
         channels,
         write_timeout: config.write_timeout,
         fatal,
+        mode: config.cluster.mode,
+        peers,
+        all_regions: config.cluster.regions.clone(),
+        latency: config.latency.clone(),
+        faults,
+        stats: Default::default(),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -200,21 +261,21 @@ pub async fn run(
                 .max_encoding_message_size(RESPONSE_BYTES_MAX),
         )
         .add_service(AdminServer::new(AdminService::new(shared.clone())))
+        .add_service(RegionAdminServer::new(RegionAdminService::new(shared.clone())))
+        .add_service(
+            ReplicationServer::new(ReplicationService::new(shared.clone()))
+                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
+        )
         .add_service(
             RaftServer::new(RaftService::new(raft.clone()))
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         )
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
-            stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc);
-    let http_task = tokio::spawn(crate::http::serve(
-        admin_listener,
-        shared.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    let http_task = tokio::spawn(crate::http::serve(admin_listener, shared.clone(), stopped(stop_rx.clone())));
+    let shippers = crate::replication::spawn_shippers(shared.clone(), stop_rx.clone());
 
     let addrs = Addrs {
         id: config.id,
@@ -259,6 +320,9 @@ pub async fn run(
     let drain = async {
         let _ = grpc_task.await;
         let _ = http_task.await;
+        for s in shippers {
+            let _ = s.await;
+        }
     };
     if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish within the grace period");

@@ -52,25 +52,48 @@ pub enum Expected {
     Absent,
 }
 
-/// A write, as proposed to Raft. The leader stamps `hlc` before proposing so
-/// every replica applies the same timestamp.
+/// A command, as proposed to Raft. The leader stamps `hlc` before proposing
+/// so every replica applies the same timestamp.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        hlc: Hlc,
-    },
-    Delete {
-        key: Vec<u8>,
-        hlc: Hlc,
-    },
-    CompareAndSwap {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        expected: Expected,
-        hlc: Hlc,
-    },
+    Put { key: Vec<u8>, value: Vec<u8>, hlc: Hlc },
+    Delete { key: Vec<u8>, hlc: Hlc },
+    CompareAndSwap { key: Vec<u8>, value: Vec<u8>, expected: Expected, hlc: Hlc },
+    /// Writes shipped from another region, applied last-writer-wins on
+    /// `(hlc, origin)`. `epoch` is the sender's epoch (active-passive).
+    ApplyRemote { origin: String, epoch: u64, entries: Vec<RemoteEntry> },
+    /// Peer `region` has applied this region's changefeed through `index`:
+    /// entries every peer has applied are dropped, with their tombstones.
+    AckShipped { region: String, index: u64 },
+    /// Adopt region roles (active-passive). An equal epoch with the same
+    /// primary only changes `fenced`. A higher epoch that names another
+    /// primary demotes this region if it was primary: its changefeed entries
+    /// above `shipped_through` (never applied by the new primary) move to the
+    /// divergence record.
+    SetRole { primary: String, epoch: u64, fenced: bool, shipped_through: u64 },
+    /// After a demotion: values of divergent keys as the new primary has them.
+    Resync { entries: Vec<ResyncEntry> },
+}
+
+/// One write from another region's changefeed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteEntry {
+    /// The origin region's log index of the write.
+    pub origin_index: u64,
+    pub key: Vec<u8>,
+    /// `None` is a delete.
+    pub value: Option<Vec<u8>>,
+    pub hlc: Hlc,
+}
+
+/// A key's value at the new primary, to replace a divergent local write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncEntry {
+    pub key: Vec<u8>,
+    /// `None`: absent or deleted at the new primary.
+    pub value: Option<Vec<u8>>,
+    pub hlc: Hlc,
+    pub origin: String,
 }
 
 /// The version of a stored value.
@@ -101,8 +124,24 @@ impl StoredValue {
 /// What applying one log entry returned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
-    /// Blank and membership entries.
+    /// Blank and membership entries, acks, resyncs.
     None,
+    /// The command was not applied: the region does not take writes now.
+    Rejected {
+        reason: String,
+        retry_later: bool,
+    },
+    /// Remote writes: how many were new (not seen before), and how far the
+    /// origin's changefeed is now applied.
+    Remote {
+        applied: u64,
+        applied_through: u64,
+    },
+    /// Roles adopted; `divergent` lists the keys whose local writes never
+    /// reached the new primary.
+    Role {
+        divergent: Vec<Vec<u8>>,
+    },
     Put {
         version: Version,
     },

@@ -12,10 +12,7 @@ use tonic::Code;
 
 fn assert_invalid<T: std::fmt::Debug>(what: &str, r: Result<T, Error>, needle: &str) {
     match r {
-        Err(Error::InvalidArgument(msg)) => assert!(
-            msg.contains(needle),
-            "{what}: message {msg:?} lacks {needle:?}"
-        ),
+        Err(Error::InvalidArgument(msg)) => assert!(msg.contains(needle), "{what}: message {msg:?} lacks {needle:?}"),
         other => panic!("{what}: expected invalid argument naming {needle:?}, got {other:?}"),
     }
 }
@@ -27,133 +24,59 @@ async fn each_limit_and_malformed_field_is_refused_by_name_and_the_cluster_keeps
     let c = cluster.client();
 
     assert_invalid("empty key", c.put("", "v").await, "key is empty");
-    assert_invalid(
-        "long key",
-        c.put(vec![b'k'; KEY_BYTES_MAX + 1], "v").await,
-        "KEY_BYTES_MAX",
-    );
-    assert_invalid(
-        "long value",
-        c.put("k", vec![0u8; VALUE_BYTES_MAX + 1]).await,
-        "VALUE_BYTES_MAX",
-    );
-    assert_invalid(
-        "long key on get",
-        c.get(vec![b'k'; KEY_BYTES_MAX + 1], Consistency::Local)
-            .await,
-        "KEY_BYTES_MAX",
-    );
+    assert_invalid("long key", c.put(vec![b'k'; KEY_BYTES_MAX + 1], "v").await, "KEY_BYTES_MAX");
+    assert_invalid("long value", c.put("k", vec![0u8; VALUE_BYTES_MAX + 1]).await, "VALUE_BYTES_MAX");
+    assert_invalid("long key on get", c.get(vec![b'k'; KEY_BYTES_MAX + 1], Consistency::Local).await, "KEY_BYTES_MAX");
     assert_invalid("empty key on delete", c.delete("").await, "key is empty");
     assert_invalid(
         "cas long value",
-        c.compare_and_swap("k", vec![0u8; VALUE_BYTES_MAX + 1], Expect::Absent)
-            .await,
+        c.compare_and_swap("k", vec![0u8; VALUE_BYTES_MAX + 1], Expect::Absent).await,
         "VALUE_BYTES_MAX",
     );
-    assert_invalid(
-        "cas version 0",
-        c.compare_and_swap("k", "v", Expect::Version(0)).await,
-        "expected_index 0",
-    );
+    assert_invalid("cas version 0", c.compare_and_swap("k", "v", Expect::Version(0)).await, "expected_index 0");
     assert_invalid(
         "scan limit",
-        c.scan(
-            KeyRange::Prefix(b"k".to_vec()),
-            SCAN_LIMIT_MAX + 1,
-            Consistency::Local,
-        )
-        .await,
+        c.scan(KeyRange::Prefix(b"k".to_vec()), SCAN_LIMIT_MAX + 1, Consistency::Local).await,
         "SCAN_LIMIT_MAX",
     );
     assert_invalid(
         "scan inverted",
-        c.scan(
-            KeyRange::Range {
-                start: b"b".to_vec(),
-                end: b"a".to_vec(),
-            },
-            0,
-            Consistency::Local,
-        )
-        .await,
+        c.scan(KeyRange::Range { start: b"b".to_vec(), end: b"a".to_vec() }, 0, Consistency::Local).await,
         "below end",
     );
 
     // Fields the typed client cannot express, sent raw.
-    let mut raw = KvClient::connect(cluster.nodes[&1].grpc())
-        .await
-        .expect("connect");
-    let s = raw
-        .get(GetRequest {
-            key: b"k".to_vec(),
-            consistency: 7,
-        })
-        .await
-        .expect_err("unknown consistency");
+    let mut raw = KvClient::connect(cluster.nodes[&1].grpc()).await.expect("connect");
+    let s = raw.get(GetRequest { key: b"k".to_vec(), consistency: 7 }).await.expect_err("unknown consistency");
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("consistency 7"), "{}", s.message());
     let s = raw
-        .compare_and_swap(CompareAndSwapRequest {
-            key: b"k".to_vec(),
-            value: b"v".to_vec(),
-            expected: None,
-        })
+        .compare_and_swap(CompareAndSwapRequest { key: b"k".to_vec(), value: b"v".to_vec(), expected: None })
         .await
         .expect_err("cas without expected");
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(
-        s.message().contains("expected is not set"),
-        "{}",
-        s.message()
-    );
+    assert!(s.message().contains("expected is not set"), "{}", s.message());
     let s = raw
-        .scan(ScanRequest {
-            prefix: b"a".to_vec(),
-            start: b"a".to_vec(),
-            ..Default::default()
-        })
+        .scan(ScanRequest { prefix: b"a".to_vec(), start: b"a".to_vec(), ..Default::default() })
         .await
         .expect_err("prefix and start");
     assert_eq!(s.code(), Code::InvalidArgument);
     // A message above the request limit is refused by the gRPC layer before
     // it is decoded; the message names the size limit.
     let s = raw
-        .put(PutRequest {
-            key: b"k".to_vec(),
-            value: vec![0u8; REQUEST_BYTES_MAX + 1],
-        })
+        .put(PutRequest { key: b"k".to_vec(), value: vec![0u8; REQUEST_BYTES_MAX + 1] })
         .await
         .expect_err("oversize request");
-    assert!(
-        matches!(
-            s.code(),
-            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
-        ),
-        "{s:?}"
-    );
-    assert!(
-        s.message().contains(&REQUEST_BYTES_MAX.to_string()),
-        "{}",
-        s.message()
-    );
+    assert!(matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{s:?}");
+    assert!(s.message().contains(&REQUEST_BYTES_MAX.to_string()), "{}", s.message());
 
     // Nothing was stored, and the cluster still serves.
     let r = c.get("k", Consistency::Linearizable).await.expect("get");
     assert!(r.kv.is_none(), "a refused write left a value: {:?}", r.kv);
-    c.put("k", vec![7u8; VALUE_BYTES_MAX])
-        .await
-        .expect("a value at the limit is accepted");
+    c.put("k", vec![7u8; VALUE_BYTES_MAX]).await.expect("a value at the limit is accepted");
     let r = c.get("k", Consistency::Linearizable).await.expect("get");
     assert_eq!(r.kv.unwrap().value.len(), VALUE_BYTES_MAX);
     let max_key = vec![b'k'; KEY_BYTES_MAX];
-    c.put(max_key.clone(), "v")
-        .await
-        .expect("a key at the limit is accepted");
-    assert!(
-        c.get(max_key, Consistency::Local)
-            .await
-            .unwrap()
-            .kv
-            .is_some()
-    );
+    c.put(max_key.clone(), "v").await.expect("a key at the limit is accepted");
+    assert!(c.get(max_key, Consistency::Local).await.unwrap().kv.is_some());
 }

@@ -10,11 +10,7 @@ use std::time::{Duration, Instant};
 use common::{free_port, serial_blocking};
 
 fn nines(endpoints: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_nines"))
-        .args(["--endpoints", endpoints])
-        .args(args)
-        .output()
-        .expect("run nines")
+    Command::new(env!("CARGO_BIN_EXE_nines")).args(["--endpoints", endpoints]).args(args).output().expect("run nines")
 }
 
 /// Three consecutive free ports starting at the returned one.
@@ -37,13 +33,7 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let grpc = free_port_run();
     let admin = free_port_run();
     let mut up = Command::new(env!("CARGO_BIN_EXE_nines"))
-        .args([
-            "up",
-            "--grpc-port-base",
-            &grpc.to_string(),
-            "--admin-port-base",
-            &admin.to_string(),
-        ])
+        .args(["up", "--grpc-port-base", &grpc.to_string(), "--admin-port-base", &admin.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -52,10 +42,7 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let mut printed = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !printed.contains("leader: node") {
-        assert!(
-            Instant::now() < deadline,
-            "nines up printed no leader: {printed}"
-        );
+        assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 {
             panic!("nines up exited early: {printed} {:?}", up.wait());
@@ -65,76 +52,30 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let pids: Vec<i32> = printed
         .lines()
         .filter(|l| l.contains("http://127.0.0.1:"))
-        .map(|l| {
-            l.split_whitespace()
-                .last()
-                .unwrap()
-                .parse()
-                .expect("pid column")
-        })
+        .map(|l| l.split_whitespace().last().unwrap().parse().expect("pid column"))
         .collect();
     assert_eq!(pids.len(), 3, "three nodes with PIDs: {printed}");
     for n in 0..3 {
-        assert!(
-            printed.contains(&format!("http://127.0.0.1:{}", grpc + n)),
-            "{printed}"
-        );
-        assert!(
-            printed.contains(&format!("http://127.0.0.1:{}", admin + n)),
-            "{printed}"
-        );
+        assert!(printed.contains(&format!("http://127.0.0.1:{}", grpc + n)), "{printed}");
+        assert!(printed.contains(&format!("http://127.0.0.1:{}", admin + n)), "{printed}");
     }
 
-    let eps = format!(
-        "http://127.0.0.1:{},http://127.0.0.1:{},http://127.0.0.1:{}",
-        grpc,
-        grpc + 1,
-        grpc + 2
-    );
+    let eps = format!("http://127.0.0.1:{},http://127.0.0.1:{},http://127.0.0.1:{}", grpc, grpc + 1, grpc + 2);
     let o = nines(&eps, &["put", "greeting", "hello"]);
-    assert!(
-        o.status.success(),
-        "put: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "put: {}", String::from_utf8_lossy(&o.stderr));
     let o = nines(&eps, &["get", "greeting"]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("hello"));
-    let o = nines(
-        &eps,
-        &["-w", "json", "get", "greeting", "--consistency", "local"],
-    );
+    let o = nines(&eps, &["-w", "json", "get", "greeting", "--consistency", "local"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json output");
     assert_eq!(v["kv"]["value"], "hello");
     let index = v["kv"]["version"]["index"].as_u64().expect("version index");
 
-    let o = nines(
-        &eps,
-        &[
-            "cas",
-            "greeting",
-            "hi",
-            "--expect-version",
-            &(index + 1000).to_string(),
-        ],
-    );
+    let o = nines(&eps, &["cas", "greeting", "hi", "--expect-version", &(index + 1000).to_string()]);
     assert_eq!(o.status.code(), Some(1), "a failed compare exits 1");
     assert!(String::from_utf8_lossy(&o.stderr).contains("compare failed"));
-    let o = nines(
-        &eps,
-        &[
-            "cas",
-            "greeting",
-            "hi",
-            "--expect-version",
-            &index.to_string(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "cas: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = nines(&eps, &["cas", "greeting", "hi", "--expect-version", &index.to_string()]);
+    assert!(o.status.success(), "cas: {}", String::from_utf8_lossy(&o.stderr));
     let o = nines(&eps, &["scan", "--prefix", "gree"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("hi"));
     let o = nines(&eps, &["del", "greeting"]);
@@ -150,29 +91,14 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let o = nines(&eps, &["status"]);
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
-    assert_eq!(
-        table
-            .lines()
-            .filter(|l| l.contains("leader") || l.contains("follower"))
-            .count(),
-        3,
-        "{table}"
-    );
-    assert_eq!(
-        table.lines().filter(|l| l.contains(" leader ")).count(),
-        1,
-        "{table}"
-    );
+    assert_eq!(table.lines().filter(|l| l.contains("leader") || l.contains("follower")).count(), 3, "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains(" leader ")).count(), 1, "{table}");
     let o = nines(&eps, &["member", "list", "-w", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["members"].as_array().unwrap().len(), 3);
 
     // Ctrl-C: `up` stops every node it started, then exits.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = up.try_wait().unwrap() {
@@ -184,10 +110,7 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     assert!(status.success(), "nines up exit: {status}");
     for pid in pids {
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-        assert!(
-            !alive,
-            "node pid {pid} still running after nines up stopped"
-        );
+        assert!(!alive, "node pid {pid} still running after nines up stopped");
     }
 }
 

@@ -21,10 +21,7 @@ async fn three_nodes_elect_a_leader_and_every_put_is_readable_linearizably_from_
     let cluster = TestCluster::start(3, |_| {}).await;
     let client = cluster.client();
     for i in 0..1000 {
-        client
-            .put(key(i), format!("value-{i}"))
-            .await
-            .unwrap_or_else(|e| panic!("put {i}: {e}"));
+        client.put(key(i), format!("value-{i}")).await.unwrap_or_else(|e| panic!("put {i}: {e}"));
     }
     for id in 1..=3u64 {
         let through = cluster.client_of(&[id]);
@@ -33,13 +30,8 @@ async fn three_nodes_elect_a_leader_and_every_put_is_readable_linearizably_from_
                 .get(key(i), Consistency::Linearizable)
                 .await
                 .unwrap_or_else(|e| panic!("get {i} via {id}: {e}"));
-            let kv =
-                r.kv.unwrap_or_else(|| panic!("key {i} missing via node {id}"));
-            assert_eq!(
-                kv.value,
-                format!("value-{i}").into_bytes(),
-                "key {i} via node {id}"
-            );
+            let kv = r.kv.unwrap_or_else(|| panic!("key {i} missing via node {id}"));
+            assert_eq!(kv.value, format!("value-{i}").into_bytes(), "key {i} via node {id}");
         }
     }
 }
@@ -69,11 +61,9 @@ async fn writer(
 }
 
 async fn wait_acks(count: &std::sync::atomic::AtomicUsize, n: usize) {
-    wait_for(
-        &format!("{n} acknowledged writes"),
-        Duration::from_secs(60),
-        || async { (count.load(Ordering::SeqCst) >= n).then_some(()) },
-    )
+    wait_for(&format!("{n} acknowledged writes"), Duration::from_secs(60), || async {
+        (count.load(Ordering::SeqCst) >= n).then_some(())
+    })
     .await
 }
 
@@ -115,50 +105,26 @@ async fn leader_killed_mid_write_loses_no_acknowledged_write_and_restarts_from_i
     wait_acks(&before, acks_at_kill + 200).await;
     stop.store(true, Ordering::SeqCst);
     let acked = handle.await.unwrap();
-    let first_after = acked
-        .iter()
-        .find(|(_, t)| *t > killed_at)
-        .map(|(_, t)| *t - killed_at);
+    let first_after = acked.iter().find(|(_, t)| *t > killed_at).map(|(_, t)| *t - killed_at);
     eprintln!("kill -9 of leader {old_leader} to next acknowledged write: {first_after:?}");
     let new_leader = cluster.wait_leader().await;
     assert_ne!(new_leader, old_leader, "a new leader must be elected");
 
     let reader = cluster.client();
     for (k, _) in &acked {
-        let r = reader
-            .get(k.clone(), Consistency::Linearizable)
-            .await
-            .expect("read");
-        assert_eq!(
-            r.kv.map(|kv| kv.value),
-            Some(k.clone().into_bytes()),
-            "acknowledged write {k} lost"
-        );
+        let r = reader.get(k.clone(), Consistency::Linearizable).await.expect("read");
+        assert_eq!(r.kv.map(|kv| kv.value), Some(k.clone().into_bytes()), "acknowledged write {k} lost");
     }
 
     cluster.spawn(old_leader);
-    let leader_applied = cluster
-        .status(new_leader)
-        .await
-        .expect("leader status")
-        .applied_index;
+    let leader_applied = cluster.status(new_leader).await.expect("leader status").applied_index;
     let s = cluster.wait_applied(old_leader, leader_applied).await;
-    assert_eq!(
-        s.snapshot_index, 0,
-        "the restarted node should catch up from its own log, not a snapshot"
-    );
+    assert_eq!(s.snapshot_index, 0, "the restarted node should catch up from its own log, not a snapshot");
     let local = cluster.client_of(&[old_leader]);
     for (k, _) in &acked {
-        let r = local
-            .get(k.clone(), Consistency::Local)
-            .await
-            .expect("local read");
+        let r = local.get(k.clone(), Consistency::Local).await.expect("local read");
         assert_eq!(r.served_by, old_leader);
-        assert_eq!(
-            r.kv.map(|kv| kv.value),
-            Some(k.clone().into_bytes()),
-            "{k} missing on the restarted node"
-        );
+        assert_eq!(r.kv.map(|kv| kv.value), Some(k.clone().into_bytes()), "{k} missing on the restarted node");
     }
 }
 
@@ -177,42 +143,20 @@ async fn node_down_while_log_is_compacted_catches_up_by_snapshot() {
     cluster.kill(down);
     let client = cluster.client();
     for i in 0..300 {
-        client
-            .put(key(i), format!("v{i}"))
-            .await
-            .unwrap_or_else(|e| panic!("put {i}: {e}"));
+        client.put(key(i), format!("v{i}")).await.unwrap_or_else(|e| panic!("put {i}: {e}"));
     }
     let leader = cluster.wait_leader().await;
-    let leader_status = wait_for(
-        "the leader to snapshot",
-        Duration::from_secs(30),
-        || async {
-            cluster
-                .status(leader)
-                .await
-                .filter(|s| s.snapshot_index >= 250)
-        },
-    )
+    let leader_status = wait_for("the leader to snapshot", Duration::from_secs(30), || async {
+        cluster.status(leader).await.filter(|s| s.snapshot_index >= 250)
+    })
     .await;
     cluster.spawn(down);
-    let s = cluster
-        .wait_applied(down, leader_status.applied_index)
-        .await;
-    assert!(
-        s.snapshot_index > 0,
-        "node {down} should have installed a snapshot: {s:?}"
-    );
+    let s = cluster.wait_applied(down, leader_status.applied_index).await;
+    assert!(s.snapshot_index > 0, "node {down} should have installed a snapshot: {s:?}");
     let local = cluster.client_of(&[down]);
     for i in 0..300 {
-        let r = local
-            .get(key(i), Consistency::Local)
-            .await
-            .expect("local read");
-        assert_eq!(
-            r.kv.map(|kv| kv.value),
-            Some(format!("v{i}").into_bytes()),
-            "key {i} on node {down}"
-        );
+        let r = local.get(key(i), Consistency::Local).await.expect("local read");
+        assert_eq!(r.kv.map(|kv| kv.value), Some(format!("v{i}").into_bytes()), "key {i} on node {down}");
     }
 }
 
@@ -231,57 +175,26 @@ async fn wiped_node_removed_and_readded_rejoins_and_converges() {
     cluster.kill(victim);
     cluster.wipe(victim);
     let m = client.remove(victim).await.expect("remove");
-    assert!(
-        m.members
-            .iter()
-            .all(|m| m.node.as_ref().unwrap().id != victim),
-        "still a member: {m:?}"
-    );
+    assert!(m.members.iter().all(|m| m.node.as_ref().unwrap().id != victim), "still a member: {m:?}");
     cluster.spawn(victim);
     cluster.wait_serving(victim).await;
-    let m = client
-        .add_learner(cluster.nodes[&victim].info())
-        .await
-        .expect("add learner");
-    assert!(
-        m.members
-            .iter()
-            .any(|m| m.node.as_ref().unwrap().id == victim && !m.voter)
-    );
+    let m = client.add_learner(cluster.nodes[&victim].info()).await.expect("add learner");
+    assert!(m.members.iter().any(|m| m.node.as_ref().unwrap().id == victim && !m.voter));
     let m = client.promote(victim).await.expect("promote");
-    assert!(
-        m.members
-            .iter()
-            .any(|m| m.node.as_ref().unwrap().id == victim && m.voter)
-    );
+    assert!(m.members.iter().any(|m| m.node.as_ref().unwrap().id == victim && m.voter));
     for i in 100..200 {
         client.put(key(i), "after").await.expect("put");
     }
-    let applied = cluster
-        .status(cluster.wait_leader().await)
-        .await
-        .unwrap()
-        .applied_index;
+    let applied = cluster.status(cluster.wait_leader().await).await.unwrap().applied_index;
     cluster.wait_applied(victim, applied).await;
     let local = cluster.client_of(&[victim]);
     for i in 0..200 {
         let want = if i < 100 { "before" } else { "after" };
-        let r = local
-            .get(key(i), Consistency::Local)
-            .await
-            .expect("local read");
-        assert_eq!(
-            r.kv.map(|kv| kv.value),
-            Some(want.as_bytes().to_vec()),
-            "key {i} on rejoined node"
-        );
+        let r = local.get(key(i), Consistency::Local).await.expect("local read");
+        assert_eq!(r.kv.map(|kv| kv.value), Some(want.as_bytes().to_vec()), "key {i} on rejoined node");
     }
     let s = cluster.status(victim).await.unwrap();
-    assert!(
-        s.role == "follower" || s.role == "leader",
-        "rejoined node is {}",
-        s.role
-    );
+    assert!(s.role == "follower" || s.role == "leader", "rejoined node is {}", s.role);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,17 +208,9 @@ async fn restarted_node_does_not_reinitialise() {
     cluster.spawn(2);
     cluster.wait_serving(2).await;
     let members = cluster.nodes.values().map(|n| n.info()).collect();
-    let err = cluster
-        .client_of(&[2])
-        .init(&cluster.nodes[&2].grpc(), members)
-        .await
-        .expect_err("re-init");
+    let err = cluster.client_of(&[2]).init(&cluster.nodes[&2].grpc(), members).await.expect_err("re-init");
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
-    let r = cluster
-        .client()
-        .get("k", Consistency::Linearizable)
-        .await
-        .expect("get");
+    let r = cluster.client().get("k", Consistency::Linearizable).await.expect("get");
     assert_eq!(r.kv.unwrap().value, b"v");
 }
 

@@ -29,36 +29,17 @@ async fn corrupt_state_record_is_data_loss_and_stops_the_node() {
     {
         let db = sled::open(cluster.nodes[&1].config.data_dir.join("db")).expect("open db");
         let state = db.open_tree("state").unwrap();
-        let record = state
-            .get(b"dk")
-            .unwrap()
-            .expect("the value's record is on disk after a clean stop");
+        let record = state.get(b"dk").unwrap().expect("the value's record is on disk after a clean stop");
         state.insert(b"dk", flip_payload(&record)).unwrap();
         db.flush().unwrap();
     }
     cluster.spawn(1);
     cluster.wait_serving(1).await;
-    let err = cluster
-        .client()
-        .get("k", Consistency::Local)
-        .await
-        .expect_err("corrupt read");
-    assert!(
-        matches!(&err, Error::Server { code: Code::DataLoss, message } if message.contains("checksum")),
-        "{err:?}"
-    );
-    let status = cluster
-        .wait_exit(1, Duration::from_secs(30))
-        .expect("the node stops by itself");
-    assert!(
-        !status.success(),
-        "a node that found corruption must exit with an error: {status}"
-    );
-    assert!(
-        cluster.log_of(1).contains("can no longer be trusted"),
-        "{}",
-        cluster.log_of(1)
-    );
+    let err = cluster.client().get("k", Consistency::Local).await.expect_err("corrupt read");
+    assert!(matches!(&err, Error::Server { code: Code::DataLoss, message } if message.contains("checksum")), "{err:?}");
+    let status = cluster.wait_exit(1, Duration::from_secs(30)).expect("the node stops by itself");
+    assert!(!status.success(), "a node that found corruption must exit with an error: {status}");
+    assert!(cluster.log_of(1).contains("can no longer be trusted"), "{}", cluster.log_of(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,13 +58,8 @@ async fn corrupt_log_record_stops_the_node_at_startup() {
         db.flush().unwrap();
     }
     cluster.spawn(1);
-    let status = cluster
-        .wait_exit(1, Duration::from_secs(30))
-        .expect("the node stops by itself");
+    let status = cluster.wait_exit(1, Duration::from_secs(30)).expect("the node stops by itself");
     assert!(!status.success(), "{status}");
     let log = cluster.log_of(1);
-    assert!(
-        log.contains("checksum mismatch"),
-        "the error names the checksum: {log}"
-    );
+    assert!(log.contains("checksum mismatch"), "the error names the checksum: {log}");
 }

@@ -8,20 +8,14 @@ pub mod up;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nines_client::{
-    Client, ClientConfig, Consistency, Expect, KeyRange, KeyValue, NodeInfo, Version,
-};
+use nines_client::{Client, ClientConfig, Consistency, Expect, KeyRange, KeyValue, NodeInfo, Version};
 use serde_json::json;
 use tracing::Instrument;
 
 use crate::config::NodeConfig;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "nines",
-    version,
-    about = "A replicated key-value store with multi-region failover"
-)]
+#[command(name = "nines", version, about = "A replicated key-value store with multi-region failover")]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -73,11 +67,7 @@ pub enum Command {
         key: String,
         value: String,
         /// The version index the key must currently have.
-        #[arg(
-            long,
-            conflicts_with = "expect_absent",
-            required_unless_present = "expect_absent"
-        )]
+        #[arg(long, conflicts_with = "expect_absent", required_unless_present = "expect_absent")]
         expect_version: Option<u64>,
         /// The key must not exist.
         #[arg(long)]
@@ -188,26 +178,17 @@ impl NodeArgs {
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NINES_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // Ignored: a subscriber may already be set (tests).
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
 /// Runs `nines node`.
 pub async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     init_tracing(config.log_format == "json");
-    let span =
-        tracing::info_span!("node", id = config.id, region = %config.region, az = %config.az);
-    crate::node::run(config, crate::node::termination_signal())
-        .instrument(span)
-        .await
+    let span = tracing::info_span!("node", id = config.id, region = %config.region, az = %config.az);
+    crate::node::run(config, crate::node::termination_signal()).instrument(span).await
 }
 
 fn client(g: &Global) -> anyhow::Result<Client> {
@@ -236,10 +217,9 @@ fn version_json(v: &Option<Version>) -> serde_json::Value {
 
 fn version_text(v: &Option<Version>) -> String {
     match v {
-        Some(v) => format!(
-            "version {} (hlc {}.{}, origin {})",
-            v.index, v.hlc_physical_ms, v.hlc_logical, v.origin_region
-        ),
+        Some(v) => {
+            format!("version {} (hlc {}.{}, origin {})", v.index, v.hlc_physical_ms, v.hlc_logical, v.origin_region)
+        }
         None => "no version".into(),
     }
 }
@@ -257,11 +237,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
-            .collect();
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:<w$}", c, w = widths[i])).collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -276,32 +252,20 @@ fn print_json(v: serde_json::Value) {
 
 /// Parses `ID=URL[@REGION/AZ]`.
 fn parse_member(s: &str) -> anyhow::Result<NodeInfo> {
-    let (id, rest) = s
-        .split_once('=')
-        .ok_or_else(|| anyhow::anyhow!("member {s:?} is not ID=URL[@REGION/AZ]"))?;
-    let id: u64 = id
-        .parse()
-        .map_err(|_| anyhow::anyhow!("member {s:?}: id {id:?} is not a number"))?;
+    let (id, rest) = s.split_once('=').ok_or_else(|| anyhow::anyhow!("member {s:?} is not ID=URL[@REGION/AZ]"))?;
+    let id: u64 = id.parse().map_err(|_| anyhow::anyhow!("member {s:?}: id {id:?} is not a number"))?;
     let (url, labels) = match rest.split_once('@') {
         Some((u, l)) => (u, Some(l)),
         None => (rest, None),
     };
     let (region, az) = match labels {
         Some(l) => {
-            let (r, a) = l
-                .split_once('/')
-                .ok_or_else(|| anyhow::anyhow!("member {s:?}: labels must be REGION/AZ"))?;
+            let (r, a) = l.split_once('/').ok_or_else(|| anyhow::anyhow!("member {s:?}: labels must be REGION/AZ"))?;
             (r.to_string(), a.to_string())
         }
         None => ("local".to_string(), String::new()),
     };
-    Ok(NodeInfo {
-        id,
-        grpc_addr: url.to_string(),
-        admin_addr: String::new(),
-        region,
-        az,
-    })
+    Ok(NodeInfo { id, grpc_addr: url.to_string(), admin_addr: String::new(), region, az })
 }
 
 fn print_members(g: &Global, m: &nines_client::MembersResponse) {
@@ -326,11 +290,7 @@ fn print_members(g: &Global, m: &nines_client::MembersResponse) {
                 n.region.clone(),
                 n.az.clone(),
                 n.grpc_addr.clone(),
-                if m.leader_id == Some(n.id) {
-                    "*".into()
-                } else {
-                    String::new()
-                },
+                if m.leader_id == Some(n.id) { "*".into() } else { String::new() },
             ]
         })
         .collect();
@@ -351,10 +311,7 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
                 println!("OK {}", version_text(&Some(v)));
             }
         }
-        Command::Get {
-            key,
-            consistency: c,
-        } => {
+        Command::Get { key, consistency: c } => {
             let r = client(&g)?.get(key.clone(), consistency(c)).await?;
             if json {
                 print_json(json!({
@@ -366,11 +323,7 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
                     if !json {
                         print_table(
                             &["KEY", "VALUE", "VERSION"],
-                            &[vec![
-                                text(&kv.key),
-                                text(&kv.value),
-                                version_text(&kv.version),
-                            ]],
+                            &[vec![text(&kv.key), text(&kv.value), version_text(&kv.version)]],
                         );
                     }
                 }
@@ -383,34 +336,21 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
         Command::Del { key } => {
             let r = client(&g)?.delete(key.clone()).await?;
             if json {
-                print_json(
-                    json!({ "key": key, "existed": r.existed, "version": version_json(&r.version) }),
-                );
+                print_json(json!({ "key": key, "existed": r.existed, "version": version_json(&r.version) }));
             } else {
                 println!(
                     "{} {}",
-                    if r.existed {
-                        "DELETED"
-                    } else {
-                        "ABSENT (tombstone written)"
-                    },
+                    if r.existed { "DELETED" } else { "ABSENT (tombstone written)" },
                     version_text(&r.version)
                 );
             }
         }
-        Command::Cas {
-            key,
-            value,
-            expect_version,
-            expect_absent,
-        } => {
+        Command::Cas { key, value, expect_version, expect_absent } => {
             let expect = match (expect_version, expect_absent) {
                 (Some(v), false) => Expect::Version(v),
                 _ => Expect::Absent,
             };
-            let r = client(&g)?
-                .compare_and_swap(key.clone(), value, expect)
-                .await?;
+            let r = client(&g)?.compare_and_swap(key.clone(), value, expect).await?;
             if json {
                 print_json(json!({
                     "key": key, "succeeded": r.succeeded, "version": version_json(&r.version),
@@ -428,13 +368,7 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
                 return Ok(false);
             }
         }
-        Command::Scan {
-            prefix,
-            from,
-            to,
-            limit,
-            consistency: c,
-        } => {
+        Command::Scan { prefix, from, to, limit, consistency: c } => {
             let range = match prefix {
                 Some(p) => KeyRange::Prefix(p.into_bytes()),
                 None => KeyRange::Range {
@@ -447,11 +381,8 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
                 let kvs: Vec<_> = r.kvs.iter().map(kv_json).collect();
                 print_json(json!({ "kvs": kvs, "more": r.more, "applied_index": r.applied_index }));
             } else {
-                let rows: Vec<Vec<String>> = r
-                    .kvs
-                    .iter()
-                    .map(|kv| vec![text(&kv.key), text(&kv.value), version_text(&kv.version)])
-                    .collect();
+                let rows: Vec<Vec<String>> =
+                    r.kvs.iter().map(|kv| vec![text(&kv.key), text(&kv.value), version_text(&kv.version)]).collect();
                 print_table(&["KEY", "VALUE", "VERSION"], &rows);
                 if r.more {
                     println!("(more keys follow; continue with --from)");
@@ -464,29 +395,12 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
             match m {
                 MemberCommand::List => print_members(&g, &c.members().await?),
                 MemberCommand::Init { members } => {
-                    let members = members
-                        .iter()
-                        .map(|m| parse_member(m))
-                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let members = members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
                     c.init(&g.endpoints[0], members).await?;
                     println!("initialized");
                 }
-                MemberCommand::AddLearner {
-                    id,
-                    grpc_addr,
-                    admin_addr,
-                    region,
-                    az,
-                } => {
-                    let m = c
-                        .add_learner(NodeInfo {
-                            id,
-                            grpc_addr,
-                            admin_addr,
-                            region,
-                            az,
-                        })
-                        .await?;
+                MemberCommand::AddLearner { id, grpc_addr, admin_addr, region, az } => {
+                    let m = c.add_learner(NodeInfo { id, grpc_addr, admin_addr, region, az }).await?;
                     print_members(&g, &m);
                 }
                 MemberCommand::Promote { id } => print_members(&g, &c.promote(id).await?),
@@ -508,10 +422,7 @@ async fn status(g: &Global) -> anyhow::Result<()> {
         let Some(n) = &m.node else { continue };
         match c.status_of(&n.grpc_addr).await {
             Ok(s) => {
-                let leader = s
-                    .leader_id
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "-".into());
+                let leader = s.leader_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
                 rows.push(vec![
                     n.id.to_string(),
                     n.region.clone(),
@@ -548,12 +459,7 @@ async fn status(g: &Global) -> anyhow::Result<()> {
     if g.format == Format::Json {
         print_json(json!({ "nodes": out }));
     } else {
-        print_table(
-            &[
-                "NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "GRPC",
-            ],
-            &rows,
-        );
+        print_table(&["NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "GRPC"], &rows);
     }
     Ok(())
 }

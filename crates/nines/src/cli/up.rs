@@ -70,8 +70,7 @@ fn az_name(region: &str, n: u64) -> String {
 
 pub fn node_config(args: &UpArgs, dir: &Path, n: u64) -> anyhow::Result<NodeConfig> {
     let port = |base: u16| -> anyhow::Result<u16> {
-        base.checked_add((n - 1) as u16)
-            .context("port base plus node count exceeds 65535")
+        base.checked_add((n - 1) as u16).context("port base plus node count exceeds 65535")
     };
     Ok(NodeConfig {
         id: n,
@@ -97,13 +96,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         (None, Some(t)) => t.path().to_path_buf(),
         (None, None) => unreachable!("a temporary directory exists when no data dir is given"),
     };
-    let configs = (1..=args.nodes)
-        .map(|n| node_config(&args, &dir, n))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let existing = configs
-        .iter()
-        .filter(|c| c.data_dir.join("db").exists())
-        .count();
+    let configs = (1..=args.nodes).map(|n| node_config(&args, &dir, n)).collect::<anyhow::Result<Vec<_>>>()?;
+    let existing = configs.iter().filter(|c| c.data_dir.join("db").exists()).count();
     if existing != 0 && existing != configs.len() {
         bail!(
             "{} holds data for {existing} of {} nodes; use a fresh --data-dir or restore the missing nodes",
@@ -118,10 +112,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&c.data_dir)?;
         let config_path = c.data_dir.join("nines.toml");
         std::fs::write(&config_path, toml::to_string_pretty(c)?)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(c.data_dir.join("node.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(c.data_dir.join("node.log"))?;
         let child = std::process::Command::new(&exe)
             .arg("node")
             .arg("--config")
@@ -131,16 +122,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting node {}", c.id))?;
-        nodes.push(NodeProcess {
-            id: c.id,
-            child,
-            exited: false,
-        });
+        nodes.push(NodeProcess { id: c.id, child, exited: false });
     }
-    let endpoints: Vec<String> = configs
-        .iter()
-        .map(|c| format!("http://{}", c.grpc_listen))
-        .collect();
+    let endpoints: Vec<String> = configs.iter().map(|c| format!("http://{}", c.grpc_listen)).collect();
     let client = Client::new(endpoints.clone(), ClientConfig::default())?;
 
     let deadline = Instant::now() + STARTUP_DEADLINE;
@@ -168,10 +152,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 az: c.az.clone(),
             })
             .collect();
-        client
-            .init(&endpoints[0], members)
-            .await
-            .context("bootstrapping the cluster")?;
+        client.init(&endpoints[0], members).await.context("bootstrapping the cluster")?;
     }
     let leader = loop {
         if let Ok(m) = client.members().await
@@ -181,24 +162,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         check_alive(&mut nodes, &dir)?;
         if Instant::now() > deadline {
-            bail!(
-                "no leader elected within {STARTUP_DEADLINE:?}; see the node.log files under {}",
-                dir.display()
-            );
+            bail!("no leader elected within {STARTUP_DEADLINE:?}; see the node.log files under {}", dir.display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    println!(
-        "nines: {} nodes in region {} (data in {})",
-        configs.len(),
-        args.region,
-        dir.display()
-    );
-    println!(
-        "{:<5} {:<10} {:<10} {:<24} {:<24} {:<8}",
-        "NODE", "REGION", "AZ", "GRPC", "ADMIN", "PID"
-    );
+    println!("nines: {} nodes in region {} (data in {})", configs.len(), args.region, dir.display());
+    println!("{:<5} {:<10} {:<10} {:<24} {:<24} {:<8}", "NODE", "REGION", "AZ", "GRPC", "ADMIN", "PID");
     for (c, p) in configs.iter().zip(&nodes) {
         println!(
             "{:<5} {:<10} {:<10} {:<24} {:<24} {:<8}",
@@ -211,9 +181,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     println!("leader: node {leader}");
-    println!(
-        "try: nines put hello world && nines get hello && nines status   (Ctrl-C stops every node)"
-    );
+    println!("try: nines put hello world && nines get hello && nines status   (Ctrl-C stops every node)");
 
     let stop = crate::node::termination_signal();
     tokio::pin!(stop);
@@ -223,10 +191,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             _ = tokio::time::sleep(Duration::from_millis(500)) => report_exits(&mut nodes),
         }
     }
-    println!(
-        "stopping {} nodes",
-        nodes.iter().filter(|n| !n.exited).count()
-    );
+    println!("stopping {} nodes", nodes.iter().filter(|n| !n.exited).count());
     stop_all(&mut nodes).await;
     drop(temp);
     Ok(())
@@ -265,18 +230,13 @@ async fn stop_all(nodes: &mut [NodeProcess]) {
     }
     let deadline = Instant::now() + STOP_DEADLINE;
     while Instant::now() < deadline
-        && nodes
-            .iter_mut()
-            .any(|n| !n.exited && n.child.try_wait().ok().flatten().is_none())
+        && nodes.iter_mut().any(|n| !n.exited && n.child.try_wait().ok().flatten().is_none())
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for n in nodes.iter_mut() {
         if !n.exited && n.child.try_wait().ok().flatten().is_none() {
-            println!(
-                "node {} did not stop within {STOP_DEADLINE:?}; killing it",
-                n.id
-            );
+            println!("node {} did not stop within {STOP_DEADLINE:?}; killing it", n.id);
             let _ = n.child.kill();
         }
         let _ = n.child.wait();

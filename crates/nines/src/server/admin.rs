@@ -6,8 +6,8 @@ use std::sync::Arc;
 use nines_proto::v1::admin_client::AdminClient;
 use nines_proto::v1::admin_server::Admin;
 use nines_proto::v1::{
-    AddLearnerRequest, InitRequest, InitResponse, Member, MembersRequest, MembersResponse,
-    NodeInfo as ProtoNodeInfo, PromoteRequest, RemoveRequest, StatusRequest, StatusResponse,
+    AddLearnerRequest, InitRequest, InitResponse, Member, MembersRequest, MembersResponse, NodeInfo as ProtoNodeInfo,
+    PromoteRequest, RemoveRequest, StatusRequest, StatusResponse,
 };
 use openraft::error::{ChangeMembershipError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -81,41 +81,41 @@ impl AdminService {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let members = membership
             .nodes()
-            .map(|(id, n)| Member {
-                node: Some(info_to_proto(*id, n)),
-                voter: voters.contains(id),
-            })
+            .map(|(id, n)| Member { node: Some(info_to_proto(*id, n)), voter: voters.contains(id) })
             .collect();
-        MembersResponse {
-            members,
-            leader_id: m.current_leader,
-        }
+        MembersResponse { members, leader_id: m.current_leader }
     }
 
-    /// Runs a membership change on the leader, forwarding if this node is not it.
-    async fn change(
+    /// Maps the outcome of a membership change that was started on this
+    /// node (after a successful leadership check). A change has two steps;
+    /// an error after the call began may follow a committed first step, so
+    /// none of them is retry-safe.
+    fn change(
         &self,
-        result: Result<(), RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>,
+        result: Result<Result<(), RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>, tokio::time::error::Elapsed>,
     ) -> Result<MembersResponse, Error> {
         match result {
-            Ok(()) => Ok(self.members_response()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(Shared::not_leader(f))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(match e {
-                ChangeMembershipError::InProgress(_) => Error::Unavailable {
-                    reason: e.to_string(),
-                    retry_safe: true,
-                },
+            Err(_) => Err(Error::Indeterminate(format!(
+                "membership change not finished within {MEMBERSHIP_CHANGE_TIMEOUT:?}; check `nines member list`"
+            ))),
+            Ok(Ok(())) => Ok(self.members_response()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(Error::Indeterminate(format!(
+                "leadership moved to {:?} during the membership change; check `nines member list`",
+                f.leader_id
+            ))),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(match e {
+                ChangeMembershipError::InProgress(_) => Error::Unavailable { reason: e.to_string(), retry_safe: false },
                 _ => Error::FailedPrecondition(e.to_string()),
             }),
-            Err(RaftError::Fatal(f)) => Err(Error::Unavailable {
-                reason: f.to_string(),
-                retry_safe: false,
-            }),
+            Ok(Err(RaftError::Fatal(f))) => Err(Error::Unavailable { reason: f.to_string(), retry_safe: false }),
         }
     }
 }
+
+/// How long a membership change may take, including a new learner catching
+/// up. A learner that needs longer is still being added; the caller is told
+/// the outcome is unknown rather than waiting without bound.
+pub const MEMBERSHIP_CHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[tonic::async_trait]
 impl Admin for AdminService {
@@ -135,138 +135,75 @@ impl Admin for AdminService {
         for m in &r.members {
             let (id, info) = info_from_proto(m)?;
             if members.insert(id, info).is_some() {
-                return Err(
-                    Error::invalid(format!("node id {id} appears twice in members")).into(),
-                );
+                return Err(Error::invalid(format!("node id {id} appears twice in members")).into());
             }
         }
         if !members.contains_key(&self.node.id) {
-            return Err(Error::invalid(format!(
-                "members must include this node ({})",
-                self.node.id
-            ))
-            .into());
+            return Err(Error::invalid(format!("members must include this node ({})", self.node.id)).into());
         }
         match self.node.raft.initialize(members).await {
             Ok(()) => Ok(Response::new(InitResponse {})),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
-                Err(Error::FailedPrecondition(
-                    "this node is already initialized: a cluster is bootstrapped exactly once"
-                        .into(),
-                )
-                .into())
-            }
-            Err(RaftError::APIError(InitializeError::NotInMembers(e))) => {
-                Err(Error::invalid(e.to_string()).into())
-            }
-            Err(RaftError::Fatal(f)) => Err(Error::Unavailable {
-                reason: f.to_string(),
-                retry_safe: false,
-            }
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Err(Error::FailedPrecondition(
+                "this node is already initialized: a cluster is bootstrapped exactly once".into(),
+            )
             .into()),
+            Err(RaftError::APIError(InitializeError::NotInMembers(e))) => Err(Error::invalid(e.to_string()).into()),
+            Err(RaftError::Fatal(f)) => Err(Error::Unavailable { reason: f.to_string(), retry_safe: false }.into()),
         }
     }
 
-    async fn add_learner(
-        &self,
-        req: Request<AddLearnerRequest>,
-    ) -> Result<Response<MembersResponse>, Status> {
+    async fn add_learner(&self, req: Request<AddLearnerRequest>) -> Result<Response<MembersResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
         let Some(node) = &r.node else {
             return Err(Error::invalid("node is not set").into());
         };
         let (id, info) = info_from_proto(node)?;
-        let result = self.node.raft.add_learner(id, info, true).await.map(|_| ());
-        match self.change(result).await {
-            Ok(m) => Ok(Response::new(m)),
-            Err(e) => {
-                forward(&self.node, e, hops, r, |c, req| async move {
-                    admin_client(c).add_learner(req).await
-                })
-                .await
-            }
+        if let Err(e) = self.node.check_leader() {
+            return forward(&self.node, e, hops, r, |c, req| async move { admin_client(c).add_learner(req).await }).await;
         }
+        let call = self.node.raft.add_learner(id, info, true);
+        let result = tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()));
+        Ok(Response::new(self.change(result)?))
     }
 
-    async fn promote(
-        &self,
-        req: Request<PromoteRequest>,
-    ) -> Result<Response<MembersResponse>, Status> {
+    async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<MembersResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
-        let ids: BTreeSet<NodeId> = [r.node_id].into();
-        let result = self
-            .node
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(ids), false)
-            .await
-            .map(|_| ());
-        match self.change(result).await {
-            Ok(m) => Ok(Response::new(m)),
-            Err(e) => {
-                forward(&self.node, e, hops, r, |c, req| async move {
-                    admin_client(c).promote(req).await
-                })
-                .await
-            }
+        if let Err(e) = self.node.check_leader() {
+            return forward(&self.node, e, hops, r, |c, req| async move { admin_client(c).promote(req).await }).await;
         }
+        let ids: BTreeSet<NodeId> = [r.node_id].into();
+        let call = self.node.raft.change_membership(ChangeMembers::AddVoterIds(ids), false);
+        let result = tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()));
+        Ok(Response::new(self.change(result)?))
     }
 
-    async fn remove(
-        &self,
-        req: Request<RemoveRequest>,
-    ) -> Result<Response<MembersResponse>, Status> {
+    async fn remove(&self, req: Request<RemoveRequest>) -> Result<Response<MembersResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
         let id = r.node_id;
-        let membership = self
-            .node
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone();
+        if let Err(e) = self.node.check_leader() {
+            return forward(&self.node, e, hops, r, |c, req| async move { admin_client(c).remove(req).await }).await;
+        }
+        let membership = self.node.raft.metrics().borrow().membership_config.membership().clone();
         let is_voter = membership.voter_ids().any(|v| v == id);
         let is_member = membership.nodes().any(|(n, _)| *n == id);
         if !is_member {
             return Err(Error::FailedPrecondition(format!("node {id} is not a member")).into());
         }
         let ids: BTreeSet<NodeId> = [id].into();
-        let change = if is_voter {
-            ChangeMembers::RemoveVoters(ids)
-        } else {
-            ChangeMembers::RemoveNodes(ids)
-        };
-        let result = self
-            .node
-            .raft
-            .change_membership(change, false)
-            .await
-            .map(|_| ());
-        match self.change(result).await {
-            Ok(m) => Ok(Response::new(m)),
-            Err(e) => {
-                forward(&self.node, e, hops, r, |c, req| async move {
-                    admin_client(c).remove(req).await
-                })
-                .await
-            }
-        }
+        let change = if is_voter { ChangeMembers::RemoveVoters(ids) } else { ChangeMembers::RemoveNodes(ids) };
+        let call = self.node.raft.change_membership(change, false);
+        let result = tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()));
+        Ok(Response::new(self.change(result)?))
     }
 
-    async fn members(
-        &self,
-        _req: Request<MembersRequest>,
-    ) -> Result<Response<MembersResponse>, Status> {
+    async fn members(&self, _req: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
         Ok(Response::new(self.members_response()))
     }
 
-    async fn status(
-        &self,
-        _req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let m = self.node.raft.metrics().borrow().clone();
         let role = match m.state {
             ServerState::Leader => "leader",

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use nines_proto::v1::kv_client::KvClient;
 use nines_proto::v1::kv_server::Kv;
 use nines_proto::v1::{
-    CompareAndSwapRequest, CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ScanRequest, ScanResponse,
+    CompareAndSwapRequest, CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    KeyValue, PutRequest, PutResponse, ScanRequest, ScanResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,11 +29,7 @@ impl KvService {
 
 fn kv(key: Vec<u8>, stored: StoredValue) -> Option<KeyValue> {
     let version = Some(version_to_proto(&stored.version));
-    stored.value.map(|value| KeyValue {
-        key,
-        value,
-        version,
-    })
+    stored.value.map(|value| KeyValue { key, value, version })
 }
 
 /// Maps a failed state read; corruption also stops the node.
@@ -60,22 +56,13 @@ impl Kv for KvService {
         let r = req.into_inner();
         validate::key(&r.key)?;
         validate::value(&r.value)?;
-        let cmd = Command::Put {
-            key: r.key.clone(),
-            value: r.value.clone(),
-            hlc: self.node.clock.now(),
-        };
+        let cmd = Command::Put { key: r.key.clone(), value: r.value.clone(), hlc: self.node.clock.now() };
         match self.node.write(cmd).await {
-            Ok(CommandResult::Put { version }) => Ok(Response::new(PutResponse {
-                version: Some(version_to_proto(&version)),
-            })),
-            Ok(other) => Err(unexpected("put", &other)),
-            Err(e) => {
-                forward(&self.node, e, hops, r, |c, req| async move {
-                    kv_client(c).put(req).await
-                })
-                .await
+            Ok(CommandResult::Put { version }) => {
+                Ok(Response::new(PutResponse { version: Some(version_to_proto(&version)) }))
             }
+            Ok(other) => Err(unexpected("put", &other)),
+            Err(e) => forward(&self.node, e, hops, r, |c, req| async move { kv_client(c).put(req).await }).await,
         }
     }
 
@@ -86,48 +73,25 @@ impl Kv for KvService {
         if validate::consistency(r.consistency)? == Consistency::Linearizable
             && let Err(e) = self.node.ensure_linearizable().await
         {
-            return forward(&self.node, e, hops, r, |c, req| async move {
-                kv_client(c).get(req).await
-            })
-            .await;
+            return forward(&self.node, e, hops, r, |c, req| async move { kv_client(c).get(req).await }).await;
         }
         let applied_index = self.node.reader.applied_index();
-        let stored = self
-            .node
-            .reader
-            .get(&r.key)
-            .map_err(|e| read_failed(&self.node, e))?;
+        let stored = self.node.reader.get(&r.key).map_err(|e| read_failed(&self.node, e))?;
         let kv = stored.and_then(|s| kv(r.key, s));
-        Ok(Response::new(GetResponse {
-            kv,
-            applied_index,
-            served_by: self.node.id,
-        }))
+        Ok(Response::new(GetResponse { kv, applied_index, served_by: self.node.id }))
     }
 
-    async fn delete(
-        &self,
-        req: Request<DeleteRequest>,
-    ) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
         validate::key(&r.key)?;
-        let cmd = Command::Delete {
-            key: r.key.clone(),
-            hlc: self.node.clock.now(),
-        };
+        let cmd = Command::Delete { key: r.key.clone(), hlc: self.node.clock.now() };
         match self.node.write(cmd).await {
-            Ok(CommandResult::Delete { existed, version }) => Ok(Response::new(DeleteResponse {
-                existed,
-                version: Some(version_to_proto(&version)),
-            })),
-            Ok(other) => Err(unexpected("delete", &other)),
-            Err(e) => {
-                forward(&self.node, e, hops, r, |c, req| async move {
-                    kv_client(c).delete(req).await
-                })
-                .await
+            Ok(CommandResult::Delete { existed, version }) => {
+                Ok(Response::new(DeleteResponse { existed, version: Some(version_to_proto(&version)) }))
             }
+            Ok(other) => Err(unexpected("delete", &other)),
+            Err(e) => forward(&self.node, e, hops, r, |c, req| async move { kv_client(c).delete(req).await }).await,
         }
     }
 
@@ -147,21 +111,16 @@ impl Kv for KvService {
             hlc: self.node.clock.now(),
         };
         match self.node.write(cmd).await {
-            Ok(CommandResult::CompareAndSwap {
-                succeeded,
-                version,
-                current,
-            }) => Ok(Response::new(CompareAndSwapResponse {
-                succeeded,
-                version: version.as_ref().map(version_to_proto),
-                current: current.and_then(|(k, v)| kv(k, v)),
-            })),
+            Ok(CommandResult::CompareAndSwap { succeeded, version, current }) => {
+                Ok(Response::new(CompareAndSwapResponse {
+                    succeeded,
+                    version: version.as_ref().map(version_to_proto),
+                    current: current.and_then(|(k, v)| kv(k, v)),
+                }))
+            }
             Ok(other) => Err(unexpected("compare-and-swap", &other)),
             Err(e) => {
-                forward(&self.node, e, hops, r, |c, req| async move {
-                    kv_client(c).compare_and_swap(req).await
-                })
-                .await
+                forward(&self.node, e, hops, r, |c, req| async move { kv_client(c).compare_and_swap(req).await }).await
             }
         }
     }
@@ -173,28 +132,15 @@ impl Kv for KvService {
         if validate::consistency(r.consistency)? == Consistency::Linearizable
             && let Err(e) = self.node.ensure_linearizable().await
         {
-            return forward(&self.node, e, hops, r, |c, req| async move {
-                kv_client(c).scan(req).await
-            })
-            .await;
+            return forward(&self.node, e, hops, r, |c, req| async move { kv_client(c).scan(req).await }).await;
         }
         let applied_index = self.node.reader.applied_index();
         let (found, more) = self
             .node
             .reader
-            .scan(
-                &bounds.start,
-                &bounds.end,
-                bounds.limit as usize,
-                SCAN_RESPONSE_BYTES_MAX,
-            )
+            .scan(&bounds.start, &bounds.end, bounds.limit as usize, SCAN_RESPONSE_BYTES_MAX)
             .map_err(|e| read_failed(&self.node, e))?;
         let kvs = found.into_iter().filter_map(|(k, v)| kv(k, v)).collect();
-        Ok(Response::new(ScanResponse {
-            kvs,
-            more,
-            applied_index,
-            served_by: self.node.id,
-        }))
+        Ok(Response::new(ScanResponse { kvs, more, applied_index, served_by: self.node.id }))
     }
 }

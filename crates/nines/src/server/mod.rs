@@ -10,6 +10,8 @@
 pub mod admin;
 pub mod kv;
 pub mod raft;
+pub mod region;
+pub mod replication;
 pub mod validate;
 
 use std::future::Future;
@@ -25,11 +27,7 @@ use crate::types::Version;
 
 /// How many times the request has been forwarded already.
 pub(crate) fn hops<T>(req: &Request<T>) -> u32 {
-    req.metadata()
-        .get(metadata::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    req.metadata().get(metadata::FORWARDED).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// Forwards `msg` to the leader named by a `NotLeader` error, or returns the
@@ -45,11 +43,7 @@ where
     F: FnOnce(Channel, Request<M>) -> Fut,
     Fut: Future<Output = Result<Response<R>, Status>>,
 {
-    let Error::NotLeader {
-        leader_addr: Some(addr),
-        ..
-    } = &err
-    else {
+    let Error::NotLeader { leader_addr: Some(addr), .. } = &err else {
         return Err(err.into());
     };
     if hops >= FORWARD_HOPS_MAX || *addr == node.info.grpc_addr {
@@ -59,8 +53,7 @@ where
         return Err(err.into());
     };
     let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert(metadata::FORWARDED, (hops + 1).into());
+    req.metadata_mut().insert(metadata::FORWARDED, (hops + 1).into());
     // Bound the forwarded call a little beyond the leader's own write timeout
     // so the leader's answer (even a timeout) normally arrives first.
     let deadline = node.write_timeout + std::time::Duration::from_secs(1);
@@ -72,10 +65,7 @@ where
         }
         .into()),
         Ok(Err(s)) => Err(s),
-        Err(_) => Err(Error::Indeterminate(format!(
-            "no answer from the leader at {addr} within {deadline:?}"
-        ))
-        .into()),
+        Err(_) => Err(Error::Indeterminate(format!("no answer from the leader at {addr} within {deadline:?}")).into()),
     }
 }
 

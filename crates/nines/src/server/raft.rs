@@ -27,17 +27,13 @@ fn decode<T: DeserializeOwned>(req: Request<RaftMessage>, what: &str) -> Result<
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
-    let payload = postcard::to_allocvec(value)
-        .map_err(|e| Status::internal(format!("encoding reply: {e}")))?;
+    let payload = postcard::to_allocvec(value).map_err(|e| Status::internal(format!("encoding reply: {e}")))?;
     Ok(Response::new(RaftMessage { payload }))
 }
 
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
-    async fn append_entries(
-        &self,
-        req: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
+    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc = decode(req, "append-entries")?;
         encode(&self.raft.append_entries(rpc).await)
     }
@@ -47,10 +43,7 @@ impl raft_server::Raft for RaftService {
         encode(&self.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(
-        &self,
-        req: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
+    async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc = decode(req, "install-snapshot")?;
         encode(&self.raft.install_snapshot(rpc).await)
     }

@@ -9,15 +9,10 @@ use crate::types::Expected;
 
 pub fn key(key: &[u8]) -> Result<(), Error> {
     if key.is_empty() {
-        return Err(Error::invalid(
-            "key is empty; a key must have at least 1 byte",
-        ));
+        return Err(Error::invalid("key is empty; a key must have at least 1 byte"));
     }
     if key.len() > KEY_BYTES_MAX {
-        return Err(Error::invalid(format!(
-            "key is {} bytes; limit KEY_BYTES_MAX is {KEY_BYTES_MAX}",
-            key.len()
-        )));
+        return Err(Error::invalid(format!("key is {} bytes; limit KEY_BYTES_MAX is {KEY_BYTES_MAX}", key.len())));
     }
     Ok(())
 }
@@ -38,24 +33,20 @@ pub fn consistency(raw: i32) -> Result<Consistency, Error> {
     match Consistency::try_from(raw) {
         Ok(Consistency::Unspecified) => Ok(Consistency::Linearizable),
         Ok(c) => Ok(c),
-        Err(_) => Err(Error::invalid(format!(
-            "consistency {raw} is not a known level (1 = linearizable, 2 = local)"
-        ))),
+        Err(_) => Err(Error::invalid(format!("consistency {raw} is not a known level (1 = linearizable, 2 = local)"))),
     }
 }
 
 pub fn expected(req: &CompareAndSwapRequest) -> Result<Expected, Error> {
     match req.expected {
-        None => Err(Error::invalid(
-            "expected is not set; give expected_index or expect_absent",
-        )),
+        None => Err(Error::invalid("expected is not set; give expected_index or expect_absent")),
         Some(compare_and_swap_request::Expected::ExpectAbsent(true)) => Ok(Expected::Absent),
-        Some(compare_and_swap_request::Expected::ExpectAbsent(false)) => Err(Error::invalid(
-            "expect_absent must be true when set; to compare a version use expected_index",
-        )),
-        Some(compare_and_swap_request::Expected::ExpectedIndex(0)) => Err(Error::invalid(
-            "expected_index 0 is never a version; use expect_absent for a missing key",
-        )),
+        Some(compare_and_swap_request::Expected::ExpectAbsent(false)) => {
+            Err(Error::invalid("expect_absent must be true when set; to compare a version use expected_index"))
+        }
+        Some(compare_and_swap_request::Expected::ExpectedIndex(0)) => {
+            Err(Error::invalid("expected_index 0 is never a version; use expect_absent for a missing key"))
+        }
         Some(compare_and_swap_request::Expected::ExpectedIndex(i)) => Ok(Expected::Index(i)),
     }
 }
@@ -85,44 +76,25 @@ pub fn scan(req: &ScanRequest) -> Result<ScanBounds, Error> {
     let limit = match req.limit {
         0 => SCAN_LIMIT_DEFAULT,
         l if l > SCAN_LIMIT_MAX => {
-            return Err(Error::invalid(format!(
-                "limit {l} is above SCAN_LIMIT_MAX {SCAN_LIMIT_MAX}"
-            )));
+            return Err(Error::invalid(format!("limit {l} is above SCAN_LIMIT_MAX {SCAN_LIMIT_MAX}")));
         }
         l => l,
     };
-    for (name, k) in [
-        ("start", &req.start),
-        ("end", &req.end),
-        ("prefix", &req.prefix),
-    ] {
+    for (name, k) in [("start", &req.start), ("end", &req.end), ("prefix", &req.prefix)] {
         if k.len() > KEY_BYTES_MAX {
-            return Err(Error::invalid(format!(
-                "{name} is {} bytes; limit KEY_BYTES_MAX is {KEY_BYTES_MAX}",
-                k.len()
-            )));
+            return Err(Error::invalid(format!("{name} is {} bytes; limit KEY_BYTES_MAX is {KEY_BYTES_MAX}", k.len())));
         }
     }
     if !req.prefix.is_empty() {
         if !req.start.is_empty() || !req.end.is_empty() {
             return Err(Error::invalid("give either prefix or start/end, not both"));
         }
-        return Ok(ScanBounds {
-            start: req.prefix.clone(),
-            end: prefix_end(&req.prefix),
-            limit,
-        });
+        return Ok(ScanBounds { start: req.prefix.clone(), end: prefix_end(&req.prefix), limit });
     }
     if !req.end.is_empty() && req.start >= req.end {
-        return Err(Error::invalid(
-            "start must be below end (an empty end means no upper bound)",
-        ));
+        return Err(Error::invalid("start must be below end (an empty end means no upper bound)"));
     }
-    Ok(ScanBounds {
-        start: req.start.clone(),
-        end: req.end.clone(),
-        limit,
-    })
+    Ok(ScanBounds { start: req.start.clone(), end: req.end.clone(), limit })
 }
 
 #[cfg(test)]
@@ -136,22 +108,12 @@ mod tests {
         assert!(e.contains("KEY_BYTES_MAX"), "{e}");
         assert!(key(b"").unwrap_err().to_string().contains("empty"));
         assert!(value(&vec![0; VALUE_BYTES_MAX]).is_ok());
-        assert!(
-            value(&vec![0; VALUE_BYTES_MAX + 1])
-                .unwrap_err()
-                .to_string()
-                .contains("VALUE_BYTES_MAX")
-        );
+        assert!(value(&vec![0; VALUE_BYTES_MAX + 1]).unwrap_err().to_string().contains("VALUE_BYTES_MAX"));
     }
 
     #[test]
     fn prefix_end_is_the_next_key_after_the_prefix() {
-        let table: &[(&[u8], &[u8])] = &[
-            (b"a", b"b"),
-            (b"a\xff", b"b"),
-            (b"\xff\xff", b""),
-            (b"ab", b"ac"),
-        ];
+        let table: &[(&[u8], &[u8])] = &[(b"a", b"b"), (b"a\xff", b"b"), (b"\xff\xff", b""), (b"ab", b"ac")];
         for (p, want) in table {
             assert_eq!(prefix_end(p), want.to_vec(), "prefix {p:?}");
         }
@@ -160,38 +122,15 @@ mod tests {
     #[test]
     fn malformed_scans_name_their_problem() {
         let table = [
-            (
-                ScanRequest {
-                    limit: SCAN_LIMIT_MAX + 1,
-                    ..Default::default()
-                },
-                "SCAN_LIMIT_MAX",
-            ),
-            (
-                ScanRequest {
-                    prefix: b"a".to_vec(),
-                    start: b"a".to_vec(),
-                    ..Default::default()
-                },
-                "not both",
-            ),
-            (
-                ScanRequest {
-                    start: b"b".to_vec(),
-                    end: b"a".to_vec(),
-                    ..Default::default()
-                },
-                "below end",
-            ),
+            (ScanRequest { limit: SCAN_LIMIT_MAX + 1, ..Default::default() }, "SCAN_LIMIT_MAX"),
+            (ScanRequest { prefix: b"a".to_vec(), start: b"a".to_vec(), ..Default::default() }, "not both"),
+            (ScanRequest { start: b"b".to_vec(), end: b"a".to_vec(), ..Default::default() }, "below end"),
         ];
         for (req, want) in table {
             let e = scan(&req).unwrap_err().to_string();
             assert!(e.contains(want), "{req:?}: {e}");
         }
-        assert_eq!(
-            scan(&ScanRequest::default()).unwrap().limit,
-            SCAN_LIMIT_DEFAULT
-        );
+        assert_eq!(scan(&ScanRequest::default()).unwrap().limit, SCAN_LIMIT_DEFAULT);
     }
 
     #[test]

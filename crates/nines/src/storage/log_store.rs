@@ -38,13 +38,21 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// The state machine's applied index known to be on disk. `purge` waits
+    /// for it to reach the purged index: openraft purges right after handing
+    /// a received snapshot to the state machine worker, and a crash between a
+    /// durable purge and a durable install would leave a hole between the
+    /// applied index and the log. `None` only in the storage conformance
+    /// suite, which purges a log with no state machine behind it.
+    durable_applied: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
-fn io_err(
-    subject: ErrorSubject<u64>,
-    verb: ErrorVerb,
-    e: impl std::error::Error + 'static,
-) -> StorageError {
+/// How long `purge` waits for the state machine to make the purged entries'
+/// effects durable. A snapshot install that takes longer than this is stuck;
+/// failing the purge stops the node rather than risk a hole in the log.
+const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
 }
 
@@ -57,40 +65,24 @@ fn write_logs_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(LogStore {
-            db: db.clone(),
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-        })
+    pub fn open(db: &sled::Db, durable_applied: Option<tokio::sync::watch::Receiver<u64>>) -> Result<Self, sled::Error> {
+        Ok(LogStore { db: db.clone(), log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, durable_applied })
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StorageError> {
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         let subject = || match key {
             VOTE_KEY => ErrorSubject::Vote,
             _ => ErrorSubject::Store,
         };
-        match self
-            .meta
-            .get(key)
-            .map_err(|e| io_err(subject(), ErrorVerb::Read, e))?
-        {
+        match self.meta.get(key).map_err(|e| io_err(subject(), ErrorVerb::Read, e))? {
             None => Ok(None),
-            Some(bytes) => record::decode(&bytes)
-                .map(Some)
-                .map_err(|e| io_err(subject(), ErrorVerb::Read, e)),
+            Some(bytes) => record::decode(&bytes).map(Some).map_err(|e| io_err(subject(), ErrorVerb::Read, e)),
         }
     }
 
     fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
-        let bytes =
-            record::encode(value).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        self.meta
-            .insert(key, bytes)
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        let bytes = record::encode(value).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.meta.insert(key, bytes).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
         Ok(())
     }
 
@@ -117,9 +109,7 @@ impl LogStore {
 struct CorruptLog(String);
 
 fn index_of_key(key: &[u8]) -> Result<u64, CorruptLog> {
-    let bytes: [u8; 8] = key
-        .try_into()
-        .map_err(|_| CorruptLog(format!("log key of {} bytes, want 8", key.len())))?;
+    let bytes: [u8; 8] = key.try_into().map_err(|_| CorruptLog(format!("log key of {} bytes, want 8", key.len())))?;
     Ok(u64::from_be_bytes(bytes))
 }
 
@@ -155,10 +145,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((key, value)) => Some(Self::decode_entry(&key, &value)?.log_id),
             None => None,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last.or(last_purged),
-        })
+        // The purge marker may reach disk before the removals do; the last
+        // log id is never below the last purged one.
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.max(last_purged) })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -167,10 +156,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         self.write_meta(VOTE_KEY, vote)?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        self.db.flush_async().await.map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
         Ok(())
     }
 
@@ -186,11 +172,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.read_meta::<Option<LogId>>(COMMITTED_KEY)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -224,6 +206,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        if let Some(durable) = &self.durable_applied {
+            let mut durable = durable.clone();
+            let waited = tokio::time::timeout(PURGE_WAIT_MAX, durable.wait_for(|d| *d >= log_id.index)).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                return Err(write_logs_err(CorruptLog(format!(
+                    "refusing to purge the log to {log_id}: the state machine has not made it durable within {PURGE_WAIT_MAX:?}"
+                ))));
+            }
+        }
         self.write_meta(LAST_PURGED_KEY, &log_id)?;
         let mut batch = sled::Batch::default();
         for item in self.log.range(..=log_id.index.to_be_bytes()) {
@@ -231,9 +222,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.remove(key);
         }
         self.log.apply_batch(batch).map_err(write_logs_err)?;
-        // This flush also persists the state machine (same sled database),
-        // whose applied index is at least the snapshot's, which is at least
-        // `log_id`: after it no restart can find applied < last purged.
         self.flush().await
     }
 }

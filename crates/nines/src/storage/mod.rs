@@ -17,19 +17,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use log_store::LogStore;
-pub use state_machine::{StateMachine, StateReader};
+pub use state_machine::{ReplicationSetup, StateMachine, StateReader};
 
 use crate::hlc::HlcClock;
 
 /// Opens (or creates) the storage of one node under `dir`.
-pub fn open(
-    dir: &Path,
-    region: &str,
-    clock: Arc<HlcClock>,
-) -> anyhow::Result<(LogStore, StateMachine)> {
+pub fn open(dir: &Path, setup: ReplicationSetup, clock: Arc<HlcClock>) -> anyhow::Result<(LogStore, StateMachine)> {
     let db = sled::Config::new().path(dir.join("db")).open()?;
-    let log = LogStore::open(&db)?;
-    let sm = StateMachine::open(&db, region, clock).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sm = StateMachine::open(&db, setup, clock).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let log = LogStore::open(&db, Some(sm.durable_applied()))?;
     Ok((log, sm))
 }
 
@@ -45,8 +41,11 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
             let dir = tempfile::tempdir().expect("temp dir");
-            let (log, sm) =
-                open(dir.path(), "test", Arc::new(HlcClock::wall(500))).expect("open storage");
+            let setup = ReplicationSetup { region: "test".into(), ..Default::default() };
+            let db = sled::Config::new().path(dir.path().join("db")).open().expect("open db");
+            let sm = StateMachine::open(&db, setup, Arc::new(HlcClock::wall(500)))?;
+            // No purge gate: the suite purges logs with no state machine behind them.
+            let log = LogStore::open(&db, None).expect("open log");
             Ok((dir, log, sm))
         }
     }

@@ -35,8 +35,7 @@ pub enum RecordError {
 /// Encodes a value as a checksummed record.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, RecordError> {
     let mut out = vec![FORMAT_VERSION, 0, 0, 0, 0];
-    let mut out =
-        postcard::to_extend(value, std::mem::take(&mut out)).map_err(RecordError::Encode)?;
+    let mut out = postcard::to_extend(value, std::mem::take(&mut out)).map_err(RecordError::Encode)?;
     let crc = crc32fast::hash(&out[HEADER_BYTES..]);
     out[1..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
     assert!(out.len() >= HEADER_BYTES, "encoded record lost its header");
@@ -83,26 +82,17 @@ mod tests {
         for i in 0..bytes.len() * 8 {
             let mut bad = bytes.clone();
             bad[i / 8] ^= 1 << (i % 8);
-            assert!(
-                decode::<(u64, String)>(&bad).is_err(),
-                "flip of bit {i} went unnoticed"
-            );
+            assert!(decode::<(u64, String)>(&bad).is_err(), "flip of bit {i} went unnoticed");
         }
     }
 
     #[test]
     fn truncated_and_foreign_records_are_errors() {
         let bytes = encode(&1u64).unwrap();
-        assert!(matches!(
-            decode::<u64>(&bytes[..3]),
-            Err(RecordError::TooShort { len: 3 })
-        ));
+        assert!(matches!(decode::<u64>(&bytes[..3]), Err(RecordError::TooShort { len: 3 })));
         let mut v2 = bytes.clone();
         v2[0] = 2;
-        assert!(matches!(
-            decode::<u64>(&v2),
-            Err(RecordError::UnknownFormat { found: 2 })
-        ));
+        assert!(matches!(decode::<u64>(&v2), Err(RecordError::UnknownFormat { found: 2 })));
         let mut long = encode(&(1u64, 2u64)).unwrap();
         long.truncate(long.len() - 1);
         assert!(decode::<(u64, u64)>(&long).is_err());

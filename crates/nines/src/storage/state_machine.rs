@@ -1,19 +1,31 @@
-//! The key-value state machine on sled (openraft's `RaftStateMachine`), and
-//! its snapshots.
+//! The key-value state machine on sled (openraft's `RaftStateMachine`), its
+//! cross-region changefeed, and its snapshots.
 //!
-//! Layout: tree `state` maps `d` + key to an encoded [`StoredValue`] and
-//! holds the last applied log id and membership under `m` keys; tree
-//! `snapshot` holds the most recent snapshot (meta and data) under one key.
+//! Layout: one tree, `state`, so that everything one `apply` changes lands
+//! in one atomic sled batch. Keys are prefixed: `c` + big-endian log index
+//! is a changefeed record, `d` + key a stored value or tombstone, `m:` the
+//! metadata (applied log id, membership, region state), `v` + big-endian
+//! sequence a divergence record. Tree `snapshot` holds the latest snapshot.
 //!
 //! Invariants:
-//! - One `apply` call writes all its entries' effects and the new applied log
-//!   id in one atomic sled batch, so the state on disk always matches some
+//! - One `apply` call writes all its entries' effects and the new applied
+//!   log id in one atomic batch, so the state on disk always matches some
 //!   applied index exactly.
-//! - Applying is deterministic: every replica computes the same versions from
-//!   the same log. A local write's HLC is raised above the version it
-//!   replaces, so versions of a key only grow.
-//! - Deletes leave tombstones carrying their version; reads treat them as
-//!   absent.
+//! - Applying is deterministic: every replica computes the same versions,
+//!   changefeed and roles from the same log (the [`ReplicationSetup`] comes
+//!   from configuration and must be the same on every node of a region).
+//! - A local write's HLC is raised above the version it replaces, so the
+//!   versions of a key only grow.
+//! - Remote writes apply last-writer-wins on `(hlc, origin region)`, each at
+//!   most once: per origin, the highest applied origin index is stored with
+//!   the data, and entries at or below it are skipped.
+//! - Only writes that originated in this region enter the changefeed, so
+//!   replicated writes are never shipped again.
+//! - A tombstone of a local delete is dropped only once every peer region
+//!   has applied it (its changefeed entry is acknowledged by all).
+//! - In active-passive mode, local writes apply only in the primary region
+//!   while it is not fenced; the check is made at apply time, in log order,
+//!   so no write slips in after a fence.
 //! - A failure to apply a committed entry is returned to openraft, which
 //!   stops the node: the replica can no longer be trusted.
 //!
@@ -23,61 +35,135 @@
 //!   Snapshot builds and log purges flush, so applied never falls behind the
 //!   purged log.
 //! - A snapshot is the whole key space in memory, copied while the state
-//!   machine worker waits. Fine for the data sizes nines targets today; a
-//!   streaming snapshot is future work.
-//! - Tombstones are kept forever for now; cross-region replication decides
-//!   when they may be collected.
+//!   machine worker waits.
+//! - Tombstones of remote deletes are kept; collecting them safely needs
+//!   every region's acknowledgement, which is future work.
+//! - A demoted primary's divergent writes are recorded and then overwritten
+//!   with the new primary's values by a `Resync` its leader proposes; if that
+//!   leader crashes first, those keys keep the divergent value until the new
+//!   primary writes them again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
 use super::record;
+use crate::config::Mode;
 use crate::hlc::{Hlc, HlcClock};
 use crate::types::{
-    Command, CommandResult, Entry, Expected, LogId, Snapshot, SnapshotMeta, StorageError,
+    Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ResyncEntry, Snapshot, SnapshotMeta, StorageError,
     StoredMembership, StoredValue, TypeConfig, Version,
 };
 
+const CHANGEFEED_PREFIX: u8 = b'c';
 const DATA_PREFIX: u8 = b'd';
+const DIVERGENT_PREFIX: u8 = b'v';
 const APPLIED_KEY: &[u8] = b"m:applied";
 const MEMBERSHIP_KEY: &[u8] = b"m:membership";
+const REGION_KEY: &[u8] = b"m:region";
 const SNAPSHOT_KEY: &[u8] = b"current";
 
-fn data_key(key: &[u8]) -> Vec<u8> {
+fn prefixed(prefix: u8, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(DATA_PREFIX);
+    k.push(prefix);
     k.extend_from_slice(key);
     k
 }
 
+fn data_key(key: &[u8]) -> Vec<u8> {
+    prefixed(DATA_PREFIX, key)
+}
+
+fn changefeed_key(index: u64) -> Vec<u8> {
+    prefixed(CHANGEFEED_PREFIX, &index.to_be_bytes())
+}
+
+fn divergent_key(seq: u64) -> Vec<u8> {
+    prefixed(DIVERGENT_PREFIX, &seq.to_be_bytes())
+}
+
+fn index_of(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    // Keys under the `c` and `v` prefixes are written by this module only,
+    // always 1 + 8 bytes; a shorter one reads as index 0 and fails the
+    // ordering asserts of its callers.
+    if key.len() == 9 {
+        b.copy_from_slice(&key[1..]);
+    }
+    u64::from_be_bytes(b)
+}
+
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::new(
-        ErrorSubject::StateMachine,
-        verb,
-        openraft::AnyError::new(&e),
-    )
-    .into()
+    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&e)).into()
 }
 
 fn snapshot_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::new(
-        ErrorSubject::Snapshot(None),
-        verb,
-        openraft::AnyError::new(&e),
-    )
-    .into()
+    StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::new(&e)).into()
 }
 
-/// The data of a snapshot: every stored key with its value or tombstone.
+/// How this region takes part in cross-region replication. From
+/// configuration; identical on every node of the region.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicationSetup {
+    pub region: String,
+    /// The other regions. Empty: no changefeed is kept.
+    pub peers: Vec<String>,
+    pub mode: Mode,
+    /// The primary at epoch 0 (active-passive).
+    pub initial_primary: String,
+}
+
+/// Region roles and replication progress, replicated through Raft.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionState {
+    /// The primary region as of `epoch`; empty at epoch 0 (the configured
+    /// initial primary applies).
+    pub primary: String,
+    pub epoch: u64,
+    /// The primary stopped taking writes for a planned switchover.
+    pub fenced: bool,
+    /// Per origin region: the highest origin index applied here.
+    pub applied_from: BTreeMap<String, u64>,
+    /// Per origin region: remote writes applied here, each counted once.
+    pub applied_total: BTreeMap<String, u64>,
+    /// Per peer region: the highest changefeed index it has applied.
+    pub acked: BTreeMap<String, u64>,
+    /// Divergence records written so far.
+    pub divergent_total: u64,
+}
+
+/// A write that originated here, waiting to be shipped to peer regions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    pub key: Vec<u8>,
+    /// `None` is a delete.
+    pub value: Option<Vec<u8>>,
+    pub hlc: Hlc,
+}
+
+/// A write this region acknowledged as primary that never reached the
+/// primary that replaced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DivergentRecord {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    pub version: Version,
+    pub demoted_at_epoch: u64,
+}
+
+/// The data of a snapshot: every stored key, the changefeed, the divergence
+/// record and the region state.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     entries: Vec<(Vec<u8>, StoredValue)>,
+    changefeed: Vec<(u64, ChangeRecord)>,
+    divergent: Vec<(u64, DivergentRecord)>,
+    region: RegionState,
 }
 
 /// A snapshot as kept on disk.
@@ -96,6 +182,11 @@ pub type ScanPage = (Vec<(Vec<u8>, StoredValue)>, bool);
 pub struct StateReader {
     tree: sled::Tree,
     applied: Arc<AtomicU64>,
+    /// Changefeed entries currently kept (not yet applied by every peer).
+    changefeed_len: Arc<AtomicU64>,
+    /// `std::sync::RwLock`: held only to clone or replace, never across `.await`.
+    region: Arc<RwLock<RegionState>>,
+    setup: Arc<ReplicationSetup>,
 }
 
 /// Why a read of the state failed: the store could not be read, or a record
@@ -105,10 +196,11 @@ pub enum ReadError {
     #[error("storage read failed: {0}")]
     Io(#[from] sled::Error),
     #[error("corrupt record for key {key:?}: {source}")]
-    Corrupt {
-        key: Vec<u8>,
-        source: record::RecordError,
-    },
+    Corrupt { key: Vec<u8>, source: record::RecordError },
+}
+
+fn decode_at<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, ReadError> {
+    record::decode(bytes).map_err(|source| ReadError::Corrupt { key: key.to_vec(), source })
 }
 
 impl StateReader {
@@ -117,44 +209,48 @@ impl StateReader {
         self.applied.load(Ordering::Acquire)
     }
 
+    pub fn setup(&self) -> &ReplicationSetup {
+        &self.setup
+    }
+
+    pub fn region_state(&self) -> RegionState {
+        self.region.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The primary region (active-passive), taking the configured one at epoch 0.
+    pub fn primary(&self) -> String {
+        effective_primary(&self.setup, &self.region_state())
+    }
+
+    /// Why a local write would be refused now, if it would: (reason, retry later).
+    pub fn write_refusal(&self) -> Option<(String, bool)> {
+        write_refusal(&self.setup, &self.region_state())
+    }
+
+    pub fn changefeed_len(&self) -> u64 {
+        self.changefeed_len.load(Ordering::Acquire)
+    }
+
     /// The stored value or tombstone of `key`.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, ReadError> {
         match self.tree.get(data_key(key))? {
             None => Ok(None),
-            Some(bytes) => record::decode(&bytes)
-                .map(Some)
-                .map_err(|source| ReadError::Corrupt {
-                    key: key.to_vec(),
-                    source,
-                }),
+            Some(bytes) => decode_at(key, &bytes).map(Some),
         }
     }
 
     /// Live values with keys in `[start, end)` (`end` empty: no upper bound),
     /// in key order. Stops after `limit` values or once keys and values
     /// reach `bytes_max`; the flag says whether more remain.
-    pub fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-        bytes_max: usize,
-    ) -> Result<ScanPage, ReadError> {
+    pub fn scan(&self, start: &[u8], end: &[u8], limit: usize, bytes_max: usize) -> Result<ScanPage, ReadError> {
         let lo = data_key(start);
-        let hi = if end.is_empty() {
-            vec![DATA_PREFIX + 1]
-        } else {
-            data_key(end)
-        };
+        let hi = if end.is_empty() { vec![DATA_PREFIX + 1] } else { data_key(end) };
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for item in self.tree.range(lo..hi) {
             let (k, v) = item?;
             let key = k[1..].to_vec();
-            let stored: StoredValue = record::decode(&v).map_err(|source| ReadError::Corrupt {
-                key: key.clone(),
-                source,
-            })?;
+            let stored: StoredValue = decode_at(&key, &v)?;
             let Some(value) = stored.live() else { continue };
             if out.len() >= limit || (bytes > 0 && bytes + key.len() + value.len() > bytes_max) {
                 return Ok((out, true));
@@ -164,6 +260,93 @@ impl StateReader {
         }
         Ok((out, false))
     }
+
+    /// Changefeed entries above `after`, at most `limit` of them or
+    /// `bytes_max` of keys and values (at least one).
+    pub fn changefeed_after(
+        &self,
+        after: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(u64, ChangeRecord)>, ReadError> {
+        let lo = changefeed_key(after.saturating_add(1));
+        let hi = vec![CHANGEFEED_PREFIX + 1];
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for item in self.tree.range(lo..hi) {
+            let (k, v) = item?;
+            let rec: ChangeRecord = decode_at(&k, &v)?;
+            let size = rec.key.len() + rec.value.as_ref().map_or(0, Vec::len);
+            if out.len() >= limit || (!out.is_empty() && bytes + size > bytes_max) {
+                break;
+            }
+            bytes += size;
+            out.push((index_of(&k), rec));
+        }
+        Ok(out)
+    }
+
+    /// How many changefeed entries lie above `after`, and the HLC of the
+    /// first of them.
+    pub fn changefeed_lag(&self, after: u64) -> Result<(u64, Option<Hlc>), ReadError> {
+        let lo = changefeed_key(after.saturating_add(1));
+        let hi = vec![CHANGEFEED_PREFIX + 1];
+        let mut first = None;
+        let mut count = 0;
+        for item in self.tree.range(lo..hi) {
+            let (k, v) = item?;
+            if first.is_none() {
+                let rec: ChangeRecord = decode_at(&k, &v)?;
+                first = Some(rec.hlc);
+            }
+            count += 1;
+        }
+        Ok((count, first))
+    }
+
+    /// Divergence records, oldest first, at most `limit`.
+    pub fn divergent(&self, limit: usize) -> Result<Vec<DivergentRecord>, ReadError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([DIVERGENT_PREFIX]).take(limit) {
+            let (k, v) = item?;
+            out.push(decode_at(&k, &v)?);
+        }
+        Ok(out)
+    }
+}
+
+fn effective_primary(setup: &ReplicationSetup, state: &RegionState) -> String {
+    if state.epoch == 0 { setup.initial_primary.clone() } else { state.primary.clone() }
+}
+
+fn write_refusal(setup: &ReplicationSetup, state: &RegionState) -> Option<(String, bool)> {
+    if setup.mode != Mode::ActivePassive {
+        return None;
+    }
+    let primary = effective_primary(setup, state);
+    if primary != setup.region {
+        return Some((
+            format!(
+                "region {} is a secondary; writes go to the primary region {primary} (epoch {})",
+                setup.region, state.epoch
+            ),
+            false,
+        ));
+    }
+    if state.fenced {
+        return Some((format!("region {} is fenced for a switchover; retry shortly", setup.region), true));
+    }
+    None
+}
+
+/// The effects of one `apply` call before they are written: reads see them.
+#[derive(Default)]
+struct Pending {
+    /// `None`: remove the key entirely (a collected tombstone).
+    data: HashMap<Vec<u8>, Option<StoredValue>>,
+    /// `None`: remove the entry.
+    changefeed: BTreeMap<u64, Option<ChangeRecord>>,
+    divergent: Vec<(u64, DivergentRecord)>,
 }
 
 /// The state machine of one node.
@@ -171,19 +354,27 @@ pub struct StateMachine {
     db: sled::Db,
     tree: sled::Tree,
     snapshots: sled::Tree,
-    /// This node's region: the origin of writes accepted here.
-    region: String,
+    setup: Arc<ReplicationSetup>,
     clock: Arc<HlcClock>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    region: RegionState,
     /// Shared with readers; updated after each applied batch is written.
     applied: Arc<AtomicU64>,
+    changefeed_len: Arc<AtomicU64>,
+    shared_region: Arc<RwLock<RegionState>>,
     /// Distinguishes snapshots built at the same log id.
     snapshot_seq: u64,
+    /// The applied index known to be on disk; the log store waits for it
+    /// before purging (see [`super::LogStore`]).
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Serialises replacing the stored snapshot, so an older one never
+    /// overwrites a newer one. `std::sync::Mutex`: no `.await` under it.
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl StateMachine {
-    pub fn open(db: &sled::Db, region: &str, clock: Arc<HlcClock>) -> Result<Self, StorageError> {
+    pub fn open(db: &sled::Db, setup: ReplicationSetup, clock: Arc<HlcClock>) -> Result<Self, StorageError> {
         let open = |name: &str| db.open_tree(name).map_err(|e| sm_err(ErrorVerb::Read, e));
         let tree = open("state")?;
         let snapshots = open("snapshot")?;
@@ -198,39 +389,88 @@ impl StateMachine {
             Some(b) => record::decode(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
             None => StoredMembership::default(),
         };
+        let region: RegionState = match read(REGION_KEY)? {
+            Some(b) => record::decode(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
+            None => RegionState::default(),
+        };
+        let changefeed_len = tree.scan_prefix([CHANGEFEED_PREFIX]).count() as u64;
         let applied = Arc::new(AtomicU64::new(last_applied.map(|l| l.index).unwrap_or(0)));
         Ok(StateMachine {
             db: db.clone(),
             tree,
             snapshots,
-            region: region.to_string(),
+            setup: Arc::new(setup),
             clock,
             last_applied,
             membership,
+            shared_region: Arc::new(RwLock::new(region.clone())),
+            region,
             applied,
+            changefeed_len: Arc::new(AtomicU64::new(changefeed_len)),
             snapshot_seq: 0,
+            durable: Arc::new(tokio::sync::watch::channel(last_applied.map(|l| l.index).unwrap_or(0)).0),
+            snapshot_lock: Arc::new(std::sync::Mutex::new(())),
         })
+    }
+
+    /// Follows the applied index known to be on disk.
+    pub fn durable_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.durable.subscribe()
     }
 
     pub fn reader(&self) -> StateReader {
         StateReader {
             tree: self.tree.clone(),
             applied: self.applied.clone(),
+            changefeed_len: self.changefeed_len.clone(),
+            region: self.shared_region.clone(),
+            setup: self.setup.clone(),
         }
     }
 
+    fn read_err(e: ReadError) -> StorageError {
+        sm_err(ErrorVerb::Read, e)
+    }
+
     /// The current value of `key`, seeing writes earlier in the same batch.
-    fn current(
-        &self,
-        overlay: &HashMap<Vec<u8>, StoredValue>,
-        key: &[u8],
-    ) -> Result<Option<StoredValue>, StorageError> {
-        if let Some(v) = overlay.get(key) {
-            return Ok(Some(v.clone()));
+    fn current(&self, pending: &Pending, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        if let Some(v) = pending.data.get(key) {
+            return Ok(v.clone());
         }
-        self.reader()
-            .get(key)
-            .map_err(|e| sm_err(ErrorVerb::Read, e))
+        self.reader().get(key).map_err(Self::read_err)
+    }
+
+    /// Changefeed entries above `after`, seeing the pending batch.
+    fn changefeed_above(&self, pending: &Pending, after: u64) -> Result<BTreeMap<u64, ChangeRecord>, StorageError> {
+        let mut out = BTreeMap::new();
+        let lo = changefeed_key(after.saturating_add(1));
+        for item in self.tree.range(lo..vec![CHANGEFEED_PREFIX + 1]) {
+            let (k, v) = item.map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            out.insert(index_of(&k), decode_at(&k, &v).map_err(Self::read_err)?);
+        }
+        for (i, rec) in pending.changefeed.range(after.saturating_add(1)..) {
+            match rec {
+                Some(r) => out.insert(*i, r.clone()),
+                None => out.remove(i),
+            };
+        }
+        Ok(out)
+    }
+
+    /// Changefeed entries at or below `upto`, seeing the pending batch.
+    fn changefeed_upto(&self, pending: &Pending, upto: u64) -> Result<BTreeMap<u64, ChangeRecord>, StorageError> {
+        let mut out = BTreeMap::new();
+        for item in self.tree.range(changefeed_key(0)..=changefeed_key(upto)) {
+            let (k, v) = item.map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            out.insert(index_of(&k), decode_at(&k, &v).map_err(Self::read_err)?);
+        }
+        for (i, rec) in pending.changefeed.range(..=upto) {
+            match rec {
+                Some(r) => out.insert(*i, r.clone()),
+                None => out.remove(i),
+            };
+        }
+        Ok(out)
     }
 
     /// The version of a local write at `index`, stamped `hlc` by the leader
@@ -241,52 +481,47 @@ impl StateMachine {
             _ => hlc,
         };
         self.clock.witness(hlc);
-        Version {
-            hlc,
-            origin: self.region.clone(),
-            index,
+        Version { hlc, origin: self.setup.region.clone(), index }
+    }
+
+    /// Stores a local write and records it in the changefeed when there are
+    /// peer regions to ship it to.
+    fn write_local(&self, pending: &mut Pending, key: Vec<u8>, value: Option<Vec<u8>>, version: &Version) {
+        if !self.setup.peers.is_empty() {
+            let rec = ChangeRecord { key: key.clone(), value: value.clone(), hlc: version.hlc };
+            pending.changefeed.insert(version.index, Some(rec));
         }
+        pending.data.insert(key, Some(StoredValue { value, version: version.clone() }));
     }
 
     fn apply_command(
         &self,
-        overlay: &mut HashMap<Vec<u8>, StoredValue>,
+        pending: &mut Pending,
+        region: &mut RegionState,
         index: u64,
         cmd: Command,
     ) -> Result<CommandResult, StorageError> {
+        let is_local_write =
+            matches!(cmd, Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. });
+        if is_local_write && let Some((reason, retry_later)) = write_refusal(&self.setup, region) {
+            return Ok(CommandResult::Rejected { reason, retry_later });
+        }
         Ok(match cmd {
             Command::Put { key, value, hlc } => {
-                let current = self.current(overlay, &key)?;
+                let current = self.current(pending, &key)?;
                 let version = self.local_version(hlc, index, current.as_ref());
-                overlay.insert(
-                    key,
-                    StoredValue {
-                        value: Some(value),
-                        version: version.clone(),
-                    },
-                );
+                self.write_local(pending, key, Some(value), &version);
                 CommandResult::Put { version }
             }
             Command::Delete { key, hlc } => {
-                let current = self.current(overlay, &key)?;
+                let current = self.current(pending, &key)?;
                 let existed = current.as_ref().is_some_and(|c| c.value.is_some());
                 let version = self.local_version(hlc, index, current.as_ref());
-                overlay.insert(
-                    key,
-                    StoredValue {
-                        value: None,
-                        version: version.clone(),
-                    },
-                );
+                self.write_local(pending, key, None, &version);
                 CommandResult::Delete { existed, version }
             }
-            Command::CompareAndSwap {
-                key,
-                value,
-                expected,
-                hlc,
-            } => {
-                let current = self.current(overlay, &key)?;
+            Command::CompareAndSwap { key, value, expected, hlc } => {
+                let current = self.current(pending, &key)?;
                 let live = current.as_ref().filter(|c| c.value.is_some());
                 let matches = match (expected, live) {
                     (Expected::Absent, None) => true,
@@ -295,28 +530,147 @@ impl StateMachine {
                 };
                 if matches {
                     let version = self.local_version(hlc, index, current.as_ref());
-                    overlay.insert(
-                        key,
-                        StoredValue {
-                            value: Some(value),
-                            version: version.clone(),
-                        },
-                    );
-                    CommandResult::CompareAndSwap {
-                        succeeded: true,
-                        version: Some(version),
-                        current: None,
-                    }
+                    self.write_local(pending, key, Some(value), &version);
+                    CommandResult::CompareAndSwap { succeeded: true, version: Some(version), current: None }
                 } else {
                     let current = live.map(|c| (key.clone(), c.clone()));
-                    CommandResult::CompareAndSwap {
-                        succeeded: false,
-                        version: None,
-                        current,
-                    }
+                    CommandResult::CompareAndSwap { succeeded: false, version: None, current }
                 }
             }
+            Command::ApplyRemote { origin, epoch, entries } => {
+                self.apply_remote(pending, region, index, origin, epoch, entries)?
+            }
+            Command::AckShipped { region: peer, index: acked } => {
+                self.ack_shipped(pending, region, peer, acked)?;
+                CommandResult::None
+            }
+            Command::SetRole { primary, epoch, fenced, shipped_through } => {
+                self.set_role(pending, region, primary, epoch, fenced, shipped_through)?
+            }
+            Command::Resync { entries } => {
+                self.resync(pending, index, entries)?;
+                CommandResult::None
+            }
         })
+    }
+
+    fn apply_remote(
+        &self,
+        pending: &mut Pending,
+        region: &mut RegionState,
+        index: u64,
+        origin: String,
+        epoch: u64,
+        entries: Vec<RemoteEntry>,
+    ) -> Result<CommandResult, StorageError> {
+        if self.setup.mode == Mode::ActivePassive && epoch < region.epoch {
+            return Ok(CommandResult::Rejected {
+                reason: format!(
+                    "writes from {origin} at epoch {epoch} are stale: this region is at epoch {}",
+                    region.epoch
+                ),
+                retry_later: false,
+            });
+        }
+        let mut through = region.applied_from.get(&origin).copied().unwrap_or(0);
+        let mut applied = 0;
+        for e in entries {
+            if e.origin_index <= through {
+                continue;
+            }
+            through = e.origin_index;
+            applied += 1;
+            let current = self.current(pending, &e.key)?;
+            let newer =
+                current.as_ref().is_none_or(|c| (c.version.hlc, c.version.origin.as_str()) < (e.hlc, origin.as_str()));
+            self.clock.witness(e.hlc);
+            if newer {
+                let version = Version { hlc: e.hlc, origin: origin.clone(), index };
+                pending.data.insert(e.key, Some(StoredValue { value: e.value, version }));
+            }
+        }
+        region.applied_from.insert(origin.clone(), through);
+        *region.applied_total.entry(origin).or_default() += applied;
+        Ok(CommandResult::Remote { applied, applied_through: through })
+    }
+
+    fn ack_shipped(
+        &self,
+        pending: &mut Pending,
+        region: &mut RegionState,
+        peer: String,
+        acked: u64,
+    ) -> Result<(), StorageError> {
+        if !self.setup.peers.contains(&peer) {
+            return Ok(());
+        }
+        let entry = region.acked.entry(peer).or_default();
+        *entry = (*entry).max(acked);
+        let all_acked = self.setup.peers.iter().map(|p| region.acked.get(p).copied().unwrap_or(0)).min().unwrap_or(0);
+        for (i, rec) in self.changefeed_upto(pending, all_acked)? {
+            pending.changefeed.insert(i, None);
+            if rec.value.is_none() {
+                let current = self.current(pending, &rec.key)?;
+                // Collect the tombstone only if it is still this delete's.
+                if current.is_some_and(|c| c.value.is_none() && c.version.index == i) {
+                    pending.data.insert(rec.key, None);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_role(
+        &self,
+        pending: &mut Pending,
+        region: &mut RegionState,
+        primary: String,
+        epoch: u64,
+        fenced: bool,
+        shipped_through: u64,
+    ) -> Result<CommandResult, StorageError> {
+        let current_primary = effective_primary(&self.setup, region);
+        if epoch < region.epoch || (epoch == region.epoch && primary != current_primary) {
+            return Ok(CommandResult::Role { divergent: Vec::new() });
+        }
+        if epoch == region.epoch {
+            region.fenced = fenced;
+            return Ok(CommandResult::Role { divergent: Vec::new() });
+        }
+        let mut divergent = Vec::new();
+        if current_primary == self.setup.region && primary != self.setup.region {
+            for (i, rec) in self.changefeed_above(pending, shipped_through)? {
+                pending.changefeed.insert(i, None);
+                let version = Version { hlc: rec.hlc, origin: self.setup.region.clone(), index: i };
+                let record =
+                    DivergentRecord { key: rec.key.clone(), value: rec.value, version, demoted_at_epoch: epoch };
+                pending.divergent.push((region.divergent_total, record));
+                region.divergent_total += 1;
+                divergent.push(rec.key);
+            }
+        }
+        region.primary = primary;
+        region.epoch = epoch;
+        region.fenced = fenced;
+        Ok(CommandResult::Role { divergent })
+    }
+
+    fn resync(&self, pending: &mut Pending, index: u64, entries: Vec<ResyncEntry>) -> Result<(), StorageError> {
+        for e in entries {
+            let current = self.current(pending, &e.key)?;
+            let replace = match &current {
+                None => e.value.is_some(),
+                Some(c) => {
+                    c.version.origin == self.setup.region
+                        || (c.version.hlc, c.version.origin.as_str()) < (e.hlc, e.origin.as_str())
+                }
+            };
+            if replace {
+                let version = Version { hlc: e.hlc, origin: e.origin, index };
+                pending.data.insert(e.key, Some(StoredValue { value: e.value, version }));
+            }
+        }
+        Ok(())
     }
 
     fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
@@ -324,31 +678,72 @@ impl StateMachine {
     }
 
     fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        match self
-            .snapshots
-            .get(SNAPSHOT_KEY)
-            .map_err(|e| snapshot_err(ErrorVerb::Read, e))?
-        {
+        match self.snapshots.get(SNAPSHOT_KEY).map_err(|e| snapshot_err(ErrorVerb::Read, e))? {
             None => Ok(None),
-            Some(b) => record::decode(&b)
-                .map(Some)
-                .map_err(|e| snapshot_err(ErrorVerb::Read, e)),
+            Some(b) => record::decode(&b).map(Some).map_err(|e| snapshot_err(ErrorVerb::Read, e)),
         }
     }
 
+    /// Stores `snap` unless a snapshot of a later log id is stored already
+    /// (a build that raced with an install), flushes, and advances the
+    /// durable applied index to the snapshot's.
     async fn save_snapshot(
         db: &sled::Db,
         snapshots: &sled::Tree,
+        lock: &std::sync::Mutex<()>,
+        durable: &tokio::sync::watch::Sender<u64>,
         snap: &StoredSnapshot,
     ) -> Result<(), StorageError> {
         let bytes = record::encode(snap).map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
-        snapshots
-            .insert(SNAPSHOT_KEY, bytes)
-            .map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
-        db.flush_async()
-            .await
-            .map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
+        {
+            let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let newer_stored = match snapshots.get(SNAPSHOT_KEY).map_err(|e| snapshot_err(ErrorVerb::Read, e))? {
+                Some(b) => {
+                    let current: StoredSnapshot = record::decode(&b).map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
+                    current.meta.last_log_id > snap.meta.last_log_id
+                }
+                None => false,
+            };
+            if !newer_stored {
+                snapshots.insert(SNAPSHOT_KEY, bytes).map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
+            }
+        }
+        db.flush_async().await.map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
+        let index = snap.meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        durable.send_if_modified(|d| {
+            let raise = index > *d;
+            if raise {
+                *d = index;
+            }
+            raise
+        });
         Ok(())
+    }
+
+    fn publish(&mut self, region: RegionState) {
+        *self.shared_region.write().unwrap_or_else(|p| p.into_inner()) = region.clone();
+        self.region = region;
+    }
+
+    /// Copies the state for a snapshot.
+    fn copy_state(&self) -> Result<SnapshotData, String> {
+        let mut data = SnapshotData {
+            entries: Vec::new(),
+            changefeed: Vec::new(),
+            divergent: Vec::new(),
+            region: self.region.clone(),
+        };
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            let corrupt = |e: record::RecordError| format!("key {k:?}: {e}");
+            match k.first() {
+                Some(&DATA_PREFIX) => data.entries.push((k[1..].to_vec(), record::decode(&v).map_err(corrupt)?)),
+                Some(&CHANGEFEED_PREFIX) => data.changefeed.push((index_of(&k), record::decode(&v).map_err(corrupt)?)),
+                Some(&DIVERGENT_PREFIX) => data.divergent.push((index_of(&k), record::decode(&v).map_err(corrupt)?)),
+                _ => {}
+            }
+        }
+        Ok(data)
     }
 }
 
@@ -357,25 +752,26 @@ impl StateMachine {
 pub struct SnapshotBuilder {
     db: sled::Db,
     snapshots: sled::Tree,
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
     meta: SnapshotMeta,
-    copy: Result<Vec<(Vec<u8>, StoredValue)>, String>,
+    copy: Result<SnapshotData, String>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let entries = std::mem::replace(&mut self.copy, Ok(Vec::new()))
-            .map_err(|e| snapshot_err(ErrorVerb::Read, SnapshotCopy(e)))?;
-        let data = record::encode(&SnapshotData { entries })
-            .map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
-        let stored = StoredSnapshot {
-            meta: self.meta.clone(),
-            data,
+        let empty = SnapshotData {
+            entries: Vec::new(),
+            changefeed: Vec::new(),
+            divergent: Vec::new(),
+            region: RegionState::default(),
         };
-        StateMachine::save_snapshot(&self.db, &self.snapshots, &stored).await?;
-        Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
-        })
+        let copy =
+            std::mem::replace(&mut self.copy, Ok(empty)).map_err(|e| snapshot_err(ErrorVerb::Read, SnapshotCopy(e)))?;
+        let data = record::encode(&copy).map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
+        let stored = StoredSnapshot { meta: self.meta.clone(), data };
+        StateMachine::save_snapshot(&self.db, &self.snapshots, &self.snapshot_lock, &self.durable, &stored).await?;
+        Ok(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) })
     }
 }
 
@@ -395,7 +791,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut overlay = HashMap::new();
+        let mut pending = Pending::default();
+        let mut region = self.region.clone();
         let mut results = Vec::new();
         let mut last_applied = self.last_applied;
         let mut membership = None;
@@ -410,9 +807,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied = Some(entry.log_id);
             results.push(match entry.payload {
                 EntryPayload::Blank => CommandResult::None,
-                EntryPayload::Normal(cmd) => {
-                    self.apply_command(&mut overlay, entry.log_id.index, cmd)?
-                }
+                EntryPayload::Normal(cmd) => self.apply_command(&mut pending, &mut region, entry.log_id.index, cmd)?,
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResult::None
@@ -420,24 +815,45 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             });
         }
         let mut batch = sled::Batch::default();
-        for (key, value) in &overlay {
-            batch.insert(data_key(key), Self::encode_state(value)?);
+        for (key, value) in &pending.data {
+            match value {
+                Some(v) => batch.insert(data_key(key), Self::encode_state(v)?),
+                None => batch.remove(data_key(key)),
+            }
+        }
+        let mut len = self.changefeed_len.load(Ordering::Acquire) as i64;
+        for (i, rec) in &pending.changefeed {
+            let existed = self.tree.contains_key(changefeed_key(*i)).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            match rec {
+                Some(r) => {
+                    batch.insert(changefeed_key(*i), Self::encode_state(r)?);
+                    len += i64::from(!existed);
+                }
+                None => {
+                    batch.remove(changefeed_key(*i));
+                    len -= i64::from(existed);
+                }
+            }
+        }
+        for (seq, rec) in &pending.divergent {
+            batch.insert(divergent_key(*seq), Self::encode_state(rec)?);
         }
         batch.insert(APPLIED_KEY, Self::encode_state(&last_applied)?);
+        if region != self.region {
+            batch.insert(REGION_KEY, Self::encode_state(&region)?);
+        }
         if let Some(m) = &membership {
             batch.insert(MEMBERSHIP_KEY, Self::encode_state(m)?);
         }
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         self.last_applied = last_applied;
         if let Some(m) = membership {
             self.membership = m;
         }
-        self.applied.store(
-            last_applied.map(|l| l.index).unwrap_or(0),
-            Ordering::Release,
-        );
+        assert!(len >= 0, "changefeed length went negative: {len}");
+        self.changefeed_len.store(len as u64, Ordering::Release);
+        self.publish(region);
+        self.applied.store(last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
         Ok(results)
     }
 
@@ -448,26 +864,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.snapshot_seq),
             None => format!("none-{}", self.snapshot_seq),
         };
-        let meta = SnapshotMeta {
-            last_log_id: last,
-            last_membership: self.membership.clone(),
-            snapshot_id,
-        };
-        let copy = (|| -> Result<Vec<(Vec<u8>, StoredValue)>, String> {
-            let mut entries = Vec::new();
-            for item in self.tree.scan_prefix([DATA_PREFIX]) {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                let value: StoredValue =
-                    record::decode(&v).map_err(|e| format!("key {:?}: {e}", &k[1..]))?;
-                entries.push((k[1..].to_vec(), value));
-            }
-            Ok(entries)
-        })();
+        let meta = SnapshotMeta { last_log_id: last, last_membership: self.membership.clone(), snapshot_id };
         SnapshotBuilder {
             db: self.db.clone(),
             snapshots: self.snapshots.clone(),
+            snapshot_lock: self.snapshot_lock.clone(),
+            durable: self.durable.clone(),
             meta,
-            copy,
+            copy: self.copy_state(),
         }
     }
 
@@ -481,41 +885,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data_bytes = snapshot.into_inner();
-        let data: SnapshotData =
-            record::decode(&data_bytes).map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
+        let data: SnapshotData = record::decode(&data_bytes).map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
         let mut batch = sled::Batch::default();
-        for item in self.tree.scan_prefix([DATA_PREFIX]) {
+        for item in self.tree.iter() {
             let (k, _) = item.map_err(|e| sm_err(ErrorVerb::Read, e))?;
             batch.remove(k);
         }
         for (key, value) in &data.entries {
             batch.insert(data_key(key), Self::encode_state(value)?);
         }
+        for (i, rec) in &data.changefeed {
+            batch.insert(changefeed_key(*i), Self::encode_state(rec)?);
+        }
+        for (seq, rec) in &data.divergent {
+            batch.insert(divergent_key(*seq), Self::encode_state(rec)?);
+        }
         batch.insert(APPLIED_KEY, Self::encode_state(&meta.last_log_id)?);
         batch.insert(MEMBERSHIP_KEY, Self::encode_state(&meta.last_membership)?);
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        batch.insert(REGION_KEY, Self::encode_state(&data.region)?);
+        self.tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         for (_, value) in &data.entries {
             self.clock.witness(value.version.hlc);
         }
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.applied.store(
-            meta.last_log_id.map(|l| l.index).unwrap_or(0),
-            Ordering::Release,
-        );
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data_bytes,
-        };
-        Self::save_snapshot(&self.db, &self.snapshots, &stored).await
+        self.changefeed_len.store(data.changefeed.len() as u64, Ordering::Release);
+        self.publish(data.region);
+        self.applied.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        let stored = StoredSnapshot { meta: meta.clone(), data: data_bytes };
+        Self::save_snapshot(&self.db, &self.snapshots, &self.snapshot_lock, &self.durable, &stored).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self.read_snapshot()?.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(self.read_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }

@@ -31,11 +31,7 @@ pub fn serial_blocking() -> tokio::sync::MutexGuard<'static, ()> {
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().unwrap().port()
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
@@ -49,10 +45,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -114,14 +107,7 @@ impl TestCluster {
             tweak(&mut config);
             let config_path = dir.path().join(format!("node-{id}.toml"));
             std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-            nodes.insert(
-                id,
-                TestNode {
-                    config,
-                    config_path,
-                    child: None,
-                },
-            );
+            nodes.insert(id, TestNode { config, config_path, child: None });
         }
         let mut cluster = TestCluster { dir, nodes };
         for id in 1..=n {
@@ -131,11 +117,7 @@ impl TestCluster {
             cluster.wait_serving(id).await;
         }
         let members: Vec<NodeInfo> = cluster.nodes.values().map(|n| n.info()).collect();
-        cluster
-            .client_of(&[1])
-            .init(&cluster.nodes[&1].grpc(), members)
-            .await
-            .expect("init");
+        cluster.client_of(&[1]).init(&cluster.nodes[&1].grpc(), members).await.expect("init");
         cluster.wait_leader().await;
         cluster
     }
@@ -163,31 +145,16 @@ impl TestCluster {
 
     /// kill -9.
     pub fn kill(&mut self, id: u64) {
-        let mut child = self
-            .nodes
-            .get_mut(&id)
-            .unwrap()
-            .child
-            .take()
-            .expect("node running");
+        let mut child = self.nodes.get_mut(&id).unwrap().child.take().expect("node running");
         child.kill().expect("kill");
         child.wait().expect("reap");
     }
 
     /// SIGTERM, and wait for the process to exit; returns its exit status.
     pub fn stop(&mut self, id: u64) -> std::process::ExitStatus {
-        let mut child = self
-            .nodes
-            .get_mut(&id)
-            .unwrap()
-            .child
-            .take()
-            .expect("node running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
+        let mut child = self.nodes.get_mut(&id).unwrap().child.take().expect("node running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .expect("SIGTERM");
         child.wait().expect("reap")
     }
 
@@ -227,19 +194,11 @@ impl TestCluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        self.client_of(&[id])
-            .status_of(&self.nodes[&id].grpc())
-            .await
-            .ok()
+        self.client_of(&[id]).status_of(&self.nodes[&id].grpc()).await.ok()
     }
 
     pub async fn wait_serving(&self, id: u64) {
-        wait_for(
-            &format!("node {id} to serve"),
-            Duration::from_secs(30),
-            || self.status(id),
-        )
-        .await;
+        wait_for(&format!("node {id} to serve"), Duration::from_secs(30), || self.status(id)).await;
     }
 
     /// Waits until the running nodes agree on one leader; returns its id.
@@ -262,11 +221,9 @@ impl TestCluster {
 
     /// Waits until node `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64) -> StatusResponse {
-        wait_for(
-            &format!("node {id} to apply index {index}"),
-            Duration::from_secs(60),
-            || async { self.status(id).await.filter(|s| s.applied_index >= index) },
-        )
+        wait_for(&format!("node {id} to apply index {index}"), Duration::from_secs(60), || async {
+            self.status(id).await.filter(|s| s.applied_index >= index)
+        })
         .await
     }
 

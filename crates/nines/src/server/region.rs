@@ -1,0 +1,184 @@
+//! The `RegionAdmin` service: region roles (status, fence, promote), the
+//! divergence record, and the test-only fault hooks.
+
+use std::sync::Arc;
+
+use nines_proto::v1::region_admin_client::RegionAdminClient;
+use nines_proto::v1::region_admin_server::RegionAdmin;
+use nines_proto::v1::{
+    DivergentRecord, DivergentRequest, DivergentResponse, FenceRequest, FenceResponse, KeyValueRecord,
+    OriginApplied, PeerLag, RegionInfo, RegionPromoteRequest, RegionPromoteResponse, RegionStatusRequest,
+    RegionStatusResponse, SetFaultsRequest, SetFaultsResponse,
+};
+use tonic::{Request, Response, Status};
+
+use super::{forward, hops};
+use crate::config::Mode;
+use crate::error::Error;
+use crate::hlc::WallClock;
+use crate::hlc::PhysicalClock;
+use crate::limits::DIVERGENT_LIST_MAX;
+use crate::node::Shared;
+use crate::types::{Command, CommandResult};
+
+pub struct RegionAdminService {
+    node: Arc<Shared>,
+}
+
+impl RegionAdminService {
+    pub fn new(node: Arc<Shared>) -> Self {
+        RegionAdminService { node }
+    }
+
+    fn status(&self) -> Result<RegionStatusResponse, Error> {
+        let node = &self.node;
+        let region = node.reader.region_state();
+        let primary = node.reader.primary();
+        let role = match node.mode {
+            Mode::ActiveActive => "active",
+            Mode::ActivePassive if primary != node.info.region => "secondary",
+            Mode::ActivePassive if region.fenced => "fenced",
+            Mode::ActivePassive => "primary",
+        };
+        let now_ms = WallClock.now_ms();
+        let mut peers = Vec::new();
+        for p in &node.peers {
+            let replicated = region.acked.get(&p.name).copied().unwrap_or(0);
+            let acked = node.stats.acked(&p.name).unwrap_or(replicated).max(replicated);
+            let (lag_entries, first) = node.reader.changefeed_lag(acked).map_err(Error::from)?;
+            let lag_ms = first.map(|h| now_ms.saturating_sub(h.physical_ms)).unwrap_or(0);
+            peers.push(PeerLag { region: p.name.clone(), acked_index: acked, lag_entries, lag_ms });
+        }
+        let origins = node
+            .peers
+            .iter()
+            .map(|p| OriginApplied {
+                origin: p.name.clone(),
+                applied_through: region.applied_from.get(&p.name).copied().unwrap_or(0),
+                applied_total: region.applied_total.get(&p.name).copied().unwrap_or(0),
+                refused_clock_total: node.stats.refused_clock(&p.name),
+            })
+            .collect();
+        let regions = node
+            .all_regions
+            .iter()
+            .map(|r| RegionInfo { name: r.name.clone(), endpoints: r.endpoints.clone() })
+            .collect();
+        Ok(RegionStatusResponse {
+            region: node.info.region.clone(),
+            mode: node.mode.as_str().into(),
+            primary: if node.mode == Mode::ActivePassive { primary } else { String::new() },
+            epoch: region.epoch,
+            role: role.into(),
+            changefeed_entries: node.reader.changefeed_len(),
+            peers,
+            origins,
+            divergent_count: region.divergent_total,
+            regions,
+            leader_id: node.id,
+        })
+    }
+
+    fn require_active_passive(&self) -> Result<(), Error> {
+        if self.node.mode != Mode::ActivePassive {
+            return Err(Error::FailedPrecondition(
+                "region roles apply to active-passive clusters; this one is active-active".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn client(c: tonic::transport::Channel) -> RegionAdminClient<tonic::transport::Channel> {
+    RegionAdminClient::new(c)
+}
+
+#[tonic::async_trait]
+impl RegionAdmin for RegionAdminService {
+    async fn region_status(&self, req: Request<RegionStatusRequest>) -> Result<Response<RegionStatusResponse>, Status> {
+        let hops = hops(&req);
+        if let Err(e) = self.node.check_leader() {
+            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).region_status(r).await })
+                .await;
+        }
+        Ok(Response::new(self.status()?))
+    }
+
+    async fn fence(&self, req: Request<FenceRequest>) -> Result<Response<FenceResponse>, Status> {
+        let hops = hops(&req);
+        self.require_active_passive()?;
+        if let Err(e) = self.node.check_leader() {
+            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).fence(r).await }).await;
+        }
+        let region = self.node.reader.region_state();
+        let primary = self.node.reader.primary();
+        if primary != self.node.info.region {
+            return Err(Error::FailedPrecondition(format!(
+                "region {} is not the primary ({primary} is, at epoch {})",
+                self.node.info.region, region.epoch
+            ))
+            .into());
+        }
+        let cmd = Command::SetRole { primary, epoch: region.epoch, fenced: true, shipped_through: 0 };
+        self.node.propose(cmd).await?;
+        Ok(Response::new(FenceResponse { epoch: region.epoch }))
+    }
+
+    async fn promote(&self, req: Request<RegionPromoteRequest>) -> Result<Response<RegionPromoteResponse>, Status> {
+        let hops = hops(&req);
+        self.require_active_passive()?;
+        if let Err(e) = self.node.check_leader() {
+            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).promote(r).await }).await;
+        }
+        let epoch = req.into_inner().epoch;
+        let current = self.node.reader.region_state().epoch;
+        if epoch <= current {
+            return Err(Error::FailedPrecondition(format!("epoch {epoch} must be above the current epoch {current}")).into());
+        }
+        let cmd =
+            Command::SetRole { primary: self.node.info.region.clone(), epoch, fenced: false, shipped_through: 0 };
+        match self.node.propose(cmd).await? {
+            CommandResult::Role { .. } => {}
+            other => return Err(Error::Internal(format!("promotion applied as {other:?}")).into()),
+        }
+        tracing::warn!(region = %self.node.info.region, epoch, "promoted to primary");
+        Ok(Response::new(RegionPromoteResponse { epoch }))
+    }
+
+    async fn divergent(&self, req: Request<DivergentRequest>) -> Result<Response<DivergentResponse>, Status> {
+        let limit = match req.into_inner().limit {
+            0 => DIVERGENT_LIST_MAX,
+            l if l > DIVERGENT_LIST_MAX => {
+                return Err(Error::invalid(format!("limit {l} is above DIVERGENT_LIST_MAX {DIVERGENT_LIST_MAX}")).into());
+            }
+            l => l,
+        };
+        let total = self.node.reader.region_state().divergent_total;
+        let records = self
+            .node
+            .reader
+            .divergent(limit as usize)
+            .map_err(Error::from)?
+            .into_iter()
+            .map(|d| DivergentRecord {
+                kv: Some(KeyValueRecord {
+                    key: d.key,
+                    tombstone: d.value.is_none(),
+                    value: d.value.unwrap_or_default(),
+                    hlc_physical_ms: d.version.hlc.physical_ms,
+                    hlc_logical: d.version.hlc.logical,
+                    origin_region: d.version.origin,
+                    index: d.version.index,
+                }),
+                demoted_at_epoch: d.demoted_at_epoch,
+            })
+            .collect();
+        Ok(Response::new(DivergentResponse { records, total }))
+    }
+
+    async fn set_faults(&self, req: Request<SetFaultsRequest>) -> Result<Response<SetFaultsResponse>, Status> {
+        let r = req.into_inner();
+        self.node.faults.set(r.blocked_regions, r.clock_offset_ms)?;
+        Ok(Response::new(SetFaultsResponse {}))
+    }
+}
