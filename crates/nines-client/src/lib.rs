@@ -22,12 +22,15 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use nines_proto::v1::region_admin_client::RegionAdminClient;
+use nines_proto::v1::{DivergentRequest, FenceRequest, RegionPromoteRequest, RegionStatusRequest, SetFaultsRequest};
 use nines_proto::v1::{
     AddLearnerRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest, MembersRequest, PromoteRequest,
     PutRequest, RemoveRequest, ScanRequest, StatusRequest, admin_client::AdminClient, compare_and_swap_request,
     kv_client::KvClient,
 };
 pub use nines_proto::v1::{
+    DivergentResponse, FenceResponse, PeerLag, RegionInfo, RegionPromoteResponse, RegionStatusResponse,
     CompareAndSwapResponse, Consistency, DeleteResponse, GetResponse, KeyValue, Member, MembersResponse, NodeInfo,
     PutResponse, ScanResponse, StatusResponse, Version,
 };
@@ -274,6 +277,10 @@ impl Client {
         KvClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
     }
 
+    fn region(channel: Channel) -> RegionAdminClient<Channel> {
+        RegionAdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+    }
+
     fn admin(channel: Channel) -> AdminClient<Channel> {
         AdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
     }
@@ -362,5 +369,36 @@ impl Client {
     /// Removes a node (voter or learner) from the cluster.
     pub async fn remove(&self, node_id: u64) -> Result<MembersResponse> {
         self.call(false, rpc!(admin, remove, RemoveRequest { node_id })).await
+    }
+
+    /// The region's roles, replication lag per peer region, and what it
+    /// applied from each origin. Answered by the region's leader.
+    pub async fn region_status(&self) -> Result<RegionStatusResponse> {
+        self.call(true, rpc!(region, region_status, RegionStatusRequest {})).await
+    }
+
+    /// Stops the (primary) region taking writes, for a planned switchover.
+    pub async fn fence(&self) -> Result<FenceResponse> {
+        self.call(true, rpc!(region, fence, FenceRequest {})).await
+    }
+
+    /// Makes the region primary at `epoch` (above every epoch it has seen).
+    pub async fn promote_region(&self, epoch: u64) -> Result<RegionPromoteResponse> {
+        self.call(false, rpc!(region, promote, RegionPromoteRequest { epoch })).await
+    }
+
+    /// The region's divergence record: writes it acknowledged as primary
+    /// that never reached the primary that replaced it.
+    pub async fn divergent(&self, limit: u32) -> Result<DivergentResponse> {
+        self.call(true, rpc!(region, divergent, DivergentRequest { limit })).await
+    }
+
+    /// Test only: sets the fault hooks of the node at `endpoint` (refused
+    /// unless it runs with fault injection enabled).
+    pub async fn set_faults_on(&self, endpoint: &str, blocked_regions: Vec<String>, clock_offset_ms: i64) -> Result<()> {
+        let channel = self.channel(endpoint)?;
+        let req = SetFaultsRequest { blocked_regions, clock_offset_ms };
+        Self::region(channel).set_faults(req).await.map_err(|s| Error::from_final(&s))?;
+        Ok(())
     }
 }

@@ -3,6 +3,8 @@
 //! table|json`, exit code 0 on success and 1 with a one-line reason on
 //! stderr otherwise.
 
+pub mod controller;
+pub mod region;
 pub mod up;
 
 use std::path::PathBuf;
@@ -95,6 +97,11 @@ pub enum Command {
     /// Membership: list, init, add a learner, promote, remove.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Regions: status, planned switchover, failover, divergence record.
+    #[command(subcommand)]
+    Region(region::RegionCommand),
+    /// Health-checked failover: promote a secondary when the primary fails N probes.
+    Controller(controller::ControllerArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,7 +236,7 @@ fn kv_json(kv: &KeyValue) -> serde_json::Value {
 }
 
 /// Prints rows as an aligned table.
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -246,7 +253,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn print_json(v: serde_json::Value) {
+pub(crate) fn print_json(v: serde_json::Value) {
     println!("{v}");
 }
 
@@ -390,6 +397,8 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
             }
         }
         Command::Status => status(&g).await?,
+        Command::Region(r) => region::run(&g, r).await?,
+        Command::Controller(args) => controller::run(&g, args).await?,
         Command::Member(m) => {
             let c = client(&g)?;
             match m {
@@ -411,55 +420,71 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// `nines status`: asks one node for the members, then each member for its
-/// own status; unreachable nodes are shown as such.
+/// `nines status`: for every region, asks one node for the members, then
+/// each member for its own status (unreachable nodes are shown as such);
+/// then the regions' roles and replication lag.
 async fn status(g: &Global) -> anyhow::Result<()> {
-    let c = client(g)?;
-    let members = c.members().await?;
+    let regions = match region::discover(g).await {
+        Ok(r) => r,
+        // A cluster whose leader is unknown still shows its nodes.
+        Err(_) => vec![nines_client::RegionInfo { name: String::new(), endpoints: g.endpoints.clone() }],
+    };
     let mut rows = Vec::new();
     let mut out = Vec::new();
-    for m in &members.members {
-        let Some(n) = &m.node else { continue };
-        match c.status_of(&n.grpc_addr).await {
-            Ok(s) => {
-                let leader = s.leader_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
-                rows.push(vec![
-                    n.id.to_string(),
-                    n.region.clone(),
-                    n.az.clone(),
-                    s.role.clone(),
-                    s.term.to_string(),
-                    s.last_log_index.to_string(),
-                    s.applied_index.to_string(),
-                    leader,
-                    n.grpc_addr.clone(),
-                ]);
-                out.push(json!({
-                    "id": n.id, "region": n.region, "az": n.az, "role": s.role, "term": s.term,
-                    "last_log_index": s.last_log_index, "applied_index": s.applied_index,
-                    "leader_id": s.leader_id, "grpc_addr": n.grpc_addr, "reachable": true
-                }));
-            }
+    for r in &regions {
+        let c = region::region_client(r, std::time::Duration::from_secs(2))?;
+        let members = match c.members().await {
+            Ok(m) => m,
             Err(e) => {
-                rows.push(vec![
-                    n.id.to_string(),
-                    n.region.clone(),
-                    n.az.clone(),
-                    "unreachable".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    n.grpc_addr.clone(),
-                ]);
-                out.push(json!({ "id": n.id, "region": n.region, "az": n.az, "grpc_addr": n.grpc_addr, "reachable": false, "error": e.to_string() }));
+                rows.push(vec!["-".into(), r.name.clone(), "-".into(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into(), r.endpoints.join(",")]);
+                out.push(json!({ "region": r.name, "reachable": false, "error": e.to_string() }));
+                continue;
+            }
+        };
+        for m in &members.members {
+            let Some(n) = &m.node else { continue };
+            match c.status_of(&n.grpc_addr).await {
+                Ok(s) => {
+                    let leader = s.leader_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+                    rows.push(vec![
+                        n.id.to_string(),
+                        n.region.clone(),
+                        n.az.clone(),
+                        s.role.clone(),
+                        s.term.to_string(),
+                        s.last_log_index.to_string(),
+                        s.applied_index.to_string(),
+                        leader,
+                        n.grpc_addr.clone(),
+                    ]);
+                    out.push(json!({
+                        "id": n.id, "region": n.region, "az": n.az, "role": s.role, "term": s.term,
+                        "last_log_index": s.last_log_index, "applied_index": s.applied_index,
+                        "leader_id": s.leader_id, "grpc_addr": n.grpc_addr, "reachable": true
+                    }));
+                }
+                Err(e) => {
+                    let dash = || "-".to_string();
+                    rows.push(vec![n.id.to_string(), n.region.clone(), n.az.clone(), "unreachable".into(), dash(), dash(), dash(), dash(), n.grpc_addr.clone()]);
+                    out.push(json!({ "id": n.id, "region": n.region, "az": n.az, "grpc_addr": n.grpc_addr, "reachable": false, "error": e.to_string() }));
+                }
             }
         }
     }
+    let multi = regions.len() > 1;
+    let region_status = if multi { region::statuses(&regions).await } else { Vec::new() };
     if g.format == Format::Json {
-        print_json(json!({ "nodes": out }));
+        if multi {
+            print_json(json!({ "nodes": out, "regions": region_status.iter().map(|(r, s)| json!({"region": r.name, "status": s.as_ref().ok().map(|s| json!({"role": s.role, "primary": s.primary, "epoch": s.epoch, "peers": s.peers.iter().map(|p| json!({"region": p.region, "lag_entries": p.lag_entries, "lag_ms": p.lag_ms})).collect::<Vec<_>>()}))})).collect::<Vec<_>>() }));
+        } else {
+            print_json(json!({ "nodes": out }));
+        }
     } else {
         print_table(&["NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "GRPC"], &rows);
+        if multi {
+            println!();
+            region::print_region_status(g, &region_status);
+        }
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `nines up`: a local cluster of real node processes on loopback, with an
-//! embedded default configuration. Bootstraps the cluster only when it
-//! created the data itself, prints every node's addresses and PID, reports
-//! nodes that exit, and stops every node cleanly on Ctrl-C.
+//! embedded default configuration: by default two regions of three nodes,
+//! one per AZ, with simulated latency (1 ms between AZs, 40 ms between
+//! regions). Bootstraps each region only when it created the data itself,
+//! prints every node's addresses and PID, reports nodes that exit, and stops
+//! every node cleanly on Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -13,7 +15,7 @@ use nines_client::{Client, ClientConfig, NodeInfo};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::config::NodeConfig;
+use crate::config::{ClusterConfig, LatencyConfig, Mode, NodeConfig, RegionConfig};
 
 /// How long `up` waits for nodes to serve and for a leader. Generous: a
 /// first start on a loaded laptop can take seconds.
@@ -23,26 +25,48 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 /// the node's own `SHUTDOWN_GRACE`.
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
-/// The most nodes `up` starts: one Raft group gains nothing beyond seven.
-const UP_NODES_MAX: u64 = 7;
+/// The most AZs (nodes) per region `up` starts: one Raft group gains
+/// nothing beyond seven voters.
+const UP_AZS_MAX: u64 = 7;
+
+/// The regions `up` can start, in order.
+pub const REGION_NAMES: &[&str] = &["us-east", "eu-west", "ap-south", "us-west", "sa-east"];
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// Keep the cluster's data here (default: a temporary directory removed on exit).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Number of nodes, one per AZ.
+    /// Number of regions (named us-east, eu-west, ap-south, us-west, sa-east).
+    #[arg(long, default_value_t = 2)]
+    pub regions: u64,
+    /// AZs per region, one node in each.
     #[arg(long, default_value_t = 3)]
-    pub nodes: u64,
+    pub azs: u64,
+    /// How regions relate: every region takes writes, or one primary does.
+    #[arg(long, value_enum, default_value_t = UpMode::ActiveActive)]
+    pub mode: UpMode,
     /// gRPC port of node 1; node N listens on base + N - 1.
     #[arg(long, default_value_t = 7001)]
     pub grpc_port_base: u16,
     /// Admin HTTP port of node 1; node N listens on base + N - 1.
     #[arg(long, default_value_t = 8001)]
     pub admin_port_base: u16,
-    /// The region's name.
-    #[arg(long, default_value = "local")]
-    pub region: String,
+    /// Simulated one-way latency between AZs of a region.
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    pub cross_az_latency: Duration,
+    /// Simulated one-way latency between regions.
+    #[arg(long, default_value = "40ms", value_parser = humantime::parse_duration)]
+    pub cross_region_latency: Duration,
+    /// Turn simulated latency off.
+    #[arg(long)]
+    pub no_latency: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpMode {
+    ActiveActive,
+    ActivePassive,
 }
 
 /// A started node process. Dropping it kills the process, so a failing `up`
@@ -64,28 +88,68 @@ impl Drop for NodeProcess {
 }
 
 fn az_name(region: &str, n: u64) -> String {
-    let letter = (b'a' + ((n - 1) % 26) as u8) as char;
+    let letter = (b'a' + (n % 26) as u8) as char;
     format!("{region}-{letter}")
 }
 
-pub fn node_config(args: &UpArgs, dir: &Path, n: u64) -> anyhow::Result<NodeConfig> {
-    let port = |base: u16| -> anyhow::Result<u16> {
-        base.checked_add((n - 1) as u16).context("port base plus node count exceeds 65535")
+/// The configuration of every node: region r (from 0), AZ a (from 0) is
+/// node `r * azs + a + 1`.
+pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>> {
+    let total = args.regions * args.azs;
+    let port = |base: u16, id: u64| -> anyhow::Result<u16> {
+        u16::try_from(u64::from(base) + id - 1).context("port base plus node count exceeds 65535")
     };
-    Ok(NodeConfig {
-        id: n,
-        region: args.region.clone(),
-        az: az_name(&args.region, n),
-        data_dir: dir.join(format!("node-{n}")),
-        grpc_listen: ([127, 0, 0, 1], port(args.grpc_port_base)?).into(),
-        admin_listen: ([127, 0, 0, 1], port(args.admin_port_base)?).into(),
-        ..NodeConfig::default()
-    })
+    let grpc = |id: u64| -> anyhow::Result<String> { Ok(format!("http://127.0.0.1:{}", port(args.grpc_port_base, id)?)) };
+    let mut regions = Vec::new();
+    for r in 0..args.regions {
+        let endpoints = (1..=args.azs).map(|a| grpc(r * args.azs + a)).collect::<anyhow::Result<Vec<_>>>()?;
+        regions.push(RegionConfig { name: REGION_NAMES[r as usize].to_string(), endpoints });
+    }
+    let cluster = ClusterConfig {
+        mode: match args.mode {
+            UpMode::ActiveActive => Mode::ActiveActive,
+            UpMode::ActivePassive => Mode::ActivePassive,
+        },
+        primary: match args.mode {
+            UpMode::ActiveActive => String::new(),
+            UpMode::ActivePassive => REGION_NAMES[0].to_string(),
+        },
+        regions: if args.regions > 1 { regions } else { Vec::new() },
+    };
+    let latency = if args.no_latency {
+        LatencyConfig::default()
+    } else {
+        LatencyConfig {
+            cross_az: args.cross_az_latency,
+            cross_region: args.cross_region_latency,
+            ..LatencyConfig::default()
+        }
+    };
+    let mut configs = Vec::new();
+    for id in 1..=total {
+        let (r, a) = ((id - 1) / args.azs, (id - 1) % args.azs);
+        let region = REGION_NAMES[r as usize];
+        configs.push(NodeConfig {
+            id,
+            region: region.to_string(),
+            az: az_name(region, a),
+            data_dir: dir.join(format!("node-{id}")),
+            grpc_listen: ([127, 0, 0, 1], port(args.grpc_port_base, id)?).into(),
+            admin_listen: ([127, 0, 0, 1], port(args.admin_port_base, id)?).into(),
+            cluster: cluster.clone(),
+            latency: latency.clone(),
+            ..NodeConfig::default()
+        });
+    }
+    Ok(configs)
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    if args.nodes == 0 || args.nodes > UP_NODES_MAX {
-        bail!("--nodes {} is outside 1..={UP_NODES_MAX}", args.nodes);
+    if args.azs == 0 || args.azs > UP_AZS_MAX {
+        bail!("--azs {} is outside 1..={UP_AZS_MAX}", args.azs);
+    }
+    if args.regions == 0 || args.regions > REGION_NAMES.len() as u64 {
+        bail!("--regions {} is outside 1..={}", args.regions, REGION_NAMES.len());
     }
     let temp = match &args.data_dir {
         Some(_) => None,
@@ -96,7 +160,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         (None, Some(t)) => t.path().to_path_buf(),
         (None, None) => unreachable!("a temporary directory exists when no data dir is given"),
     };
-    let configs = (1..=args.nodes).map(|n| node_config(&args, &dir, n)).collect::<anyhow::Result<Vec<_>>>()?;
+    let configs = node_configs(&args, &dir)?;
     let existing = configs.iter().filter(|c| c.data_dir.join("db").exists()).count();
     if existing != 0 && existing != configs.len() {
         bail!(
@@ -141,37 +205,45 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    if fresh {
-        let members = configs
-            .iter()
-            .map(|c| NodeInfo {
-                id: c.id,
-                grpc_addr: format!("http://{}", c.grpc_listen),
-                admin_addr: format!("http://{}", c.admin_listen),
-                region: c.region.clone(),
-                az: c.az.clone(),
-            })
-            .collect();
-        client.init(&endpoints[0], members).await.context("bootstrapping the cluster")?;
+    let mut leaders = Vec::new();
+    for region_configs in configs.chunks(args.azs as usize) {
+        let region = region_configs[0].region.clone();
+        let endpoints: Vec<String> = region_configs.iter().map(|c| format!("http://{}", c.grpc_listen)).collect();
+        let client = Client::new(endpoints.clone(), ClientConfig::default())?;
+        if fresh {
+            let members = region_configs
+                .iter()
+                .map(|c| NodeInfo {
+                    id: c.id,
+                    grpc_addr: format!("http://{}", c.grpc_listen),
+                    admin_addr: format!("http://{}", c.admin_listen),
+                    region: c.region.clone(),
+                    az: c.az.clone(),
+                })
+                .collect();
+            client.init(&endpoints[0], members).await.with_context(|| format!("bootstrapping region {region}"))?;
+        }
+        let leader = loop {
+            if let Ok(m) = client.members().await
+                && let Some(l) = m.leader_id
+            {
+                break l;
+            }
+            check_alive(&mut nodes, &dir)?;
+            if Instant::now() > deadline {
+                bail!("region {region} elected no leader within {STARTUP_DEADLINE:?}; see the node.log files under {}", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        leaders.push((region, leader));
     }
-    let leader = loop {
-        if let Ok(m) = client.members().await
-            && let Some(l) = m.leader_id
-        {
-            break l;
-        }
-        check_alive(&mut nodes, &dir)?;
-        if Instant::now() > deadline {
-            bail!("no leader elected within {STARTUP_DEADLINE:?}; see the node.log files under {}", dir.display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
 
-    println!("nines: {} nodes in region {} (data in {})", configs.len(), args.region, dir.display());
-    println!("{:<5} {:<10} {:<10} {:<24} {:<24} {:<8}", "NODE", "REGION", "AZ", "GRPC", "ADMIN", "PID");
+    let mode = if args.regions > 1 { format!(", {}", configs[0].cluster.mode.as_str()) } else { String::new() };
+    println!("nines: {} regions x {} AZs{mode} (data in {})", args.regions, args.azs, dir.display());
+    println!("{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}", "NODE", "REGION", "AZ", "GRPC", "ADMIN", "PID");
     for (c, p) in configs.iter().zip(&nodes) {
         println!(
-            "{:<5} {:<10} {:<10} {:<24} {:<24} {:<8}",
+            "{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}",
             c.id,
             c.region,
             c.az,
@@ -180,7 +252,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             p.child.id()
         );
     }
-    println!("leader: node {leader}");
+    for (region, leader) in &leaders {
+        println!("{region} leader: node {leader}");
+    }
     println!("try: nines put hello world && nines get hello && nines status   (Ctrl-C stops every node)");
 
     let stop = crate::node::termination_signal();

@@ -1,0 +1,223 @@
+//! `nines region ...`: region roles, switchover and failover, the
+//! divergence record; and the multi-region part of `nines status`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use nines_client::{Client, ClientConfig, RegionInfo, RegionStatusResponse};
+use serde_json::json;
+
+use super::{Format, Global, print_json, print_table};
+
+#[derive(Subcommand, Debug)]
+pub enum RegionCommand {
+    /// Every region's role, epoch and replication lag.
+    Status,
+    /// Planned switchover: fence the primary, drain its changefeed into
+    /// REGION, then promote REGION. Loses no acknowledged write.
+    Promote {
+        region: String,
+        /// How long to wait for the old primary to drain.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// Unplanned failover: promote REGION without the old primary's help.
+    /// Writes the old primary had not shipped become its divergence record.
+    Failover { region: String },
+    /// List a region's divergence record (default: the region of --endpoints).
+    Divergent {
+        #[arg(long)]
+        region: Option<String>,
+        /// At most this many records (0: up to 10,000).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+}
+
+/// A client config for talking to possibly dead regions: give up quickly.
+pub fn probe_config(timeout: Duration) -> ClientConfig {
+    ClientConfig { attempt_timeout: timeout, attempts_max: 3, request_deadline: timeout * 2, ..ClientConfig::default() }
+}
+
+/// The cluster's regions, learned from the region the endpoints reach. A
+/// cluster without regions configured is one region at those endpoints.
+pub async fn discover(g: &Global) -> anyhow::Result<Vec<RegionInfo>> {
+    let client = Client::new(g.endpoints.clone(), probe_config(Duration::from_secs(3)))?;
+    let status = client.region_status().await.context("asking the cluster for its regions")?;
+    if status.regions.is_empty() {
+        return Ok(vec![RegionInfo { name: status.region, endpoints: g.endpoints.clone() }]);
+    }
+    Ok(status.regions)
+}
+
+pub fn region_client(r: &RegionInfo, timeout: Duration) -> anyhow::Result<Client> {
+    Ok(Client::new(r.endpoints.clone(), probe_config(timeout))?)
+}
+
+/// Every reachable region's status; unreachable ones are `Err`.
+pub async fn statuses(regions: &[RegionInfo]) -> Vec<(RegionInfo, anyhow::Result<RegionStatusResponse>)> {
+    let mut out = Vec::new();
+    for r in regions {
+        let status = match region_client(r, Duration::from_secs(2)) {
+            Ok(c) => c.region_status().await.map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        };
+        out.push((r.clone(), status));
+    }
+    out
+}
+
+/// The primary and epoch as the reachable region with the highest epoch sees them.
+fn current_primary(statuses: &[(RegionInfo, anyhow::Result<RegionStatusResponse>)]) -> Option<(String, u64)> {
+    statuses.iter().filter_map(|(_, s)| s.as_ref().ok()).max_by_key(|s| s.epoch).map(|s| (s.primary.clone(), s.epoch))
+}
+
+fn find<'a>(regions: &'a [RegionInfo], name: &str) -> anyhow::Result<&'a RegionInfo> {
+    regions.iter().find(|r| r.name == name).ok_or_else(|| {
+        let names: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
+        anyhow::anyhow!("no region {name:?}; the cluster has {}", names.join(", "))
+    })
+}
+
+pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
+    let regions = discover(g).await?;
+    match command {
+        RegionCommand::Status => print_region_status(g, &statuses(&regions).await),
+        RegionCommand::Promote { region, drain_timeout } => {
+            let target = find(&regions, &region)?;
+            let all = statuses(&regions).await;
+            let (primary, epoch) = current_primary(&all).context("no region is reachable")?;
+            if primary.is_empty() {
+                bail!("this cluster is active-active: every region takes writes, there is nothing to promote");
+            }
+            if primary == region {
+                println!("{region} is already the primary (epoch {epoch})");
+                return Ok(());
+            }
+            let old = region_client(find(&regions, &primary)?, Duration::from_secs(5))?;
+            old.fence().await.with_context(|| format!("fencing the primary {primary}"))?;
+            let deadline = Instant::now() + drain_timeout;
+            loop {
+                let s = old.region_status().await.with_context(|| format!("watching {primary} drain"))?;
+                let lag = s.peers.iter().find(|p| p.region == region).map(|p| p.lag_entries).unwrap_or(0);
+                if lag == 0 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{primary} is fenced but still has {lag} writes not applied by {region} after {drain_timeout:?}; \
+                         run the promote again, or `nines region failover {region}` to accept losing them"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let new = region_client(target, Duration::from_secs(5))?;
+            let r = new.promote_region(epoch + 1).await.with_context(|| format!("promoting {region}"))?;
+            println!("{region} is the primary at epoch {} ({primary} drained and demotes itself)", r.epoch);
+        }
+        RegionCommand::Failover { region } => {
+            let target = find(&regions, &region)?;
+            let all = statuses(&regions).await;
+            let (primary, epoch) = current_primary(&all).context("no region is reachable")?;
+            if primary.is_empty() {
+                bail!("this cluster is active-active: every region takes writes, there is nothing to fail over");
+            }
+            if primary == region {
+                println!("{region} is already the primary (epoch {epoch})");
+                return Ok(());
+            }
+            let new = region_client(target, Duration::from_secs(5))?;
+            let r = new.promote_region(epoch + 1).await.with_context(|| format!("promoting {region}"))?;
+            println!("{region} is the primary at epoch {} (failover from {primary})", r.epoch);
+        }
+        RegionCommand::Divergent { region, limit } => {
+            let client = match &region {
+                Some(name) => region_client(find(&regions, name)?, Duration::from_secs(5))?,
+                None => Client::new(g.endpoints.clone(), ClientConfig::default())?,
+            };
+            let d = client.divergent(limit).await?;
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            if g.format == Format::Json {
+                let records: Vec<_> = d
+                    .records
+                    .iter()
+                    .filter_map(|r| r.kv.as_ref().map(|kv| (kv, r.demoted_at_epoch)))
+                    .map(|(kv, epoch)| {
+                        json!({
+                            "key": text(&kv.key), "value": if kv.tombstone { None } else { Some(text(&kv.value)) },
+                            "version": { "index": kv.index, "hlc": format!("{}.{}", kv.hlc_physical_ms, kv.hlc_logical), "origin_region": kv.origin_region },
+                            "demoted_at_epoch": epoch
+                        })
+                    })
+                    .collect();
+                print_json(json!({ "total": d.total, "records": records }));
+            } else {
+                let rows: Vec<Vec<String>> = d
+                    .records
+                    .iter()
+                    .filter_map(|r| r.kv.as_ref().map(|kv| (kv, r.demoted_at_epoch)))
+                    .map(|(kv, epoch)| {
+                        vec![
+                            text(&kv.key),
+                            if kv.tombstone { "(deleted)".into() } else { text(&kv.value) },
+                            format!("{} (hlc {}.{}, origin {})", kv.index, kv.hlc_physical_ms, kv.hlc_logical, kv.origin_region),
+                            epoch.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["KEY", "VALUE", "VERSION", "DEMOTED AT EPOCH"], &rows);
+                println!("{} divergent writes", d.total);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn print_region_status(g: &Global, all: &[(RegionInfo, anyhow::Result<RegionStatusResponse>)]) {
+    if g.format == Format::Json {
+        let regions: Vec<_> = all
+            .iter()
+            .map(|(r, s)| match s {
+                Ok(s) => json!({
+                    "region": r.name, "reachable": true, "mode": s.mode, "role": s.role, "primary": s.primary,
+                    "epoch": s.epoch, "changefeed_entries": s.changefeed_entries, "divergent_count": s.divergent_count,
+                    "peers": s.peers.iter().map(|p| json!({"region": p.region, "acked_index": p.acked_index, "lag_entries": p.lag_entries, "lag_ms": p.lag_ms})).collect::<Vec<_>>(),
+                    "origins": s.origins.iter().map(|o| json!({"origin": o.origin, "applied_through": o.applied_through, "applied_total": o.applied_total, "refused_clock_total": o.refused_clock_total})).collect::<Vec<_>>(),
+                }),
+                Err(e) => json!({ "region": r.name, "reachable": false, "error": e.to_string() }),
+            })
+            .collect();
+        print_json(json!({ "regions": regions }));
+        return;
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|(r, s)| match s {
+            Ok(s) => vec![
+                r.name.clone(),
+                s.mode.clone(),
+                s.role.clone(),
+                if s.primary.is_empty() { "-".into() } else { s.primary.clone() },
+                s.epoch.to_string(),
+                s.changefeed_entries.to_string(),
+                s.divergent_count.to_string(),
+            ],
+            Err(_) => vec![r.name.clone(), "-".into(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into()],
+        })
+        .collect();
+    print_table(&["REGION", "MODE", "ROLE", "PRIMARY", "EPOCH", "CHANGEFEED", "DIVERGENT"], &rows);
+    let lags: Vec<Vec<String>> = all
+        .iter()
+        .filter_map(|(r, s)| s.as_ref().ok().map(|s| (r, s)))
+        .flat_map(|(r, s)| {
+            s.peers.iter().map(move |p| {
+                vec![r.name.clone(), p.region.clone(), p.lag_entries.to_string(), p.lag_ms.to_string(), p.acked_index.to_string()]
+            })
+        })
+        .collect();
+    if !lags.is_empty() {
+        println!();
+        print_table(&["FROM", "TO", "LAG ENTRIES", "LAG MS", "ACKED INDEX"], &lags);
+    }
+}
