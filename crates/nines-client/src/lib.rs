@@ -23,17 +23,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use nines_proto::v1::region_admin_client::RegionAdminClient;
-use nines_proto::v1::{DivergentRequest, FenceRequest, RegionPromoteRequest, RegionStatusRequest, SetFaultsRequest};
 use nines_proto::v1::{
     AddLearnerRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest, MembersRequest, PromoteRequest,
     PutRequest, RemoveRequest, ScanRequest, StatusRequest, admin_client::AdminClient, compare_and_swap_request,
     kv_client::KvClient,
 };
 pub use nines_proto::v1::{
-    DivergentResponse, FenceResponse, PeerLag, RegionInfo, RegionPromoteResponse, RegionStatusResponse,
-    CompareAndSwapResponse, Consistency, DeleteResponse, GetResponse, KeyValue, Member, MembersResponse, NodeInfo,
-    PutResponse, ScanResponse, StatusResponse, Version,
+    CompareAndSwapResponse, Consistency, DeleteResponse, DivergentResponse, FenceResponse, GetResponse, KeyValue,
+    Member, MembersResponse, NodeInfo, PeerLag, PutResponse, RegionInfo, RegionPromoteResponse, RegionStatusResponse,
+    ScanResponse, StatusResponse, Version,
 };
+use nines_proto::v1::{DivergentRequest, FenceRequest, RegionPromoteRequest, RegionStatusRequest, SetFaultsRequest};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
@@ -395,7 +395,12 @@ impl Client {
 
     /// Test only: sets the fault hooks of the node at `endpoint` (refused
     /// unless it runs with fault injection enabled).
-    pub async fn set_faults_on(&self, endpoint: &str, blocked_regions: Vec<String>, clock_offset_ms: i64) -> Result<()> {
+    pub async fn set_faults_on(
+        &self,
+        endpoint: &str,
+        blocked_regions: Vec<String>,
+        clock_offset_ms: i64,
+    ) -> Result<()> {
         let channel = self.channel(endpoint)?;
         let req = SetFaultsRequest { blocked_regions, clock_offset_ms };
         Self::region(channel).set_faults(req).await.map_err(|s| Error::from_final(&s))?;

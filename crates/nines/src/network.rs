@@ -83,7 +83,13 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
         let delay = self.latency.between(&self.me.region, &self.me.az, &node.region, &node.az);
-        PeerClient { id: self.id, target, addr: node.grpc_addr.clone(), channel: self.channels.get(&node.grpc_addr), delay }
+        PeerClient {
+            id: self.id,
+            target,
+            addr: node.grpc_addr.clone(),
+            channel: self.channels.get(&node.grpc_addr),
+            delay,
+        }
     }
 }
 

@@ -24,20 +24,20 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{LatencyConfig, Mode, NodeConfig, RegionConfig};
-use crate::faults::Faults;
-use crate::server::region::RegionAdminService;
-use crate::server::replication::ReplicationService;
-use nines_proto::v1::region_admin_server::RegionAdminServer;
-use nines_proto::v1::replication_server::ReplicationServer;
 use crate::error::Error;
+use crate::faults::Faults;
 use crate::hlc::HlcClock;
 use crate::limits::{CHANGEFEED_BACKLOG_MAX, RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
 use crate::network::{Channels, NetworkFactory};
 use crate::server::admin::AdminService;
 use crate::server::kv::KvService;
 use crate::server::raft::RaftService;
+use crate::server::region::RegionAdminService;
+use crate::server::replication::ReplicationService;
 use crate::storage::{self, ReplicationSetup, StateReader};
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft};
+use nines_proto::v1::region_admin_server::RegionAdminServer;
+use nines_proto::v1::replication_server::ReplicationServer;
 
 /// How long in-flight requests may run after shutdown begins. Longer than
 /// the default write timeout would let one stuck write hold up a restart;
@@ -99,9 +99,8 @@ impl Shared {
         if m.current_leader == Some(self.id) && m.state == openraft::ServerState::Leader {
             return Ok(());
         }
-        let leader_addr = m
-            .current_leader
-            .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.grpc_addr.clone()));
+        let leader_addr =
+            m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.grpc_addr.clone()));
         Err(Error::NotLeader { leader_id: m.current_leader, leader_addr })
     }
 

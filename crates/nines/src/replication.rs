@@ -133,11 +133,7 @@ pub fn region_client(region: &RegionConfig) -> Result<Client, Error> {
 
 /// Starts one shipper per peer region; they stop when `stop` turns true.
 pub fn spawn_shippers(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-    shared
-        .peers
-        .iter()
-        .map(|peer| tokio::spawn(ship_to(shared.clone(), peer.clone(), stop.clone())))
-        .collect()
+    shared.peers.iter().map(|peer| tokio::spawn(ship_to(shared.clone(), peer.clone(), stop.clone()))).collect()
 }
 
 fn to_entry(index: u64, rec: crate::storage::state_machine::ChangeRecord) -> ChangeEntry {
@@ -311,7 +307,9 @@ async fn resync(shared: Arc<Shared>, primary: RegionConfig, keys: Vec<Vec<u8>>) 
                                 origin: v.origin_region,
                             }
                         }
-                        None => ResyncEntry { key: key.clone(), value: None, hlc: Hlc::default(), origin: String::new() },
+                        None => {
+                            ResyncEntry { key: key.clone(), value: None, hlc: Hlc::default(), origin: String::new() }
+                        }
                     }),
                     Err(e) => {
                         failed = Some(e.to_string());

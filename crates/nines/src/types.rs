@@ -56,23 +56,49 @@ pub enum Expected {
 /// so every replica applies the same timestamp.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    Put { key: Vec<u8>, value: Vec<u8>, hlc: Hlc },
-    Delete { key: Vec<u8>, hlc: Hlc },
-    CompareAndSwap { key: Vec<u8>, value: Vec<u8>, expected: Expected, hlc: Hlc },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        hlc: Hlc,
+    },
+    Delete {
+        key: Vec<u8>,
+        hlc: Hlc,
+    },
+    CompareAndSwap {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expected: Expected,
+        hlc: Hlc,
+    },
     /// Writes shipped from another region, applied last-writer-wins on
     /// `(hlc, origin)`. `epoch` is the sender's epoch (active-passive).
-    ApplyRemote { origin: String, epoch: u64, entries: Vec<RemoteEntry> },
+    ApplyRemote {
+        origin: String,
+        epoch: u64,
+        entries: Vec<RemoteEntry>,
+    },
     /// Peer `region` has applied this region's changefeed through `index`:
     /// entries every peer has applied are dropped, with their tombstones.
-    AckShipped { region: String, index: u64 },
+    AckShipped {
+        region: String,
+        index: u64,
+    },
     /// Adopt region roles (active-passive). An equal epoch with the same
     /// primary only changes `fenced`. A higher epoch that names another
     /// primary demotes this region if it was primary: its changefeed entries
     /// above `shipped_through` (never applied by the new primary) move to the
     /// divergence record.
-    SetRole { primary: String, epoch: u64, fenced: bool, shipped_through: u64 },
+    SetRole {
+        primary: String,
+        epoch: u64,
+        fenced: bool,
+        shipped_through: u64,
+    },
     /// After a demotion: values of divergent keys as the new primary has them.
-    Resync { entries: Vec<ResyncEntry> },
+    Resync {
+        entries: Vec<ResyncEntry>,
+    },
 }
 
 /// One write from another region's changefeed.

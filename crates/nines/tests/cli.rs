@@ -13,11 +13,11 @@ fn nines(endpoints: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_nines")).args(["--endpoints", endpoints]).args(args).output().expect("run nines")
 }
 
-/// Three consecutive free ports starting at the returned one.
+/// Six consecutive free ports starting at the returned one.
 fn free_port_run() -> u16 {
     for _ in 0..100 {
         let p = free_port();
-        if p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+        if p < 65000 && (1..6).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
     }
@@ -26,7 +26,8 @@ fn free_port_run() -> u16 {
 
 #[test]
 fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
-    // Shows: `nines up` prints each node's addresses and PID and a leader;
+    // Shows: `nines up` starts two regions of three nodes, prints each
+    // node's addresses and PID and each region's leader;
     // put/get/cas/del/scan/status/member list work against it with the
     // documented exit codes; SIGINT stops `up` and every node it started.
     let _serial = serial_blocking();
@@ -41,7 +42,7 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let mut out = BufReader::new(up.stdout.take().unwrap());
     let mut printed = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !printed.contains("leader: node") {
+    while !printed.contains("eu-west leader: node") {
         assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 {
@@ -54,8 +55,8 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
         .filter(|l| l.contains("http://127.0.0.1:"))
         .map(|l| l.split_whitespace().last().unwrap().parse().expect("pid column"))
         .collect();
-    assert_eq!(pids.len(), 3, "three nodes with PIDs: {printed}");
-    for n in 0..3 {
+    assert_eq!(pids.len(), 6, "six nodes with PIDs: {printed}");
+    for n in 0..6 {
         assert!(printed.contains(&format!("http://127.0.0.1:{}", grpc + n)), "{printed}");
         assert!(printed.contains(&format!("http://127.0.0.1:{}", admin + n)), "{printed}");
     }
@@ -91,8 +92,23 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let o = nines(&eps, &["status"]);
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
-    assert_eq!(table.lines().filter(|l| l.contains("leader") || l.contains("follower")).count(), 3, "{table}");
-    assert_eq!(table.lines().filter(|l| l.contains(" leader ")).count(), 1, "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains(" leader ") || l.contains(" follower ")).count(), 6, "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains(" leader ")).count(), 2, "one leader per region: {table}");
+    assert!(table.contains("us-east") && table.contains("eu-west") && table.contains("LAG ENTRIES"), "{table}");
+    // A write in one region reaches the other.
+    let eu = format!("http://127.0.0.1:{},http://127.0.0.1:{},http://127.0.0.1:{}", grpc + 3, grpc + 4, grpc + 5);
+    let o = nines(&eps, &["put", "travels", "far"]);
+    assert!(o.status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = nines(&eu, &["get", "travels", "--consistency", "local"]);
+        if o.status.success() {
+            assert!(String::from_utf8_lossy(&o.stdout).contains("far"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the write never reached eu-west");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let o = nines(&eps, &["member", "list", "-w", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["members"].as_array().unwrap().len(), 3);

@@ -436,7 +436,17 @@ async fn status(g: &Global) -> anyhow::Result<()> {
         let members = match c.members().await {
             Ok(m) => m,
             Err(e) => {
-                rows.push(vec!["-".into(), r.name.clone(), "-".into(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into(), r.endpoints.join(",")]);
+                rows.push(vec![
+                    "-".into(),
+                    r.name.clone(),
+                    "-".into(),
+                    "unreachable".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    r.endpoints.join(","),
+                ]);
                 out.push(json!({ "region": r.name, "reachable": false, "error": e.to_string() }));
                 continue;
             }
@@ -465,7 +475,17 @@ async fn status(g: &Global) -> anyhow::Result<()> {
                 }
                 Err(e) => {
                     let dash = || "-".to_string();
-                    rows.push(vec![n.id.to_string(), n.region.clone(), n.az.clone(), "unreachable".into(), dash(), dash(), dash(), dash(), n.grpc_addr.clone()]);
+                    rows.push(vec![
+                        n.id.to_string(),
+                        n.region.clone(),
+                        n.az.clone(),
+                        "unreachable".into(),
+                        dash(),
+                        dash(),
+                        dash(),
+                        dash(),
+                        n.grpc_addr.clone(),
+                    ]);
                     out.push(json!({ "id": n.id, "region": n.region, "az": n.az, "grpc_addr": n.grpc_addr, "reachable": false, "error": e.to_string() }));
                 }
             }
@@ -475,7 +495,9 @@ async fn status(g: &Global) -> anyhow::Result<()> {
     let region_status = if multi { region::statuses(&regions).await } else { Vec::new() };
     if g.format == Format::Json {
         if multi {
-            print_json(json!({ "nodes": out, "regions": region_status.iter().map(|(r, s)| json!({"region": r.name, "status": s.as_ref().ok().map(|s| json!({"role": s.role, "primary": s.primary, "epoch": s.epoch, "peers": s.peers.iter().map(|p| json!({"region": p.region, "lag_entries": p.lag_entries, "lag_ms": p.lag_ms})).collect::<Vec<_>>()}))})).collect::<Vec<_>>() }));
+            print_json(
+                json!({ "nodes": out, "regions": region_status.iter().map(|(r, s)| json!({"region": r.name, "status": s.as_ref().ok().map(|s| json!({"role": s.role, "primary": s.primary, "epoch": s.epoch, "peers": s.peers.iter().map(|p| json!({"region": p.region, "lag_entries": p.lag_entries, "lag_ms": p.lag_ms})).collect::<Vec<_>>()}))})).collect::<Vec<_>>() }),
+            );
         } else {
             print_json(json!({ "nodes": out }));
         }

@@ -161,7 +161,10 @@ pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
                         vec![
                             text(&kv.key),
                             if kv.tombstone { "(deleted)".into() } else { text(&kv.value) },
-                            format!("{} (hlc {}.{}, origin {})", kv.index, kv.hlc_physical_ms, kv.hlc_logical, kv.origin_region),
+                            format!(
+                                "{} (hlc {}.{}, origin {})",
+                                kv.index, kv.hlc_physical_ms, kv.hlc_logical, kv.origin_region
+                            ),
                             epoch.to_string(),
                         ]
                     })
@@ -203,7 +206,9 @@ pub fn print_region_status(g: &Global, all: &[(RegionInfo, anyhow::Result<Region
                 s.changefeed_entries.to_string(),
                 s.divergent_count.to_string(),
             ],
-            Err(_) => vec![r.name.clone(), "-".into(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into()],
+            Err(_) => {
+                vec![r.name.clone(), "-".into(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into()]
+            }
         })
         .collect();
     print_table(&["REGION", "MODE", "ROLE", "PRIMARY", "EPOCH", "CHANGEFEED", "DIVERGENT"], &rows);
@@ -212,7 +217,13 @@ pub fn print_region_status(g: &Global, all: &[(RegionInfo, anyhow::Result<Region
         .filter_map(|(r, s)| s.as_ref().ok().map(|s| (r, s)))
         .flat_map(|(r, s)| {
             s.peers.iter().map(move |p| {
-                vec![r.name.clone(), p.region.clone(), p.lag_entries.to_string(), p.lag_ms.to_string(), p.acked_index.to_string()]
+                vec![
+                    r.name.clone(),
+                    p.region.clone(),
+                    p.lag_entries.to_string(),
+                    p.lag_ms.to_string(),
+                    p.acked_index.to_string(),
+                ]
             })
         })
         .collect();

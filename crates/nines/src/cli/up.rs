@@ -99,7 +99,8 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
     let port = |base: u16, id: u64| -> anyhow::Result<u16> {
         u16::try_from(u64::from(base) + id - 1).context("port base plus node count exceeds 65535")
     };
-    let grpc = |id: u64| -> anyhow::Result<String> { Ok(format!("http://127.0.0.1:{}", port(args.grpc_port_base, id)?)) };
+    let grpc =
+        |id: u64| -> anyhow::Result<String> { Ok(format!("http://127.0.0.1:{}", port(args.grpc_port_base, id)?)) };
     let mut regions = Vec::new();
     for r in 0..args.regions {
         let endpoints = (1..=args.azs).map(|a| grpc(r * args.azs + a)).collect::<anyhow::Result<Vec<_>>>()?;
@@ -231,7 +232,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
             check_alive(&mut nodes, &dir)?;
             if Instant::now() > deadline {
-                bail!("region {region} elected no leader within {STARTUP_DEADLINE:?}; see the node.log files under {}", dir.display());
+                bail!(
+                    "region {region} elected no leader within {STARTUP_DEADLINE:?}; see the node.log files under {}",
+                    dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };

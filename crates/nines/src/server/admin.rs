@@ -90,27 +90,32 @@ impl AdminService {
     /// node (after a successful leadership check). A change has two steps;
     /// an error after the call began may follow a committed first step, so
     /// none of them is retry-safe.
-    fn change(
-        &self,
-        result: Result<Result<(), RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>, tokio::time::error::Elapsed>,
-    ) -> Result<MembersResponse, Error> {
+    fn change(&self, result: ChangeOutcome) -> Result<MembersResponse, Error> {
         match result {
             Err(_) => Err(Error::Indeterminate(format!(
                 "membership change not finished within {MEMBERSHIP_CHANGE_TIMEOUT:?}; check `nines member list`"
             ))),
             Ok(Ok(())) => Ok(self.members_response()),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(Error::Indeterminate(format!(
-                "leadership moved to {:?} during the membership change; check `nines member list`",
-                f.leader_id
-            ))),
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(match e {
-                ChangeMembershipError::InProgress(_) => Error::Unavailable { reason: e.to_string(), retry_safe: false },
-                _ => Error::FailedPrecondition(e.to_string()),
+            Ok(Err(e)) => Err(match *e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::Indeterminate(format!(
+                    "leadership moved to {:?} during the membership change; check `nines member list`",
+                    f.leader_id
+                )),
+                RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => match e {
+                    ChangeMembershipError::InProgress(_) => {
+                        Error::Unavailable { reason: e.to_string(), retry_safe: false }
+                    }
+                    _ => Error::FailedPrecondition(e.to_string()),
+                },
+                RaftError::Fatal(f) => Error::Unavailable { reason: f.to_string(), retry_safe: false },
             }),
-            Ok(Err(RaftError::Fatal(f))) => Err(Error::Unavailable { reason: f.to_string(), retry_safe: false }),
         }
     }
 }
+
+/// A membership change's outcome: openraft's result, or a timeout.
+type ChangeOutcome =
+    Result<Result<(), Box<RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>>, tokio::time::error::Elapsed>;
 
 /// How long a membership change may take, including a new learner catching
 /// up. A learner that needs longer is still being added; the caller is told
@@ -160,10 +165,12 @@ impl Admin for AdminService {
         };
         let (id, info) = info_from_proto(node)?;
         if let Err(e) = self.node.check_leader() {
-            return forward(&self.node, e, hops, r, |c, req| async move { admin_client(c).add_learner(req).await }).await;
+            return forward(&self.node, e, hops, r, |c, req| async move { admin_client(c).add_learner(req).await })
+                .await;
         }
         let call = self.node.raft.add_learner(id, info, true);
-        let result = tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()));
+        let result =
+            tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()).map_err(Box::new));
         Ok(Response::new(self.change(result)?))
     }
 
@@ -175,7 +182,8 @@ impl Admin for AdminService {
         }
         let ids: BTreeSet<NodeId> = [r.node_id].into();
         let call = self.node.raft.change_membership(ChangeMembers::AddVoterIds(ids), false);
-        let result = tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()));
+        let result =
+            tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()).map_err(Box::new));
         Ok(Response::new(self.change(result)?))
     }
 
@@ -195,7 +203,8 @@ impl Admin for AdminService {
         let ids: BTreeSet<NodeId> = [id].into();
         let change = if is_voter { ChangeMembers::RemoveVoters(ids) } else { ChangeMembers::RemoveNodes(ids) };
         let call = self.node.raft.change_membership(change, false);
-        let result = tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()));
+        let result =
+            tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()).map_err(Box::new));
         Ok(Response::new(self.change(result)?))
     }
 

@@ -6,17 +6,17 @@ use std::sync::Arc;
 use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::region_admin_server::RegionAdmin;
 use nines_proto::v1::{
-    DivergentRecord, DivergentRequest, DivergentResponse, FenceRequest, FenceResponse, KeyValueRecord,
-    OriginApplied, PeerLag, RegionInfo, RegionPromoteRequest, RegionPromoteResponse, RegionStatusRequest,
-    RegionStatusResponse, SetFaultsRequest, SetFaultsResponse,
+    DivergentRecord, DivergentRequest, DivergentResponse, FenceRequest, FenceResponse, KeyValueRecord, OriginApplied,
+    PeerLag, RegionInfo, RegionPromoteRequest, RegionPromoteResponse, RegionStatusRequest, RegionStatusResponse,
+    SetFaultsRequest, SetFaultsResponse,
 };
 use tonic::{Request, Response, Status};
 
 use super::{forward, hops};
 use crate::config::Mode;
 use crate::error::Error;
-use crate::hlc::WallClock;
 use crate::hlc::PhysicalClock;
+use crate::hlc::WallClock;
 use crate::limits::DIVERGENT_LIST_MAX;
 use crate::node::Shared;
 use crate::types::{Command, CommandResult};
@@ -98,8 +98,14 @@ impl RegionAdmin for RegionAdminService {
     async fn region_status(&self, req: Request<RegionStatusRequest>) -> Result<Response<RegionStatusResponse>, Status> {
         let hops = hops(&req);
         if let Err(e) = self.node.check_leader() {
-            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).region_status(r).await })
-                .await;
+            return forward(
+                &self.node,
+                e,
+                hops,
+                req.into_inner(),
+                |c, r| async move { client(c).region_status(r).await },
+            )
+            .await;
         }
         Ok(Response::new(self.status()?))
     }
@@ -108,7 +114,8 @@ impl RegionAdmin for RegionAdminService {
         let hops = hops(&req);
         self.require_active_passive()?;
         if let Err(e) = self.node.check_leader() {
-            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).fence(r).await }).await;
+            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).fence(r).await })
+                .await;
         }
         let region = self.node.reader.region_state();
         let primary = self.node.reader.primary();
@@ -128,15 +135,17 @@ impl RegionAdmin for RegionAdminService {
         let hops = hops(&req);
         self.require_active_passive()?;
         if let Err(e) = self.node.check_leader() {
-            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).promote(r).await }).await;
+            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).promote(r).await })
+                .await;
         }
         let epoch = req.into_inner().epoch;
         let current = self.node.reader.region_state().epoch;
         if epoch <= current {
-            return Err(Error::FailedPrecondition(format!("epoch {epoch} must be above the current epoch {current}")).into());
+            return Err(
+                Error::FailedPrecondition(format!("epoch {epoch} must be above the current epoch {current}")).into()
+            );
         }
-        let cmd =
-            Command::SetRole { primary: self.node.info.region.clone(), epoch, fenced: false, shipped_through: 0 };
+        let cmd = Command::SetRole { primary: self.node.info.region.clone(), epoch, fenced: false, shipped_through: 0 };
         match self.node.propose(cmd).await? {
             CommandResult::Role { .. } => {}
             other => return Err(Error::Internal(format!("promotion applied as {other:?}")).into()),
@@ -149,7 +158,9 @@ impl RegionAdmin for RegionAdminService {
         let limit = match req.into_inner().limit {
             0 => DIVERGENT_LIST_MAX,
             l if l > DIVERGENT_LIST_MAX => {
-                return Err(Error::invalid(format!("limit {l} is above DIVERGENT_LIST_MAX {DIVERGENT_LIST_MAX}")).into());
+                return Err(
+                    Error::invalid(format!("limit {l} is above DIVERGENT_LIST_MAX {DIVERGENT_LIST_MAX}")).into()
+                );
             }
             l => l,
         };

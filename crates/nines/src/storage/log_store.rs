@@ -65,8 +65,16 @@ fn write_logs_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    pub fn open(db: &sled::Db, durable_applied: Option<tokio::sync::watch::Receiver<u64>>) -> Result<Self, sled::Error> {
-        Ok(LogStore { db: db.clone(), log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, durable_applied })
+    pub fn open(
+        db: &sled::Db,
+        durable_applied: Option<tokio::sync::watch::Receiver<u64>>,
+    ) -> Result<Self, sled::Error> {
+        Ok(LogStore {
+            db: db.clone(),
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+            durable_applied,
+        })
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {

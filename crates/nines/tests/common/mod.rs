@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nines::config::NodeConfig;
+use nines::config::{ClusterConfig, Mode, NodeConfig, RegionConfig};
 use nines_client::{Client, ClientConfig, NodeInfo, StatusResponse};
 
 /// Cluster tests run one at a time: three node processes per test on a
@@ -29,9 +29,21 @@ pub fn serial_blocking() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.blocking_lock()
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, chosen below the kernel's ephemeral
+/// range: a node restarted on its old port must not find it taken as the
+/// source port of some outgoing connection in the meantime.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().unwrap().port()
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000 after 1000 tries");
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
@@ -75,6 +87,8 @@ impl TestNode {
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub nodes: BTreeMap<u64, TestNode>,
+    /// Region name -> its node ids (ids are unique across regions).
+    pub regions: BTreeMap<String, Vec<u64>>,
 }
 
 impl Drop for TestCluster {
@@ -89,36 +103,77 @@ impl Drop for TestCluster {
 }
 
 impl TestCluster {
-    /// Starts `n` nodes (one per AZ), bootstraps them and waits for a leader.
-    /// `tweak` adjusts each node's config.
+    /// Starts `n` nodes (one per AZ) of one region, bootstraps them and
+    /// waits for a leader. `tweak` adjusts each node's config.
     pub async fn start(n: u64, tweak: impl Fn(&mut NodeConfig)) -> TestCluster {
+        Self::start_regions(&[("test", n)], Mode::ActiveActive, tweak).await
+    }
+
+    /// Starts several regions (name, nodes), each its own Raft group, all
+    /// replicating to each other; in active-passive mode the first region is
+    /// the primary. Node ids run on across regions.
+    pub async fn start_regions(spec: &[(&str, u64)], mode: Mode, tweak: impl Fn(&mut NodeConfig)) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = BTreeMap::new();
-        for id in 1..=n {
-            let mut config = NodeConfig {
-                id,
-                region: "test".into(),
-                az: format!("test-{}", (b'a' + (id - 1) as u8) as char),
-                data_dir: dir.path().join(format!("node-{id}")),
-                grpc_listen: ([127, 0, 0, 1], free_port()).into(),
-                admin_listen: ([127, 0, 0, 1], free_port()).into(),
-                ..NodeConfig::default()
-            };
-            tweak(&mut config);
-            let config_path = dir.path().join(format!("node-{id}.toml"));
-            std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-            nodes.insert(id, TestNode { config, config_path, child: None });
+        let mut regions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut next = 1;
+        let mut ports = BTreeMap::new();
+        for (region, n) in spec {
+            for _ in 0..*n {
+                ports.insert(next, (free_port(), free_port()));
+                regions.entry(region.to_string()).or_default().push(next);
+                next += 1;
+            }
         }
-        let mut cluster = TestCluster { dir, nodes };
-        for id in 1..=n {
-            cluster.spawn(id);
+        let cluster_config = ClusterConfig {
+            mode,
+            primary: if mode == Mode::ActivePassive { spec[0].0.to_string() } else { String::new() },
+            regions: if spec.len() > 1 {
+                spec.iter()
+                    .map(|(r, _)| RegionConfig {
+                        name: r.to_string(),
+                        endpoints: regions[*r].iter().map(|id| format!("http://127.0.0.1:{}", ports[id].0)).collect(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        };
+        for (region, ids) in &regions {
+            for (i, id) in ids.iter().enumerate() {
+                let mut config = NodeConfig {
+                    id: *id,
+                    region: region.clone(),
+                    az: format!("{region}-{}", (b'a' + i as u8) as char),
+                    data_dir: dir.path().join(format!("node-{id}")),
+                    grpc_listen: ([127, 0, 0, 1], ports[id].0).into(),
+                    admin_listen: ([127, 0, 0, 1], ports[id].1).into(),
+                    cluster: cluster_config.clone(),
+                    ..NodeConfig::default()
+                };
+                tweak(&mut config);
+                let config_path = dir.path().join(format!("node-{id}.toml"));
+                std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+                nodes.insert(*id, TestNode { config, config_path, child: None });
+            }
         }
-        for id in 1..=n {
-            cluster.wait_serving(id).await;
+        let mut cluster = TestCluster { dir, nodes, regions };
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in &ids {
+            cluster.spawn(*id);
         }
-        let members: Vec<NodeInfo> = cluster.nodes.values().map(|n| n.info()).collect();
-        cluster.client_of(&[1]).init(&cluster.nodes[&1].grpc(), members).await.expect("init");
-        cluster.wait_leader().await;
+        for id in &ids {
+            cluster.wait_serving(*id).await;
+        }
+        for ids in cluster.regions.values() {
+            let members: Vec<NodeInfo> = ids.iter().map(|id| cluster.nodes[id].info()).collect();
+            let first = ids[0];
+            cluster.client_of(&[first]).init(&cluster.nodes[&first].grpc(), members).await.expect("init");
+        }
+        let names: Vec<String> = cluster.regions.keys().cloned().collect();
+        for r in names {
+            cluster.wait_leader_in(&r).await;
+        }
         cluster
     }
 
@@ -187,10 +242,46 @@ impl TestCluster {
         Client::new(self.endpoints(ids), ClientConfig::default()).expect("client")
     }
 
-    /// A client that knows every node.
+    /// A client that knows every node (of a single-region cluster).
     pub fn client(&self) -> Client {
+        assert_eq!(self.regions.len(), 1, "client() is for one region; use region_client");
         let ids: Vec<u64> = self.nodes.keys().copied().collect();
         self.client_of(&ids)
+    }
+
+    /// A client of every node of `region`.
+    pub fn region_client(&self, region: &str) -> Client {
+        self.client_of(&self.regions[region])
+    }
+
+    /// Sets the fault hooks on every running node of `region`.
+    pub async fn set_faults(&self, region: &str, blocked: &[&str], clock_offset_ms: i64) {
+        for id in &self.regions[region] {
+            if self.nodes[id].child.is_some() {
+                let c = self.client_of(&[*id]);
+                c.set_faults_on(
+                    &self.nodes[id].grpc(),
+                    blocked.iter().map(|s| s.to_string()).collect(),
+                    clock_offset_ms,
+                )
+                .await
+                .expect("set faults");
+            }
+        }
+    }
+
+    /// Waits until every region reports no replication lag to any peer.
+    pub async fn wait_converged(&self) {
+        wait_for("regions to converge", Duration::from_secs(60), || async {
+            for r in self.regions.keys() {
+                let s = self.region_client(r).region_status().await.ok()?;
+                if s.peers.iter().any(|p| p.lag_entries > 0) {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
@@ -198,14 +289,30 @@ impl TestCluster {
     }
 
     pub async fn wait_serving(&self, id: u64) {
-        wait_for(&format!("node {id} to serve"), Duration::from_secs(30), || self.status(id)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.status(id).await.is_none() {
+            if Instant::now() > deadline {
+                let log = self.log_of(id);
+                let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("timed out after 30s waiting for node {id} to serve; its log ends:\n{}", tail.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
-    /// Waits until the running nodes agree on one leader; returns its id.
+    /// Waits for a leader in a single-region cluster; returns its id.
     pub async fn wait_leader(&self) -> u64 {
-        wait_for("a leader", Duration::from_secs(30), || async {
+        assert_eq!(self.regions.len(), 1, "wait_leader is for one region; use wait_leader_in");
+        let region = self.regions.keys().next().unwrap().clone();
+        self.wait_leader_in(&region).await
+    }
+
+    /// Waits until a running node of `region` leads it; returns its id.
+    pub async fn wait_leader_in(&self, region: &str) -> u64 {
+        wait_for(&format!("a leader in {region}"), Duration::from_secs(30), || async {
             let mut leader = None;
-            for (id, n) in &self.nodes {
+            for id in &self.regions[region] {
+                let n = &self.nodes[id];
                 if n.child.is_none() {
                     continue;
                 }
