@@ -36,30 +36,6 @@ async fn three_nodes_elect_a_leader_and_every_put_is_readable_linearizably_from_
     }
 }
 
-/// Writes `key-N` values in sequence until told to stop; returns the keys
-/// whose put was acknowledged, with the times each put was invoked and
-/// acknowledged.
-async fn writer(
-    client: nines_client::Client,
-    stop: Arc<AtomicBool>,
-    prefix: &'static str,
-) -> Vec<(String, Instant, Instant)> {
-    let mut acked = Vec::new();
-    let mut i = 0;
-    // Bounded: at most 100,000 attempts, and the test stops it far sooner.
-    while !stop.load(Ordering::SeqCst) && i < 100_000 {
-        let k = format!("{prefix}-{i:06}");
-        let invoked = Instant::now();
-        match client.put(k.clone(), k.clone()).await {
-            Ok(_) => acked.push((k, invoked, Instant::now())),
-            Err(Error::Indeterminate(_) | Error::Unavailable { .. }) => {}
-            Err(e) => panic!("unexpected write error: {e}"),
-        }
-        i += 1;
-    }
-    acked
-}
-
 async fn wait_acks(count: &std::sync::atomic::AtomicUsize, n: usize) {
     wait_for(&format!("{n} acknowledged writes"), Duration::from_secs(60), || async {
         (count.load(Ordering::SeqCst) >= n).then_some(())
@@ -212,56 +188,4 @@ async fn restarted_node_does_not_reinitialise() {
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     let r = cluster.client().get("k", Consistency::Linearizable).await.expect("get");
     assert_eq!(r.kv.unwrap().value, b"v");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement: run with --ignored --nocapture to print failover times"]
-async fn measure_leader_kill_to_next_acknowledged_write() {
-    // Measures: over 10 kills of the leader, the time from kill -9 to the
-    // next acknowledged write of a running writer. Prints min/median/max.
-    let _serial = serial().await;
-    nines::cli::init_tracing(false);
-    let mut cluster = TestCluster::start(3, |_| {}).await;
-    let mut samples = Vec::new();
-    for round in 0..10 {
-        let leader = cluster.wait_leader().await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = tokio::spawn(writer(cluster.client(), stop.clone(), "m"));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let killed_at = Instant::now();
-        cluster.kill(leader);
-        wait_for("a new leader", Duration::from_secs(30), || async {
-            for id in 1..=3u64 {
-                if id != leader && cluster.status(id).await.is_some_and(|s| s.role == "leader") {
-                    return Some(());
-                }
-            }
-            None
-        })
-        .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        stop.store(true, Ordering::SeqCst);
-        let acked = handle.await.unwrap();
-        // The first write invoked after the kill and acknowledged: its
-        // completion time minus the kill time.
-        let gap = acked
-            .iter()
-            .find(|(_, invoked, _)| *invoked > killed_at)
-            .map(|(_, _, acked_at)| *acked_at - killed_at)
-            .expect("a write invoked after the kill");
-        eprintln!("round {round}: killed leader {leader}; next acknowledged write after {gap:?}");
-        samples.push(gap);
-        cluster.spawn(leader);
-        cluster.wait_serving(leader).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    samples.sort();
-    eprintln!(
-        "leader kill -> next acknowledged write over {} tries: min {:?}, median {:?}, max {:?}",
-        samples.len(),
-        samples[0],
-        samples[samples.len() / 2],
-        samples[samples.len() - 1]
-    );
-    assert_eq!(samples.len(), 10);
 }

@@ -920,3 +920,150 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(self.read_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+
+    use super::*;
+
+    fn open(region: &str, peers: &[&str], mode: Mode, primary: &str) -> (tempfile::TempDir, StateMachine) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path().join("db")).open().unwrap();
+        let setup = ReplicationSetup {
+            region: region.into(),
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            mode,
+            initial_primary: primary.into(),
+        };
+        let sm = StateMachine::open(&db, setup, Arc::new(HlcClock::wall(500))).unwrap();
+        (dir, sm)
+    }
+
+    fn hlc(ms: u64, logical: u32) -> Hlc {
+        Hlc { physical_ms: ms, logical }
+    }
+
+    /// Applies `cmd` as the next log entry.
+    async fn apply(sm: &mut StateMachine, cmd: Command) -> CommandResult {
+        let index = sm.last_applied.map(|l| l.index + 1).unwrap_or(1);
+        let entry = Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) };
+        sm.apply([entry]).await.unwrap().remove(0)
+    }
+
+    fn put(key: &str, value: &str, at: Hlc) -> Command {
+        Command::Put { key: key.into(), value: value.into(), hlc: at }
+    }
+
+    fn remote(origin_index: u64, key: &str, value: Option<&str>, at: Hlc) -> RemoteEntry {
+        RemoteEntry { origin_index, key: key.into(), value: value.map(|v| v.into()), hlc: at }
+    }
+
+    #[tokio::test]
+    async fn remote_writes_merge_last_writer_wins_on_hlc_then_origin() {
+        // (local write's hlc, remote hlc, remote origin, value that must win)
+        let table = [
+            (hlc(100, 0), hlc(200, 0), "b", "remote"),
+            (hlc(200, 0), hlc(100, 0), "b", "local"),
+            (hlc(100, 5), hlc(100, 6), "b", "remote"),
+            // Equal timestamps: the greater origin name wins ("b" > "a").
+            (hlc(100, 0), hlc(100, 0), "b", "remote"),
+            (hlc(100, 0), hlc(100, 0), "0", "local"),
+        ];
+        for (local_at, remote_at, origin, winner) in table {
+            let (_d, mut sm) = open("a", &[origin], Mode::ActiveActive, "");
+            apply(&mut sm, put("k", "local", local_at)).await;
+            let entries = vec![remote(1, "k", Some("remote"), remote_at)];
+            apply(&mut sm, Command::ApplyRemote { origin: origin.into(), epoch: 0, entries }).await;
+            let got = sm.reader().get(b"k").unwrap().unwrap();
+            assert_eq!(got.value.as_deref(), Some(winner.as_bytes()), "local {local_at} vs {origin} {remote_at}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shipment_applied_twice_counts_once() {
+        let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
+        let batch = vec![remote(3, "x", Some("1"), hlc(10, 0)), remote(7, "y", Some("2"), hlc(11, 0))];
+        let first = apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: batch.clone() }).await;
+        assert_eq!(first, CommandResult::Remote { applied: 2, applied_through: 7 });
+        let mut overlapping = batch;
+        overlapping.push(remote(9, "z", Some("3"), hlc(12, 0)));
+        let again = apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: overlapping }).await;
+        assert_eq!(again, CommandResult::Remote { applied: 1, applied_through: 9 });
+        let region = sm.reader().region_state();
+        assert_eq!(region.applied_total["b"], 3);
+        assert_eq!(sm.reader().changefeed_len(), 0, "replicated writes are never shipped again");
+    }
+
+    #[tokio::test]
+    async fn tombstones_are_collected_only_after_every_peer_acknowledged_them() {
+        let (_d, mut sm) = open("a", &["b", "c"], Mode::ActiveActive, "");
+        apply(&mut sm, put("k", "v", hlc(1, 0))).await;
+        let CommandResult::Delete { version, .. } = apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(2, 0) }).await
+        else {
+            panic!("delete result")
+        };
+        assert_eq!(sm.reader().changefeed_len(), 2);
+        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index }).await;
+        assert_eq!(sm.reader().changefeed_len(), 2, "c has not applied them yet");
+        assert!(sm.reader().get(b"k").unwrap().is_some(), "the tombstone stays until every peer has it");
+        apply(&mut sm, Command::AckShipped { region: "c".into(), index: version.index }).await;
+        assert_eq!(sm.reader().changefeed_len(), 0);
+        assert!(sm.reader().get(b"k").unwrap().is_none(), "the acknowledged tombstone is collected");
+    }
+
+    #[tokio::test]
+    async fn secondary_and_fenced_regions_refuse_local_writes_at_apply_time() {
+        let (_d, mut secondary) = open("b", &["a"], Mode::ActivePassive, "a");
+        let r = apply(&mut secondary, put("k", "v", hlc(1, 0))).await;
+        assert!(matches!(r, CommandResult::Rejected { retry_later: false, ref reason } if reason.contains("primary region a")));
+        let (_d, mut primary) = open("a", &["b"], Mode::ActivePassive, "a");
+        assert!(matches!(apply(&mut primary, put("k", "v", hlc(1, 0))).await, CommandResult::Put { .. }));
+        let fence = Command::SetRole { primary: "a".into(), epoch: 0, fenced: true, shipped_through: 0 };
+        apply(&mut primary, fence).await;
+        let r = apply(&mut primary, put("k", "w", hlc(2, 0))).await;
+        assert!(matches!(r, CommandResult::Rejected { retry_later: true, .. }), "{r:?}");
+        assert_eq!(primary.reader().get(b"k").unwrap().unwrap().value.as_deref(), Some(&b"v"[..]));
+    }
+
+    #[tokio::test]
+    async fn demotion_moves_exactly_the_unshipped_writes_to_the_divergence_record() {
+        let (_d, mut sm) = open("a", &["b"], Mode::ActivePassive, "a");
+        for i in 1..=5u64 {
+            apply(&mut sm, put(&format!("k{i}"), "v", hlc(i, 0))).await;
+        }
+        let demote = Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: 3 };
+        let r = apply(&mut sm, demote).await;
+        assert_eq!(r, CommandResult::Role { divergent: vec![b"k4".to_vec(), b"k5".to_vec()] });
+        let reader = sm.reader();
+        assert_eq!(reader.region_state().divergent_total, 2);
+        let records = reader.divergent(10).unwrap();
+        assert_eq!(records.iter().map(|r| r.version.index).collect::<Vec<_>>(), vec![4, 5]);
+        // Writes 1..=3 reached b; they leave the changefeed when b's ack is applied.
+        assert_eq!(reader.changefeed_len(), 3);
+        assert_eq!(reader.primary(), "b");
+        // A second notice of the same epoch changes nothing.
+        let again = Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: 0 };
+        assert_eq!(apply(&mut sm, again).await, CommandResult::Role { divergent: vec![] });
+        assert_eq!(sm.reader().region_state().divergent_total, 2);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_carries_the_changefeed_roles_and_divergence() {
+        let (_d1, mut a) = open("a", &["b"], Mode::ActivePassive, "a");
+        for i in 1..=4u64 {
+            apply(&mut a, put(&format!("k{i}"), "v", hlc(i, 0))).await;
+        }
+        apply(&mut a, Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: 2 }).await;
+        apply(&mut a, Command::ApplyRemote { origin: "b".into(), epoch: 1, entries: vec![remote(9, "r", Some("x"), hlc(50, 0))] })
+            .await;
+        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (_d2, mut b) = open("a", &["b"], Mode::ActivePassive, "a");
+        b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        let (ra, rb) = (a.reader(), b.reader());
+        assert_eq!(ra.region_state(), rb.region_state());
+        assert_eq!(ra.divergent(10).unwrap(), rb.divergent(10).unwrap());
+        assert_eq!(ra.changefeed_after(0, 100, 1 << 20).unwrap(), rb.changefeed_after(0, 100, 1 << 20).unwrap());
+        assert_eq!(rb.get(b"r").unwrap().unwrap().value.as_deref(), Some(&b"x"[..]));
+    }
+}

@@ -1,0 +1,253 @@
+//! Measurements, not tests: each prints numbers and is ignored by default.
+//! Run them on a quiet machine with a release build:
+//!
+//! ```sh
+//! cargo test --release -p nines --test measure -- --ignored --nocapture --test-threads 1
+//! ```
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, serial, wait_for};
+use nines::config::{Mode, NodeConfig};
+use nines_client::{Consistency, Error};
+
+/// The simulated latency `nines up` uses.
+fn up_latency(c: &mut NodeConfig) {
+    c.latency.cross_az = Duration::from_millis(1);
+    c.latency.cross_region = Duration::from_millis(40);
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn summary(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    eprintln!(
+        "{name}: n={} p50 {:?} p99 {:?} max {:?}",
+        samples.len(),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        samples[samples.len() - 1]
+    );
+}
+
+/// Writes `key-N` values in sequence until told to stop; returns the keys
+/// whose put was acknowledged, with the times each put was invoked and
+/// acknowledged.
+async fn writer(
+    client: nines_client::Client,
+    stop: Arc<AtomicBool>,
+    prefix: &'static str,
+) -> Vec<(String, Instant, Instant)> {
+    let mut acked = Vec::new();
+    let mut i = 0;
+    // Bounded: at most 100,000 attempts, and the test stops it far sooner.
+    while !stop.load(Ordering::SeqCst) && i < 100_000 {
+        let k = format!("{prefix}-{i:06}");
+        let invoked = Instant::now();
+        match client.put(k.clone(), k.clone()).await {
+            Ok(_) => acked.push((k, invoked, Instant::now())),
+            Err(Error::Indeterminate(_) | Error::Unavailable { .. }) => {}
+            Err(e) => panic!("unexpected write error: {e}"),
+        }
+        i += 1;
+    }
+    acked
+}
+
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture to print failover times"]
+async fn measure_leader_kill_to_next_acknowledged_write() {
+    // Measures: over 10 kills of the leader, the time from kill -9 to the
+    // next acknowledged write of a running writer. Prints min/median/max.
+    let _serial = serial().await;
+    nines::cli::init_tracing(false);
+    let mut cluster = TestCluster::start(3, |_| {}).await;
+    let mut samples = Vec::new();
+    for round in 0..10 {
+        let leader = cluster.wait_leader().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = tokio::spawn(writer(cluster.client(), stop.clone(), "m"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let killed_at = Instant::now();
+        cluster.kill(leader);
+        wait_for("a new leader", Duration::from_secs(30), || async {
+            for id in 1..=3u64 {
+                if id != leader && cluster.status(id).await.is_some_and(|s| s.role == "leader") {
+                    return Some(());
+                }
+            }
+            None
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, Ordering::SeqCst);
+        let acked = handle.await.unwrap();
+        // The first write invoked after the kill and acknowledged: its
+        // completion time minus the kill time.
+        let gap = acked
+            .iter()
+            .find(|(_, invoked, _)| *invoked > killed_at)
+            .map(|(_, _, acked_at)| *acked_at - killed_at)
+            .expect("a write invoked after the kill");
+        eprintln!("round {round}: killed leader {leader}; next acknowledged write after {gap:?}");
+        samples.push(gap);
+        cluster.spawn(leader);
+        cluster.wait_serving(leader).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    samples.sort();
+    eprintln!(
+        "leader kill -> next acknowledged write over {} tries: min {:?}, median {:?}, max {:?}",
+        samples.len(),
+        samples[0],
+        samples[samples.len() / 2],
+        samples[samples.len() - 1]
+    );
+    assert_eq!(samples.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn measure_replication_lag_under_steady_writes() {
+    // Measures: with `nines up`'s latency (1 ms between AZs, 40 ms between
+    // regions) and a steady 200 writes/s in region a for 20 s: (1) the lag
+    // region a reports for b (age of the oldest write b has not applied),
+    // sampled every 20 ms; (2) for every 10th write, the time from its
+    // acknowledgement in a to its first local read in b.
+    let _serial = serial().await;
+    let cluster = TestCluster::start_regions(&[("a", 3), ("b", 3)], Mode::ActiveActive, up_latency).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let a = cluster.region_client("a");
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut lag = Vec::new();
+            while !stop.load(Ordering::SeqCst) && lag.len() < 5_000 {
+                if let Ok(s) = a.region_status().await {
+                    lag.push(Duration::from_millis(s.peers[0].lag_ms));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            lag
+        })
+    };
+    let a = cluster.region_client("a");
+    let mut probes = Vec::new();
+    let mut ticker = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..4_000u32 {
+        ticker.tick().await;
+        let key = format!("lag-{i:06}");
+        a.put(key.clone(), "v").await.expect("put");
+        let acked = Instant::now();
+        if i % 10 == 0 {
+            let b = cluster.region_client("b");
+            probes.push(tokio::spawn(async move {
+                let deadline = acked + Duration::from_secs(30);
+                while Instant::now() < deadline {
+                    if let Ok(r) = b.get(key.clone(), Consistency::Local).await
+                        && r.kv.is_some()
+                    {
+                        return Some(acked.elapsed());
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                None
+            }));
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let lag = sampler.await.unwrap();
+    let mut visible = Vec::new();
+    for p in probes {
+        visible.push(p.await.unwrap().expect("write became visible in b"));
+    }
+    summary("replication lag reported by a for b (sampled every 20 ms)", lag);
+    summary("ack in a -> first local read in b (every 10th write)", visible);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn measure_unplanned_failover_rto_and_rpo() {
+    // Measures, over 5 tries: active-passive, `nines up`'s latency, the
+    // controller at its defaults (1 s interval, 3 failed probes), a writer on
+    // the primary at full speed; every node of the primary is killed. RTO:
+    // kill to the secondary becoming primary. RPO: acknowledged writes
+    // missing from the new primary, and the age at the kill of the oldest
+    // of them.
+    let _serial = serial().await;
+    let mut rto = Vec::new();
+    let mut lost = Vec::new();
+    let mut rpo_ms = Vec::new();
+    for attempt in 0..5 {
+        let mut cluster = TestCluster::start_regions(&[("a", 3), ("b", 3)], Mode::ActivePassive, up_latency).await;
+        let endpoints_b = cluster.endpoints(&cluster.regions["b"]);
+        let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_nines"))
+            .args(["--endpoints", &endpoints_b.join(","), "controller", "--duration", "120s"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("controller");
+        let stop = Arc::new(AtomicBool::new(false));
+        let a = cluster.region_client("a");
+        let stop_w = stop.clone();
+        let writer = tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..1_000_000u32 {
+                if stop_w.load(Ordering::SeqCst) {
+                    break;
+                }
+                let key = format!("f-{i:07}");
+                if a.put(key.clone(), "v").await.is_ok() {
+                    acked.push((key, Instant::now()));
+                }
+            }
+            acked
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let killed_at = Instant::now();
+        for id in cluster.regions["a"].clone() {
+            cluster.kill(id);
+        }
+        stop.store(true, Ordering::SeqCst);
+        let acked = writer.await.unwrap();
+        let b = cluster.region_client("b");
+        wait_for("b to be promoted", Duration::from_secs(60), || async {
+            b.region_status().await.ok().filter(|s| s.role == "primary")
+        })
+        .await;
+        let took = killed_at.elapsed();
+        let _ = controller.kill();
+        let _ = controller.wait();
+        let mut missing: BTreeMap<String, Instant> = BTreeMap::new();
+        for (key, at) in &acked {
+            match b.get(key.clone(), Consistency::Local).await {
+                Ok(r) if r.kv.is_some() => {}
+                Ok(_) => {
+                    missing.insert(key.clone(), *at);
+                }
+                Err(Error::Unavailable { .. }) | Err(_) => panic!("reading b failed"),
+            }
+        }
+        let oldest = missing.values().min().map(|t| killed_at.saturating_duration_since(*t)).unwrap_or_default();
+        eprintln!(
+            "try {attempt}: RTO {took:?}; {} acknowledged writes, {} missing from the new primary (oldest {oldest:?} old at the kill)",
+            acked.len(),
+            missing.len()
+        );
+        rto.push(took);
+        lost.push(missing.len());
+        rpo_ms.push(oldest);
+    }
+    summary("RTO (kill of every primary node -> secondary promoted)", rto);
+    lost.sort();
+    eprintln!("RPO in writes: min {} median {} max {}", lost[0], lost[lost.len() / 2], lost[lost.len() - 1]);
+    summary("RPO in time (age of the oldest lost write at the kill)", rpo_ms);
+}
