@@ -377,9 +377,10 @@ impl Client {
         self.call(true, rpc!(region, region_status, RegionStatusRequest {})).await
     }
 
-    /// Stops the (primary) region taking writes, for a planned switchover.
-    pub async fn fence(&self) -> Result<FenceResponse> {
-        self.call(true, rpc!(region, fence, FenceRequest {})).await
+    /// Stops the (primary) region taking writes, for a planned switchover;
+    /// with `release`, lifts the fence again.
+    pub async fn fence(&self, release: bool) -> Result<FenceResponse> {
+        self.call(true, rpc!(region, fence, FenceRequest { release })).await
     }
 
     /// Makes the region primary at `epoch` (above every epoch it has seen).

@@ -274,7 +274,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(crate::http::serve(admin_listener, shared.clone(), stopped(stop_rx.clone())));
-    let shippers = crate::replication::spawn_shippers(shared.clone(), stop_rx.clone());
+    let mut shippers = crate::replication::spawn_shippers(shared.clone(), stop_rx.clone());
+    shippers.push(crate::replication::spawn_resync(shared.clone(), stop_rx.clone()));
 
     let addrs = Addrs {
         id: config.id,

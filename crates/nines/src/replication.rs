@@ -14,6 +14,11 @@
 //!   restart, resumes from the right place with no gap and no duplicate.
 //! - Replicated writes are never shipped again: only local-origin writes
 //!   enter the changefeed.
+//! - A delete's tombstone is collected only when every peer has applied it
+//!   and this region holds every peer write made before that peer applied
+//!   it (the peer reports its latest own write with each acknowledgement;
+//!   shipments say how far they are complete). Later writes of that peer are
+//!   stamped above the tombstone, so no older write can resurrect the key.
 //! - A remote timestamp further ahead of the receiver's clock than
 //!   `clock_offset_max` makes the receiver refuse the whole batch; the refusal
 //!   is counted (`nines region status`) and logged, and the shipper retries
@@ -22,7 +27,13 @@
 //!   `(primary, epoch)`. A primary that hears of a higher epoch from the new
 //!   primary demotes itself: its writes the new primary never applied are
 //!   moved to the divergence record (`nines region divergent`), counted, and
-//!   their keys are overwritten with the new primary's values.
+//!   their keys are overwritten with the new primary's values (read
+//!   linearizably there). That resync is driven by replicated state, so a
+//!   leader change resumes it; a newer value than the divergent one is left
+//!   alone.
+//! - The failover controller never issues the same epoch twice and keeps
+//!   the primary it promoted as the primary, so two regions never hold the
+//!   same epoch through it.
 //!
 //! What is eventually consistent, and what can be lost:
 //! - Regions converge once shipping catches up; until then a region's local
@@ -39,7 +50,16 @@
 //! Caveats:
 //! - A region learns of a newer epoch only from the new primary's own
 //!   messages (its shipments or replies); with three or more regions, news
-//!   relayed by a third region is not acted on.
+//!   relayed by a third region is not acted on, and a third region that had
+//!   applied more of the old primary than the new primary keeps those writes.
+//! - Applying depends on the replication setup in each node's configuration
+//!   (peer regions, mode, initial primary): it must be the same on every node
+//!   of a region; changing it needs every node restarted with the new one.
+//! - A write whose timestamp a peer refuses (clock too far ahead) holds up the
+//!   stream to that peer until the peer's clock catches up; the refusals are
+//!   counted and logged meanwhile, and the backlog limit stops writes before
+//!   the changefeed grows without bound.
+//! - Tombstones of remote deletes and divergence records are kept forever.
 //! - Simulated latency is a one-way delay added before each shipment.
 
 use std::collections::BTreeMap;
@@ -77,9 +97,6 @@ const SHIP_BACKOFF: Duration = Duration::from_millis(200);
 /// Acks are cheap to lose (the peer reports its position again), so one
 /// proposal per interval is enough.
 const ACK_INTERVAL: Duration = Duration::from_millis(200);
-
-/// Attempts to read divergent keys from the new primary and resync them.
-const RESYNC_ATTEMPTS_MAX: u32 = 5;
 
 /// In-memory replication progress on this node, for status and metrics.
 #[derive(Default)]
@@ -176,10 +193,16 @@ async fn ship_to(shared: Arc<Shared>, peer: RegionConfig, mut stop: watch::Recei
             pause.await;
             continue;
         }
-        let entries = match cursor {
-            None => Vec::new(),
+        // Read the latest local write first: every local write at or below it
+        // is in the changefeed (or was acknowledged by every peer) when we scan.
+        let applied_before = shared.reader.region_state().last_local_write;
+        let (entries, complete_through) = match cursor {
+            None => (Vec::new(), 0),
             Some(c) => match shared.reader.changefeed_after(c, SHIP_BATCH_ENTRIES_MAX, SHIP_BATCH_BYTES_MAX) {
-                Ok(e) => e.into_iter().map(|(i, r)| to_entry(i, r)).collect(),
+                Ok((page, all)) => {
+                    let complete = if all { applied_before } else { page.last().map(|(i, _)| *i).unwrap_or(c) };
+                    (page.into_iter().map(|(i, r)| to_entry(i, r)).collect::<Vec<_>>(), complete)
+                }
                 Err(e) => {
                     shared.stop_fatally(format!("reading the changefeed: {e}"));
                     return;
@@ -197,6 +220,7 @@ async fn ship_to(shared: Arc<Shared>, peer: RegionConfig, mut stop: watch::Recei
             primary: shared.reader.primary(),
             entries,
             receiver_applied_through: region.applied_from.get(&peer.name).copied().unwrap_or(0),
+            complete_through,
         };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -242,7 +266,11 @@ async fn ship_to(shared: Arc<Shared>, peer: RegionConfig, mut stop: watch::Recei
         cursor = Some(resp.applied_through);
         shared.stats.set_acked(&peer.name, resp.applied_through);
         if resp.applied_through > last_ack.0 && last_ack.1.elapsed() >= ACK_INTERVAL {
-            let ack = Command::AckShipped { region: peer.name.clone(), index: resp.applied_through };
+            let ack = Command::AckShipped {
+                region: peer.name.clone(),
+                index: resp.applied_through,
+                peer_index: resp.receiver_index,
+            };
             if shared.propose(ack).await.is_ok() {
                 last_ack = (resp.applied_through, Instant::now());
             }
@@ -264,68 +292,95 @@ async fn adopt_from_peer(shared: &Arc<Shared>, peer: &RegionConfig, resp: &ShipR
 
 /// Adopts `primary` at `epoch`. `shipped_through` is how far the new primary
 /// applied this region's changefeed; anything above becomes divergent, and
-/// those keys are resynchronised from the new primary in the background.
+/// the resync task overwrites those keys with the new primary's values.
 pub async fn adopt(shared: Arc<Shared>, primary: &str, epoch: u64, shipped_through: u64) {
     let cmd = Command::SetRole { primary: primary.to_string(), epoch, fenced: false, shipped_through };
     match shared.propose(cmd).await {
         Ok(CommandResult::Role { divergent }) => {
             tracing::warn!(%primary, epoch, divergent = divergent.len(), "adopted a new primary");
-            if !divergent.is_empty()
-                && let Some(region) = shared.peers.iter().find(|p| p.name == primary).cloned()
-            {
-                tokio::spawn(resync(shared.clone(), region, divergent));
-            }
         }
         Ok(other) => tracing::error!(?other, "unexpected result adopting a primary"),
         Err(e) => tracing::warn!(error = %e, %primary, epoch, "could not adopt the new primary yet"),
     }
 }
 
-/// Overwrites divergent keys with the values the new primary has.
-async fn resync(shared: Arc<Shared>, primary: RegionConfig, keys: Vec<Vec<u8>>) {
-    let client = match region_client(&primary) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot resync divergent keys");
-            return;
-        }
-    };
-    for chunk in keys.chunks(RESYNC_BATCH_KEYS_MAX) {
-        let mut done = false;
-        for attempt in 1..=RESYNC_ATTEMPTS_MAX {
-            let mut entries = Vec::with_capacity(chunk.len());
-            let mut failed = None;
-            for key in chunk {
-                match client.get(key.clone(), Consistency::Local).await {
-                    Ok(r) => entries.push(match r.kv {
-                        Some(kv) => {
-                            let v = kv.version.unwrap_or_default();
-                            ResyncEntry {
-                                key: key.clone(),
-                                value: Some(kv.value),
-                                hlc: Hlc { physical_ms: v.hlc_physical_ms, logical: v.hlc_logical },
-                                origin: v.origin_region,
-                            }
-                        }
-                        None => {
-                            ResyncEntry { key: key.clone(), value: None, hlc: Hlc::default(), origin: String::new() }
-                        }
-                    }),
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        break;
-                    }
-                }
+/// How often the resync task looks for divergent keys waiting for the new
+/// primary's values.
+const RESYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Starts the task that, on the region's leader, overwrites divergent keys
+/// with the new primary's values until the region state says it is done.
+/// Driven by replicated state, so a leader change resumes it.
+pub fn spawn_resync(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(RESYNC_INTERVAL) => {}
             }
-            if failed.is_none() && shared.propose(Command::Resync { entries }).await.is_ok() {
-                done = true;
-                break;
+            if *stop.borrow() {
+                return;
             }
-            tracing::warn!(attempt, error = ?failed, "resync of divergent keys failed; retrying");
-            tokio::time::sleep(SHIP_BACKOFF * attempt).await;
+            let region = shared.reader.region_state();
+            if !region.resync_pending || shared.check_leader().is_err() {
+                continue;
+            }
+            if let Err(e) = resync_once(&shared, region.epoch).await {
+                tracing::warn!(error = %e, "resync of divergent keys failed; retrying");
+            }
         }
-        if !done {
-            tracing::error!(keys = chunk.len(), "giving up resyncing divergent keys; they keep their divergent values");
-        }
+    })
+}
+
+/// One pass over the divergence record of the current epoch: reads each key
+/// at the new primary (linearizable, so no stale replica answers) and
+/// proposes the values; the last batch marks the resync done.
+async fn resync_once(shared: &Arc<Shared>, epoch: u64) -> Result<(), Error> {
+    let primary = shared.reader.primary();
+    let region = shared
+        .peers
+        .iter()
+        .find(|p| p.name == primary)
+        .cloned()
+        .ok_or_else(|| Error::Internal(format!("primary {primary} is not a peer region")))?;
+    let client = region_client(&region)?;
+    let records: Vec<_> = shared
+        .reader
+        .divergent(usize::MAX)
+        .map_err(Error::from)?
+        .into_iter()
+        .filter(|r| r.demoted_at_epoch == epoch)
+        .collect();
+    let chunks: Vec<_> = records.chunks(RESYNC_BATCH_KEYS_MAX).collect();
+    if chunks.is_empty() {
+        shared.propose(Command::Resync { entries: Vec::new(), done: true }).await?;
+        return Ok(());
     }
+    for (n, chunk) in chunks.iter().enumerate() {
+        let mut entries = Vec::with_capacity(chunk.len());
+        for record in chunk.iter() {
+            let read = client
+                .get(record.key.clone(), Consistency::Linearizable)
+                .await
+                .map_err(|e| Error::Unavailable { reason: format!("reading {primary}: {e}"), retry_safe: true })?;
+            let (value, hlc, origin) = match read.kv {
+                Some(kv) => {
+                    let v = kv.version.unwrap_or_default();
+                    (Some(kv.value), Hlc { physical_ms: v.hlc_physical_ms, logical: v.hlc_logical }, v.origin_region)
+                }
+                None => (None, Hlc::default(), String::new()),
+            };
+            entries.push(ResyncEntry {
+                key: record.key.clone(),
+                value,
+                hlc,
+                origin,
+                divergent: record.version.clone(),
+            });
+        }
+        let done = n + 1 == chunks.len();
+        shared.propose(Command::Resync { entries, done }).await?;
+    }
+    tracing::info!(keys = records.len(), %primary, "divergent keys resynchronised from the new primary");
+    Ok(())
 }

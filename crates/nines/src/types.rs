@@ -73,16 +73,23 @@ pub enum Command {
     },
     /// Writes shipped from another region, applied last-writer-wins on
     /// `(hlc, origin)`. `epoch` is the sender's epoch (active-passive).
+    /// After it, this region holds every write of `origin` through
+    /// `complete_through`.
     ApplyRemote {
         origin: String,
         epoch: u64,
         entries: Vec<RemoteEntry>,
+        complete_through: u64,
     },
-    /// Peer `region` has applied this region's changefeed through `index`:
-    /// entries every peer has applied are dropped, with their tombstones.
+    /// Peer `region` has applied this region's changefeed through `index`;
+    /// its latest own write was at `peer_index` when it said so. Entries
+    /// every peer has applied are dropped; a delete's tombstone only once
+    /// this region also holds every peer's writes through its `peer_index`
+    /// (so no older concurrent write can arrive after the tombstone is gone).
     AckShipped {
         region: String,
         index: u64,
+        peer_index: u64,
     },
     /// Adopt region roles (active-passive). An equal epoch with the same
     /// primary only changes `fenced`. A higher epoch that names another
@@ -95,9 +102,11 @@ pub enum Command {
         fenced: bool,
         shipped_through: u64,
     },
-    /// After a demotion: values of divergent keys as the new primary has them.
+    /// After a demotion: values of divergent keys as the new primary has
+    /// them. `done` marks the last batch.
     Resync {
         entries: Vec<ResyncEntry>,
+        done: bool,
     },
 }
 
@@ -120,6 +129,8 @@ pub struct ResyncEntry {
     pub value: Option<Vec<u8>>,
     pub hlc: Hlc,
     pub origin: String,
+    /// The divergent version it replaces: a newer value is left alone.
+    pub divergent: Version,
 }
 
 /// The version of a stored value.

@@ -62,7 +62,6 @@ async fn writer(
     acked
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement: run with --ignored --nocapture to print failover times"]
 async fn measure_leader_kill_to_next_acknowledged_write() {

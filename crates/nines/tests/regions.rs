@@ -363,6 +363,15 @@ async fn active_passive_unplanned_failover_promotes_and_divergence_counts_every_
     let divergent_acked: BTreeSet<String> = divergent.difference(&unknown).cloned().collect();
     assert_eq!(divergent_acked, missing, "divergence record vs acknowledged writes missing from the new primary");
     assert!(divergent.len() - divergent_acked.len() <= 1, "at most the one in-flight write is unacknowledged");
+    // The old primary then takes the new primary's values for those keys:
+    // the regions agree again.
+    for key in &divergent {
+        wait_for(&format!("{key} resynchronised in a"), Duration::from_secs(30), || async {
+            let (in_a, in_b) = (local_get(&a, key).await, local_get(&b, key).await);
+            (in_a.map(|(v, _)| v) == in_b.map(|(v, _)| v)).then_some(())
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,10 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
     let stop = crate::node::termination_signal();
     tokio::pin!(stop);
     let mut failures = 0u32;
+    // The highest (epoch, primary) this controller has seen or issued: a
+    // region that misses a probe right after its promotion is still known
+    // as primary, and no epoch is issued twice.
+    let mut known: Option<(u64, String)> = None;
     let mut ticker = tokio::time::interval(args.interval);
     loop {
         tokio::select! {
@@ -72,12 +76,16 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
                 seen.push((name.clone(), s));
             }
         }
-        let Some(view) = seen.iter().map(|(_, s)| s).max_by_key(|s| s.epoch) else {
+        if let Some(view) = seen.iter().map(|(_, s)| s).max_by_key(|s| s.epoch)
+            && known.as_ref().is_none_or(|(e, _)| view.epoch > *e)
+        {
+            known = Some((view.epoch, view.primary.clone()));
+        }
+        let Some((epoch, primary)) = known.clone() else {
             failures += 1;
             println!("{} no region answers ({failures} failed probes)", now());
             continue;
         };
-        let (primary, epoch) = (view.primary.clone(), view.epoch);
         if primary.is_empty() {
             anyhow::bail!("the cluster is active-active: there is no primary to fail over");
         }
@@ -105,6 +113,7 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
         let client = &clients.iter().find(|(n, _)| n == candidate).context("candidate client")?.1;
         match client.promote_region(epoch + 1).await {
             Ok(r) => {
+                known = Some((r.epoch, candidate.clone()));
                 println!(
                     "{} promoted {candidate} to primary at epoch {} (it had applied {primary} through index {})",
                     now(),

@@ -96,18 +96,29 @@ pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             let old = region_client(find(&regions, &primary)?, Duration::from_secs(5))?;
-            old.fence().await.with_context(|| format!("fencing the primary {primary}"))?;
+            let fence = old.fence(false).await.with_context(|| format!("fencing the primary {primary}"))?;
             let deadline = Instant::now() + drain_timeout;
             loop {
                 let s = old.region_status().await.with_context(|| format!("watching {primary} drain"))?;
-                let lag = s.peers.iter().find(|p| p.region == region).map(|p| p.lag_entries).unwrap_or(0);
-                if lag == 0 {
+                let lag = s
+                    .peers
+                    .iter()
+                    .find(|p| p.region == region)
+                    .map(|p| p.lag_entries)
+                    .with_context(|| format!("{primary} does not ship to {region}"))?;
+                if s.role == "fenced" && lag == 0 {
                     break;
                 }
                 if Instant::now() > deadline {
+                    // Give the primary its writes back rather than leave the
+                    // cluster without a writable region.
+                    let released = old.fence(true).await;
                     bail!(
-                        "{primary} is fenced but still has {lag} writes not applied by {region} after {drain_timeout:?}; \
-                         run the promote again, or `nines region failover {region}` to accept losing them"
+                        "{primary} still had {lag} writes not applied by {region} after {drain_timeout:?} (fenced at \
+                         index {}); the fence {}; run the promote again, or `nines region failover {region}` to \
+                         accept losing them",
+                        fence.index,
+                        if released.is_ok() { "was lifted" } else { "could not be lifted" }
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -117,6 +117,7 @@ impl RegionAdmin for RegionAdminService {
             return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).fence(r).await })
                 .await;
         }
+        let release = req.into_inner().release;
         let region = self.node.reader.region_state();
         let primary = self.node.reader.primary();
         if primary != self.node.info.region {
@@ -126,9 +127,10 @@ impl RegionAdmin for RegionAdminService {
             ))
             .into());
         }
-        let cmd = Command::SetRole { primary, epoch: region.epoch, fenced: true, shipped_through: 0 };
+        let cmd = Command::SetRole { primary, epoch: region.epoch, fenced: !release, shipped_through: 0 };
         self.node.propose(cmd).await?;
-        Ok(Response::new(FenceResponse { epoch: region.epoch }))
+        // Applied here by now: the applied index covers the fence.
+        Ok(Response::new(FenceResponse { epoch: region.epoch, index: self.node.reader.applied_index() }))
     }
 
     async fn promote(&self, req: Request<RegionPromoteRequest>) -> Result<Response<RegionPromoteResponse>, Status> {

@@ -34,6 +34,7 @@ impl ReplicationService {
             primary: self.node.reader.primary(),
             refused: refused as i32,
             reason,
+            receiver_index: region.last_local_write,
         }
     }
 }
@@ -116,8 +117,16 @@ impl Replication for ReplicationService {
                 return Ok(Response::new(self.response(&r.origin_region, ShipRefusal::ClockAhead, err.to_string())));
             }
         }
-        if !entries.is_empty() {
-            let cmd = Command::ApplyRemote { origin: r.origin_region.clone(), epoch: r.epoch, entries };
+        // An empty batch can still advance what this region holds of the
+        // origin (`complete_through`); propose it when it would.
+        let held = node.reader.region_state().complete_from.get(&r.origin_region).copied().unwrap_or(0);
+        if !entries.is_empty() || r.complete_through > held {
+            let cmd = Command::ApplyRemote {
+                origin: r.origin_region.clone(),
+                epoch: r.epoch,
+                entries,
+                complete_through: r.complete_through,
+            };
             match node.propose(cmd).await? {
                 CommandResult::Remote { .. } => {}
                 CommandResult::Rejected { reason, .. } => {

@@ -133,8 +133,16 @@ pub struct RegionState {
     pub applied_total: BTreeMap<String, u64>,
     /// Per peer region: the highest changefeed index it has applied.
     pub acked: BTreeMap<String, u64>,
+    /// Per peer region: its log index when it sent its latest acknowledgement.
+    pub acked_peer_index: BTreeMap<String, u64>,
+    /// Per origin region: every write of it through this index is applied here.
+    pub complete_from: BTreeMap<String, u64>,
     /// Divergence records written so far.
     pub divergent_total: u64,
+    /// Divergent keys still wait for the new primary's values.
+    pub resync_pending: bool,
+    /// The log index of the latest write that originated here.
+    pub last_local_write: u64,
 }
 
 /// A write that originated here, waiting to be shipped to peer regions.
@@ -176,6 +184,9 @@ struct StoredSnapshot {
 
 /// Key-value pairs of a scan page, and whether more remain.
 pub type ScanPage = (Vec<(Vec<u8>, StoredValue)>, bool);
+
+/// Changefeed entries, and whether they are all there are.
+pub type ChangefeedPage = (Vec<(u64, ChangeRecord)>, bool);
 
 /// A read-only view of the state machine for serving reads. Cloning shares it.
 #[derive(Clone)]
@@ -262,13 +273,9 @@ impl StateReader {
     }
 
     /// Changefeed entries above `after`, at most `limit` of them or
-    /// `bytes_max` of keys and values (at least one).
-    pub fn changefeed_after(
-        &self,
-        after: u64,
-        limit: usize,
-        bytes_max: usize,
-    ) -> Result<Vec<(u64, ChangeRecord)>, ReadError> {
+    /// `bytes_max` of keys and values (at least one). The flag says whether
+    /// these are all the entries there are.
+    pub fn changefeed_after(&self, after: u64, limit: usize, bytes_max: usize) -> Result<ChangefeedPage, ReadError> {
         let lo = changefeed_key(after.saturating_add(1));
         let hi = vec![CHANGEFEED_PREFIX + 1];
         let mut out = Vec::new();
@@ -278,12 +285,12 @@ impl StateReader {
             let rec: ChangeRecord = decode_at(&k, &v)?;
             let size = rec.key.len() + rec.value.as_ref().map_or(0, Vec::len);
             if out.len() >= limit || (!out.is_empty() && bytes + size > bytes_max) {
-                break;
+                return Ok((out, false));
             }
             bytes += size;
             out.push((index_of(&k), rec));
         }
-        Ok(out)
+        Ok((out, true))
     }
 
     /// How many changefeed entries lie above `after`, and the HLC of the
@@ -486,7 +493,15 @@ impl StateMachine {
 
     /// Stores a local write and records it in the changefeed when there are
     /// peer regions to ship it to.
-    fn write_local(&self, pending: &mut Pending, key: Vec<u8>, value: Option<Vec<u8>>, version: &Version) {
+    fn write_local(
+        &self,
+        pending: &mut Pending,
+        region: &mut RegionState,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        version: &Version,
+    ) {
+        region.last_local_write = version.index;
         if !self.setup.peers.is_empty() {
             let rec = ChangeRecord { key: key.clone(), value: value.clone(), hlc: version.hlc };
             pending.changefeed.insert(version.index, Some(rec));
@@ -510,14 +525,14 @@ impl StateMachine {
             Command::Put { key, value, hlc } => {
                 let current = self.current(pending, &key)?;
                 let version = self.local_version(hlc, index, current.as_ref());
-                self.write_local(pending, key, Some(value), &version);
+                self.write_local(pending, region, key, Some(value), &version);
                 CommandResult::Put { version }
             }
             Command::Delete { key, hlc } => {
                 let current = self.current(pending, &key)?;
                 let existed = current.as_ref().is_some_and(|c| c.value.is_some());
                 let version = self.local_version(hlc, index, current.as_ref());
-                self.write_local(pending, key, None, &version);
+                self.write_local(pending, region, key, None, &version);
                 CommandResult::Delete { existed, version }
             }
             Command::CompareAndSwap { key, value, expected, hlc } => {
@@ -530,30 +545,34 @@ impl StateMachine {
                 };
                 if matches {
                     let version = self.local_version(hlc, index, current.as_ref());
-                    self.write_local(pending, key, Some(value), &version);
+                    self.write_local(pending, region, key, Some(value), &version);
                     CommandResult::CompareAndSwap { succeeded: true, version: Some(version), current: None }
                 } else {
                     let current = live.map(|c| (key.clone(), c.clone()));
                     CommandResult::CompareAndSwap { succeeded: false, version: None, current }
                 }
             }
-            Command::ApplyRemote { origin, epoch, entries } => {
-                self.apply_remote(pending, region, index, origin, epoch, entries)?
+            Command::ApplyRemote { origin, epoch, entries, complete_through } => {
+                self.apply_remote(pending, region, index, origin, epoch, entries, complete_through)?
             }
-            Command::AckShipped { region: peer, index: acked } => {
-                self.ack_shipped(pending, region, peer, acked)?;
+            Command::AckShipped { region: peer, index: acked, peer_index } => {
+                self.ack_shipped(pending, region, peer, acked, peer_index)?;
                 CommandResult::None
             }
             Command::SetRole { primary, epoch, fenced, shipped_through } => {
                 self.set_role(pending, region, primary, epoch, fenced, shipped_through)?
             }
-            Command::Resync { entries } => {
+            Command::Resync { entries, done } => {
                 self.resync(pending, index, entries)?;
+                if done {
+                    region.resync_pending = false;
+                }
                 CommandResult::None
             }
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // One argument per field of the command.
     fn apply_remote(
         &self,
         pending: &mut Pending,
@@ -562,6 +581,7 @@ impl StateMachine {
         origin: String,
         epoch: u64,
         entries: Vec<RemoteEntry>,
+        complete_through: u64,
     ) -> Result<CommandResult, StorageError> {
         if self.setup.mode == Mode::ActivePassive && epoch < region.epoch {
             return Ok(CommandResult::Rejected {
@@ -590,6 +610,8 @@ impl StateMachine {
             }
         }
         region.applied_from.insert(origin.clone(), through);
+        let complete = region.complete_from.entry(origin.clone()).or_default();
+        *complete = (*complete).max(complete_through);
         *region.applied_total.entry(origin).or_default() += applied;
         Ok(CommandResult::Remote { applied, applied_through: through })
     }
@@ -600,21 +622,38 @@ impl StateMachine {
         region: &mut RegionState,
         peer: String,
         acked: u64,
+        peer_index: u64,
     ) -> Result<(), StorageError> {
         if !self.setup.peers.contains(&peer) {
             return Ok(());
         }
-        let entry = region.acked.entry(peer).or_default();
+        let entry = region.acked.entry(peer.clone()).or_default();
         *entry = (*entry).max(acked);
+        let entry = region.acked_peer_index.entry(peer).or_default();
+        *entry = (*entry).max(peer_index);
         let all_acked = self.setup.peers.iter().map(|p| region.acked.get(p).copied().unwrap_or(0)).min().unwrap_or(0);
+        // A tombstone may go once no peer can still send an older write to
+        // its key: every peer's writes up to the log index at which it
+        // acknowledged are applied here. Later writes of a peer that applied
+        // the delete carry greater timestamps (its clock and the key's
+        // version both moved past the tombstone).
+        let tombstones_safe = self.setup.peers.iter().all(|p| {
+            region.complete_from.get(p).copied().unwrap_or(0) >= region.acked_peer_index.get(p).copied().unwrap_or(0)
+        });
         for (i, rec) in self.changefeed_upto(pending, all_acked)? {
+            if rec.value.is_some() {
+                pending.changefeed.insert(i, None);
+                continue;
+            }
+            if !tombstones_safe {
+                // Kept, and looked at again with the next acknowledgement.
+                continue;
+            }
             pending.changefeed.insert(i, None);
-            if rec.value.is_none() {
-                let current = self.current(pending, &rec.key)?;
-                // Collect the tombstone only if it is still this delete's.
-                if current.is_some_and(|c| c.value.is_none() && c.version.index == i) {
-                    pending.data.insert(rec.key, None);
-                }
+            let current = self.current(pending, &rec.key)?;
+            // Collect the tombstone only if it is still this delete's.
+            if current.is_some_and(|c| c.value.is_none() && c.version.index == i) {
+                pending.data.insert(rec.key, None);
             }
         }
         Ok(())
@@ -649,6 +688,9 @@ impl StateMachine {
                 divergent.push(rec.key);
             }
         }
+        if !divergent.is_empty() {
+            region.resync_pending = true;
+        }
         region.primary = primary;
         region.epoch = epoch;
         region.fenced = fenced;
@@ -661,8 +703,7 @@ impl StateMachine {
             let replace = match &current {
                 None => e.value.is_some(),
                 Some(c) => {
-                    c.version.origin == self.setup.region
-                        || (c.version.hlc, c.version.origin.as_str()) < (e.hlc, e.origin.as_str())
+                    c.version == e.divergent || (c.version.hlc, c.version.origin.as_str()) < (e.hlc, e.origin.as_str())
                 }
             };
             if replace {
@@ -947,7 +988,8 @@ mod tests {
     /// Applies `cmd` as the next log entry.
     async fn apply(sm: &mut StateMachine, cmd: Command) -> CommandResult {
         let index = sm.last_applied.map(|l| l.index + 1).unwrap_or(1);
-        let entry = Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) };
+        let entry =
+            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) };
         sm.apply([entry]).await.unwrap().remove(0)
     }
 
@@ -974,7 +1016,8 @@ mod tests {
             let (_d, mut sm) = open("a", &[origin], Mode::ActiveActive, "");
             apply(&mut sm, put("k", "local", local_at)).await;
             let entries = vec![remote(1, "k", Some("remote"), remote_at)];
-            apply(&mut sm, Command::ApplyRemote { origin: origin.into(), epoch: 0, entries }).await;
+            apply(&mut sm, Command::ApplyRemote { origin: origin.into(), epoch: 0, entries, complete_through: 1 })
+                .await;
             let got = sm.reader().get(b"k").unwrap().unwrap();
             assert_eq!(got.value.as_deref(), Some(winner.as_bytes()), "local {local_at} vs {origin} {remote_at}");
         }
@@ -984,11 +1027,19 @@ mod tests {
     async fn a_shipment_applied_twice_counts_once() {
         let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
         let batch = vec![remote(3, "x", Some("1"), hlc(10, 0)), remote(7, "y", Some("2"), hlc(11, 0))];
-        let first = apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: batch.clone() }).await;
+        let first = apply(
+            &mut sm,
+            Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: batch.clone(), complete_through: 7 },
+        )
+        .await;
         assert_eq!(first, CommandResult::Remote { applied: 2, applied_through: 7 });
         let mut overlapping = batch;
         overlapping.push(remote(9, "z", Some("3"), hlc(12, 0)));
-        let again = apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: overlapping }).await;
+        let again = apply(
+            &mut sm,
+            Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: overlapping, complete_through: 9 },
+        )
+        .await;
         assert_eq!(again, CommandResult::Remote { applied: 1, applied_through: 9 });
         let region = sm.reader().region_state();
         assert_eq!(region.applied_total["b"], 3);
@@ -999,24 +1050,48 @@ mod tests {
     async fn tombstones_are_collected_only_after_every_peer_acknowledged_them() {
         let (_d, mut sm) = open("a", &["b", "c"], Mode::ActiveActive, "");
         apply(&mut sm, put("k", "v", hlc(1, 0))).await;
-        let CommandResult::Delete { version, .. } = apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(2, 0) }).await
+        let CommandResult::Delete { version, .. } =
+            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(2, 0) }).await
         else {
             panic!("delete result")
         };
         assert_eq!(sm.reader().changefeed_len(), 2);
-        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index }).await;
+        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index, peer_index: 0 }).await;
         assert_eq!(sm.reader().changefeed_len(), 2, "c has not applied them yet");
         assert!(sm.reader().get(b"k").unwrap().is_some(), "the tombstone stays until every peer has it");
-        apply(&mut sm, Command::AckShipped { region: "c".into(), index: version.index }).await;
+        apply(&mut sm, Command::AckShipped { region: "c".into(), index: version.index, peer_index: 0 }).await;
         assert_eq!(sm.reader().changefeed_len(), 0);
         assert!(sm.reader().get(b"k").unwrap().is_none(), "the acknowledged tombstone is collected");
+    }
+
+    #[tokio::test]
+    async fn a_tombstone_outlives_older_writes_still_in_flight_from_a_peer() {
+        // a deletes k; b acknowledges the delete at its log index 40, but b's
+        // own concurrent (older) put of k, at b's index 30, has not reached a.
+        let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
+        let CommandResult::Delete { version, .. } =
+            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(10, 0) }).await
+        else {
+            panic!("delete result")
+        };
+        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index, peer_index: 40 }).await;
+        assert!(sm.reader().get(b"k").unwrap().is_some(), "the tombstone must wait for b's writes up to index 40");
+        let late = vec![remote(30, "k", Some("old"), hlc(5, 0))];
+        apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: late, complete_through: 40 })
+            .await;
+        assert_eq!(sm.reader().get(b"k").unwrap().unwrap().value, None, "the older put loses to the tombstone");
+        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index, peer_index: 40 }).await;
+        assert!(sm.reader().get(b"k").unwrap().is_none(), "now no older write can arrive: collected");
+        assert_eq!(sm.reader().changefeed_len(), 0);
     }
 
     #[tokio::test]
     async fn secondary_and_fenced_regions_refuse_local_writes_at_apply_time() {
         let (_d, mut secondary) = open("b", &["a"], Mode::ActivePassive, "a");
         let r = apply(&mut secondary, put("k", "v", hlc(1, 0))).await;
-        assert!(matches!(r, CommandResult::Rejected { retry_later: false, ref reason } if reason.contains("primary region a")));
+        assert!(
+            matches!(r, CommandResult::Rejected { retry_later: false, ref reason } if reason.contains("primary region a"))
+        );
         let (_d, mut primary) = open("a", &["b"], Mode::ActivePassive, "a");
         assert!(matches!(apply(&mut primary, put("k", "v", hlc(1, 0))).await, CommandResult::Put { .. }));
         let fence = Command::SetRole { primary: "a".into(), epoch: 0, fenced: true, shipped_through: 0 };
@@ -1055,8 +1130,8 @@ mod tests {
             apply(&mut a, put(&format!("k{i}"), "v", hlc(i, 0))).await;
         }
         apply(&mut a, Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: 2 }).await;
-        apply(&mut a, Command::ApplyRemote { origin: "b".into(), epoch: 1, entries: vec![remote(9, "r", Some("x"), hlc(50, 0))] })
-            .await;
+        let entries = vec![remote(9, "r", Some("x"), hlc(50, 0))];
+        apply(&mut a, Command::ApplyRemote { origin: "b".into(), epoch: 1, entries, complete_through: 9 }).await;
         let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
         let (_d2, mut b) = open("a", &["b"], Mode::ActivePassive, "a");
         b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
@@ -1064,6 +1139,7 @@ mod tests {
         assert_eq!(ra.region_state(), rb.region_state());
         assert_eq!(ra.divergent(10).unwrap(), rb.divergent(10).unwrap());
         assert_eq!(ra.changefeed_after(0, 100, 1 << 20).unwrap(), rb.changefeed_after(0, 100, 1 << 20).unwrap());
+        assert!(rb.region_state().resync_pending, "the demotion left divergent keys to resync");
         assert_eq!(rb.get(b"r").unwrap().unwrap().value.as_deref(), Some(&b"x"[..]));
     }
 }
