@@ -327,15 +327,18 @@ async fn active_passive_unplanned_failover_promotes_and_divergence_counts_every_
         cluster.kill(id);
     }
     stop.store(true, Ordering::SeqCst);
-    let (acked, unknown) = writer.await.unwrap();
     let b = cluster.region_client("b");
     wait_for("the controller to promote b", Duration::from_secs(60), || async {
         b.region_status().await.ok().filter(|s| s.role == "primary")
     })
     .await;
     let rto = killed_at.elapsed();
+    // The writer's last put may still be retrying against the dead region.
+    let (acked, unknown) = writer.await.unwrap();
     eprintln!("failover: b primary {rto:?} after a was lost");
-    assert!(rto < Duration::from_millis(300 * 3) + Duration::from_secs(15), "promotion took {rto:?}");
+    // interval x threshold (0.9 s) plus an election, with generous slack for
+    // a loaded two-core machine: a bound, not a speed claim.
+    assert!(rto < Duration::from_millis(300 * 3) + Duration::from_secs(10), "promotion took {rto:?}");
     let _ = controller.kill();
     let _ = controller.wait();
 
