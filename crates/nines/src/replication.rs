@@ -68,14 +68,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nines_client::{Client, ClientConfig, Consistency};
-use nines_proto::v1::replication_client::ReplicationClient;
 use nines_proto::v1::{ChangeEntry, ShipRefusal, ShipRequest, ShipResponse};
 use tokio::sync::watch;
 
 use crate::config::{Mode, RegionConfig};
 use crate::error::Error;
 use crate::hlc::Hlc;
-use crate::limits::{RAFT_MESSAGE_BYTES_MAX, RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
+use crate::limits::{RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
 use crate::node::Shared;
 use crate::types::{Command, CommandResult, ResyncEntry};
 
@@ -228,13 +227,7 @@ async fn ship_to(shared: Arc<Shared>, peer: RegionConfig, mut stop: watch::Recei
         let sent = client
             .call(true, |c| {
                 let r = req.clone();
-                async move {
-                    ReplicationClient::new(c)
-                        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-                        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-                        .ship(r)
-                        .await
-                }
+                async move { crate::server::replication::client(c).ship(r).await }
             })
             .await;
         let resp = match sent {

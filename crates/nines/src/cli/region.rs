@@ -80,21 +80,31 @@ fn find<'a>(regions: &'a [RegionInfo], name: &str) -> anyhow::Result<&'a RegionI
     })
 }
 
+/// What a promotion of `region` starts from: its entry, the current
+/// primary and epoch. `None` when `region` already is the primary.
+async fn role_change<'a>(
+    regions: &'a [RegionInfo],
+    region: &str,
+) -> anyhow::Result<Option<(&'a RegionInfo, String, u64)>> {
+    let target = find(regions, region)?;
+    let all = statuses(regions).await;
+    let (primary, epoch) = current_primary(&all).context("no region is reachable")?;
+    if primary.is_empty() {
+        bail!("this cluster is active-active: every region takes writes, there is no primary to change");
+    }
+    if primary == region {
+        println!("{region} is already the primary (epoch {epoch})");
+        return Ok(None);
+    }
+    Ok(Some((target, primary, epoch)))
+}
+
 pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
     let regions = discover(g).await?;
     match command {
         RegionCommand::Status => print_region_status(g, &statuses(&regions).await),
         RegionCommand::Promote { region, drain_timeout } => {
-            let target = find(&regions, &region)?;
-            let all = statuses(&regions).await;
-            let (primary, epoch) = current_primary(&all).context("no region is reachable")?;
-            if primary.is_empty() {
-                bail!("this cluster is active-active: every region takes writes, there is nothing to promote");
-            }
-            if primary == region {
-                println!("{region} is already the primary (epoch {epoch})");
-                return Ok(());
-            }
+            let Some((target, primary, epoch)) = role_change(&regions, &region).await? else { return Ok(()) };
             let old = region_client(find(&regions, &primary)?, Duration::from_secs(5))?;
             let fence = old.fence(false).await.with_context(|| format!("fencing the primary {primary}"))?;
             let deadline = Instant::now() + drain_timeout;
@@ -128,16 +138,7 @@ pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
             println!("{region} is the primary at epoch {} ({primary} drained and demotes itself)", r.epoch);
         }
         RegionCommand::Failover { region } => {
-            let target = find(&regions, &region)?;
-            let all = statuses(&regions).await;
-            let (primary, epoch) = current_primary(&all).context("no region is reachable")?;
-            if primary.is_empty() {
-                bail!("this cluster is active-active: every region takes writes, there is nothing to fail over");
-            }
-            if primary == region {
-                println!("{region} is already the primary (epoch {epoch})");
-                return Ok(());
-            }
+            let Some((target, primary, epoch)) = role_change(&regions, &region).await? else { return Ok(()) };
             let new = region_client(target, Duration::from_secs(5))?;
             let r = new.promote_region(epoch + 1).await.with_context(|| format!("promoting {region}"))?;
             println!("{region} is the primary at epoch {} (failover from {primary})", r.epoch);

@@ -39,6 +39,13 @@ impl ReplicationService {
     }
 }
 
+/// A `Replication` client that accepts shipments up to the Raft message limit.
+pub fn client(c: tonic::transport::Channel) -> ReplicationClient<tonic::transport::Channel> {
+    ReplicationClient::new(c)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+}
+
 /// Checks a shipment's shape and converts its entries.
 fn entries_of(req: &ShipRequest) -> Result<Vec<RemoteEntry>, Error> {
     if req.entries.len() > SHIP_BATCH_ENTRIES_MAX {
@@ -83,14 +90,7 @@ impl Replication for ReplicationService {
             .into());
         }
         if let Err(e) = node.check_leader() {
-            return forward(node, e, hops, r, |c, req| async move {
-                ReplicationClient::new(c)
-                    .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-                    .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-                    .ship(req)
-                    .await
-            })
-            .await;
+            return forward(node, e, hops, r, |c, req| async move { client(c).ship(req).await }).await;
         }
         let entries = entries_of(&r)?;
         if node.mode == Mode::ActivePassive {
