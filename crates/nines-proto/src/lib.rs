@@ -9,6 +9,10 @@
 pub mod v1 {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("nines.v1");
+
+    /// The encoded descriptors of every message and service, for gRPC
+    /// reflection (`grpcurl list`).
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("nines_descriptor");
 }
 
 /// gRPC metadata keys that are part of the wire contract.

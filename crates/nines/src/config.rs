@@ -24,6 +24,12 @@ pub struct NodeConfig {
     pub grpc_listen: SocketAddr,
     /// Where the HTTP probes listen.
     pub admin_listen: SocketAddr,
+    /// The gRPC URL other nodes and clients use to reach this node. Empty:
+    /// `http://` + the bound `grpc_listen` address. Set it when listening on
+    /// 0.0.0.0 (in a container, say).
+    pub grpc_advertise: String,
+    /// The admin URL, as `grpc_advertise`.
+    pub admin_advertise: String,
     pub raft: RaftConfig,
     /// Largest offset a remote clock may be ahead of this node's.
     #[serde(with = "humantime_serde")]
@@ -180,6 +186,8 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("nines-data"),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
+            grpc_advertise: String::new(),
+            admin_advertise: String::new(),
             raft: RaftConfig::default(),
             clock_offset_max: Duration::from_millis(500),
             write_timeout: Duration::from_secs(10),
@@ -251,6 +259,11 @@ impl NodeConfig {
         }
         if self.write_timeout.is_zero() {
             return Err(invalid("write_timeout", "must be greater than 0"));
+        }
+        for (field, url) in [("grpc_advertise", &self.grpc_advertise), ("admin_advertise", &self.admin_advertise)] {
+            if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(field, format!("{url:?} must be a URL such as http://nines-1:7001")));
+            }
         }
         let regions = &self.cluster.regions;
         if !regions.is_empty() {

@@ -1,11 +1,13 @@
-//! The admin HTTP port: liveness and readiness probes (with etcd/Kubernetes
-//! style aliases) and a JSON status.
+//! The admin HTTP port:
 //!
 //! - `/health/live`, `/livez`: the process and its event loop answer. Never
 //!   depends on having a leader, so a partitioned node is not restarted.
-//! - `/health/ready`, `/readyz`: knows a leader, is a member, and has applied
-//!   within `READY_APPLY_LAG_MAX` entries of its log. 200 or 503, with each
-//!   check in the JSON body.
+//! - `/health/ready`, `/readyz`: knows a leader, is a member, has applied
+//!   within `READY_APPLY_LAG_MAX` entries of its log, and knows its region's
+//!   role. 200 or 503, with each check in the JSON body.
+//! - `/metrics`: Prometheus text format (see [`crate::telemetry`]).
+//! - `/api/cluster`: the whole cluster as JSON (see [`crate::view`]).
+//! - `/`: the status page, plain HTML and JavaScript drawing `/api/cluster`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,7 +15,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -24,33 +27,72 @@ use crate::node::Shared;
 /// ready: a replica further behind serves local reads that are too stale.
 pub const READY_APPLY_LAG_MAX: u64 = 1_000;
 
+/// The status page, served as is: no build step.
+const STATUS_PAGE: &str = include_str!("status.html");
+
 async fn live() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn ready(State(node): State<Arc<Shared>>) -> (StatusCode, Json<serde_json::Value>) {
+/// Whether the node is ready, and each check.
+pub fn readiness(node: &Shared) -> (bool, serde_json::Value) {
     let m = node.raft.metrics().borrow().clone();
     let has_leader = m.current_leader.is_some();
     let member = m.membership_config.membership().nodes().any(|(id, _)| *id == node.id);
     let last_log = m.last_log_index.unwrap_or(0);
     let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
-    let lag = last_log.saturating_sub(applied);
-    let caught_up = lag <= READY_APPLY_LAG_MAX;
-    let ok = has_leader && member && caught_up;
+    let caught_up = last_log.saturating_sub(applied) <= READY_APPLY_LAG_MAX;
+    let role = node.region_role();
+    let primary = node.reader.primary();
+    let role_known = node.mode == crate::config::Mode::ActiveActive || !primary.is_empty();
+    let ok = has_leader && member && caught_up && role_known;
     let body = json!({
         "status": if ok { "ready" } else { "not ready" },
+        "node": { "id": node.id, "region": node.info.region, "az": node.info.az },
         "checks": {
             "has_leader": { "ok": has_leader, "leader": m.current_leader },
             "member": { "ok": member },
             "applied": { "ok": caught_up, "last_log_index": last_log, "applied_index": applied, "lag_max": READY_APPLY_LAG_MAX },
+            "region_role": { "ok": role_known, "role": role, "primary": primary },
         }
     });
+    (ok, body)
+}
+
+async fn ready(State(node): State<Arc<Shared>>) -> (StatusCode, Json<serde_json::Value>) {
+    let (ok, body) = readiness(&node);
     (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+}
+
+async fn metrics(State(node): State<Arc<Shared>>) -> impl IntoResponse {
+    let body = node.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+async fn cluster(State(node): State<Arc<Shared>>) -> Json<crate::view::ClusterView> {
+    let regions: Vec<nines_client::RegionInfo> = if node.all_regions.is_empty() {
+        let m = node.raft.metrics().borrow().clone();
+        let endpoints = m.membership_config.membership().nodes().map(|(_, n)| n.grpc_addr.clone()).collect();
+        vec![nines_client::RegionInfo { name: node.info.region.clone(), endpoints }]
+    } else {
+        node.all_regions
+            .iter()
+            .map(|r| nines_client::RegionInfo { name: r.name.clone(), endpoints: r.endpoints.clone() })
+            .collect()
+    };
+    Json(crate::view::cluster(&regions).await)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(STATUS_PAGE)
 }
 
 /// Serves the admin port until `shutdown` completes.
 pub async fn serve(listener: TcpListener, node: Arc<Shared>, shutdown: impl Future<Output = ()> + Send + 'static) {
     let app = Router::new()
+        .route("/", get(page))
+        .route("/api/cluster", get(cluster))
+        .route("/metrics", get(metrics))
         .route("/health/live", get(live))
         .route("/livez", get(live))
         .route("/health/ready", get(ready))

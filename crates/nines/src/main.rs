@@ -3,16 +3,21 @@
 use clap::Parser;
 use nines::cli::{Cli, Command};
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Node(args) => nines::cli::run_node(args).await.map(|_| true),
-        Command::Up(args) => {
-            nines::cli::init_tracing(false);
-            nines::cli::up::run(args).await.map(|_| true)
-        }
-        command => nines::cli::run_client(cli.global, command).await,
+        Command::Node(args) => nines::cli::run_node(args).map(|_| true),
+        command => tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| {
+            rt.block_on(async {
+                match command {
+                    Command::Up(args) => {
+                        nines::cli::init_tracing(false);
+                        nines::cli::up::run(args).await.map(|_| true)
+                    }
+                    command => nines::cli::run_client(cli.global, command).await,
+                }
+            })
+        }),
     };
     match result {
         Ok(true) => {}

@@ -78,6 +78,8 @@ pub struct Shared {
     pub latency: LatencyConfig,
     pub faults: Arc<Faults>,
     pub stats: crate::replication::Stats,
+    /// Renders `/metrics`; `None` when another recorder owns the process.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl Shared {
@@ -113,7 +115,9 @@ impl Shared {
     /// node's log, and a copy of it may still be committed by a later leader.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, Error> {
         self.check_leader()?;
+        let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)).await;
+        crate::telemetry::proposal(started, matches!(outcome, Ok(Ok(_))));
         match outcome {
             Err(_) => Err(Error::Indeterminate(format!("not committed within {:?}", self.write_timeout))),
             Ok(Ok(resp)) => Ok(resp.data),
@@ -153,6 +157,34 @@ impl Shared {
             CommandResult::Rejected { reason, retry_later } => Err(refusal(reason, retry_later)),
             other => Ok(other),
         }
+    }
+
+    /// This region's role: "active" (active-active), or "primary",
+    /// "fenced" or "secondary" (active-passive).
+    pub fn region_role(&self) -> &'static str {
+        match self.mode {
+            Mode::ActiveActive => "active",
+            Mode::ActivePassive if self.reader.primary() != self.info.region => "secondary",
+            Mode::ActivePassive if self.reader.region_state().fenced => "fenced",
+            Mode::ActivePassive => "primary",
+        }
+    }
+
+    /// Per peer region: what it has not applied of this region's changefeed.
+    /// Exact on the leader (which hears the peers' acknowledgements).
+    pub fn replication_lag(&self) -> Result<Vec<nines_proto::v1::PeerLag>, Error> {
+        use crate::hlc::PhysicalClock;
+        let region = self.reader.region_state();
+        let now_ms = crate::hlc::WallClock.now_ms();
+        let mut peers = Vec::new();
+        for p in &self.peers {
+            let replicated = region.acked.get(&p.name).copied().unwrap_or(0);
+            let acked = self.stats.acked(&p.name).unwrap_or(replicated).max(replicated);
+            let (lag_entries, first) = self.reader.changefeed_lag(acked).map_err(Error::from)?;
+            let lag_ms = first.map(|h| now_ms.saturating_sub(h.physical_ms)).unwrap_or(0);
+            peers.push(nines_proto::v1::PeerLag { region: p.name.clone(), acked_index: acked, lag_entries, lag_ms });
+        }
+        Ok(peers)
     }
 
     /// Confirms leadership with a quorum and waits until the state machine
@@ -207,7 +239,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
         mode: config.cluster.mode,
         initial_primary: config.cluster.primary.clone(),
     };
-    let (log_store, state_machine) = storage::open(&config.data_dir, setup, clock.clone())
+    let (db, log_store, state_machine) = storage::open(&config.data_dir, setup, clock.clone())
         .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
     let reader = state_machine.reader();
 
@@ -219,9 +251,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
         .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
     let grpc_addr: SocketAddr = grpc_listener.local_addr()?;
     let admin_addr: SocketAddr = admin_listener.local_addr()?;
+    let advertise = |configured: &str, bound: SocketAddr| {
+        if configured.is_empty() { format!("http://{bound}") } else { configured.to_string() }
+    };
     let info = NodeInfo {
-        grpc_addr: format!("http://{grpc_addr}"),
-        admin_addr: format!("http://{admin_addr}"),
+        grpc_addr: advertise(&config.grpc_advertise, grpc_addr),
+        admin_addr: advertise(&config.admin_advertise, admin_addr),
         region: config.region.clone(),
         az: config.az.clone(),
     };
@@ -245,6 +280,13 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
         latency: config.latency.clone(),
         faults,
         stats: Default::default(),
+        metrics: match crate::telemetry::install() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+                None
+            }
+        },
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -253,7 +295,15 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nines_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
     let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(
             KvServer::new(KvService::new(shared.clone()))
                 .max_decoding_message_size(REQUEST_BYTES_MAX)
@@ -276,6 +326,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     let http_task = tokio::spawn(crate::http::serve(admin_listener, shared.clone(), stopped(stop_rx.clone())));
     let mut shippers = crate::replication::spawn_shippers(shared.clone(), stop_rx.clone());
     shippers.push(crate::replication::spawn_resync(shared.clone(), stop_rx.clone()));
+    shippers.push(crate::telemetry::spawn_gauges(shared.clone(), db.clone(), stop_rx.clone()));
+    shippers.push(spawn_health(shared.clone(), health, stop_rx.clone()));
 
     let addrs = Addrs {
         id: config.id,
@@ -338,6 +390,32 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
         }
         Some(reason) => Err(anyhow::anyhow!("node stopped: {reason}")),
     }
+}
+
+/// The gRPC health service's name for the client API; its status follows
+/// readiness (a known leader), while the overall status ("") follows
+/// liveness.
+pub const KV_HEALTH_SERVICE: &str = "nines.v1.Kv";
+
+/// Keeps the gRPC health status of the client API in step with readiness.
+fn spawn_health(
+    shared: Arc<Shared>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut metrics = shared.raft.metrics();
+        loop {
+            let ready = crate::http::readiness(&shared).0;
+            let status =
+                if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+            health.set_service_status(KV_HEALTH_SERVICE, status).await;
+            tokio::select! {
+                _ = stop.changed() => return,
+                changed = metrics.changed() => if changed.is_err() { return },
+            }
+        }
+    })
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -102,6 +102,14 @@ pub enum Command {
     Region(region::RegionCommand),
     /// Health-checked failover: promote a secondary when the primary fails N probes.
     Controller(controller::ControllerArgs),
+    /// Probe an HTTP health endpoint (e.g. http://127.0.0.1:8001/health/ready):
+    /// exit 0 on a 2xx answer, 1 otherwise. For container health checks.
+    Health {
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,6 +153,12 @@ pub struct NodeArgs {
     pub grpc_listen: Option<std::net::SocketAddr>,
     #[arg(long, env = "NINES_ADMIN_LISTEN")]
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// The gRPC URL others reach this node at (default: http:// + the listen address).
+    #[arg(long, env = "NINES_GRPC_ADVERTISE")]
+    pub grpc_advertise: Option<String>,
+    /// The admin URL others reach this node at.
+    #[arg(long, env = "NINES_ADMIN_ADVERTISE")]
+    pub admin_advertise: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -172,6 +186,12 @@ impl NodeArgs {
         if let Some(v) = self.admin_listen {
             c.admin_listen = v;
         }
+        if let Some(v) = &self.grpc_advertise {
+            c.grpc_advertise = v.clone();
+        }
+        if let Some(v) = &self.admin_advertise {
+            c.admin_advertise = v.clone();
+        }
         if self.log_json {
             c.log_format = "json".into();
         }
@@ -185,17 +205,31 @@ impl NodeArgs {
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NINES_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // Ignored: a subscriber may already be set (tests).
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
-/// Runs `nines node`.
-pub async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+/// Runs `nines node` on its own runtime. Every runtime thread enters the
+/// node's span (id, region, AZ) for good, so every log line of the node
+/// names it, including those of tasks openraft spawns.
+pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     init_tracing(config.log_format == "json");
     let span = tracing::info_span!("node", id = config.id, region = %config.region, az = %config.az);
-    crate::node::run(config, crate::node::termination_signal()).instrument(span).await
+    let thread_span = span.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(move || {
+            // Never exited: the thread belongs to this node until the process ends.
+            std::mem::forget(thread_span.clone().entered());
+        })
+        .build()?;
+    runtime.block_on(crate::node::run(config, crate::node::termination_signal()).instrument(span))
 }
 
 fn client(g: &Global) -> anyhow::Result<Client> {
@@ -399,6 +433,7 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
         Command::Status => status(&g).await?,
         Command::Region(r) => region::run(&g, r).await?,
         Command::Controller(args) => controller::run(&g, args).await?,
+        Command::Health { url, timeout } => return health(&url, timeout).await,
         Command::Member(m) => {
             let c = client(&g)?;
             match m {
@@ -420,92 +455,106 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// `nines status`: for every region, asks one node for the members, then
-/// each member for its own status (unreachable nodes are shown as such);
-/// then the regions' roles and replication lag.
+/// `nines health URL`: `Ok(true)` on a 2xx answer within `timeout`.
+async fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<bool> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let uri: axum::http::Uri = url.parse().map_err(|e| anyhow::anyhow!("URL {url:?}: {e}"))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<axum::body::Bytes>>();
+    let call = async {
+        let resp = client.get(uri).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    };
+    let (status, body) = match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r?,
+        Err(_) => anyhow::bail!("{url} did not answer within {timeout:?}"),
+    };
+    let text = String::from_utf8_lossy(&body);
+    if status.is_success() {
+        println!("{} {}", status.as_u16(), text.trim());
+        Ok(true)
+    } else {
+        eprintln!("{url}: {} {}", status.as_u16(), text.trim());
+        Ok(false)
+    }
+}
+
+/// `nines status`: every node of every region (from [`crate::view`]),
+/// then each region's role and replication lag.
 async fn status(g: &Global) -> anyhow::Result<()> {
     let regions = match region::discover(g).await {
         Ok(r) => r,
         // A cluster whose leader is unknown still shows its nodes.
         Err(_) => vec![nines_client::RegionInfo { name: String::new(), endpoints: g.endpoints.clone() }],
     };
+    let view = crate::view::cluster(&regions).await;
+    if g.format == Format::Json {
+        print_json(serde_json::to_value(&view)?);
+        return Ok(());
+    }
+    let dash = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
     let mut rows = Vec::new();
-    let mut out = Vec::new();
-    for r in &regions {
-        let c = region::region_client(r, std::time::Duration::from_secs(2))?;
-        let members = match c.members().await {
-            Ok(m) => m,
-            Err(e) => {
-                rows.push(vec![
-                    "-".into(),
-                    r.name.clone(),
-                    "-".into(),
-                    "unreachable".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                    r.endpoints.join(","),
-                ]);
-                out.push(json!({ "region": r.name, "reachable": false, "error": e.to_string() }));
-                continue;
-            }
-        };
-        for m in &members.members {
-            let Some(n) = &m.node else { continue };
-            match c.status_of(&n.grpc_addr).await {
-                Ok(s) => {
-                    let leader = s.leader_id.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
-                    rows.push(vec![
-                        n.id.to_string(),
-                        n.region.clone(),
-                        n.az.clone(),
-                        s.role.clone(),
-                        s.term.to_string(),
-                        s.last_log_index.to_string(),
-                        s.applied_index.to_string(),
-                        leader,
-                        n.grpc_addr.clone(),
-                    ]);
-                    out.push(json!({
-                        "id": n.id, "region": n.region, "az": n.az, "role": s.role, "term": s.term,
-                        "last_log_index": s.last_log_index, "applied_index": s.applied_index,
-                        "leader_id": s.leader_id, "grpc_addr": n.grpc_addr, "reachable": true
-                    }));
-                }
-                Err(e) => {
-                    let dash = || "-".to_string();
-                    rows.push(vec![
-                        n.id.to_string(),
-                        n.region.clone(),
-                        n.az.clone(),
-                        "unreachable".into(),
-                        dash(),
-                        dash(),
-                        dash(),
-                        dash(),
-                        n.grpc_addr.clone(),
-                    ]);
-                    out.push(json!({ "id": n.id, "region": n.region, "az": n.az, "grpc_addr": n.grpc_addr, "reachable": false, "error": e.to_string() }));
-                }
-            }
+    for r in &view.regions {
+        if r.nodes.is_empty() {
+            rows.push(vec![
+                "-".into(),
+                r.name.clone(),
+                "-".into(),
+                "unreachable".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for n in &r.nodes {
+            rows.push(vec![
+                n.id.to_string(),
+                n.region.clone(),
+                n.az.clone(),
+                n.role.clone().unwrap_or_else(|| "unreachable".into()),
+                dash(n.term),
+                dash(n.last_log_index),
+                dash(n.applied_index),
+                dash(n.leader_id),
+                n.grpc_addr.clone(),
+            ]);
         }
     }
-    let multi = regions.len() > 1;
-    let region_status = if multi { region::statuses(&regions).await } else { Vec::new() };
-    if g.format == Format::Json {
-        if multi {
-            print_json(
-                json!({ "nodes": out, "regions": region_status.iter().map(|(r, s)| json!({"region": r.name, "status": s.as_ref().ok().map(|s| json!({"role": s.role, "primary": s.primary, "epoch": s.epoch, "peers": s.peers.iter().map(|p| json!({"region": p.region, "lag_entries": p.lag_entries, "lag_ms": p.lag_ms})).collect::<Vec<_>>()}))})).collect::<Vec<_>>() }),
-            );
-        } else {
-            print_json(json!({ "nodes": out }));
-        }
-    } else {
-        print_table(&["NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "GRPC"], &rows);
-        if multi {
+    print_table(&["NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "GRPC"], &rows);
+    if view.regions.len() > 1 {
+        println!();
+        let rows: Vec<Vec<String>> = view
+            .regions
+            .iter()
+            .map(|r| {
+                let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                vec![
+                    r.name.clone(),
+                    text(&r.mode),
+                    if r.reachable { text(&r.role) } else { "unreachable".into() },
+                    text(&r.primary),
+                    dash(r.epoch),
+                    dash(r.changefeed_entries),
+                    dash(r.divergent_count),
+                ]
+            })
+            .collect();
+        print_table(&["REGION", "MODE", "ROLE", "PRIMARY", "EPOCH", "CHANGEFEED", "DIVERGENT"], &rows);
+        let lags: Vec<Vec<String>> = view
+            .regions
+            .iter()
+            .flat_map(|r| {
+                r.lag.iter().map(|l| vec![r.name.clone(), l.to.clone(), l.entries.to_string(), l.ms.to_string()])
+            })
+            .collect();
+        if !lags.is_empty() {
             println!();
-            region::print_region_status(g, &region_status);
+            print_table(&["FROM", "TO", "LAG ENTRIES", "LAG MS"], &lags);
         }
     }
     Ok(())

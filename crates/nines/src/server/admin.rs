@@ -29,6 +29,17 @@ impl AdminService {
     }
 }
 
+/// The name of a Raft role in status output and metrics.
+pub fn role_name(state: &ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
 pub(crate) fn info_to_proto(id: NodeId, n: &NodeInfo) -> ProtoNodeInfo {
     ProtoNodeInfo {
         id,
@@ -214,13 +225,7 @@ impl Admin for AdminService {
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let m = self.node.raft.metrics().borrow().clone();
-        let role = match m.state {
-            ServerState::Leader => "leader",
-            ServerState::Follower => "follower",
-            ServerState::Candidate => "candidate",
-            ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
-        };
+        let role = role_name(&m.state);
         Ok(Response::new(StatusResponse {
             node: Some(info_to_proto(self.node.id, &self.node.info)),
             role: role.into(),

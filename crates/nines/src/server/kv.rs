@@ -15,6 +15,7 @@ use super::{forward, hops, validate, version_to_proto};
 use crate::error::Error;
 use crate::limits::{RESPONSE_BYTES_MAX, SCAN_RESPONSE_BYTES_MAX};
 use crate::node::Shared;
+use crate::telemetry::observed;
 use crate::types::{Command, CommandResult, StoredValue};
 
 pub struct KvService {
@@ -49,9 +50,8 @@ fn kv_client(c: tonic::transport::Channel) -> KvClient<tonic::transport::Channel
     KvClient::new(c).max_decoding_message_size(RESPONSE_BYTES_MAX)
 }
 
-#[tonic::async_trait]
-impl Kv for KvService {
-    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+impl KvService {
+    async fn handle_put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
         validate::key(&r.key)?;
@@ -66,7 +66,7 @@ impl Kv for KvService {
         }
     }
 
-    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+    async fn handle_get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
         validate::key(&r.key)?;
@@ -81,7 +81,7 @@ impl Kv for KvService {
         Ok(Response::new(GetResponse { kv, applied_index, served_by: self.node.id }))
     }
 
-    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn handle_delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
         validate::key(&r.key)?;
@@ -95,7 +95,7 @@ impl Kv for KvService {
         }
     }
 
-    async fn compare_and_swap(
+    async fn handle_compare_and_swap(
         &self,
         req: Request<CompareAndSwapRequest>,
     ) -> Result<Response<CompareAndSwapResponse>, Status> {
@@ -125,7 +125,7 @@ impl Kv for KvService {
         }
     }
 
-    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+    async fn handle_scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
         let bounds = validate::scan(&r)?;
@@ -142,5 +142,31 @@ impl Kv for KvService {
             .map_err(|e| read_failed(&self.node, e))?;
         let kvs = found.into_iter().filter_map(|(k, v)| kv(k, v)).collect();
         Ok(Response::new(ScanResponse { kvs, more, applied_index, served_by: self.node.id }))
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        observed("Put", self.handle_put(req)).await
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        observed("Get", self.handle_get(req)).await
+    }
+
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        observed("Delete", self.handle_delete(req)).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        req: Request<CompareAndSwapRequest>,
+    ) -> Result<Response<CompareAndSwapResponse>, Status> {
+        observed("CompareAndSwap", self.handle_compare_and_swap(req)).await
+    }
+
+    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        observed("Scan", self.handle_scan(req)).await
     }
 }

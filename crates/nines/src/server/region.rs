@@ -7,7 +7,7 @@ use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::region_admin_server::RegionAdmin;
 use nines_proto::v1::{
     DivergentRecord, DivergentRequest, DivergentResponse, FenceRequest, FenceResponse, KeyValueRecord, OriginApplied,
-    PeerLag, RegionInfo, RegionPromoteRequest, RegionPromoteResponse, RegionStatusRequest, RegionStatusResponse,
+    RegionInfo, RegionPromoteRequest, RegionPromoteResponse, RegionStatusRequest, RegionStatusResponse,
     SetFaultsRequest, SetFaultsResponse,
 };
 use tonic::{Request, Response, Status};
@@ -15,8 +15,6 @@ use tonic::{Request, Response, Status};
 use super::{forward, hops};
 use crate::config::Mode;
 use crate::error::Error;
-use crate::hlc::PhysicalClock;
-use crate::hlc::WallClock;
 use crate::limits::DIVERGENT_LIST_MAX;
 use crate::node::Shared;
 use crate::types::{Command, CommandResult};
@@ -34,21 +32,8 @@ impl RegionAdminService {
         let node = &self.node;
         let region = node.reader.region_state();
         let primary = node.reader.primary();
-        let role = match node.mode {
-            Mode::ActiveActive => "active",
-            Mode::ActivePassive if primary != node.info.region => "secondary",
-            Mode::ActivePassive if region.fenced => "fenced",
-            Mode::ActivePassive => "primary",
-        };
-        let now_ms = WallClock.now_ms();
-        let mut peers = Vec::new();
-        for p in &node.peers {
-            let replicated = region.acked.get(&p.name).copied().unwrap_or(0);
-            let acked = node.stats.acked(&p.name).unwrap_or(replicated).max(replicated);
-            let (lag_entries, first) = node.reader.changefeed_lag(acked).map_err(Error::from)?;
-            let lag_ms = first.map(|h| now_ms.saturating_sub(h.physical_ms)).unwrap_or(0);
-            peers.push(PeerLag { region: p.name.clone(), acked_index: acked, lag_entries, lag_ms });
-        }
+        let role = node.region_role();
+        let peers = node.replication_lag()?;
         let origins = node
             .peers
             .iter()

@@ -113,6 +113,7 @@ impl Replication for ReplicationService {
         for e in &entries {
             if let Err(err) = node.clock.observe(e.hlc) {
                 node.stats.count_refused_clock(&r.origin_region);
+                crate::telemetry::remote_refused(&r.origin_region);
                 tracing::warn!(origin = %r.origin_region, error = %err, "refusing a shipment: remote timestamp too far ahead");
                 return Ok(Response::new(self.response(&r.origin_region, ShipRefusal::ClockAhead, err.to_string())));
             }

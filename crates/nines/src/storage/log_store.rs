@@ -191,7 +191,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
         }
         self.log.apply_batch(batch).map_err(write_logs_err)?;
-        match self.db.flush_async().await {
+        let started = std::time::Instant::now();
+        let flushed = self.db.flush_async().await;
+        crate::telemetry::log_fsync(started);
+        match flushed {
             Ok(_) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())

@@ -22,11 +22,15 @@ pub use state_machine::{ReplicationSetup, StateMachine, StateReader};
 use crate::hlc::HlcClock;
 
 /// Opens (or creates) the storage of one node under `dir`.
-pub fn open(dir: &Path, setup: ReplicationSetup, clock: Arc<HlcClock>) -> anyhow::Result<(LogStore, StateMachine)> {
+pub fn open(
+    dir: &Path,
+    setup: ReplicationSetup,
+    clock: Arc<HlcClock>,
+) -> anyhow::Result<(sled::Db, LogStore, StateMachine)> {
     let db = sled::Config::new().path(dir.join("db")).open()?;
     let sm = StateMachine::open(&db, setup, clock).map_err(|e| anyhow::anyhow!("{e}"))?;
     let log = LogStore::open(&db, Some(sm.durable_applied()))?;
-    Ok((log, sm))
+    Ok((db, log, sm))
 }
 
 #[cfg(test)]

@@ -1,0 +1,149 @@
+//! Metrics in the Prometheus text format, named the Prometheus way
+//! (`nines_` prefix, base units in the name, counters ending in `_total`),
+//! with equivalents of the Raft health signals etcd operators watch:
+//!
+//! | metric | kind | meaning |
+//! |---|---|---|
+//! | `nines_raft_has_leader` | gauge | 1 if this node knows a leader (etcd: `server_has_leader`) |
+//! | `nines_raft_is_leader` | gauge | 1 if this node leads its region |
+//! | `nines_raft_role` | gauge | 1 for the role label this node has now |
+//! | `nines_raft_term` | gauge | the current term |
+//! | `nines_raft_leader_changes_seen_total` | counter | leader changes observed (etcd: `server_leader_changes_seen_total`) |
+//! | `nines_raft_last_log_index`, `nines_raft_applied_index` | gauge | log and state machine progress |
+//! | `nines_proposals_committed_total`, `nines_proposals_failed_total` | counter | proposals (etcd: `server_proposals_*`) |
+//! | `nines_proposal_duration_seconds` | histogram | propose to applied |
+//! | `nines_log_fsync_duration_seconds` | histogram | log flush (etcd: `disk_wal_fsync_duration_seconds`) |
+//! | `nines_grpc_requests_total{method,code}` | counter | client and admin requests by outcome |
+//! | `nines_grpc_request_duration_seconds{method}` | histogram | request latency |
+//! | `nines_storage_bytes` | gauge | size of the node's database on disk |
+//! | `nines_replication_lag_entries{from,to}`, `nines_replication_lag_seconds{from,to}` | gauge | writes of this region a peer has not applied, and the age of the oldest |
+//! | `nines_hlc_remote_refused_total{origin}` | counter | shipments refused for a timestamp too far ahead |
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
+use tonic::{Response, Status};
+
+use crate::node::Shared;
+
+/// Histogram buckets in seconds, 100 µs to 10 s: covers an fsync on a fast
+/// disk up to a request that waited out an election.
+const BUCKETS_SECONDS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// How often the gauges are refreshed from Raft and storage.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Installs the process-wide Prometheus recorder (once per node process).
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new().set_buckets(BUCKETS_SECONDS)?.install_recorder()?;
+    Ok(handle)
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Runs a request handler, counting it by outcome and timing it.
+pub async fn observed<T>(
+    method: &'static str,
+    handler: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = handler.await;
+    let code = match &result {
+        Ok(_) => "OK",
+        Err(s) => code_name(s.code()),
+    };
+    counter!("nines_grpc_requests_total", "method" => method, "code" => code).increment(1);
+    histogram!("nines_grpc_request_duration_seconds", "method" => method).record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Records one proposal's outcome.
+pub fn proposal(started: Instant, ok: bool) {
+    if ok {
+        counter!("nines_proposals_committed_total").increment(1);
+        histogram!("nines_proposal_duration_seconds").record(started.elapsed().as_secs_f64());
+    } else {
+        counter!("nines_proposals_failed_total").increment(1);
+    }
+}
+
+/// Records one log flush.
+pub fn log_fsync(started: Instant) {
+    histogram!("nines_log_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// Counts a refused shipment.
+pub fn remote_refused(origin: &str) {
+    counter!("nines_hlc_remote_refused_total", "origin" => origin.to_string()).increment(1);
+}
+
+/// Refreshes the gauges every `GAUGE_INTERVAL` until `stop`.
+pub fn spawn_gauges(shared: Arc<Shared>, db: sled::Db, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last_leader = None;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+            }
+            if let Some(h) = &shared.metrics {
+                // Drains histogram buffers; the exporter leaves this to its user.
+                h.run_upkeep();
+            }
+            let m = shared.raft.metrics().borrow().clone();
+            if m.current_leader != last_leader {
+                if m.current_leader.is_some() {
+                    counter!("nines_raft_leader_changes_seen_total").increment(1);
+                }
+                last_leader = m.current_leader;
+            }
+            gauge!("nines_raft_has_leader").set(f64::from(u8::from(m.current_leader.is_some())));
+            gauge!("nines_raft_is_leader").set(f64::from(u8::from(m.current_leader == Some(shared.id))));
+            for role in ["leader", "follower", "candidate", "learner", "shutdown"] {
+                let now = crate::server::admin::role_name(&m.state) == role;
+                gauge!("nines_raft_role", "role" => role).set(f64::from(u8::from(now)));
+            }
+            gauge!("nines_raft_term").set(m.current_term as f64);
+            gauge!("nines_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+            gauge!("nines_raft_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+            if let Ok(bytes) = db.size_on_disk() {
+                gauge!("nines_storage_bytes").set(bytes as f64);
+            }
+            if shared.check_leader().is_ok()
+                && let Ok(lags) = shared.replication_lag()
+            {
+                for lag in lags {
+                    let labels = [("from", shared.info.region.clone()), ("to", lag.region.clone())];
+                    gauge!("nines_replication_lag_entries", &labels).set(lag.lag_entries as f64);
+                    gauge!("nines_replication_lag_seconds", &labels).set(lag.lag_ms as f64 / 1000.0);
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,145 @@
+//! The whole cluster as one document: regions, their AZs and nodes with
+//! role and health, each region's role, epoch and replication lag. Served
+//! as JSON by every node's admin port (`/api/cluster`, drawn by the status
+//! page at `/`) and printed by `nines status`.
+
+use std::time::Duration;
+
+use nines_client::{Client, ClientConfig, RegionInfo};
+use serde::Serialize;
+
+/// How long one node or region may take to answer while the view is built:
+/// a dead node must not stall the page.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    pub regions: Vec<RegionView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionView {
+    pub name: String,
+    /// The region's leader answered its region status.
+    pub reachable: bool,
+    pub mode: Option<String>,
+    /// "active", "primary", "secondary" or "fenced".
+    pub role: Option<String>,
+    pub primary: Option<String>,
+    pub epoch: Option<u64>,
+    pub leader_id: Option<u64>,
+    pub changefeed_entries: Option<u64>,
+    pub divergent_count: Option<u64>,
+    pub lag: Vec<LagView>,
+    pub nodes: Vec<NodeView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LagView {
+    pub to: String,
+    pub entries: u64,
+    pub ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub id: u64,
+    pub region: String,
+    pub az: String,
+    pub grpc_addr: String,
+    pub admin_addr: String,
+    pub reachable: bool,
+    /// Answers and knows a leader.
+    pub healthy: bool,
+    pub role: Option<String>,
+    pub term: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub leader_id: Option<u64>,
+    pub error: Option<String>,
+}
+
+fn probe_client(endpoints: Vec<String>) -> Option<Client> {
+    let config = ClientConfig {
+        attempt_timeout: PROBE_TIMEOUT,
+        attempts_max: 2,
+        request_deadline: PROBE_TIMEOUT * 2,
+        connect_timeout: PROBE_TIMEOUT / 2,
+        ..ClientConfig::default()
+    };
+    Client::new(endpoints, config).ok()
+}
+
+async fn region_view(region: &RegionInfo) -> RegionView {
+    let mut view = RegionView {
+        name: region.name.clone(),
+        reachable: false,
+        mode: None,
+        role: None,
+        primary: None,
+        epoch: None,
+        leader_id: None,
+        changefeed_entries: None,
+        divergent_count: None,
+        lag: Vec::new(),
+        nodes: Vec::new(),
+    };
+    let Some(client) = probe_client(region.endpoints.clone()) else { return view };
+    if let Ok(s) = client.region_status().await {
+        view.reachable = true;
+        view.mode = Some(s.mode);
+        view.role = Some(s.role);
+        view.primary = (!s.primary.is_empty()).then_some(s.primary);
+        view.epoch = Some(s.epoch);
+        view.changefeed_entries = Some(s.changefeed_entries);
+        view.divergent_count = Some(s.divergent_count);
+        view.lag =
+            s.peers.into_iter().map(|p| LagView { to: p.region, entries: p.lag_entries, ms: p.lag_ms }).collect();
+    }
+    let members = match client.members().await {
+        Ok(m) => m,
+        Err(_) => return view,
+    };
+    view.leader_id = members.leader_id;
+    for m in members.members {
+        let Some(n) = m.node else { continue };
+        let mut node = NodeView {
+            id: n.id,
+            region: n.region.clone(),
+            az: n.az.clone(),
+            grpc_addr: n.grpc_addr.clone(),
+            admin_addr: n.admin_addr.clone(),
+            reachable: false,
+            healthy: false,
+            role: None,
+            term: None,
+            last_log_index: None,
+            applied_index: None,
+            leader_id: None,
+            error: None,
+        };
+        match client.status_of(&n.grpc_addr).await {
+            Ok(s) => {
+                node.reachable = true;
+                node.healthy = s.leader_id.is_some();
+                node.role = Some(s.role);
+                node.term = Some(s.term);
+                node.last_log_index = Some(s.last_log_index);
+                node.applied_index = Some(s.applied_index);
+                node.leader_id = s.leader_id;
+            }
+            Err(e) => node.error = Some(e.to_string()),
+        }
+        view.nodes.push(node);
+    }
+    view
+}
+
+/// Builds the view of `regions`, asking each in turn.
+pub async fn cluster(regions: &[RegionInfo]) -> ClusterView {
+    let mut out = Vec::new();
+    for r in regions {
+        out.push(region_view(r).await);
+    }
+    ClusterView { regions: out }
+}
