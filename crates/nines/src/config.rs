@@ -261,7 +261,7 @@ impl NodeConfig {
             return Err(invalid("write_timeout", "must be greater than 0"));
         }
         for (field, url) in [("grpc_advertise", &self.grpc_advertise), ("admin_advertise", &self.admin_advertise)] {
-            if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+            if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(invalid(field, format!("{url:?} must be a URL such as http://nines-1:7001")));
             }
         }
