@@ -34,10 +34,21 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// How long a leader may take to confirm its leadership with a quorum for
+/// the readiness check. A leader cut off from its majority still believes
+/// it leads until it hears otherwise; asking the quorum is the only way to
+/// know.
+pub const READY_QUORUM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Whether the node is ready, and each check.
-pub fn readiness(node: &Shared) -> (bool, serde_json::Value) {
+pub async fn readiness(node: &Shared) -> (bool, serde_json::Value) {
     let m = node.raft.metrics().borrow().clone();
-    let has_leader = m.current_leader.is_some();
+    let has_leader = if m.current_leader == Some(node.id) {
+        matches!(tokio::time::timeout(READY_QUORUM_TIMEOUT, node.raft.is_leader()).await, Ok(Ok(())))
+    } else {
+        m.current_leader.is_some()
+    };
+    let leader = if has_leader { m.current_leader } else { None };
     let member = m.membership_config.membership().nodes().any(|(id, _)| *id == node.id);
     let last_log = m.last_log_index.unwrap_or(0);
     let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
@@ -50,7 +61,7 @@ pub fn readiness(node: &Shared) -> (bool, serde_json::Value) {
         "status": if ok { "ready" } else { "not ready" },
         "node": { "id": node.id, "region": node.info.region, "az": node.info.az },
         "checks": {
-            "has_leader": { "ok": has_leader, "leader": m.current_leader },
+            "has_leader": { "ok": has_leader, "leader": leader },
             "member": { "ok": member },
             "applied": { "ok": caught_up, "last_log_index": last_log, "applied_index": applied, "lag_max": READY_APPLY_LAG_MAX },
             "region_role": { "ok": role_known, "role": role, "primary": primary },
@@ -60,7 +71,7 @@ pub fn readiness(node: &Shared) -> (bool, serde_json::Value) {
 }
 
 async fn ready(State(node): State<Arc<Shared>>) -> (StatusCode, Json<serde_json::Value>) {
-    let (ok, body) = readiness(&node);
+    let (ok, body) = readiness(&node).await;
     (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 

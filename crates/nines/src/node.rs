@@ -299,6 +299,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(nines_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building gRPC reflection")?;
     let grpc = tonic::transport::Server::builder()
@@ -406,13 +407,16 @@ fn spawn_health(
     tokio::spawn(async move {
         let mut metrics = shared.raft.metrics();
         loop {
-            let ready = crate::http::readiness(&shared).0;
+            let ready = crate::http::readiness(&shared).await.0;
             let status =
                 if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
             health.set_service_status(KV_HEALTH_SERVICE, status).await;
+            // Re-checked on every Raft change, and at least every second: a
+            // leader that lost its quorum changes nothing Raft would report.
             tokio::select! {
                 _ = stop.changed() => return,
                 changed = metrics.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             }
         }
     })
