@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::{
-    AddLearnerRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest, MembersRequest, PromoteRequest,
+    AddLearnerRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest, MembersRequest, PromoteRequest,
     PutRequest, RemoveRequest, ScanRequest, StatusRequest, admin_client::AdminClient, compare_and_swap_request,
     kv_client::KvClient,
 };
@@ -348,6 +348,11 @@ impl Client {
         let channel = self.channel(endpoint)?;
         Self::admin(channel).init(InitRequest { members }).await.map_err(|s| Error::from_final(&s))?;
         Ok(())
+    }
+
+    /// The whole cluster as JSON, gathered by whichever node answers.
+    pub async fn cluster_view(&self) -> Result<String> {
+        Ok(self.call(true, rpc!(admin, cluster_view, ClusterViewRequest {})).await?.json)
     }
 
     /// The cluster's members and leader.

@@ -27,13 +27,19 @@ pub fn connect_failed(status: &Status) -> bool {
         {
             return true;
         }
-        let text = e.to_string();
-        if text.contains("tcp connect error") || text.contains("Connection refused") {
+        if never_sent(&e.to_string()) {
             return true;
         }
         source = e.source();
     }
-    status.message().contains("tcp connect error") || status.message().contains("Connection refused")
+    never_sent(status.message())
+}
+
+/// Transport error texts that mean no connection was made: refused, or the
+/// name did not resolve (a container that is gone, an address only valid
+/// inside the cluster's network).
+fn never_sent(text: &str) -> bool {
+    ["tcp connect error", "Connection refused", "dns error", "failed to lookup address"].iter().any(|t| text.contains(t))
 }
 
 /// Classifies a failed attempt.
@@ -68,6 +74,7 @@ mod tests {
         let table = [
             (with(Code::Unavailable, &[(metadata::RETRY_SAFE, "true")]), Retry::Safe),
             (Status::unavailable("tcp connect error: Connection refused (os error 111)"), Retry::Safe),
+            (Status::unavailable("dns error: failed to lookup address information"), Retry::Safe),
             (with(Code::Unavailable, &[]), Retry::Unsafe),
             (with(Code::DeadlineExceeded, &[]), Retry::Unsafe),
             (with(Code::InvalidArgument, &[]), Retry::Final),

@@ -44,7 +44,7 @@ pub const READY_QUORUM_TIMEOUT: std::time::Duration = std::time::Duration::from_
 pub async fn readiness(node: &Shared) -> (bool, serde_json::Value) {
     let m = node.raft.metrics().borrow().clone();
     let has_leader = if m.current_leader == Some(node.id) {
-        matches!(tokio::time::timeout(READY_QUORUM_TIMEOUT, node.raft.is_leader()).await, Ok(Ok(())))
+        matches!(tokio::time::timeout(READY_QUORUM_TIMEOUT, node.raft.get_read_log_id()).await, Ok(Ok(_)))
     } else {
         m.current_leader.is_some()
     };
@@ -81,17 +81,7 @@ async fn metrics(State(node): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn cluster(State(node): State<Arc<Shared>>) -> Json<crate::view::ClusterView> {
-    let regions: Vec<nines_client::RegionInfo> = if node.all_regions.is_empty() {
-        let m = node.raft.metrics().borrow().clone();
-        let endpoints = m.membership_config.membership().nodes().map(|(_, n)| n.grpc_addr.clone()).collect();
-        vec![nines_client::RegionInfo { name: node.info.region.clone(), endpoints }]
-    } else {
-        node.all_regions
-            .iter()
-            .map(|r| nines_client::RegionInfo { name: r.name.clone(), endpoints: r.endpoints.clone() })
-            .collect()
-    };
-    Json(crate::view::cluster(&regions).await)
+    Json(crate::view::cluster(&node.regions_for_view()).await)
 }
 
 async fn page() -> Html<&'static str> {

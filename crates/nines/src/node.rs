@@ -159,6 +159,20 @@ impl Shared {
         }
     }
 
+    /// The regions to show in a cluster view: every configured region, or
+    /// this one alone (its members' endpoints) when none are configured.
+    pub fn regions_for_view(&self) -> Vec<nines_client::RegionInfo> {
+        if self.all_regions.is_empty() {
+            let m = self.raft.metrics().borrow().clone();
+            let endpoints = m.membership_config.membership().nodes().map(|(_, n)| n.grpc_addr.clone()).collect();
+            return vec![nines_client::RegionInfo { name: self.info.region.clone(), endpoints }];
+        }
+        self.all_regions
+            .iter()
+            .map(|r| nines_client::RegionInfo { name: r.name.clone(), endpoints: r.endpoints.clone() })
+            .collect()
+    }
+
     /// This region's role: "active" (active-active), or "primary",
     /// "fenced" or "secondary" (active-passive).
     pub fn region_role(&self) -> &'static str {

@@ -6,18 +6,18 @@
 use std::time::Duration;
 
 use nines_client::{Client, ClientConfig, RegionInfo};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How long one node or region may take to answer while the view is built:
 /// a dead node must not stall the page.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterView {
     pub regions: Vec<RegionView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegionView {
     pub name: String,
     /// The region's leader answered its region status.
@@ -34,14 +34,14 @@ pub struct RegionView {
     pub nodes: Vec<NodeView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LagView {
     pub to: String,
     pub entries: u64,
     pub ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeView {
     pub id: u64,
     pub region: String,

@@ -117,7 +117,16 @@ pub enum MemberCommand {
     /// List members and the leader.
     List,
     /// Bootstrap a fresh cluster through the first endpoint: `ID=URL[@REGION/AZ]` ...
-    Init { members: Vec<String> },
+    Init {
+        members: Vec<String>,
+        /// Keep trying to reach the node for this long (it may still be starting).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        /// Succeed if the cluster is already initialized (for deployment scripts
+        /// that run on every start).
+        #[arg(long)]
+        if_new: bool,
+    },
     /// Add a node as a learner (returns once it caught up).
     AddLearner {
         id: u64,
@@ -143,6 +152,10 @@ pub struct NodeArgs {
     pub config: Option<PathBuf>,
     #[arg(long, env = "NINES_ID")]
     pub id: Option<u64>,
+    /// Take the id from the host name's trailing number plus one (a
+    /// StatefulSet's pod `nines-us-east-0` is node 1).
+    #[arg(long, env = "NINES_ID_FROM_HOSTNAME", conflicts_with = "id")]
+    pub id_from_hostname: bool,
     #[arg(long, env = "NINES_REGION")]
     pub region: Option<String>,
     #[arg(long, env = "NINES_AZ")]
@@ -171,6 +184,9 @@ impl NodeArgs {
         if let Some(v) = self.id {
             c.id = v;
         }
+        if self.id_from_hostname {
+            c.id = id_from_hostname(&hostname()?)?;
+        }
         if let Some(v) = &self.region {
             c.region = v.clone();
         }
@@ -198,6 +214,21 @@ impl NodeArgs {
         c.validate()?;
         Ok(c)
     }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    if let Ok(h) = std::env::var("HOSTNAME")
+        && !h.is_empty()
+    {
+        return Ok(h);
+    }
+    Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
+}
+
+/// `name-N` is node N + 1.
+fn id_from_hostname(host: &str) -> anyhow::Result<u64> {
+    let ordinal = host.rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
+    ordinal.map(|n| n + 1).ok_or_else(|| anyhow::anyhow!("host name {host:?} does not end in -NUMBER"))
 }
 
 /// Sets up logging. Every line of a node names its node, region and AZ (the
@@ -438,10 +469,27 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
             let c = client(&g)?;
             match m {
                 MemberCommand::List => print_members(&g, &c.members().await?),
-                MemberCommand::Init { members } => {
+                MemberCommand::Init { members, wait, if_new } => {
                     let members = members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
-                    c.init(&g.endpoints[0], members).await?;
-                    println!("initialized");
+                    let deadline = std::time::Instant::now() + wait;
+                    loop {
+                        match c.init(&g.endpoints[0], members.clone()).await {
+                            Ok(()) => {
+                                println!("initialized");
+                                break;
+                            }
+                            Err(nines_client::Error::FailedPrecondition(msg)) if if_new => {
+                                println!("already initialized ({msg})");
+                                break;
+                            }
+                            Err(nines_client::Error::Server { code: tonic::Code::Unavailable, .. })
+                                if std::time::Instant::now() < deadline =>
+                            {
+                                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                 }
                 MemberCommand::AddLearner { id, grpc_addr, admin_addr, region, az } => {
                     let m = c.add_learner(NodeInfo { id, grpc_addr, admin_addr, region, az }).await?;
@@ -485,12 +533,20 @@ async fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<bool>
 /// `nines status`: every node of every region (from [`crate::view`]),
 /// then each region's role and replication lag.
 async fn status(g: &Global) -> anyhow::Result<()> {
-    let regions = match region::discover(g).await {
-        Ok(r) => r,
-        // A cluster whose leader is unknown still shows its nodes.
-        Err(_) => vec![nines_client::RegionInfo { name: String::new(), endpoints: g.endpoints.clone() }],
+    // The node gathers the view: it reaches addresses that may be private to
+    // the cluster's network (containers). Without an answer, gather it here.
+    let config = ClientConfig { attempts_max: 3, attempt_timeout: std::time::Duration::from_secs(15), ..ClientConfig::default() };
+    let asked = Client::new(g.endpoints.clone(), config)?.cluster_view().await.ok().and_then(|j| serde_json::from_str::<crate::view::ClusterView>(&j).ok());
+    let view = match asked {
+        Some(v) => v,
+        None => {
+            let regions = match region::discover(g).await {
+                Ok(r) => r,
+                Err(_) => vec![nines_client::RegionInfo { name: String::new(), endpoints: g.endpoints.clone() }],
+            };
+            crate::view::cluster(&regions).await
+        }
     };
-    let view = crate::view::cluster(&regions).await;
     if g.format == Format::Json {
         print_json(serde_json::to_value(&view)?);
         return Ok(());
@@ -575,6 +631,13 @@ mod tests {
         for bad in ["x=http://h", "http://h", "1=http://h@nolabel"] {
             assert!(parse_member(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ids_come_from_statefulset_host_names() {
+        assert_eq!(id_from_hostname("nines-us-east-0").unwrap(), 1);
+        assert_eq!(id_from_hostname("nines-eu-west-2").unwrap(), 3);
+        assert!(id_from_hostname("nines").is_err());
     }
 
     #[test]

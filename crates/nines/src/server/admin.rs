@@ -6,7 +6,7 @@ use std::sync::Arc;
 use nines_proto::v1::admin_client::AdminClient;
 use nines_proto::v1::admin_server::Admin;
 use nines_proto::v1::{
-    AddLearnerRequest, InitRequest, InitResponse, Member, MembersRequest, MembersResponse, NodeInfo as ProtoNodeInfo,
+    AddLearnerRequest, ClusterViewRequest, ClusterViewResponse, InitRequest, InitResponse, Member, MembersRequest, MembersResponse, NodeInfo as ProtoNodeInfo,
     PromoteRequest, RemoveRequest, StatusRequest, StatusResponse,
 };
 use openraft::error::{ChangeMembershipError, ClientWriteError, InitializeError, RaftError};
@@ -217,6 +217,12 @@ impl Admin for AdminService {
         let result =
             tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await.map(|r| r.map(|_| ()).map_err(Box::new));
         Ok(Response::new(self.change(result)?))
+    }
+
+    async fn cluster_view(&self, _req: Request<ClusterViewRequest>) -> Result<Response<ClusterViewResponse>, Status> {
+        let view = crate::view::cluster(&self.node.regions_for_view()).await;
+        let json = serde_json::to_string(&view).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(Response::new(ClusterViewResponse { json }))
     }
 
     async fn members(&self, _req: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {

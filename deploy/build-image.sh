@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the nines container image with no registry: FROM scratch around a
+# nines binary built by cargo, plus the shared libraries it loads.
+#
+#   bash deploy/build-image.sh [BINARY] [TAG]
+#
+# BINARY defaults to target/release/nines (built if missing), TAG to nines:local.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+binary="${1:-target/release/nines}"
+tag="${2:-nines:local}"
+if [[ ! -x "$binary" ]]; then
+  cargo build --release --bin nines
+fi
+ctx="$(mktemp -d)"
+trap 'rm -rf "$ctx"' EXIT
+root="$ctx/rootfs"
+mkdir -p "$root/usr/local/bin" "$root/data" "$root/tmp" "$root/etc/nines"
+cp "$binary" "$root/usr/local/bin/nines"
+# The dynamic loader and every library the binary links, at their own paths.
+ldd "$binary" | grep -o '/[^ ]*' | sort -u | while read -r lib; do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+echo 'nines:x:65532:65532:nines:/data:/usr/local/bin/nines' > "$root/etc/passwd"
+echo 'nines:x:65532:' > "$root/etc/group"
+cp deploy/Dockerfile.scratch "$ctx/Dockerfile"
+docker build -q -t "$tag" "$ctx"
+echo "built $tag"
