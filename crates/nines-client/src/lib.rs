@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::{
-    AddLearnerRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest, MembersRequest, PromoteRequest,
-    PutRequest, RemoveRequest, ScanRequest, StatusRequest, admin_client::AdminClient, compare_and_swap_request,
-    kv_client::KvClient,
+    AddLearnerRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest,
+    MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, StatusRequest, admin_client::AdminClient,
+    compare_and_swap_request, kv_client::KvClient,
 };
 pub use nines_proto::v1::{
     CompareAndSwapResponse, Consistency, DeleteResponse, DivergentResponse, FenceResponse, GetResponse, KeyValue,

@@ -39,7 +39,9 @@ pub fn connect_failed(status: &Status) -> bool {
 /// name did not resolve (a container that is gone, an address only valid
 /// inside the cluster's network).
 fn never_sent(text: &str) -> bool {
-    ["tcp connect error", "Connection refused", "dns error", "failed to lookup address"].iter().any(|t| text.contains(t))
+    ["tcp connect error", "Connection refused", "dns error", "failed to lookup address"]
+        .iter()
+        .any(|t| text.contains(t))
 }
 
 /// Classifies a failed attempt.

@@ -68,14 +68,21 @@ async fn grpc_health_reflection_and_metrics_are_served() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["", "nines.v1.Kv"] {
         let r = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap();
-        assert_eq!(r.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+        assert_eq!(
+            r.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
     }
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut reflection = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut stream = reflection.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
     let resp = stream.message().await.unwrap().expect("a reflection answer");
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
@@ -142,7 +149,11 @@ async fn sigterm_stops_a_leader_cleanly_and_the_region_elects_another() {
     let started = Instant::now();
     let status = cluster.stop(leader);
     assert!(status.success(), "a stopped node exits 0: {status}");
-    assert!(started.elapsed() < nines::node::SHUTDOWN_GRACE + Duration::from_secs(5), "stop took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < nines::node::SHUTDOWN_GRACE + Duration::from_secs(5),
+        "stop took {:?}",
+        started.elapsed()
+    );
     let next = cluster.wait_leader().await;
     assert_ne!(next, leader);
     for i in 0..50 {
@@ -153,9 +164,9 @@ async fn sigterm_stops_a_leader_cleanly_and_the_region_elects_another() {
 
 /// Chromium, if installed. CI installs it; elsewhere the test says it skipped.
 fn chromium() -> Option<&'static str> {
-    ["chromium", "chromium-browser", "google-chrome"].into_iter().find(|c| {
-        Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
-    })
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -535,8 +535,16 @@ async fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<bool>
 async fn status(g: &Global) -> anyhow::Result<()> {
     // The node gathers the view: it reaches addresses that may be private to
     // the cluster's network (containers). Without an answer, gather it here.
-    let config = ClientConfig { attempts_max: 3, attempt_timeout: std::time::Duration::from_secs(15), ..ClientConfig::default() };
-    let asked = Client::new(g.endpoints.clone(), config)?.cluster_view().await.ok().and_then(|j| serde_json::from_str::<crate::view::ClusterView>(&j).ok());
+    let config = ClientConfig {
+        attempts_max: 3,
+        attempt_timeout: std::time::Duration::from_secs(15),
+        ..ClientConfig::default()
+    };
+    let asked = Client::new(g.endpoints.clone(), config)?
+        .cluster_view()
+        .await
+        .ok()
+        .and_then(|j| serde_json::from_str::<crate::view::ClusterView>(&j).ok());
     let view = match asked {
         Some(v) => v,
         None => {

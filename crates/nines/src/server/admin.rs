@@ -6,8 +6,8 @@ use std::sync::Arc;
 use nines_proto::v1::admin_client::AdminClient;
 use nines_proto::v1::admin_server::Admin;
 use nines_proto::v1::{
-    AddLearnerRequest, ClusterViewRequest, ClusterViewResponse, InitRequest, InitResponse, Member, MembersRequest, MembersResponse, NodeInfo as ProtoNodeInfo,
-    PromoteRequest, RemoveRequest, StatusRequest, StatusResponse,
+    AddLearnerRequest, ClusterViewRequest, ClusterViewResponse, InitRequest, InitResponse, Member, MembersRequest,
+    MembersResponse, NodeInfo as ProtoNodeInfo, PromoteRequest, RemoveRequest, StatusRequest, StatusResponse,
 };
 use openraft::error::{ChangeMembershipError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, ServerState};

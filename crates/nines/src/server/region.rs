@@ -142,6 +142,14 @@ impl RegionAdmin for RegionAdminService {
     }
 
     async fn divergent(&self, req: Request<DivergentRequest>) -> Result<Response<DivergentResponse>, Status> {
+        // A linearizable read on the leader: a lagging follower could still
+        // be missing a demotion that wrote records.
+        let hops = hops(&req);
+        if let Err(e) = self.node.check_leader() {
+            return forward(&self.node, e, hops, req.into_inner(), |c, r| async move { client(c).divergent(r).await })
+                .await;
+        }
+        self.node.ensure_linearizable().await?;
         let limit = match req.into_inner().limit {
             0 => DIVERGENT_LIST_MAX,
             l if l > DIVERGENT_LIST_MAX => {

@@ -1,0 +1,194 @@
+//! The deployment files: Kubernetes manifests parse and say what they must;
+//! the example configuration and the compose configuration are valid; and,
+//! where docker works, the compose cluster survives losing a leader.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::serial;
+use nines::config::NodeConfig;
+use nines_client::{Client, ClientConfig, Consistency};
+use serde_norway::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
+fn manifests() -> Vec<Value> {
+    let mut docs = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(deploy().join("k8s")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let v = <Value as serde::Deserialize>::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert!(v["kind"].as_str().is_some(), "{}: a document without kind", f.display());
+            docs.push(v);
+        }
+    }
+    docs
+}
+
+#[test]
+fn kubernetes_manifests_spread_each_region_over_zones_with_probes_and_a_budget() {
+    let docs = manifests();
+    let of = |kind: &str| docs.iter().filter(move |d| d["kind"] == kind).collect::<Vec<_>>();
+    let sets = of("StatefulSet");
+    assert_eq!(sets.len(), 2, "one StatefulSet per region");
+    for s in &sets {
+        let name = s["metadata"]["name"].as_str().unwrap();
+        let spec = &s["spec"]["template"]["spec"];
+        let spread = spec["topologySpreadConstraints"].as_sequence().expect("zone spread");
+        assert!(spread.iter().any(|c| c["topologyKey"] == "topology.kubernetes.io/zone"), "{name}");
+        let c = &spec["containers"][0];
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/health/live", "{name}");
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/health/ready", "{name}");
+        let service = s["spec"]["serviceName"].as_str().unwrap();
+        let headless = of("Service").into_iter().find(|v| v["metadata"]["name"] == service).expect("its Service");
+        assert_eq!(headless["spec"]["clusterIP"], "None", "{service} is headless");
+        let pdb = of("PodDisruptionBudget").into_iter().find(|v| v["metadata"]["name"] == name).expect("its PDB");
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{name}");
+    }
+    let config = of("ConfigMap")[0]["data"]["cluster.toml"].as_str().expect("cluster.toml").to_string();
+    let c = NodeConfig::from_toml(&config, Path::new("cluster.toml")).expect("the ConfigMap's config parses");
+    assert_eq!(c.cluster.regions.len(), 2);
+}
+
+#[test]
+fn the_compose_cluster_configuration_is_valid_for_every_node() {
+    let text = std::fs::read_to_string(deploy().join("compose/cluster.toml")).unwrap();
+    let base = NodeConfig::from_toml(&text, Path::new("cluster.toml")).expect("parses");
+    for (region, id) in [("us-east", 1), ("eu-west", 3)] {
+        let c = NodeConfig { id, region: region.into(), az: format!("{region}-a"), ..base.clone() };
+        c.validate().unwrap_or_else(|e| panic!("{region}: {e}"));
+    }
+}
+
+fn docker_available() -> Result<(), String> {
+    match Command::new("docker").arg("info").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("docker info failed").to_string()),
+        Err(e) => Err(format!("docker is not installed: {e}")),
+    }
+}
+
+/// `docker compose` (v2) or `docker-compose` (v1), whichever works.
+fn compose() -> Option<Vec<&'static str>> {
+    let v2 = Command::new("docker").args(["compose", "version"]).output();
+    if v2.map(|o| o.status.success()).unwrap_or(false) {
+        return Some(vec!["docker", "compose"]);
+    }
+    let v1 = Command::new("docker-compose").arg("version").output();
+    v1.map(|o| o.status.success()).unwrap_or(false).then(|| vec!["docker-compose"])
+}
+
+struct Project {
+    cmd: Vec<&'static str>,
+    name: String,
+}
+
+impl Project {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let file = deploy().join("docker-compose.yml");
+        Command::new(self.cmd[0])
+            .args(&self.cmd[1..])
+            .args(["-f", file.to_str().unwrap(), "-p", &self.name])
+            .args(args)
+            .output()
+            .expect("run compose")
+    }
+
+    fn container(&self, service: &str) -> String {
+        let out = self.run(&["ps", "-q", service]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        // Everything goes: containers, networks, volumes.
+        let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_cluster_comes_up_healthy_and_survives_killing_a_region_leader() {
+    // Shows: the offline image builds, `docker compose up` brings two regions
+    // up healthy, a client on the host writes and reads, `docker kill` of a
+    // region's leader is survived, and `down` removes everything.
+    if let Err(why) = docker_available() {
+        assert!(std::env::var("CI").is_err() || why.contains("not installed"), "CI has docker but: {why}");
+        eprintln!("skipped: docker is unavailable ({why})");
+        return;
+    }
+    let Some(cmd) = compose() else {
+        eprintln!("skipped: neither `docker compose` nor `docker-compose` is installed");
+        assert!(std::env::var("CI").is_err(), "CI has docker but no compose");
+        return;
+    };
+    let _serial = serial().await;
+    let build = Command::new("bash")
+        .arg(deploy().join("build-image.sh"))
+        .args([env!("CARGO_BIN_EXE_nines"), "nines:local"])
+        .output()
+        .expect("build image");
+    assert!(build.status.success(), "image build: {}", String::from_utf8_lossy(&build.stderr));
+    let project = Project { cmd, name: format!("ninestest{}", std::process::id()) };
+    let up = project.run(&["up", "-d"]);
+    assert!(up.status.success(), "compose up: {}", String::from_utf8_lossy(&up.stderr));
+
+    let nodes: Vec<String> =
+        ["us-east", "eu-west"].iter().flat_map(|r| (1..=3).map(move |i| format!("{r}-{i}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let mut healthy = 0;
+        for n in &nodes {
+            let id = project.container(n);
+            let out = Command::new("docker").args(["inspect", "-f", "{{.State.Health.Status}}", &id]).output().unwrap();
+            healthy += usize::from(String::from_utf8_lossy(&out.stdout).trim() == "healthy");
+        }
+        if healthy == nodes.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {healthy} of {} containers healthy", nodes.len());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let client = Client::local_default().unwrap();
+    for i in 0..20 {
+        client.put(format!("k{i}"), format!("v{i}")).await.expect("put from the host");
+    }
+    let leader = client.members().await.unwrap().leader_id.expect("a leader");
+    let killed =
+        Command::new("docker").args(["kill", &project.container(&format!("us-east-{leader}"))]).output().unwrap();
+    assert!(killed.status.success());
+    for i in 20..40 {
+        client.put(format!("k{i}"), format!("v{i}")).await.expect("put after the kill");
+    }
+    for i in 0..40 {
+        let r = client.get(format!("k{i}"), Consistency::Linearizable).await.expect("get");
+        assert_eq!(r.kv.map(|kv| kv.value), Some(format!("v{i}").into_bytes()), "k{i}");
+    }
+    let eu =
+        Client::new((4..=6).map(|p| format!("http://127.0.0.1:700{p}")).collect(), ClientConfig::default()).unwrap();
+    common::wait_for("writes to reach eu-west", Duration::from_secs(30), || async {
+        let r = eu.get("k39", Consistency::Local).await.ok()?;
+        r.kv.map(|_| ())
+    })
+    .await;
+
+    let name = project.name.clone();
+    drop(project);
+    for what in [["ps", "-a"], ["volume", "ls"], ["network", "ls"]] {
+        let out = Command::new("docker")
+            .args(what)
+            .args(["--filter", &format!("label=com.docker.compose.project={name}"), "-q"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "compose down left {what:?} behind");
+    }
+}
