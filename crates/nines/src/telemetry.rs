@@ -10,6 +10,7 @@
 //! | `nines_raft_term` | gauge | the current term |
 //! | `nines_raft_leader_changes_seen_total` | counter | leader changes observed (etcd: `server_leader_changes_seen_total`) |
 //! | `nines_raft_last_log_index`, `nines_raft_applied_index` | gauge | log and state machine progress |
+//! | `nines_raft_commit_index` | gauge | on the leader: the index a majority of voters holds |
 //! | `nines_proposals_committed_total`, `nines_proposals_failed_total` | counter | proposals (etcd: `server_proposals_*`) |
 //! | `nines_proposal_duration_seconds` | histogram | propose to applied |
 //! | `nines_log_fsync_duration_seconds` | histogram | log flush (etcd: `disk_wal_fsync_duration_seconds`) |
@@ -103,6 +104,26 @@ pub fn remote_refused(origin: &str) {
     counter!("nines_hlc_remote_refused_total", "origin" => origin.to_string()).increment(1);
 }
 
+/// On a leader, the highest index a majority of voters has: its commit
+/// index. openraft reports replication progress only on the leader, so
+/// followers export their applied index alone.
+fn leader_commit_index(m: &openraft::RaftMetrics<u64, crate::types::NodeInfo>) -> Option<u64> {
+    let replication = m.replication.as_ref()?;
+    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    let mut matched: Vec<u64> = voters
+        .iter()
+        .map(|v| {
+            if *v == m.id {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                replication.get(v).copied().flatten().map(|l| l.index).unwrap_or(0)
+            }
+        })
+        .collect();
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched.get(voters.len() / 2).copied()
+}
+
 /// Refreshes the gauges every `GAUGE_INTERVAL` until `stop`.
 pub fn spawn_gauges(shared: Arc<Shared>, db: sled::Db, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -132,6 +153,9 @@ pub fn spawn_gauges(shared: Arc<Shared>, db: sled::Db, mut stop: watch::Receiver
             gauge!("nines_raft_term").set(m.current_term as f64);
             gauge!("nines_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
             gauge!("nines_raft_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+            if let Some(commit) = leader_commit_index(&m) {
+                gauge!("nines_raft_commit_index").set(commit as f64);
+            }
             if let Ok(bytes) = db.size_on_disk() {
                 gauge!("nines_storage_bytes").set(bytes as f64);
             }

@@ -101,6 +101,7 @@ async fn grpc_health_reflection_and_metrics_are_served() {
         "nines_raft_term",
         "nines_raft_leader_changes_seen_total",
         "nines_raft_applied_index",
+        "nines_raft_commit_index",
         "nines_proposals_committed_total",
         "nines_proposal_duration_seconds_bucket",
         "nines_log_fsync_duration_seconds_bucket",
