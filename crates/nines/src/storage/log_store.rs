@@ -7,7 +7,8 @@
 //! Invariants:
 //! - `save_vote` returns, and `append` reports its entries persisted, only
 //!   after sled has flushed them to disk: sled's `insert` alone is not
-//!   durable.
+//!   durable. Appends are flushed by a background task that groups every
+//!   append waiting into one flush (group commit) and reports them in order.
 //! - The key of every log record equals the index inside it; a mismatch is
 //!   reported as corruption.
 //! - `purge` records the new last-purged id before it removes entries, so a
@@ -45,6 +46,35 @@ pub struct LogStore {
     /// applied index and the log. `None` only in the storage conformance
     /// suite, which purges a log with no state machine behind it.
     durable_applied: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Appends waiting to be made durable; the flusher task completes them
+    /// in order, many per flush (group commit).
+    flushes: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Appends that may wait for one flush. Under load openraft hands the log
+/// one client write per append; grouping them is what turns one fsync per
+/// write into one per batch. At the limit `append` waits, which slows the
+/// leader down instead of growing memory.
+const FLUSH_QUEUE_MAX: usize = 4096;
+
+/// Makes appended entries durable: takes every append waiting, flushes
+/// once, and reports all of them persisted (or all failed), in order.
+async fn flusher(db: sled::Db, mut pending: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    let mut batch = Vec::new();
+    while pending.recv_many(&mut batch, FLUSH_QUEUE_MAX).await > 0 {
+        let started = std::time::Instant::now();
+        let flushed = db.flush_async().await;
+        crate::telemetry::log_fsync(started);
+        for callback in batch.drain(..) {
+            match &flushed {
+                Ok(_) => callback.log_io_completed(Ok(())),
+                Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+            }
+        }
+        if let Err(e) = flushed {
+            tracing::error!(error = %e, "flushing the log failed");
+        }
+    }
 }
 
 /// How long `purge` waits for the state machine to make the purged entries'
@@ -65,15 +95,19 @@ fn write_logs_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
+    /// Opens the log. Must run inside a tokio runtime: it starts the flusher.
     pub fn open(
         db: &sled::Db,
         durable_applied: Option<tokio::sync::watch::Receiver<u64>>,
     ) -> Result<Self, sled::Error> {
+        let (flushes, pending) = tokio::sync::mpsc::channel(FLUSH_QUEUE_MAX);
+        tokio::spawn(flusher(db.clone(), pending));
         Ok(LogStore {
             db: db.clone(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
             durable_applied,
+            flushes,
         })
     }
 
@@ -191,19 +225,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
         }
         self.log.apply_batch(batch).map_err(write_logs_err)?;
-        let started = std::time::Instant::now();
-        let flushed = self.db.flush_async().await;
-        crate::telemetry::log_fsync(started);
-        match flushed {
-            Ok(_) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(write_logs_err(e))
-            }
-        }
+        // Durable once the flusher's next flush completes; openraft goes on
+        // with other work meanwhile and learns it through the callback.
+        self.flushes.send(callback).await.map_err(|_| write_logs_err(CorruptLog("the log flusher stopped".into())))?;
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
