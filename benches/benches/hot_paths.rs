@@ -45,7 +45,9 @@ fn encode_log_entry(c: &mut Criterion) {
     let e = entry(42, put(42));
     c.bench_function("encode log entry (128 B put)", |b| b.iter(|| record::encode(black_box(&e)).unwrap()));
     let bytes = record::encode(&e).unwrap();
-    c.bench_function("decode log entry (128 B put)", |b| b.iter(|| record::decode::<Entry>(black_box(&bytes)).unwrap()));
+    c.bench_function("decode log entry (128 B put)", |b| {
+        b.iter(|| record::decode::<Entry>(black_box(&bytes)).unwrap())
+    });
 }
 
 fn apply_batch(c: &mut Criterion) {
@@ -90,7 +92,8 @@ fn lww_merge(c: &mut Criterion) {
                     })
                     .collect();
                 next_index += 1;
-                let cmd = Command::ApplyRemote { origin: "b".into(), epoch: 0, entries, complete_through: origin_index };
+                let cmd =
+                    Command::ApplyRemote { origin: "b".into(), epoch: 0, entries, complete_through: origin_index };
                 vec![entry(next_index, cmd)]
             },
             |batch| rt.block_on(sm.apply(batch)).unwrap(),

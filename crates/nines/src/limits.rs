@@ -78,3 +78,17 @@ pub const DIVERGENT_LIST_MAX: u32 = 10_000;
 
 /// Keys resynchronised from the new primary per proposal after a demotion.
 pub const RESYNC_BATCH_KEYS_MAX: usize = 128;
+
+/// Client writes the leader packs into one log entry. openraft 0.9 appends,
+/// flushes, replicates and applies one entry at a time; packing concurrent
+/// writes amortises all of that. Also the spacing of version indexes: write
+/// `p` of the entry at log index `i` has version index `i * 1024 + p`.
+pub const WRITES_PER_ENTRY_MAX: u64 = 1024;
+
+/// Batched proposals in flight at once. While they are, new writes queue
+/// and the next proposal takes them all: batches grow with load by
+/// themselves, and a lone write waits for nothing.
+pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
+
+/// Writes waiting for a proposal slot; beyond it callers wait to enqueue.
+pub const PROPOSAL_QUEUE_MAX: usize = 4096;

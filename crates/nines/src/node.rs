@@ -27,7 +27,10 @@ use crate::config::{LatencyConfig, Mode, NodeConfig, RegionConfig};
 use crate::error::Error;
 use crate::faults::Faults;
 use crate::hlc::HlcClock;
-use crate::limits::{CHANGEFEED_BACKLOG_MAX, RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
+use crate::limits::{
+    CHANGEFEED_BACKLOG_MAX, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX, RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX,
+    RESPONSE_BYTES_MAX, WRITES_PER_ENTRY_MAX,
+};
 use crate::network::{Channels, NetworkFactory};
 use crate::server::admin::AdminService;
 use crate::server::kv::KvService;
@@ -80,7 +83,12 @@ pub struct Shared {
     pub stats: crate::replication::Stats,
     /// Renders `/metrics`; `None` when another recorder owns the process.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Client writes on their way to the batcher (see [`spawn_batcher`]).
+    pub proposals: tokio::sync::mpsc::Sender<Proposal>,
 }
+
+/// A client write waiting to be proposed, and where its result goes.
+pub type Proposal = (Command, tokio::sync::oneshot::Sender<Result<CommandResult, Error>>);
 
 impl Shared {
     /// Stops the node: its data is corrupt and it must not serve.
@@ -153,7 +161,10 @@ impl Shared {
                 retry_safe: true,
             });
         }
-        match self.propose(cmd).await? {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stopped = || Error::Unavailable { reason: "the node is stopping".into(), retry_safe: true };
+        self.proposals.send((cmd, tx)).await.map_err(|_| stopped())?;
+        match rx.await.map_err(|_| Error::Indeterminate("the node stopped during the write".into()))?? {
             CommandResult::Rejected { reason, retry_later } => Err(refusal(reason, retry_later)),
             other => Ok(other),
         }
@@ -222,6 +233,48 @@ impl Shared {
     }
 }
 
+/// Packs concurrent client writes into one log entry each time a proposal
+/// slot is free (see `PROPOSALS_IN_FLIGHT_MAX`): under load many writes
+/// share one append, flush, replication round and apply; a lone write is
+/// proposed at once, alone.
+pub fn spawn_batcher(
+    shared: Arc<Shared>,
+    mut queue: tokio::sync::mpsc::Receiver<Proposal>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let mut batch = Vec::new();
+            if queue.recv_many(&mut batch, WRITES_PER_ENTRY_MAX as usize).await == 0 {
+                return;
+            }
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let (mut cmds, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+                let results: Vec<Result<CommandResult, Error>> = if cmds.len() == 1 {
+                    vec![shared.propose(cmds.remove(0)).await]
+                } else {
+                    let n = cmds.len();
+                    match shared.propose(Command::Batch(cmds)).await {
+                        Ok(CommandResult::Batch(rs)) if rs.len() == n => rs.into_iter().map(Ok).collect(),
+                        Ok(other) => {
+                            let e = Error::Internal(format!("a batch of {n} writes applied as {other:?}"));
+                            vec![Err(e); n]
+                        }
+                        Err(e) => vec![Err(e); n],
+                    }
+                };
+                for (waiter, result) in waiters.into_iter().zip(results) {
+                    // Ignored: the caller may have given up (its request was cancelled).
+                    let _ = waiter.send(result);
+                }
+            });
+        }
+    })
+}
+
 /// A write the region's role refuses; it had no effect.
 fn refusal(reason: String, retry_later: bool) -> Error {
     if retry_later { Error::Unavailable { reason, retry_safe: true } } else { Error::FailedPrecondition(reason) }
@@ -279,6 +332,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     let network = NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone());
     let raft = Raft::new(config.id, raft_config, network, log_store, state_machine).await.context("starting raft")?;
     let (fatal, mut fatal_rx) = tokio::sync::watch::channel(None);
+    let (proposals, proposal_queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);
     let shared = Arc::new(Shared {
         id: config.id,
         info: info.clone(),
@@ -301,7 +355,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
                 None
             }
         },
+        proposals,
     });
+    let batcher = spawn_batcher(shared.clone(), proposal_queue);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -391,6 +447,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
             let _ = s.await;
         }
     };
+    batcher.abort();
     if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish within the grace period");
     }

@@ -102,6 +102,10 @@ pub enum Command {
         fenced: bool,
         shipped_through: u64,
     },
+    /// Client writes packed into one entry by the leader (Put, Delete and
+    /// CompareAndSwap only), applied in order; write `p` gets version index
+    /// `log index * WRITES_PER_ENTRY_MAX + p`.
+    Batch(Vec<Command>),
     /// After a demotion: values of divergent keys as the new primary has
     /// them. `done` marks the last batch.
     Resync {
@@ -174,6 +178,8 @@ pub enum CommandResult {
         applied: u64,
         applied_through: u64,
     },
+    /// One result per write of a `Batch`.
+    Batch(Vec<CommandResult>),
     /// Roles adopted; `divergent` lists the keys whose local writes never
     /// reached the new primary.
     Role {

@@ -55,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use super::record;
 use crate::config::Mode;
 use crate::hlc::{Hlc, HlcClock};
+use crate::limits::WRITES_PER_ENTRY_MAX;
 use crate::types::{
     Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ResyncEntry, Snapshot, SnapshotMeta, StorageError,
     StoredMembership, StoredValue, TypeConfig, Version,
@@ -322,6 +323,12 @@ impl StateReader {
     }
 }
 
+/// The version index of write `pos` of the entry at `log_index`: unique
+/// within the region and increasing in log order.
+pub fn version_index(log_index: u64, pos: u64) -> u64 {
+    log_index * WRITES_PER_ENTRY_MAX + pos
+}
+
 fn effective_primary(setup: &ReplicationSetup, state: &RegionState) -> String {
     if state.epoch == 0 { setup.initial_primary.clone() } else { state.primary.clone() }
 }
@@ -568,6 +575,10 @@ impl StateMachine {
                     region.resync_pending = false;
                 }
                 CommandResult::None
+            }
+            // Batches are unpacked by `apply`; one inside another is refused.
+            Command::Batch(_) => {
+                CommandResult::Rejected { reason: "a batch may not hold another batch".into(), retry_later: false }
             }
         })
     }
@@ -848,7 +859,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied = Some(entry.log_id);
             results.push(match entry.payload {
                 EntryPayload::Blank => CommandResult::None,
-                EntryPayload::Normal(cmd) => self.apply_command(&mut pending, &mut region, entry.log_id.index, cmd)?,
+                EntryPayload::Normal(Command::Batch(cmds)) => {
+                    assert!(
+                        cmds.len() as u64 <= WRITES_PER_ENTRY_MAX,
+                        "entry {} packs {} writes; limit WRITES_PER_ENTRY_MAX is {WRITES_PER_ENTRY_MAX}",
+                        entry.log_id,
+                        cmds.len()
+                    );
+                    let mut results = Vec::with_capacity(cmds.len());
+                    for (pos, cmd) in cmds.into_iter().enumerate() {
+                        let index = version_index(entry.log_id.index, pos as u64);
+                        results.push(match cmd {
+                            Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. } => {
+                                self.apply_command(&mut pending, &mut region, index, cmd)?
+                            }
+                            other => CommandResult::Rejected {
+                                reason: format!("a batch may hold only client writes, not {other:?}"),
+                                retry_later: false,
+                            },
+                        });
+                    }
+                    CommandResult::Batch(results)
+                }
+                EntryPayload::Normal(cmd) => {
+                    let index = version_index(entry.log_id.index, 0);
+                    self.apply_command(&mut pending, &mut region, index, cmd)?
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResult::None
@@ -1024,6 +1060,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_applies_its_writes_in_order_with_distinct_versions() {
+        let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
+        let batch = Command::Batch(vec![
+            put("k", "1", hlc(5, 0)),
+            put("k", "2", hlc(5, 0)),
+            Command::CompareAndSwap { key: "n".into(), value: "x".into(), expected: Expected::Absent, hlc: hlc(5, 0) },
+            Command::AckShipped { region: "b".into(), index: 0, peer_index: 0 },
+        ]);
+        let CommandResult::Batch(results) = apply(&mut sm, batch).await else { panic!("batch result") };
+        let versions: Vec<u64> = results
+            .iter()
+            .filter_map(|r| match r {
+                CommandResult::Put { version } => Some(version.index),
+                CommandResult::CompareAndSwap { version: Some(v), .. } => Some(v.index),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(versions, vec![version_index(1, 0), version_index(1, 1), version_index(1, 2)]);
+        assert!(matches!(results[3], CommandResult::Rejected { .. }), "only client writes may be batched");
+        let k = sm.reader().get(b"k").unwrap().unwrap();
+        assert_eq!(k.value.as_deref(), Some(&b"2"[..]), "the later write in the batch wins");
+        assert!(k.version.hlc > hlc(5, 0), "versions of a key only grow, even within a batch");
+        assert_eq!(sm.reader().changefeed_len(), 3);
+    }
+
+    #[tokio::test]
     async fn a_shipment_applied_twice_counts_once() {
         let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
         let batch = vec![remote(3, "x", Some("1"), hlc(10, 0)), remote(7, "y", Some("2"), hlc(11, 0))];
@@ -1107,13 +1169,15 @@ mod tests {
         for i in 1..=5u64 {
             apply(&mut sm, put(&format!("k{i}"), "v", hlc(i, 0))).await;
         }
-        let demote = Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: 3 };
+        let demote =
+            Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: version_index(3, 0) };
         let r = apply(&mut sm, demote).await;
         assert_eq!(r, CommandResult::Role { divergent: vec![b"k4".to_vec(), b"k5".to_vec()] });
         let reader = sm.reader();
         assert_eq!(reader.region_state().divergent_total, 2);
         let records = reader.divergent(10).unwrap();
-        assert_eq!(records.iter().map(|r| r.version.index).collect::<Vec<_>>(), vec![4, 5]);
+        let indexes: Vec<u64> = records.iter().map(|r| r.version.index).collect();
+        assert_eq!(indexes, vec![version_index(4, 0), version_index(5, 0)]);
         // Writes 1..=3 reached b; they leave the changefeed when b's ack is applied.
         assert_eq!(reader.changefeed_len(), 3);
         assert_eq!(reader.primary(), "b");
@@ -1129,7 +1193,8 @@ mod tests {
         for i in 1..=4u64 {
             apply(&mut a, put(&format!("k{i}"), "v", hlc(i, 0))).await;
         }
-        apply(&mut a, Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: 2 }).await;
+        let shipped_through = version_index(2, 0);
+        apply(&mut a, Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through }).await;
         let entries = vec![remote(9, "r", Some("x"), hlc(50, 0))];
         apply(&mut a, Command::ApplyRemote { origin: "b".into(), epoch: 1, entries, complete_through: 9 }).await;
         let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
