@@ -21,7 +21,6 @@ use nines_proto::v1::raft_server::RaftServer;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{LatencyConfig, Mode, NodeConfig, RegionConfig};
 use crate::error::Error;
@@ -392,7 +391,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            // No Nagle on accepted connections: with delayed ACKs it holds
+            // small replies back by up to 40 ms.
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        );
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(crate::http::serve(admin_listener, shared.clone(), stopped(stop_rx.clone())));
     let mut shippers = crate::replication::spawn_shippers(shared.clone(), stop_rx.clone());
