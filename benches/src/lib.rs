@@ -272,9 +272,12 @@ mod tests {
         }
     }
 
+    /// Spoils one field of a workload.
+    type Spoil = fn(&mut Workload);
+
     #[test]
     fn bad_workloads_name_the_flag() {
-        let table: [(fn(&mut Workload), &str); 5] = [
+        let table: [(Spoil, &str); 5] = [
             (|w| w.clients = 0, "--clients"),
             (|w| w.keys = 0, "--keys"),
             (|w| w.value_bytes = VALUE_BYTES_MAX + 1, "--value-size"),
