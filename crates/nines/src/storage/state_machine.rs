@@ -88,15 +88,12 @@ fn divergent_key(seq: u64) -> Vec<u8> {
     prefixed(DIVERGENT_PREFIX, &seq.to_be_bytes())
 }
 
-fn index_of(key: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    // Keys under the `c` and `v` prefixes are written by this module only,
-    // always 1 + 8 bytes; a shorter one reads as index 0 and fails the
-    // ordering asserts of its callers.
-    if key.len() == 9 {
-        b.copy_from_slice(&key[1..]);
-    }
-    u64::from_be_bytes(b)
+/// The index in a `c` or `v` key (prefix + 8 big-endian bytes). This module
+/// writes every such key; any other length is corruption, not index 0.
+fn index_of(key: &[u8]) -> Result<u64, ReadError> {
+    let bytes: [u8; 8] =
+        key.get(1..).and_then(|b| b.try_into().ok()).ok_or_else(|| ReadError::BadKey { key: key.to_vec() })?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -209,6 +206,8 @@ pub enum ReadError {
     Io(#[from] sled::Error),
     #[error("corrupt record for key {key:?}: {source}")]
     Corrupt { key: Vec<u8>, source: record::RecordError },
+    #[error("corrupt key {key:?}: not a prefix and an 8-byte index")]
+    BadKey { key: Vec<u8> },
 }
 
 fn decode_at<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, ReadError> {
@@ -219,10 +218,6 @@ impl StateReader {
     /// The log index the state reflects at least.
     pub fn applied_index(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
-    }
-
-    pub fn setup(&self) -> &ReplicationSetup {
-        &self.setup
     }
 
     pub fn region_state(&self) -> RegionState {
@@ -289,7 +284,7 @@ impl StateReader {
                 return Ok((out, false));
             }
             bytes += size;
-            out.push((index_of(&k), rec));
+            out.push((index_of(&k)?, rec));
         }
         Ok((out, true))
     }
@@ -454,31 +449,14 @@ impl StateMachine {
         self.reader().get(key).map_err(Self::read_err)
     }
 
-    /// Changefeed entries above `after`, seeing the pending batch.
-    fn changefeed_above(&self, pending: &Pending, after: u64) -> Result<BTreeMap<u64, ChangeRecord>, StorageError> {
+    /// Changefeed entries with indexes in `[lo, hi]`, seeing the pending batch.
+    fn changefeed_in(&self, pending: &Pending, lo: u64, hi: u64) -> Result<BTreeMap<u64, ChangeRecord>, StorageError> {
         let mut out = BTreeMap::new();
-        let lo = changefeed_key(after.saturating_add(1));
-        for item in self.tree.range(lo..vec![CHANGEFEED_PREFIX + 1]) {
+        for item in self.tree.range(changefeed_key(lo)..=changefeed_key(hi)) {
             let (k, v) = item.map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            out.insert(index_of(&k), decode_at(&k, &v).map_err(Self::read_err)?);
+            out.insert(index_of(&k).map_err(Self::read_err)?, decode_at(&k, &v).map_err(Self::read_err)?);
         }
-        for (i, rec) in pending.changefeed.range(after.saturating_add(1)..) {
-            match rec {
-                Some(r) => out.insert(*i, r.clone()),
-                None => out.remove(i),
-            };
-        }
-        Ok(out)
-    }
-
-    /// Changefeed entries at or below `upto`, seeing the pending batch.
-    fn changefeed_upto(&self, pending: &Pending, upto: u64) -> Result<BTreeMap<u64, ChangeRecord>, StorageError> {
-        let mut out = BTreeMap::new();
-        for item in self.tree.range(changefeed_key(0)..=changefeed_key(upto)) {
-            let (k, v) = item.map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            out.insert(index_of(&k), decode_at(&k, &v).map_err(Self::read_err)?);
-        }
-        for (i, rec) in pending.changefeed.range(..=upto) {
+        for (i, rec) in pending.changefeed.range(lo..=hi) {
             match rec {
                 Some(r) => out.insert(*i, r.clone()),
                 None => out.remove(i),
@@ -651,7 +629,7 @@ impl StateMachine {
         let tombstones_safe = self.setup.peers.iter().all(|p| {
             region.complete_from.get(p).copied().unwrap_or(0) >= region.acked_peer_index.get(p).copied().unwrap_or(0)
         });
-        for (i, rec) in self.changefeed_upto(pending, all_acked)? {
+        for (i, rec) in self.changefeed_in(pending, 0, all_acked)? {
             if rec.value.is_some() {
                 pending.changefeed.insert(i, None);
                 continue;
@@ -689,7 +667,7 @@ impl StateMachine {
         }
         let mut divergent = Vec::new();
         if current_primary == self.setup.region && primary != self.setup.region {
-            for (i, rec) in self.changefeed_above(pending, shipped_through)? {
+            for (i, rec) in self.changefeed_in(pending, shipped_through.saturating_add(1), u64::MAX)? {
                 pending.changefeed.insert(i, None);
                 let version = Version { hlc: rec.hlc, origin: self.setup.region.clone(), index: i };
                 let record =
@@ -790,8 +768,12 @@ impl StateMachine {
             let corrupt = |e: record::RecordError| format!("key {k:?}: {e}");
             match k.first() {
                 Some(&DATA_PREFIX) => data.entries.push((k[1..].to_vec(), record::decode(&v).map_err(corrupt)?)),
-                Some(&CHANGEFEED_PREFIX) => data.changefeed.push((index_of(&k), record::decode(&v).map_err(corrupt)?)),
-                Some(&DIVERGENT_PREFIX) => data.divergent.push((index_of(&k), record::decode(&v).map_err(corrupt)?)),
+                Some(&CHANGEFEED_PREFIX) => data
+                    .changefeed
+                    .push((index_of(&k).map_err(|e| e.to_string())?, record::decode(&v).map_err(corrupt)?)),
+                Some(&DIVERGENT_PREFIX) => data
+                    .divergent
+                    .push((index_of(&k).map_err(|e| e.to_string())?, record::decode(&v).map_err(corrupt)?)),
                 _ => {}
             }
         }
@@ -900,13 +882,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let mut len = self.changefeed_len.load(Ordering::Acquire) as i64;
         for (i, rec) in &pending.changefeed {
-            let existed = self.tree.contains_key(changefeed_key(*i)).map_err(|e| sm_err(ErrorVerb::Read, e))?;
             match rec {
                 Some(r) => {
+                    // Never on disk yet: a changefeed key is the version index
+                    // of a write applied in this very batch, above the last
+                    // applied index (applies are atomic, so none is half done).
+                    debug_assert!(
+                        !self.tree.contains_key(changefeed_key(*i)).unwrap_or(false),
+                        "changefeed entry {i} written twice"
+                    );
                     batch.insert(changefeed_key(*i), Self::encode_state(r)?);
-                    len += i64::from(!existed);
+                    len += 1;
                 }
                 None => {
+                    let existed = self.tree.contains_key(changefeed_key(*i)).map_err(|e| sm_err(ErrorVerb::Read, e))?;
                     batch.remove(changefeed_key(*i));
                     len -= i64::from(existed);
                 }
