@@ -407,8 +407,12 @@ impl Client {
         blocked_regions: Vec<String>,
         clock_offset_ms: i64,
     ) -> Result<()> {
+        self.set_all_faults_on(endpoint, SetFaultsRequest { blocked_regions, clock_offset_ms, links: Vec::new() }).await
+    }
+
+    /// Replaces every fault on one node, link rules included (test only).
+    pub async fn set_all_faults_on(&self, endpoint: &str, req: SetFaultsRequest) -> Result<()> {
         let channel = self.channel(endpoint)?;
-        let req = SetFaultsRequest { blocked_regions, clock_offset_ms };
         Self::region(channel).set_faults(req).await.map_err(|s| Error::from_final(&s))?;
         Ok(())
     }

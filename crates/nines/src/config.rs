@@ -48,6 +48,11 @@ pub struct NodeConfig {
     /// offsetting the clock) through the admin API. Off by default; a node
     /// without it refuses every fault request.
     pub fault_injection: bool,
+    /// Test only, needs `fault_injection`: plants a bug for the fault
+    /// harness to find. A leader serves linearizable reads from its own
+    /// state without confirming with a quorum that it still leads, so a
+    /// leader cut off by a partition returns stale values.
+    pub planted_bug_local_reads: bool,
 }
 
 /// How regions relate.
@@ -195,6 +200,7 @@ impl Default for NodeConfig {
             cluster: ClusterConfig::default(),
             latency: LatencyConfig::default(),
             fault_injection: false,
+            planted_bug_local_reads: false,
         }
     }
 }
@@ -253,6 +259,12 @@ impl NodeConfig {
         }
         if r.election_timeout_max <= r.election_timeout_min {
             return Err(invalid("raft.election_timeout_max", "must be greater than raft.election_timeout_min"));
+        }
+        if self.planted_bug_local_reads && !self.fault_injection {
+            return Err(invalid(
+                "planted_bug_local_reads",
+                "is a test-only bug and needs fault_injection = true; never set it outside the fault harness",
+            ));
         }
         if r.snapshot_logs_since_last == 0 {
             return Err(invalid("raft.snapshot_logs_since_last", "must be greater than 0"));

@@ -1,12 +1,20 @@
 //! Fault hooks for tests: drop replication traffic to and from chosen
-//! regions, and offset this node's physical clock.
+//! regions, drop or delay this node's traffic to chosen peers of its region,
+//! and offset this node's physical clock.
 //!
 //! Invariants:
 //! - The hooks exist in every build but act only when the node was started
 //!   with `fault_injection = true`. Otherwise every request to set a fault
 //!   is refused and the hooks stay neutral (nothing blocked, offset 0).
+//! - A link rule acts on what this node *sends* to a peer (Raft RPCs and
+//!   forwarded client requests). A one-way cut is one rule; a two-way cut is
+//!   a rule on each side. Answers to the peer's own requests still flow, as
+//!   they ride on the peer's connection.
+//! - Each `set` replaces every fault at once, so a test never sees a mix of
+//!   an old and a new fault set.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -17,16 +25,65 @@ use crate::hlc::{PhysicalClock, WallClock};
 /// `clock_offset_max`, and small enough that adding it cannot overflow.
 pub const CLOCK_OFFSET_MS_MAX: i64 = 24 * 60 * 60 * 1000;
 
+/// Longest delay a link rule may add: a minute, far beyond any election
+/// timeout, so a test can stall a link without a rule that never ends.
+pub const LINK_DELAY_MS_MAX: u32 = 60_000;
+
+/// Most link rules at once: one per peer of a region is all a test needs,
+/// and a region has at most `INIT_MEMBERS_MAX` voters plus learners.
+pub const LINK_RULES_MAX: usize = 64;
+
+/// What happens to traffic from this node to one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRule {
+    /// Every message is dropped: the peer reads as unreachable.
+    Drop,
+    /// Every message waits this long before it is sent.
+    Delay(Duration),
+}
+
 pub struct Faults {
     enabled: bool,
+    /// The planted bug (`planted_bug_local_reads`): a leader serves
+    /// linearizable reads from its own state without confirming with a
+    /// quorum that it still leads. Only ever true with `enabled`.
+    local_reads: bool,
     /// `std::sync::RwLock`: read on every shipment, never held across `.await`.
     blocked: RwLock<BTreeSet<String>>,
+    /// Peer node id -> rule. Same lock discipline as `blocked`.
+    links: RwLock<BTreeMap<u64, LinkRule>>,
     clock_offset_ms: Arc<AtomicI64>,
 }
 
 impl Faults {
-    pub fn new(enabled: bool) -> Self {
-        Faults { enabled, blocked: RwLock::new(BTreeSet::new()), clock_offset_ms: Arc::new(AtomicI64::new(0)) }
+    /// `local_reads` plants the stale-read bug; it needs `enabled`.
+    pub fn new(enabled: bool, local_reads: bool) -> Self {
+        Faults {
+            enabled,
+            local_reads: enabled && local_reads,
+            blocked: RwLock::new(BTreeSet::new()),
+            links: RwLock::new(BTreeMap::new()),
+            clock_offset_ms: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    /// Whether fault injection is on for this node.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Whether the planted stale-read bug is on: a linearizable read on a
+    /// node that believes it leads skips the quorum check (ReadIndex).
+    pub fn serves_reads_locally(&self) -> bool {
+        self.local_reads
+    }
+
+    /// The rule for traffic from this node to node `to`, if any.
+    pub fn link(&self, to: u64) -> Option<LinkRule> {
+        if !self.enabled {
+            return None;
+        }
+        self.links.read().unwrap_or_else(|p| p.into_inner()).get(&to).copied()
     }
 
     /// The physical clock this node's HLC reads: the wall clock plus the
@@ -40,8 +97,13 @@ impl Faults {
         self.enabled && self.blocked.read().unwrap_or_else(|p| p.into_inner()).contains(region)
     }
 
-    /// Replaces the active faults.
-    pub fn set(&self, blocked_regions: Vec<String>, clock_offset_ms: i64) -> Result<(), Error> {
+    /// Replaces the active faults. `links` are (peer node id, rule) pairs.
+    pub fn set(
+        &self,
+        blocked_regions: Vec<String>,
+        clock_offset_ms: i64,
+        links: Vec<(u64, LinkRule)>,
+    ) -> Result<(), Error> {
         if !self.enabled {
             return Err(Error::FailedPrecondition(
                 "fault injection is disabled on this node; it is a test-only setting (fault_injection = true)".into(),
@@ -52,8 +114,21 @@ impl Faults {
                 "clock_offset_ms {clock_offset_ms} is beyond CLOCK_OFFSET_MS_MAX {CLOCK_OFFSET_MS_MAX}"
             )));
         }
-        tracing::warn!(?blocked_regions, clock_offset_ms, "fault injection: faults set");
+        if links.len() > LINK_RULES_MAX {
+            return Err(Error::invalid(format!("{} link rules; limit LINK_RULES_MAX is {LINK_RULES_MAX}", links.len())));
+        }
+        for (to, rule) in &links {
+            if let LinkRule::Delay(d) = rule
+                && d.as_millis() > u128::from(LINK_DELAY_MS_MAX)
+            {
+                return Err(Error::invalid(format!(
+                    "link delay to node {to} of {d:?} is beyond LINK_DELAY_MS_MAX {LINK_DELAY_MS_MAX} ms"
+                )));
+            }
+        }
+        tracing::warn!(?blocked_regions, clock_offset_ms, ?links, "fault injection: faults set");
         *self.blocked.write().unwrap_or_else(|p| p.into_inner()) = blocked_regions.into_iter().collect();
+        *self.links.write().unwrap_or_else(|p| p.into_inner()) = links.into_iter().collect();
         self.clock_offset_ms.store(clock_offset_ms, Ordering::SeqCst);
         Ok(())
     }
@@ -77,13 +152,27 @@ mod tests {
 
     #[test]
     fn faults_are_refused_unless_enabled() {
-        let off = Faults::new(false);
-        assert!(off.set(vec!["eu".into()], 1000).is_err());
+        let off = Faults::new(false, true);
+        assert!(!off.serves_reads_locally());
+        assert!(off.set(vec!["eu".into()], 1000, vec![(2, LinkRule::Drop)]).is_err());
         assert!(!off.region_blocked("eu"));
-        let on = Faults::new(true);
-        on.set(vec!["eu".into()], 5_000).unwrap();
+        assert_eq!(off.link(2), None);
+        let on = Faults::new(true, false);
+        assert!(!on.serves_reads_locally());
+        on.set(vec!["eu".into()], 5_000, vec![(2, LinkRule::Drop), (3, LinkRule::Delay(Duration::from_millis(50)))])
+            .unwrap();
         assert!(on.region_blocked("eu"));
+        assert_eq!(on.link(2), Some(LinkRule::Drop));
+        assert_eq!(on.link(3), Some(LinkRule::Delay(Duration::from_millis(50))));
+        assert_eq!(on.link(4), None);
         assert!(on.clock().now_ms() >= WallClock.now_ms() + 4_000);
-        assert!(on.set(vec![], CLOCK_OFFSET_MS_MAX + 1).is_err());
+        assert!(on.set(vec![], CLOCK_OFFSET_MS_MAX + 1, vec![]).is_err());
+        let too_long = Duration::from_millis(u64::from(LINK_DELAY_MS_MAX) + 1);
+        assert!(on.set(vec![], 0, vec![(2, LinkRule::Delay(too_long))]).is_err());
+        // A refused set changes nothing; a later set replaces everything.
+        assert_eq!(on.link(2), Some(LinkRule::Drop));
+        on.set(vec![], 0, vec![]).unwrap();
+        assert_eq!(on.link(2), None);
+        assert!(!on.region_blocked("eu"));
     }
 }

@@ -31,6 +31,7 @@ use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::LatencyConfig;
+use crate::faults::{Faults, LinkRule};
 use crate::limits::RAFT_MESSAGE_BYTES_MAX;
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
@@ -70,11 +71,12 @@ pub struct NetworkFactory {
     /// This node, for its region and AZ.
     me: NodeInfo,
     latency: LatencyConfig,
+    faults: Arc<Faults>,
 }
 
 impl NetworkFactory {
-    pub fn new(id: NodeId, channels: Channels, me: NodeInfo, latency: LatencyConfig) -> Self {
-        NetworkFactory { id, channels, me, latency }
+    pub fn new(id: NodeId, channels: Channels, me: NodeInfo, latency: LatencyConfig, faults: Arc<Faults>) -> Self {
+        NetworkFactory { id, channels, me, latency, faults }
     }
 }
 
@@ -89,6 +91,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.grpc_addr.clone(),
             channel: self.channels.get(&node.grpc_addr),
             delay,
+            faults: self.faults.clone(),
         }
     }
 }
@@ -102,6 +105,8 @@ pub struct PeerClient {
     channel: Result<Channel, tonic::transport::Error>,
     /// Simulated one-way latency to this peer, added before each RPC.
     delay: Duration,
+    /// Test link rules, read on each RPC.
+    faults: Arc<Faults>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +141,18 @@ impl PeerClient {
                 RPCTypes::InstallSnapshot => client.install_snapshot(msg).await,
             }
         };
-        let delay = self.delay;
+        let mut delay = self.delay;
+        match self.faults.link(self.target) {
+            Some(LinkRule::Drop) => {
+                // A dropped message is noticed only when the RPC times out,
+                // as on a real network. Failing at once would make openraft
+                // retry (and log) in a tight loop.
+                tokio::time::sleep(ttl).await;
+                return Err(RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout: ttl }));
+            }
+            Some(LinkRule::Delay(extra)) => delay += extra,
+            None => {}
+        }
         let call = async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;

@@ -214,6 +214,11 @@ impl Shared {
     /// Confirms leadership with a quorum and waits until the state machine
     /// has applied everything committed before the read began (ReadIndex).
     pub async fn ensure_linearizable(&self) -> Result<(), Error> {
+        if self.faults.serves_reads_locally() && self.check_leader().is_ok() {
+            // The planted bug: a leader cut off from its quorum still
+            // believes it leads, so this read may be stale.
+            return Ok(());
+        }
         let outcome = tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable()).await;
         match outcome {
             Err(_) => Err(Error::Unavailable {
@@ -293,7 +298,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     let raft_config = Arc::new(config.openraft()?);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    let faults = Arc::new(Faults::new(config.fault_injection));
+    let faults = Arc::new(Faults::new(config.fault_injection, config.planted_bug_local_reads));
     if config.fault_injection {
         tracing::warn!("fault injection is enabled: this node is for tests only");
     }
@@ -328,7 +333,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     };
 
     let channels = Channels::default();
-    let network = NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone());
+    let network = NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone(), faults.clone());
     let raft = Raft::new(config.id, raft_config, network, log_store, state_machine).await.context("starting raft")?;
     let (fatal, mut fatal_rx) = tokio::sync::watch::channel(None);
     let (proposals, proposal_queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::faults::LinkRule;
 use crate::limits::FORWARD_HOPS_MAX;
 use crate::node::Shared;
 use crate::types::Version;
@@ -43,11 +44,22 @@ where
     F: FnOnce(Channel, Request<M>) -> Fut,
     Fut: Future<Output = Result<Response<R>, Status>>,
 {
-    let Error::NotLeader { leader_addr: Some(addr), .. } = &err else {
+    let Error::NotLeader { leader_addr: Some(addr), leader_id } = &err else {
         return Err(err.into());
     };
     if hops >= FORWARD_HOPS_MAX || *addr == node.info.grpc_addr {
         return Err(err.into());
+    }
+    match leader_id.and_then(|id| node.faults.link(id)) {
+        Some(LinkRule::Drop) => {
+            return Err(Error::Unavailable {
+                reason: format!("the leader at {addr} is cut off by fault injection"),
+                retry_safe: true,
+            }
+            .into());
+        }
+        Some(LinkRule::Delay(d)) => tokio::time::sleep(d).await,
+        None => {}
     }
     let Ok(channel) = node.channels.get(addr) else {
         return Err(err.into());

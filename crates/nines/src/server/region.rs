@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use super::{forward, hops};
 use crate::config::Mode;
 use crate::error::Error;
+use crate::faults::LinkRule;
 use crate::limits::DIVERGENT_LIST_MAX;
 use crate::node::Shared;
 use crate::types::{Command, CommandResult};
@@ -184,7 +185,19 @@ impl RegionAdmin for RegionAdminService {
 
     async fn set_faults(&self, req: Request<SetFaultsRequest>) -> Result<Response<SetFaultsResponse>, Status> {
         let r = req.into_inner();
-        self.node.faults.set(r.blocked_regions, r.clock_offset_ms)?;
+        let links = r
+            .links
+            .iter()
+            .map(|l| {
+                let rule = if l.drop {
+                    LinkRule::Drop
+                } else {
+                    LinkRule::Delay(std::time::Duration::from_millis(u64::from(l.delay_ms)))
+                };
+                (l.to_node, rule)
+            })
+            .collect();
+        self.node.faults.set(r.blocked_regions, r.clock_offset_ms, links)?;
         Ok(Response::new(SetFaultsResponse {}))
     }
 }

@@ -1,0 +1,455 @@
+//! Checkers: each turns a history (and, for `set` and `lww`, the final
+//! state of every node) into a verdict.
+//!
+//! - [`linearizable`]: the `register` history against a register per key
+//!   ([`linear`], Wing-Gong-Lowe search with a time budget).
+//! - [`set`]: every acknowledged add is present everywhere; nothing is
+//!   present that was never added; nothing that certainly failed is present.
+//! - [`lww`]: every node holds the same version of every key, and that
+//!   version is at least the greatest one a client was told was written.
+
+pub mod linear;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::history::{Func, Op, Outcome};
+use crate::workload::NodeState;
+
+/// A checker's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    Valid,
+    Invalid,
+    /// The checker could not decide (time budget, nothing to judge).
+    Unknown,
+}
+
+impl Serialize for Validity {
+    /// `true`, `false` or `"unknown"`, as Jepsen writes it.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Validity::Valid => s.serialize_bool(true),
+            Validity::Invalid => s.serialize_bool(false),
+            Validity::Unknown => s.serialize_str("unknown"),
+        }
+    }
+}
+
+impl Validity {
+    /// Invalid beats unknown beats valid.
+    pub fn and(self, other: Validity) -> Validity {
+        match (self, other) {
+            (Validity::Invalid, _) | (_, Validity::Invalid) => Validity::Invalid,
+            (Validity::Unknown, _) | (_, Validity::Unknown) => Validity::Unknown,
+            _ => Validity::Valid,
+        }
+    }
+
+    /// The process exit code: 0 valid, 1 invalid, 2 unknown.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Validity::Valid => 0,
+            Validity::Invalid => 1,
+            Validity::Unknown => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinearResult {
+    pub valid: Validity,
+    /// Why, for a person: the explanation of a violation, or why unknown.
+    pub message: String,
+    /// The operations the explanation names, as recorded.
+    pub ops: Vec<Op>,
+    pub keys: usize,
+    pub states_explored: u64,
+}
+
+fn as_value(v: &Value) -> Option<u64> {
+    v.as_u64()
+}
+
+/// Checks a `register` history for linearizability, key by key, within `budget`.
+pub fn linearizable(history: &[Op], budget: Duration) -> LinearResult {
+    let mut per_key: BTreeMap<String, Vec<linear::Operation>> = BTreeMap::new();
+    let mut originals: BTreeMap<String, Vec<&Op>> = BTreeMap::new();
+    for op in history {
+        // A certain failure had no effect; a read that got no answer observed nothing.
+        if op.outcome == Outcome::Fail || (op.outcome == Outcome::Info && op.f == Func::Read) {
+            continue;
+        }
+        let call = match op.f {
+            Func::Read => linear::Call::Read,
+            Func::Write => match as_value(&op.input) {
+                Some(v) => linear::Call::Write(v),
+                None => continue,
+            },
+            Func::Cas => match op.input.as_array().map(|a| a.iter().filter_map(as_value).collect::<Vec<_>>()) {
+                Some(ft) if ft.len() == 2 => linear::Call::Cas { from: ft[0], to: ft[1] },
+                _ => continue,
+            },
+            Func::Add => continue,
+        };
+        let outcome = match (op.outcome, op.f) {
+            (Outcome::Info, _) => linear::Outcome::Unknown,
+            (_, Func::Read) => linear::Outcome::Read(as_value(&op.output)),
+            (_, Func::Cas) => linear::Outcome::Cas(op.output.as_bool().unwrap_or(false)),
+            _ => linear::Outcome::Written,
+        };
+        per_key.entry(op.key.clone()).or_default().push(linear::Operation {
+            process: op.process,
+            call,
+            outcome,
+            start_us: op.start_us,
+            end_us: op.end_us,
+        });
+        originals.entry(op.key.clone()).or_default().push(op);
+    }
+    let keys = per_key.len();
+    let (verdict, stats) = linear::check_keys(&per_key, budget);
+    let (valid, message, ops) = match verdict {
+        linear::Verdict::Linearizable => {
+            (Validity::Valid, format!("all {keys} keys linearizable ({} ops)", stats.ops), Vec::new())
+        }
+        linear::Verdict::NotLinearizable(e) => {
+            let named = originals
+                .get(&e.key)
+                .map(|ops| e.ops.iter().filter_map(|i| ops.get(*i).map(|o| (*o).clone())).collect())
+                .unwrap_or_default();
+            (Validity::Invalid, e.message, named)
+        }
+        linear::Verdict::Unknown(why) => (Validity::Unknown, why, Vec::new()),
+    };
+    LinearResult { valid, message, ops, keys, states_explored: stats.states }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SetResult {
+    pub valid: Validity,
+    pub message: String,
+    pub attempted: usize,
+    pub acknowledged: usize,
+    /// Acknowledged adds missing from at least one node.
+    pub lost: Vec<u64>,
+    /// Elements present that no client ever tried to add, or under the
+    /// wrong key: corruption.
+    pub unexpected: Vec<String>,
+    /// Adds the client was told certainly failed, yet present.
+    pub failed_but_present: Vec<u64>,
+    /// Adds with an unknown outcome that are present (fine either way).
+    pub unknown_present: usize,
+    pub unknown_absent: usize,
+    /// Whether every node held the same elements at the end.
+    pub converged: bool,
+}
+
+/// The element a set key holds, if the key and value agree.
+fn set_element(key: &str, value: &str) -> Option<u64> {
+    let e: u64 = key.strip_prefix("s/")?.parse().ok()?;
+    (value.parse::<u64>().ok()? == e).then_some(e)
+}
+
+pub fn set(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -> SetResult {
+    let mut outcome_of: BTreeMap<u64, Outcome> = BTreeMap::new();
+    for op in history.iter().filter(|o| o.f == Func::Add) {
+        if let Some(e) = op.input.as_u64() {
+            outcome_of.insert(e, op.outcome);
+        }
+    }
+    let mut unexpected = BTreeSet::new();
+    let mut present_everywhere: Option<BTreeSet<u64>> = None;
+    let mut present_anywhere = BTreeSet::new();
+    for (node, state) in finals {
+        let mut here = BTreeSet::new();
+        for (key, entry) in state {
+            let Some((value, _)) = entry else { continue };
+            match set_element(key, value) {
+                Some(e) if outcome_of.contains_key(&e) => {
+                    here.insert(e);
+                }
+                _ => {
+                    unexpected.insert(format!("node {node}: {key}={value}"));
+                }
+            }
+        }
+        present_anywhere.extend(here.iter().copied());
+        present_everywhere = Some(match present_everywhere {
+            None => here,
+            Some(p) => p.intersection(&here).copied().collect(),
+        });
+    }
+    let everywhere = present_everywhere.unwrap_or_default();
+    let acked: Vec<u64> = outcome_of.iter().filter(|(_, o)| **o == Outcome::Ok).map(|(e, _)| *e).collect();
+    let lost: Vec<u64> = acked.iter().copied().filter(|e| !everywhere.contains(e)).collect();
+    let failed_but_present: Vec<u64> = outcome_of
+        .iter()
+        .filter(|(e, o)| **o == Outcome::Fail && present_anywhere.contains(e))
+        .map(|(e, _)| *e)
+        .collect();
+    let unknown: Vec<u64> = outcome_of.iter().filter(|(_, o)| **o == Outcome::Info).map(|(e, _)| *e).collect();
+    let unknown_present = unknown.iter().filter(|e| present_anywhere.contains(e)).count();
+    let valid = if finals.is_empty() || acked.is_empty() {
+        Validity::Unknown
+    } else if lost.is_empty() && unexpected.is_empty() && failed_but_present.is_empty() && converged {
+        Validity::Valid
+    } else {
+        Validity::Invalid
+    };
+    let message = format!(
+        "{} acknowledged adds, {} lost, {} unexpected, {} reported failed but present, nodes {}",
+        acked.len(),
+        lost.len(),
+        unexpected.len(),
+        failed_but_present.len(),
+        if converged { "agree" } else { "disagree" }
+    );
+    SetResult {
+        valid,
+        message,
+        attempted: outcome_of.len(),
+        acknowledged: acked.len(),
+        lost,
+        unexpected: unexpected.into_iter().collect(),
+        failed_but_present,
+        unknown_present,
+        unknown_absent: unknown.len() - unknown_present,
+        converged,
+    }
+}
+
+/// A version in last-writer-wins order: (physical ms, logical, origin region).
+type LwwOrder = (u64, u64, String);
+
+fn lww_order(v: &Value) -> Option<LwwOrder> {
+    Some((v.get("physical_ms")?.as_u64()?, v.get("logical")?.as_u64()?, v.get("origin")?.as_str()?.to_string()))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LwwKey {
+    pub key: String,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LwwResult {
+    pub valid: Validity,
+    pub message: String,
+    pub keys: usize,
+    /// Keys whose nodes disagree at the end.
+    pub diverged: Vec<LwwKey>,
+    /// Keys whose final version is older than an acknowledged write.
+    pub lost_keys: Vec<LwwKey>,
+    /// Acknowledged writes newer than their key's final version: lost.
+    pub lost_writes: Vec<u64>,
+    /// Final values no client wrote: corruption.
+    pub unexpected: Vec<LwwKey>,
+    pub converged: bool,
+}
+
+pub fn lww(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -> LwwResult {
+    let writes: Vec<&Op> = history.iter().filter(|o| o.f == Func::Write && o.outcome != Outcome::Fail).collect();
+    let keys: BTreeSet<&str> = writes.iter().map(|o| o.key.as_str()).collect();
+    let (mut diverged, mut lost_keys, mut unexpected, mut lost_writes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for key in &keys {
+        let mut finals_of_key: Vec<Option<&(String, Value)>> = Vec::new();
+        for f in finals.values().map(|s| s.get(*key).and_then(|e| e.as_ref())) {
+            if !finals_of_key.contains(&f) {
+                finals_of_key.push(f);
+            }
+        }
+        if finals_of_key.len() > 1 {
+            diverged.push(LwwKey { key: key.to_string(), problem: format!("nodes hold {finals_of_key:?}") });
+        }
+        let acked: Vec<(&Op, LwwOrder)> = writes
+            .iter()
+            .filter(|o| o.key == *key && o.outcome == Outcome::Ok)
+            .filter_map(|o| lww_order(&o.output).map(|v| (*o, v)))
+            .collect();
+        for fin in finals_of_key {
+            let Some((value, version)) = fin else {
+                if !acked.is_empty() {
+                    lost_keys.push(LwwKey { key: key.to_string(), problem: "absent at the end, yet written".into() });
+                    lost_writes.extend(acked.iter().filter_map(|(o, _)| o.input.as_u64()));
+                }
+                continue;
+            };
+            let written = writes.iter().any(|o| o.key == *key && o.input.as_u64().map(|v| v.to_string()) == Some(value.clone()));
+            if !written {
+                unexpected.push(LwwKey { key: key.to_string(), problem: format!("final value {value:?} was never written") });
+                continue;
+            }
+            let Some(final_order) = lww_order(version) else {
+                unexpected.push(LwwKey { key: key.to_string(), problem: format!("final version {version} unreadable") });
+                continue;
+            };
+            let newer: Vec<&(&Op, LwwOrder)> = acked.iter().filter(|(_, v)| *v > final_order).collect();
+            if let Some((_, greatest)) = newer.iter().max_by(|a, b| a.1.cmp(&b.1)) {
+                lost_keys.push(LwwKey {
+                    key: key.to_string(),
+                    problem: format!(
+                        "final version {final_order:?} is older than acknowledged {greatest:?} ({} newer acknowledged writes)",
+                        newer.len()
+                    ),
+                });
+                lost_writes.extend(newer.iter().filter_map(|(o, _)| o.input.as_u64()));
+            }
+        }
+    }
+    lost_writes.sort_unstable();
+    lost_writes.dedup();
+    let acked_any = writes.iter().any(|o| o.outcome == Outcome::Ok);
+    let valid = if finals.is_empty() || !acked_any {
+        Validity::Unknown
+    } else if diverged.is_empty() && lost_keys.is_empty() && unexpected.is_empty() && converged {
+        Validity::Valid
+    } else {
+        Validity::Invalid
+    };
+    let message = format!(
+        "{} keys: {} diverged, {} lost their newest acknowledged write ({} writes lost), {} hold values never written",
+        keys.len(),
+        diverged.len(),
+        lost_keys.len(),
+        lost_writes.len(),
+        unexpected.len()
+    );
+    LwwResult { valid, message, keys: keys.len(), diverged, lost_keys, lost_writes, unexpected, converged }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn op(f: Func, key: &str, input: Value, outcome: Outcome, output: Value, start_us: u64, end_us: u64) -> Op {
+        Op { process: 0, f, key: key.into(), input, outcome, output, start_us, end_us, node: 1, error: None }
+    }
+
+    fn add(e: u64, outcome: Outcome) -> Op {
+        op(Func::Add, &format!("s/{e:010}"), json!(e), outcome, Value::Null, e * 10, e * 10 + 5)
+    }
+
+    fn set_state(elements: &[u64]) -> NodeState {
+        elements.iter().map(|e| (format!("s/{e:010}"), Some((e.to_string(), Value::Null)))).collect()
+    }
+
+    #[test]
+    fn set_with_every_acknowledged_add_everywhere_is_valid() {
+        let h = vec![add(1, Outcome::Ok), add(2, Outcome::Info), add(3, Outcome::Fail)];
+        let finals = BTreeMap::from([(1, set_state(&[1, 2])), (2, set_state(&[1, 2]))]);
+        let r = set(&h, &finals, true);
+        assert_eq!(r.valid, Validity::Valid, "{r:?}");
+        assert_eq!((r.unknown_present, r.unknown_absent), (1, 0));
+    }
+
+    #[test]
+    fn set_missing_an_acknowledged_add_on_one_node_is_invalid_and_counts_it_lost() {
+        let h = vec![add(1, Outcome::Ok), add(2, Outcome::Ok)];
+        let finals = BTreeMap::from([(1, set_state(&[1, 2])), (2, set_state(&[1]))]);
+        let r = set(&h, &finals, false);
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(r.lost, vec![2]);
+    }
+
+    #[test]
+    fn set_with_a_value_never_added_or_a_failed_add_present_is_invalid() {
+        let h = vec![add(1, Outcome::Ok), add(3, Outcome::Fail)];
+        let r = set(&h, &BTreeMap::from([(1, set_state(&[1, 9]))]), true);
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(r.unexpected.len(), 1, "{r:?}");
+        let r = set(&h, &BTreeMap::from([(1, set_state(&[1, 3]))]), true);
+        assert_eq!(r.failed_but_present, vec![3]);
+        assert_eq!(r.valid, Validity::Invalid);
+        let mut wrong = set_state(&[1]);
+        wrong.insert("s/0000000001".into(), Some(("2".into(), Value::Null)));
+        assert_eq!(set(&h, &BTreeMap::from([(1, wrong)]), true).valid, Validity::Invalid);
+    }
+
+    #[test]
+    fn set_without_any_acknowledged_add_is_unknown() {
+        let h = vec![add(1, Outcome::Info)];
+        assert_eq!(set(&h, &BTreeMap::from([(1, set_state(&[]))]), true).valid, Validity::Unknown);
+    }
+
+    fn version(ms: u64, origin: &str) -> Value {
+        json!({"physical_ms": ms, "logical": 0, "origin": origin, "index": 1})
+    }
+
+    fn lww_write(key: &str, v: u64, outcome: Outcome, ms: u64, origin: &str) -> Op {
+        let out = if outcome == Outcome::Ok { version(ms, origin) } else { Value::Null };
+        op(Func::Write, key, json!(v), outcome, out, ms, ms + 1)
+    }
+
+    fn lww_state(entries: &[(&str, u64, u64, &str)]) -> NodeState {
+        entries
+            .iter()
+            .map(|(k, v, ms, origin)| {
+                (k.to_string(), Some((v.to_string(), json!({"physical_ms": ms, "logical": 0, "origin": origin}))))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lww_converged_on_the_greatest_acknowledged_version_is_valid() {
+        let h = vec![lww_write("w0", 1, Outcome::Ok, 100, "us-east"), lww_write("w0", 2, Outcome::Ok, 100, "eu-west")];
+        // Equal clocks: "us-east" > "eu-west" wins the tie.
+        let s = lww_state(&[("w0", 1, 100, "us-east")]);
+        let r = lww(&h, &BTreeMap::from([(1, s.clone()), (2, s)]), true);
+        assert_eq!(r.valid, Validity::Valid, "{r:?}");
+    }
+
+    #[test]
+    fn lww_settling_on_an_older_version_is_invalid_and_counts_the_lost_write() {
+        let h = vec![lww_write("w0", 1, Outcome::Ok, 100, "us-east"), lww_write("w0", 2, Outcome::Ok, 200, "eu-west")];
+        let s = lww_state(&[("w0", 1, 100, "us-east")]);
+        let r = lww(&h, &BTreeMap::from([(1, s.clone()), (2, s)]), true);
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(r.lost_writes, vec![2]);
+    }
+
+    #[test]
+    fn lww_nodes_that_disagree_or_hold_unwritten_values_are_invalid() {
+        let h = vec![lww_write("w0", 1, Outcome::Ok, 100, "us-east"), lww_write("w0", 2, Outcome::Info, 200, "eu-west")];
+        let a = lww_state(&[("w0", 1, 100, "us-east")]);
+        let b = lww_state(&[("w0", 2, 200, "eu-west")]);
+        let r = lww(&h, &BTreeMap::from([(1, a), (2, b.clone())]), false);
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(r.diverged.len(), 1);
+        // The unacknowledged newer write winning everywhere is fine.
+        assert_eq!(lww(&h, &BTreeMap::from([(1, b.clone()), (2, b)]), true).valid, Validity::Valid);
+        let c = lww_state(&[("w0", 7, 300, "eu-west")]);
+        let r = lww(&h, &BTreeMap::from([(1, c)]), true);
+        assert_eq!(r.unexpected.len(), 1);
+        assert_eq!(r.valid, Validity::Invalid);
+    }
+
+    #[test]
+    fn register_history_with_a_stale_read_is_invalid_and_names_the_read() {
+        let h = vec![
+            op(Func::Write, "r0", json!(1), Outcome::Ok, Value::Null, 0, 10),
+            op(Func::Write, "r0", json!(2), Outcome::Ok, Value::Null, 20, 30),
+            op(Func::Read, "r0", Value::Null, Outcome::Ok, json!(1), 40, 50),
+            op(Func::Write, "r1", json!(3), Outcome::Fail, Value::Null, 0, 5),
+            op(Func::Read, "r1", Value::Null, Outcome::Ok, Value::Null, 10, 20),
+        ];
+        let r = linearizable(&h, Duration::from_secs(5));
+        assert_eq!(r.valid, Validity::Invalid, "{r:?}");
+        assert!(r.ops.iter().any(|o| o.f == Func::Read && o.output == json!(1)), "{r:?}");
+        let ok: Vec<Op> = h.into_iter().filter(|o| o.output != json!(1)).collect();
+        assert_eq!(linearizable(&ok, Duration::from_secs(5)).valid, Validity::Valid);
+    }
+
+    #[test]
+    fn validity_combines_invalid_over_unknown_over_valid() {
+        assert_eq!(Validity::Valid.and(Validity::Unknown), Validity::Unknown);
+        assert_eq!(Validity::Unknown.and(Validity::Invalid), Validity::Invalid);
+        assert_eq!(Validity::Valid.and(Validity::Valid).exit_code(), 0);
+        assert_eq!(serde_json::to_value(Validity::Unknown).unwrap(), json!("unknown"));
+    }
+}

@@ -1,0 +1,376 @@
+//! A cluster of real nines node processes on loopback, owned by one run.
+//!
+//! Each node is this harness's own executable started as `nines-jepsen node
+//! --config <file>`: the same node code as the `nines` binary, so a run needs
+//! nothing built beside the harness. One node per AZ; node ids run on across
+//! regions.
+//!
+//! Invariants:
+//! - Every node runs with `fault_injection = true`; no other node exists.
+//! - Only processes this cluster spawned are signalled, by their own PID.
+//! - Dropping the cluster resumes and kills every node it still runs.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rand::SeedableRng;
+use nines::config::{ClusterConfig, Mode, NodeConfig, RegionConfig};
+use nines_client::{Client, ClientConfig, NodeInfo};
+use nines_proto::v1::SetFaultsRequest;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Region names in the order `--regions N` uses them.
+pub const REGION_NAMES: [&str; 4] = ["us-east", "eu-west", "ap-south", "sa-east"];
+
+/// Most AZs per region: a Raft group of more than 7 voters gains nothing
+/// and `nines` refuses to initialize one (`INIT_MEMBERS_MAX`).
+pub const AZS_MAX: usize = 7;
+
+/// How long a node may take to start serving, or a region to elect a
+/// leader, before the run gives up: generous for a loaded two-core machine.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bound on one probe of a node (status, fault setting). A paused node
+/// never answers, so every probe needs one.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+pub struct NodeProc {
+    pub config: NodeConfig,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    /// Stopped with SIGSTOP and not yet continued.
+    paused: bool,
+}
+
+impl NodeProc {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.config.grpc_listen)
+    }
+
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.config.id,
+            grpc_addr: self.endpoint(),
+            admin_addr: format!("http://{}", self.config.admin_listen),
+            region: self.config.region.clone(),
+            az: self.config.az.clone(),
+        }
+    }
+}
+
+pub struct Cluster {
+    exe: PathBuf,
+    pub nodes: BTreeMap<u64, NodeProc>,
+    /// Region name -> its node ids, in AZ order.
+    pub regions: BTreeMap<String, Vec<u64>>,
+    /// Region names in topology order (the first is where `register` runs).
+    pub region_order: Vec<String>,
+    /// One client for status probes and fault settings, of every node.
+    probe: Client,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+/// A port that was free a moment ago, below the kernel's ephemeral range
+/// so a restarted node does not find its port taken by some outgoing
+/// connection's source port.
+fn free_port(taken: &mut Vec<u16>, rng: &mut impl rand::RngExt) -> anyhow::Result<u16> {
+    for _ in 0..1000 {
+        let port = rng.random_range(20_000..32_000u16);
+        if !taken.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 20000..32000 after 1000 tries")
+}
+
+impl Cluster {
+    /// Writes every node's config under `dir`, starts the nodes, initializes
+    /// each region's Raft group and waits for a leader in each.
+    pub async fn start(
+        dir: &Path,
+        exe: PathBuf,
+        regions: usize,
+        azs: usize,
+        planted_bug_local_reads: bool,
+    ) -> anyhow::Result<Cluster> {
+        if regions == 0 || regions > REGION_NAMES.len() {
+            bail!("--regions must be 1..={}, got {regions}", REGION_NAMES.len());
+        }
+        if azs == 0 || azs > AZS_MAX {
+            bail!("--azs must be 1..={AZS_MAX}, got {azs}");
+        }
+        // Ports are not part of the run's seed: they depend on what else
+        // the machine runs, and a replay must not collide with a live run.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(nanos as u64 ^ u64::from(std::process::id()));
+        let mut taken = Vec::new();
+        let region_order: Vec<String> = REGION_NAMES[..regions].iter().map(|s| s.to_string()).collect();
+        let mut ports = BTreeMap::new();
+        let mut region_ids: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut next = 1u64;
+        for r in &region_order {
+            for _ in 0..azs {
+                ports.insert(next, (free_port(&mut taken, &mut rng)?, free_port(&mut taken, &mut rng)?));
+                region_ids.entry(r.clone()).or_default().push(next);
+                next += 1;
+            }
+        }
+        let cluster_config = ClusterConfig {
+            mode: Mode::ActiveActive,
+            primary: String::new(),
+            regions: if regions > 1 {
+                region_order
+                    .iter()
+                    .map(|r| RegionConfig {
+                        name: r.clone(),
+                        endpoints: region_ids[r]
+                            .iter()
+                            .map(|id| format!("http://127.0.0.1:{}", ports[id].0))
+                            .collect(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        };
+        let mut nodes = BTreeMap::new();
+        for r in &region_order {
+            for (i, id) in region_ids[r].iter().enumerate() {
+                let config = NodeConfig {
+                    id: *id,
+                    region: r.clone(),
+                    az: format!("{r}-{}", (b'a' + i as u8) as char),
+                    data_dir: dir.join(format!("node-{id}")),
+                    grpc_listen: ([127, 0, 0, 1], ports[id].0).into(),
+                    admin_listen: ([127, 0, 0, 1], ports[id].1).into(),
+                    cluster: cluster_config.clone(),
+                    fault_injection: true,
+                    planted_bug_local_reads,
+                    ..NodeConfig::default()
+                };
+                let config_path = dir.join(format!("node-{id}.toml"));
+                std::fs::write(&config_path, toml::to_string(&config)?)
+                    .with_context(|| format!("writing {}", config_path.display()))?;
+                let log_path = dir.join(format!("node-{id}.log"));
+                nodes.insert(*id, NodeProc { config, config_path, log_path, child: None, paused: false });
+            }
+        }
+        let endpoints: Vec<String> = nodes.values().map(NodeProc::endpoint).collect();
+        let probe = Client::new(endpoints, probe_config())?;
+        let mut cluster = Cluster { exe, nodes, regions: region_ids, region_order, probe };
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in &ids {
+            cluster.spawn(*id)?;
+        }
+        for id in &ids {
+            cluster.wait_serving(*id).await?;
+        }
+        for ids in cluster.regions.values() {
+            let members: Vec<NodeInfo> = ids.iter().map(|id| cluster.nodes[id].info()).collect();
+            let first = cluster.nodes[&ids[0]].endpoint();
+            cluster.probe.init(&first, members).await.with_context(|| format!("initializing the region at {first}"))?;
+        }
+        cluster.wait_leaders(START_TIMEOUT).await?;
+        Ok(cluster)
+    }
+
+    /// Every node id, in order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    pub fn endpoint(&self, id: u64) -> String {
+        self.nodes[&id].endpoint()
+    }
+
+    /// Endpoints of a region's nodes.
+    pub fn region_endpoints(&self, region: &str) -> Vec<String> {
+        self.regions[region].iter().map(|id| self.endpoint(*id)).collect()
+    }
+
+    pub fn region_of(&self, id: u64) -> &str {
+        &self.nodes[&id].config.region
+    }
+
+    pub fn az_of(&self, id: u64) -> &str {
+        &self.nodes[&id].config.az
+    }
+
+    pub fn running(&self, id: u64) -> bool {
+        self.nodes[&id].child.is_some()
+    }
+
+    pub fn paused(&self, id: u64) -> bool {
+        self.nodes[&id].paused
+    }
+
+    /// Starts node `id`'s process; a no-op if it runs.
+    pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let exe = self.exe.clone();
+        let node = self.nodes.get_mut(&id).context("unknown node")?;
+        if node.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)
+            .with_context(|| format!("opening {}", node.log_path.display()))?;
+        let child = Command::new(exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&node.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {id}"))?;
+        node.child = Some(child);
+        node.paused = false;
+        Ok(())
+    }
+
+    /// kill -9 (a paused node is continued first so it dies at once); a
+    /// no-op if it is not running.
+    pub fn kill(&mut self, id: u64) {
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        if let Some(mut child) = node.child.take() {
+            if node.paused {
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
+            }
+            // The process is ours and not yet reaped, so its PID is still
+            // its own: kill and wait cannot hit another process.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        node.paused = false;
+    }
+
+    /// SIGSTOP or SIGCONT node `id`, if it runs.
+    pub fn signal_pause(&mut self, id: u64, pause: bool) -> anyhow::Result<()> {
+        let node = self.nodes.get_mut(&id).context("unknown node")?;
+        let Some(child) = &node.child else { return Ok(()) };
+        if node.paused == pause {
+            return Ok(());
+        }
+        let signal = if pause { Signal::SIGSTOP } else { Signal::SIGCONT };
+        kill(Pid::from_raw(child.id() as i32), signal).with_context(|| format!("{signal} to node {id}"))?;
+        node.paused = pause;
+        Ok(())
+    }
+
+    /// The node's status, if it answers within the probe timeout.
+    pub async fn status(&self, id: u64) -> Option<nines_client::StatusResponse> {
+        if !self.running(id) || self.paused(id) {
+            return None;
+        }
+        let endpoint = self.endpoint(id);
+        tokio::time::timeout(PROBE_TIMEOUT, self.probe.status_of(&endpoint)).await.ok()?.ok()
+    }
+
+    /// The node of `region` that says it leads, if one does. With two
+    /// claimants (an old leader cut off), the one with the higher term.
+    pub async fn leader_of(&self, region: &str) -> Option<u64> {
+        let mut best: Option<(u64, u64)> = None;
+        for id in &self.regions[region] {
+            if let Some(s) = self.status(*id).await
+                && s.role == "leader"
+                && best.is_none_or(|(term, _)| s.term > term)
+            {
+                best = Some((s.term, *id));
+            }
+        }
+        best.map(|(_, id)| id)
+    }
+
+    async fn wait_serving(&self, id: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while self.status(id).await.is_none() {
+            if Instant::now() > deadline {
+                bail!(
+                    "node {id} did not serve within {START_TIMEOUT:?}; see {}",
+                    self.nodes[&id].log_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until every region has a leader that a quorum follows.
+    pub async fn wait_leaders(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for r in &self.region_order {
+            while self.leader_of(r).await.is_none() {
+                if Instant::now() > deadline {
+                    bail!("region {r} has no leader after {timeout:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the fault hooks on node `id`. Fails on a node that is down
+    /// or paused (the caller decides whether that matters).
+    pub async fn set_faults(&self, id: u64, req: SetFaultsRequest) -> anyhow::Result<()> {
+        if !self.running(id) || self.paused(id) {
+            bail!("node {id} is not running");
+        }
+        let endpoint = self.endpoint(id);
+        tokio::time::timeout(PROBE_TIMEOUT, self.probe.set_all_faults_on(&endpoint, req))
+            .await
+            .with_context(|| format!("setting faults on node {id} timed out"))??;
+        Ok(())
+    }
+
+    /// Ends every fault: continues paused nodes, restarts stopped ones and
+    /// clears every node's fault hooks. Retries clearing until it sticks
+    /// (a restarted node needs a moment to serve), bounded by `timeout`.
+    pub async fn heal(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        for id in self.ids() {
+            self.signal_pause(id, false)?;
+            self.spawn(id)?;
+        }
+        let deadline = Instant::now() + timeout;
+        for id in self.ids() {
+            loop {
+                match self.set_faults(id, SetFaultsRequest::default()).await {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(e.context(format!("node {id} did not clear its faults within {timeout:?}")));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A client config for probes: one short attempt, so a dead or paused node
+/// costs the caller little.
+fn probe_config() -> ClientConfig {
+    ClientConfig {
+        attempt_timeout: PROBE_TIMEOUT,
+        attempts_max: 1,
+        connect_timeout: Duration::from_millis(300),
+        request_deadline: PROBE_TIMEOUT,
+        ..ClientConfig::default()
+    }
+}

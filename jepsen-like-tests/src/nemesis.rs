@@ -1,0 +1,430 @@
+//! Nemeses: the faults a run injects, on a seeded schedule.
+//!
+//! A run alternates quiet periods and fault windows. Each window applies one
+//! entry of the plan (`--nemesis kill,partition+clock` has two entries:
+//! `kill` alone, then `partition` and `clock` together), chosen at random,
+//! holds it, then heals everything: paused nodes continue, killed nodes
+//! restart, every node's fault hooks are cleared.
+//!
+//! Network faults are link rules inside the nodes (see `nines::faults`):
+//! a rule drops or delays what one node sends to one peer of its region,
+//! and a region can be cut off from another's replication traffic. Process
+//! faults are signals from outside: kill -9 (restarted at heal) and
+//! SIGSTOP (SIGCONT at heal).
+//!
+//! Invariants:
+//! - Every fault is logged with its start and end time (run-relative).
+//! - The last window ends, healed, before the run's time is up.
+//! - The same seed makes the same choices (which nodes, which variant,
+//!   how long); only which node leads at that moment can differ.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use nines_proto::v1::{LinkFault, SetFaultsRequest};
+use rand::RngExt;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use crate::cluster::Cluster;
+use crate::history::Recorder;
+
+/// Quiet time before the first fault: clients reach a steady state first.
+const FIRST_QUIET: Duration = Duration::from_secs(2);
+/// How long a fault window lasts, chosen uniformly in this range (ms):
+/// longer than an election (about 1 s) so faults have their full effect.
+const FAULT_MS: std::ops::Range<u64> = 4_000..8_000;
+/// Quiet time between windows (ms): long enough for a recovery to show.
+const QUIET_MS: std::ops::Range<u64> = 2_000..4_000;
+/// Bound on healing: restarting nodes and clearing their hooks.
+const HEAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Extra one-way delay the `latency` nemesis adds per link (ms).
+const LATENCY_MS: std::ops::Range<u32> = 50..300;
+/// Clock offsets of the `clock` nemesis (ms, either sign): well beyond
+/// `clock_offset_max` (500 ms) at the top, so both sides of it are tried.
+const CLOCK_OFFSET_MS: std::ops::Range<i64> = 200..2_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nemesis {
+    Kill,
+    Pause,
+    /// A random one of the partition variants below (region only with 2+ regions).
+    Partition,
+    PartitionHalves,
+    PartitionLeader,
+    PartitionRing,
+    PartitionAz,
+    PartitionRegion,
+    PartitionOneWay,
+    Latency,
+    Clock,
+    AzLoss,
+    RegionLoss,
+}
+
+/// Every nemesis name `--nemesis` accepts.
+pub const NAMES: [(&str, Nemesis); 13] = [
+    ("kill", Nemesis::Kill),
+    ("pause", Nemesis::Pause),
+    ("partition", Nemesis::Partition),
+    ("partition-halves", Nemesis::PartitionHalves),
+    ("partition-leader", Nemesis::PartitionLeader),
+    ("partition-ring", Nemesis::PartitionRing),
+    ("partition-az", Nemesis::PartitionAz),
+    ("partition-region", Nemesis::PartitionRegion),
+    ("partition-one-way", Nemesis::PartitionOneWay),
+    ("latency", Nemesis::Latency),
+    ("clock", Nemesis::Clock),
+    ("az-loss", Nemesis::AzLoss),
+    ("region-loss", Nemesis::RegionLoss),
+];
+
+impl Nemesis {
+    pub fn name(self) -> &'static str {
+        NAMES.iter().find(|(_, n)| *n == self).map_or("?", |(s, _)| s)
+    }
+}
+
+/// Parses `--nemesis`: entries separated by `,`, each one or more names
+/// joined by `+` (applied together). `none` is the empty plan.
+pub fn parse_plan(spec: &str) -> anyhow::Result<Vec<Vec<Nemesis>>> {
+    if spec.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    let mut plan = Vec::new();
+    for entry in spec.split(',') {
+        let mut together = Vec::new();
+        for name in entry.split('+') {
+            let name = name.trim();
+            let Some((_, n)) = NAMES.iter().find(|(s, _)| *s == name) else {
+                let known: Vec<&str> = NAMES.iter().map(|(s, _)| *s).collect();
+                bail!("unknown nemesis {name:?}; known: none, {}", known.join(", "));
+            };
+            if together.contains(n) {
+                bail!("nemesis {name:?} appears twice in {entry:?}");
+            }
+            together.push(*n);
+        }
+        plan.push(together);
+    }
+    Ok(plan)
+}
+
+/// One fault as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub nemesis: String,
+    /// What exactly was done, for a person.
+    pub detail: String,
+    pub start_us: u64,
+    /// When the heal completed.
+    pub end_us: u64,
+}
+
+/// Link rules, cut regions and clock offsets of one window, per node.
+#[derive(Default)]
+struct Net {
+    links: BTreeMap<u64, BTreeMap<u64, Option<u32>>>,
+    blocked: BTreeMap<u64, BTreeSet<String>>,
+    clock: BTreeMap<u64, i64>,
+}
+
+impl Net {
+    /// `from` drops everything it sends to `to`.
+    fn cut(&mut self, from: u64, to: u64) {
+        self.links.entry(from).or_default().insert(to, None);
+    }
+
+    fn cut_both(&mut self, a: u64, b: u64) {
+        self.cut(a, b);
+        self.cut(b, a);
+    }
+
+    /// Delays what `from` sends to `to`, unless that link is cut.
+    fn delay(&mut self, from: u64, to: u64, ms: u32) {
+        self.links.entry(from).or_default().entry(to).or_insert(Some(ms));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.links.is_empty() && self.blocked.is_empty() && self.clock.is_empty()
+    }
+
+    fn request(&self, id: u64) -> SetFaultsRequest {
+        SetFaultsRequest {
+            blocked_regions: self.blocked.get(&id).map(|b| b.iter().cloned().collect()).unwrap_or_default(),
+            clock_offset_ms: self.clock.get(&id).copied().unwrap_or(0),
+            links: self
+                .links
+                .get(&id)
+                .map(|l| {
+                    l.iter()
+                        .map(|(to, rule)| LinkFault {
+                            to_node: *to,
+                            drop: rule.is_none(),
+                            delay_ms: rule.unwrap_or(0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Runs the plan's windows until `until`, then returns every fault it injected.
+pub async fn run(
+    cluster: &mut Cluster,
+    plan: &[Vec<Nemesis>],
+    rng: &mut StdRng,
+    recorder: &Recorder,
+    until: Instant,
+) -> anyhow::Result<Vec<FaultRecord>> {
+    let mut faults = Vec::new();
+    if plan.is_empty() {
+        tokio::time::sleep_until(until.into()).await;
+        return Ok(faults);
+    }
+    tokio::time::sleep(FIRST_QUIET).await;
+    loop {
+        let hold = Duration::from_millis(rng.random_range(FAULT_MS));
+        let quiet = Duration::from_millis(rng.random_range(QUIET_MS));
+        // A window must fit, with a second to spare for its heal.
+        if Instant::now() + hold + Duration::from_secs(1) > until {
+            break;
+        }
+        let entry = &plan[rng.random_range(0..plan.len())];
+        let start_us = recorder.now_us();
+        let mut net = Net::default();
+        let mut details = Vec::new();
+        for n in entry {
+            let detail = apply(*n, cluster, &mut net, rng).await?;
+            eprintln!("[{:>7.1}s] fault {}: {detail}", start_us as f64 / 1e6, n.name());
+            details.push((n.name(), detail));
+        }
+        if !net.is_empty() {
+            for id in cluster.ids() {
+                if cluster.running(id) && !cluster.paused(id) {
+                    // A node that cannot take its rules (busy restarting,
+                    // say) is said so; the fault is then partial.
+                    if let Err(e) = cluster.set_faults(id, net.request(id)).await {
+                        eprintln!("  could not set faults on node {id}: {e:#}");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(hold).await;
+        cluster.heal(HEAL_TIMEOUT).await?;
+        let end_us = recorder.now_us();
+        eprintln!("[{:>7.1}s] healed", end_us as f64 / 1e6);
+        for (name, detail) in details {
+            faults.push(FaultRecord { nemesis: name.to_string(), detail, start_us, end_us });
+        }
+        let next = Instant::now() + quiet;
+        if next >= until {
+            break;
+        }
+        tokio::time::sleep_until(next.into()).await;
+    }
+    tokio::time::sleep_until(until.into()).await;
+    Ok(faults)
+}
+
+/// A region chosen at random.
+fn pick_region(cluster: &Cluster, rng: &mut StdRng) -> String {
+    cluster.region_order[rng.random_range(0..cluster.region_order.len())].clone()
+}
+
+/// Half the time a region's leader (failover is what most faults test),
+/// otherwise any node of that region.
+async fn pick_node(cluster: &Cluster, region: &str, rng: &mut StdRng) -> u64 {
+    let ids = &cluster.regions[region];
+    let any = ids[rng.random_range(0..ids.len())];
+    if rng.random_bool(0.5) { cluster.leader_of(region).await.unwrap_or(any) } else { any }
+}
+
+/// Applies one nemesis: process faults at once, network faults into `net`.
+/// Returns what it did.
+async fn apply(nemesis: Nemesis, cluster: &mut Cluster, net: &mut Net, rng: &mut StdRng) -> anyhow::Result<String> {
+    let region = pick_region(cluster, rng);
+    let ids = cluster.regions[&region].clone();
+    let nemesis = if nemesis == Nemesis::Partition {
+        let mut variants = vec![
+            Nemesis::PartitionHalves,
+            Nemesis::PartitionLeader,
+            Nemesis::PartitionRing,
+            Nemesis::PartitionAz,
+            Nemesis::PartitionOneWay,
+        ];
+        if cluster.region_order.len() > 1 {
+            variants.push(Nemesis::PartitionRegion);
+        }
+        variants[rng.random_range(0..variants.len())]
+    } else {
+        nemesis
+    };
+    let detail = match nemesis {
+        Nemesis::Kill => {
+            let id = pick_node(cluster, &region, rng).await;
+            cluster.kill(id);
+            format!("kill -9 node {id} ({region}); restarted at heal")
+        }
+        Nemesis::Pause => {
+            let id = pick_node(cluster, &region, rng).await;
+            cluster.signal_pause(id, true)?;
+            format!("SIGSTOP node {id} ({region}); SIGCONT at heal")
+        }
+        Nemesis::PartitionHalves => {
+            let mut shuffled = ids.clone();
+            shuffled.shuffle(rng);
+            let (minority, majority) = shuffled.split_at(ids.len() / 2);
+            for a in minority {
+                for b in majority {
+                    net.cut_both(*a, *b);
+                }
+            }
+            format!("partition-halves in {region}: {minority:?} | {majority:?}")
+        }
+        Nemesis::PartitionLeader => {
+            let Some(leader) = cluster.leader_of(&region).await else {
+                return Ok(format!("partition-leader: {region} has no leader; nothing cut"));
+            };
+            for b in ids.iter().filter(|b| **b != leader) {
+                net.cut_both(leader, *b);
+            }
+            format!("partition-leader: node {leader} (leader of {region}) cut off from the rest of {region}")
+        }
+        Nemesis::PartitionRing => {
+            // Each node keeps its two ring neighbours: every node sees a
+            // majority, but no two see the same one. With 3 nodes everyone is
+            // a neighbour, so one link (first-last) is cut instead.
+            let mut ring = ids.clone();
+            ring.shuffle(rng);
+            let n = ring.len();
+            let mut cut = Vec::new();
+            for i in 0..n {
+                for j in (i + 1)..n {
+                    let neighbours = j == i + 1 || (i == 0 && j == n - 1);
+                    if !neighbours || (n == 3 && i == 0 && j == 2) {
+                        net.cut_both(ring[i], ring[j]);
+                        cut.push((ring[i], ring[j]));
+                    }
+                }
+            }
+            format!("partition-ring in {region}: ring {ring:?}, links cut {cut:?}")
+        }
+        Nemesis::PartitionAz => {
+            let az = cluster.az_of(ids[rng.random_range(0..ids.len())]).to_string();
+            let inside: Vec<u64> = ids.iter().copied().filter(|id| cluster.az_of(*id) == az).collect();
+            for a in &inside {
+                for b in ids.iter().filter(|b| !inside.contains(b)) {
+                    net.cut_both(*a, *b);
+                }
+            }
+            format!("partition-az: AZ {az} (nodes {inside:?}) cut off from the rest of {region}")
+        }
+        Nemesis::PartitionOneWay => {
+            let Some(leader) = cluster.leader_of(&region).await else {
+                return Ok(format!("partition-one-way: {region} has no leader; nothing cut"));
+            };
+            for b in ids.iter().filter(|b| **b != leader) {
+                net.cut(leader, *b);
+            }
+            format!("partition-one-way: node {leader} (leader of {region}) can hear its peers but not reach them")
+        }
+        Nemesis::PartitionRegion => {
+            if cluster.region_order.len() < 2 {
+                return Ok("partition-region: one region only; nothing cut".into());
+            }
+            let others: Vec<String> = cluster.region_order.iter().filter(|r| **r != region).cloned().collect();
+            for id in cluster.ids() {
+                if cluster.region_of(id) == region {
+                    net.blocked.entry(id).or_default().extend(others.iter().cloned());
+                } else {
+                    net.blocked.entry(id).or_default().insert(region.clone());
+                }
+            }
+            format!("partition-region: {region} cut off from {others:?} (replication both ways)")
+        }
+        Nemesis::Latency => {
+            let mut added = Vec::new();
+            for r in &cluster.region_order {
+                let ids = &cluster.regions[r];
+                for a in ids {
+                    for b in ids.iter().filter(|b| *b != a) {
+                        let ms = rng.random_range(LATENCY_MS);
+                        net.delay(*a, *b, ms);
+                        added.push(ms);
+                    }
+                }
+            }
+            let (lo, hi) = (added.iter().min().copied().unwrap_or(0), added.iter().max().copied().unwrap_or(0));
+            format!("latency: every link inside each region delayed by {lo}-{hi} ms")
+        }
+        Nemesis::Clock => {
+            let mut all = cluster.ids();
+            all.shuffle(rng);
+            let chosen = &all[..all.len().div_ceil(2)];
+            let mut offsets = Vec::new();
+            for id in chosen {
+                let ms = rng.random_range(CLOCK_OFFSET_MS) * if rng.random_bool(0.5) { 1 } else { -1 };
+                net.clock.insert(*id, ms);
+                offsets.push(format!("node {id} {ms:+} ms"));
+            }
+            format!("clock: {}", offsets.join(", "))
+        }
+        Nemesis::AzLoss => {
+            let az = cluster.az_of(ids[rng.random_range(0..ids.len())]).to_string();
+            let inside: Vec<u64> = ids.iter().copied().filter(|id| cluster.az_of(*id) == az).collect();
+            for id in &inside {
+                cluster.kill(*id);
+            }
+            format!("az-loss: AZ {az} (nodes {inside:?}) killed; restarted at heal")
+        }
+        Nemesis::RegionLoss => {
+            for id in &ids {
+                cluster.kill(*id);
+            }
+            format!("region-loss: every node of {region} ({ids:?}) killed; restarted at heal")
+        }
+        Nemesis::Partition => unreachable!("replaced by a variant above"),
+    };
+    Ok(detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_parse_entries_and_combinations() {
+        let plan = parse_plan("kill,partition+clock").unwrap();
+        assert_eq!(plan, vec![vec![Nemesis::Kill], vec![Nemesis::Partition, Nemesis::Clock]]);
+        assert!(parse_plan("none").unwrap().is_empty());
+        for (name, n) in NAMES {
+            assert_eq!(parse_plan(name).unwrap(), vec![vec![n]]);
+            assert_eq!(n.name(), name);
+        }
+    }
+
+    #[test]
+    fn unknown_or_repeated_nemeses_are_refused_by_name() {
+        let e = parse_plan("kill,explode").unwrap_err().to_string();
+        assert!(e.contains("\"explode\""), "{e}");
+        assert!(parse_plan("kill+kill").is_err());
+        assert!(parse_plan("").is_err());
+    }
+
+    #[test]
+    fn a_cut_link_stays_cut_when_latency_is_added() {
+        let mut net = Net::default();
+        net.cut(1, 2);
+        net.delay(1, 2, 100);
+        net.delay(1, 3, 100);
+        let req = net.request(1);
+        assert_eq!(req.links.len(), 2);
+        assert!(req.links.iter().any(|l| l.to_node == 2 && l.drop));
+        assert!(req.links.iter().any(|l| l.to_node == 3 && !l.drop && l.delay_ms == 100));
+        assert_eq!(net.request(2), SetFaultsRequest::default());
+    }
+}

@@ -1,0 +1,271 @@
+//! One run, start to verdict: start a cluster, drive clients while the
+//! nemesis injects faults, heal, wait, read the final state, check, report.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::checker::{self, Validity};
+use crate::cluster::Cluster;
+use crate::history::{self, Recorder};
+use crate::nemesis::{self, FaultRecord};
+use crate::report::{self, Page, Rpo};
+use crate::workload::{self, Workload};
+
+/// Shortest run: a fault window (4-8 s) plus the quiet before it.
+const TIME_MIN: Duration = Duration::from_secs(10);
+/// Longest run: an hour keeps a history within what the checker can read.
+const TIME_MAX: Duration = Duration::from_secs(3600);
+/// How long a healed cluster may take to have a leader in every region.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most client processes at once: a two-core machine runs the nodes too.
+const CONCURRENCY_MAX: usize = 64;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// register, set or lww.
+    #[arg(long, value_enum)]
+    pub workload: Workload,
+    /// Faults, e.g. `kill,partition` (one per window, at random) or
+    /// `kill+partition` (together). `none` for no faults. Names: kill, pause,
+    /// partition, partition-halves, partition-leader, partition-ring,
+    /// partition-az, partition-region, partition-one-way, latency, clock,
+    /// az-loss, region-loss.
+    #[arg(long, default_value = "none")]
+    pub nemesis: String,
+    /// How long clients run (faults stop before the end), e.g. `60s`.
+    #[arg(long, default_value = "60s")]
+    pub time: humantime::Duration,
+    /// Seeds every random choice of clients and nemesis. Default: from the clock (printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of regions (default 1; lww needs and defaults to 2).
+    #[arg(long)]
+    pub regions: Option<usize>,
+    /// AZs per region, one node each.
+    #[arg(long, default_value_t = 3)]
+    pub azs: usize,
+    /// Client processes (default: 2 per node used by the workload, at most 12).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Keys the register and lww clients share at a time.
+    #[arg(long, default_value_t = 4)]
+    pub keys: usize,
+    /// Where the results go. Default: target/jepsen/<time>-<workload>-<nemesis>-s<seed>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Plant a bug to see the harness catch it: leaders serve linearizable
+    /// reads locally, without confirming leadership with a quorum.
+    #[arg(long)]
+    pub planted_bug_local_reads: bool,
+    /// Time the linearizability checker may take before it answers unknown.
+    #[arg(long, default_value = "60s")]
+    pub check_budget: humantime::Duration,
+    /// Keep the nodes' data directories (removed by default; logs are kept).
+    #[arg(long)]
+    pub keep_data: bool,
+}
+
+/// What a run found, for the caller (and the suite's table).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub workload: String,
+    pub nemesis: String,
+    pub valid: Validity,
+    pub lost: usize,
+    pub rpo_ms: f64,
+    pub rto_ms_max: Option<f64>,
+    pub counts: history::Counts,
+    pub out: PathBuf,
+}
+
+impl RunArgs {
+    /// The command that repeats this run.
+    pub fn command(&self, seed: u64, regions: usize) -> String {
+        let mut c = format!(
+            "cargo run --release -p nines-jepsen -- run --workload {} --nemesis {} --time {} --seed {seed} --regions {regions} --azs {}",
+            self.workload.name(),
+            self.nemesis,
+            self.time,
+            self.azs
+        );
+        if self.planted_bug_local_reads {
+            c.push_str(" --planted-bug-local-reads");
+        }
+        c
+    }
+}
+
+pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
+    let plan = nemesis::parse_plan(&args.nemesis)?;
+    let time: Duration = args.time.into();
+    if !(TIME_MIN..=TIME_MAX).contains(&time) {
+        bail!("--time must be between {TIME_MIN:?} and {TIME_MAX:?}, got {}", args.time);
+    }
+    let regions = args.regions.unwrap_or(if args.workload == Workload::Lww { 2 } else { 1 });
+    if args.workload == Workload::Lww && regions < 2 {
+        bail!("the lww workload writes from several regions: --regions must be at least 2, got {regions}");
+    }
+    if args.keys == 0 || args.keys > 1000 {
+        bail!("--keys must be 1..=1000, got {}", args.keys);
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
+    });
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let out = args.out.clone().unwrap_or_else(|| {
+        let nemesis: String = args.nemesis.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        PathBuf::from("target/jepsen").join(format!("{stamp}-{}-{nemesis}-s{seed}", args.workload.name()))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let command = args.command(seed, regions);
+    eprintln!("run: {command}\nresults: {}", out.display());
+
+    let exe = std::env::current_exe().context("finding this executable to start nodes with")?;
+    let mut cluster = Cluster::start(&out, exe, regions, args.azs, args.planted_bug_local_reads).await?;
+    let used_nodes = match args.workload {
+        Workload::Register => args.azs,
+        _ => args.azs * regions,
+    };
+    let concurrency = args.concurrency.unwrap_or((2 * used_nodes).min(12));
+    if concurrency == 0 || concurrency > CONCURRENCY_MAX {
+        bail!("--concurrency must be 1..={CONCURRENCY_MAX}, got {concurrency}");
+    }
+
+    let began = Instant::now();
+    let until = began + time;
+    let recorder = Recorder::new(began);
+    let specs = workload::client_specs(args.workload, &cluster, concurrency);
+    let clients = tokio::spawn(workload::run_clients(args.workload, specs, args.keys, seed, recorder.clone(), until));
+    let mut rng = StdRng::seed_from_u64(seed);
+    let faults = nemesis::run(&mut cluster, &plan, &mut rng, &recorder, until).await;
+    let clients = clients.await.context("client task")?;
+    let faults: Vec<FaultRecord> = faults?;
+    clients?;
+    let ran_us = recorder.now_us();
+
+    // Heal whatever is left, then let the cluster settle before final reads.
+    cluster.heal(RECOVERY_TIMEOUT).await?;
+    cluster.wait_leaders(RECOVERY_TIMEOUT).await?;
+    let ops = recorder.ops();
+    history::write_jsonl(&ops, &out.join("history.jsonl"))?;
+    let counts = history::counts(&ops);
+
+    let mut checkers: Vec<(&str, Validity, String)> = Vec::new();
+    let mut details = serde_json::Map::new();
+    let mut named_ops = Vec::new();
+    let mut lost: Vec<u64> = Vec::new();
+    let mut lost_count = 0;
+    match args.workload {
+        Workload::Register => {
+            eprintln!("checking linearizability of {} operations...", ops.len());
+            let r = checker::linearizable(&ops, args.check_budget.into());
+            checkers.push(("linearizable", r.valid, r.message.clone()));
+            named_ops = r.ops.clone();
+            details.insert("linearizable".into(), serde_json::to_value(&r)?);
+        }
+        Workload::Set => {
+            let (finals, agree) = workload::final_reads(&cluster, None).await?;
+            let r = checker::set(&ops, &finals, agree);
+            checkers.push(("set", r.valid, r.message.clone()));
+            lost = r.lost.clone();
+            lost_count = r.lost.len();
+            details.insert("set".into(), serde_json::to_value(&r)?);
+        }
+        Workload::Lww => {
+            let keys: BTreeSet<String> = ops.iter().map(|o| o.key.clone()).collect();
+            let (finals, agree) = workload::final_reads(&cluster, Some(&keys)).await?;
+            let r = checker::lww(&ops, &finals, agree);
+            checkers.push(("convergence", r.valid, r.message.clone()));
+            lost = r.lost_writes.clone();
+            lost_count = r.lost_writes.len();
+            details.insert("convergence".into(), serde_json::to_value(&r)?);
+        }
+    }
+    // A run in which no write succeeded proves nothing.
+    let writes_ok = ops.iter().filter(|o| o.is_write() && o.outcome == history::Outcome::Ok).count();
+    let stats = if writes_ok == 0 { Validity::Unknown } else { Validity::Valid };
+    checkers.push(("stats", stats, format!("{writes_ok} acknowledged writes, {} ok, {} fail, {} info", counts.ok, counts.fail, counts.info)));
+    let valid = checkers.iter().fold(Validity::Valid, |v, (_, c, _)| v.and(*c));
+
+    let rpo: Rpo = report::rpo(&ops, &lost, &faults);
+    let fault_reports = report::rto(&ops, &faults);
+    let results = json!({
+        "valid": valid,
+        "run": {
+            "workload": args.workload.name(),
+            "nemesis": args.nemesis,
+            "seed": seed,
+            "time_s": time.as_secs_f64(),
+            "regions": regions,
+            "azs": args.azs,
+            "concurrency": concurrency,
+            "planted_bug_local_reads": args.planted_bug_local_reads,
+            "command": command,
+        },
+        "checkers": checkers.iter().map(|(n, v, m)| json!({"name": n, "valid": v, "message": m})).collect::<Vec<_>>(),
+        "details": details,
+        "counts": counts,
+        "lost": lost_count,
+        "unexpected": details.values().map(|d| d.get("unexpected").and_then(|u| u.as_array()).map_or(0, Vec::len)).sum::<usize>(),
+        "rpo": rpo,
+        "faults": fault_reports,
+    });
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    let seconds = (ran_us as f64 / 1e6).max(1.0);
+    report::plot_latency(&ops, &faults, seconds, &out.join("latency.svg"))?;
+    report::plot_throughput(&ops, &faults, seconds, &out.join("throughput.svg"))?;
+    let title = format!("{} / {}", args.workload.name(), args.nemesis);
+    let page = Page {
+        title,
+        valid,
+        checkers: checkers.clone(),
+        named_ops: &named_ops,
+        counts,
+        rpo: &rpo,
+        faults: &fault_reports,
+        command: command.clone(),
+    };
+    report::write_index(&page, &out.join("index.html"))?;
+    drop(cluster);
+    if !args.keep_data {
+        for entry in std::fs::read_dir(&out)? {
+            let path = entry?.path();
+            if path.is_dir() && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("node-")) {
+                std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+
+    for (name, v, msg) in &checkers {
+        eprintln!("{name}: {} — {msg}", serde_json::to_string(v)?);
+    }
+    let rto_ms_max = fault_reports.iter().filter_map(|f| f.rto_ms).reduce(f64::max);
+    eprintln!(
+        "verdict: {} · ok {} fail {} info {} · lost {} · RPO {:.0} ms · {} faults · report {}",
+        serde_json::to_string(&valid)?,
+        counts.ok,
+        counts.fail,
+        counts.info,
+        lost_count,
+        rpo.ms,
+        fault_reports.len(),
+        out.join("index.html").display()
+    );
+    Ok(Summary {
+        workload: args.workload.name().into(),
+        nemesis: args.nemesis.clone(),
+        valid,
+        lost: lost_count,
+        rpo_ms: rpo.ms,
+        rto_ms_max,
+        counts,
+        out,
+    })
+}

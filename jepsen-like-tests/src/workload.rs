@@ -1,0 +1,362 @@
+//! Workloads: what the clients do, and the final reads after healing.
+//!
+//! - `register`: per-key linearizable reads, blind writes and
+//!   compare-and-swaps inside the first region. Every written value is
+//!   unique, so a value names the write that produced it.
+//! - `set`: unique adds (one key per element), then a final read of every
+//!   node.
+//! - `lww`: blind writes of a few shared keys from clients in every region;
+//!   after healing, a final read of every key on every node.
+//!
+//! Invariants:
+//! - Each client process does one operation at a time; its interval covers
+//!   every attempt the client library makes for it.
+//! - An error classifies an operation as `Fail` only when it certainly had
+//!   no effect: any read error, or a write the library reports as never
+//!   proposed (`Unavailable`) or refused (`InvalidArgument`,
+//!   `FailedPrecondition`). Anything else is `Info`.
+//! - Every client loop stops by itself at the run's end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nines_client::{Client, ClientConfig, Consistency, Expect, KeyRange};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::cluster::Cluster;
+use crate::history::{Func, Op, Outcome, Recorder};
+
+/// How long a client spends on one operation, over all its attempts. Short,
+/// so a client stuck on a cut-off node moves on (as `info`) while the fault
+/// lasts; long enough for an election and a retry.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
+
+/// A register key is retired after this long: per-key histories stay short
+/// enough for the linearizability search (as Jepsen's `independent`).
+const REGISTER_KEY_LIFETIME: Duration = Duration::from_secs(10);
+
+/// Pause between one client's operations (ms): about 10 ops/s per client,
+/// enough contention for a handful of keys without flooding the checker.
+const THINK_MS: std::ops::Range<u64> = 20..150;
+
+/// Most keys a set scan returns per page (`SCAN_LIMIT_MAX` on the server).
+const SCAN_PAGE: u32 = 10_000;
+
+/// How long the final reads wait for every node to agree.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    Register,
+    Set,
+    Lww,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Register => "register",
+            Workload::Set => "set",
+            Workload::Lww => "lww",
+        }
+    }
+}
+
+/// Where each client process sends its operations.
+pub struct ClientSpec {
+    /// The node the client is bound to, for the record.
+    pub node: u64,
+    pub endpoints: Vec<String>,
+}
+
+/// Which nodes the clients use: `register` binds each client to one node of
+/// the first region (a client of a cut-off leader keeps asking it, as a
+/// real client would); `set` spreads clients over every node; `lww` gives
+/// each client one region.
+pub fn client_specs(workload: Workload, cluster: &Cluster, concurrency: usize) -> Vec<ClientSpec> {
+    let nodes: Vec<u64> = match workload {
+        Workload::Register => cluster.regions[&cluster.region_order[0]].clone(),
+        Workload::Set | Workload::Lww => cluster.ids(),
+    };
+    (0..concurrency)
+        .map(|i| {
+            let node = nodes[i % nodes.len()];
+            let endpoints = match workload {
+                Workload::Lww => cluster.region_endpoints(cluster.region_of(node)),
+                _ => vec![cluster.endpoint(node)],
+            };
+            ClientSpec { node, endpoints }
+        })
+        .collect()
+}
+
+fn client_config() -> ClientConfig {
+    ClientConfig {
+        attempt_timeout: Duration::from_millis(1500),
+        attempts_max: 20,
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(100),
+        connect_timeout: Duration::from_millis(300),
+        request_deadline: REQUEST_DEADLINE,
+    }
+}
+
+/// Runs every client until `until`; returns when all have stopped.
+pub async fn run_clients(
+    workload: Workload,
+    specs: Vec<ClientSpec>,
+    keys: usize,
+    seed: u64,
+    recorder: Recorder,
+    until: Instant,
+) -> anyhow::Result<()> {
+    let concurrency = specs.len() as u64;
+    let next_value = Arc::new(AtomicU64::new(1));
+    let mut tasks = Vec::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        let client = Client::new(spec.endpoints.clone(), client_config())?;
+        let mut c = ClientTask {
+            workload,
+            client,
+            node: spec.node,
+            process: i as u64,
+            concurrency,
+            keys,
+            rng: StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(i as u64)),
+            recorder: recorder.clone(),
+            next_value: next_value.clone(),
+            last_seen: BTreeMap::new(),
+        };
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                c.step().await;
+                let think = Duration::from_millis(c.rng.random_range(THINK_MS));
+                tokio::time::sleep(think).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
+}
+
+struct ClientTask {
+    workload: Workload,
+    client: Client,
+    node: u64,
+    process: u64,
+    /// Process numbers advance by this after an `info`, staying unique.
+    concurrency: u64,
+    keys: usize,
+    rng: StdRng,
+    recorder: Recorder,
+    next_value: Arc<AtomicU64>,
+    /// Register: the last value this client saw per key, the `from` of its next CAS.
+    last_seen: BTreeMap<String, u64>,
+}
+
+/// Whether an error leaves a write certainly without effect.
+fn write_failed_for_sure(e: &nines_client::Error) -> bool {
+    use nines_client::Error as E;
+    matches!(e, E::Unavailable { .. } | E::InvalidArgument(_) | E::FailedPrecondition(_) | E::InvalidEndpoint { .. })
+}
+
+fn parse_u64(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+fn version_json(v: &nines_proto::v1::Version) -> Value {
+    json!({"physical_ms": v.hlc_physical_ms, "logical": v.hlc_logical, "origin": v.origin_region, "index": v.index})
+}
+
+/// A version as every region agrees on it: the log index is where *this*
+/// region applied the write, so it differs between regions and is left out.
+fn stored_version_json(v: &nines_proto::v1::Version) -> Value {
+    json!({"physical_ms": v.hlc_physical_ms, "logical": v.hlc_logical, "origin": v.origin_region})
+}
+
+impl ClientTask {
+    fn unique(&self) -> u64 {
+        self.next_value.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn step(&mut self) {
+        let start_us = self.recorder.now_us();
+        let (f, key, input, result) = match self.workload {
+            Workload::Register => self.register_op().await,
+            Workload::Set => {
+                let e = self.unique();
+                let key = format!("s/{e:010}");
+                let r = self.client.put(key.clone(), e.to_string()).await;
+                (Func::Add, key, json!(e), r.map(|v| version_json(&v)))
+            }
+            Workload::Lww => {
+                let key = format!("w{}", self.rng.random_range(0..self.keys));
+                let v = self.unique();
+                let r = self.client.put(key.clone(), v.to_string()).await;
+                (Func::Write, key, json!(v), r.map(|v| version_json(&v)))
+            }
+        };
+        let end_us = self.recorder.now_us();
+        let (outcome, output, error) = match result {
+            Ok(out) => (Outcome::Ok, out, None),
+            Err(e) => {
+                let sure = f == Func::Read || write_failed_for_sure(&e);
+                (if sure { Outcome::Fail } else { Outcome::Info }, Value::Null, Some(e.to_string()))
+            }
+        };
+        self.recorder.record(Op {
+            process: self.process,
+            f,
+            key,
+            input,
+            outcome,
+            output,
+            start_us,
+            end_us,
+            node: self.node,
+            error,
+        });
+        if outcome == Outcome::Info {
+            self.process += self.concurrency;
+        }
+    }
+
+    /// One register operation: read half the time, else a write, or a CAS
+    /// from the last value this client saw.
+    async fn register_op(&mut self) -> (Func, String, Value, nines_client::Result<Value>) {
+        let generation = self.recorder.now_us() / REGISTER_KEY_LIFETIME.as_micros() as u64;
+        let key = format!("r{generation}-{}", self.rng.random_range(0..self.keys));
+        let roll = self.rng.random_range(0..10);
+        if roll < 5 {
+            let r = self.client.get(key.clone(), Consistency::Linearizable).await;
+            let r = r.map(|resp| {
+                let v = resp.kv.and_then(|kv| parse_u64(&kv.value));
+                if let Some(v) = v {
+                    self.last_seen.insert(key.clone(), v);
+                }
+                json!(v)
+            });
+            return (Func::Read, key, Value::Null, r);
+        }
+        let to = self.unique();
+        match self.last_seen.get(&key).copied() {
+            Some(from) if roll >= 8 => {
+                let r = self.cas(&key, from, to).await;
+                (Func::Cas, key, json!([from, to]), r.map(|swapped| json!(swapped)))
+            }
+            _ => {
+                let r = self.client.put(key.clone(), to.to_string()).await;
+                (Func::Write, key, json!(to), r.map(|_| Value::Null))
+            }
+        }
+    }
+
+    /// Compare-and-swap by value, built from a linearizable read and a CAS
+    /// on the version read. Values are unique, so "the version read is still
+    /// current" is "the value is still `from`"; the operation takes effect
+    /// (or observes a mismatch) at one of its two steps, inside its interval.
+    /// A failed read step is a certain failure: nothing was proposed.
+    async fn cas(&mut self, key: &str, from: u64, to: u64) -> nines_client::Result<bool> {
+        let current = self
+            .client
+            .get(key, Consistency::Linearizable)
+            .await
+            .map_err(|e| nines_client::Error::Unavailable { attempts: 1, last: format!("cas read step: {e}") })?;
+        let Some(kv) = current.kv else { return Ok(false) };
+        if parse_u64(&kv.value) != Some(from) {
+            return Ok(false);
+        }
+        let index = kv.version.map_or(0, |v| v.index);
+        let resp = self.client.compare_and_swap(key, to.to_string(), Expect::Version(index)).await?;
+        if resp.succeeded {
+            self.last_seen.insert(key.to_string(), to);
+        }
+        Ok(resp.succeeded)
+    }
+}
+
+/// What every node holds at the end, per key: the value and its version.
+pub type NodeState = BTreeMap<String, Option<(String, Value)>>;
+
+/// The final read: polls every node with local reads until all agree or
+/// `CONVERGE_TIMEOUT` passes. Returns each node's state and whether they
+/// agreed. `keys` lists the keys to read (lww); `None` scans the set prefix.
+pub async fn final_reads(
+    cluster: &Cluster,
+    keys: Option<&BTreeSet<String>>,
+) -> anyhow::Result<(BTreeMap<u64, NodeState>, bool)> {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let mut clients = BTreeMap::new();
+    for id in cluster.ids() {
+        clients.insert(id, Client::new(vec![cluster.endpoint(id)], client_config())?);
+    }
+    loop {
+        let mut states = BTreeMap::new();
+        let mut complete = true;
+        for (id, client) in &clients {
+            match read_node(client, keys).await {
+                Ok(s) => {
+                    states.insert(*id, s);
+                }
+                Err(e) => {
+                    complete = false;
+                    if Instant::now() > deadline {
+                        anyhow::bail!("final read of node {id} failed: {e}");
+                    }
+                }
+            }
+        }
+        let first = states.values().next();
+        let agree = complete && states.values().all(|s| Some(s) == first);
+        if agree || Instant::now() > deadline {
+            return Ok((states, agree));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn read_node(client: &Client, keys: Option<&BTreeSet<String>>) -> nines_client::Result<NodeState> {
+    let mut state = NodeState::new();
+    match keys {
+        Some(keys) => {
+            for k in keys {
+                let resp = client.get(k.as_str(), Consistency::Local).await?;
+                let entry = resp.kv.map(|kv| {
+                    let v = kv.version.as_ref().map_or(Value::Null, stored_version_json);
+                    (String::from_utf8_lossy(&kv.value).into_owned(), v)
+                });
+                state.insert(k.clone(), entry);
+            }
+        }
+        None => {
+            let mut start = b"s/".to_vec();
+            loop {
+                let range = KeyRange::Range { start: start.clone(), end: b"s0".to_vec() };
+                let resp = client.scan(range, SCAN_PAGE, Consistency::Local).await?;
+                for kv in &resp.kvs {
+                    let v = kv.version.as_ref().map_or(Value::Null, stored_version_json);
+                    state.insert(
+                        String::from_utf8_lossy(&kv.key).into_owned(),
+                        Some((String::from_utf8_lossy(&kv.value).into_owned(), v)),
+                    );
+                }
+                match (resp.more, resp.kvs.last()) {
+                    (true, Some(last)) => {
+                        start = last.key.clone();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    Ok(state)
+}
