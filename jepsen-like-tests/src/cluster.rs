@@ -12,17 +12,18 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rand::SeedableRng;
 use nines::config::{ClusterConfig, Mode, NodeConfig, RegionConfig};
 use nines_client::{Client, ClientConfig, NodeInfo};
 use nines_proto::v1::SetFaultsRequest;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use rand::SeedableRng;
 
 /// Region names in the order `--regions N` uses them.
 pub const REGION_NAMES: [&str; 4] = ["us-east", "eu-west", "ap-south", "sa-east"];
@@ -73,6 +74,10 @@ pub struct Cluster {
     pub region_order: Vec<String>,
     /// One client for status probes and fault settings, of every node.
     probe: Client,
+    /// Nodes that exited without being killed: (node, exit status). A node
+    /// exits by itself only when it stops fatally (corruption, a failed
+    /// apply) or crashes, so each one is a finding.
+    pub unexpected_exits: Vec<(u64, String)>,
 }
 
 impl Drop for Cluster {
@@ -138,10 +143,7 @@ impl Cluster {
                     .iter()
                     .map(|r| RegionConfig {
                         name: r.clone(),
-                        endpoints: region_ids[r]
-                            .iter()
-                            .map(|id| format!("http://127.0.0.1:{}", ports[id].0))
-                            .collect(),
+                        endpoints: region_ids[r].iter().map(|id| format!("http://127.0.0.1:{}", ports[id].0)).collect(),
                     })
                     .collect()
             } else {
@@ -172,7 +174,8 @@ impl Cluster {
         }
         let endpoints: Vec<String> = nodes.values().map(NodeProc::endpoint).collect();
         let probe = Client::new(endpoints, probe_config())?;
-        let mut cluster = Cluster { exe, nodes, regions: region_ids, region_order, probe };
+        let mut cluster =
+            Cluster { exe, nodes, regions: region_ids, region_order, probe, unexpected_exits: Vec::new() };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
             cluster.spawn(*id)?;
@@ -211,8 +214,24 @@ impl Cluster {
         &self.nodes[&id].config.az
     }
 
+    /// Whether node `id`'s process was started and not killed. Call
+    /// [`Cluster::reap`] first to notice a process that exited by itself.
     pub fn running(&self, id: u64) -> bool {
         self.nodes[&id].child.is_some()
+    }
+
+    /// Notices nodes that exited by themselves, records them in
+    /// `unexpected_exits` and forgets their processes (so heal restarts them).
+    pub fn reap(&mut self) {
+        for (id, node) in self.nodes.iter_mut() {
+            let Some(child) = node.child.as_mut() else { continue };
+            if let Ok(Some(status)) = child.try_wait() {
+                eprintln!("node {id} exited by itself: {status}; see {}", node.log_path.display());
+                self.unexpected_exits.push((*id, status.to_string()));
+                node.child = None;
+                node.paused = false;
+            }
+        }
     }
 
     pub fn paused(&self, id: u64) -> bool {
@@ -231,7 +250,19 @@ impl Cluster {
             .append(true)
             .open(&node.log_path)
             .with_context(|| format!("opening {}", node.log_path.display()))?;
-        let child = Command::new(exe)
+        let mut command = Command::new(exe);
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only makes one async-signal-safe system call (prctl).
+        unsafe {
+            command.pre_exec(|| {
+                // If the harness dies (killed, crashed), its nodes die too
+                // instead of lingering with their ports. The signal follows
+                // the spawning thread: a runtime worker, which lives as long
+                // as the run.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = command
             .arg("node")
             .arg("--config")
             .arg(&node.config_path)
@@ -302,10 +333,7 @@ impl Cluster {
         let deadline = Instant::now() + START_TIMEOUT;
         while self.status(id).await.is_none() {
             if Instant::now() > deadline {
-                bail!(
-                    "node {id} did not serve within {START_TIMEOUT:?}; see {}",
-                    self.nodes[&id].log_path.display()
-                );
+                bail!("node {id} did not serve within {START_TIMEOUT:?}; see {}", self.nodes[&id].log_path.display());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -343,8 +371,13 @@ impl Cluster {
     /// clears every node's fault hooks. Retries clearing until it sticks
     /// (a restarted node needs a moment to serve), bounded by `timeout`.
     pub async fn heal(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.reap();
         for id in self.ids() {
-            self.signal_pause(id, false)?;
+            // A node that cannot be continued is killed: it restarts below.
+            if let Err(e) = self.signal_pause(id, false) {
+                eprintln!("{e:#}; killing node {id} instead");
+                self.kill(id);
+            }
             self.spawn(id)?;
         }
         let deadline = Instant::now() + timeout;

@@ -78,6 +78,10 @@ struct Line<'a> {
     f: Func,
     key: &'a str,
     value: &'a Value,
+    /// What came back besides a read's value: whether a CAS swapped, the
+    /// version a write got.
+    #[serde(skip_serializing_if = "Value::is_null")]
+    result: &'a Value,
     start_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     end_us: Option<u64>,
@@ -129,6 +133,7 @@ pub fn write_jsonl(ops: &[Op], path: &Path) -> anyhow::Result<()> {
             f: o.f,
             key: &o.key,
             value: &o.input,
+            result: &null,
             start_us: o.start_us,
             end_us: None,
             node: o.node,
@@ -139,13 +144,20 @@ pub fn write_jsonl(ops: &[Op], path: &Path) -> anyhow::Result<()> {
             Outcome::Fail => "fail",
             Outcome::Info => "info",
         };
-        let value = if o.output.is_null() && o.f != Func::Read { &o.input } else { &o.output };
+        // As in Jepsen, a completion's value is the value read, or for a
+        // write the value it was invoked with; what else came back (a CAS's
+        // answer, a write's version) goes in `result`.
+        let (value, result) = match o.f {
+            Func::Read => (if o.outcome == Outcome::Ok { &o.output } else { &null }, &null),
+            _ => (&o.input, &o.output),
+        };
         let done = Line {
             process: o.process,
             kind,
             f: o.f,
             key: &o.key,
-            value: if o.outcome == Outcome::Ok { value } else { &null },
+            value,
+            result,
             start_us: o.start_us,
             end_us: Some(o.end_us),
             node: o.node,

@@ -14,7 +14,8 @@
 //!
 //! Invariants:
 //! - Every fault is logged with its start and end time (run-relative).
-//! - The last window ends, healed, before the run's time is up.
+//! - A window starts only if its hold ends a second before the run's time
+//!   is up; healing it may run past that.
 //! - The same seed makes the same choices (which nodes, which variant,
 //!   how long); only which node leads at that moment can differ.
 
@@ -40,8 +41,11 @@ const FAULT_MS: std::ops::Range<u64> = 4_000..8_000;
 const QUIET_MS: std::ops::Range<u64> = 2_000..4_000;
 /// Bound on healing: restarting nodes and clearing their hooks.
 const HEAL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Extra one-way delay the `latency` nemesis adds per link (ms).
-const LATENCY_MS: std::ops::Range<u32> = 50..300;
+/// Extra one-way delay the `latency` nemesis adds per link (ms). Below the
+/// default 100 ms heartbeat: an AppendEntries RPC times out after one
+/// heartbeat interval, so a longer delay would drop every message and act
+/// as a partition rather than a slow network.
+const LATENCY_MS: std::ops::Range<u32> = 10..90;
 /// Clock offsets of the `clock` nemesis (ms, either sign): well beyond
 /// `clock_offset_max` (500 ms) at the top, so both sides of it are tried.
 const CLOCK_OFFSET_MS: std::ops::Range<i64> = 200..2_000;
@@ -116,6 +120,8 @@ pub fn parse_plan(spec: &str) -> anyhow::Result<Vec<Vec<Nemesis>>> {
 #[derive(Debug, Clone, Serialize)]
 pub struct FaultRecord {
     pub nemesis: String,
+    /// The region the fault hit; empty when it hit nodes of several.
+    pub region: String,
     /// What exactly was done, for a person.
     pub detail: String,
     pub start_us: u64,
@@ -160,11 +166,7 @@ impl Net {
                 .get(&id)
                 .map(|l| {
                     l.iter()
-                        .map(|(to, rule)| LinkFault {
-                            to_node: *to,
-                            drop: rule.is_none(),
-                            delay_ms: rule.unwrap_or(0),
-                        })
+                        .map(|(to, rule)| LinkFault { to_node: *to, drop: rule.is_none(), delay_ms: rule.unwrap_or(0) })
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -198,9 +200,9 @@ pub async fn run(
         let mut net = Net::default();
         let mut details = Vec::new();
         for n in entry {
-            let detail = apply(*n, cluster, &mut net, rng).await?;
+            let (region, detail) = apply(*n, cluster, &mut net, rng).await?;
             eprintln!("[{:>7.1}s] fault {}: {detail}", start_us as f64 / 1e6, n.name());
-            details.push((n.name(), detail));
+            details.push((n.name(), region, detail));
         }
         if !net.is_empty() {
             for id in cluster.ids() {
@@ -217,8 +219,8 @@ pub async fn run(
         cluster.heal(HEAL_TIMEOUT).await?;
         let end_us = recorder.now_us();
         eprintln!("[{:>7.1}s] healed", end_us as f64 / 1e6);
-        for (name, detail) in details {
-            faults.push(FaultRecord { nemesis: name.to_string(), detail, start_us, end_us });
+        for (name, region, detail) in details {
+            faults.push(FaultRecord { nemesis: name.to_string(), region, detail, start_us, end_us });
         }
         let next = Instant::now() + quiet;
         if next >= until {
@@ -244,8 +246,13 @@ async fn pick_node(cluster: &Cluster, region: &str, rng: &mut StdRng) -> u64 {
 }
 
 /// Applies one nemesis: process faults at once, network faults into `net`.
-/// Returns what it did.
-async fn apply(nemesis: Nemesis, cluster: &mut Cluster, net: &mut Net, rng: &mut StdRng) -> anyhow::Result<String> {
+/// Returns the region it hit (empty for several) and what it did.
+async fn apply(
+    nemesis: Nemesis,
+    cluster: &mut Cluster,
+    net: &mut Net,
+    rng: &mut StdRng,
+) -> anyhow::Result<(String, String)> {
     let region = pick_region(cluster, rng);
     let ids = cluster.regions[&region].clone();
     let nemesis = if nemesis == Nemesis::Partition {
@@ -287,7 +294,7 @@ async fn apply(nemesis: Nemesis, cluster: &mut Cluster, net: &mut Net, rng: &mut
         }
         Nemesis::PartitionLeader => {
             let Some(leader) = cluster.leader_of(&region).await else {
-                return Ok(format!("partition-leader: {region} has no leader; nothing cut"));
+                return Ok((region.clone(), format!("partition-leader: {region} has no leader; nothing cut")));
             };
             for b in ids.iter().filter(|b| **b != leader) {
                 net.cut_both(leader, *b);
@@ -325,7 +332,7 @@ async fn apply(nemesis: Nemesis, cluster: &mut Cluster, net: &mut Net, rng: &mut
         }
         Nemesis::PartitionOneWay => {
             let Some(leader) = cluster.leader_of(&region).await else {
-                return Ok(format!("partition-one-way: {region} has no leader; nothing cut"));
+                return Ok((region.clone(), format!("partition-one-way: {region} has no leader; nothing cut")));
             };
             for b in ids.iter().filter(|b| **b != leader) {
                 net.cut(leader, *b);
@@ -334,7 +341,7 @@ async fn apply(nemesis: Nemesis, cluster: &mut Cluster, net: &mut Net, rng: &mut
         }
         Nemesis::PartitionRegion => {
             if cluster.region_order.len() < 2 {
-                return Ok("partition-region: one region only; nothing cut".into());
+                return Ok((region, "partition-region: one region only; nothing cut".into()));
             }
             let others: Vec<String> = cluster.region_order.iter().filter(|r| **r != region).cloned().collect();
             for id in cluster.ids() {
@@ -389,7 +396,9 @@ async fn apply(nemesis: Nemesis, cluster: &mut Cluster, net: &mut Net, rng: &mut
         }
         Nemesis::Partition => unreachable!("replaced by a variant above"),
     };
-    Ok(detail)
+    // Latency and clock faults touch every region.
+    let hit = if matches!(nemesis, Nemesis::Latency | Nemesis::Clock) { String::new() } else { region };
+    Ok((hit, detail))
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //!   In milliseconds: for each lost write, how long before the next fault
 //!   began it was acknowledged; the largest such age.
 //! - RTO per fault: from the fault's start to the end of the first
-//!   acknowledged write that was invoked after it started.
+//!   acknowledged write (or swapping CAS) invoked after it started, sent to
+//!   a node of the region the fault hit.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -15,7 +16,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::checker::Validity;
-use crate::history::{Op, Outcome};
+use crate::history::{Func, Op, Outcome};
 use crate::nemesis::FaultRecord;
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,14 +33,23 @@ pub struct FaultReport {
     pub rto_ms: Option<f64>,
 }
 
-/// RTO per fault (see the module doc).
-pub fn rto(history: &[Op], faults: &[FaultRecord]) -> Vec<FaultReport> {
+/// Whether an operation changed state for sure: an acknowledged write or
+/// add, or a CAS that swapped (a CAS that did not swap wrote nothing).
+fn wrote(o: &Op) -> bool {
+    o.outcome == Outcome::Ok && (matches!(o.f, Func::Write | Func::Add) || (o.f == Func::Cas && o.output == true))
+}
+
+/// RTO per fault (see the module doc). Only writes sent to nodes of the
+/// region a fault hit count: other regions never stopped taking writes.
+/// `region_of` maps a node id to its region.
+pub fn rto(history: &[Op], faults: &[FaultRecord], region_of: &dyn Fn(u64) -> String) -> Vec<FaultReport> {
     faults
         .iter()
         .map(|f| {
             let first = history
                 .iter()
-                .filter(|o| o.is_write() && o.outcome == Outcome::Ok && o.start_us >= f.start_us)
+                .filter(|o| wrote(o) && o.start_us >= f.start_us)
+                .filter(|o| f.region.is_empty() || region_of(o.node) == f.region)
                 .map(|o| o.end_us)
                 .min();
             FaultReport { fault: f.clone(), rto_ms: first.map(|end| (end - f.start_us) as f64 / 1000.0) }
@@ -107,7 +117,12 @@ pub fn plot_latency(history: &[Op], faults: &[FaultRecord], seconds: f64, path: 
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..seconds, (y.0..y.1).log_scale())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart.configure_mesh().x_desc("time since start (s)").y_desc("latency (ms)").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("time since start (s)")
+        .y_desc("latency (ms)")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     shade_faults(&mut chart, faults, y)?;
     for outcome in [Outcome::Ok, Outcome::Info, Outcome::Fail] {
         let color = outcome_color(outcome);
@@ -135,10 +150,14 @@ pub fn plot_latency(history: &[Op], faults: &[FaultRecord], seconds: f64, path: 
 
 /// Completed operations per second, per outcome.
 pub fn plot_throughput(history: &[Op], faults: &[FaultRecord], seconds: f64, path: &Path) -> anyhow::Result<()> {
-    let buckets = seconds.ceil().max(1.0) as usize;
+    // Whole seconds only: a last, partial second would read as a drop.
+    let buckets = seconds.floor().max(1.0) as usize;
     let mut per: [Vec<f64>; 3] = [vec![0.0; buckets], vec![0.0; buckets], vec![0.0; buckets]];
     for o in history {
-        let b = ((o.end_us / 1_000_000) as usize).min(buckets - 1);
+        let b = (o.end_us / 1_000_000) as usize;
+        if b >= buckets {
+            continue;
+        }
         let i = match o.outcome {
             Outcome::Ok => 0,
             Outcome::Info => 1,

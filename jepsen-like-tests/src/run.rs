@@ -120,15 +120,14 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     });
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let out = args.out.clone().unwrap_or_else(|| {
-        let nemesis: String = args.nemesis.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let nemesis: String =
+            args.nemesis.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         PathBuf::from("target/jepsen").join(format!("{stamp}-{}-{nemesis}-s{seed}", args.workload.name()))
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let command = args.command(seed, regions);
     eprintln!("run: {command}\nresults: {}", out.display());
 
-    let exe = std::env::current_exe().context("finding this executable to start nodes with")?;
-    let mut cluster = Cluster::start(&out, exe, regions, args.azs, args.planted_bug_local_reads).await?;
     let used_nodes = match args.workload {
         Workload::Register => args.azs,
         _ => args.azs * regions,
@@ -137,6 +136,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     if concurrency == 0 || concurrency > CONCURRENCY_MAX {
         bail!("--concurrency must be 1..={CONCURRENCY_MAX}, got {concurrency}");
     }
+    let exe = std::env::current_exe().context("finding this executable to start nodes with")?;
+    let mut cluster = Cluster::start(&out, exe, regions, args.azs, args.planted_bug_local_reads).await?;
 
     let began = Instant::now();
     let until = began + time;
@@ -188,14 +189,31 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
             details.insert("convergence".into(), serde_json::to_value(&r)?);
         }
     }
+    // A node that exited by itself stopped fatally or crashed: a finding.
+    cluster.reap();
+    if cluster.unexpected_exits.is_empty() {
+        checkers.push(("nodes", Validity::Valid, "no node exited by itself".into()));
+    } else {
+        let exits: Vec<String> = cluster.unexpected_exits.iter().map(|(id, s)| format!("node {id}: {s}")).collect();
+        checkers.push((
+            "nodes",
+            Validity::Invalid,
+            format!("exited by themselves (see their logs): {}", exits.join(", ")),
+        ));
+    }
     // A run in which no write succeeded proves nothing.
     let writes_ok = ops.iter().filter(|o| o.is_write() && o.outcome == history::Outcome::Ok).count();
     let stats = if writes_ok == 0 { Validity::Unknown } else { Validity::Valid };
-    checkers.push(("stats", stats, format!("{writes_ok} acknowledged writes, {} ok, {} fail, {} info", counts.ok, counts.fail, counts.info)));
+    checkers.push((
+        "stats",
+        stats,
+        format!("{writes_ok} acknowledged writes, {} ok, {} fail, {} info", counts.ok, counts.fail, counts.info),
+    ));
     let valid = checkers.iter().fold(Validity::Valid, |v, (_, c, _)| v.and(*c));
 
     let rpo: Rpo = report::rpo(&ops, &lost, &faults);
-    let fault_reports = report::rto(&ops, &faults);
+    let region_of = |id: u64| cluster.nodes.get(&id).map_or(String::new(), |n| n.config.region.clone());
+    let fault_reports = report::rto(&ops, &faults, &region_of);
     let results = json!({
         "valid": valid,
         "run": {

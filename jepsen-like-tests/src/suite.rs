@@ -51,11 +51,15 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
     let workloads: Vec<Workload> = args
         .workloads
         .split(',')
-        .map(|w| <Workload as clap::ValueEnum>::from_str(w.trim(), false).map_err(|e| anyhow::anyhow!("workload {w:?}: {e}")))
+        .map(|w| {
+            <Workload as clap::ValueEnum>::from_str(w.trim(), false).map_err(|e| anyhow::anyhow!("workload {w:?}: {e}"))
+        })
         .collect::<anyhow::Result<_>>()?;
     let nemeses: Vec<String> = match &args.nemeses {
         Some(n) => n.split(',').map(|s| s.trim().to_string()).collect(),
-        None => NAMES.iter().map(|(n, _)| n.to_string()).chain(["kill+partition".into(), "pause+clock".into()]).collect(),
+        None => {
+            NAMES.iter().map(|(n, _)| n.to_string()).chain(["kill+partition".into(), "pause+clock".into()]).collect()
+        }
     };
     for n in &nemeses {
         crate::nemesis::parse_plan(n)?;
@@ -102,7 +106,12 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
                 }
                 Err(e) => {
                     worst = worst.and(Validity::Unknown);
-                    let _ = writeln!(table, "| {} | {n} | run failed: {} | | | | |", w.name(), format!("{e:#}").replace('|', "/"));
+                    let _ = writeln!(
+                        table,
+                        "| {} | {n} | run failed: {} | | | | |",
+                        w.name(),
+                        format!("{e:#}").replace('|', "/")
+                    );
                 }
             }
             // Written after every run, so an interrupted suite keeps its rows.

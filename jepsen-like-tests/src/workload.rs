@@ -300,24 +300,27 @@ pub async fn final_reads(
     }
     loop {
         let mut states = BTreeMap::new();
-        let mut complete = true;
+        let mut unread = None;
         for (id, client) in &clients {
             match read_node(client, keys).await {
                 Ok(s) => {
                     states.insert(*id, s);
                 }
-                Err(e) => {
-                    complete = false;
-                    if Instant::now() > deadline {
-                        anyhow::bail!("final read of node {id} failed: {e}");
-                    }
-                }
+                Err(e) => unread = Some(format!("final read of node {id} failed: {e}")),
             }
         }
         let first = states.values().next();
-        let agree = complete && states.values().all(|s| Some(s) == first);
-        if agree || Instant::now() > deadline {
-            return Ok((states, agree));
+        let agree = unread.is_none() && states.values().all(|s| Some(s) == first);
+        if agree {
+            return Ok((states, true));
+        }
+        if Instant::now() > deadline {
+            // Never a partial answer: a node that cannot be read is not a
+            // node that lost the data.
+            if let Some(why) = unread {
+                anyhow::bail!("{why} (after {CONVERGE_TIMEOUT:?})");
+            }
+            return Ok((states, false));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -10,13 +10,13 @@
 //!   forwarded client requests). A one-way cut is one rule; a two-way cut is
 //!   a rule on each side. Answers to the peer's own requests still flow, as
 //!   they ride on the peer's connection.
-//! - Each `set` replaces every fault at once, so a test never sees a mix of
-//!   an old and a new fault set.
+//! - Each `set` replaces every fault, after checking all of them: a refused
+//!   request changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::error::Error;
 use crate::hlc::{PhysicalClock, WallClock};
@@ -115,7 +115,10 @@ impl Faults {
             )));
         }
         if links.len() > LINK_RULES_MAX {
-            return Err(Error::invalid(format!("{} link rules; limit LINK_RULES_MAX is {LINK_RULES_MAX}", links.len())));
+            return Err(Error::invalid(format!(
+                "{} link rules; limit LINK_RULES_MAX is {LINK_RULES_MAX}",
+                links.len()
+            )));
         }
         for (to, rule) in &links {
             if let LinkRule::Delay(d) = rule

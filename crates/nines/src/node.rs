@@ -333,7 +333,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     };
 
     let channels = Channels::default();
-    let network = NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone(), faults.clone());
+    let network =
+        NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone(), faults.clone());
     let raft = Raft::new(config.id, raft_config, network, log_store, state_machine).await.context("starting raft")?;
     let (fatal, mut fatal_rx) = tokio::sync::watch::channel(None);
     let (proposals, proposal_queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);

@@ -763,12 +763,13 @@ fn explain(key: &str, prefix: &str, items: &[Item<'_>], failure: Option<&Failure
     Explanation { key: key.to_string(), message, ops }
 }
 
-/// A one-line description of an operation, e.g. `read by process 4 at [1.200 ms, 1.250 ms] returned
-/// Some(7)`.
+/// Microseconds as milliseconds, e.g. `1.200 ms`.
 fn ms(us: u64) -> String {
     format!("{}.{:03} ms", us / 1000, us % 1000)
 }
 
+/// A one-line description of an operation, e.g. `read by process 4 at [1.200 ms, 1.250 ms] returned
+/// Some(7)`.
 fn describe(op: &Operation) -> String {
     let what = match op.call {
         Call::Read => "read".to_string(),
@@ -860,7 +861,11 @@ mod tests {
         let e = explanation(check(&h));
         assert_eq!(e.ops[0], 3, "{e:?}");
         assert_eq!(e.key, "");
-        assert!(e.message.contains("op #3, read by process 3 at [0.040 ms, 0.050 ms] returned Some(1)"), "{}", e.message);
+        assert!(
+            e.message.contains("op #3, read by process 3 at [0.040 ms, 0.050 ms] returned Some(1)"),
+            "{}",
+            e.message
+        );
         assert!(e.message.contains("(2 of 3 ops) ends with value Some(2)"), "{}", e.message);
     }
 

@@ -254,7 +254,8 @@ pub struct LwwResult {
 pub fn lww(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -> LwwResult {
     let writes: Vec<&Op> = history.iter().filter(|o| o.f == Func::Write && o.outcome != Outcome::Fail).collect();
     let keys: BTreeSet<&str> = writes.iter().map(|o| o.key.as_str()).collect();
-    let (mut diverged, mut lost_keys, mut unexpected, mut lost_writes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut diverged, mut lost_keys, mut unexpected, mut lost_writes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for key in &keys {
         let mut finals_of_key: Vec<Option<&(String, Value)>> = Vec::new();
         for f in finals.values().map(|s| s.get(*key).and_then(|e| e.as_ref())) {
@@ -278,13 +279,16 @@ pub fn lww(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -
                 }
                 continue;
             };
-            let written = writes.iter().any(|o| o.key == *key && o.input.as_u64().map(|v| v.to_string()) == Some(value.clone()));
+            let written =
+                writes.iter().any(|o| o.key == *key && o.input.as_u64().map(|v| v.to_string()) == Some(value.clone()));
             if !written {
-                unexpected.push(LwwKey { key: key.to_string(), problem: format!("final value {value:?} was never written") });
+                unexpected
+                    .push(LwwKey { key: key.to_string(), problem: format!("final value {value:?} was never written") });
                 continue;
             }
             let Some(final_order) = lww_order(version) else {
-                unexpected.push(LwwKey { key: key.to_string(), problem: format!("final version {version} unreadable") });
+                unexpected
+                    .push(LwwKey { key: key.to_string(), problem: format!("final version {version} unreadable") });
                 continue;
             };
             let newer: Vec<&(&Op, LwwOrder)> = acked.iter().filter(|(_, v)| *v > final_order).collect();
@@ -415,7 +419,8 @@ mod tests {
 
     #[test]
     fn lww_nodes_that_disagree_or_hold_unwritten_values_are_invalid() {
-        let h = vec![lww_write("w0", 1, Outcome::Ok, 100, "us-east"), lww_write("w0", 2, Outcome::Info, 200, "eu-west")];
+        let h =
+            vec![lww_write("w0", 1, Outcome::Ok, 100, "us-east"), lww_write("w0", 2, Outcome::Info, 200, "eu-west")];
         let a = lww_state(&[("w0", 1, 100, "us-east")]);
         let b = lww_state(&[("w0", 2, 200, "eu-west")]);
         let r = lww(&h, &BTreeMap::from([(1, a), (2, b.clone())]), false);
