@@ -61,6 +61,7 @@ pub enum Nemesis {
     PartitionRing,
     PartitionAz,
     PartitionRegion,
+    PartitionRegionOneWay,
     PartitionOneWay,
     Latency,
     Clock,
@@ -69,7 +70,7 @@ pub enum Nemesis {
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 13] = [
+pub const NAMES: [(&str, Nemesis); 14] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -78,6 +79,7 @@ pub const NAMES: [(&str, Nemesis); 13] = [
     ("partition-ring", Nemesis::PartitionRing),
     ("partition-az", Nemesis::PartitionAz),
     ("partition-region", Nemesis::PartitionRegion),
+    ("partition-region-one-way", Nemesis::PartitionRegionOneWay),
     ("partition-one-way", Nemesis::PartitionOneWay),
     ("latency", Nemesis::Latency),
     ("clock", Nemesis::Clock),
@@ -134,6 +136,8 @@ pub struct FaultRecord {
 struct Net {
     links: BTreeMap<u64, BTreeMap<u64, Option<u32>>>,
     blocked: BTreeMap<u64, BTreeSet<String>>,
+    /// Regions a node does not ship to (one-way region cuts).
+    send_blocked: BTreeMap<u64, BTreeSet<String>>,
     clock: BTreeMap<u64, i64>,
 }
 
@@ -148,18 +152,28 @@ impl Net {
         self.cut(b, a);
     }
 
+    /// Cuts every link between a node of `side` and a node of `other`, both ways.
+    fn cut_between(&mut self, side: &[u64], other: &[u64]) {
+        for a in side {
+            for b in other.iter().filter(|b| !side.contains(b)) {
+                self.cut_both(*a, *b);
+            }
+        }
+    }
+
     /// Delays what `from` sends to `to`, unless that link is cut.
     fn delay(&mut self, from: u64, to: u64, ms: u32) {
         self.links.entry(from).or_default().entry(to).or_insert(Some(ms));
     }
 
     fn is_empty(&self) -> bool {
-        self.links.is_empty() && self.blocked.is_empty() && self.clock.is_empty()
+        self.links.is_empty() && self.blocked.is_empty() && self.send_blocked.is_empty() && self.clock.is_empty()
     }
 
     fn request(&self, id: u64) -> SetFaultsRequest {
         SetFaultsRequest {
             blocked_regions: self.blocked.get(&id).map(|b| b.iter().cloned().collect()).unwrap_or_default(),
+            send_blocked_regions: self.send_blocked.get(&id).map(|b| b.iter().cloned().collect()).unwrap_or_default(),
             clock_offset_ms: self.clock.get(&id).copied().unwrap_or(0),
             links: self
                 .links
@@ -196,12 +210,10 @@ pub async fn run(
             break;
         }
         let entry = &plan[rng.random_range(0..plan.len())];
-        let start_us = recorder.now_us();
         let mut net = Net::default();
         let mut details = Vec::new();
         for n in entry {
             let (region, detail) = apply(*n, cluster, &mut net, rng).await?;
-            eprintln!("[{:>7.1}s] fault {}: {detail}", start_us as f64 / 1e6, n.name());
             details.push((n.name(), region, detail));
         }
         if !net.is_empty() {
@@ -214,6 +226,12 @@ pub async fn run(
                     }
                 }
             }
+        }
+        // The fault starts once all of it is in place: an operation that
+        // began before the last rule was set may not have met the fault.
+        let start_us = recorder.now_us();
+        for (name, _, detail) in &details {
+            eprintln!("[{:>7.1}s] fault {name}: {detail}", start_us as f64 / 1e6);
         }
         tokio::time::sleep(hold).await;
         cluster.heal(HEAL_TIMEOUT).await?;
@@ -265,6 +283,7 @@ async fn apply(
         ];
         if cluster.region_order.len() > 1 {
             variants.push(Nemesis::PartitionRegion);
+            variants.push(Nemesis::PartitionRegionOneWay);
         }
         variants[rng.random_range(0..variants.len())]
     } else {
@@ -285,20 +304,14 @@ async fn apply(
             let mut shuffled = ids.clone();
             shuffled.shuffle(rng);
             let (minority, majority) = shuffled.split_at(ids.len() / 2);
-            for a in minority {
-                for b in majority {
-                    net.cut_both(*a, *b);
-                }
-            }
+            net.cut_between(minority, majority);
             format!("partition-halves in {region}: {minority:?} | {majority:?}")
         }
         Nemesis::PartitionLeader => {
             let Some(leader) = cluster.leader_of(&region).await else {
                 return Ok((region.clone(), format!("partition-leader: {region} has no leader; nothing cut")));
             };
-            for b in ids.iter().filter(|b| **b != leader) {
-                net.cut_both(leader, *b);
-            }
+            net.cut_between(&[leader], &ids);
             format!("partition-leader: node {leader} (leader of {region}) cut off from the rest of {region}")
         }
         Nemesis::PartitionRing => {
@@ -323,11 +336,7 @@ async fn apply(
         Nemesis::PartitionAz => {
             let az = cluster.az_of(ids[rng.random_range(0..ids.len())]).to_string();
             let inside: Vec<u64> = ids.iter().copied().filter(|id| cluster.az_of(*id) == az).collect();
-            for a in &inside {
-                for b in ids.iter().filter(|b| !inside.contains(b)) {
-                    net.cut_both(*a, *b);
-                }
-            }
+            net.cut_between(&inside, &ids);
             format!("partition-az: AZ {az} (nodes {inside:?}) cut off from the rest of {region}")
         }
         Nemesis::PartitionOneWay => {
@@ -352,6 +361,16 @@ async fn apply(
                 }
             }
             format!("partition-region: {region} cut off from {others:?} (replication both ways)")
+        }
+        Nemesis::PartitionRegionOneWay => {
+            if cluster.region_order.len() < 2 {
+                return Ok((region, "partition-region-one-way: one region only; nothing cut".into()));
+            }
+            let others: Vec<String> = cluster.region_order.iter().filter(|r| **r != region).cloned().collect();
+            for id in cluster.regions[&region].clone() {
+                net.send_blocked.entry(id).or_default().extend(others.iter().cloned());
+            }
+            format!("partition-region-one-way: {region}'s writes do not reach {others:?}; theirs still reach {region}")
         }
         Nemesis::Latency => {
             let mut added = Vec::new();
@@ -422,6 +441,17 @@ mod tests {
         assert!(e.contains("\"explode\""), "{e}");
         assert!(parse_plan("kill+kill").is_err());
         assert!(parse_plan("").is_err());
+    }
+
+    #[test]
+    fn cutting_a_node_off_cuts_both_directions_and_never_a_self_link() {
+        let mut net = Net::default();
+        net.cut_between(&[1], &[1, 2, 3]);
+        let drops =
+            |id: u64| -> Vec<u64> { net.request(id).links.iter().filter(|l| l.drop).map(|l| l.to_node).collect() };
+        assert_eq!(drops(1), vec![2, 3]);
+        assert_eq!(drops(2), vec![1]);
+        assert_eq!(drops(3), vec![1]);
     }
 
     #[test]

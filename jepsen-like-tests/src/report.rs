@@ -96,6 +96,23 @@ where
     Ok(())
 }
 
+/// The legend box, top right, the same on every plot.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
 fn outcome_color(o: Outcome) -> RGBColor {
     match o {
         Outcome::Ok => RGBColor(33, 113, 181),
@@ -137,13 +154,7 @@ pub fn plot_latency(history: &[Op], faults: &[FaultRecord], seconds: f64, path: 
             .label(format!("{outcome:?}").to_lowercase())
             .legend(move |(x, y)| Circle::new((x + 6, y), 4, color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    draw_legend(&mut chart)?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
@@ -186,13 +197,7 @@ pub fn plot_throughput(history: &[Op], faults: &[FaultRecord], seconds: f64, pat
             .label(format!("{outcome:?}").to_lowercase())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    draw_legend(&mut chart)?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

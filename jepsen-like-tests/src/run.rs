@@ -35,7 +35,8 @@ pub struct RunArgs {
     /// Faults, e.g. `kill,partition` (one per window, at random) or
     /// `kill+partition` (together). `none` for no faults. Names: kill, pause,
     /// partition, partition-halves, partition-leader, partition-ring,
-    /// partition-az, partition-region, partition-one-way, latency, clock,
+    /// partition-az, partition-region, partition-region-one-way,
+    /// partition-one-way, latency, clock,
     /// az-loss, region-loss.
     #[arg(long, default_value = "none")]
     pub nemesis: String,

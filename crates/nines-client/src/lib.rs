@@ -207,6 +207,16 @@ impl Client {
         *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.to_string());
     }
 
+    /// Moves the preference off `addr` (to the next endpoint) if it is
+    /// the preferred one.
+    fn avoid(&self, addr: &str) {
+        let next = self.next_endpoint(addr);
+        let mut preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+        if preferred.as_deref().is_none_or(|p| p == addr) {
+            *preferred = Some(next);
+        }
+    }
+
     fn next_endpoint(&self, after: &str) -> String {
         let i = self.endpoints.iter().position(|e| e == after).map(|i| i + 1).unwrap_or(0);
         self.endpoints[i % self.endpoints.len()].clone()
@@ -251,7 +261,17 @@ impl Client {
             last = format!("{target}: {}", status.message());
             match retry::classify(&status) {
                 Retry::Final => return Err(Error::from_final(&status)),
-                Retry::Unsafe if !idempotent => return Err(Error::Indeterminate(last)),
+                Retry::Unsafe if !idempotent => {
+                    // The next request should not start at a node that just
+                    // hung up or went silent (paused, cut off): it would
+                    // cost every caller an attempt timeout until the node
+                    // came back. A healthy node that was merely slow costs
+                    // one forwarded hop instead.
+                    if retry::leader_hint(&status).is_none() {
+                        self.avoid(&target);
+                    }
+                    return Err(Error::Indeterminate(last));
+                }
                 Retry::Unsafe | Retry::Safe => {}
             }
             tracing::debug!(attempt, %target, error = %status.message(), "retrying");
@@ -407,7 +427,8 @@ impl Client {
         blocked_regions: Vec<String>,
         clock_offset_ms: i64,
     ) -> Result<()> {
-        self.set_all_faults_on(endpoint, SetFaultsRequest { blocked_regions, clock_offset_ms, links: Vec::new() }).await
+        self.set_all_faults_on(endpoint, SetFaultsRequest { blocked_regions, clock_offset_ms, ..Default::default() })
+            .await
     }
 
     /// Replaces every fault on one node, link rules included (test only).
@@ -415,5 +436,29 @@ impl Client {
         let channel = self.channel(endpoint)?;
         Self::region(channel).set_faults(req).await.map_err(|s| Error::from_final(&s))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Channels are created lazily, but tonic still wants a runtime around.
+    #[tokio::test]
+    async fn a_node_that_failed_a_write_is_no_longer_tried_first() {
+        let endpoints: Vec<String> = (1..=3).map(|i| format!("http://127.0.0.1:{i}")).collect();
+        let c = Client::new(endpoints.clone(), ClientConfig::default()).unwrap();
+        assert_eq!(c.first_target(), endpoints[0]);
+        c.avoid(&endpoints[0]);
+        assert_eq!(c.first_target(), endpoints[1]);
+        // Avoiding a node that is not preferred leaves the preference alone.
+        c.avoid(&endpoints[0]);
+        assert_eq!(c.first_target(), endpoints[1]);
+        c.avoid(&endpoints[2]);
+        assert_eq!(c.first_target(), endpoints[1]);
+        // The last endpoint wraps around to the first.
+        c.set_preferred(&endpoints[2]);
+        c.avoid(&endpoints[2]);
+        assert_eq!(c.first_target(), endpoints[0]);
     }
 }

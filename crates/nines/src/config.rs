@@ -384,6 +384,7 @@ mod tests {
             ("[raft]\nelection_timeout_min = \"50ms\"", "`raft.election_timeout_min`"),
             ("[raft]\nelection_timeout_max = \"100ms\"", "`raft.election_timeout_max`"),
             ("log_format = \"xml\"", "`log_format`"),
+            ("planted_bug_local_reads = true", "`planted_bug_local_reads`"),
             ("[cluster]\nmode = \"active-passive\"", "`cluster.primary`"),
             ("[[cluster.regions]]\nname = \"other\"\nendpoints = [\"http://h:1\"]", "`cluster.regions`"),
             ("[[cluster.regions]]\nname = \"local\"\nendpoints = [\"h:1\"]", "`cluster.regions`"),

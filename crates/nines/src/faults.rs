@@ -1,6 +1,6 @@
 //! Fault hooks for tests: drop replication traffic to and from chosen
-//! regions, drop or delay this node's traffic to chosen peers of its region,
-//! and offset this node's physical clock.
+//! regions (or only to them), drop or delay this node's traffic to chosen
+//! peers of its region, and offset this node's physical clock.
 //!
 //! Invariants:
 //! - The hooks exist in every build but act only when the node was started
@@ -33,6 +33,18 @@ pub const LINK_DELAY_MS_MAX: u32 = 60_000;
 /// and a region has at most `INIT_MEMBERS_MAX` voters plus learners.
 pub const LINK_RULES_MAX: usize = 64;
 
+/// Every fault of a node at once; `Faults::set` replaces them all.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FaultSet {
+    /// Regions whose replication traffic to and from this node is dropped.
+    pub blocked_regions: Vec<String>,
+    /// Regions this node does not ship to; their shipments still arrive.
+    pub send_blocked_regions: Vec<String>,
+    pub clock_offset_ms: i64,
+    /// (peer node id, rule) pairs.
+    pub links: Vec<(u64, LinkRule)>,
+}
+
 /// What happens to traffic from this node to one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkRule {
@@ -50,6 +62,8 @@ pub struct Faults {
     local_reads: bool,
     /// `std::sync::RwLock`: read on every shipment, never held across `.await`.
     blocked: RwLock<BTreeSet<String>>,
+    /// Regions this node does not ship to. Same lock discipline as `blocked`.
+    send_blocked: RwLock<BTreeSet<String>>,
     /// Peer node id -> rule. Same lock discipline as `blocked`.
     links: RwLock<BTreeMap<u64, LinkRule>>,
     clock_offset_ms: Arc<AtomicI64>,
@@ -62,6 +76,7 @@ impl Faults {
             enabled,
             local_reads: enabled && local_reads,
             blocked: RwLock::new(BTreeSet::new()),
+            send_blocked: RwLock::new(BTreeSet::new()),
             links: RwLock::new(BTreeMap::new()),
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
         }
@@ -97,13 +112,16 @@ impl Faults {
         self.enabled && self.blocked.read().unwrap_or_else(|p| p.into_inner()).contains(region)
     }
 
-    /// Replaces the active faults. `links` are (peer node id, rule) pairs.
-    pub fn set(
-        &self,
-        blocked_regions: Vec<String>,
-        clock_offset_ms: i64,
-        links: Vec<(u64, LinkRule)>,
-    ) -> Result<(), Error> {
+    /// Whether this node's shipments to `region` are dropped: traffic with
+    /// it is blocked both ways, or just this way.
+    pub fn sends_blocked(&self, region: &str) -> bool {
+        self.region_blocked(region)
+            || (self.enabled && self.send_blocked.read().unwrap_or_else(|p| p.into_inner()).contains(region))
+    }
+
+    /// Replaces the active faults.
+    pub fn set(&self, faults: FaultSet) -> Result<(), Error> {
+        let FaultSet { blocked_regions, send_blocked_regions, clock_offset_ms, links } = faults;
         if !self.enabled {
             return Err(Error::FailedPrecondition(
                 "fault injection is disabled on this node; it is a test-only setting (fault_injection = true)".into(),
@@ -129,8 +147,9 @@ impl Faults {
                 )));
             }
         }
-        tracing::warn!(?blocked_regions, clock_offset_ms, ?links, "fault injection: faults set");
+        tracing::warn!(?blocked_regions, ?send_blocked_regions, clock_offset_ms, ?links, "fault injection: faults set");
         *self.blocked.write().unwrap_or_else(|p| p.into_inner()) = blocked_regions.into_iter().collect();
+        *self.send_blocked.write().unwrap_or_else(|p| p.into_inner()) = send_blocked_regions.into_iter().collect();
         *self.links.write().unwrap_or_else(|p| p.into_inner()) = links.into_iter().collect();
         self.clock_offset_ms.store(clock_offset_ms, Ordering::SeqCst);
         Ok(())
@@ -157,25 +176,35 @@ mod tests {
     fn faults_are_refused_unless_enabled() {
         let off = Faults::new(false, true);
         assert!(!off.serves_reads_locally());
-        assert!(off.set(vec!["eu".into()], 1000, vec![(2, LinkRule::Drop)]).is_err());
+        let faults = FaultSet {
+            blocked_regions: vec!["eu".into()],
+            send_blocked_regions: vec!["ap".into()],
+            clock_offset_ms: 5_000,
+            links: vec![(2, LinkRule::Drop), (3, LinkRule::Delay(Duration::from_millis(50)))],
+        };
+        assert!(off.set(faults.clone()).is_err());
         assert!(!off.region_blocked("eu"));
+        assert!(!off.sends_blocked("ap"));
         assert_eq!(off.link(2), None);
         let on = Faults::new(true, false);
         assert!(!on.serves_reads_locally());
-        on.set(vec!["eu".into()], 5_000, vec![(2, LinkRule::Drop), (3, LinkRule::Delay(Duration::from_millis(50)))])
-            .unwrap();
+        on.set(faults).unwrap();
         assert!(on.region_blocked("eu"));
+        assert!(on.sends_blocked("eu"), "a two-way block blocks sending too");
+        assert!(on.sends_blocked("ap"));
+        assert!(!on.region_blocked("ap"), "a one-way block lets the region's shipments in");
         assert_eq!(on.link(2), Some(LinkRule::Drop));
         assert_eq!(on.link(3), Some(LinkRule::Delay(Duration::from_millis(50))));
         assert_eq!(on.link(4), None);
         assert!(on.clock().now_ms() >= WallClock.now_ms() + 4_000);
-        assert!(on.set(vec![], CLOCK_OFFSET_MS_MAX + 1, vec![]).is_err());
+        assert!(on.set(FaultSet { clock_offset_ms: CLOCK_OFFSET_MS_MAX + 1, ..FaultSet::default() }).is_err());
         let too_long = Duration::from_millis(u64::from(LINK_DELAY_MS_MAX) + 1);
-        assert!(on.set(vec![], 0, vec![(2, LinkRule::Delay(too_long))]).is_err());
+        assert!(on.set(FaultSet { links: vec![(2, LinkRule::Delay(too_long))], ..FaultSet::default() }).is_err());
         // A refused set changes nothing; a later set replaces everything.
         assert_eq!(on.link(2), Some(LinkRule::Drop));
-        on.set(vec![], 0, vec![]).unwrap();
+        on.set(FaultSet::default()).unwrap();
         assert_eq!(on.link(2), None);
         assert!(!on.region_blocked("eu"));
+        assert!(!on.sends_blocked("ap"));
     }
 }

@@ -187,7 +187,7 @@ async fn ship_to(shared: Arc<Shared>, peer: RegionConfig, mut stop: watch::Recei
                 _ = tokio::time::sleep(SHIP_IDLE) => {}
             }
         };
-        if shared.check_leader().is_err() || shared.faults.region_blocked(&peer.name) {
+        if shared.check_leader().is_err() || shared.faults.sends_blocked(&peer.name) {
             cursor = None;
             pause.await;
             continue;
@@ -336,6 +336,12 @@ async fn resync_once(shared: &Arc<Shared>, epoch: u64) -> Result<(), Error> {
         .find(|p| p.name == primary)
         .cloned()
         .ok_or_else(|| Error::Internal(format!("primary {primary} is not a peer region")))?;
+    if shared.faults.region_blocked(&primary) {
+        return Err(Error::Unavailable {
+            reason: format!("traffic with region {primary} is blocked (fault injection)"),
+            retry_safe: true,
+        });
+    }
     let client = region_client(&region)?;
     let records: Vec<_> = shared
         .reader

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use super::{forward, hops};
 use crate::config::Mode;
 use crate::error::Error;
-use crate::faults::LinkRule;
+use crate::faults::{FaultSet, LinkRule};
 use crate::limits::DIVERGENT_LIST_MAX;
 use crate::node::Shared;
 use crate::types::{Command, CommandResult};
@@ -197,7 +197,12 @@ impl RegionAdmin for RegionAdminService {
                 (l.to_node, rule)
             })
             .collect();
-        self.node.faults.set(r.blocked_regions, r.clock_offset_ms, links)?;
+        self.node.faults.set(FaultSet {
+            blocked_regions: r.blocked_regions,
+            send_blocked_regions: r.send_blocked_regions,
+            clock_offset_ms: r.clock_offset_ms,
+            links,
+        })?;
         Ok(Response::new(SetFaultsResponse {}))
     }
 }
