@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// Keys the register and lww clients share at a time.
     #[arg(long, default_value_t = 4)]
     pub keys: usize,
-    /// Where the results go. Default: target/jepsen/<time>-<workload>-<nemesis>-s<seed>.
+    /// Where the results go. Default: `target/jepsen/<time>-<workload>-<nemesis>-s<seed>`.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Plant a bug to see the harness catch it: leaders serve linearizable

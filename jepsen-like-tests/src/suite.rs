@@ -30,7 +30,7 @@ pub struct SuiteArgs {
     /// `kill+partition` and `pause+clock` combined).
     #[arg(long)]
     pub nemeses: Option<String>,
-    /// Where runs and the table go. Default: target/jepsen/suite-<time>.
+    /// Where runs and the table go. Default: `target/jepsen/suite-<time>`.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
