@@ -48,7 +48,7 @@ pub struct FaultSet {
 /// What happens to traffic from this node to one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkRule {
-    /// Every message is dropped: the peer reads as unreachable.
+    /// Every message is dropped: each RPC to the peer times out.
     Drop,
     /// Every message waits this long before it is sent.
     Delay(Duration),
@@ -80,11 +80,6 @@ impl Faults {
             links: RwLock::new(BTreeMap::new()),
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
         }
-    }
-
-    /// Whether fault injection is on for this node.
-    pub fn enabled(&self) -> bool {
-        self.enabled
     }
 
     /// Whether the planted stale-read bug is on: a linearizable read on a
