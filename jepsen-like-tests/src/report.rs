@@ -87,7 +87,7 @@ where
             [(f.start_us as f64 / 1e6, y.0), (f.end_us as f64 / 1e6, y.1)],
             FAULT_FILL.mix(0.6).filled(),
         );
-        let series = chart.draw_series(std::iter::once(rect)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let series = chart.draw_series(std::iter::once(rect))?;
         if first {
             series.label("fault").legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], FAULT_FILL.filled()));
             first = false;
@@ -108,8 +108,7 @@ where
         .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .draw()?;
     Ok(())
 }
 
@@ -124,7 +123,7 @@ fn outcome_color(o: Outcome) -> RGBColor {
 /// Latency of every operation over time, log scale, coloured by outcome.
 pub fn plot_latency(history: &[Op], faults: &[FaultRecord], seconds: f64, path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (1100, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE)?;
     let max_ms = history.iter().map(|o| (o.end_us - o.start_us) as f64 / 1000.0).fold(10.0, f64::max) * 1.5;
     let y = (0.1, max_ms);
     let mut chart = ChartBuilder::on(&root)
@@ -132,14 +131,8 @@ pub fn plot_latency(history: &[Op], faults: &[FaultRecord], seconds: f64, path: 
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..seconds, (y.0..y.1).log_scale())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("time since start (s)")
-        .y_desc("latency (ms)")
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .build_cartesian_2d(0f64..seconds, (y.0..y.1).log_scale())?;
+    chart.configure_mesh().x_desc("time since start (s)").y_desc("latency (ms)").draw()?;
     shade_faults(&mut chart, faults, y)?;
     for outcome in [Outcome::Ok, Outcome::Info, Outcome::Fail] {
         let color = outcome_color(outcome);
@@ -149,13 +142,12 @@ pub fn plot_latency(history: &[Op], faults: &[FaultRecord], seconds: f64, path: 
             .map(|o| (o.start_us as f64 / 1e6, ((o.end_us - o.start_us) as f64 / 1000.0).max(y.0)))
             .collect();
         chart
-            .draw_series(points.into_iter().map(|p| Circle::new(p, 2, color.filled())))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .draw_series(points.into_iter().map(|p| Circle::new(p, 2, color.filled())))?
             .label(format!("{outcome:?}").to_lowercase())
             .legend(move |(x, y)| Circle::new((x + 6, y), 4, color.filled()));
     }
     draw_legend(&mut chart)?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present()?;
     Ok(())
 }
 
@@ -178,27 +170,25 @@ pub fn plot_throughput(history: &[Op], faults: &[FaultRecord], seconds: f64, pat
     }
     let max = per.iter().flatten().fold(1.0, |a: f64, b| a.max(*b)) * 1.15;
     let root = SVGBackend::new(path, (1100, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption("Throughput (completed operations per second); faults shaded", ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..seconds, 0f64..max)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart.configure_mesh().x_desc("time since start (s)").y_desc("ops/s").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        .build_cartesian_2d(0f64..seconds, 0f64..max)?;
+    chart.configure_mesh().x_desc("time since start (s)").y_desc("ops/s").draw()?;
     shade_faults(&mut chart, faults, (0.0, max))?;
     for (i, outcome) in [Outcome::Ok, Outcome::Info, Outcome::Fail].into_iter().enumerate() {
         let color = outcome_color(outcome);
         let line: Vec<(f64, f64)> = per[i].iter().enumerate().map(|(b, n)| (b as f64 + 0.5, *n)).collect();
         chart
-            .draw_series(LineSeries::new(line, color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .draw_series(LineSeries::new(line, color.stroke_width(2)))?
             .label(format!("{outcome:?}").to_lowercase())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
     }
     draw_legend(&mut chart)?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present()?;
     Ok(())
 }
 

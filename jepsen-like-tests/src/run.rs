@@ -116,10 +116,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     if args.keys == 0 || args.keys > 1000 {
         bail!("--keys must be 1..=1000, got {}", args.keys);
     }
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
-    });
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let seed = args.seed.unwrap_or(stamp);
     let out = args.out.clone().unwrap_or_else(|| {
         let nemesis: String =
             args.nemesis.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
