@@ -35,7 +35,7 @@ async fn the_generator_measures_a_real_nines_node() {
     };
     let endpoint = format!("http://{}", config.grpc_listen);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(nines::node::run(config, async move {
+    let node = tokio::spawn(nines::daemon::run(config, async move {
         let _ = stop_rx.await;
     }));
     let client = nines_client::Client::new(vec![endpoint.clone()], nines_client::ClientConfig::default()).unwrap();

@@ -3,24 +3,43 @@
 //!
 //! # Layout
 //!
+//! Modules by floor: each imports only modules on floors below it (a test,
+//! `tests/layering.rs`, checks that no import goes up or round in a circle).
+//!
+//! Leaves, importing nothing else of the crate (or only other leaves):
 //! - [`limits`]: every size and count limit, with its reason.
 //! - [`hlc`]: the hybrid logical clock that stamps versions.
-//! - [`types`]: openraft's type configuration: commands, results, members.
-//! - [`storage`]: the Raft log and the state machine on sled.
-//! - [`network`]: the Raft transport client (tonic).
-//! - [`server`]: the gRPC services (client `Kv`, `Admin`, internal `Raft`).
-//! - [`http`]: the admin HTTP port: probes, metrics, the status page.
-//! - [`telemetry`]: Prometheus metrics.
+//! - [`types`]: openraft's type configuration, commands and results, and the
+//!   domain types of shipments and lag.
 //! - [`config`]: a node's configuration file.
-//! - [`node`]: wires a node together, runs it and stops it.
-//! - [`replication`]: cross-region shipping, roles and divergence.
-//! - [`faults`]: test-only fault hooks (off unless configured).
+//! - [`telemetry`]: Prometheus recorders.
+//!
+//! Storage and the wire:
+//! - [`storage`]: the Raft log and the state machine on sled.
 //! - [`error`]: the error type at the service boundary and its gRPC mapping.
+//! - [`faults`]: test-only fault hooks (off unless configured).
+//! - [`validate`]: checks of client and peer input against the limits.
+//! - [`convert`]: every proto <-> domain conversion.
+//! - [`network`]: the Raft transport client (tonic).
 //! - [`view`]: the whole cluster as one document (status page, `nines status`).
+//!
+//! The node:
+//! - [`node`]: the handle every service holds (`Node`): propose, write,
+//!   linearizable reads, roles, lag, readiness, the write batcher.
+//! - [`replication`]: cross-region shipping and receiving, roles and divergence.
+//! - [`controller`]: the failover controller's decision, a pure function.
+//! - [`server`]: the gRPC services, thin adapters over the node.
+//! - [`http`]: the admin HTTP port: probes, metrics, the status page.
+//! - [`daemon`]: wires a node together, runs it and stops it.
+//!
+//! On top:
 //! - [`cli`]: the `nines` command line, including `nines up`.
 
 pub mod cli;
 pub mod config;
+pub mod controller;
+pub mod convert;
+pub mod daemon;
 pub mod error;
 pub mod faults;
 pub mod hlc;
@@ -33,4 +52,5 @@ pub mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod types;
+pub mod validate;
 pub mod view;

@@ -92,3 +92,46 @@ pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
 
 /// Writes waiting for a proposal slot; beyond it callers wait to enqueue.
 pub const PROPOSAL_QUEUE_MAX: usize = 4096;
+
+/// A bound on what one key-value record adds around its key and value, in
+/// bytes, wherever it is encoded (a log entry, a shipment, a response): its
+/// version (HLC, an origin label of at most `LABEL_BYTES_MAX`, an index),
+/// enum tags and length prefixes. postcard and protobuf both need far less;
+/// the relations below use it to stay true with room to spare.
+pub const RECORD_FRAMING_BYTES_MAX: usize = 2 * LABEL_BYTES_MAX + 128;
+
+/// tonic's default message limit, which the snapshot chunk must stay under.
+const TONIC_DEFAULT_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The largest single write on the wire or in a log, framing included.
+const WRITE_BYTES_MAX: usize = KEY_BYTES_MAX + VALUE_BYTES_MAX + RECORD_FRAMING_BYTES_MAX;
+
+// The relations between the limits. Each is checked when the crate builds,
+// so a change that breaks one fails to compile.
+
+// A maximal write fits a client request.
+const _: () = assert!(REQUEST_BYTES_MAX >= KEY_BYTES_MAX + VALUE_BYTES_MAX, "a maximal put must fit REQUEST_BYTES_MAX");
+// A full scan page (its bytes, then one more record that crossed the line,
+// then every record's framing) fits a response.
+const _: () = assert!(
+    SCAN_RESPONSE_BYTES_MAX + WRITE_BYTES_MAX + SCAN_LIMIT_MAX as usize * RECORD_FRAMING_BYTES_MAX
+        <= RESPONSE_BYTES_MAX,
+    "a full scan page must fit RESPONSE_BYTES_MAX"
+);
+const _: () = assert!(SCAN_LIMIT_DEFAULT <= SCAN_LIMIT_MAX, "the default scan limit must be allowed");
+// Snapshot chunks travel under tonic's default limit and the Raft limit.
+const _: () = assert!(
+    (SNAPSHOT_CHUNK_BYTES_MAX as usize) < TONIC_DEFAULT_MESSAGE_BYTES,
+    "SNAPSHOT_CHUNK_BYTES_MAX must stay under tonic's 4 MiB default"
+);
+// A full shipment (its bytes, one record that crossed the line, every
+// record's framing) fits the replication service's message limit.
+const _: () = assert!(
+    SHIP_BATCH_BYTES_MAX + WRITE_BYTES_MAX + SHIP_BATCH_ENTRIES_MAX * RECORD_FRAMING_BYTES_MAX
+        <= RAFT_MESSAGE_BYTES_MAX,
+    "a full shipment must fit RAFT_MESSAGE_BYTES_MAX"
+);
+// Versions are spaced WRITES_PER_ENTRY_MAX apart per log index; positions
+// are below it.
+const _: () = assert!(WRITES_PER_ENTRY_MAX > 1, "a batch must be able to hold more than one write");
+const _: () = assert!(FORWARD_HOPS_MAX >= 1, "a follower must be able to forward once");

@@ -1,66 +1,79 @@
-//! A node: opens storage, starts Raft, serves gRPC and HTTP, and stops
-//! cleanly.
+//! The node handle: what every service of a node holds, and the only way
+//! they reach Raft and the state machine.
 //!
-//! Startup never bootstraps a cluster by itself: a fresh cluster is
-//! initialised exactly once through the admin `Init` call, so a node that
-//! restarts (or restarts with a wiped disk) can never found a second cluster.
+//! A [`Node`] is built once by [`crate::daemon`] and shared (`Arc<Node>`)
+//! with the gRPC services, the admin HTTP port and the replication tasks.
+//! Its fields are private: a service writes through [`Node::write`] (client
+//! writes, batched) or [`Node::propose`] (internal commands), reads through
+//! [`Node::reader`] after [`Node::ensure_linearizable`] when it must, and
+//! changes membership through the methods here. Nothing reaches
+//! `Raft::client_write` any other way.
 //!
-//! Shutdown (SIGTERM or Ctrl-C): stop accepting requests, let in-flight ones
-//! finish for up to `SHUTDOWN_GRACE`, stop Raft, flush storage.
+//! Invariants:
+//! - A write is refused before it is proposed (retry-safe) when this node
+//!   does not lead, its region does not take writes, or the changefeed
+//!   backlog is full; once proposed, every failure is "outcome unknown"
+//!   except a definite refusal from the state machine.
+//! - Concurrent client writes share log entries (the batcher), never more
+//!   than `WRITES_PER_ENTRY_MAX` per entry, with at most
+//!   `PROPOSALS_IN_FLIGHT_MAX` entries proposed at once.
+//!
+//! Caveats:
+//! - Leadership checks read openraft's metrics: a leader cut off from its
+//!   quorum still passes [`Node::check_leader`] until it steps down. Writes
+//!   are safe anyway (they need a quorum); reads that must be current use
+//!   [`Node::ensure_linearizable`].
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
-use nines_proto::v1::admin_server::AdminServer;
-use nines_proto::v1::kv_server::KvServer;
-use nines_proto::v1::raft_server::RaftServer;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
-use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use openraft::error::{
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+use openraft::{ChangeMembers, RaftMetrics};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{LatencyConfig, Mode, NodeConfig, RegionConfig};
+use crate::config::{LatencyConfig, Mode, RegionConfig};
 use crate::error::Error;
 use crate::faults::Faults;
-use crate::hlc::HlcClock;
-use crate::limits::{
-    CHANGEFEED_BACKLOG_MAX, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX, RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX,
-    RESPONSE_BYTES_MAX, WRITES_PER_ENTRY_MAX,
-};
-use crate::network::{Channels, NetworkFactory};
-use crate::server::admin::AdminService;
-use crate::server::kv::KvService;
-use crate::server::raft::RaftService;
-use crate::server::region::RegionAdminService;
-use crate::server::replication::ReplicationService;
-use crate::storage::{self, ReplicationSetup, StateReader};
-use crate::types::{Command, CommandResult, NodeId, NodeInfo, Raft};
-use nines_proto::v1::region_admin_server::RegionAdminServer;
-use nines_proto::v1::replication_server::ReplicationServer;
+use crate::hlc::{Hlc, HlcClock};
+use crate::limits::{CHANGEFEED_BACKLOG_MAX, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX, WRITES_PER_ENTRY_MAX};
+use crate::network::Channels;
+use crate::storage::StateReader;
+use crate::types::{Command, CommandResult, NodeId, NodeInfo, PeerLag, Raft};
 
-/// How long in-flight requests may run after shutdown begins. Longer than
-/// the default write timeout would let one stuck write hold up a restart;
-/// shorter than a container runtime's usual 10 s grace before SIGKILL.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// A client write waiting to be proposed, and where its result goes.
+pub type Proposal = (Command, oneshot::Sender<Result<CommandResult, Error>>);
 
-/// The file a node writes into its data directory once it serves, naming
-/// the addresses it bound (useful with port 0) and its PID.
-pub const ADDRS_FILE: &str = "addrs.json";
+/// Entries a node may have in its log beyond what it applied and still be
+/// ready: a replica further behind serves local reads that are too stale.
+pub const READY_APPLY_LAG_MAX: u64 = 1_000;
 
-/// The contents of [`ADDRS_FILE`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Addrs {
-    pub id: NodeId,
-    pub grpc_addr: String,
-    pub admin_addr: String,
-    pub pid: u32,
+/// How long a leader may take to confirm its leadership with a quorum for
+/// the readiness check. A leader cut off from its majority still believes
+/// it leads until it hears otherwise; asking the quorum is the only way to
+/// know.
+pub const READY_QUORUM_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a membership change may take, including a new learner catching
+/// up. A learner that needs longer is still being added; the caller is told
+/// the outcome is unknown rather than waiting without bound.
+pub const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The regions of the cluster as this node's configuration names them.
+#[derive(Debug, Clone, Default)]
+pub struct Regions {
+    pub mode: Mode,
+    /// The other regions, which this region ships to and receives from.
+    pub peers: Vec<RegionConfig>,
+    /// Every region, this one included; empty for a single-region cluster.
+    pub all: Vec<RegionConfig>,
 }
 
-/// What every service of a node shares.
-pub struct Shared {
+/// Everything a [`Node`] is made of; the daemon builds it.
+pub struct Parts {
     pub id: NodeId,
     /// This node as it appears in the membership.
     pub info: NodeInfo,
@@ -69,34 +82,156 @@ pub struct Shared {
     pub clock: Arc<HlcClock>,
     pub channels: Channels,
     pub write_timeout: Duration,
-    /// Set when this replica can no longer be trusted (a corrupt record was
-    /// read); the node then stops with an error.
-    pub fatal: tokio::sync::watch::Sender<Option<String>>,
-    pub mode: Mode,
-    /// The other regions, which this region ships to and receives from.
-    pub peers: Vec<RegionConfig>,
-    /// Every region, this one included.
-    pub all_regions: Vec<RegionConfig>,
+    pub regions: Regions,
     pub latency: LatencyConfig,
     pub faults: Arc<Faults>,
-    pub stats: crate::replication::Stats,
     /// Renders `/metrics`; `None` when another recorder owns the process.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Client writes on their way to the batcher (see [`spawn_batcher`]).
-    pub proposals: tokio::sync::mpsc::Sender<Proposal>,
 }
 
-/// A client write waiting to be proposed, and where its result goes.
-pub type Proposal = (Command, tokio::sync::oneshot::Sender<Result<CommandResult, Error>>);
+/// What every service of a node shares. See the module doc.
+pub struct Node {
+    id: NodeId,
+    info: NodeInfo,
+    raft: Raft,
+    reader: StateReader,
+    clock: Arc<HlcClock>,
+    channels: Channels,
+    write_timeout: Duration,
+    regions: Regions,
+    latency: LatencyConfig,
+    faults: Arc<Faults>,
+    stats: Stats,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Set when this replica can no longer be trusted (a corrupt record was
+    /// read); the daemon then stops the node with an error.
+    fatal: watch::Sender<Option<String>>,
+    /// Client writes on their way to the batcher (see [`Node::spawn_batcher`]).
+    proposals: mpsc::Sender<Proposal>,
+}
 
-impl Shared {
+/// The receiving ends the daemon keeps: the proposal queue (for the
+/// batcher) and the fatal-error signal (to stop the node).
+pub struct Receivers {
+    pub proposals: mpsc::Receiver<Proposal>,
+    pub fatal: watch::Receiver<Option<String>>,
+}
+
+impl Node {
+    pub fn new(parts: Parts) -> (Arc<Node>, Receivers) {
+        let (fatal, fatal_rx) = watch::channel(None);
+        let (proposals, proposals_rx) = mpsc::channel(PROPOSAL_QUEUE_MAX);
+        let node = Node {
+            id: parts.id,
+            info: parts.info,
+            raft: parts.raft,
+            reader: parts.reader,
+            clock: parts.clock,
+            channels: parts.channels,
+            write_timeout: parts.write_timeout,
+            regions: parts.regions,
+            latency: parts.latency,
+            faults: parts.faults,
+            stats: Stats::default(),
+            metrics: parts.metrics,
+            fatal,
+            proposals,
+        };
+        (Arc::new(node), Receivers { proposals: proposals_rx, fatal: fatal_rx })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// This node as it appears in the membership.
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    pub fn region(&self) -> &str {
+        &self.info.region
+    }
+
+    /// The state machine, for reads.
+    pub fn reader(&self) -> &StateReader {
+        &self.reader
+    }
+
+    /// The channel cache shared with the Raft transport (forwarding uses it).
+    pub fn channels(&self) -> &Channels {
+        &self.channels
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    pub fn clock(&self) -> &HlcClock {
+        &self.clock
+    }
+
+    /// A fresh timestamp for a write this node is about to propose.
+    pub fn now(&self) -> Hlc {
+        self.clock.now()
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        self.write_timeout
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.regions.mode
+    }
+
+    /// The other regions, which this region ships to and receives from.
+    pub fn peers(&self) -> &[RegionConfig] {
+        &self.regions.peers
+    }
+
+    /// Every configured region, this one included.
+    pub fn all_regions(&self) -> &[RegionConfig] {
+        &self.regions.all
+    }
+
+    pub fn latency(&self) -> &LatencyConfig {
+        &self.latency
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A snapshot of openraft's metrics.
+    pub fn raft_metrics(&self) -> RaftMetrics<NodeId, NodeInfo> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// openraft's metrics as they change.
+    pub fn raft_watch(&self) -> watch::Receiver<RaftMetrics<NodeId, NodeInfo>> {
+        self.raft.metrics()
+    }
+
+    /// The Prometheus text of every metric of this process (empty when the
+    /// recorder belongs to someone else).
+    pub fn render_metrics(&self) -> String {
+        self.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
+    }
+
+    /// Drains histogram buffers; the exporter leaves this to its user.
+    pub fn metrics_upkeep(&self) {
+        if let Some(h) = &self.metrics {
+            h.run_upkeep();
+        }
+    }
+
     /// Stops the node: its data is corrupt and it must not serve.
     pub fn stop_fatally(&self, reason: String) {
         tracing::error!(%reason, "stopping: this replica can no longer be trusted");
         self.fatal.send_replace(Some(reason));
     }
 
-    pub(crate) fn not_leader(f: ForwardToLeader<NodeId, NodeInfo>) -> Error {
+    fn not_leader(f: ForwardToLeader<NodeId, NodeInfo>) -> Error {
         Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.grpc_addr) }
     }
 
@@ -160,55 +295,13 @@ impl Shared {
                 retry_safe: true,
             });
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         let stopped = || Error::Unavailable { reason: "the node is stopping".into(), retry_safe: true };
         self.proposals.send((cmd, tx)).await.map_err(|_| stopped())?;
         match rx.await.map_err(|_| Error::Indeterminate("the node stopped during the write".into()))?? {
             CommandResult::Rejected { reason, retry_later } => Err(refusal(reason, retry_later)),
             other => Ok(other),
         }
-    }
-
-    /// The regions to show in a cluster view: every configured region, or
-    /// this one alone (its members' endpoints) when none are configured.
-    pub fn regions_for_view(&self) -> Vec<nines_client::RegionInfo> {
-        if self.all_regions.is_empty() {
-            let m = self.raft.metrics().borrow().clone();
-            let endpoints = m.membership_config.membership().nodes().map(|(_, n)| n.grpc_addr.clone()).collect();
-            return vec![nines_client::RegionInfo { name: self.info.region.clone(), endpoints }];
-        }
-        self.all_regions
-            .iter()
-            .map(|r| nines_client::RegionInfo { name: r.name.clone(), endpoints: r.endpoints.clone() })
-            .collect()
-    }
-
-    /// This region's role: "active" (active-active), or "primary",
-    /// "fenced" or "secondary" (active-passive).
-    pub fn region_role(&self) -> &'static str {
-        match self.mode {
-            Mode::ActiveActive => "active",
-            Mode::ActivePassive if self.reader.primary() != self.info.region => "secondary",
-            Mode::ActivePassive if self.reader.region_state().fenced => "fenced",
-            Mode::ActivePassive => "primary",
-        }
-    }
-
-    /// Per peer region: what it has not applied of this region's changefeed.
-    /// Exact on the leader (which hears the peers' acknowledgements).
-    pub fn replication_lag(&self) -> Result<Vec<nines_proto::v1::PeerLag>, Error> {
-        use crate::hlc::PhysicalClock;
-        let region = self.reader.region_state();
-        let now_ms = crate::hlc::WallClock.now_ms();
-        let mut peers = Vec::new();
-        for p in &self.peers {
-            let replicated = region.acked.get(&p.name).copied().unwrap_or(0);
-            let acked = self.stats.acked(&p.name).unwrap_or(replicated).max(replicated);
-            let (lag_entries, first) = self.reader.changefeed_lag(acked).map_err(Error::from)?;
-            let lag_ms = first.map(|h| now_ms.saturating_sub(h.physical_ms)).unwrap_or(0);
-            peers.push(nines_proto::v1::PeerLag { region: p.name.clone(), acked_index: acked, lag_entries, lag_ms });
-        }
-        Ok(peers)
     }
 
     /// Confirms leadership with a quorum and waits until the state machine
@@ -235,48 +328,209 @@ impl Shared {
             }
         }
     }
+
+    /// The regions to show in a cluster view: every configured region, or
+    /// this one alone (its members' endpoints) when none are configured.
+    pub fn regions_for_view(&self) -> Vec<nines_client::RegionInfo> {
+        if self.regions.all.is_empty() {
+            let m = self.raft_metrics();
+            let endpoints = m.membership_config.membership().nodes().map(|(_, n)| n.grpc_addr.clone()).collect();
+            return vec![nines_client::RegionInfo { name: self.info.region.clone(), endpoints }];
+        }
+        self.regions
+            .all
+            .iter()
+            .map(|r| nines_client::RegionInfo { name: r.name.clone(), endpoints: r.endpoints.clone() })
+            .collect()
+    }
+
+    /// This region's role: "active" (active-active), or "primary",
+    /// "fenced" or "secondary" (active-passive).
+    pub fn region_role(&self) -> &'static str {
+        match self.regions.mode {
+            Mode::ActiveActive => "active",
+            Mode::ActivePassive if self.reader.primary() != self.info.region => "secondary",
+            Mode::ActivePassive if self.reader.region_state().fenced => "fenced",
+            Mode::ActivePassive => "primary",
+        }
+    }
+
+    /// Per peer region: what it has not applied of this region's changefeed.
+    /// Exact on the leader (which hears the peers' acknowledgements).
+    pub fn replication_lag(&self) -> Result<Vec<PeerLag>, Error> {
+        use crate::hlc::PhysicalClock;
+        let region = self.reader.region_state();
+        let now_ms = crate::hlc::WallClock.now_ms();
+        let mut peers = Vec::new();
+        for p in &self.regions.peers {
+            let replicated = region.acked.get(&p.name).copied().unwrap_or(0);
+            let acked_index = self.stats.acked(&p.name).unwrap_or(replicated).max(replicated);
+            let (lag_entries, first) = self.reader.changefeed_lag(acked_index).map_err(Error::from)?;
+            let lag_ms = first.map(|h| now_ms.saturating_sub(h.physical_ms)).unwrap_or(0);
+            peers.push(PeerLag { region: p.name.clone(), acked_index, lag_entries, lag_ms });
+        }
+        Ok(peers)
+    }
+
+    /// On a leader, the highest index a majority of voters has: its commit
+    /// index. openraft reports replication progress only on the leader, so
+    /// followers have none.
+    pub fn commit_index(&self) -> Option<u64> {
+        let m = self.raft_metrics();
+        let replication = m.replication.as_ref()?;
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let mut matched: Vec<u64> = voters
+            .iter()
+            .map(|v| {
+                if *v == m.id {
+                    m.last_log_index.unwrap_or(0)
+                } else {
+                    replication.get(v).copied().flatten().map(|l| l.index).unwrap_or(0)
+                }
+            })
+            .collect();
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        matched.get(voters.len() / 2).copied()
+    }
+
+    /// Whether the node is ready, and each check (the `/health/ready` body):
+    /// knows a leader (confirmed by a quorum when it is the leader), is a
+    /// member, has applied within `READY_APPLY_LAG_MAX` of its log, and knows
+    /// its region's role.
+    pub async fn readiness(&self) -> (bool, serde_json::Value) {
+        let m = self.raft_metrics();
+        let has_leader = if m.current_leader == Some(self.id) {
+            matches!(tokio::time::timeout(READY_QUORUM_TIMEOUT, self.raft.get_read_log_id()).await, Ok(Ok(_)))
+        } else {
+            m.current_leader.is_some()
+        };
+        let leader = if has_leader { m.current_leader } else { None };
+        let member = m.membership_config.membership().nodes().any(|(id, _)| *id == self.id);
+        let last_log = m.last_log_index.unwrap_or(0);
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let caught_up = last_log.saturating_sub(applied) <= READY_APPLY_LAG_MAX;
+        let role = self.region_role();
+        let primary = self.reader.primary();
+        let role_known = self.regions.mode == Mode::ActiveActive || !primary.is_empty();
+        let ok = has_leader && member && caught_up && role_known;
+        let body = json!({
+            "status": if ok { "ready" } else { "not ready" },
+            "node": { "id": self.id, "region": self.info.region, "az": self.info.az },
+            "checks": {
+                "has_leader": { "ok": has_leader, "leader": leader },
+                "member": { "ok": member },
+                "applied": { "ok": caught_up, "last_log_index": last_log, "applied_index": applied, "lag_max": READY_APPLY_LAG_MAX },
+                "region_role": { "ok": role_known, "role": role, "primary": primary },
+            }
+        });
+        (ok, body)
+    }
+
+    /// Bootstraps the cluster with `members` (exactly once).
+    pub async fn initialize(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), Error> {
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Err(Error::FailedPrecondition(
+                "this node is already initialized: a cluster is bootstrapped exactly once".into(),
+            )),
+            Err(RaftError::APIError(InitializeError::NotInMembers(e))) => Err(Error::invalid(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(Error::Unavailable { reason: f.to_string(), retry_safe: false }),
+        }
+    }
+
+    /// Adds a learner and waits until it has caught up (this node must lead).
+    pub async fn add_learner(&self, id: NodeId, info: NodeInfo) -> Result<(), Error> {
+        self.check_leader()?;
+        membership_outcome(tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, self.raft.add_learner(id, info, true)).await)
+    }
+
+    /// Changes the voters or members (this node must lead).
+    pub async fn change_membership(&self, change: ChangeMembers<NodeId, NodeInfo>) -> Result<(), Error> {
+        self.check_leader()?;
+        let call = self.raft.change_membership(change, false);
+        membership_outcome(tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await)
+    }
+
+    /// The membership's voters and members as this node knows them.
+    pub fn membership(&self) -> (BTreeSet<NodeId>, Vec<(NodeId, NodeInfo)>, Option<NodeId>) {
+        let m = self.raft_metrics();
+        let membership = m.membership_config.membership();
+        let voters = membership.voter_ids().collect();
+        let members = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        (voters, members, m.current_leader)
+    }
+
+    /// Starts the batcher: it packs concurrent client writes into one log
+    /// entry each time a proposal slot is free (see
+    /// `PROPOSALS_IN_FLIGHT_MAX`). Under load many writes share one append,
+    /// flush, replication round and apply; a lone write is proposed at
+    /// once, alone.
+    pub fn spawn_batcher(self: &Arc<Self>, mut queue: mpsc::Receiver<Proposal>) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                let mut batch = Vec::new();
+                if queue.recv_many(&mut batch, WRITES_PER_ENTRY_MAX as usize).await == 0 {
+                    return;
+                }
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    node.propose_batch(batch).await;
+                });
+            }
+        })
+    }
+
+    /// Proposes the writes of one batch as one entry and answers each waiter.
+    async fn propose_batch(&self, batch: Vec<Proposal>) {
+        let (mut cmds, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let results: Vec<Result<CommandResult, Error>> = if cmds.len() == 1 {
+            vec![self.propose(cmds.remove(0)).await]
+        } else {
+            let n = cmds.len();
+            match self.propose(Command::Batch(cmds)).await {
+                Ok(CommandResult::Batch(rs)) if rs.len() == n => rs.into_iter().map(Ok).collect(),
+                Ok(other) => {
+                    let e = Error::Internal(format!("a batch of {n} writes applied as {other:?}"));
+                    vec![Err(e); n]
+                }
+                Err(e) => vec![Err(e); n],
+            }
+        };
+        for (waiter, result) in waiters.into_iter().zip(results) {
+            // Ignored: the caller may have given up (its request was cancelled).
+            let _ = waiter.send(result);
+        }
+    }
 }
 
-/// Packs concurrent client writes into one log entry each time a proposal
-/// slot is free (see `PROPOSALS_IN_FLIGHT_MAX`): under load many writes
-/// share one append, flush, replication round and apply; a lone write is
-/// proposed at once, alone.
-pub fn spawn_batcher(
-    shared: Arc<Shared>,
-    mut queue: tokio::sync::mpsc::Receiver<Proposal>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let slots = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
-        loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else { return };
-            let mut batch = Vec::new();
-            if queue.recv_many(&mut batch, WRITES_PER_ENTRY_MAX as usize).await == 0 {
-                return;
-            }
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                let (mut cmds, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-                let results: Vec<Result<CommandResult, Error>> = if cmds.len() == 1 {
-                    vec![shared.propose(cmds.remove(0)).await]
-                } else {
-                    let n = cmds.len();
-                    match shared.propose(Command::Batch(cmds)).await {
-                        Ok(CommandResult::Batch(rs)) if rs.len() == n => rs.into_iter().map(Ok).collect(),
-                        Ok(other) => {
-                            let e = Error::Internal(format!("a batch of {n} writes applied as {other:?}"));
-                            vec![Err(e); n]
-                        }
-                        Err(e) => vec![Err(e); n],
-                    }
-                };
-                for (waiter, result) in waiters.into_iter().zip(results) {
-                    // Ignored: the caller may have given up (its request was cancelled).
-                    let _ = waiter.send(result);
-                }
-            });
-        }
-    })
+/// A membership change's outcome: openraft's result, or a timeout.
+type ChangeOutcome<T> =
+    Result<Result<T, RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>, tokio::time::error::Elapsed>;
+
+/// Maps the outcome of a membership change that was started on this node
+/// (after a successful leadership check). A change has two steps; an error
+/// after the call began may follow a committed first step, so none of them
+/// is retry-safe.
+fn membership_outcome<T>(result: ChangeOutcome<T>) -> Result<(), Error> {
+    match result {
+        Err(_) => Err(Error::Indeterminate(format!(
+            "membership change not finished within {MEMBERSHIP_CHANGE_TIMEOUT:?}; check `nines member list`"
+        ))),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(Error::Indeterminate(format!(
+            "leadership moved to {:?} during the membership change; check `nines member list`",
+            f.leader_id
+        ))),
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(match e {
+            ChangeMembershipError::InProgress(_) => Error::Unavailable { reason: e.to_string(), retry_safe: false },
+            _ => Error::FailedPrecondition(e.to_string()),
+        }),
+        Ok(Err(RaftError::Fatal(f))) => Err(Error::Unavailable { reason: f.to_string(), retry_safe: false }),
+    }
 }
 
 /// A write the region's role refuses; it had no effect.
@@ -284,240 +538,41 @@ fn refusal(reason: String, retry_later: bool) -> Error {
     if retry_later { Error::Unavailable { reason, retry_safe: true } } else { Error::FailedPrecondition(reason) }
 }
 
-/// Loads a node's configuration from a file (or defaults) with overrides.
-pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
-    Ok(match path {
-        Some(p) => NodeConfig::load(p)?,
-        None => NodeConfig::default(),
-    })
+/// In-memory replication progress on this node, for status and metrics.
+/// Not replicated: a new leader starts empty and learns it again from the
+/// next exchange with each peer.
+#[derive(Default)]
+pub struct Stats {
+    /// `std::sync::Mutex`: held only to read or update a map entry.
+    inner: Mutex<StatsInner>,
 }
 
-/// Runs a node until `shutdown` completes.
-pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    config.validate()?;
-    let raft_config = Arc::new(config.openraft()?);
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    let faults = Arc::new(Faults::new(config.fault_injection, config.planted_bug_local_reads));
-    if config.fault_injection {
-        tracing::warn!("fault injection is enabled: this node is for tests only");
-    }
-    let clock = Arc::new(HlcClock::new(Box::new(faults.clock()), config.clock_offset_max.as_millis() as u64));
-    let peers = config.peer_regions();
-    let setup = ReplicationSetup {
-        region: config.region.clone(),
-        peers: peers.iter().map(|p| p.name.clone()).collect(),
-        mode: config.cluster.mode,
-        initial_primary: config.cluster.primary.clone(),
-    };
-    let (db, log_store, state_machine) = storage::open(&config.data_dir, setup, clock.clone())
-        .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
-    let reader = state_machine.reader();
-
-    let grpc_listener = TcpListener::bind(config.grpc_listen)
-        .await
-        .with_context(|| format!("binding grpc_listen {}", config.grpc_listen))?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
-    let grpc_addr: SocketAddr = grpc_listener.local_addr()?;
-    let admin_addr: SocketAddr = admin_listener.local_addr()?;
-    let advertise = |configured: &str, bound: SocketAddr| {
-        if configured.is_empty() { format!("http://{bound}") } else { configured.to_string() }
-    };
-    let info = NodeInfo {
-        grpc_addr: advertise(&config.grpc_advertise, grpc_addr),
-        admin_addr: advertise(&config.admin_advertise, admin_addr),
-        region: config.region.clone(),
-        az: config.az.clone(),
-    };
-
-    let channels = Channels::default();
-    let network =
-        NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone(), faults.clone());
-    let raft = Raft::new(config.id, raft_config, network, log_store, state_machine).await.context("starting raft")?;
-    let (fatal, mut fatal_rx) = tokio::sync::watch::channel(None);
-    let (proposals, proposal_queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);
-    let shared = Arc::new(Shared {
-        id: config.id,
-        info: info.clone(),
-        raft: raft.clone(),
-        reader,
-        clock,
-        channels,
-        write_timeout: config.write_timeout,
-        fatal,
-        mode: config.cluster.mode,
-        peers,
-        all_regions: config.cluster.regions.clone(),
-        latency: config.latency.clone(),
-        faults,
-        stats: Default::default(),
-        metrics: match crate::telemetry::install() {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
-                None
-            }
-        },
-        proposals,
-    });
-    let batcher = spawn_batcher(shared.clone(), proposal_queue);
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        // An error means the sender is gone, which also means stop.
-        let _ = rx.wait_for(|s| *s).await;
-    };
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nines_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building gRPC reflection")?;
-    let grpc = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(
-            KvServer::new(KvService::new(shared.clone()))
-                .max_decoding_message_size(REQUEST_BYTES_MAX)
-                .max_encoding_message_size(RESPONSE_BYTES_MAX),
-        )
-        .add_service(AdminServer::new(AdminService::new(shared.clone())))
-        .add_service(RegionAdminServer::new(RegionAdminService::new(shared.clone())))
-        .add_service(
-            ReplicationServer::new(ReplicationService::new(shared.clone()))
-                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
-        )
-        .add_service(
-            RaftServer::new(RaftService::new(raft.clone()))
-                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
-        )
-        .serve_with_incoming_shutdown(
-            // No Nagle on accepted connections: with delayed ACKs it holds
-            // small replies back by up to 40 ms.
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            stopped(stop_rx.clone()),
-        );
-    let grpc_task = tokio::spawn(grpc);
-    let http_task = tokio::spawn(crate::http::serve(admin_listener, shared.clone(), stopped(stop_rx.clone())));
-    let mut shippers = crate::replication::spawn_shippers(shared.clone(), stop_rx.clone());
-    shippers.push(crate::replication::spawn_resync(shared.clone(), stop_rx.clone()));
-    shippers.push(crate::telemetry::spawn_gauges(shared.clone(), db.clone(), stop_rx.clone()));
-    shippers.push(spawn_health(shared.clone(), health, stop_rx.clone()));
-
-    let addrs = Addrs {
-        id: config.id,
-        grpc_addr: info.grpc_addr.clone(),
-        admin_addr: info.admin_addr.clone(),
-        pid: std::process::id(),
-    };
-    let addrs_path = config.data_dir.join(ADDRS_FILE);
-    let tmp = config.data_dir.join(format!("{ADDRS_FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&addrs)?)?;
-    std::fs::rename(&tmp, &addrs_path)?;
-    tracing::info!(grpc = %info.grpc_addr, admin = %info.admin_addr, "node serving");
-
-    let mut metrics = raft.metrics();
-    let raft_failed = async move {
-        loop {
-            if let Err(f) = &metrics.borrow_and_update().running_state {
-                return format!("raft stopped: {f}");
-            }
-            if metrics.changed().await.is_err() {
-                return "raft stopped".to_string();
-            }
-        }
-    };
-    let corrupt = async move {
-        match fatal_rx.wait_for(|f| f.is_some()).await {
-            Ok(f) => f.clone().unwrap_or_default(),
-            Err(_) => "fatal channel closed".to_string(),
-        }
-    };
-    let failure = tokio::select! {
-        _ = shutdown => None,
-        reason = raft_failed => Some(reason),
-        reason = corrupt => Some(reason),
-    };
-    match &failure {
-        None => tracing::info!("shutting down: no new requests, finishing in-flight ones"),
-        Some(reason) => tracing::error!(%reason, "stopping after a fatal error"),
-    }
-    // Ignored: the receivers only disappear once both servers have stopped.
-    let _ = stop_tx.send(true);
-    let drain = async {
-        let _ = grpc_task.await;
-        let _ = http_task.await;
-        for s in shippers {
-            let _ = s.await;
-        }
-    };
-    batcher.abort();
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-        tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish within the grace period");
-    }
-    if let Err(e) = raft.shutdown().await {
-        tracing::warn!(error = %e, "raft did not shut down cleanly");
-    }
-    let _ = std::fs::remove_file(&addrs_path);
-    match failure {
-        None => {
-            tracing::info!("stopped");
-            Ok(())
-        }
-        Some(reason) => Err(anyhow::anyhow!("node stopped: {reason}")),
-    }
+#[derive(Default, Clone)]
+struct StatsInner {
+    /// Per peer region: the highest changefeed index it reported applied.
+    acked: BTreeMap<String, u64>,
+    /// Per origin region: batches refused because a timestamp was too far ahead.
+    refused_clock: BTreeMap<String, u64>,
 }
 
-/// The gRPC health service's name for the client API; its status follows
-/// readiness (a known leader), while the overall status ("") follows
-/// liveness.
-pub const KV_HEALTH_SERVICE: &str = "nines.v1.Kv";
+impl Stats {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
-/// Keeps the gRPC health status of the client API in step with readiness.
-fn spawn_health(
-    shared: Arc<Shared>,
-    health: tonic_health::server::HealthReporter,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut metrics = shared.raft.metrics();
-        loop {
-            let ready = crate::http::readiness(&shared).await.0;
-            let status =
-                if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
-            health.set_service_status(KV_HEALTH_SERVICE, status).await;
-            // Re-checked on every Raft change, and at least every second: a
-            // leader that lost its quorum changes nothing Raft would report.
-            tokio::select! {
-                _ = stop.changed() => return,
-                changed = metrics.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            }
-        }
-    })
-}
+    pub fn acked(&self, peer: &str) -> Option<u64> {
+        self.lock().acked.get(peer).copied()
+    }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn termination_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
-            }
-        }
-        // Without signal handlers the node still stops on Ctrl-C via tokio.
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    pub fn set_acked(&self, peer: &str, index: u64) {
+        self.lock().acked.insert(peer.to_string(), index);
+    }
+
+    pub fn refused_clock(&self, origin: &str) -> u64 {
+        self.lock().refused_clock.get(origin).copied().unwrap_or(0)
+    }
+
+    pub fn count_refused_clock(&self, origin: &str) {
+        *self.lock().refused_clock.entry(origin.to_string()).or_default() += 1;
     }
 }

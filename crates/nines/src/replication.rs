@@ -1,5 +1,7 @@
 //! Cross-region replication: the shipper that runs on each region's leader,
-//! and the adoption of region roles it learns about.
+//! the receiver that takes a peer's shipments, and the adoption of region
+//! roles both learn about. The gRPC adapter (`server/replication.rs`) only
+//! decodes a shipment, calls [`receive`] and encodes the answer.
 //!
 //! What it promises:
 //! - Every write that originates in a region is recorded in that region's
@@ -62,21 +64,21 @@
 //! - Tombstones of remote deletes and divergence records are kept forever.
 //! - Simulated latency is a one-way delay added before each shipment.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nines_client::{Client, ClientConfig, Consistency};
-use nines_proto::v1::{ChangeEntry, ShipRefusal, ShipRequest, ShipResponse};
+use nines_proto::v1::replication_client::ReplicationClient;
 use tokio::sync::watch;
+use tonic::transport::Channel;
 
 use crate::config::{Mode, RegionConfig};
+use crate::convert;
 use crate::error::Error;
 use crate::hlc::Hlc;
-use crate::limits::{RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
-use crate::node::Shared;
-use crate::types::{Command, CommandResult, ResyncEntry};
+use crate::limits::{RAFT_MESSAGE_BYTES_MAX, RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
+use crate::node::Node;
+use crate::types::{Command, CommandResult, Refusal, ResyncEntry, ShipAnswer, Shipment};
 
 /// How long an idle shipper waits before looking at the changefeed again.
 /// Bounds replication lag from below on an idle region; 10 ms is noise next
@@ -97,41 +99,15 @@ const SHIP_BACKOFF: Duration = Duration::from_millis(200);
 /// proposal per interval is enough.
 const ACK_INTERVAL: Duration = Duration::from_millis(200);
 
-/// In-memory replication progress on this node, for status and metrics.
-#[derive(Default)]
-pub struct Stats {
-    /// `std::sync::Mutex`: held only to read or update a map entry.
-    inner: Mutex<StatsInner>,
-}
+/// Failed shipments between two warnings in the log: the first failure is
+/// logged, then one in this many, so a long partition does not flood it.
+const SHIP_FAILURES_PER_WARNING: u32 = 50;
 
-#[derive(Default, Clone)]
-struct StatsInner {
-    /// Per peer region: the highest changefeed index it reported applied.
-    acked: BTreeMap<String, u64>,
-    /// Per origin region: batches refused because a timestamp was too far ahead.
-    refused_clock: BTreeMap<String, u64>,
-}
-
-impl Stats {
-    fn lock(&self) -> std::sync::MutexGuard<'_, StatsInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn acked(&self, peer: &str) -> Option<u64> {
-        self.lock().acked.get(peer).copied()
-    }
-
-    fn set_acked(&self, peer: &str, index: u64) {
-        self.lock().acked.insert(peer.to_string(), index);
-    }
-
-    pub fn refused_clock(&self, origin: &str) -> u64 {
-        self.lock().refused_clock.get(origin).copied().unwrap_or(0)
-    }
-
-    pub fn count_refused_clock(&self, origin: &str) {
-        *self.lock().refused_clock.entry(origin.to_string()).or_default() += 1;
-    }
+/// A `Replication` client that accepts shipments up to the Raft message limit.
+pub fn ship_client(c: Channel) -> ReplicationClient<Channel> {
+    ReplicationClient::new(c)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
 }
 
 /// A client of a peer region, tuned for replication: few attempts per call
@@ -148,152 +124,270 @@ pub fn region_client(region: &RegionConfig) -> Result<Client, Error> {
 }
 
 /// Starts one shipper per peer region; they stop when `stop` turns true.
-pub fn spawn_shippers(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-    shared.peers.iter().map(|peer| tokio::spawn(ship_to(shared.clone(), peer.clone(), stop.clone()))).collect()
+pub fn spawn_shippers(node: Arc<Node>, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    node.peers()
+        .iter()
+        .map(|peer| {
+            let (node, peer, stop) = (node.clone(), peer.clone(), stop.clone());
+            tokio::spawn(async move {
+                match Shipper::new(node, peer) {
+                    Ok(shipper) => shipper.run(stop).await,
+                    Err(e) => tracing::error!(error = %e, "cannot ship to region"),
+                }
+            })
+        })
+        .collect()
 }
 
-fn to_entry(index: u64, rec: crate::storage::state_machine::ChangeRecord) -> ChangeEntry {
-    ChangeEntry {
-        origin_index: index,
-        key: rec.key,
-        tombstone: rec.value.is_none(),
-        value: rec.value.unwrap_or_default(),
-        hlc_physical_ms: rec.hlc.physical_ms,
-        hlc_logical: rec.hlc.logical,
+/// What one round of the shipper does next.
+enum Step {
+    /// Nothing to send now: wait `SHIP_IDLE`.
+    Idle,
+    /// Send this shipment.
+    Send(Shipment),
+}
+
+/// Ships this region's changefeed to one peer region while this node leads.
+struct Shipper {
+    node: Arc<Node>,
+    peer: RegionConfig,
+    client: Client,
+    /// Simulated one-way latency to the peer, added before each shipment.
+    latency: Duration,
+    /// The peer's applied position for this region: `None` until it told us
+    /// (after every failure and leadership loss, so a new exchange resumes
+    /// from the peer's own number).
+    cursor: Option<u64>,
+    last_exchange: Instant,
+    /// The latest acknowledgement proposed, and when.
+    last_ack: (u64, Instant),
+    failures: u32,
+}
+
+impl Shipper {
+    fn new(node: Arc<Node>, peer: RegionConfig) -> Result<Self, Error> {
+        let client = region_client(&peer)?;
+        let latency = node.latency().between(node.region(), &node.info().az, &peer.name, "");
+        Ok(Shipper {
+            node,
+            peer,
+            client,
+            latency,
+            cursor: None,
+            last_exchange: Instant::now() - SHIP_HEARTBEAT,
+            last_ack: (0, Instant::now()),
+            failures: 0,
+        })
     }
-}
 
-async fn ship_to(shared: Arc<Shared>, peer: RegionConfig, mut stop: watch::Receiver<bool>) {
-    let client = match region_client(&peer) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(peer = %peer.name, error = %e, "cannot ship to region");
-            return;
-        }
-    };
-    let latency = shared.latency.between(&shared.info.region, &shared.info.az, &peer.name, "");
-    // The peer's applied position for this region: `None` until it told us.
-    let mut cursor: Option<u64> = None;
-    let mut last_exchange = Instant::now() - SHIP_HEARTBEAT;
-    let mut last_ack = (0u64, Instant::now());
-    let mut failures = 0u32;
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let pause = async {
-            tokio::select! {
-                _ = stop.changed() => {}
-                _ = tokio::time::sleep(SHIP_IDLE) => {}
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        while !*stop.borrow() {
+            let step = match self.next_step() {
+                Ok(step) => step,
+                Err(e) => {
+                    self.node.stop_fatally(format!("reading the changefeed: {e}"));
+                    return;
+                }
+            };
+            match step {
+                Step::Idle => {
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        _ = tokio::time::sleep(SHIP_IDLE) => {}
+                    }
+                }
+                Step::Send(shipment) => self.exchange(shipment).await,
             }
-        };
-        if shared.check_leader().is_err() || shared.faults.sends_blocked(&peer.name) {
-            cursor = None;
-            pause.await;
-            continue;
+        }
+    }
+
+    /// Reads what to ship next: the changefeed above the cursor, or an empty
+    /// heartbeat when it is time to exchange roles and progress.
+    fn next_step(&mut self) -> Result<Step, Error> {
+        let node = &self.node;
+        if node.check_leader().is_err() || node.faults().sends_blocked(&self.peer.name) {
+            self.cursor = None;
+            return Ok(Step::Idle);
         }
         // Read the latest local write first: every local write at or below it
         // is in the changefeed (or was acknowledged by every peer) when we scan.
-        let applied_before = shared.reader.region_state().last_local_write;
-        let (entries, complete_through) = match cursor {
+        let applied_before = node.reader().region_state().last_local_write;
+        let (entries, complete_through) = match self.cursor {
             None => (Vec::new(), 0),
-            Some(c) => match shared.reader.changefeed_after(c, SHIP_BATCH_ENTRIES_MAX, SHIP_BATCH_BYTES_MAX) {
-                Ok((page, all)) => {
-                    let complete = if all { applied_before } else { page.last().map(|(i, _)| *i).unwrap_or(c) };
-                    (page.into_iter().map(|(i, r)| to_entry(i, r)).collect::<Vec<_>>(), complete)
-                }
-                Err(e) => {
-                    shared.stop_fatally(format!("reading the changefeed: {e}"));
-                    return;
-                }
-            },
+            Some(c) => {
+                let (page, all) = node
+                    .reader()
+                    .changefeed_after(c, SHIP_BATCH_ENTRIES_MAX, SHIP_BATCH_BYTES_MAX)
+                    .map_err(Error::from)?;
+                let complete = if all { applied_before } else { page.last().map(|(i, _)| *i).unwrap_or(c) };
+                (page.into_iter().map(|(i, r)| convert::change_to_remote(i, r)).collect::<Vec<_>>(), complete)
+            }
         };
-        if entries.is_empty() && cursor.is_some() && last_exchange.elapsed() < SHIP_HEARTBEAT {
-            pause.await;
-            continue;
+        if entries.is_empty() && self.cursor.is_some() && self.last_exchange.elapsed() < SHIP_HEARTBEAT {
+            return Ok(Step::Idle);
         }
-        let region = shared.reader.region_state();
-        let req = ShipRequest {
-            origin_region: shared.info.region.clone(),
+        let region = node.reader().region_state();
+        Ok(Step::Send(Shipment {
+            origin: node.region().to_string(),
             epoch: region.epoch,
-            primary: shared.reader.primary(),
+            primary: node.reader().primary(),
             entries,
-            receiver_applied_through: region.applied_from.get(&peer.name).copied().unwrap_or(0),
+            receiver_applied_through: region.applied_from.get(&self.peer.name).copied().unwrap_or(0),
             complete_through,
-        };
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
+        }))
+    }
+
+    /// Sends one shipment and acts on the answer: adopt a newer primary,
+    /// move the cursor, propose the acknowledgement now and then.
+    async fn exchange(&mut self, shipment: Shipment) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
         }
-        let sent = client
+        let req = convert::shipment_to_proto(shipment);
+        let sent = self
+            .client
             .call(true, |c| {
                 let r = req.clone();
-                async move { crate::server::replication::client(c).ship(r).await }
+                async move { ship_client(c).ship(r).await }
             })
             .await;
-        let resp = match sent {
-            Ok(r) => r,
+        let answer = match sent {
+            Ok(r) => convert::answer_from_proto(r),
             Err(e) => {
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(50) {
-                    tracing::warn!(peer = %peer.name, failures, error = %e, "shipping to region failed; retrying");
+                self.failures += 1;
+                if self.failures == 1 || self.failures.is_multiple_of(SHIP_FAILURES_PER_WARNING) {
+                    tracing::warn!(peer = %self.peer.name, failures = self.failures, error = %e, "shipping to region failed; retrying");
                 }
-                cursor = None;
+                self.cursor = None;
                 tokio::time::sleep(SHIP_BACKOFF).await;
-                continue;
+                return;
             }
         };
-        failures = 0;
-        last_exchange = Instant::now();
-        adopt_from_peer(&shared, &peer, &resp).await;
-        match ShipRefusal::try_from(resp.refused).unwrap_or(ShipRefusal::None) {
-            ShipRefusal::None => {}
-            ShipRefusal::StaleEpoch => {
-                tracing::warn!(peer = %peer.name, reason = %resp.reason, "shipment refused: stale epoch");
-                tokio::time::sleep(SHIP_BACKOFF).await;
-            }
-            ShipRefusal::ClockAhead => {
-                tracing::warn!(peer = %peer.name, reason = %resp.reason, "shipment refused: clock ahead");
-                tokio::time::sleep(SHIP_BACKOFF).await;
-            }
+        self.failures = 0;
+        self.last_exchange = Instant::now();
+        adopt_from_peer(&self.node, &self.peer, &answer).await;
+        if answer.refused != Refusal::None {
+            tracing::warn!(peer = %self.peer.name, refused = ?answer.refused, reason = %answer.reason, "shipment refused");
+            tokio::time::sleep(SHIP_BACKOFF).await;
         }
-        cursor = Some(resp.applied_through);
-        shared.stats.set_acked(&peer.name, resp.applied_through);
-        if resp.applied_through > last_ack.0 && last_ack.1.elapsed() >= ACK_INTERVAL {
-            let ack = Command::AckShipped {
-                region: peer.name.clone(),
-                index: resp.applied_through,
-                peer_index: resp.receiver_index,
-            };
-            if shared.propose(ack).await.is_ok() {
-                last_ack = (resp.applied_through, Instant::now());
-            }
+        self.cursor = Some(answer.applied_through);
+        self.node.stats().set_acked(&self.peer.name, answer.applied_through);
+        self.propose_ack(&answer).await;
+    }
+
+    /// Proposes the peer's acknowledgement when it moved and `ACK_INTERVAL`
+    /// has passed since the last one.
+    async fn propose_ack(&mut self, answer: &ShipAnswer) {
+        if answer.applied_through <= self.last_ack.0 || self.last_ack.1.elapsed() < ACK_INTERVAL {
+            return;
+        }
+        let ack = Command::AckShipped {
+            region: self.peer.name.clone(),
+            index: answer.applied_through,
+            peer_index: answer.receiver_index,
+        };
+        if self.node.propose(ack).await.is_ok() {
+            self.last_ack = (answer.applied_through, Instant::now());
         }
     }
 }
 
 /// Acts on the roles a peer reported (active-passive): if the peer is the
 /// primary at a higher epoch, adopt it (demoting this region if needed).
-async fn adopt_from_peer(shared: &Arc<Shared>, peer: &RegionConfig, resp: &ShipResponse) {
-    if shared.mode != Mode::ActivePassive {
+async fn adopt_from_peer(node: &Node, peer: &RegionConfig, answer: &ShipAnswer) {
+    if node.mode() != Mode::ActivePassive {
         return;
     }
-    let ours = shared.reader.region_state();
-    if resp.epoch > ours.epoch && resp.primary == peer.name {
-        adopt(shared.clone(), &resp.primary, resp.epoch, resp.applied_through).await;
+    let ours = node.reader().region_state();
+    if answer.epoch > ours.epoch && answer.primary == peer.name {
+        adopt(node, &answer.primary, answer.epoch, answer.applied_through).await;
     }
 }
 
 /// Adopts `primary` at `epoch`. `shipped_through` is how far the new primary
 /// applied this region's changefeed; anything above becomes divergent, and
 /// the resync task overwrites those keys with the new primary's values.
-pub async fn adopt(shared: Arc<Shared>, primary: &str, epoch: u64, shipped_through: u64) {
+pub async fn adopt(node: &Node, primary: &str, epoch: u64, shipped_through: u64) {
     let cmd = Command::SetRole { primary: primary.to_string(), epoch, fenced: false, shipped_through };
-    match shared.propose(cmd).await {
+    match node.propose(cmd).await {
         Ok(CommandResult::Role { divergent }) => {
             tracing::warn!(%primary, epoch, divergent = divergent.len(), "adopted a new primary");
         }
         Ok(other) => tracing::error!(?other, "unexpected result adopting a primary"),
         Err(e) => tracing::warn!(error = %e, %primary, epoch, "could not adopt the new primary yet"),
+    }
+}
+
+/// Takes a peer region's shipment on this region's leader: checks that the
+/// sender is a peer, that it is not stale (active-passive), adopts a newer
+/// primary it names, refuses timestamps too far ahead of this clock, and
+/// proposes the batch through Raft. Forwarding to the leader is the
+/// adapter's job; this must run on the leader.
+pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Error> {
+    let origin = shipment.origin.clone();
+    if origin == node.region() || !node.peers().iter().any(|p| p.name == origin) {
+        return Err(Error::invalid(format!("origin_region {origin:?} is not a peer region")));
+    }
+    if node.faults().region_blocked(&origin) {
+        return Err(Error::Unavailable {
+            reason: format!("traffic from region {origin} is blocked (fault injection)"),
+            retry_safe: true,
+        });
+    }
+    if node.mode() == Mode::ActivePassive {
+        let ours = node.reader().region_state();
+        if shipment.epoch < ours.epoch {
+            let reason = format!(
+                "region {} is at epoch {} with primary {}; {origin} sent epoch {}",
+                node.region(),
+                ours.epoch,
+                node.reader().primary(),
+                shipment.epoch
+            );
+            return Ok(answer(node, &origin, Refusal::StaleEpoch, reason));
+        }
+        if shipment.epoch > ours.epoch && shipment.primary == origin {
+            adopt(node, &shipment.primary, shipment.epoch, shipment.receiver_applied_through).await;
+        }
+    }
+    for e in &shipment.entries {
+        if let Err(err) = node.clock().observe(e.hlc) {
+            node.stats().count_refused_clock(&origin);
+            crate::telemetry::remote_refused(&origin);
+            tracing::warn!(%origin, error = %err, "refusing a shipment: remote timestamp too far ahead");
+            return Ok(answer(node, &origin, Refusal::ClockAhead, err.to_string()));
+        }
+    }
+    // An empty batch can still advance what this region holds of the
+    // origin (`complete_through`); propose it when it would.
+    let held = node.reader().region_state().complete_from.get(&origin).copied().unwrap_or(0);
+    if !shipment.entries.is_empty() || shipment.complete_through > held {
+        let cmd = Command::ApplyRemote {
+            origin: origin.clone(),
+            epoch: shipment.epoch,
+            entries: shipment.entries,
+            complete_through: shipment.complete_through,
+        };
+        match node.propose(cmd).await? {
+            CommandResult::Remote { .. } => {}
+            CommandResult::Rejected { reason, .. } => return Ok(answer(node, &origin, Refusal::StaleEpoch, reason)),
+            other => return Err(Error::Internal(format!("a shipment applied as {other:?}"))),
+        }
+    }
+    Ok(answer(node, &origin, Refusal::None, String::new()))
+}
+
+/// This region's answer to `origin`: how far it applied the origin, and its
+/// view of the roles.
+fn answer(node: &Node, origin: &str, refused: Refusal, reason: String) -> ShipAnswer {
+    let region = node.reader().region_state();
+    ShipAnswer {
+        applied_through: region.applied_from.get(origin).copied().unwrap_or(0),
+        epoch: region.epoch,
+        primary: node.reader().primary(),
+        refused,
+        reason,
+        receiver_index: region.last_local_write,
     }
 }
 
@@ -304,7 +398,7 @@ const RESYNC_INTERVAL: Duration = Duration::from_millis(500);
 /// Starts the task that, on the region's leader, overwrites divergent keys
 /// with the new primary's values until the region state says it is done.
 /// Driven by replicated state, so a leader change resumes it.
-pub fn spawn_resync(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_resync(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -314,11 +408,11 @@ pub fn spawn_resync(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> tok
             if *stop.borrow() {
                 return;
             }
-            let region = shared.reader.region_state();
-            if !region.resync_pending || shared.check_leader().is_err() {
+            let region = node.reader().region_state();
+            if !region.resync_pending || node.check_leader().is_err() {
                 continue;
             }
-            if let Err(e) = resync_once(&shared, region.epoch).await {
+            if let Err(e) = resync_once(&node, region.epoch).await {
                 tracing::warn!(error = %e, "resync of divergent keys failed; retrying");
             }
         }
@@ -328,23 +422,23 @@ pub fn spawn_resync(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> tok
 /// One pass over the divergence record of the current epoch: reads each key
 /// at the new primary (linearizable, so no stale replica answers) and
 /// proposes the values; the last batch marks the resync done.
-async fn resync_once(shared: &Arc<Shared>, epoch: u64) -> Result<(), Error> {
-    let primary = shared.reader.primary();
-    let region = shared
-        .peers
+async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
+    let primary = node.reader().primary();
+    let region = node
+        .peers()
         .iter()
         .find(|p| p.name == primary)
         .cloned()
         .ok_or_else(|| Error::Internal(format!("primary {primary} is not a peer region")))?;
-    if shared.faults.region_blocked(&primary) {
+    if node.faults().region_blocked(&primary) {
         return Err(Error::Unavailable {
             reason: format!("traffic with region {primary} is blocked (fault injection)"),
             retry_safe: true,
         });
     }
     let client = region_client(&region)?;
-    let records: Vec<_> = shared
-        .reader
+    let records: Vec<_> = node
+        .reader()
         .divergent(usize::MAX)
         .map_err(Error::from)?
         .into_iter()
@@ -352,7 +446,7 @@ async fn resync_once(shared: &Arc<Shared>, epoch: u64) -> Result<(), Error> {
         .collect();
     let chunks: Vec<_> = records.chunks(RESYNC_BATCH_KEYS_MAX).collect();
     if chunks.is_empty() {
-        shared.propose(Command::Resync { entries: Vec::new(), done: true }).await?;
+        node.propose(Command::Resync { entries: Vec::new(), done: true }).await?;
         return Ok(());
     }
     for (n, chunk) in chunks.iter().enumerate() {
@@ -378,7 +472,7 @@ async fn resync_once(shared: &Arc<Shared>, epoch: u64) -> Result<(), Error> {
             });
         }
         let done = n + 1 == chunks.len();
-        shared.propose(Command::Resync { entries, done }).await?;
+        node.propose(Command::Resync { entries, done }).await?;
     }
     tracing::info!(keys = records.len(), %primary, "divergent keys resynchronised from the new primary");
     Ok(())

@@ -19,25 +19,21 @@
 //! | `nines_storage_bytes` | gauge | size of the node's database on disk |
 //! | `nines_replication_lag_entries{from,to}`, `nines_replication_lag_seconds{from,to}` | gauge | writes of this region a peer has not applied, and the age of the oldest |
 //! | `nines_hlc_remote_refused_total{origin}` | counter | shipments refused for a timestamp too far ahead |
+//!
+//! This module is a leaf: it records what it is given and imports nothing
+//! else of the crate. The daemon samples Raft and storage for the gauges.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::sync::watch;
 use tonic::{Response, Status};
-
-use crate::node::Shared;
 
 /// Histogram buckets in seconds, 100 µs to 10 s: covers an fsync on a fast
 /// disk up to a request that waited out an election.
 const BUCKETS_SECONDS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-
-/// How often the gauges are refreshed from Raft and storage.
-const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Installs the process-wide Prometheus recorder (once per node process).
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -104,70 +100,50 @@ pub fn remote_refused(origin: &str) {
     counter!("nines_hlc_remote_refused_total", "origin" => origin.to_string()).increment(1);
 }
 
-/// On a leader, the highest index a majority of voters has: its commit
-/// index. openraft reports replication progress only on the leader, so
-/// followers export their applied index alone.
-fn leader_commit_index(m: &openraft::RaftMetrics<u64, crate::types::NodeInfo>) -> Option<u64> {
-    let replication = m.replication.as_ref()?;
-    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-    let mut matched: Vec<u64> = voters
-        .iter()
-        .map(|v| {
-            if *v == m.id {
-                m.last_log_index.unwrap_or(0)
-            } else {
-                replication.get(v).copied().flatten().map(|l| l.index).unwrap_or(0)
-            }
-        })
-        .collect();
-    matched.sort_unstable_by(|a, b| b.cmp(a));
-    matched.get(voters.len() / 2).copied()
+/// The Raft gauges of one node at one moment.
+pub struct RaftGauges {
+    pub has_leader: bool,
+    pub is_leader: bool,
+    /// One of [`RAFT_ROLES`].
+    pub role: &'static str,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    /// Known on the leader only.
+    pub commit_index: Option<u64>,
 }
 
-/// Refreshes the gauges every `GAUGE_INTERVAL` until `stop`.
-pub fn spawn_gauges(shared: Arc<Shared>, db: sled::Db, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut last_leader = None;
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return,
-                _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
-            }
-            if let Some(h) = &shared.metrics {
-                // Drains histogram buffers; the exporter leaves this to its user.
-                h.run_upkeep();
-            }
-            let m = shared.raft.metrics().borrow().clone();
-            if m.current_leader != last_leader {
-                if m.current_leader.is_some() {
-                    counter!("nines_raft_leader_changes_seen_total").increment(1);
-                }
-                last_leader = m.current_leader;
-            }
-            gauge!("nines_raft_has_leader").set(f64::from(u8::from(m.current_leader.is_some())));
-            gauge!("nines_raft_is_leader").set(f64::from(u8::from(m.current_leader == Some(shared.id))));
-            for role in ["leader", "follower", "candidate", "learner", "shutdown"] {
-                let now = crate::server::admin::role_name(&m.state) == role;
-                gauge!("nines_raft_role", "role" => role).set(f64::from(u8::from(now)));
-            }
-            gauge!("nines_raft_term").set(m.current_term as f64);
-            gauge!("nines_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
-            gauge!("nines_raft_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
-            if let Some(commit) = leader_commit_index(&m) {
-                gauge!("nines_raft_commit_index").set(commit as f64);
-            }
-            if let Ok(bytes) = db.size_on_disk() {
-                gauge!("nines_storage_bytes").set(bytes as f64);
-            }
-            if shared.check_leader().is_ok()
-                && let Ok(lags) = shared.replication_lag()
-            {
-                for lag in lags {
-                    let labels = [("from", shared.info.region.clone()), ("to", lag.region.clone())];
-                    gauge!("nines_replication_lag_entries", &labels).set(lag.lag_entries as f64);
-                    gauge!("nines_replication_lag_seconds", &labels).set(lag.lag_ms as f64 / 1000.0);
-                }
-            }
-        }
-    })
+/// The values of the `role` label of `nines_raft_role`.
+pub const RAFT_ROLES: [&str; 5] = ["leader", "follower", "candidate", "learner", "shutdown"];
+
+/// Sets the Raft gauges.
+pub fn raft_gauges(g: &RaftGauges) {
+    gauge!("nines_raft_has_leader").set(f64::from(u8::from(g.has_leader)));
+    gauge!("nines_raft_is_leader").set(f64::from(u8::from(g.is_leader)));
+    for role in RAFT_ROLES {
+        gauge!("nines_raft_role", "role" => role).set(f64::from(u8::from(g.role == role)));
+    }
+    gauge!("nines_raft_term").set(g.term as f64);
+    gauge!("nines_raft_last_log_index").set(g.last_log_index as f64);
+    gauge!("nines_raft_applied_index").set(g.applied_index as f64);
+    if let Some(commit) = g.commit_index {
+        gauge!("nines_raft_commit_index").set(commit as f64);
+    }
+}
+
+/// Counts a change to a new known leader.
+pub fn leader_changed() {
+    counter!("nines_raft_leader_changes_seen_total").increment(1);
+}
+
+/// Sets the size of the node's storage on disk.
+pub fn storage_bytes(bytes: u64) {
+    gauge!("nines_storage_bytes").set(bytes as f64);
+}
+
+/// Sets what peer region `to` has not applied of region `from`'s changefeed.
+pub fn replication_lag(from: &str, to: &str, entries: u64, ms: u64) {
+    let labels = [("from", from.to_string()), ("to", to.to_string())];
+    gauge!("nines_replication_lag_entries", &labels).set(entries as f64);
+    gauge!("nines_replication_lag_seconds", &labels).set(ms as f64 / 1000.0);
 }

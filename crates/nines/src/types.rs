@@ -32,6 +32,18 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, NodeInfo>;
 pub type Snapshot = openraft::storage::Snapshot<TypeConfig>;
 pub type Vote = openraft::Vote<NodeId>;
 
+/// The name of a Raft role in status output and metrics.
+pub fn role_name(state: &openraft::ServerState) -> &'static str {
+    use openraft::ServerState;
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
 /// A member of a region's Raft group, as stored in the membership config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -200,4 +212,60 @@ pub enum CommandResult {
         /// reads as `None`).
         current: Option<(Vec<u8>, StoredValue)>,
     },
+}
+
+/// One batch of a region's changefeed on its way to a peer region's leader
+/// (the domain side of the `Replication.Ship` request).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Shipment {
+    pub origin: String,
+    /// The sender's view of the region roles (active-passive).
+    pub epoch: u64,
+    pub primary: String,
+    /// Writes in origin-index order, all above what the receiver reported.
+    pub entries: Vec<RemoteEntry>,
+    /// How far the sender has applied the receiver's own changefeed: tells a
+    /// receiver that is being demoted which of its writes arrived.
+    pub receiver_applied_through: u64,
+    /// After this batch the receiver holds every write of the origin through
+    /// this index.
+    pub complete_through: u64,
+}
+
+/// Why a receiving region refused a shipment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Refusal {
+    #[default]
+    None,
+    /// The receiver knows a higher epoch: the sender is no longer primary.
+    StaleEpoch,
+    /// A timestamp in the batch is further ahead of the receiver's clock
+    /// than its maximum offset.
+    ClockAhead,
+}
+
+/// A receiving region's answer to a [`Shipment`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShipAnswer {
+    /// The highest origin index of the sender's region applied here.
+    pub applied_through: u64,
+    /// The receiver's view of the region roles.
+    pub epoch: u64,
+    pub primary: String,
+    pub refused: Refusal,
+    pub reason: String,
+    /// The log index of the receiver's latest own write when it replied.
+    pub receiver_index: u64,
+}
+
+/// What one peer region has not applied of this region's changefeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLag {
+    pub region: String,
+    /// The highest changefeed index the peer reported applied.
+    pub acked_index: u64,
+    /// Changefeed entries above it.
+    pub lag_entries: u64,
+    /// Age of the oldest of them, in milliseconds.
+    pub lag_ms: u64,
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, serial, wait_for};
+use common::{TestCluster, serial, wait_at_least, wait_for};
 use nines_client::{Consistency, Error};
 
 fn key(i: usize) -> String {
@@ -34,13 +34,6 @@ async fn three_nodes_elect_a_leader_and_every_put_is_readable_linearizably_from_
             assert_eq!(kv.value, format!("value-{i}").into_bytes(), "key {i} via node {id}");
         }
     }
-}
-
-async fn wait_acks(count: &std::sync::atomic::AtomicUsize, n: usize) {
-    wait_for(&format!("{n} acknowledged writes"), Duration::from_secs(60), || async {
-        (count.load(Ordering::SeqCst) >= n).then_some(())
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,11 +67,11 @@ async fn leader_killed_mid_write_loses_no_acknowledged_write_and_restarts_from_i
         }
         acked
     });
-    wait_acks(&before, 200).await;
+    wait_at_least(&before, 200).await;
     let killed_at = Instant::now();
     cluster.kill(old_leader);
     let acks_at_kill = before.load(Ordering::SeqCst);
-    wait_acks(&before, acks_at_kill + 200).await;
+    wait_at_least(&before, acks_at_kill + 200).await;
     stop.store(true, Ordering::SeqCst);
     let acked = handle.await.unwrap();
     let first_after = acked.iter().find(|(_, t)| *t > killed_at).map(|(_, t)| *t - killed_at);

@@ -151,7 +151,7 @@ async fn sigterm_stops_a_leader_cleanly_and_the_region_elects_another() {
     let status = cluster.stop(leader);
     assert!(status.success(), "a stopped node exits 0: {status}");
     assert!(
-        started.elapsed() < nines::node::SHUTDOWN_GRACE + Duration::from_secs(5),
+        started.elapsed() < nines::daemon::SHUTDOWN_GRACE + Duration::from_secs(5),
         "stop took {:?}",
         started.elapsed()
     );

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, serial, wait_for};
+use common::{TestCluster, serial, wait_at_least, wait_for};
 use nines::config::{Mode, NodeConfig};
 use nines_client::{Client, Consistency, Error, Version};
 
@@ -102,13 +102,6 @@ async fn unique_writer(
     (acked, unknown)
 }
 
-async fn wait_count(count: &AtomicUsize, n: usize) {
-    wait_for(&format!("{n} acknowledged writes"), Duration::from_secs(60), || async {
-        (count.load(Ordering::SeqCst) >= n).then_some(())
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_cut_between_regions_under_writes_then_restored_converges_without_loss() {
     // Shows: with the link between two regions cut, both keep taking writes
@@ -123,17 +116,17 @@ async fn link_cut_between_regions_under_writes_then_restored_converges_without_l
         .zip(&counts)
         .map(|(r, c)| tokio::spawn(unique_writer(cluster.region_client(r), format!("w{r}"), stop.clone(), c.clone())))
         .collect();
-    wait_count(&counts[0], 50).await;
+    wait_at_least(&counts[0], 50).await;
     cluster.set_faults("a", &["b"], 0).await;
     cluster.set_faults("b", &["a"], 0).await;
     let before = counts[0].load(Ordering::SeqCst);
-    wait_count(&counts[0], before + 100).await;
+    wait_at_least(&counts[0], before + 100).await;
     let s = cluster.region_client("a").region_status().await.unwrap();
     assert!(s.peers[0].lag_entries > 0, "a cut link must show lag: {s:?}");
     cluster.set_faults("a", &[], 0).await;
     cluster.set_faults("b", &[], 0).await;
     let before = counts[0].load(Ordering::SeqCst);
-    wait_count(&counts[0], before + 50).await;
+    wait_at_least(&counts[0], before + 50).await;
     stop.store(true, Ordering::SeqCst);
     let mut acked = Vec::new();
     for w in writers {
@@ -159,15 +152,15 @@ async fn region_leaders_killed_while_shipping_resume_without_gap_or_duplicate() 
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn(unique_writer(cluster.region_client("a"), "s".into(), stop.clone(), count.clone()));
-    wait_count(&count, 150).await;
+    wait_at_least(&count, 150).await;
     let leader_a = cluster.wait_leader_in("a").await;
     cluster.kill(leader_a);
     let n = count.load(Ordering::SeqCst);
-    wait_count(&count, n + 150).await;
+    wait_at_least(&count, n + 150).await;
     let leader_b = cluster.wait_leader_in("b").await;
     cluster.kill(leader_b);
     let n = count.load(Ordering::SeqCst);
-    wait_count(&count, n + 150).await;
+    wait_at_least(&count, n + 150).await;
     stop.store(true, Ordering::SeqCst);
     let (acked, _) = writer.await.unwrap();
     cluster.wait_converged().await;
@@ -262,12 +255,12 @@ async fn active_passive_planned_switchover_under_a_writer_loses_no_acknowledged_
     let count = Arc::new(AtomicUsize::new(0));
     let clients = vec![("a".to_string(), cluster.region_client("a")), ("b".to_string(), cluster.region_client("b"))];
     let writer = tokio::spawn(following_writer(clients, stop.clone(), count.clone()));
-    wait_count(&count, 200).await;
+    wait_at_least(&count, 200).await;
     let endpoints_a = cluster.endpoints(&cluster.regions["a"]);
     let out = nines(&endpoints_a, &["region", "promote", "b"]);
     assert!(out.status.success(), "promote: {}", String::from_utf8_lossy(&out.stderr));
     let n = count.load(Ordering::SeqCst);
-    wait_count(&count, n + 200).await;
+    wait_at_least(&count, n + 200).await;
     stop.store(true, Ordering::SeqCst);
     let (acked, _) = writer.await.unwrap();
     let s = cluster.region_client("b").region_status().await.unwrap();
@@ -321,7 +314,7 @@ async fn active_passive_unplanned_failover_promotes_and_divergence_counts_every_
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn(unique_writer(cluster.region_client("a"), "f".into(), stop.clone(), count.clone()));
-    wait_count(&count, 300).await;
+    wait_at_least(&count, 300).await;
     let killed_at = Instant::now();
     for id in cluster.regions["a"].clone() {
         cluster.kill(id);

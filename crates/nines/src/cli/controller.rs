@@ -1,8 +1,9 @@
 //! `nines controller`: the equivalent of a DNS health-checked failover for
-//! active-passive clusters. It probes every region on an interval; after
-//! `threshold` consecutive failed probes of the primary it promotes the most
-//! caught-up reachable secondary (the one that applied the most of the
-//! primary's changefeed) at the next epoch.
+//! active-passive clusters. It probes every region on an interval, asks
+//! [`crate::controller::decide`] what to do, does it and logs it (through
+//! `tracing`, on stderr): after `threshold` consecutive failed probes of the
+//! primary it promotes the most caught-up reachable secondary (the one that
+//! applied the most of the primary's changefeed) at the next epoch.
 //!
 //! A probe succeeds when the region's leader answers its region status
 //! within the probe timeout: the region has a leader and serves.
@@ -15,6 +16,7 @@ use nines_client::RegionStatusResponse;
 
 use super::Global;
 use super::region::{discover, region_client};
+use crate::controller::{Action, History, Outcome, Policy, Seen, decide, promoted};
 
 #[derive(Args, Debug)]
 pub struct ControllerArgs {
@@ -29,11 +31,8 @@ pub struct ControllerArgs {
     pub duration: Option<Duration>,
 }
 
-fn now() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
-
 pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
+    super::init_tracing(false);
     if args.threshold == 0 {
         anyhow::bail!("--threshold must be at least 1");
     }
@@ -46,21 +45,17 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
         .iter()
         .map(|r| region_client(r, probe_timeout).map(|c| (r.name.clone(), c)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    println!(
-        "{} controller: watching {} regions every {:?}, failing over after {} failed probes",
-        now(),
-        regions.len(),
-        args.interval,
-        args.threshold
+    tracing::info!(
+        regions = regions.len(),
+        interval = ?args.interval,
+        threshold = args.threshold,
+        "controller watching every region"
     );
+    let policy = Policy { threshold: args.threshold };
     let started = Instant::now();
-    let stop = crate::node::termination_signal();
+    let stop = crate::daemon::termination_signal();
     tokio::pin!(stop);
-    let mut failures = 0u32;
-    // The highest (epoch, primary) this controller has seen or issued: a
-    // region that misses a probe right after its promotion is still known
-    // as primary, and no epoch is issued twice.
-    let mut known: Option<(u64, String)> = None;
+    let mut history = History::default();
     let mut ticker = tokio::time::interval(args.interval);
     loop {
         tokio::select! {
@@ -70,59 +65,73 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
         if args.duration.is_some_and(|d| started.elapsed() >= d) {
             return Ok(());
         }
-        let mut seen: Vec<(String, RegionStatusResponse)> = Vec::new();
-        for (name, c) in &clients {
-            if let Ok(Ok(s)) = tokio::time::timeout(probe_timeout, c.region_status()).await {
-                seen.push((name.clone(), s));
+        let seen = probe(&clients, probe_timeout).await;
+        let (action, next) = decide(&seen, &history, &policy);
+        history = next;
+        match action {
+            Action::Promote { region, epoch, .. } => {
+                let client = &clients.iter().find(|(n, _)| *n == region).context("candidate client")?.1;
+                let outcome = match client.promote_region(epoch).await {
+                    Ok(r) => Outcome::Promoted(r.epoch),
+                    Err(e) if no_effect(&e) => {
+                        tracing::warn!(%region, epoch, error = %e, "promotion refused");
+                        Outcome::Refused
+                    }
+                    Err(e) => {
+                        tracing::warn!(%region, epoch, error = %e, "promotion outcome unknown; only it will be retried");
+                        Outcome::Unknown
+                    }
+                };
+                if let Outcome::Promoted(e) = outcome {
+                    tracing::warn!(%region, epoch = e, "promoted to primary");
+                }
+                history = promoted(&history, &region, epoch, &outcome);
             }
+            Action::ActiveActive => anyhow::bail!("the cluster is active-active: there is no primary to fail over"),
+            other => log(&other, args.threshold),
         }
-        if let Some(view) = seen.iter().map(|(_, s)| s).max_by_key(|s| s.epoch)
-            && known.as_ref().is_none_or(|(e, _)| view.epoch > *e)
-        {
-            known = Some((view.epoch, view.primary.clone()));
+    }
+}
+
+/// Probes every region concurrently; the answers of those that answered
+/// within `timeout`.
+async fn probe(clients: &[(String, nines_client::Client)], timeout: Duration) -> Vec<Seen> {
+    let probes = clients.iter().map(|(name, c)| async move {
+        match tokio::time::timeout(timeout, c.region_status()).await {
+            Ok(Ok(s)) => Some((name.clone(), s)),
+            _ => None,
         }
-        let Some((epoch, primary)) = known.clone() else {
-            failures += 1;
-            println!("{} no region answers ({failures} failed probes)", now());
-            continue;
-        };
-        if primary.is_empty() {
-            anyhow::bail!("the cluster is active-active: there is no primary to fail over");
+    });
+    let answers: Vec<(String, RegionStatusResponse)> =
+        futures::future::join_all(probes).await.into_iter().flatten().collect();
+    answers
+        .into_iter()
+        .map(|(region, s)| {
+            let applied_from_primary =
+                s.origins.iter().find(|o| o.origin == s.primary).map(|o| o.applied_through).unwrap_or(0);
+            Seen { region, epoch: s.epoch, primary: s.primary, applied_from_primary }
+        })
+        .collect()
+}
+
+/// Whether a failed promotion certainly had no effect.
+fn no_effect(e: &nines_client::Error) -> bool {
+    use nines_client::Error::*;
+    matches!(e, Unavailable { .. } | InvalidArgument(_) | FailedPrecondition(_) | InvalidEndpoint { .. })
+}
+
+fn log(action: &Action, threshold: u32) {
+    match action {
+        Action::NoRegionAnswers { failures } => tracing::warn!(failures, "no region answers"),
+        Action::Healthy { primary, recovered: true } => tracing::info!(%primary, "primary answers again"),
+        Action::Healthy { .. } => {}
+        Action::PrimaryFailing { primary, failures } => {
+            tracing::warn!(%primary, failures, threshold, "primary failed its probe")
         }
-        if seen.iter().any(|(n, _)| *n == primary) {
-            if failures > 0 {
-                println!("{} primary {primary} answers again", now());
-            }
-            failures = 0;
-            continue;
+        Action::AwaitPending { region, epoch } => {
+            tracing::warn!(%region, epoch, "waiting for an unconfirmed promotion; its region does not answer")
         }
-        failures += 1;
-        println!("{} primary {primary} failed its probe ({failures}/{})", now(), args.threshold);
-        if failures < args.threshold {
-            continue;
-        }
-        let applied_from_primary = |s: &RegionStatusResponse| {
-            s.origins.iter().find(|o| o.origin == primary).map(|o| o.applied_through).unwrap_or(0)
-        };
-        let Some((candidate, status)) =
-            seen.iter().filter(|(n, _)| *n != primary).max_by_key(|(_, s)| applied_from_primary(s))
-        else {
-            println!("{} no secondary is reachable to promote", now());
-            continue;
-        };
-        let client = &clients.iter().find(|(n, _)| n == candidate).context("candidate client")?.1;
-        match client.promote_region(epoch + 1).await {
-            Ok(r) => {
-                known = Some((r.epoch, candidate.clone()));
-                println!(
-                    "{} promoted {candidate} to primary at epoch {} (it had applied {primary} through index {})",
-                    now(),
-                    r.epoch,
-                    applied_from_primary(status)
-                );
-                failures = 0;
-            }
-            Err(e) => println!("{} promoting {candidate} failed: {e}", now()),
-        }
+        Action::NoCandidate { primary } => tracing::warn!(%primary, "primary down and no secondary is reachable"),
+        Action::Promote { .. } | Action::ActiveActive => {}
     }
 }

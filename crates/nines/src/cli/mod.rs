@@ -180,7 +180,7 @@ pub struct NodeArgs {
 impl NodeArgs {
     /// The config file (or defaults) with environment and flags applied.
     pub fn resolve(&self) -> anyhow::Result<NodeConfig> {
-        let mut c = crate::node::load_config(self.config.as_ref())?;
+        let mut c = crate::daemon::load_config(self.config.as_ref())?;
         if let Some(v) = self.id {
             c.id = v;
         }
@@ -260,7 +260,7 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             std::mem::forget(thread_span.clone().entered());
         })
         .build()?;
-    runtime.block_on(crate::node::run(config, crate::node::termination_signal()).instrument(span))
+    runtime.block_on(crate::daemon::run(config, crate::daemon::termination_signal()).instrument(span))
 }
 
 fn client(g: &Global) -> anyhow::Result<Client> {

@@ -261,7 +261,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!("try: nines put hello world && nines get hello && nines status   (Ctrl-C stops every node)");
 
-    let stop = crate::node::termination_signal();
+    let stop = crate::daemon::termination_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {

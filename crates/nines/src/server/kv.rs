@@ -7,34 +7,31 @@ use nines_proto::v1::kv_client::KvClient;
 use nines_proto::v1::kv_server::Kv;
 use nines_proto::v1::{
     CompareAndSwapRequest, CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
-    KeyValue, PutRequest, PutResponse, ScanRequest, ScanResponse,
+    PutRequest, PutResponse, ScanRequest, ScanResponse,
 };
 use tonic::{Request, Response, Status};
 
-use super::{forward, hops, validate, version_to_proto};
+use super::forward::{forward, hops};
+use crate::convert::{key_value as kv, version_to_proto};
 use crate::error::Error;
 use crate::limits::{RESPONSE_BYTES_MAX, SCAN_RESPONSE_BYTES_MAX};
-use crate::node::Shared;
+use crate::node::Node;
 use crate::telemetry::observed;
-use crate::types::{Command, CommandResult, StoredValue};
+use crate::types::{Command, CommandResult};
+use crate::validate;
 
 pub struct KvService {
-    node: Arc<Shared>,
+    node: Arc<Node>,
 }
 
 impl KvService {
-    pub fn new(node: Arc<Shared>) -> Self {
+    pub fn new(node: Arc<Node>) -> Self {
         KvService { node }
     }
 }
 
-fn kv(key: Vec<u8>, stored: StoredValue) -> Option<KeyValue> {
-    let version = Some(version_to_proto(&stored.version));
-    stored.value.map(|value| KeyValue { key, value, version })
-}
-
 /// Maps a failed state read; corruption also stops the node.
-fn read_failed(node: &Shared, e: crate::storage::state_machine::ReadError) -> Status {
+fn read_failed(node: &Node, e: crate::storage::state_machine::ReadError) -> Status {
     let e = Error::from(e);
     if let Error::InvalidData(reason) = &e {
         node.stop_fatally(reason.clone());
@@ -56,7 +53,7 @@ impl KvService {
         let r = req.into_inner();
         validate::key(&r.key)?;
         validate::value(&r.value)?;
-        let cmd = Command::Put { key: r.key.clone(), value: r.value.clone(), hlc: self.node.clock.now() };
+        let cmd = Command::Put { key: r.key.clone(), value: r.value.clone(), hlc: self.node.now() };
         match self.node.write(cmd).await {
             Ok(CommandResult::Put { version }) => {
                 Ok(Response::new(PutResponse { version: Some(version_to_proto(&version)) }))
@@ -75,17 +72,17 @@ impl KvService {
         {
             return forward(&self.node, e, hops, r, |c, req| async move { kv_client(c).get(req).await }).await;
         }
-        let applied_index = self.node.reader.applied_index();
-        let stored = self.node.reader.get(&r.key).map_err(|e| read_failed(&self.node, e))?;
+        let applied_index = self.node.reader().applied_index();
+        let stored = self.node.reader().get(&r.key).map_err(|e| read_failed(&self.node, e))?;
         let kv = stored.and_then(|s| kv(r.key, s));
-        Ok(Response::new(GetResponse { kv, applied_index, served_by: self.node.id }))
+        Ok(Response::new(GetResponse { kv, applied_index, served_by: self.node.id() }))
     }
 
     async fn handle_delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let hops = hops(&req);
         let r = req.into_inner();
         validate::key(&r.key)?;
-        let cmd = Command::Delete { key: r.key.clone(), hlc: self.node.clock.now() };
+        let cmd = Command::Delete { key: r.key.clone(), hlc: self.node.now() };
         match self.node.write(cmd).await {
             Ok(CommandResult::Delete { existed, version }) => {
                 Ok(Response::new(DeleteResponse { existed, version: Some(version_to_proto(&version)) }))
@@ -104,12 +101,8 @@ impl KvService {
         validate::key(&r.key)?;
         validate::value(&r.value)?;
         let expected = validate::expected(&r)?;
-        let cmd = Command::CompareAndSwap {
-            key: r.key.clone(),
-            value: r.value.clone(),
-            expected,
-            hlc: self.node.clock.now(),
-        };
+        let cmd =
+            Command::CompareAndSwap { key: r.key.clone(), value: r.value.clone(), expected, hlc: self.node.now() };
         match self.node.write(cmd).await {
             Ok(CommandResult::CompareAndSwap { succeeded, version, current }) => {
                 Ok(Response::new(CompareAndSwapResponse {
@@ -134,14 +127,14 @@ impl KvService {
         {
             return forward(&self.node, e, hops, r, |c, req| async move { kv_client(c).scan(req).await }).await;
         }
-        let applied_index = self.node.reader.applied_index();
+        let applied_index = self.node.reader().applied_index();
         let (found, more) = self
             .node
-            .reader
+            .reader()
             .scan(&bounds.start, &bounds.end, bounds.limit as usize, SCAN_RESPONSE_BYTES_MAX)
             .map_err(|e| read_failed(&self.node, e))?;
         let kvs = found.into_iter().filter_map(|(k, v)| kv(k, v)).collect();
-        Ok(Response::new(ScanResponse { kvs, more, applied_index, served_by: self.node.id }))
+        Ok(Response::new(ScanResponse { kvs, more, applied_index, served_by: self.node.id() }))
     }
 }
 

@@ -21,16 +21,27 @@ pub use state_machine::{ReplicationSetup, StateMachine, StateReader};
 
 use crate::hlc::HlcClock;
 
+/// The database of one node, for what is not the log or the state machine
+/// (its size on disk).
+#[derive(Clone)]
+pub struct Disk(sled::Db);
+
+impl Disk {
+    pub fn size_on_disk(&self) -> std::io::Result<u64> {
+        self.0.size_on_disk().map_err(std::io::Error::other)
+    }
+}
+
 /// Opens (or creates) the storage of one node under `dir`.
 pub fn open(
     dir: &Path,
     setup: ReplicationSetup,
     clock: Arc<HlcClock>,
-) -> anyhow::Result<(sled::Db, LogStore, StateMachine)> {
+) -> anyhow::Result<(Disk, LogStore, StateMachine)> {
     let db = sled::Config::new().path(dir.join("db")).open()?;
     let sm = StateMachine::open(&db, setup, clock).map_err(|e| anyhow::anyhow!("{e}"))?;
     let log = LogStore::open(&db, Some(sm.durable_applied()))?;
-    Ok((db, log, sm))
+    Ok((Disk(db), log, sm))
 }
 
 #[cfg(test)]

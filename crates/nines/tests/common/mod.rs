@@ -67,6 +67,15 @@ where
     }
 }
 
+/// Waits until `count` reaches `n` (acknowledged writes counted by a
+/// writer task), for at most a minute.
+pub async fn wait_at_least(count: &std::sync::atomic::AtomicUsize, n: usize) {
+    wait_for(&format!("{n} acknowledged writes"), Duration::from_secs(60), || async {
+        (count.load(std::sync::atomic::Ordering::SeqCst) >= n).then_some(())
+    })
+    .await
+}
+
 pub struct TestNode {
     pub config: NodeConfig,
     pub config_path: PathBuf,

@@ -1,0 +1,258 @@
+//! Every conversion between the wire (`nines_proto`) and the node's own
+//! types, in one place. Conversions from the wire check what they convert
+//! (see [`crate::validate`]) and name the field they refuse.
+
+use nines_proto::v1 as pb;
+
+use crate::error::Error;
+use crate::faults::{FaultSet, LinkRule};
+use crate::hlc::Hlc;
+use crate::limits::{LABEL_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
+use crate::storage::state_machine::{ChangeRecord, DivergentRecord};
+use crate::types::{NodeId, NodeInfo, PeerLag, Refusal, RemoteEntry, ShipAnswer, Shipment, StoredValue, Version};
+use crate::validate;
+
+pub fn version_to_proto(v: &Version) -> pb::Version {
+    pb::Version {
+        hlc_physical_ms: v.hlc.physical_ms,
+        hlc_logical: v.hlc.logical,
+        origin_region: v.origin.clone(),
+        index: v.index,
+    }
+}
+
+/// A stored value as a client sees it; a tombstone is no value.
+pub fn key_value(key: Vec<u8>, stored: StoredValue) -> Option<pb::KeyValue> {
+    let version = Some(version_to_proto(&stored.version));
+    stored.value.map(|value| pb::KeyValue { key, value, version })
+}
+
+pub fn info_to_proto(id: NodeId, n: &NodeInfo) -> pb::NodeInfo {
+    pb::NodeInfo {
+        id,
+        grpc_addr: n.grpc_addr.clone(),
+        admin_addr: n.admin_addr.clone(),
+        region: n.region.clone(),
+        az: n.az.clone(),
+    }
+}
+
+/// Checks a node description from a request and converts it.
+pub fn info_from_proto(n: &pb::NodeInfo) -> Result<(NodeId, NodeInfo), Error> {
+    if n.id == 0 {
+        return Err(Error::invalid("node id must not be 0"));
+    }
+    if !(n.grpc_addr.starts_with("http://") || n.grpc_addr.starts_with("https://")) {
+        return Err(Error::invalid(format!(
+            "node {} grpc_addr {:?} must be a URL such as http://127.0.0.1:7001",
+            n.id, n.grpc_addr
+        )));
+    }
+    for (field, label) in [("region", &n.region), ("az", &n.az)] {
+        if label.len() > LABEL_BYTES_MAX {
+            return Err(Error::invalid(format!(
+                "node {} {field} is {} bytes; limit LABEL_BYTES_MAX is {LABEL_BYTES_MAX}",
+                n.id,
+                label.len()
+            )));
+        }
+    }
+    let info = NodeInfo {
+        grpc_addr: n.grpc_addr.clone(),
+        admin_addr: n.admin_addr.clone(),
+        region: n.region.clone(),
+        az: n.az.clone(),
+    };
+    Ok((n.id, info))
+}
+
+pub fn peer_lag_to_proto(l: PeerLag) -> pb::PeerLag {
+    pb::PeerLag { region: l.region, acked_index: l.acked_index, lag_entries: l.lag_entries, lag_ms: l.lag_ms }
+}
+
+pub fn divergent_to_proto(d: DivergentRecord) -> pb::DivergentRecord {
+    pb::DivergentRecord {
+        kv: Some(pb::KeyValueRecord {
+            key: d.key,
+            tombstone: d.value.is_none(),
+            value: d.value.unwrap_or_default(),
+            hlc_physical_ms: d.version.hlc.physical_ms,
+            hlc_logical: d.version.hlc.logical,
+            origin_region: d.version.origin,
+            index: d.version.index,
+        }),
+        demoted_at_epoch: d.demoted_at_epoch,
+    }
+}
+
+/// The faults a `SetFaults` request asks for.
+pub fn faults_from_proto(r: pb::SetFaultsRequest) -> FaultSet {
+    let links = r
+        .links
+        .iter()
+        .map(|l| {
+            let rule = if l.drop {
+                LinkRule::Drop
+            } else {
+                LinkRule::Delay(std::time::Duration::from_millis(u64::from(l.delay_ms)))
+            };
+            (l.to_node, rule)
+        })
+        .collect();
+    FaultSet {
+        blocked_regions: r.blocked_regions,
+        send_blocked_regions: r.send_blocked_regions,
+        clock_offset_ms: r.clock_offset_ms,
+        links,
+    }
+}
+
+/// One changefeed record, at its index, as it travels to a peer region.
+pub fn change_to_remote(index: u64, rec: ChangeRecord) -> RemoteEntry {
+    RemoteEntry { origin_index: index, key: rec.key, value: rec.value, hlc: rec.hlc }
+}
+
+pub fn shipment_to_proto(s: Shipment) -> pb::ShipRequest {
+    let entries = s
+        .entries
+        .into_iter()
+        .map(|e| pb::ChangeEntry {
+            origin_index: e.origin_index,
+            key: e.key,
+            tombstone: e.value.is_none(),
+            value: e.value.unwrap_or_default(),
+            hlc_physical_ms: e.hlc.physical_ms,
+            hlc_logical: e.hlc.logical,
+        })
+        .collect();
+    pb::ShipRequest {
+        origin_region: s.origin,
+        epoch: s.epoch,
+        primary: s.primary,
+        entries,
+        receiver_applied_through: s.receiver_applied_through,
+        complete_through: s.complete_through,
+    }
+}
+
+/// Checks a shipment's shape (entry count, strictly increasing origin
+/// indexes, key and value limits) and converts it.
+pub fn shipment_from_proto(req: &pb::ShipRequest) -> Result<Shipment, Error> {
+    if req.entries.len() > SHIP_BATCH_ENTRIES_MAX {
+        return Err(Error::invalid(format!(
+            "{} entries; limit SHIP_BATCH_ENTRIES_MAX is {SHIP_BATCH_ENTRIES_MAX}",
+            req.entries.len()
+        )));
+    }
+    let mut last = 0;
+    let mut entries = Vec::with_capacity(req.entries.len());
+    for e in &req.entries {
+        if e.origin_index <= last {
+            return Err(Error::invalid(format!("origin_index {} is not above the previous {last}", e.origin_index)));
+        }
+        last = e.origin_index;
+        validate::key(&e.key)?;
+        validate::value(&e.value)?;
+        entries.push(RemoteEntry {
+            origin_index: e.origin_index,
+            key: e.key.clone(),
+            value: (!e.tombstone).then(|| e.value.clone()),
+            hlc: Hlc { physical_ms: e.hlc_physical_ms, logical: e.hlc_logical },
+        });
+    }
+    Ok(Shipment {
+        origin: req.origin_region.clone(),
+        epoch: req.epoch,
+        primary: req.primary.clone(),
+        entries,
+        receiver_applied_through: req.receiver_applied_through,
+        complete_through: req.complete_through,
+    })
+}
+
+pub fn answer_to_proto(a: ShipAnswer) -> pb::ShipResponse {
+    let refused = match a.refused {
+        Refusal::None => pb::ShipRefusal::None,
+        Refusal::StaleEpoch => pb::ShipRefusal::StaleEpoch,
+        Refusal::ClockAhead => pb::ShipRefusal::ClockAhead,
+    };
+    pb::ShipResponse {
+        applied_through: a.applied_through,
+        epoch: a.epoch,
+        primary: a.primary,
+        refused: refused as i32,
+        reason: a.reason,
+        receiver_index: a.receiver_index,
+    }
+}
+
+/// A peer's answer; a refusal code this build does not know reads as none
+/// (the answer's positions still hold).
+pub fn answer_from_proto(r: pb::ShipResponse) -> ShipAnswer {
+    let refused = match pb::ShipRefusal::try_from(r.refused).unwrap_or(pb::ShipRefusal::None) {
+        pb::ShipRefusal::None => Refusal::None,
+        pb::ShipRefusal::StaleEpoch => Refusal::StaleEpoch,
+        pb::ShipRefusal::ClockAhead => Refusal::ClockAhead,
+    };
+    ShipAnswer {
+        applied_through: r.applied_through,
+        epoch: r.epoch,
+        primary: r.primary,
+        refused,
+        reason: r.reason,
+        receiver_index: r.receiver_index,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shipment_survives_the_round_trip_through_the_wire() {
+        let s = Shipment {
+            origin: "us-east".into(),
+            epoch: 3,
+            primary: "us-east".into(),
+            entries: vec![
+                RemoteEntry {
+                    origin_index: 5,
+                    key: b"k".to_vec(),
+                    value: Some(b"v".to_vec()),
+                    hlc: Hlc { physical_ms: 9, logical: 1 },
+                },
+                RemoteEntry {
+                    origin_index: 7,
+                    key: b"d".to_vec(),
+                    value: None,
+                    hlc: Hlc { physical_ms: 10, logical: 0 },
+                },
+            ],
+            receiver_applied_through: 4,
+            complete_through: 7,
+        };
+        assert_eq!(shipment_from_proto(&shipment_to_proto(s.clone())).unwrap(), s);
+        for refused in [Refusal::None, Refusal::StaleEpoch, Refusal::ClockAhead] {
+            let a = ShipAnswer {
+                applied_through: 1,
+                epoch: 2,
+                primary: "p".into(),
+                refused,
+                reason: "r".into(),
+                receiver_index: 3,
+            };
+            assert_eq!(answer_from_proto(answer_to_proto(a.clone())), a);
+        }
+    }
+
+    #[test]
+    fn a_shipment_out_of_order_is_refused_naming_the_index() {
+        let mut req = shipment_to_proto(Shipment::default());
+        req.entries = vec![
+            pb::ChangeEntry { origin_index: 5, key: b"a".to_vec(), ..Default::default() },
+            pb::ChangeEntry { origin_index: 5, key: b"b".to_vec(), ..Default::default() },
+        ];
+        let e = shipment_from_proto(&req).unwrap_err().to_string();
+        assert!(e.contains("origin_index 5"), "{e}");
+    }
+}

@@ -1,0 +1,463 @@
+//! The daemon: wires one node together, runs it and stops it. Nothing else
+//! in the crate imports this module (besides the command line): it is the
+//! top floor, and every service below it only sees the [`Node`] handle.
+//!
+//! [`run`] is a fixed sequence of steps, each a function here:
+//!
+//! 1. **Prepare** (`prepare`): validate the configuration, create the data
+//!    directory, set up the fault hooks and the clock.
+//! 2. **Open storage** (`open_storage`): the Raft log and the state
+//!    machine, with this node's replication setup.
+//! 3. **Bind** (`bind`): the gRPC and admin listeners, before anything is
+//!    started, so a taken port fails the start with its name.
+//! 4. **Start Raft and the handle** (`start_node`): openraft on the opened
+//!    storage, and the [`Node`] every service shares.
+//! 5. **Serve** (`serve`): the gRPC services and the admin HTTP port.
+//! 6. **Spawn tasks** (`spawn_tasks`): the write batcher, the shippers,
+//!    the resync task, the gauges and the gRPC health reporter.
+//! 7. **Announce** (`write_addrs`): the bound addresses and PID, in
+//!    `addrs.json` of the data directory.
+//! 8. **Wait for stop** (`wait_for_stop`): SIGTERM/SIGINT, Raft stopping
+//!    by itself, or a replica that can no longer be trusted.
+//! 9. **Drain** (`drain`): stop accepting requests, let in-flight ones
+//!    finish for up to `SHUTDOWN_GRACE`, stop Raft.
+//!
+//! Startup never bootstraps a cluster by itself: a fresh cluster is
+//! initialised exactly once through the admin `Init` call, so a node that
+//! restarts (or restarts with a wiped disk) can never found a second cluster.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use nines_proto::v1::admin_server::AdminServer;
+use nines_proto::v1::kv_server::KvServer;
+use nines_proto::v1::raft_server::RaftServer;
+use nines_proto::v1::region_admin_server::RegionAdminServer;
+use nines_proto::v1::replication_server::ReplicationServer;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::NodeConfig;
+use crate::faults::Faults;
+use crate::hlc::HlcClock;
+use crate::limits::{RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
+use crate::network::{Channels, NetworkFactory};
+use crate::node::{Node, Parts, Receivers, Regions};
+use crate::server::admin::AdminService;
+use crate::server::kv::KvService;
+use crate::server::raft::RaftService;
+use crate::server::region::RegionAdminService;
+use crate::server::replication::ReplicationService;
+use crate::storage::{self, LogStore, ReplicationSetup, StateMachine};
+use crate::types::{NodeInfo, Raft};
+
+/// How long in-flight requests may run after shutdown begins. Longer than
+/// the default write timeout would let one stuck write hold up a restart;
+/// shorter than a container runtime's usual 10 s grace before SIGKILL.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The file a node writes into its data directory once it serves, naming
+/// the addresses it bound (useful with port 0) and its PID.
+pub const ADDRS_FILE: &str = "addrs.json";
+
+/// The gRPC health service's name for the client API; its status follows
+/// readiness (a known leader), while the overall status ("") follows
+/// liveness.
+pub const KV_HEALTH_SERVICE: &str = "nines.v1.Kv";
+
+/// How often the gauges are refreshed from Raft and storage.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often readiness is re-checked for gRPC health even when Raft reports
+/// no change: a leader that lost its quorum changes nothing Raft would report.
+const HEALTH_RECHECK: Duration = Duration::from_secs(1);
+
+/// The contents of [`ADDRS_FILE`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Addrs {
+    pub id: crate::types::NodeId,
+    pub grpc_addr: String,
+    pub admin_addr: String,
+    pub pid: u32,
+}
+
+/// Loads a node's configuration from a file, or the defaults without one.
+pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
+    Ok(match path {
+        Some(p) => NodeConfig::load(p)?,
+        None => NodeConfig::default(),
+    })
+}
+
+/// Runs a node until `shutdown` completes (steps 1-9 of the module doc).
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let prepared = prepare(&config)?;
+    let (storage, log_store, state_machine) = open_storage(&config, &prepared)?;
+    let listeners = bind(&config).await?;
+    let (node, raft, receivers) = start_node(&config, prepared, &listeners, log_store, state_machine).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let servers = serve(&node, &raft, listeners, &stop_rx).await?;
+    let tasks = spawn_tasks(&node, storage, receivers.proposals, servers.health.clone(), &stop_rx);
+    let addrs_path = write_addrs(&config, &node)?;
+    let failure = wait_for_stop(&raft, receivers.fatal, shutdown).await;
+    drain(stop_tx, servers, tasks, &raft).await;
+    let _ = std::fs::remove_file(&addrs_path);
+    match failure {
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Some(reason) => Err(anyhow::anyhow!("node stopped: {reason}")),
+    }
+}
+
+/// What step 1 sets up.
+struct Prepared {
+    faults: Arc<Faults>,
+    clock: Arc<HlcClock>,
+    raft_config: Arc<openraft::Config>,
+}
+
+/// Step 1: validate, create the data directory, fault hooks and clock.
+fn prepare(config: &NodeConfig) -> anyhow::Result<Prepared> {
+    config.validate()?;
+    let raft_config = Arc::new(config.openraft()?);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let faults = Arc::new(Faults::new(config.fault_injection, config.planted_bug_local_reads));
+    if config.fault_injection {
+        tracing::warn!("fault injection is enabled: this node is for tests only");
+    }
+    let clock = Arc::new(HlcClock::new(Box::new(faults.clock()), config.clock_offset_max.as_millis() as u64));
+    Ok(Prepared { faults, clock, raft_config })
+}
+
+/// Step 2: the Raft log and the state machine.
+fn open_storage(config: &NodeConfig, prepared: &Prepared) -> anyhow::Result<(storage::Disk, LogStore, StateMachine)> {
+    let setup = ReplicationSetup {
+        region: config.region.clone(),
+        peers: config.peer_regions().iter().map(|p| p.name.clone()).collect(),
+        mode: config.cluster.mode,
+        initial_primary: config.cluster.primary.clone(),
+    };
+    storage::open(&config.data_dir, setup, prepared.clock.clone())
+        .with_context(|| format!("opening storage in {}", config.data_dir.display()))
+}
+
+/// The bound listeners of step 3.
+struct Listeners {
+    grpc: TcpListener,
+    admin: TcpListener,
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+/// Step 3: bind both ports.
+async fn bind(config: &NodeConfig) -> anyhow::Result<Listeners> {
+    let grpc = TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("binding grpc_listen {}", config.grpc_listen))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
+    Ok(Listeners { grpc_addr: grpc.local_addr()?, admin_addr: admin.local_addr()?, grpc, admin })
+}
+
+/// Step 4: start openraft on the opened storage and build the handle.
+async fn start_node(
+    config: &NodeConfig,
+    prepared: Prepared,
+    listeners: &Listeners,
+    log_store: LogStore,
+    state_machine: StateMachine,
+) -> anyhow::Result<(Arc<Node>, Raft, Receivers)> {
+    let advertise = |configured: &str, bound: SocketAddr| {
+        if configured.is_empty() { format!("http://{bound}") } else { configured.to_string() }
+    };
+    let info = NodeInfo {
+        grpc_addr: advertise(&config.grpc_advertise, listeners.grpc_addr),
+        admin_addr: advertise(&config.admin_advertise, listeners.admin_addr),
+        region: config.region.clone(),
+        az: config.az.clone(),
+    };
+    let reader = state_machine.reader();
+    let channels = Channels::default();
+    let network =
+        NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone(), prepared.faults.clone());
+    let raft =
+        Raft::new(config.id, prepared.raft_config, network, log_store, state_machine).await.context("starting raft")?;
+    let metrics = match crate::telemetry::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+            None
+        }
+    };
+    let (node, receivers) = Node::new(Parts {
+        id: config.id,
+        info,
+        raft: raft.clone(),
+        reader,
+        clock: prepared.clock,
+        channels,
+        write_timeout: config.write_timeout,
+        regions: Regions {
+            mode: config.cluster.mode,
+            peers: config.peer_regions(),
+            all: config.cluster.regions.clone(),
+        },
+        latency: config.latency.clone(),
+        faults: prepared.faults,
+        metrics,
+    });
+    Ok((node, raft, receivers))
+}
+
+/// The running servers of step 5 and the health reporter they feed.
+struct Servers {
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: JoinHandle<()>,
+    health: tonic_health::server::HealthReporter,
+}
+
+/// Completes once `stop` turns true (or its sender is gone, which also
+/// means stop).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Step 5: every gRPC service on the gRPC port, probes and metrics on the
+/// admin port.
+async fn serve(
+    node: &Arc<Node>,
+    raft: &Raft,
+    listeners: Listeners,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Servers> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nines_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            KvServer::new(KvService::new(node.clone()))
+                .max_decoding_message_size(REQUEST_BYTES_MAX)
+                .max_encoding_message_size(RESPONSE_BYTES_MAX),
+        )
+        .add_service(AdminServer::new(AdminService::new(node.clone())))
+        .add_service(RegionAdminServer::new(RegionAdminService::new(node.clone())))
+        .add_service(
+            ReplicationServer::new(ReplicationService::new(node.clone()))
+                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            RaftServer::new(RaftService::new(raft.clone()))
+                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
+        )
+        .serve_with_incoming_shutdown(
+            // No Nagle on accepted connections: with delayed ACKs it holds
+            // small replies back by up to 40 ms.
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            stopped(stop.clone()),
+        );
+    let grpc = tokio::spawn(grpc);
+    let http = tokio::spawn(crate::http::serve(listeners.admin, node.clone(), stopped(stop.clone())));
+    Ok(Servers { grpc, http, health })
+}
+
+/// Step 6: the node's background tasks; they stop when `stop` turns true
+/// (the batcher when its queue closes or it is aborted).
+fn spawn_tasks(
+    node: &Arc<Node>,
+    storage: storage::Disk,
+    proposals: tokio::sync::mpsc::Receiver<crate::node::Proposal>,
+    health: tonic_health::server::HealthReporter,
+    stop: &watch::Receiver<bool>,
+) -> Tasks {
+    let batcher = node.spawn_batcher(proposals);
+    let mut background = crate::replication::spawn_shippers(node.clone(), stop.clone());
+    background.push(crate::replication::spawn_resync(node.clone(), stop.clone()));
+    background.push(spawn_gauges(node.clone(), storage, stop.clone()));
+    background.push(spawn_health(node.clone(), health, stop.clone()));
+    Tasks { batcher, background }
+}
+
+/// The tasks of step 6.
+struct Tasks {
+    batcher: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+/// Step 7: writes [`ADDRS_FILE`] (atomically, by rename) and returns its path.
+fn write_addrs(config: &NodeConfig, node: &Node) -> anyhow::Result<PathBuf> {
+    let info = node.info();
+    let addrs = Addrs {
+        id: config.id,
+        grpc_addr: info.grpc_addr.clone(),
+        admin_addr: info.admin_addr.clone(),
+        pid: std::process::id(),
+    };
+    let path = config.data_dir.join(ADDRS_FILE);
+    write_atomically(&path, &serde_json::to_vec_pretty(&addrs)?)?;
+    tracing::info!(grpc = %info.grpc_addr, admin = %info.admin_addr, "node serving");
+    Ok(path)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Step 8: waits for `shutdown`, Raft stopping, or a fatal error. `None`
+/// is a requested stop; `Some` names the failure.
+async fn wait_for_stop(
+    raft: &Raft,
+    mut fatal: watch::Receiver<Option<String>>,
+    shutdown: impl Future<Output = ()>,
+) -> Option<String> {
+    let mut metrics = raft.metrics();
+    let raft_failed = async move {
+        loop {
+            if let Err(f) = &metrics.borrow_and_update().running_state {
+                return format!("raft stopped: {f}");
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
+    };
+    let corrupt = async move {
+        match fatal.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone().unwrap_or_default(),
+            Err(_) => "fatal channel closed".to_string(),
+        }
+    };
+    let failure = tokio::select! {
+        _ = shutdown => None,
+        reason = raft_failed => Some(reason),
+        reason = corrupt => Some(reason),
+    };
+    match &failure {
+        None => tracing::info!("shutting down: no new requests, finishing in-flight ones"),
+        Some(reason) => tracing::error!(%reason, "stopping after a fatal error"),
+    }
+    failure
+}
+
+/// Step 9: stops the servers and tasks, waits up to `SHUTDOWN_GRACE` for
+/// in-flight requests, then stops Raft.
+async fn drain(stop: watch::Sender<bool>, servers: Servers, tasks: Tasks, raft: &Raft) {
+    // Ignored: the receivers only disappear once everything has stopped.
+    let _ = stop.send(true);
+    tasks.batcher.abort();
+    let wait = async {
+        let _ = servers.grpc.await;
+        let _ = servers.http.await;
+        for t in tasks.background {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, wait).await.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish within the grace period");
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft did not shut down cleanly");
+    }
+}
+
+/// Refreshes the gauges every `GAUGE_INTERVAL` until `stop`.
+fn spawn_gauges(node: Arc<Node>, storage: storage::Disk, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last_leader = None;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+            }
+            node.metrics_upkeep();
+            let m = node.raft_metrics();
+            if m.current_leader != last_leader {
+                if m.current_leader.is_some() {
+                    crate::telemetry::leader_changed();
+                }
+                last_leader = m.current_leader;
+            }
+            crate::telemetry::raft_gauges(&crate::telemetry::RaftGauges {
+                has_leader: m.current_leader.is_some(),
+                is_leader: m.current_leader == Some(node.id()),
+                role: crate::types::role_name(&m.state),
+                term: m.current_term,
+                last_log_index: m.last_log_index.unwrap_or(0),
+                applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                commit_index: node.commit_index(),
+            });
+            if let Ok(bytes) = storage.size_on_disk() {
+                crate::telemetry::storage_bytes(bytes);
+            }
+            if node.check_leader().is_ok()
+                && let Ok(lags) = node.replication_lag()
+            {
+                for lag in lags {
+                    crate::telemetry::replication_lag(node.region(), &lag.region, lag.lag_entries, lag.lag_ms);
+                }
+            }
+        }
+    })
+}
+
+/// Keeps the gRPC health status of the client API in step with readiness:
+/// re-checked on every Raft change, and at least every `HEALTH_RECHECK`.
+fn spawn_health(
+    node: Arc<Node>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut metrics = node.raft_watch();
+        loop {
+            let ready = node.readiness().await.0;
+            let status =
+                if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+            health.set_service_status(KV_HEALTH_SERVICE, status).await;
+            tokio::select! {
+                _ = stop.changed() => return,
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(HEALTH_RECHECK) => {}
+            }
+        }
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        // Without signal handlers the node still stops on Ctrl-C via tokio.
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

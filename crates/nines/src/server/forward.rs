@@ -1,0 +1,93 @@
+//! Forwarding a request that needs the leader from a follower to the
+//! leader it knows, once (`FORWARD_HOPS_MAX`); a request that was already
+//! forwarded, or finds no leader, gets `UNAVAILABLE` with a leader hint.
+
+use std::future::Future;
+
+use nines_proto::metadata;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::faults::LinkRule;
+use crate::limits::FORWARD_HOPS_MAX;
+use crate::node::Node;
+
+/// How much longer than the leader's own write timeout a forwarded call may
+/// take, so the leader's answer (even a timeout) normally arrives first.
+const FORWARD_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How many times the request has been forwarded already.
+pub(crate) fn hops<T>(req: &Request<T>) -> u32 {
+    req.metadata().get(metadata::FORWARDED).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Forwards `msg` to the leader named by a `NotLeader` error, or returns the
+/// error when forwarding is not possible.
+pub(crate) async fn forward<M, R, F, Fut>(
+    node: &Node,
+    err: Error,
+    hops: u32,
+    msg: M,
+    call: F,
+) -> Result<Response<R>, Status>
+where
+    F: FnOnce(Channel, Request<M>) -> Fut,
+    Fut: Future<Output = Result<Response<R>, Status>>,
+{
+    let Error::NotLeader { leader_addr: Some(addr), leader_id } = &err else {
+        return Err(err.into());
+    };
+    if hops >= FORWARD_HOPS_MAX || *addr == node.info().grpc_addr {
+        return Err(err.into());
+    }
+    match leader_id.and_then(|id| node.faults().link(id)) {
+        Some(LinkRule::Drop) => {
+            return Err(Error::Unavailable {
+                reason: format!("the leader at {addr} is cut off by fault injection"),
+                retry_safe: true,
+            }
+            .into());
+        }
+        Some(LinkRule::Delay(d)) => tokio::time::sleep(d).await,
+        None => {}
+    }
+    let Ok(channel) = node.channels().get(addr) else {
+        return Err(err.into());
+    };
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(metadata::FORWARDED, (hops + 1).into());
+    let deadline = node.write_timeout() + FORWARD_MARGIN;
+    match tokio::time::timeout(deadline, call(channel, req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(s)) if nines_client::retry::connect_failed(&s) => Err(Error::Unavailable {
+            reason: format!("the leader at {addr} is unreachable: {}", s.message()),
+            retry_safe: true,
+        }
+        .into()),
+        Ok(Err(s)) => Err(s),
+        Err(_) => Err(Error::Indeterminate(format!("no answer from the leader at {addr} within {deadline:?}")).into()),
+    }
+}
+
+/// Serves a request that needs the leader: `here` runs on this node when it
+/// leads; otherwise the request goes to the leader through `remote` (see
+/// [`forward`]). The one prologue of every leader-only admin call.
+pub(crate) async fn on_leader<M, R, F, Fut, H, HFut>(
+    node: &Node,
+    req: Request<M>,
+    remote: F,
+    here: H,
+) -> Result<Response<R>, Status>
+where
+    F: FnOnce(Channel, Request<M>) -> Fut,
+    Fut: Future<Output = Result<Response<R>, Status>>,
+    H: FnOnce(M) -> HFut,
+    HFut: Future<Output = Result<R, Error>>,
+{
+    let hops = hops(&req);
+    match node.check_leader() {
+        Ok(()) => here(req.into_inner()).await.map(Response::new).map_err(Status::from),
+        Err(e) => forward(node, e, hops, req.into_inner(), remote).await,
+    }
+}
