@@ -414,9 +414,25 @@ impl Client {
     }
 
     /// The region's divergence record: writes it acknowledged as primary
-    /// that never reached the primary that replaced it.
+    /// that never reached the primary that replaced it. Lists at most
+    /// `limit` records (0: every record), asking page after page.
     pub async fn divergent(&self, limit: u32) -> Result<DivergentResponse> {
-        self.call(true, rpc!(region, divergent, DivergentRequest { limit })).await
+        let mut out = DivergentResponse::default();
+        let mut start = 0;
+        loop {
+            let listed = out.records.len() as u32;
+            let want = if limit == 0 { 0 } else { limit - listed };
+            let page = self.call(true, rpc!(region, divergent, DivergentRequest { limit: want, start })).await?;
+            out.total = page.total;
+            out.records.extend(page.records);
+            match page.next {
+                Some(next) if limit == 0 || (out.records.len() as u32) < limit => start = next,
+                next => {
+                    out.next = next;
+                    return Ok(out);
+                }
+            }
+        }
     }
 
     /// Test only: sets the fault hooks of the node at `endpoint` (refused

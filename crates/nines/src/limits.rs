@@ -7,10 +7,9 @@
 /// scans cheap.
 pub const KEY_BYTES_MAX: usize = 4 * 1024;
 
-/// Largest value, in bytes. With `RAFT_PAYLOAD_ENTRIES_MAX` entries per
-/// append-entries message this bounds one message at 16 MiB, under
-/// `RAFT_MESSAGE_BYTES_MAX`. etcd's default request limit is 1.5 MiB;
-/// DynamoDB's item limit is 400 KB.
+/// Largest value, in bytes. etcd's default request limit is 1.5 MiB;
+/// DynamoDB's item limit is 400 KB. A maximal write must fit one log entry
+/// (`ENTRY_BYTES_MAX`); that is asserted below.
 pub const VALUE_BYTES_MAX: usize = 256 * 1024;
 
 /// Largest client request on the wire, in bytes: a maximal key and value
@@ -34,12 +33,35 @@ pub const SCAN_LIMIT_MAX: u32 = 10_000;
 /// reach this many bytes, so a response always fits `RESPONSE_BYTES_MAX`.
 pub const SCAN_RESPONSE_BYTES_MAX: usize = 8 * 1024 * 1024;
 
-/// Entries in one append-entries message. Bounds the message at
-/// 64 x (`KEY_BYTES_MAX` + `VALUE_BYTES_MAX`) plus framing, about 16.3 MiB.
-pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 64;
+/// Bytes one log entry may hold: the batcher stops packing client writes
+/// into an entry before their keys, values and framing pass it (the first
+/// write always goes in, and a maximal write fits), and shipments and
+/// resyncs, each one entry, are cut to fit it too. 1 MiB: large enough that
+/// small writes batch by the hundred (1,024 writes of 1 KiB), small enough
+/// that `RAFT_PAYLOAD_ENTRIES_MAX` full entries fit one Raft message and a
+/// follower far behind catches up in messages of bounded size.
+pub const ENTRY_BYTES_MAX: usize = 1024 * 1024;
+
+/// Entries in one append-entries message: `RAFT_PAYLOAD_ENTRIES_MAX` full
+/// entries (`ENTRY_BYTES_MAX` each) stay under `RAFT_MESSAGE_BYTES_MAX`
+/// (asserted below), so an append-entries message is never refused for its
+/// size. 24 entries of small writes each still let a lagging follower catch
+/// up by thousands of writes per round trip.
+pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 24;
+
+/// Bytes an append-entries message should carry at most. openraft 0.9
+/// gives every append-entries RPC the heartbeat interval (100 ms by default)
+/// to complete, data or not, and resends the same range after a timeout; a
+/// message that cannot be sent, decoded, appended and flushed in that time
+/// would time out forever. 4 MiB moves in a few milliseconds on loopback or
+/// a LAN. The transport enforces it by telling openraft `PayloadTooLarge`
+/// with a smaller entry count (one entry always goes: see `ENTRY_BYTES_MAX`).
+pub const RAFT_APPEND_BYTES_TARGET: usize = 4 * 1024 * 1024;
 
 /// Largest message of the internal Raft transport, in bytes: a full
 /// append-entries batch (see `RAFT_PAYLOAD_ENTRIES_MAX`) with room to spare.
+/// Should a message still be too large, the transport reports it to
+/// openraft as `PayloadTooLarge`, which sends fewer entries next time.
 pub const RAFT_MESSAGE_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// Snapshot chunk size, in bytes: under tonic's default 4 MiB message limit
@@ -70,14 +92,26 @@ pub const CHANGEFEED_BACKLOG_MAX: u64 = 100_000;
 pub const SHIP_BATCH_ENTRIES_MAX: usize = 512;
 
 /// Bytes of keys and values in one shipment (at least one entry is always
-/// sent): under the client API's message limit with room to spare.
-pub const SHIP_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// sent). The receiver proposes a shipment as one log entry, so it must fit
+/// `ENTRY_BYTES_MAX` with every entry's framing (asserted below).
+pub const SHIP_BATCH_BYTES_MAX: usize = 512 * 1024;
 
 /// Divergence records one request may list.
 pub const DIVERGENT_LIST_MAX: u32 = 10_000;
 
+/// Bytes of keys and values in one page of the divergence record (at least
+/// one record is always listed): under the client's response limit with
+/// room for `DIVERGENT_LIST_MAX` records' framing. The caller pages on with
+/// the `next` sequence the reply gives.
+pub const DIVERGENT_PAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
+
 /// Keys resynchronised from the new primary per proposal after a demotion.
 pub const RESYNC_BATCH_KEYS_MAX: usize = 128;
+
+/// Bytes of keys and values in one resync proposal (at least one key is
+/// always sent): each is one log entry, so with its framing it must fit
+/// `ENTRY_BYTES_MAX` (asserted below).
+pub const RESYNC_BATCH_BYTES_MAX: usize = 512 * 1024;
 
 /// Client writes the leader packs into one log entry. openraft 0.9 appends,
 /// flushes, replicates and applies one entry at a time; packing concurrent
@@ -104,7 +138,15 @@ pub const RECORD_FRAMING_BYTES_MAX: usize = 2 * LABEL_BYTES_MAX + 128;
 const TONIC_DEFAULT_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The largest single write on the wire or in a log, framing included.
-const WRITE_BYTES_MAX: usize = KEY_BYTES_MAX + VALUE_BYTES_MAX + RECORD_FRAMING_BYTES_MAX;
+pub const WRITE_BYTES_MAX: usize = KEY_BYTES_MAX + VALUE_BYTES_MAX + RECORD_FRAMING_BYTES_MAX;
+
+/// A bound on what a log entry adds around its payload, in bytes: its log
+/// id (term, node, index), the payload's enum tag and vector length.
+pub const ENTRY_FRAMING_BYTES_MAX: usize = 64;
+
+/// A bound on what an append-entries message adds around its entries, in
+/// bytes: vote, previous log id, commit index, and the RPC framing.
+const APPEND_FRAMING_BYTES_MAX: usize = 1024;
 
 // The relations between the limits. Each is checked when the crate builds,
 // so a change that breaks one fails to compile.
@@ -131,7 +173,44 @@ const _: () = assert!(
         <= RAFT_MESSAGE_BYTES_MAX,
     "a full shipment must fit RAFT_MESSAGE_BYTES_MAX"
 );
+// A maximal write always fits one entry, so the batcher can always make
+// progress; and a full append-entries message fits the transport.
+const _: () = assert!(WRITE_BYTES_MAX <= ENTRY_BYTES_MAX, "a maximal write must fit ENTRY_BYTES_MAX");
+const _: () = assert!(
+    RAFT_PAYLOAD_ENTRIES_MAX as usize * (ENTRY_BYTES_MAX + ENTRY_FRAMING_BYTES_MAX) + APPEND_FRAMING_BYTES_MAX
+        <= RAFT_MESSAGE_BYTES_MAX,
+    "RAFT_PAYLOAD_ENTRIES_MAX full entries must fit RAFT_MESSAGE_BYTES_MAX"
+);
+// A shipment, proposed as one entry, fits it: its bytes (or one write that
+// is larger alone) plus every record's framing.
+const _: () = assert!(
+    max(SHIP_BATCH_BYTES_MAX, WRITE_BYTES_MAX) + SHIP_BATCH_ENTRIES_MAX * RECORD_FRAMING_BYTES_MAX <= ENTRY_BYTES_MAX,
+    "a full shipment must fit one log entry (ENTRY_BYTES_MAX)"
+);
+// A resync proposal fits one entry: its bytes plus the one write that
+// crossed the line, plus framing (a resync entry carries two versions).
+const _: () = assert!(
+    RESYNC_BATCH_BYTES_MAX + WRITE_BYTES_MAX + RESYNC_BATCH_KEYS_MAX * 2 * RECORD_FRAMING_BYTES_MAX <= ENTRY_BYTES_MAX,
+    "a full resync batch must fit one log entry (ENTRY_BYTES_MAX)"
+);
+// A page of the divergence record fits a response.
+const _: () = assert!(
+    DIVERGENT_PAGE_BYTES_MAX + WRITE_BYTES_MAX + DIVERGENT_LIST_MAX as usize * RECORD_FRAMING_BYTES_MAX
+        <= RESPONSE_BYTES_MAX,
+    "a full page of the divergence record must fit RESPONSE_BYTES_MAX"
+);
+// One full entry always fits the append-entries target, so replication can
+// always make progress one entry at a time.
+const _: () = assert!(
+    ENTRY_BYTES_MAX + ENTRY_FRAMING_BYTES_MAX + APPEND_FRAMING_BYTES_MAX <= RAFT_APPEND_BYTES_TARGET,
+    "one full entry must fit RAFT_APPEND_BYTES_TARGET"
+);
+const _: () = assert!(RAFT_APPEND_BYTES_TARGET <= RAFT_MESSAGE_BYTES_MAX, "the target must be under the hard limit");
 // Versions are spaced WRITES_PER_ENTRY_MAX apart per log index; positions
 // are below it.
 const _: () = assert!(WRITES_PER_ENTRY_MAX > 1, "a batch must be able to hold more than one write");
 const _: () = assert!(FORWARD_HOPS_MAX >= 1, "a follower must be able to forward once");
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}

@@ -7,7 +7,12 @@
 //!   RPC.
 //! - Each RPC is bounded by openraft's hard TTL for it.
 //! - A peer that cannot be connected to is reported `Unreachable`, so
-//!   openraft backs off; any other transport failure is a `Network` error.
+//!   openraft backs off; an append-entries message of several entries that
+//!   is over `RAFT_APPEND_BYTES_TARGET` (checked before sending), refused by
+//!   the peer for its size, or not done within its deadline is
+//!   `PayloadTooLarge` with a smaller entry count, so openraft sends fewer
+//!   entries instead of resending the same range forever; any other
+//!   transport failure is a `Network` error.
 //!
 //! Caveats:
 //! - openraft's messages travel postcard-encoded inside an opaque protobuf
@@ -20,7 +25,9 @@ use std::time::Duration;
 
 use nines_proto::v1::RaftMessage;
 use nines_proto::v1::raft_client::RaftClient;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -28,11 +35,12 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::LatencyConfig;
 use crate::faults::{Faults, LinkRule};
-use crate::limits::RAFT_MESSAGE_BYTES_MAX;
+use crate::limits::{RAFT_APPEND_BYTES_TARGET, RAFT_MESSAGE_BYTES_MAX};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
 /// How long connecting to a peer may take before the RPC fails. Peers are
@@ -116,7 +124,17 @@ struct TransportError(String);
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
 impl PeerClient {
-    async fn send<Req, Resp, E>(&mut self, action: RPCTypes, req: &Req, ttl: Duration) -> RpcResult<Resp, E>
+    /// Sends one RPC. `entries` is the number of entries an append-entries
+    /// request carries: a message too large for the transport is then
+    /// reported as `PayloadTooLarge` with a smaller count to try, so openraft
+    /// sends fewer entries instead of resending the same message forever.
+    async fn send<Req, Resp, E>(
+        &mut self,
+        action: RPCTypes,
+        req: &Req,
+        entries: Option<usize>,
+        ttl: Duration,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         E: std::error::Error + DeserializeOwned,
@@ -130,6 +148,13 @@ impl PeerClient {
             }
         };
         let payload = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if let Some(n) = entries
+            && n > 1
+            && payload.len() > RAFT_APPEND_BYTES_TARGET
+        {
+            let fit = (n as u128 * RAFT_APPEND_BYTES_TARGET as u128 / payload.len() as u128) as u64;
+            return Err(too_large(fit, &TransportError(format!("{} bytes in {n} entries", payload.len()))));
+        }
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
@@ -160,11 +185,26 @@ impl PeerClient {
             call.await
         };
         let resp = match tokio::time::timeout(ttl, call).await {
+            // Several entries that did not make it within the deadline are
+            // sent in smaller messages next: resending the same range would
+            // time out the same way, forever.
+            Err(_) if entries.is_some_and(|n| n > 1) => {
+                let n = entries.unwrap_or(1) as u64;
+                return Err(too_large(n / 2, &TransportError(format!("{n} entries not sent within {ttl:?}"))));
+            }
             Err(_) => {
                 return Err(RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout: ttl }));
             }
             Ok(Err(status)) if nines_client::retry::connect_failed(&status) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+            // tonic refuses a message over the size limit on either side with
+            // one of these codes, before the request reaches openraft.
+            Ok(Err(status))
+                if matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted) && entries.is_some() =>
+            {
+                let n = entries.unwrap_or(1) as u64;
+                return Err(too_large(n / 2, &status));
             }
             Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
             Ok(Ok(resp)) => resp.into_inner(),
@@ -175,13 +215,25 @@ impl PeerClient {
     }
 }
 
+/// `PayloadTooLarge` asking openraft to send at most `entries` (at least
+/// one) per append-entries message next time.
+fn too_large<E: std::error::Error>(
+    entries: u64,
+    cause: &(impl std::error::Error + 'static),
+) -> RPCError<NodeId, NodeInfo, E> {
+    RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries.max(1)).with_source_error(cause))
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.send(RPCTypes::AppendEntries, &rpc, option.hard_ttl()).await
+        let entries = rpc.entries.len();
+        // The soft deadline: our own timeout must fire before openraft's
+        // (at the hard one) for a slow message to be sent smaller next time.
+        self.send(RPCTypes::AppendEntries, &rpc, Some(entries), option.soft_ttl()).await
     }
 
     async fn install_snapshot(
@@ -189,7 +241,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.send(RPCTypes::InstallSnapshot, &rpc, option.hard_ttl()).await
+        self.send(RPCTypes::InstallSnapshot, &rpc, None, option.hard_ttl()).await
     }
 
     async fn vote(
@@ -197,6 +249,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.send(RPCTypes::Vote, &rpc, option.hard_ttl()).await
+        self.send(RPCTypes::Vote, &rpc, None, option.hard_ttl()).await
     }
 }

@@ -15,7 +15,8 @@
 //!   backlog is full; once proposed, every failure is "outcome unknown"
 //!   except a definite refusal from the state machine.
 //! - Concurrent client writes share log entries (the batcher), never more
-//!   than `WRITES_PER_ENTRY_MAX` per entry, with at most
+//!   than `WRITES_PER_ENTRY_MAX` writes or `ENTRY_BYTES_MAX` bytes per entry
+//!   (a single maximal write always fits), with at most
 //!   `PROPOSALS_IN_FLIGHT_MAX` entries proposed at once.
 //!
 //! Caveats:
@@ -39,7 +40,9 @@ use crate::config::{LatencyConfig, Mode, RegionConfig};
 use crate::error::Error;
 use crate::faults::Faults;
 use crate::hlc::{Hlc, HlcClock};
-use crate::limits::{CHANGEFEED_BACKLOG_MAX, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX, WRITES_PER_ENTRY_MAX};
+use crate::limits::{
+    CHANGEFEED_BACKLOG_MAX, ENTRY_BYTES_MAX, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX, WRITES_PER_ENTRY_MAX,
+};
 use crate::network::Channels;
 use crate::storage::StateReader;
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, PeerLag, Raft};
@@ -462,19 +465,39 @@ impl Node {
 
     /// Starts the batcher: it packs concurrent client writes into one log
     /// entry each time a proposal slot is free (see
-    /// `PROPOSALS_IN_FLIGHT_MAX`). Under load many writes share one append,
-    /// flush, replication round and apply; a lone write is proposed at
-    /// once, alone.
+    /// `PROPOSALS_IN_FLIGHT_MAX`), at most `WRITES_PER_ENTRY_MAX` writes and
+    /// `ENTRY_BYTES_MAX` bytes per entry (see [`pack`]). Under load many
+    /// writes share one append, flush, replication round and apply; a lone
+    /// write is proposed at once, alone.
     pub fn spawn_batcher(self: &Arc<Self>, mut queue: mpsc::Receiver<Proposal>) -> tokio::task::JoinHandle<()> {
         let node = self.clone();
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+            // A write that did not fit the previous entry opens the next one.
+            let mut carry: Option<Proposal> = None;
             loop {
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
-                let mut batch = Vec::new();
-                if queue.recv_many(&mut batch, WRITES_PER_ENTRY_MAX as usize).await == 0 {
-                    return;
-                }
+                let first = match carry.take() {
+                    Some(p) => p,
+                    None => loop {
+                        match queue.recv().await {
+                            Some(p) if p.1.is_closed() => continue,
+                            Some(p) => break p,
+                            None => return,
+                        }
+                    },
+                };
+                // A write whose caller gave up before it was proposed is
+                // dropped here: it had no effect, and proposing it would only
+                // hold up the writes queued behind it.
+                let next = || loop {
+                    match queue.try_recv() {
+                        Ok(p) if p.1.is_closed() => continue,
+                        other => return other.ok(),
+                    }
+                };
+                let (batch, rest) = pack(first, |p| p.0.entry_bytes(), next);
+                carry = rest;
                 let node = node.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
@@ -505,6 +528,26 @@ impl Node {
             let _ = waiter.send(result);
         }
     }
+}
+
+/// Packs one log entry's worth of writes: `first`, then whatever `next`
+/// yields while the entry stays within `WRITES_PER_ENTRY_MAX` writes and
+/// `ENTRY_BYTES_MAX` bytes (as `size` counts them). The first write always
+/// goes in (a maximal write fits an entry: see `limits`); the write that
+/// would have crossed the byte line is returned to open the next entry.
+pub fn pack<T>(first: T, size: impl Fn(&T) -> usize, mut next: impl FnMut() -> Option<T>) -> (Vec<T>, Option<T>) {
+    let mut bytes = size(&first);
+    let mut batch = vec![first];
+    while batch.len() < WRITES_PER_ENTRY_MAX as usize {
+        let Some(item) = next() else { break };
+        let b = size(&item);
+        if bytes + b > ENTRY_BYTES_MAX {
+            return (batch, Some(item));
+        }
+        bytes += b;
+        batch.push(item);
+    }
+    (batch, None)
 }
 
 /// A membership change's outcome: openraft's result, or a timeout.
@@ -574,5 +617,81 @@ impl Stats {
 
     pub fn count_refused_clock(&self, origin: &str) {
         *self.lock().refused_clock.entry(origin.to_string()).or_default() += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::limits::{ENTRY_FRAMING_BYTES_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX, WRITE_BYTES_MAX};
+    use crate::types::{Entry, LogId};
+
+    fn put(key_len: usize, value_len: usize) -> Command {
+        Command::Put {
+            key: vec![b'k'; key_len.max(1)],
+            value: vec![b'v'; value_len],
+            hlc: Hlc { physical_ms: u64::MAX, logical: u32::MAX },
+        }
+    }
+
+    /// Packs every size in `sizes`, in order, into entries.
+    fn pack_all(sizes: &[usize]) -> Vec<Vec<usize>> {
+        let mut queue = sizes.iter().copied();
+        let mut carry = None;
+        let mut entries = Vec::new();
+        while let Some(first) = carry.take().or_else(|| queue.next()) {
+            let (batch, rest) = pack(first, |s| *s, || queue.next());
+            carry = rest;
+            entries.push(batch);
+        }
+        entries
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn no_entry_passes_the_byte_budget_for_any_mix_of_sizes(
+            sizes in prop::collection::vec(prop_oneof![1usize..2_000, 200_000usize..=WRITE_BYTES_MAX], 1..3_000)
+        ) {
+            let entries = pack_all(&sizes);
+            for e in &entries {
+                prop_assert!(!e.is_empty());
+                prop_assert!(e.len() <= WRITES_PER_ENTRY_MAX as usize, "{} writes", e.len());
+                prop_assert!(e.iter().sum::<usize>() <= ENTRY_BYTES_MAX, "{} bytes", e.iter().sum::<usize>());
+            }
+            let flat: Vec<usize> = entries.into_iter().flatten().collect();
+            prop_assert_eq!(flat, sizes, "every write is packed once, in order");
+        }
+
+        #[test]
+        fn an_encoded_entry_stays_within_what_its_writes_count(
+            lens in prop::collection::vec((1usize..=KEY_BYTES_MAX, 0usize..=VALUE_BYTES_MAX), 1..6)
+        ) {
+            let cmd = Command::Batch(lens.iter().map(|(k, v)| put(*k, *v)).collect());
+            let counted = cmd.entry_bytes();
+            let entry = Entry {
+                log_id: LogId::new(openraft::CommittedLeaderId::new(u64::MAX, u64::MAX), u64::MAX),
+                payload: openraft::EntryPayload::Normal(cmd),
+            };
+            let encoded = crate::storage::record::encode(&entry).expect("encode").len();
+            prop_assert!(encoded <= counted + ENTRY_FRAMING_BYTES_MAX, "{encoded} bytes encoded, {counted} counted");
+        }
+    }
+
+    #[test]
+    fn a_maximal_write_always_fits_an_entry_alone() {
+        let max = put(KEY_BYTES_MAX, VALUE_BYTES_MAX);
+        let (batch, rest) = pack(max.clone(), Command::entry_bytes, || None);
+        assert_eq!((batch.len(), rest), (1, None));
+        // Behind a nearly full entry it opens the next one instead.
+        let small = put(1, ENTRY_BYTES_MAX - WRITE_BYTES_MAX);
+        let mut next = Some(max.clone());
+        let (batch, rest) = pack(small, Command::entry_bytes, || next.take());
+        assert_eq!(batch.len(), 1);
+        assert_eq!(rest, Some(max));
     }
 }

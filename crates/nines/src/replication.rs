@@ -76,7 +76,10 @@ use crate::config::{Mode, RegionConfig};
 use crate::convert;
 use crate::error::Error;
 use crate::hlc::Hlc;
-use crate::limits::{RAFT_MESSAGE_BYTES_MAX, RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
+use crate::limits::{
+    DIVERGENT_LIST_MAX, DIVERGENT_PAGE_BYTES_MAX, RAFT_MESSAGE_BYTES_MAX, RESYNC_BATCH_BYTES_MAX,
+    RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX,
+};
 use crate::node::Node;
 use crate::types::{Command, CommandResult, Refusal, ResyncEntry, ShipAnswer, Shipment};
 
@@ -421,7 +424,9 @@ pub fn spawn_resync(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> tokio::
 
 /// One pass over the divergence record of the current epoch: reads each key
 /// at the new primary (linearizable, so no stale replica answers) and
-/// proposes the values; the last batch marks the resync done.
+/// proposes the values in batches of at most `RESYNC_BATCH_KEYS_MAX` keys and
+/// `RESYNC_BATCH_BYTES_MAX` bytes (each batch is one log entry); the last
+/// batch marks the resync done.
 async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
     let primary = node.reader().primary();
     let region = node
@@ -437,43 +442,48 @@ async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
         });
     }
     let client = region_client(&region)?;
-    let records: Vec<_> = node
-        .reader()
-        .divergent(usize::MAX)
-        .map_err(Error::from)?
-        .into_iter()
-        .filter(|r| r.demoted_at_epoch == epoch)
-        .collect();
-    let chunks: Vec<_> = records.chunks(RESYNC_BATCH_KEYS_MAX).collect();
-    if chunks.is_empty() {
-        node.propose(Command::Resync { entries: Vec::new(), done: true }).await?;
-        return Ok(());
-    }
-    for (n, chunk) in chunks.iter().enumerate() {
-        let mut entries = Vec::with_capacity(chunk.len());
-        for record in chunk.iter() {
-            let read = client
-                .get(record.key.clone(), Consistency::Linearizable)
-                .await
-                .map_err(|e| Error::Unavailable { reason: format!("reading {primary}: {e}"), retry_safe: true })?;
-            let (value, hlc, origin) = match read.kv {
-                Some(kv) => {
-                    let v = kv.version.unwrap_or_default();
-                    (Some(kv.value), Hlc { physical_ms: v.hlc_physical_ms, logical: v.hlc_logical }, v.origin_region)
-                }
-                None => (None, Hlc::default(), String::new()),
-            };
-            entries.push(ResyncEntry {
-                key: record.key.clone(),
-                value,
-                hlc,
-                origin,
-                divergent: record.version.clone(),
-            });
+    let mut batch: Vec<ResyncEntry> = Vec::new();
+    let (mut bytes, mut keys) = (0, 0);
+    let mut start = Some(0);
+    while let Some(from) = start {
+        let (records, next) = node
+            .reader()
+            .divergent(from, DIVERGENT_LIST_MAX as usize, DIVERGENT_PAGE_BYTES_MAX)
+            .map_err(Error::from)?;
+        start = next;
+        for record in records.iter().filter(|r| r.demoted_at_epoch == epoch) {
+            let entry = read_at_primary(&client, &primary, record).await?;
+            let size = entry.key.len() + entry.value.as_ref().map_or(0, Vec::len);
+            if !batch.is_empty() && (batch.len() >= RESYNC_BATCH_KEYS_MAX || bytes + size > RESYNC_BATCH_BYTES_MAX) {
+                node.propose(Command::Resync { entries: std::mem::take(&mut batch), done: false }).await?;
+                bytes = 0;
+            }
+            bytes += size;
+            keys += 1;
+            batch.push(entry);
         }
-        let done = n + 1 == chunks.len();
-        node.propose(Command::Resync { entries, done }).await?;
     }
-    tracing::info!(keys = records.len(), %primary, "divergent keys resynchronised from the new primary");
+    node.propose(Command::Resync { entries: batch, done: true }).await?;
+    tracing::info!(keys, %primary, "divergent keys resynchronised from the new primary");
     Ok(())
+}
+
+/// A divergent key's value as the new primary has it.
+async fn read_at_primary(
+    client: &Client,
+    primary: &str,
+    record: &crate::storage::state_machine::DivergentRecord,
+) -> Result<ResyncEntry, Error> {
+    let read = client
+        .get(record.key.clone(), Consistency::Linearizable)
+        .await
+        .map_err(|e| Error::Unavailable { reason: format!("reading {primary}: {e}"), retry_safe: true })?;
+    let (value, hlc, origin) = match read.kv {
+        Some(kv) => {
+            let v = kv.version.unwrap_or_default();
+            (Some(kv.value), Hlc { physical_ms: v.hlc_physical_ms, logical: v.hlc_logical }, v.origin_region)
+        }
+        None => (None, Hlc::default(), String::new()),
+    };
+    Ok(ResyncEntry { key: record.key.clone(), value, hlc, origin, divergent: record.version.clone() })
 }

@@ -69,16 +69,21 @@ pub enum Expected {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Put {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         hlc: Hlc,
     },
     Delete {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         hlc: Hlc,
     },
     CompareAndSwap {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         expected: Expected,
         hlc: Hlc,
@@ -87,43 +92,50 @@ pub enum Command {
     /// `(hlc, origin)`. `epoch` is the sender's epoch (active-passive).
     /// After it, this region holds every write of `origin` through
     /// `complete_through`.
-    ApplyRemote {
-        origin: String,
-        epoch: u64,
-        entries: Vec<RemoteEntry>,
-        complete_through: u64,
-    },
+    ApplyRemote { origin: String, epoch: u64, entries: Vec<RemoteEntry>, complete_through: u64 },
     /// Peer `region` has applied this region's changefeed through `index`;
     /// its latest own write was at `peer_index` when it said so. Entries
     /// every peer has applied are dropped; a delete's tombstone only once
     /// this region also holds every peer's writes through its `peer_index`
     /// (so no older concurrent write can arrive after the tombstone is gone).
-    AckShipped {
-        region: String,
-        index: u64,
-        peer_index: u64,
-    },
+    AckShipped { region: String, index: u64, peer_index: u64 },
     /// Adopt region roles (active-passive). An equal epoch with the same
     /// primary only changes `fenced`. A higher epoch that names another
     /// primary demotes this region if it was primary: its changefeed entries
     /// above `shipped_through` (never applied by the new primary) move to the
     /// divergence record.
-    SetRole {
-        primary: String,
-        epoch: u64,
-        fenced: bool,
-        shipped_through: u64,
-    },
+    SetRole { primary: String, epoch: u64, fenced: bool, shipped_through: u64 },
     /// Client writes packed into one entry by the leader (Put, Delete and
     /// CompareAndSwap only), applied in order; write `p` gets version index
     /// `log index * WRITES_PER_ENTRY_MAX + p`.
     Batch(Vec<Command>),
     /// After a demotion: values of divergent keys as the new primary has
     /// them. `done` marks the last batch.
-    Resync {
-        entries: Vec<ResyncEntry>,
-        done: bool,
-    },
+    Resync { entries: Vec<ResyncEntry>, done: bool },
+}
+
+impl Command {
+    /// What this command adds to a log entry, in bytes, at most: its keys
+    /// and values plus `RECORD_FRAMING_BYTES_MAX` per record. The batcher
+    /// and the limits' assertions count with it.
+    pub fn entry_bytes(&self) -> usize {
+        use crate::limits::RECORD_FRAMING_BYTES_MAX as F;
+        match self {
+            Command::Put { key, value, .. } | Command::CompareAndSwap { key, value, .. } => key.len() + value.len() + F,
+            Command::Delete { key, .. } => key.len() + F,
+            Command::ApplyRemote { origin, entries, .. } => {
+                origin.len()
+                    + F
+                    + entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len) + F).sum::<usize>()
+            }
+            Command::AckShipped { region, .. } => region.len() + F,
+            Command::SetRole { primary, .. } => primary.len() + F,
+            Command::Batch(cmds) => F + cmds.iter().map(Command::entry_bytes).sum::<usize>(),
+            Command::Resync { entries, .. } => {
+                F + entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 2 * F).sum::<usize>()
+            }
+        }
+    }
 }
 
 /// One write from another region's changefeed.
@@ -131,8 +143,10 @@ pub enum Command {
 pub struct RemoteEntry {
     /// The origin region's log index of the write.
     pub origin_index: u64,
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// `None` is a delete.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub hlc: Hlc,
 }
@@ -140,8 +154,10 @@ pub struct RemoteEntry {
 /// A key's value at the new primary, to replace a divergent local write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResyncEntry {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// `None`: absent or deleted at the new primary.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub hlc: Hlc,
     pub origin: String,
@@ -163,6 +179,7 @@ pub struct Version {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredValue {
     /// `None` is a tombstone: the key was deleted at `version`.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub version: Version,
 }

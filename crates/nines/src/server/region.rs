@@ -16,7 +16,7 @@ use super::forward::on_leader;
 use crate::config::Mode;
 use crate::convert;
 use crate::error::Error;
-use crate::limits::DIVERGENT_LIST_MAX;
+use crate::limits::{DIVERGENT_LIST_MAX, DIVERGENT_PAGE_BYTES_MAX};
 use crate::node::Node;
 use crate::types::{Command, CommandResult};
 
@@ -116,7 +116,7 @@ async fn promote(node: &Node, epoch: u64) -> Result<RegionPromoteResponse, Error
 
 /// The divergence record, read linearizably on the leader: a lagging
 /// follower could still be missing a demotion that wrote records.
-async fn divergent(node: &Node, limit: u32) -> Result<DivergentResponse, Error> {
+async fn divergent(node: &Node, start: u64, limit: u32) -> Result<DivergentResponse, Error> {
     node.ensure_linearizable().await?;
     let limit = match limit {
         0 => DIVERGENT_LIST_MAX,
@@ -126,9 +126,9 @@ async fn divergent(node: &Node, limit: u32) -> Result<DivergentResponse, Error> 
         l => l,
     };
     let total = node.reader().region_state().divergent_total;
-    let records =
-        node.reader().divergent(limit as usize).map_err(Error::from)?.into_iter().map(convert::divergent_to_proto);
-    Ok(DivergentResponse { records: records.collect(), total })
+    let (records, next) =
+        node.reader().divergent(start, limit as usize, DIVERGENT_PAGE_BYTES_MAX).map_err(Error::from)?;
+    Ok(DivergentResponse { records: records.into_iter().map(convert::divergent_to_proto).collect(), total, next })
 }
 
 #[tonic::async_trait]
@@ -154,7 +154,7 @@ impl RegionAdmin for RegionAdminService {
     async fn divergent(&self, req: Request<DivergentRequest>) -> Result<Response<DivergentResponse>, Status> {
         let node = &self.node;
         let remote = |c, r| async move { client(c).divergent(r).await };
-        on_leader(node, req, remote, |r| divergent(node, r.limit)).await
+        on_leader(node, req, remote, |r| divergent(node, r.start, r.limit)).await
     }
 
     async fn set_faults(&self, req: Request<SetFaultsRequest>) -> Result<Response<SetFaultsResponse>, Status> {

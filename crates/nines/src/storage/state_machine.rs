@@ -146,8 +146,10 @@ pub struct RegionState {
 /// A write that originated here, waiting to be shipped to peer regions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeRecord {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// `None` is a delete.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub hlc: Hlc,
 }
@@ -156,7 +158,9 @@ pub struct ChangeRecord {
 /// primary that replaced it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DivergentRecord {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub version: Version,
     pub demoted_at_epoch: u64,
@@ -177,11 +181,15 @@ struct SnapshotData {
 struct StoredSnapshot {
     meta: SnapshotMeta,
     /// An encoded record of [`SnapshotData`].
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
 }
 
 /// Key-value pairs of a scan page, and whether more remain.
 pub type ScanPage = (Vec<(Vec<u8>, StoredValue)>, bool);
+
+/// Divergence records, and the sequence number of the next one if any.
+pub type DivergentPage = (Vec<DivergentRecord>, Option<u64>);
 
 /// Changefeed entries, and whether they are all there are.
 pub type ChangefeedPage = (Vec<(u64, ChangeRecord)>, bool);
@@ -307,14 +315,24 @@ impl StateReader {
         Ok((count, first))
     }
 
-    /// Divergence records, oldest first, at most `limit`.
-    pub fn divergent(&self, limit: usize) -> Result<Vec<DivergentRecord>, ReadError> {
+    /// Divergence records from sequence number `start` on, oldest first: at
+    /// most `limit` of them or `bytes_max` of keys and values (at least one).
+    /// Also the sequence number to continue from, `None` once all are listed.
+    pub fn divergent(&self, start: u64, limit: usize, bytes_max: usize) -> Result<DivergentPage, ReadError> {
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix([DIVERGENT_PREFIX]).take(limit) {
+        let mut bytes = 0;
+        for item in self.tree.range(divergent_key(start)..vec![DIVERGENT_PREFIX + 1]) {
             let (k, v) = item?;
-            out.push(decode_at(&k, &v)?);
+            let seq = index_of(&k)?;
+            let rec: DivergentRecord = decode_at(&k, &v)?;
+            let size = rec.key.len() + rec.value.as_ref().map_or(0, Vec::len);
+            if out.len() >= limit || (!out.is_empty() && bytes + size > bytes_max) {
+                return Ok((out, Some(seq)));
+            }
+            bytes += size;
+            out.push(rec);
         }
-        Ok(out)
+        Ok((out, None))
     }
 }
 
@@ -1164,7 +1182,7 @@ mod tests {
         assert_eq!(r, CommandResult::Role { divergent: vec![b"k4".to_vec(), b"k5".to_vec()] });
         let reader = sm.reader();
         assert_eq!(reader.region_state().divergent_total, 2);
-        let records = reader.divergent(10).unwrap();
+        let records = reader.divergent(0, 10, 1 << 20).unwrap().0;
         let indexes: Vec<u64> = records.iter().map(|r| r.version.index).collect();
         assert_eq!(indexes, vec![version_index(4, 0), version_index(5, 0)]);
         // Writes 1..=3 reached b; they leave the changefeed when b's ack is applied.
@@ -1191,7 +1209,7 @@ mod tests {
         b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
         let (ra, rb) = (a.reader(), b.reader());
         assert_eq!(ra.region_state(), rb.region_state());
-        assert_eq!(ra.divergent(10).unwrap(), rb.divergent(10).unwrap());
+        assert_eq!(ra.divergent(0, 10, 1 << 20).unwrap(), rb.divergent(0, 10, 1 << 20).unwrap());
         assert_eq!(ra.changefeed_after(0, 100, 1 << 20).unwrap(), rb.changefeed_after(0, 100, 1 << 20).unwrap());
         assert!(rb.region_state().resync_pending, "the demotion left divergent keys to resync");
         assert_eq!(rb.get(b"r").unwrap().unwrap().value.as_deref(), Some(&b"x"[..]));
