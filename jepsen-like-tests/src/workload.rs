@@ -275,7 +275,7 @@ impl ClientTask {
             return Ok(false);
         }
         let index = kv.version.map_or(0, |v| v.index);
-        let resp = self.client.compare_and_swap(key, to.to_string(), Expect::Version(index)).await?;
+        let resp = self.client.compare_and_swap(key, to.to_string(), Expect::Index(index)).await?;
         if resp.succeeded {
             self.last_seen.insert(key.to_string(), to);
         }

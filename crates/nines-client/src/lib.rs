@@ -29,11 +29,13 @@ use nines_proto::v1::{
     compare_and_swap_request, kv_client::KvClient,
 };
 pub use nines_proto::v1::{
-    CompareAndSwapResponse, Consistency, DeleteResponse, DivergentResponse, FenceResponse, GetResponse, KeyValue,
-    Member, MembersResponse, NodeInfo, PeerLag, PutResponse, RegionInfo, RegionPromoteResponse, RegionStatusResponse,
-    ScanResponse, StatusResponse, Version,
+    CompareAndSwapResponse, ConfigureResponse, Consistency, DeleteResponse, DivergentResponse, FenceResponse,
+    GetResponse, KeyValue, Member, MembersResponse, NodeInfo, PeerLag, PutResponse, RegionInfo, RegionPromoteResponse,
+    RegionStatusResponse, ReplicationSetup, ScanResponse, StatusResponse, Version,
 };
-use nines_proto::v1::{DivergentRequest, FenceRequest, RegionPromoteRequest, RegionStatusRequest, SetFaultsRequest};
+use nines_proto::v1::{
+    ConfigureRequest, DivergentRequest, FenceRequest, RegionPromoteRequest, RegionStatusRequest, SetFaultsRequest,
+};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
@@ -132,12 +134,17 @@ impl Default for ClientConfig {
 }
 
 /// What a CompareAndSwap compares against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
-    /// The current version's index.
-    Version(u64),
+    /// The current version's index. An index is assigned by one region's
+    /// log: use it only with a version read in the region you write to.
+    Index(u64),
     /// The key must be absent.
     Absent,
+    /// The current value must be this write, named by its HLC and origin
+    /// region, which are the same in every region (its index is not
+    /// compared). Safe with a version read in any region.
+    Write(Version),
 }
 
 /// Which keys a scan covers.
@@ -333,8 +340,9 @@ impl Client {
         expect: Expect,
     ) -> Result<CompareAndSwapResponse> {
         let expected = match expect {
-            Expect::Version(i) => compare_and_swap_request::Expected::ExpectedIndex(i),
+            Expect::Index(i) => compare_and_swap_request::Expected::ExpectedIndex(i),
             Expect::Absent => compare_and_swap_request::Expected::ExpectAbsent(true),
+            Expect::Write(v) => compare_and_swap_request::Expected::ExpectedVersion(v),
         };
         let req = CompareAndSwapRequest { key: key.into(), value: value.into(), expected: Some(expected) };
         self.call(false, rpc!(kv, compare_and_swap, req)).await
@@ -433,6 +441,12 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// Changes the region's replication setup (peers, mode, initial
+    /// primary), replicated through its Raft log.
+    pub async fn configure_region(&self, setup: ReplicationSetup) -> Result<ConfigureResponse> {
+        self.call(false, rpc!(region, configure, ConfigureRequest { setup: Some(setup.clone()) })).await
     }
 
     /// Test only: sets the fault hooks of the node at `endpoint` (refused

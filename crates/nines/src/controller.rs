@@ -20,6 +20,8 @@
 //!   operator) can still race. Epochs allocated by a replicated authority
 //!   are future work.
 
+use crate::limits::EPOCH_MAX;
+
 /// What one region's probe showed (only regions that answered appear).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
@@ -68,6 +70,8 @@ pub enum Action {
     AwaitPending { region: String, epoch: u64 },
     /// The primary is down and no secondary answers.
     NoCandidate { primary: String },
+    /// The known epoch is `EPOCH_MAX`: no further epoch can be issued.
+    EpochsExhausted { epoch: u64 },
 }
 
 /// How a promotion ended.
@@ -124,6 +128,9 @@ pub fn decide(seen: &[Seen], history: &History, policy: &Policy) -> (Action, His
         };
         return (action, h);
     }
+    let Some(next_epoch) = epoch.checked_add(1).filter(|e| *e <= EPOCH_MAX) else {
+        return (Action::EpochsExhausted { epoch }, h);
+    };
     let candidate = seen
         .iter()
         .filter(|s| s.region != primary)
@@ -131,7 +138,7 @@ pub fn decide(seen: &[Seen], history: &History, policy: &Policy) -> (Action, His
     let action = match candidate {
         Some(s) => Action::Promote {
             region: s.region.clone(),
-            epoch: epoch + 1,
+            epoch: next_epoch,
             old_primary: primary,
             applied_from_primary: s.applied_from_primary,
         },
@@ -249,6 +256,13 @@ mod tests {
             ),
             ("nothing known, nobody answers", vec![], History::default(), Action::NoRegionAnswers { failures: 1 }, 1),
             ("active-active", vec![seen("a", 0, "", 0)], History::default(), Action::ActiveActive, 0),
+            (
+                "the epoch cannot rise further",
+                vec![seen("b", EPOCH_MAX, "a", 5)],
+                history(2, None, None),
+                Action::EpochsExhausted { epoch: EPOCH_MAX },
+                3,
+            ),
         ];
         for (name, seen, before, want, failures) in table {
             let (got, after) = decide(&seen, &before, &policy);

@@ -4,12 +4,15 @@
 
 use nines_proto::v1 as pb;
 
+use crate::config::Mode;
 use crate::error::Error;
 use crate::faults::{FaultSet, LinkRule};
 use crate::hlc::Hlc;
-use crate::limits::{LABEL_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
+use crate::limits::{EPOCH_MAX, LABEL_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
 use crate::storage::state_machine::{ChangeRecord, DivergentRecord};
-use crate::types::{NodeId, NodeInfo, PeerLag, Refusal, RemoteEntry, ShipAnswer, Shipment, StoredValue, Version};
+use crate::types::{
+    NodeId, NodeInfo, PeerLag, Refusal, RemoteEntry, ReplicationSetup, ShipAnswer, Shipment, StoredValue, Version,
+};
 use crate::validate;
 
 pub fn version_to_proto(v: &Version) -> pb::Version {
@@ -107,6 +110,42 @@ pub fn faults_from_proto(r: pb::SetFaultsRequest) -> FaultSet {
     }
 }
 
+pub fn setup_to_proto(s: &ReplicationSetup) -> pb::ReplicationSetup {
+    pb::ReplicationSetup {
+        region: s.region.clone(),
+        peers: s.peers.clone(),
+        mode: s.mode.as_str().into(),
+        initial_primary: s.initial_primary.clone(),
+    }
+}
+
+/// Checks a replication setup from a request and converts it.
+pub fn setup_from_proto(s: &pb::ReplicationSetup) -> Result<ReplicationSetup, Error> {
+    let mode = match s.mode.as_str() {
+        "active-active" => Mode::ActiveActive,
+        "active-passive" => Mode::ActivePassive,
+        other => return Err(Error::invalid(format!("mode {other:?} is neither active-active nor active-passive"))),
+    };
+    for label in std::iter::once(&s.region).chain(&s.peers).chain(std::iter::once(&s.initial_primary)) {
+        if label.len() > LABEL_BYTES_MAX {
+            return Err(Error::invalid(format!("region name {label:?} is over LABEL_BYTES_MAX {LABEL_BYTES_MAX}")));
+        }
+    }
+    if s.region.is_empty() || s.peers.iter().any(|p| p.is_empty() || *p == s.region) {
+        return Err(Error::invalid("region must be named, and peers must be other, named regions"));
+    }
+    let mut peers = s.peers.clone();
+    peers.sort();
+    peers.dedup();
+    if mode == Mode::ActivePassive && s.initial_primary != s.region && !peers.contains(&s.initial_primary) {
+        return Err(Error::invalid(format!(
+            "initial_primary {:?} must be the region or one of its peers in active-passive mode",
+            s.initial_primary
+        )));
+    }
+    Ok(ReplicationSetup { region: s.region.clone(), peers, mode, initial_primary: s.initial_primary.clone() })
+}
+
 /// One changefeed record, at its index, as it travels to a peer region.
 pub fn change_to_remote(index: u64, rec: ChangeRecord) -> RemoteEntry {
     RemoteEntry { origin_index: index, key: rec.key, value: rec.value, hlc: rec.hlc }
@@ -143,6 +182,9 @@ pub fn shipment_from_proto(req: &pb::ShipRequest) -> Result<Shipment, Error> {
             "{} entries; limit SHIP_BATCH_ENTRIES_MAX is {SHIP_BATCH_ENTRIES_MAX}",
             req.entries.len()
         )));
+    }
+    if req.epoch > EPOCH_MAX {
+        return Err(Error::invalid(format!("epoch {} is above EPOCH_MAX {EPOCH_MAX}", req.epoch)));
     }
     let mut last = 0;
     let mut entries = Vec::with_capacity(req.entries.len());

@@ -14,7 +14,8 @@
 //!    storage, and the [`Node`] every service shares.
 //! 5. **Serve** (`serve`): the gRPC services and the admin HTTP port.
 //! 6. **Spawn tasks** (`spawn_tasks`): the write batcher, the shippers,
-//!    the resync task, the gauges and the gRPC health reporter.
+//!    the setup and resync tasks, the gauges, the gRPC health reporter and the clock
+//!    watch.
 //! 7. **Announce** (`write_addrs`): the bound addresses and PID, in
 //!    `addrs.json` of the data directory.
 //! 8. **Wait for stop** (`wait_for_stop`): SIGTERM/SIGINT, Raft stopping
@@ -54,8 +55,8 @@ use crate::server::kv::KvService;
 use crate::server::raft::RaftService;
 use crate::server::region::RegionAdminService;
 use crate::server::replication::ReplicationService;
-use crate::storage::{self, LogStore, ReplicationSetup, StateMachine};
-use crate::types::{NodeInfo, Raft};
+use crate::storage::{self, LogStore, StateMachine};
+use crate::types::{NodeInfo, Raft, ReplicationSetup};
 
 /// How long in-flight requests may run after shutdown begins. Longer than
 /// the default write timeout would let one stuck write hold up a restart;
@@ -138,16 +139,44 @@ fn prepare(config: &NodeConfig) -> anyhow::Result<Prepared> {
     Ok(Prepared { faults, clock, raft_config })
 }
 
-/// Step 2: the Raft log and the state machine.
+/// Step 2: the Raft log and the state machine; a region whose replicated
+/// setup disagrees with this node's file is refused here, naming the field.
 fn open_storage(config: &NodeConfig, prepared: &Prepared) -> anyhow::Result<(storage::Disk, LogStore, StateMachine)> {
-    let setup = ReplicationSetup {
+    let opened = storage::open(&config.data_dir, prepared.clock.clone())
+        .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
+    if let Some(replicated) = opened.2.reader().setup() {
+        check_setup(&replication_setup(config), &replicated)?;
+    }
+    Ok(opened)
+}
+
+/// The replication setup a configuration file describes: what the region's
+/// first leader proposes, and what a restart is checked against.
+pub fn replication_setup(config: &NodeConfig) -> ReplicationSetup {
+    let mut peers: Vec<String> = config.peer_regions().into_iter().map(|p| p.name).collect();
+    peers.sort();
+    ReplicationSetup {
         region: config.region.clone(),
-        peers: config.peer_regions().iter().map(|p| p.name.clone()).collect(),
+        peers,
         mode: config.cluster.mode,
         initial_primary: config.cluster.primary.clone(),
-    };
-    storage::open(&config.data_dir, setup, prepared.clock.clone())
-        .with_context(|| format!("opening storage in {}", config.data_dir.display()))
+    }
+}
+
+/// Refuses a configuration file whose replication setup differs from the
+/// one the region replicated, naming the first field that differs.
+pub fn check_setup(file: &ReplicationSetup, replicated: &ReplicationSetup) -> anyhow::Result<()> {
+    match file.differing_field(replicated) {
+        None => Ok(()),
+        Some(field) => Err(anyhow::anyhow!(
+            "{field} in this node's configuration disagrees with the setup region {} replicated: the file says \
+             {}, the region {}. Every node of a region must apply the same setup: set {field} back, or change the \
+             region's setup with `nines region configure` and then every node's file",
+            replicated.region,
+            file.describe(),
+            replicated.describe()
+        )),
+    }
 }
 
 /// The bound listeners of step 3.
@@ -211,6 +240,7 @@ async fn start_node(
             mode: config.cluster.mode,
             peers: config.peer_regions(),
             all: config.cluster.regions.clone(),
+            setup: replication_setup(config),
         },
         latency: config.latency.clone(),
         faults: prepared.faults,
@@ -290,8 +320,10 @@ fn spawn_tasks(
     let batcher = node.spawn_batcher(proposals);
     let mut background = crate::replication::spawn_shippers(node.clone(), stop.clone());
     background.push(crate::replication::spawn_resync(node.clone(), stop.clone()));
+    background.push(crate::replication::spawn_setup(node.clone(), stop.clone()));
     background.push(spawn_gauges(node.clone(), storage, stop.clone()));
     background.push(spawn_health(node.clone(), health, stop.clone()));
+    background.push(node.spawn_clock_watch(stop.clone()));
     Tasks { batcher, background }
 }
 

@@ -6,10 +6,17 @@
 //!
 //! Invariants:
 //! - `now()` is strictly greater than every timestamp this clock returned
-//!   or observed before.
-//! - `observe(remote)` refuses a remote timestamp more than `offset_ms_max`
-//!   ahead of the local wall clock and leaves the clock unchanged; it never
-//!   silently adopts a far-future time.
+//!   or adopted before.
+//! - The clock never adopts a timestamp more than `offset_ms_max` ahead of
+//!   this node's physical clock, whether it comes from the replicated log
+//!   (`witness`) or from another region (`observe`): one write stamped by a
+//!   clock that jumped ahead cannot drag every replica's clock with it. The
+//!   refusal is counted and reported; the write itself still applies with
+//!   its timestamp (every replica and region must apply it the same way).
+//! - `now()` refuses to stamp while the clock runs more than `offset_ms_max`
+//!   ahead of the physical clock (the physical clock stepped back, or this
+//!   node's own clock had jumped ahead): stamping would carry the wrong time
+//!   into every later write. The node steps down as leader meanwhile.
 //!
 //! Caveats:
 //! - The logical counter is 32 bits; when it would overflow, the physical
@@ -45,6 +52,17 @@ impl std::fmt::Display for Hlc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.physical_ms, self.logical)
     }
+}
+
+/// This clock runs too far ahead of the physical clock to stamp a write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this node's hybrid clock is {ahead_ms} ms ahead of its physical clock (maximum offset {offset_ms_max} ms): \
+     refusing to stamp writes until the physical clock catches up"
+)]
+pub struct ClockSkewError {
+    pub ahead_ms: u64,
+    pub offset_ms_max: u64,
 }
 
 /// A remote timestamp too far ahead of the local clock to adopt.
@@ -99,35 +117,52 @@ impl HlcClock {
         self.last.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new timestamp, greater than every one before.
-    pub fn now(&self) -> Hlc {
+    /// A new timestamp, greater than every one before; refused while the
+    /// clock runs more than the maximum offset ahead of the physical clock.
+    pub fn now(&self) -> Result<Hlc, ClockSkewError> {
         let wall = self.physical.now_ms();
         let mut last = self.lock();
+        let ahead_ms = last.physical_ms.saturating_sub(wall);
+        if ahead_ms > self.offset_ms_max {
+            return Err(ClockSkewError { ahead_ms, offset_ms_max: self.offset_ms_max });
+        }
         let next = if wall > last.physical_ms { Hlc { physical_ms: wall, logical: 0 } } else { last.successor() };
         *last = next;
-        next
+        Ok(next)
     }
 
-    /// Advances the clock past a timestamp seen in the replicated log. Never
-    /// refuses: the log is the truth within a region, and an applied entry
-    /// must apply the same way on every replica.
-    pub fn witness(&self, seen: Hlc) {
+    /// How far this clock runs ahead of the physical clock, in milliseconds.
+    pub fn ahead_ms(&self) -> u64 {
+        let wall = self.physical.now_ms();
+        self.lock().physical_ms.saturating_sub(wall)
+    }
+
+    /// The largest offset a timestamp may be ahead of the physical clock.
+    pub fn offset_ms_max(&self) -> u64 {
+        self.offset_ms_max
+    }
+
+    /// Advances the clock past a timestamp seen in the replicated log, unless
+    /// it is further ahead of the physical clock than the maximum offset
+    /// (then the clock stays, the entry still applies, and this returns the
+    /// refusal for the caller to count).
+    pub fn witness(&self, seen: Hlc) -> Result<(), ClockOffsetError> {
+        let wall = self.physical.now_ms();
+        let ahead_ms = seen.physical_ms.saturating_sub(wall);
+        if ahead_ms > self.offset_ms_max {
+            return Err(ClockOffsetError { remote: seen, ahead_ms, offset_ms_max: self.offset_ms_max });
+        }
         let mut last = self.lock();
         if seen > *last {
             *last = seen;
         }
+        Ok(())
     }
 
     /// Advances the clock past a remote timestamp, unless it is further ahead
     /// of the local wall clock than the maximum offset.
     pub fn observe(&self, remote: Hlc) -> Result<(), ClockOffsetError> {
-        let wall = self.physical.now_ms();
-        let ahead_ms = remote.physical_ms.saturating_sub(wall);
-        if ahead_ms > self.offset_ms_max {
-            return Err(ClockOffsetError { remote, ahead_ms, offset_ms_max: self.offset_ms_max });
-        }
-        self.witness(remote);
-        Ok(())
+        self.witness(remote)
     }
 }
 
@@ -163,7 +198,7 @@ mod tests {
         let (c, t) = clock(0, 1000);
         for (wall, want) in table {
             t.store(*wall, Ordering::SeqCst);
-            assert_eq!(c.now(), *want, "wall {wall}");
+            assert_eq!(c.now().unwrap(), *want, "wall {wall}");
         }
     }
 
@@ -172,7 +207,7 @@ mod tests {
         let (c, _) = clock(1000, 500);
         let remote = Hlc { physical_ms: 1400, logical: 7 };
         c.observe(remote).expect("within offset");
-        assert_eq!(c.now(), Hlc { physical_ms: 1400, logical: 8 });
+        assert_eq!(c.now().unwrap(), Hlc { physical_ms: 1400, logical: 8 });
     }
 
     #[test]
@@ -181,7 +216,26 @@ mod tests {
         let remote = Hlc { physical_ms: 1501, logical: 0 };
         let err = c.observe(remote).expect_err("beyond offset");
         assert_eq!(err.ahead_ms, 501);
-        assert_eq!(c.now(), Hlc { physical_ms: 1000, logical: 0 });
+        assert_eq!(c.now().unwrap(), Hlc { physical_ms: 1000, logical: 0 });
+    }
+
+    #[test]
+    fn a_clock_that_jumped_ahead_and_back_refuses_to_stamp_until_time_catches_up() {
+        // The physical clock jumps 10 minutes ahead for one stamp, then back.
+        let (c, t) = clock(1_000_000, 500);
+        t.store(1_600_000, Ordering::SeqCst);
+        let future = c.now().expect("the jump itself cannot be seen locally");
+        t.store(1_000_100, Ordering::SeqCst);
+        let e = c.now().expect_err("ahead by ten minutes");
+        assert_eq!(e.ahead_ms, 599_900);
+        assert_eq!(c.ahead_ms(), 599_900);
+        // A replica that applies the future write does not adopt its time.
+        let (replica, _) = clock(1_000_100, 500);
+        assert!(replica.witness(future).is_err());
+        assert_eq!(replica.now().unwrap(), Hlc { physical_ms: 1_000_100, logical: 0 });
+        // Once physical time passes it, the jumped clock stamps again, above it.
+        t.store(1_600_001, Ordering::SeqCst);
+        assert!(c.now().unwrap() > future);
     }
 
     #[test]

@@ -96,6 +96,19 @@ pub const SHIP_BATCH_ENTRIES_MAX: usize = 512;
 /// `ENTRY_BYTES_MAX` with every entry's framing (asserted below).
 pub const SHIP_BATCH_BYTES_MAX: usize = 512 * 1024;
 
+/// Highest epoch a region may hold. Epochs rise by one per promotion, so
+/// 2^48 is beyond any lifetime of failovers; it leaves room for `+ 1`
+/// anywhere without overflow, and a peer or operator that names an epoch
+/// beyond it is refused instead of wrapping every later comparison.
+pub const EPOCH_MAX: u64 = 1 << 48;
+
+/// Acknowledgements a region remembers per peer for collecting tombstones
+/// (see the state machine's `ack_shipped`). One arrives every 200 ms or so
+/// while tombstones wait for a peer's in-flight writes, which takes a round
+/// trip or two; 1,024 is minutes of them. Beyond it the oldest are dropped,
+/// which delays collection but never makes it early.
+pub const ACK_HISTORY_MAX: usize = 1024;
+
 /// Divergence records one request may list.
 pub const DIVERGENT_LIST_MAX: u32 = 10_000;
 

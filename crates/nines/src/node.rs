@@ -26,6 +26,7 @@
 //!   [`Node::ensure_linearizable`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ use crate::limits::{
 };
 use crate::network::Channels;
 use crate::storage::StateReader;
-use crate::types::{Command, CommandResult, NodeId, NodeInfo, PeerLag, Raft};
+use crate::types::{Command, CommandResult, NodeId, NodeInfo, PeerLag, Raft, ReplicationSetup};
 
 /// A client write waiting to be proposed, and where its result goes.
 pub type Proposal = (Command, oneshot::Sender<Result<CommandResult, Error>>);
@@ -60,6 +61,11 @@ pub const READY_APPLY_LAG_MAX: u64 = 1_000;
 /// know.
 pub const READY_QUORUM_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How often the clock watch compares the hybrid clock with the physical
+/// one: a tenth of the default heartbeat, so a node that must step down does
+/// so well within one election timeout.
+const CLOCK_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long a membership change may take, including a new learner catching
 /// up. A learner that needs longer is still being added; the caller is told
 /// the outcome is unknown rather than waiting without bound.
@@ -73,6 +79,9 @@ pub struct Regions {
     pub peers: Vec<RegionConfig>,
     /// Every region, this one included; empty for a single-region cluster.
     pub all: Vec<RegionConfig>,
+    /// The replication setup this node's file describes: what it proposes
+    /// if it is the region's first leader.
+    pub setup: ReplicationSetup,
 }
 
 /// Everything a [`Node`] is made of; the daemon builds it.
@@ -111,6 +120,10 @@ pub struct Node {
     fatal: watch::Sender<Option<String>>,
     /// Client writes on their way to the batcher (see [`Node::spawn_batcher`]).
     proposals: mpsc::Sender<Proposal>,
+    /// Set while this node's clock runs too far ahead to stamp writes: it
+    /// proposes nothing, sends no heartbeats and stands for no election, so
+    /// a node with a sane clock takes over (see [`Node::spawn_clock_watch`]).
+    stepping_down: AtomicBool,
 }
 
 /// The receiving ends the daemon keeps: the proposal queue (for the
@@ -139,6 +152,7 @@ impl Node {
             metrics: parts.metrics,
             fatal,
             proposals,
+            stepping_down: AtomicBool::new(false),
         };
         (Arc::new(node), Receivers { proposals: proposals_rx, fatal: fatal_rx })
     }
@@ -174,9 +188,11 @@ impl Node {
         &self.clock
     }
 
-    /// A fresh timestamp for a write this node is about to propose.
-    pub fn now(&self) -> Hlc {
-        self.clock.now()
+    /// A fresh timestamp for a write this node is about to propose; refused
+    /// (retry-safe: nothing was proposed) while this node's hybrid clock runs
+    /// too far ahead of its physical clock.
+    pub fn now(&self) -> Result<Hlc, Error> {
+        self.clock.now().map_err(|e| Error::Unavailable { reason: e.to_string(), retry_safe: true })
     }
 
     pub fn write_timeout(&self) -> Duration {
@@ -195,6 +211,11 @@ impl Node {
     /// Every configured region, this one included.
     pub fn all_regions(&self) -> &[RegionConfig] {
         &self.regions.all
+    }
+
+    /// The replication setup this node's file describes.
+    pub fn file_setup(&self) -> &ReplicationSetup {
+        &self.regions.setup
     }
 
     pub fn latency(&self) -> &LatencyConfig {
@@ -260,6 +281,15 @@ impl Node {
     /// node's log, and a copy of it may still be committed by a later leader.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, Error> {
         self.check_leader()?;
+        if self.stepping_down.load(Ordering::Acquire) {
+            return Err(Error::Unavailable {
+                reason: format!(
+                    "this leader is stepping down: its hybrid clock runs {} ms ahead of its physical clock",
+                    self.clock.ahead_ms()
+                ),
+                retry_safe: true,
+            });
+        }
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)).await;
         crate::telemetry::proposal(started, matches!(outcome, Ok(Ok(_))));
@@ -271,7 +301,7 @@ impl Node {
                 f.leader_id
             ))),
             Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(Error::Internal(format!("a data write failed as a membership change: {e}")))
+                Err(Error::Indeterminate(format!("a data write failed as a membership change: {e}")))
             }
             Ok(Err(RaftError::Fatal(f))) => {
                 Err(Error::Unavailable { reason: format!("raft stopped: {f}"), retry_safe: false })
@@ -279,10 +309,12 @@ impl Node {
         }
     }
 
-    /// Proposes a client write: refused up front when this region does not
-    /// take writes or its changefeed backlog is full, and mapped to an error
-    /// when the state machine refused it at apply time.
-    pub async fn write(&self, cmd: Command) -> Result<CommandResult, Error> {
+    /// Proposes a client write, stamped by this leader's clock (`stamped`
+    /// builds the command from the timestamp): refused up front when this
+    /// node does not lead, its clock cannot stamp, its region does not take
+    /// writes or its changefeed backlog is full; mapped to an error when the
+    /// state machine refused it at apply time.
+    pub async fn write(&self, stamped: impl FnOnce(Hlc) -> Command) -> Result<CommandResult, Error> {
         self.check_leader()?;
         if let Some((reason, retry_later)) = self.reader.write_refusal() {
             return Err(refusal(reason, retry_later));
@@ -298,6 +330,7 @@ impl Node {
                 retry_safe: true,
             });
         }
+        let cmd = stamped(self.now()?);
         let (tx, rx) = oneshot::channel();
         let stopped = || Error::Unavailable { reason: "the node is stopping".into(), retry_safe: true };
         self.proposals.send((cmd, tx)).await.map_err(|_| stopped())?;
@@ -507,6 +540,39 @@ impl Node {
         })
     }
 
+    /// Starts the clock watch: every `CLOCK_CHECK_INTERVAL` it exports how
+    /// far the hybrid clock runs ahead of the physical one, and while that is
+    /// beyond the maximum offset it makes this node step down: no proposals,
+    /// no heartbeats (so followers elect a leader whose clock can stamp) and
+    /// no candidacy of its own. It stands again once the physical clock has
+    /// caught up.
+    pub fn spawn_clock_watch(self: &Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(CLOCK_CHECK_INTERVAL) => {}
+                }
+                let ahead_ms = node.clock.ahead_ms();
+                crate::telemetry::hlc_ahead(ahead_ms);
+                let skewed = ahead_ms > node.clock.offset_ms_max();
+                if skewed == node.stepping_down.load(Ordering::Acquire) {
+                    continue;
+                }
+                node.stepping_down.store(skewed, Ordering::Release);
+                let runtime = node.raft.runtime_config();
+                runtime.heartbeat(!skewed);
+                runtime.elect(!skewed);
+                if skewed {
+                    tracing::error!(ahead_ms, "hybrid clock too far ahead of the physical clock: stepping down");
+                } else {
+                    tracing::warn!("the physical clock caught up with the hybrid clock: standing again");
+                }
+            }
+        })
+    }
+
     /// Proposes the writes of one batch as one entry and answers each waiter.
     async fn propose_batch(&self, batch: Vec<Proposal>) {
         let (mut cmds, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
@@ -517,7 +583,7 @@ impl Node {
             match self.propose(Command::Batch(cmds)).await {
                 Ok(CommandResult::Batch(rs)) if rs.len() == n => rs.into_iter().map(Ok).collect(),
                 Ok(other) => {
-                    let e = Error::Internal(format!("a batch of {n} writes applied as {other:?}"));
+                    let e = Error::Indeterminate(format!("a batch of {n} writes applied as {other:?}"));
                     vec![Err(e); n]
                 }
                 Err(e) => vec![Err(e); n],

@@ -353,13 +353,16 @@ pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Erro
             adopt(node, &shipment.primary, shipment.epoch, shipment.receiver_applied_through).await;
         }
     }
-    for e in &shipment.entries {
-        if let Err(err) = node.clock().observe(e.hlc) {
+    // A timestamp too far ahead of this clock is not adopted (that would
+    // carry a wrong time into every later write here); the write still
+    // applies with it, so regions converge. Counted and logged.
+    let ahead: Vec<_> = shipment.entries.iter().filter_map(|e| node.clock().observe(e.hlc).err()).collect();
+    if let Some(err) = ahead.first() {
+        for _ in &ahead {
             node.stats().count_refused_clock(&origin);
             crate::telemetry::remote_refused(&origin);
-            tracing::warn!(%origin, error = %err, "refusing a shipment: remote timestamp too far ahead");
-            return Ok(answer(node, &origin, Refusal::ClockAhead, err.to_string()));
         }
+        tracing::warn!(%origin, writes = ahead.len(), error = %err, "shipped timestamps too far ahead: applied, not adopted by the clock");
     }
     // An empty batch can still advance what this region holds of the
     // origin (`complete_through`); propose it when it would.
@@ -374,7 +377,7 @@ pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Erro
         match node.propose(cmd).await? {
             CommandResult::Remote { .. } => {}
             CommandResult::Rejected { reason, .. } => return Ok(answer(node, &origin, Refusal::StaleEpoch, reason)),
-            other => return Err(Error::Internal(format!("a shipment applied as {other:?}"))),
+            other => return Err(Error::Indeterminate(format!("a shipment applied as {other:?}"))),
         }
     }
     Ok(answer(node, &origin, Refusal::None, String::new()))
@@ -392,6 +395,59 @@ fn answer(node: &Node, origin: &str, refused: Refusal, reason: String) -> ShipAn
         reason,
         receiver_index: region.last_local_write,
     }
+}
+
+/// How often the setup task looks at the replicated setup.
+const SETUP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How often a node whose file disagrees with the replicated setup says so.
+const SETUP_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Starts the task that makes the region's replication setup replicated
+/// state: on the leader of a region that has none yet, it proposes this
+/// node's file's setup (the first such proposal to commit wins; a later,
+/// different one is refused at apply). On any node whose file disagrees
+/// with the replicated setup (an operator changed it with `nines region
+/// configure`), it says so now and then: the node refuses to restart until
+/// its file matches.
+pub fn spawn_setup(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut warned: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(SETUP_INTERVAL) => {}
+            }
+            match node.reader().setup() {
+                None if node.check_leader().is_ok() => {
+                    let setup = node.file_setup().clone();
+                    match node.propose(Command::Configure { setup: setup.clone(), replace: false }).await {
+                        Ok(CommandResult::None) => tracing::info!(?setup, "proposed this region's replication setup"),
+                        Ok(other) => tracing::warn!(?other, "the region's replication setup was not taken"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "proposing the region's replication setup failed; retrying")
+                        }
+                    }
+                }
+                Some(replicated) => {
+                    let file = node.file_setup();
+                    if let Some(field) = file.differing_field(&replicated)
+                        && warned.is_none_or(|w| w.elapsed() >= SETUP_WARNING_INTERVAL)
+                    {
+                        tracing::error!(
+                            field,
+                            file = %file.describe(),
+                            replicated = %replicated.describe(),
+                            "this node's configuration disagrees with the region's replicated setup; \
+                             it will refuse to restart until its file matches"
+                        );
+                        warned = Some(Instant::now());
+                    }
+                }
+                None => {}
+            }
+        }
+    })
 }
 
 /// How often the resync task looks for divergent keys waiting for the new

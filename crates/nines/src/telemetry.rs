@@ -18,7 +18,9 @@
 //! | `nines_grpc_request_duration_seconds{method}` | histogram | request latency |
 //! | `nines_storage_bytes` | gauge | size of the node's database on disk |
 //! | `nines_replication_lag_entries{from,to}`, `nines_replication_lag_seconds{from,to}` | gauge | writes of this region a peer has not applied, and the age of the oldest |
-//! | `nines_hlc_remote_refused_total{origin}` | counter | shipments refused for a timestamp too far ahead |
+//! | `nines_hlc_remote_refused_total{origin}` | counter | shipped writes whose timestamp was too far ahead to adopt (applied, not adopted by the clock) |
+//! | `nines_hlc_log_refused_total` | counter | writes in this region's log whose timestamp was too far ahead to adopt |
+//! | `nines_hlc_ahead_seconds` | gauge | how far this node's hybrid clock runs ahead of its physical clock |
 //!
 //! This module is a leaf: it records what it is given and imports nothing
 //! else of the crate. The daemon samples Raft and storage for the gauges.
@@ -95,9 +97,19 @@ pub fn log_fsync(started: Instant) {
     histogram!("nines_log_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
 }
 
-/// Counts a refused shipment.
+/// Counts a shipped write whose timestamp was too far ahead to adopt.
 pub fn remote_refused(origin: &str) {
     counter!("nines_hlc_remote_refused_total", "origin" => origin.to_string()).increment(1);
+}
+
+/// Counts a logged write whose timestamp was too far ahead to adopt.
+pub fn log_refused() {
+    counter!("nines_hlc_log_refused_total").increment(1);
+}
+
+/// Sets how far the hybrid clock runs ahead of the physical clock.
+pub fn hlc_ahead(ms: u64) {
+    gauge!("nines_hlc_ahead_seconds").set(ms as f64 / 1000.0);
 }
 
 /// The Raft gauges of one node at one moment.

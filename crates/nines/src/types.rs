@@ -56,12 +56,15 @@ pub struct NodeInfo {
 }
 
 /// What a CompareAndSwap compares against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Expected {
-    /// The current value's version index.
+    /// The current value's version index, as this region's log assigned it.
     Index(u64),
     /// The key must not exist (or be deleted).
     Absent,
+    /// The current value must be this write, named by its HLC and origin
+    /// region: the same in every region, unlike its index.
+    Write { hlc: Hlc, origin: String },
 }
 
 /// A command, as proposed to Raft. The leader stamps `hlc` before proposing
@@ -112,6 +115,59 @@ pub enum Command {
     /// After a demotion: values of divergent keys as the new primary has
     /// them. `done` marks the last batch.
     Resync { entries: Vec<ResyncEntry>, done: bool },
+    /// Sets the region's replication setup. The first one is proposed by
+    /// the region's first leader from its configuration; a later one changes
+    /// it only with `replace` (`nines region configure`).
+    Configure { setup: ReplicationSetup, replace: bool },
+}
+
+/// How this region takes part in cross-region replication. Replicated state
+/// (`Command::Configure`), so every replica of a region applies every entry
+/// the same way whatever its own configuration file says: the region's
+/// first leader proposes its file's setup, and a node whose file disagrees
+/// with the replicated one refuses to start (see the daemon).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationSetup {
+    pub region: String,
+    /// The other regions. Empty: no changefeed is kept.
+    pub peers: Vec<String>,
+    pub mode: crate::config::Mode,
+    /// The primary at epoch 0 (active-passive).
+    pub initial_primary: String,
+}
+
+impl ReplicationSetup {
+    /// The configuration field in which `self` (a node's file) differs from
+    /// `replicated`, if any.
+    pub fn differing_field(&self, replicated: &ReplicationSetup) -> Option<&'static str> {
+        let sorted = |p: &[String]| {
+            let mut p = p.to_vec();
+            p.sort();
+            p
+        };
+        if self.region != replicated.region {
+            Some("region")
+        } else if sorted(&self.peers) != sorted(&replicated.peers) {
+            Some("cluster.regions")
+        } else if self.mode != replicated.mode {
+            Some("cluster.mode")
+        } else if self.initial_primary != replicated.initial_primary {
+            Some("cluster.primary")
+        } else {
+            None
+        }
+    }
+
+    /// The setup in a few words, for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "region {}, peers [{}], {}, initial primary {:?}",
+            self.region,
+            self.peers.join(", "),
+            self.mode.as_str(),
+            self.initial_primary
+        )
+    }
 }
 
 impl Command {
@@ -131,6 +187,11 @@ impl Command {
             Command::AckShipped { region, .. } => region.len() + F,
             Command::SetRole { primary, .. } => primary.len() + F,
             Command::Batch(cmds) => F + cmds.iter().map(Command::entry_bytes).sum::<usize>(),
+            Command::Configure { setup, .. } => {
+                F + setup.region.len()
+                    + setup.initial_primary.len()
+                    + setup.peers.iter().map(|p| p.len() + F).sum::<usize>()
+            }
             Command::Resync { entries, .. } => {
                 F + entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 2 * F).sum::<usize>()
             }

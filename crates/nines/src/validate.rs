@@ -4,7 +4,7 @@
 use nines_proto::v1::{CompareAndSwapRequest, Consistency, ScanRequest, compare_and_swap_request};
 
 use crate::error::Error;
-use crate::limits::{KEY_BYTES_MAX, SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX, VALUE_BYTES_MAX};
+use crate::limits::{KEY_BYTES_MAX, LABEL_BYTES_MAX, SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX, VALUE_BYTES_MAX};
 use crate::types::Expected;
 
 pub fn key(key: &[u8]) -> Result<(), Error> {
@@ -38,7 +38,7 @@ pub fn consistency(raw: i32) -> Result<Consistency, Error> {
 }
 
 pub fn expected(req: &CompareAndSwapRequest) -> Result<Expected, Error> {
-    match req.expected {
+    match &req.expected {
         None => Err(Error::invalid("expected is not set; give expected_index or expect_absent")),
         Some(compare_and_swap_request::Expected::ExpectAbsent(true)) => Ok(Expected::Absent),
         Some(compare_and_swap_request::Expected::ExpectAbsent(false)) => {
@@ -47,7 +47,24 @@ pub fn expected(req: &CompareAndSwapRequest) -> Result<Expected, Error> {
         Some(compare_and_swap_request::Expected::ExpectedIndex(0)) => {
             Err(Error::invalid("expected_index 0 is never a version; use expect_absent for a missing key"))
         }
-        Some(compare_and_swap_request::Expected::ExpectedIndex(i)) => Ok(Expected::Index(i)),
+        Some(compare_and_swap_request::Expected::ExpectedIndex(i)) => Ok(Expected::Index(*i)),
+        Some(compare_and_swap_request::Expected::ExpectedVersion(v)) => {
+            if v.origin_region.is_empty() || (v.hlc_physical_ms == 0 && v.hlc_logical == 0) {
+                return Err(Error::invalid(
+                    "expected_version needs its hlc and origin_region: they name the write in every region",
+                ));
+            }
+            if v.origin_region.len() > LABEL_BYTES_MAX {
+                return Err(Error::invalid(format!(
+                    "expected_version origin_region is {} bytes; limit LABEL_BYTES_MAX is {LABEL_BYTES_MAX}",
+                    v.origin_region.len()
+                )));
+            }
+            Ok(Expected::Write {
+                hlc: crate::hlc::Hlc { physical_ms: v.hlc_physical_ms, logical: v.hlc_logical },
+                origin: v.origin_region.clone(),
+            })
+        }
     }
 }
 

@@ -55,6 +55,8 @@ pub struct NodeView {
     pub term: Option<u64>,
     pub last_log_index: Option<u64>,
     pub applied_index: Option<u64>,
+    /// How far the node's hybrid clock runs ahead of its physical clock.
+    pub hlc_ahead_ms: Option<u64>,
     pub leader_id: Option<u64>,
     pub error: Option<String>,
 }
@@ -115,6 +117,7 @@ async fn region_view(region: &RegionInfo) -> RegionView {
             term: None,
             last_log_index: None,
             applied_index: None,
+            hlc_ahead_ms: None,
             leader_id: None,
             error: None,
         };
@@ -126,6 +129,7 @@ async fn region_view(region: &RegionInfo) -> RegionView {
                 node.term = Some(s.term);
                 node.last_log_index = Some(s.last_log_index);
                 node.applied_index = Some(s.applied_index);
+                node.hlc_ahead_ms = Some(s.hlc_ahead_ms);
                 node.leader_id = s.leader_id;
             }
             Err(e) => node.error = Some(e.to_string()),

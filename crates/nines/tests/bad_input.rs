@@ -33,7 +33,7 @@ async fn each_limit_and_malformed_field_is_refused_by_name_and_the_cluster_keeps
         c.compare_and_swap("k", vec![0u8; VALUE_BYTES_MAX + 1], Expect::Absent).await,
         "VALUE_BYTES_MAX",
     );
-    assert_invalid("cas version 0", c.compare_and_swap("k", "v", Expect::Version(0)).await, "expected_index 0");
+    assert_invalid("cas version 0", c.compare_and_swap("k", "v", Expect::Index(0)).await, "expected_index 0");
     assert_invalid(
         "scan limit",
         c.scan(KeyRange::Prefix(b"k".to_vec()), SCAN_LIMIT_MAX + 1, Consistency::Local).await,

@@ -94,7 +94,7 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
 }
 
 /// Probes every region concurrently; the answers of those that answered
-/// within `timeout`.
+/// within `timeout` and know their roles.
 async fn probe(clients: &[(String, nines_client::Client)], timeout: Duration) -> Vec<Seen> {
     let probes = clients.iter().map(|(name, c)| async move {
         match tokio::time::timeout(timeout, c.region_status()).await {
@@ -106,6 +106,9 @@ async fn probe(clients: &[(String, nines_client::Client)], timeout: Duration) ->
         futures::future::join_all(probes).await.into_iter().flatten().collect();
     answers
         .into_iter()
+        // A region whose setup is not replicated yet knows no roles: it is
+        // starting, and has nothing to say about the primary.
+        .filter(|(_, s)| s.setup.is_some())
         .map(|(region, s)| {
             let applied_from_primary =
                 s.origins.iter().find(|o| o.origin == s.primary).map(|o| o.applied_through).unwrap_or(0);
@@ -132,6 +135,9 @@ fn log(action: &Action, threshold: u32) {
             tracing::warn!(%region, epoch, "waiting for an unconfirmed promotion; its region does not answer")
         }
         Action::NoCandidate { primary } => tracing::warn!(%primary, "primary down and no secondary is reachable"),
+        Action::EpochsExhausted { epoch } => {
+            tracing::error!(epoch, "the epoch is at EPOCH_MAX; no region can be promoted")
+        }
         Action::Promote { .. } | Action::ActiveActive => {}
     }
 }

@@ -68,9 +68,12 @@ pub enum Command {
     Cas {
         key: String,
         value: String,
-        /// The version index the key must currently have.
+        /// The version the key must currently have: its index (`2048`, as
+        /// this region's log assigned it), or the write itself as
+        /// `HLC@ORIGIN` (`1732670000123.4@us-east`, valid in any region).
         #[arg(long, conflicts_with = "expect_absent", required_unless_present = "expect_absent")]
-        expect_version: Option<u64>,
+        #[arg(value_parser = parse_expected_version)]
+        expect_version: Option<Expect>,
         /// The key must not exist.
         #[arg(long)]
         expect_absent: bool,
@@ -290,7 +293,7 @@ fn version_json(v: &Option<Version>) -> serde_json::Value {
 fn version_text(v: &Option<Version>) -> String {
     match v {
         Some(v) => {
-            format!("version {} (hlc {}.{}, origin {})", v.index, v.hlc_physical_ms, v.hlc_logical, v.origin_region)
+            format!("version {} ({}.{}@{})", v.index, v.hlc_physical_ms, v.hlc_logical, v.origin_region)
         }
         None => "no version".into(),
     }
@@ -320,6 +323,21 @@ pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
 
 pub(crate) fn print_json(v: serde_json::Value) {
     println!("{v}");
+}
+
+/// Parses `--expect-version`: `INDEX` or `PHYSICAL_MS.LOGICAL@ORIGIN`.
+fn parse_expected_version(s: &str) -> Result<Expect, String> {
+    if let Ok(index) = s.parse::<u64>() {
+        return Ok(Expect::Index(index));
+    }
+    let bad = || format!("{s:?} is neither a version index (2048) nor HLC@ORIGIN (1732670000123.4@us-east)");
+    let (hlc, origin) = s.split_once('@').ok_or_else(bad)?;
+    let (ms, logical) = hlc.split_once('.').ok_or_else(bad)?;
+    let (Ok(hlc_physical_ms), Ok(hlc_logical)) = (ms.parse(), logical.parse()) else { return Err(bad()) };
+    if origin.is_empty() {
+        return Err(bad());
+    }
+    Ok(Expect::Write(Version { hlc_physical_ms, hlc_logical, origin_region: origin.to_string(), index: 0 }))
 }
 
 /// Parses `ID=URL[@REGION/AZ]`.
@@ -419,7 +437,7 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
         }
         Command::Cas { key, value, expect_version, expect_absent } => {
             let expect = match (expect_version, expect_absent) {
-                (Some(v), false) => Expect::Version(v),
+                (Some(v), false) => v,
                 _ => Expect::Absent,
             };
             let r = client(&g)?.compare_and_swap(key.clone(), value, expect).await?;
@@ -638,6 +656,16 @@ mod tests {
         assert_eq!(parse_member("1=http://h:1").unwrap().region, "local");
         for bad in ["x=http://h", "http://h", "1=http://h@nolabel"] {
             assert!(parse_member(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn expected_versions_parse_as_an_index_or_a_write() {
+        assert_eq!(parse_expected_version("2048").unwrap(), Expect::Index(2048));
+        let Expect::Write(v) = parse_expected_version("1732670000123.4@us-east").unwrap() else { panic!("a write") };
+        assert_eq!((v.hlc_physical_ms, v.hlc_logical, v.origin_region.as_str()), (1732670000123, 4, "us-east"));
+        for bad in ["", "x", "12@", "1.2", "1.x@a", "@a"] {
+            assert!(parse_expected_version(bad).is_err(), "{bad}");
         }
     }
 

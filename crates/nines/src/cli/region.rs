@@ -25,6 +25,24 @@ pub enum RegionCommand {
     /// Unplanned failover: promote REGION without the old primary's help.
     /// Writes the old primary had not shipped become its divergence record.
     Failover { region: String },
+    /// Change a region's replication setup (default: the region of
+    /// --endpoints): its peer regions, mode and initial primary, replicated
+    /// through its Raft log so every replica applies the same. Options left
+    /// out keep their current value. Every node's configuration file must
+    /// then say the same: a node whose file disagrees refuses to restart.
+    Configure {
+        #[arg(long)]
+        region: Option<String>,
+        /// active-active or active-passive.
+        #[arg(long)]
+        mode: Option<String>,
+        /// The primary at epoch 0 (active-passive).
+        #[arg(long)]
+        primary: Option<String>,
+        /// The peer regions, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        peers: Option<Vec<String>>,
+    },
     /// List a region's divergence record (default: the region of --endpoints).
     Divergent {
         #[arg(long)]
@@ -81,7 +99,8 @@ fn find<'a>(regions: &'a [RegionInfo], name: &str) -> anyhow::Result<&'a RegionI
 }
 
 /// What a promotion of `region` starts from: its entry, the current
-/// primary and epoch. `None` when `region` already is the primary.
+/// primary, and the epoch to promote it at (one above the current).
+/// `None` when `region` already is the primary.
 async fn role_change<'a>(
     regions: &'a [RegionInfo],
     region: &str,
@@ -96,7 +115,11 @@ async fn role_change<'a>(
         println!("{region} is already the primary (epoch {epoch})");
         return Ok(None);
     }
-    Ok(Some((target, primary, epoch)))
+    let next = epoch
+        .checked_add(1)
+        .filter(|e| *e <= crate::limits::EPOCH_MAX)
+        .with_context(|| format!("epoch {epoch} is at EPOCH_MAX; no region can be promoted"))?;
+    Ok(Some((target, primary, next)))
 }
 
 pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
@@ -134,14 +157,48 @@ pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let new = region_client(target, Duration::from_secs(5))?;
-            let r = new.promote_region(epoch + 1).await.with_context(|| format!("promoting {region}"))?;
+            let r = new.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
             println!("{region} is the primary at epoch {} ({primary} drained and demotes itself)", r.epoch);
         }
         RegionCommand::Failover { region } => {
             let Some((target, primary, epoch)) = role_change(&regions, &region).await? else { return Ok(()) };
             let new = region_client(target, Duration::from_secs(5))?;
-            let r = new.promote_region(epoch + 1).await.with_context(|| format!("promoting {region}"))?;
+            let r = new.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
             println!("{region} is the primary at epoch {} (failover from {primary})", r.epoch);
+        }
+        RegionCommand::Configure { region, mode, primary, peers } => {
+            let client = match &region {
+                Some(name) => region_client(find(&regions, name)?, Duration::from_secs(5))?,
+                None => Client::new(g.endpoints.clone(), ClientConfig::default())?,
+            };
+            let status = client.region_status().await.context("reading the region's setup")?;
+            let mut setup = status.setup.with_context(|| {
+                format!("region {} has no replicated setup yet; its leader proposes one first", status.region)
+            })?;
+            if let Some(m) = mode {
+                setup.mode = m;
+            }
+            if let Some(p) = primary {
+                setup.initial_primary = p;
+            }
+            if let Some(p) = peers {
+                setup.peers = p;
+            }
+            let r = client.configure_region(setup).await.context("changing the region's setup")?;
+            let s = r.setup.unwrap_or_default();
+            if g.format == Format::Json {
+                print_json(json!({
+                    "region": s.region, "peers": s.peers, "mode": s.mode, "initial_primary": s.initial_primary
+                }));
+            } else {
+                println!(
+                    "region {} now: peers [{}], {}, initial primary {:?}; update every node's file to match",
+                    s.region,
+                    s.peers.join(", "),
+                    s.mode,
+                    s.initial_primary
+                );
+            }
         }
         RegionCommand::Divergent { region, limit } => {
             let client = match &region {

@@ -139,6 +139,7 @@ impl Admin for AdminService {
             leader_id: m.current_leader,
             members: members_response(&self.node).members,
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            hlc_ahead_ms: self.node.clock().ahead_ms(),
         }))
     }
 }

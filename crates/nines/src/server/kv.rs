@@ -39,8 +39,10 @@ fn read_failed(node: &Node, e: crate::storage::state_machine::ReadError) -> Stat
     e.into()
 }
 
+/// A write that was proposed and came back with an unexpected result: it
+/// may or may not have taken effect.
 fn unexpected(what: &str, got: &CommandResult) -> Status {
-    Error::Internal(format!("{what} applied as {got:?}")).into()
+    Error::Indeterminate(format!("{what} applied as {got:?}")).into()
 }
 
 fn kv_client(c: tonic::transport::Channel) -> KvClient<tonic::transport::Channel> {
@@ -53,8 +55,8 @@ impl KvService {
         let r = req.into_inner();
         validate::key(&r.key)?;
         validate::value(&r.value)?;
-        let cmd = Command::Put { key: r.key.clone(), value: r.value.clone(), hlc: self.node.now() };
-        match self.node.write(cmd).await {
+        let (key, value) = (r.key.clone(), r.value.clone());
+        match self.node.write(|hlc| Command::Put { key, value, hlc }).await {
             Ok(CommandResult::Put { version }) => {
                 Ok(Response::new(PutResponse { version: Some(version_to_proto(&version)) }))
             }
@@ -82,8 +84,8 @@ impl KvService {
         let hops = hops(&req);
         let r = req.into_inner();
         validate::key(&r.key)?;
-        let cmd = Command::Delete { key: r.key.clone(), hlc: self.node.now() };
-        match self.node.write(cmd).await {
+        let key = r.key.clone();
+        match self.node.write(|hlc| Command::Delete { key, hlc }).await {
             Ok(CommandResult::Delete { existed, version }) => {
                 Ok(Response::new(DeleteResponse { existed, version: Some(version_to_proto(&version)) }))
             }
@@ -101,9 +103,8 @@ impl KvService {
         validate::key(&r.key)?;
         validate::value(&r.value)?;
         let expected = validate::expected(&r)?;
-        let cmd =
-            Command::CompareAndSwap { key: r.key.clone(), value: r.value.clone(), expected, hlc: self.node.now() };
-        match self.node.write(cmd).await {
+        let (key, value) = (r.key.clone(), r.value.clone());
+        match self.node.write(|hlc| Command::CompareAndSwap { key, value, expected, hlc }).await {
             Ok(CommandResult::CompareAndSwap { succeeded, version, current }) => {
                 Ok(Response::new(CompareAndSwapResponse {
                     succeeded,

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::region_admin_server::RegionAdmin;
 use nines_proto::v1::{
-    DivergentRequest, DivergentResponse, FenceRequest, FenceResponse, OriginApplied, RegionInfo, RegionPromoteRequest,
-    RegionPromoteResponse, RegionStatusRequest, RegionStatusResponse, SetFaultsRequest, SetFaultsResponse,
+    ConfigureRequest, ConfigureResponse, DivergentRequest, DivergentResponse, FenceRequest, FenceResponse,
+    OriginApplied, RegionInfo, RegionPromoteRequest, RegionPromoteResponse, RegionStatusRequest, RegionStatusResponse,
+    SetFaultsRequest, SetFaultsResponse,
 };
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -16,7 +17,7 @@ use super::forward::on_leader;
 use crate::config::Mode;
 use crate::convert;
 use crate::error::Error;
-use crate::limits::{DIVERGENT_LIST_MAX, DIVERGENT_PAGE_BYTES_MAX};
+use crate::limits::{DIVERGENT_LIST_MAX, DIVERGENT_PAGE_BYTES_MAX, EPOCH_MAX};
 use crate::node::Node;
 use crate::types::{Command, CommandResult};
 
@@ -75,7 +76,23 @@ fn status(node: &Node) -> Result<RegionStatusResponse, Error> {
         divergent_count: region.divergent_total,
         regions,
         leader_id: node.id(),
+        setup: node.reader().setup().as_ref().map(convert::setup_to_proto),
     })
+}
+
+/// Replaces this region's replication setup (an operator's change).
+async fn configure(node: &Node, req: ConfigureRequest) -> Result<ConfigureResponse, Error> {
+    let setup = convert::setup_from_proto(&req.setup.ok_or_else(|| Error::invalid("setup is not set"))?)?;
+    if setup.region != node.region() {
+        return Err(Error::invalid(format!("setup.region {:?} is not this region ({})", setup.region, node.region())));
+    }
+    match node.propose(Command::Configure { setup: setup.clone(), replace: true }).await? {
+        CommandResult::None => {}
+        CommandResult::Rejected { reason, .. } => return Err(Error::FailedPrecondition(reason)),
+        other => return Err(Error::Indeterminate(format!("a setup change applied as {other:?}"))),
+    }
+    tracing::warn!(?setup, "replication setup changed; every node's file must now say the same before it restarts");
+    Ok(ConfigureResponse { setup: Some(convert::setup_to_proto(&setup)) })
 }
 
 /// Fences this region (the primary) for a planned switchover, or releases
@@ -101,6 +118,9 @@ async fn fence(node: &Node, release: bool) -> Result<FenceResponse, Error> {
 /// current one.
 async fn promote(node: &Node, epoch: u64) -> Result<RegionPromoteResponse, Error> {
     require_active_passive(node)?;
+    if epoch > EPOCH_MAX {
+        return Err(Error::invalid(format!("epoch {epoch} is above EPOCH_MAX {EPOCH_MAX}")));
+    }
     let current = node.reader().region_state().epoch;
     if epoch <= current {
         return Err(Error::FailedPrecondition(format!("epoch {epoch} must be above the current epoch {current}")));
@@ -108,7 +128,8 @@ async fn promote(node: &Node, epoch: u64) -> Result<RegionPromoteResponse, Error
     let cmd = Command::SetRole { primary: node.region().to_string(), epoch, fenced: false, shipped_through: 0 };
     match node.propose(cmd).await? {
         CommandResult::Role { .. } => {}
-        other => return Err(Error::Internal(format!("promotion applied as {other:?}"))),
+        CommandResult::Rejected { reason, .. } => return Err(Error::FailedPrecondition(reason)),
+        other => return Err(Error::Indeterminate(format!("promotion applied as {other:?}"))),
     }
     tracing::warn!(region = %node.region(), epoch, "promoted to primary");
     Ok(RegionPromoteResponse { epoch })
@@ -155,6 +176,12 @@ impl RegionAdmin for RegionAdminService {
         let node = &self.node;
         let remote = |c, r| async move { client(c).divergent(r).await };
         on_leader(node, req, remote, |r| divergent(node, r.start, r.limit)).await
+    }
+
+    async fn configure(&self, req: Request<ConfigureRequest>) -> Result<Response<ConfigureResponse>, Status> {
+        let node = &self.node;
+        let remote = |c, r| async move { client(c).configure(r).await };
+        on_leader(node, req, remote, |r| configure(node, r)).await
     }
 
     async fn set_faults(&self, req: Request<SetFaultsRequest>) -> Result<Response<SetFaultsResponse>, Status> {

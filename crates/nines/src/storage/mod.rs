@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use log_store::LogStore;
-pub use state_machine::{ReplicationSetup, StateMachine, StateReader};
+pub use state_machine::{StateMachine, StateReader};
 
 use crate::hlc::HlcClock;
 
@@ -33,13 +33,9 @@ impl Disk {
 }
 
 /// Opens (or creates) the storage of one node under `dir`.
-pub fn open(
-    dir: &Path,
-    setup: ReplicationSetup,
-    clock: Arc<HlcClock>,
-) -> anyhow::Result<(Disk, LogStore, StateMachine)> {
+pub fn open(dir: &Path, clock: Arc<HlcClock>) -> anyhow::Result<(Disk, LogStore, StateMachine)> {
     let db = sled::Config::new().path(dir.join("db")).open()?;
-    let sm = StateMachine::open(&db, setup, clock).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sm = StateMachine::open(&db, clock).map_err(|e| anyhow::anyhow!("{e}"))?;
     let log = LogStore::open(&db, Some(sm.durable_applied()))?;
     Ok((Disk(db), log, sm))
 }
@@ -56,9 +52,8 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
             let dir = tempfile::tempdir().expect("temp dir");
-            let setup = ReplicationSetup { region: "test".into(), ..Default::default() };
             let db = sled::Config::new().path(dir.path().join("db")).open().expect("open db");
-            let sm = StateMachine::open(&db, setup, Arc::new(HlcClock::wall(500)))?;
+            let sm = StateMachine::open(&db, Arc::new(HlcClock::wall(500)))?;
             // No purge gate: the suite purges logs with no state machine behind them.
             let log = LogStore::open(&db, None).expect("open log");
             Ok((dir, log, sm))

@@ -55,10 +55,10 @@ use serde::{Deserialize, Serialize};
 use super::record;
 use crate::config::Mode;
 use crate::hlc::{Hlc, HlcClock};
-use crate::limits::WRITES_PER_ENTRY_MAX;
+use crate::limits::{ACK_HISTORY_MAX, EPOCH_MAX, WRITES_PER_ENTRY_MAX};
 use crate::types::{
-    Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ResyncEntry, Snapshot, SnapshotMeta, StorageError,
-    StoredMembership, StoredValue, TypeConfig, Version,
+    Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ReplicationSetup, ResyncEntry, Snapshot, SnapshotMeta,
+    StorageError, StoredMembership, StoredValue, TypeConfig, Version,
 };
 
 const CHANGEFEED_PREFIX: u8 = b'c';
@@ -104,18 +104,6 @@ fn snapshot_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> Storage
     StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::new(&e)).into()
 }
 
-/// How this region takes part in cross-region replication. From
-/// configuration; identical on every node of the region.
-#[derive(Debug, Clone, Default)]
-pub struct ReplicationSetup {
-    pub region: String,
-    /// The other regions. Empty: no changefeed is kept.
-    pub peers: Vec<String>,
-    pub mode: Mode,
-    /// The primary at epoch 0 (active-passive).
-    pub initial_primary: String,
-}
-
 /// Region roles and replication progress, replicated through Raft.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionState {
@@ -131,8 +119,12 @@ pub struct RegionState {
     pub applied_total: BTreeMap<String, u64>,
     /// Per peer region: the highest changefeed index it has applied.
     pub acked: BTreeMap<String, u64>,
-    /// Per peer region: its log index when it sent its latest acknowledgement.
-    pub acked_peer_index: BTreeMap<String, u64>,
+    /// Per peer region: the acknowledgements that still matter for
+    /// collecting tombstones, oldest first, as `(changefeed index the peer
+    /// had applied, the peer's latest own write when it said so)`. At most
+    /// `ACK_HISTORY_MAX` per peer (the oldest are dropped first, which only
+    /// delays collection).
+    pub ack_history: BTreeMap<String, Vec<(u64, u64)>>,
     /// Per origin region: every write of it through this index is applied here.
     pub complete_from: BTreeMap<String, u64>,
     /// Divergence records written so far.
@@ -141,6 +133,9 @@ pub struct RegionState {
     pub resync_pending: bool,
     /// The log index of the latest write that originated here.
     pub last_local_write: u64,
+    /// The replicated setup; `None` until the region's first leader
+    /// proposed it. Local writes and shipments wait for it.
+    pub setup: Option<ReplicationSetup>,
 }
 
 /// A write that originated here, waiting to be shipped to peer regions.
@@ -203,7 +198,6 @@ pub struct StateReader {
     changefeed_len: Arc<AtomicU64>,
     /// `std::sync::RwLock`: held only to clone or replace, never across `.await`.
     region: Arc<RwLock<RegionState>>,
-    setup: Arc<ReplicationSetup>,
 }
 
 /// Why a read of the state failed: the store could not be read, or a record
@@ -232,14 +226,25 @@ impl StateReader {
         self.region.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The primary region (active-passive), taking the configured one at epoch 0.
+    /// The primary region (active-passive), taking the configured one at
+    /// epoch 0; empty before the setup is replicated.
     pub fn primary(&self) -> String {
-        effective_primary(&self.setup, &self.region_state())
+        let state = self.region_state();
+        state.setup.as_ref().map(|s| effective_primary(s, &state)).unwrap_or_default()
+    }
+
+    /// The replicated setup, once the region has one.
+    pub fn setup(&self) -> Option<ReplicationSetup> {
+        self.region_state().setup
     }
 
     /// Why a local write would be refused now, if it would: (reason, retry later).
     pub fn write_refusal(&self) -> Option<(String, bool)> {
-        write_refusal(&self.setup, &self.region_state())
+        let state = self.region_state();
+        match &state.setup {
+            Some(setup) => write_refusal(setup, &state),
+            None => Some((NOT_CONFIGURED.into(), true)),
+        }
     }
 
     pub fn changefeed_len(&self) -> u64 {
@@ -336,11 +341,25 @@ impl StateReader {
     }
 }
 
+/// The highest changefeed index through which every tombstone is safe to
+/// collect as far as `peer` is concerned: the last acknowledgement of the
+/// longest prefix of its history whose peer positions this region holds
+/// (see `StateMachine::ack_shipped`).
+fn tombstones_safe_through(region: &RegionState, peer: &str) -> u64 {
+    let held = region.complete_from.get(peer).copied().unwrap_or(0);
+    let history = region.ack_history.get(peer).map(Vec::as_slice).unwrap_or_default();
+    history.iter().take_while(|(_, w)| *w <= held).last().map(|(a, _)| *a).unwrap_or(0)
+}
+
 /// The version index of write `pos` of the entry at `log_index`: unique
 /// within the region and increasing in log order.
 pub fn version_index(log_index: u64, pos: u64) -> u64 {
     log_index * WRITES_PER_ENTRY_MAX + pos
 }
+
+/// Why nothing that depends on the setup applies yet.
+const NOT_CONFIGURED: &str =
+    "the region's replication setup is not replicated yet (its first leader proposes it); retry shortly";
 
 fn effective_primary(setup: &ReplicationSetup, state: &RegionState) -> String {
     if state.epoch == 0 { setup.initial_primary.clone() } else { state.primary.clone() }
@@ -366,6 +385,40 @@ fn write_refusal(setup: &ReplicationSetup, state: &RegionState) -> Option<(Strin
     None
 }
 
+/// The fields of an `ApplyRemote` command.
+struct Remote {
+    origin: String,
+    epoch: u64,
+    entries: Vec<RemoteEntry>,
+    complete_through: u64,
+}
+
+/// The fields of a `SetRole` command.
+struct Role {
+    primary: String,
+    epoch: u64,
+    fenced: bool,
+    shipped_through: u64,
+}
+
+/// Applies a `Configure`: the first one sets the region's setup; a later one
+/// changes it only when it says `replace` (an operator's `nines region
+/// configure`), so a leader whose file differs cannot change it by accident.
+fn configure(region: &mut RegionState, setup: ReplicationSetup, replace: bool) -> CommandResult {
+    match &region.setup {
+        Some(current) if *current == setup => CommandResult::None,
+        Some(current) if !replace => CommandResult::Rejected {
+            reason: format!("region {} is already set up as {current:?}", current.region),
+            retry_later: false,
+        },
+        _ => {
+            tracing::warn!(?setup, "replication setup replicated");
+            region.setup = Some(setup);
+            CommandResult::None
+        }
+    }
+}
+
 /// The effects of one `apply` call before they are written: reads see them.
 #[derive(Default)]
 struct Pending {
@@ -381,7 +434,6 @@ pub struct StateMachine {
     db: sled::Db,
     tree: sled::Tree,
     snapshots: sled::Tree,
-    setup: Arc<ReplicationSetup>,
     clock: Arc<HlcClock>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
@@ -401,7 +453,7 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    pub fn open(db: &sled::Db, setup: ReplicationSetup, clock: Arc<HlcClock>) -> Result<Self, StorageError> {
+    pub fn open(db: &sled::Db, clock: Arc<HlcClock>) -> Result<Self, StorageError> {
         let open = |name: &str| db.open_tree(name).map_err(|e| sm_err(ErrorVerb::Read, e));
         let tree = open("state")?;
         let snapshots = open("snapshot")?;
@@ -426,7 +478,6 @@ impl StateMachine {
             db: db.clone(),
             tree,
             snapshots,
-            setup: Arc::new(setup),
             clock,
             last_applied,
             membership,
@@ -451,7 +502,6 @@ impl StateMachine {
             applied: self.applied.clone(),
             changefeed_len: self.changefeed_len.clone(),
             region: self.shared_region.clone(),
-            setup: self.setup.clone(),
         }
     }
 
@@ -483,15 +533,23 @@ impl StateMachine {
         Ok(out)
     }
 
+    /// Advances this replica's clock past an applied timestamp, unless it is
+    /// too far ahead of the physical clock (then it is counted, not adopted).
+    fn witness(&self, hlc: Hlc) {
+        if self.clock.witness(hlc).is_err() {
+            crate::telemetry::log_refused();
+        }
+    }
+
     /// The version of a local write at `index`, stamped `hlc` by the leader
     /// and raised above the version it replaces.
-    fn local_version(&self, hlc: Hlc, index: u64, current: Option<&StoredValue>) -> Version {
+    fn local_version(&self, setup: &ReplicationSetup, hlc: Hlc, index: u64, current: Option<&StoredValue>) -> Version {
         let hlc = match current {
             Some(c) if c.version.hlc >= hlc => c.version.hlc.successor(),
             _ => hlc,
         };
-        self.clock.witness(hlc);
-        Version { hlc, origin: self.setup.region.clone(), index }
+        self.witness(hlc);
+        Version { hlc, origin: setup.region.clone(), index }
     }
 
     /// Stores a local write and records it in the changefeed when there are
@@ -505,7 +563,7 @@ impl StateMachine {
         version: &Version,
     ) {
         region.last_local_write = version.index;
-        if !self.setup.peers.is_empty() {
+        if region.setup.as_ref().is_some_and(|s| !s.peers.is_empty()) {
             let rec = ChangeRecord { key: key.clone(), value: value.clone(), hlc: version.hlc };
             pending.changefeed.insert(version.index, Some(rec));
         }
@@ -519,22 +577,32 @@ impl StateMachine {
         index: u64,
         cmd: Command,
     ) -> Result<CommandResult, StorageError> {
+        if let Command::Configure { setup, replace } = cmd {
+            return Ok(configure(region, setup, replace));
+        }
+        let Some(setup) = region.setup.clone() else {
+            return Ok(match cmd {
+                // Batches and acknowledgements carry nothing that waits.
+                Command::AckShipped { .. } | Command::Resync { .. } => CommandResult::None,
+                _ => CommandResult::Rejected { reason: NOT_CONFIGURED.into(), retry_later: true },
+            });
+        };
         let is_local_write =
             matches!(cmd, Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. });
-        if is_local_write && let Some((reason, retry_later)) = write_refusal(&self.setup, region) {
+        if is_local_write && let Some((reason, retry_later)) = write_refusal(&setup, region) {
             return Ok(CommandResult::Rejected { reason, retry_later });
         }
         Ok(match cmd {
             Command::Put { key, value, hlc } => {
                 let current = self.current(pending, &key)?;
-                let version = self.local_version(hlc, index, current.as_ref());
+                let version = self.local_version(&setup, hlc, index, current.as_ref());
                 self.write_local(pending, region, key, Some(value), &version);
                 CommandResult::Put { version }
             }
             Command::Delete { key, hlc } => {
                 let current = self.current(pending, &key)?;
                 let existed = current.as_ref().is_some_and(|c| c.value.is_some());
-                let version = self.local_version(hlc, index, current.as_ref());
+                let version = self.local_version(&setup, hlc, index, current.as_ref());
                 self.write_local(pending, region, key, None, &version);
                 CommandResult::Delete { existed, version }
             }
@@ -544,10 +612,11 @@ impl StateMachine {
                 let matches = match (expected, live) {
                     (Expected::Absent, None) => true,
                     (Expected::Index(i), Some(c)) => c.version.index == i,
+                    (Expected::Write { hlc, origin }, Some(c)) => c.version.hlc == hlc && c.version.origin == origin,
                     _ => false,
                 };
                 if matches {
-                    let version = self.local_version(hlc, index, current.as_ref());
+                    let version = self.local_version(&setup, hlc, index, current.as_ref());
                     self.write_local(pending, region, key, Some(value), &version);
                     CommandResult::CompareAndSwap { succeeded: true, version: Some(version), current: None }
                 } else {
@@ -556,14 +625,15 @@ impl StateMachine {
                 }
             }
             Command::ApplyRemote { origin, epoch, entries, complete_through } => {
-                self.apply_remote(pending, region, index, origin, epoch, entries, complete_through)?
+                let remote = Remote { origin, epoch, entries, complete_through };
+                self.apply_remote(&setup, pending, region, index, remote)?
             }
             Command::AckShipped { region: peer, index: acked, peer_index } => {
-                self.ack_shipped(pending, region, peer, acked, peer_index)?;
+                self.ack_shipped(&setup, pending, region, peer, acked, peer_index)?;
                 CommandResult::None
             }
             Command::SetRole { primary, epoch, fenced, shipped_through } => {
-                self.set_role(pending, region, primary, epoch, fenced, shipped_through)?
+                self.set_role(&setup, pending, region, Role { primary, epoch, fenced, shipped_through })?
             }
             Command::Resync { entries, done } => {
                 self.resync(pending, index, entries)?;
@@ -572,6 +642,8 @@ impl StateMachine {
                 }
                 CommandResult::None
             }
+            // Handled above, before the setup is needed.
+            Command::Configure { .. } => CommandResult::None,
             // Batches are unpacked by `apply`; one inside another is refused.
             Command::Batch(_) => {
                 CommandResult::Rejected { reason: "a batch may not hold another batch".into(), retry_later: false }
@@ -579,18 +651,28 @@ impl StateMachine {
         })
     }
 
-    #[allow(clippy::too_many_arguments)] // One argument per field of the command.
     fn apply_remote(
         &self,
+        setup: &ReplicationSetup,
         pending: &mut Pending,
         region: &mut RegionState,
         index: u64,
-        origin: String,
-        epoch: u64,
-        entries: Vec<RemoteEntry>,
-        complete_through: u64,
+        remote: Remote,
     ) -> Result<CommandResult, StorageError> {
-        if self.setup.mode == Mode::ActivePassive && epoch < region.epoch {
+        let Remote { origin, epoch, entries, complete_through } = remote;
+        if !setup.peers.contains(&origin) {
+            return Ok(CommandResult::Rejected {
+                reason: format!("{origin} is not a peer region of {}", setup.region),
+                retry_later: false,
+            });
+        }
+        if epoch > EPOCH_MAX {
+            return Ok(CommandResult::Rejected {
+                reason: format!("writes from {origin} at epoch {epoch}: above EPOCH_MAX {EPOCH_MAX}"),
+                retry_later: false,
+            });
+        }
+        if setup.mode == Mode::ActivePassive && epoch < region.epoch {
             return Ok(CommandResult::Rejected {
                 reason: format!(
                     "writes from {origin} at epoch {epoch} are stale: this region is at epoch {}",
@@ -610,7 +692,7 @@ impl StateMachine {
             let current = self.current(pending, &e.key)?;
             let newer =
                 current.as_ref().is_none_or(|c| (c.version.hlc, c.version.origin.as_str()) < (e.hlc, origin.as_str()));
-            self.clock.witness(e.hlc);
+            self.witness(e.hlc);
             if newer {
                 let version = Version { hlc: e.hlc, origin: origin.clone(), index };
                 pending.data.insert(e.key, Some(StoredValue { value: e.value, version }));
@@ -623,36 +705,48 @@ impl StateMachine {
         Ok(CommandResult::Remote { applied, applied_through: through })
     }
 
+    /// Records a peer's acknowledgement and collects what every peer has
+    /// applied: put entries of the changefeed at once, a delete's entry and
+    /// its tombstone once no peer can still send an older write to its key.
+    ///
+    /// A peer that acknowledged applying the delete at index `i` while its
+    /// own latest write was at `w` stamps every later write to that key above
+    /// the tombstone (it applies them after the tombstone, and a key's
+    /// versions only grow); its writes up to `w` are what may still be older.
+    /// So the tombstone may go once, for every peer, this region holds that
+    /// peer's writes through the `w` of the first acknowledgement at or above
+    /// `i`. Recording `w` per acknowledgement (not only the latest) is what
+    /// lets tombstones go under continuous peer writes, where the latest `w`
+    /// is always a little ahead of what has arrived here.
     fn ack_shipped(
         &self,
+        setup: &ReplicationSetup,
         pending: &mut Pending,
         region: &mut RegionState,
         peer: String,
         acked: u64,
         peer_index: u64,
     ) -> Result<(), StorageError> {
-        if !self.setup.peers.contains(&peer) {
+        if !setup.peers.contains(&peer) {
             return Ok(());
         }
         let entry = region.acked.entry(peer.clone()).or_default();
-        *entry = (*entry).max(acked);
-        let entry = region.acked_peer_index.entry(peer).or_default();
-        *entry = (*entry).max(peer_index);
-        let all_acked = self.setup.peers.iter().map(|p| region.acked.get(p).copied().unwrap_or(0)).min().unwrap_or(0);
-        // A tombstone may go once no peer can still send an older write to
-        // its key: every peer's writes up to the log index at which it
-        // acknowledged are applied here. Later writes of a peer that applied
-        // the delete carry greater timestamps (its clock and the key's
-        // version both moved past the tombstone).
-        let tombstones_safe = self.setup.peers.iter().all(|p| {
-            region.complete_from.get(p).copied().unwrap_or(0) >= region.acked_peer_index.get(p).copied().unwrap_or(0)
-        });
+        if acked > *entry {
+            *entry = acked;
+            let history = region.ack_history.entry(peer).or_default();
+            history.push((acked, peer_index));
+            if history.len() > ACK_HISTORY_MAX {
+                history.remove(0);
+            }
+        }
+        let all_acked = setup.peers.iter().map(|p| region.acked.get(p).copied().unwrap_or(0)).min().unwrap_or(0);
+        let tombstones_through = setup.peers.iter().map(|p| tombstones_safe_through(region, p)).min().unwrap_or(0);
         for (i, rec) in self.changefeed_in(pending, 0, all_acked)? {
             if rec.value.is_some() {
                 pending.changefeed.insert(i, None);
                 continue;
             }
-            if !tombstones_safe {
+            if i > tombstones_through {
                 // Kept, and looked at again with the next acknowledgement.
                 continue;
             }
@@ -663,19 +757,29 @@ impl StateMachine {
                 pending.data.insert(rec.key, None);
             }
         }
+        // Acknowledgements at or below the collected tombstones are of no
+        // further use: every tombstone left is above them.
+        for history in region.ack_history.values_mut() {
+            history.retain(|(a, _)| *a > tombstones_through);
+        }
         Ok(())
     }
 
     fn set_role(
         &self,
+        setup: &ReplicationSetup,
         pending: &mut Pending,
         region: &mut RegionState,
-        primary: String,
-        epoch: u64,
-        fenced: bool,
-        shipped_through: u64,
+        role: Role,
     ) -> Result<CommandResult, StorageError> {
-        let current_primary = effective_primary(&self.setup, region);
+        let Role { primary, epoch, fenced, shipped_through } = role;
+        if epoch > EPOCH_MAX {
+            return Ok(CommandResult::Rejected {
+                reason: format!("epoch {epoch} is above EPOCH_MAX {EPOCH_MAX}"),
+                retry_later: false,
+            });
+        }
+        let current_primary = effective_primary(setup, region);
         if epoch < region.epoch || (epoch == region.epoch && primary != current_primary) {
             return Ok(CommandResult::Role { divergent: Vec::new() });
         }
@@ -684,10 +788,10 @@ impl StateMachine {
             return Ok(CommandResult::Role { divergent: Vec::new() });
         }
         let mut divergent = Vec::new();
-        if current_primary == self.setup.region && primary != self.setup.region {
+        if current_primary == setup.region && primary != setup.region {
             for (i, rec) in self.changefeed_in(pending, shipped_through.saturating_add(1), u64::MAX)? {
                 pending.changefeed.insert(i, None);
-                let version = Version { hlc: rec.hlc, origin: self.setup.region.clone(), index: i };
+                let version = Version { hlc: rec.hlc, origin: setup.region.clone(), index: i };
                 let record =
                     DivergentRecord { key: rec.key.clone(), value: rec.value, version, demoted_at_epoch: epoch };
                 pending.divergent.push((region.divergent_total, record));
@@ -859,13 +963,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied = Some(entry.log_id);
             results.push(match entry.payload {
                 EntryPayload::Blank => CommandResult::None,
-                EntryPayload::Normal(Command::Batch(cmds)) => {
-                    assert!(
-                        cmds.len() as u64 <= WRITES_PER_ENTRY_MAX,
+                EntryPayload::Normal(Command::Batch(cmds)) if cmds.len() as u64 > WRITES_PER_ENTRY_MAX => {
+                    // Replicated input: refused as a failed command, never
+                    // asserted, so a bad entry cannot crash-loop the region.
+                    let reason = format!(
                         "entry {} packs {} writes; limit WRITES_PER_ENTRY_MAX is {WRITES_PER_ENTRY_MAX}",
                         entry.log_id,
                         cmds.len()
                     );
+                    tracing::error!(%reason, "refusing a batch at apply time");
+                    CommandResult::Batch(vec![CommandResult::Rejected { reason, retry_later: false }; cmds.len()])
+                }
+                EntryPayload::Normal(Command::Batch(cmds)) => {
                     let mut results = Vec::with_capacity(cmds.len());
                     for (pos, cmd) in cmds.into_iter().enumerate() {
                         let index = version_index(entry.log_id.index, pos as u64);
@@ -989,7 +1098,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.insert(REGION_KEY, Self::encode_state(&data.region)?);
         self.tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         for (_, value) in &data.entries {
-            self.clock.witness(value.version.hlc);
+            self.witness(value.version.hlc);
         }
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -1014,13 +1123,20 @@ mod tests {
     fn open(region: &str, peers: &[&str], mode: Mode, primary: &str) -> (tempfile::TempDir, StateMachine) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path().join("db")).open().unwrap();
+        let mut sm = StateMachine::open(&db, Arc::new(HlcClock::wall(500))).unwrap();
         let setup = ReplicationSetup {
             region: region.into(),
             peers: peers.iter().map(|p| p.to_string()).collect(),
             mode,
             initial_primary: primary.into(),
         };
-        let sm = StateMachine::open(&db, setup, Arc::new(HlcClock::wall(500))).unwrap();
+        // The setup is the region's first entry (index 0 here, so the tests'
+        // writes start at index 1).
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 0),
+            payload: EntryPayload::Normal(Command::Configure { setup, replace: false }),
+        };
+        futures::executor::block_on(sm.apply([entry])).unwrap();
         (dir, sm)
     }
 
@@ -1213,5 +1329,133 @@ mod tests {
         assert_eq!(ra.changefeed_after(0, 100, 1 << 20).unwrap(), rb.changefeed_after(0, 100, 1 << 20).unwrap());
         assert!(rb.region_state().resync_pending, "the demotion left divergent keys to resync");
         assert_eq!(rb.get(b"r").unwrap().unwrap().value.as_deref(), Some(&b"x"[..]));
+    }
+
+    #[tokio::test]
+    async fn tombstones_are_collected_while_the_peer_keeps_writing() {
+        // b acknowledges a's delete while b's own writes keep flowing: each
+        // acknowledgement names a later b position than a holds yet, but the
+        // first one that covered the delete is held soon, and that suffices.
+        let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
+        let CommandResult::Delete { version, .. } =
+            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(10, 0) }).await
+        else {
+            panic!("delete result")
+        };
+        let mut b_index = 100;
+        for round in 0..5u64 {
+            // b acknowledged everything so far, at its own position b_index...
+            let acked = version.index + round;
+            apply(&mut sm, Command::AckShipped { region: "b".into(), index: acked, peer_index: b_index }).await;
+            // ...while a holds b's writes only up to the previous position.
+            let entries = vec![remote(b_index - 50, "other", Some("x"), hlc(20 + round, 0))];
+            apply(
+                &mut sm,
+                Command::ApplyRemote { origin: "b".into(), epoch: 0, entries, complete_through: b_index - 50 },
+            )
+            .await;
+            apply(&mut sm, put("filler", "v", hlc(30 + round, 0))).await;
+            b_index += 100;
+        }
+        assert!(sm.reader().get(b"k").unwrap().is_none(), "the tombstone is collected under steady peer writes");
+        let region = sm.reader().region_state();
+        assert!(region.ack_history["b"].len() < 5, "acknowledgements below collected tombstones are dropped");
+    }
+
+    #[tokio::test]
+    async fn a_tombstone_waits_for_the_peer_writes_of_the_first_ack_that_covered_it() {
+        let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
+        let CommandResult::Delete { version, .. } =
+            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(10, 0) }).await
+        else {
+            panic!("delete result")
+        };
+        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index, peer_index: 40 }).await;
+        let early = vec![remote(39, "x", Some("1"), hlc(5, 0))];
+        apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: early, complete_through: 39 })
+            .await;
+        apply(&mut sm, put("more", "v", hlc(11, 0))).await;
+        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index + 1, peer_index: 90 }).await;
+        assert!(sm.reader().get(b"k").unwrap().is_some(), "b's write 40 may still be older: never early");
+        apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: vec![], complete_through: 40 })
+            .await;
+        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index + 1, peer_index: 95 }).await;
+        assert!(sm.reader().get(b"k").unwrap().is_none(), "held through 40: collected, though b is at 95 now");
+    }
+
+    #[tokio::test]
+    async fn replicated_input_beyond_the_limits_is_refused_at_apply_not_asserted() {
+        let (_d, mut sm) = open("a", &["b"], Mode::ActivePassive, "a");
+        let too_many =
+            Command::Batch((0..=WRITES_PER_ENTRY_MAX).map(|i| put(&format!("k{i}"), "v", hlc(1, 0))).collect());
+        let CommandResult::Batch(results) = apply(&mut sm, too_many).await else { panic!("batch result") };
+        assert!(results.iter().all(|r| matches!(r, CommandResult::Rejected { .. })));
+        assert!(sm.reader().get(b"k0").unwrap().is_none(), "nothing of the refused batch applied");
+        let role = Command::SetRole { primary: "b".into(), epoch: u64::MAX, fenced: false, shipped_through: 0 };
+        assert!(matches!(apply(&mut sm, role).await, CommandResult::Rejected { .. }));
+        let ship =
+            Command::ApplyRemote { origin: "b".into(), epoch: EPOCH_MAX + 1, entries: vec![], complete_through: 0 };
+        assert!(matches!(apply(&mut sm, ship).await, CommandResult::Rejected { .. }));
+        assert_eq!(sm.reader().region_state().epoch, 0);
+        // The region still serves.
+        assert!(matches!(apply(&mut sm, put("k", "v", hlc(2, 0))).await, CommandResult::Put { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_cas_on_a_write_from_another_region_matches_that_write_not_its_index() {
+        let (_d, mut sm) = open("b", &["a"], Mode::ActiveActive, "");
+        // a's write of k reaches b; its index in b is b's own log index.
+        let from_a = Version { hlc: hlc(100, 0), origin: "a".into(), index: version_index(7, 0) };
+        let entries = vec![remote(5, "k", Some("from-a"), from_a.hlc)];
+        apply(&mut sm, Command::ApplyRemote { origin: "a".into(), epoch: 0, entries, complete_through: 5 }).await;
+        // b then writes k itself; its index happens to equal a's index of the
+        // earlier write (what a reader in region a saw).
+        while sm.last_applied.map(|l| l.index + 1) != Some(7) {
+            apply(&mut sm, put("filler", "v", hlc(101, 0))).await;
+        }
+        let CommandResult::Put { version: ours } = apply(&mut sm, put("k", "from-b", hlc(102, 0))).await else {
+            panic!("put result")
+        };
+        assert_eq!(ours.index, from_a.index, "the coincidence the index alone cannot tell apart");
+        let by_write = Command::CompareAndSwap {
+            key: "k".into(),
+            value: "x".into(),
+            expected: Expected::Write { hlc: from_a.hlc, origin: from_a.origin.clone() },
+            hlc: hlc(103, 0),
+        };
+        let CommandResult::CompareAndSwap { succeeded, .. } = apply(&mut sm, by_write).await else { panic!("cas") };
+        assert!(!succeeded, "a's write was replaced: the CAS must fail");
+        let by_ours = Command::CompareAndSwap {
+            key: "k".into(),
+            value: "y".into(),
+            expected: Expected::Write { hlc: ours.hlc, origin: "b".into() },
+            hlc: hlc(104, 0),
+        };
+        let CommandResult::CompareAndSwap { succeeded, .. } = apply(&mut sm, by_ours).await else { panic!("cas") };
+        assert!(succeeded, "the current write, named by hlc and origin, matches");
+    }
+
+    #[tokio::test]
+    async fn the_first_setup_wins_and_nothing_waits_for_it_is_applied_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path().join("db")).open().unwrap();
+        let mut sm = StateMachine::open(&db, Arc::new(HlcClock::wall(500))).unwrap();
+        let early = apply(&mut sm, put("k", "v", hlc(1, 0))).await;
+        assert!(matches!(early, CommandResult::Rejected { retry_later: true, .. }), "{early:?}");
+        let setup =
+            |mode| ReplicationSetup { region: "a".into(), peers: vec!["b".into()], mode, initial_primary: "a".into() };
+        let first = Command::Configure { setup: setup(Mode::ActivePassive), replace: false };
+        assert_eq!(apply(&mut sm, first.clone()).await, CommandResult::None);
+        assert_eq!(apply(&mut sm, first).await, CommandResult::None, "the same setup again is no change");
+        let other = Command::Configure { setup: setup(Mode::ActiveActive), replace: false };
+        assert!(
+            matches!(apply(&mut sm, other).await, CommandResult::Rejected { .. }),
+            "a leader's differing file loses"
+        );
+        assert_eq!(sm.reader().setup().unwrap().mode, Mode::ActivePassive);
+        let operator = Command::Configure { setup: setup(Mode::ActiveActive), replace: true };
+        assert_eq!(apply(&mut sm, operator).await, CommandResult::None);
+        assert_eq!(sm.reader().setup().unwrap().mode, Mode::ActiveActive);
+        assert!(matches!(apply(&mut sm, put("k", "v", hlc(2, 0))).await, CommandResult::Put { .. }));
     }
 }
