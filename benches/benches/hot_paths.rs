@@ -9,8 +9,8 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use nines::config::Mode;
 use nines::hlc::{Hlc, HlcClock};
 use nines::storage::record;
-use nines::storage::state_machine::{ReplicationSetup, StateMachine};
-use nines::types::{Command, Entry, RemoteEntry};
+use nines::storage::state_machine::StateMachine;
+use nines::types::{Command, Entry, RemoteEntry, ReplicationSetup};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
@@ -38,7 +38,12 @@ fn state_machine(dir: &std::path::Path, peers: &[&str]) -> StateMachine {
         mode: Mode::ActiveActive,
         initial_primary: String::new(),
     };
-    StateMachine::open(&db, setup, Arc::new(HlcClock::wall(500))).expect("open state machine")
+    let mut sm = StateMachine::open(&db, Arc::new(HlcClock::wall(500))).expect("open state machine");
+    // The region's setup is its first entry (index 0; the benches start at 1).
+    let configure = entry(0, Command::Configure { setup, replace: false });
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    rt.block_on(sm.apply([configure])).expect("configure");
+    sm
 }
 
 fn encode_log_entry(c: &mut Criterion) {

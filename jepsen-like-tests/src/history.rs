@@ -40,6 +40,9 @@ pub enum Func {
     Cas,
     /// Add a unique element to a set.
     Add,
+    /// Delete a set element (input: the element) or an LWW key (output: the
+    /// tombstone's version).
+    Delete,
 }
 
 /// One completed operation.
@@ -65,7 +68,7 @@ pub struct Op {
 
 impl Op {
     pub fn is_write(&self) -> bool {
-        matches!(self.f, Func::Write | Func::Cas | Func::Add)
+        matches!(self.f, Func::Write | Func::Cas | Func::Add | Func::Delete)
     }
 }
 

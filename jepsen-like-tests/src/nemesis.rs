@@ -49,6 +49,11 @@ const LATENCY_MS: std::ops::Range<u32> = 10..90;
 /// Clock offsets of the `clock` nemesis (ms, either sign): well beyond
 /// `clock_offset_max` (500 ms) at the top, so both sides of it are tried.
 const CLOCK_OFFSET_MS: std::ops::Range<i64> = 200..2_000;
+/// How far the `clock-jump` nemesis moves a leader's clock ahead (ms): 2 to
+/// 5 minutes, far beyond `clock_offset_max`. The node notices only when the
+/// clock steps back at heal; it then refuses to stamp and steps down until
+/// its physical clock has caught up, minutes later (past the run's end).
+const CLOCK_JUMP_MS: std::ops::Range<i64> = 120_000..300_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Nemesis {
@@ -65,12 +70,15 @@ pub enum Nemesis {
     PartitionOneWay,
     Latency,
     Clock,
+    /// One leader's clock jumps minutes ahead for the window, then steps
+    /// back at heal.
+    ClockJump,
     AzLoss,
     RegionLoss,
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 14] = [
+pub const NAMES: [(&str, Nemesis); 15] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -83,6 +91,7 @@ pub const NAMES: [(&str, Nemesis); 14] = [
     ("partition-one-way", Nemesis::PartitionOneWay),
     ("latency", Nemesis::Latency),
     ("clock", Nemesis::Clock),
+    ("clock-jump", Nemesis::ClockJump),
     ("az-loss", Nemesis::AzLoss),
     ("region-loss", Nemesis::RegionLoss),
 ];
@@ -398,6 +407,14 @@ async fn apply(
                 offsets.push(format!("node {id} {ms:+} ms"));
             }
             format!("clock: {}", offsets.join(", "))
+        }
+        Nemesis::ClockJump => {
+            let Some(leader) = cluster.leader_of(&region).await else {
+                return Ok((region.clone(), format!("clock-jump: {region} has no leader; no clock moved")));
+            };
+            let ms = rng.random_range(CLOCK_JUMP_MS);
+            net.clock.insert(leader, ms);
+            format!("clock-jump: node {leader} (leader of {region}) {:+} s ahead; steps back at heal", ms / 1000)
         }
         Nemesis::AzLoss => {
             let az = cluster.az_of(ids[rng.random_range(0..ids.len())]).to_string();

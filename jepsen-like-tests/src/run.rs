@@ -16,7 +16,7 @@ use crate::cluster::Cluster;
 use crate::history::{self, Recorder};
 use crate::nemesis::{self, FaultRecord};
 use crate::report::{self, Page, Rpo};
-use crate::workload::{self, Workload};
+use crate::workload::{self, FinalRead, Workload};
 
 /// Shortest run: a fault window (4-8 s) plus the quiet before it.
 const TIME_MIN: Duration = Duration::from_secs(10);
@@ -24,19 +24,24 @@ const TIME_MIN: Duration = Duration::from_secs(10);
 const TIME_MAX: Duration = Duration::from_secs(3600);
 /// How long a healed cluster may take to have a leader in every region.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Client processes of the `large` workload unless `--concurrency` says:
+/// enough maximal values in flight to fill entries and messages to their
+/// limits.
+const LARGE_CONCURRENCY: usize = 32;
+
 /// Most client processes at once: a two-core machine runs the nodes too.
 const CONCURRENCY_MAX: usize = 64;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// register, set or lww.
+    /// register, set, lww or large.
     #[arg(long, value_enum)]
     pub workload: Workload,
     /// Faults, e.g. `kill,partition` (one per window, at random) or
     /// `kill+partition` (together). `none` for no faults. Names: kill, pause,
     /// partition, partition-halves, partition-leader, partition-ring,
     /// partition-az, partition-region, partition-region-one-way,
-    /// partition-one-way, latency, clock,
+    /// partition-one-way, latency, clock, clock-jump,
     /// az-loss, region-loss.
     #[arg(long, default_value = "none")]
     pub nemesis: String,
@@ -52,7 +57,8 @@ pub struct RunArgs {
     /// AZs per region, one node each.
     #[arg(long, default_value_t = 3)]
     pub azs: usize,
-    /// Client processes (default: 2 per node used by the workload, at most 12).
+    /// Client processes (default: 2 per node used by the workload, at most
+    /// 12; 32 for large).
     #[arg(long)]
     pub concurrency: Option<usize>,
     /// Keys the register and lww clients share at a time.
@@ -131,7 +137,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
         Workload::Register => args.azs,
         _ => args.azs * regions,
     };
-    let concurrency = args.concurrency.unwrap_or((2 * used_nodes).min(12));
+    // Many writers of large values: the point is a burst, not contention.
+    let concurrency = args.concurrency.unwrap_or(match args.workload {
+        Workload::Large => LARGE_CONCURRENCY,
+        _ => (2 * used_nodes).min(12),
+    });
     if concurrency == 0 || concurrency > CONCURRENCY_MAX {
         bail!("--concurrency must be 1..={CONCURRENCY_MAX}, got {concurrency}");
     }
@@ -170,8 +180,9 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
             named_ops = r.ops.clone();
             details.insert("linearizable".into(), serde_json::to_value(&r)?);
         }
-        Workload::Set => {
-            let (finals, agree) = workload::final_reads(&cluster, None).await?;
+        Workload::Set | Workload::Large => {
+            let what = if args.workload == Workload::Set { FinalRead::Set } else { FinalRead::Large };
+            let (finals, agree) = workload::final_reads(&cluster, what).await?;
             let r = checker::set(&ops, &finals, agree);
             checkers.push(("set", r.valid, r.message.clone()));
             lost = r.lost.clone();
@@ -180,7 +191,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
         }
         Workload::Lww => {
             let keys: BTreeSet<String> = ops.iter().map(|o| o.key.clone()).collect();
-            let (finals, agree) = workload::final_reads(&cluster, Some(&keys)).await?;
+            let (finals, agree) = workload::final_reads(&cluster, FinalRead::Keys(&keys)).await?;
             let r = checker::lww(&ops, &finals, agree);
             checkers.push(("convergence", r.valid, r.message.clone()));
             lost = r.lost_writes.clone();

@@ -3,10 +3,12 @@
 //! - `register`: per-key linearizable reads, blind writes and
 //!   compare-and-swaps inside the first region. Every written value is
 //!   unique, so a value names the write that produced it.
-//! - `set`: unique adds (one key per element), then a final read of every
-//!   node.
-//! - `lww`: blind writes of a few shared keys from clients in every region;
-//!   after healing, a final read of every key on every node.
+//! - `set`: unique adds (one key per element) and deletes of elements the
+//!   client added, then a final read of every node.
+//! - `lww`: blind writes and deletes of a few shared keys from clients in
+//!   every region; after healing, a final read of every key on every node.
+//! - `large`: unique adds whose values run up to the value limit (256 KiB)
+//!   from many clients; the final read checks every value byte for byte.
 //!
 //! Invariants:
 //! - Each client process does one operation at a time; its interval covers
@@ -56,6 +58,7 @@ pub enum Workload {
     Register,
     Set,
     Lww,
+    Large,
 }
 
 impl Workload {
@@ -64,8 +67,37 @@ impl Workload {
             Workload::Register => "register",
             Workload::Set => "set",
             Workload::Lww => "lww",
+            Workload::Large => "large",
         }
     }
+}
+
+/// Share of `set` operations that delete an element the client added
+/// (and `lww` operations that delete a key): enough tombstones to exercise
+/// their replication and collection, while most operations still add.
+const DELETE_PERCENT: u32 = 20;
+
+/// Key prefix of the `set` elements, and of the `large` ones.
+pub const SET_PREFIX: &str = "s/";
+pub const LARGE_PREFIX: &str = "l/";
+
+/// The value a `large` add writes for element `e`: its number and length,
+/// then a byte that depends on `e`, up to `len` bytes in all. The final read
+/// checks every byte, so a torn or mixed-up value is caught.
+pub fn large_value(e: u64, len: usize) -> Vec<u8> {
+    let mut v = format!("{e}:{len}:").into_bytes();
+    let fill = b'a' + (e % 26) as u8;
+    v.resize(len.max(v.len()), fill);
+    v
+}
+
+/// The element a `large` value belongs to, if every byte is as written.
+pub fn check_large_value(value: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(value.get(..value.len().min(64))?).ok()?;
+    let mut parts = text.splitn(3, ':');
+    let e: u64 = parts.next()?.parse().ok()?;
+    let len: usize = parts.next()?.parse().ok()?;
+    (large_value(e, len) == value).then_some(e)
 }
 
 /// Where each client process sends its operations.
@@ -82,7 +114,7 @@ pub struct ClientSpec {
 pub fn client_specs(workload: Workload, cluster: &Cluster, concurrency: usize) -> Vec<ClientSpec> {
     let nodes: Vec<u64> = match workload {
         Workload::Register => cluster.regions[&cluster.region_order[0]].clone(),
-        Workload::Set | Workload::Lww => cluster.ids(),
+        Workload::Set | Workload::Lww | Workload::Large => cluster.ids(),
     };
     (0..concurrency)
         .map(|i| {
@@ -132,6 +164,7 @@ pub async fn run_clients(
             recorder: recorder.clone(),
             next_value: next_value.clone(),
             last_seen: BTreeMap::new(),
+            added: Vec::new(),
         };
         tasks.push(tokio::spawn(async move {
             while Instant::now() < until {
@@ -160,6 +193,8 @@ struct ClientTask {
     next_value: Arc<AtomicU64>,
     /// Register: the last value this client saw per key, the `from` of its next CAS.
     last_seen: BTreeMap<String, u64>,
+    /// Set: elements this client added (acknowledged) and has not deleted.
+    added: Vec<u64>,
 }
 
 /// Whether an error leaves a write certainly without effect.
@@ -191,17 +226,28 @@ impl ClientTask {
         let start_us = self.recorder.now_us();
         let (f, key, input, result) = match self.workload {
             Workload::Register => self.register_op().await,
-            Workload::Set => {
-                let e = self.unique();
-                let key = format!("s/{e:010}");
-                let r = self.client.put(key.clone(), e.to_string()).await;
-                (Func::Add, key, json!(e), r.map(|v| version_json(&v)))
-            }
+            Workload::Set => self.set_op().await,
             Workload::Lww => {
                 let key = format!("w{}", self.rng.random_range(0..self.keys));
-                let v = self.unique();
-                let r = self.client.put(key.clone(), v.to_string()).await;
-                (Func::Write, key, json!(v), r.map(|v| version_json(&v)))
+                if self.rng.random_range(0..100) < DELETE_PERCENT {
+                    let r = self.client.delete(key.clone()).await;
+                    (Func::Delete, key, Value::Null, r.map(|d| d.version.as_ref().map_or(Value::Null, version_json)))
+                } else {
+                    let v = self.unique();
+                    let r = self.client.put(key.clone(), v.to_string()).await;
+                    (Func::Write, key, json!(v), r.map(|v| version_json(&v)))
+                }
+            }
+            Workload::Large => {
+                let e = self.unique();
+                let len = if self.rng.random_bool(0.25) {
+                    nines::limits::VALUE_BYTES_MAX
+                } else {
+                    self.rng.random_range(1..=nines::limits::VALUE_BYTES_MAX)
+                };
+                let key = format!("{LARGE_PREFIX}{e:010}");
+                let r = self.client.put(key.clone(), large_value(e, len)).await;
+                (Func::Add, key, json!(e), r.map(|v| version_json(&v)))
             }
         };
         let end_us = self.recorder.now_us();
@@ -227,6 +273,24 @@ impl ClientTask {
         if outcome == Outcome::Info {
             self.process += self.concurrency;
         }
+    }
+
+    /// One set operation: mostly an add of a new element, sometimes a delete
+    /// of an element this client added earlier.
+    async fn set_op(&mut self) -> (Func, String, Value, nines_client::Result<Value>) {
+        if !self.added.is_empty() && self.rng.random_range(0..100) < DELETE_PERCENT {
+            let e = self.added.swap_remove(self.rng.random_range(0..self.added.len()));
+            let key = format!("{SET_PREFIX}{e:010}");
+            let r = self.client.delete(key.clone()).await;
+            return (Func::Delete, key, json!(e), r.map(|d| d.version.as_ref().map_or(Value::Null, version_json)));
+        }
+        let e = self.unique();
+        let key = format!("{SET_PREFIX}{e:010}");
+        let r = self.client.put(key.clone(), e.to_string()).await;
+        if r.is_ok() {
+            self.added.push(e);
+        }
+        (Func::Add, key, json!(e), r.map(|v| version_json(&v)))
     }
 
     /// One register operation: read half the time, else a write, or a CAS
@@ -286,13 +350,22 @@ impl ClientTask {
 /// What every node holds at the end, per key: the value and its version.
 pub type NodeState = BTreeMap<String, Option<(String, Value)>>;
 
+/// What the final read reads on every node.
+#[derive(Clone, Copy)]
+pub enum FinalRead<'a> {
+    /// These keys, one by one (lww).
+    Keys(&'a BTreeSet<String>),
+    /// Every key under the set prefix.
+    Set,
+    /// Every key under the large prefix; each value is checked byte for byte
+    /// and kept as its element number (or `corrupt: ...`), not in full.
+    Large,
+}
+
 /// The final read: polls every node with local reads until all agree or
 /// `CONVERGE_TIMEOUT` passes. Returns each node's state and whether they
-/// agreed. `keys` lists the keys to read (lww); `None` scans the set prefix.
-pub async fn final_reads(
-    cluster: &Cluster,
-    keys: Option<&BTreeSet<String>>,
-) -> anyhow::Result<(BTreeMap<u64, NodeState>, bool)> {
+/// agreed.
+pub async fn final_reads(cluster: &Cluster, what: FinalRead<'_>) -> anyhow::Result<(BTreeMap<u64, NodeState>, bool)> {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     let mut clients = BTreeMap::new();
     for id in cluster.ids() {
@@ -302,7 +375,7 @@ pub async fn final_reads(
         let mut states = BTreeMap::new();
         let mut unread = None;
         for (id, client) in &clients {
-            match read_node(client, keys).await {
+            match read_node(client, what).await {
                 Ok(s) => {
                     states.insert(*id, s);
                 }
@@ -326,10 +399,10 @@ pub async fn final_reads(
     }
 }
 
-async fn read_node(client: &Client, keys: Option<&BTreeSet<String>>) -> nines_client::Result<NodeState> {
+async fn read_node(client: &Client, what: FinalRead<'_>) -> nines_client::Result<NodeState> {
     let mut state = NodeState::new();
-    match keys {
-        Some(keys) => {
+    let prefix = match what {
+        FinalRead::Keys(keys) => {
             for k in keys {
                 let resp = client.get(k.as_str(), Consistency::Local).await?;
                 let entry = resp.kv.map(|kv| {
@@ -338,27 +411,36 @@ async fn read_node(client: &Client, keys: Option<&BTreeSet<String>>) -> nines_cl
                 });
                 state.insert(k.clone(), entry);
             }
+            return Ok(state);
         }
-        None => {
-            let mut start = b"s/".to_vec();
-            loop {
-                let range = KeyRange::Range { start: start.clone(), end: b"s0".to_vec() };
-                let resp = client.scan(range, SCAN_PAGE, Consistency::Local).await?;
-                for kv in &resp.kvs {
-                    let v = kv.version.as_ref().map_or(Value::Null, stored_version_json);
-                    state.insert(
-                        String::from_utf8_lossy(&kv.key).into_owned(),
-                        Some((String::from_utf8_lossy(&kv.value).into_owned(), v)),
-                    );
-                }
-                match (resp.more, resp.kvs.last()) {
-                    (true, Some(last)) => {
-                        start = last.key.clone();
-                        start.push(0);
-                    }
-                    _ => break,
-                }
+        FinalRead::Set => SET_PREFIX,
+        FinalRead::Large => LARGE_PREFIX,
+    };
+    let mut start = prefix.as_bytes().to_vec();
+    let mut end = start.clone();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    loop {
+        let range = KeyRange::Range { start: start.clone(), end: end.clone() };
+        let resp = client.scan(range, SCAN_PAGE, Consistency::Local).await?;
+        for kv in &resp.kvs {
+            let v = kv.version.as_ref().map_or(Value::Null, stored_version_json);
+            let value = match what {
+                FinalRead::Large => match check_large_value(&kv.value) {
+                    Some(e) => e.to_string(),
+                    None => format!("corrupt: {} bytes", kv.value.len()),
+                },
+                _ => String::from_utf8_lossy(&kv.value).into_owned(),
+            };
+            state.insert(String::from_utf8_lossy(&kv.key).into_owned(), Some((value, v)));
+        }
+        match (resp.more, resp.kvs.last()) {
+            (true, Some(last)) => {
+                start = last.key.clone();
+                start.push(0);
             }
+            _ => break,
         }
     }
     Ok(state)

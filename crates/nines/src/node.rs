@@ -282,13 +282,7 @@ impl Node {
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, Error> {
         self.check_leader()?;
         if self.stepping_down.load(Ordering::Acquire) {
-            return Err(Error::Unavailable {
-                reason: format!(
-                    "this leader is stepping down: its hybrid clock runs {} ms ahead of its physical clock",
-                    self.clock.ahead_ms()
-                ),
-                retry_safe: true,
-            });
+            return Err(Error::Unavailable { reason: self.stepping_down_reason(), retry_safe: true });
         }
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.write_timeout, self.raft.client_write(cmd)).await;
@@ -307,6 +301,13 @@ impl Node {
                 Err(Error::Unavailable { reason: format!("raft stopped: {f}"), retry_safe: false })
             }
         }
+    }
+
+    fn stepping_down_reason(&self) -> String {
+        format!(
+            "this leader is stepping down: its hybrid clock runs {} ms ahead of its physical clock",
+            self.clock.ahead_ms()
+        )
     }
 
     /// Proposes a client write, stamped by this leader's clock (`stamped`
@@ -343,6 +344,11 @@ impl Node {
     /// Confirms leadership with a quorum and waits until the state machine
     /// has applied everything committed before the read began (ReadIndex).
     pub async fn ensure_linearizable(&self) -> Result<(), Error> {
+        if self.stepping_down.load(Ordering::Acquire) && self.check_leader().is_ok() {
+            // Confirming leadership would send heartbeats and keep this node
+            // in place; another node takes over shortly.
+            return Err(Error::Unavailable { reason: self.stepping_down_reason(), retry_safe: true });
+        }
         if self.faults.serves_reads_locally() && self.check_leader().is_ok() {
             // The planted bug: a leader cut off from its quorum still
             // believes it leads, so this read may be stale.
@@ -435,7 +441,12 @@ impl Node {
     /// its region's role.
     pub async fn readiness(&self) -> (bool, serde_json::Value) {
         let m = self.raft_metrics();
-        let has_leader = if m.current_leader == Some(self.id) {
+        // A leader stepping down asks no quorum: that would send heartbeats
+        // and keep it in place.
+        let stepping_down = self.stepping_down.load(Ordering::Acquire);
+        let has_leader = if stepping_down {
+            false
+        } else if m.current_leader == Some(self.id) {
             matches!(tokio::time::timeout(READY_QUORUM_TIMEOUT, self.raft.get_read_log_id()).await, Ok(Ok(_)))
         } else {
             m.current_leader.is_some()
@@ -453,7 +464,7 @@ impl Node {
             "status": if ok { "ready" } else { "not ready" },
             "node": { "id": self.id, "region": self.info.region, "az": self.info.az },
             "checks": {
-                "has_leader": { "ok": has_leader, "leader": leader },
+                "has_leader": { "ok": has_leader, "leader": leader, "stepping_down": stepping_down },
                 "member": { "ok": member },
                 "applied": { "ok": caught_up, "last_log_index": last_log, "applied_index": applied, "lag_max": READY_APPLY_LAG_MAX },
                 "region_role": { "ok": role_known, "role": role, "primary": primary },

@@ -130,3 +130,189 @@ async fn a_follower_stopped_during_a_burst_of_maximal_values_catches_up() {
     assert!(windows.iter().all(|w| *w > 0), "a window without acknowledgements: {windows:?}");
     region_recovers(&cluster).await;
 }
+
+/// Two regions, `nines up`'s 40 ms between them, fault hooks on.
+fn two_regions(c: &mut nines::config::NodeConfig) {
+    c.latency.cross_region = Duration::from_millis(40);
+    c.latency.cross_az = Duration::from_millis(1);
+    c.fault_injection = true;
+}
+
+async fn local_get(c: &Client, key: &str) -> Option<nines_client::KeyValue> {
+    c.get(key.to_string(), nines_client::Consistency::Local).await.ok()?.kv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_under_steady_writes_from_the_peer_region_leave_no_changefeed_backlog() {
+    // Shows: while eu-west writes other keys continuously (about 500 a
+    // second), us-east deletes 20,000 keys; once eu-west has them all,
+    // us-east's changefeed (the tombstones waiting to be collected) drains
+    // to nothing. Before, every acknowledgement named a newer eu-west write
+    // than us-east held, and no tombstone was ever collected.
+    const DELETES: usize = 20_000;
+    const DELETERS: usize = 32;
+    const PEER_WRITERS: usize = 8;
+    let _serial = serial().await;
+    let cluster =
+        TestCluster::start_regions(&[("us-east", 3), ("eu-west", 3)], nines::config::Mode::ActiveActive, two_regions)
+            .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peer_writes = Arc::new(AtomicUsize::new(0));
+    let eu = Arc::new(cluster.region_client("eu-west"));
+    let writers: Vec<_> = (0..PEER_WRITERS)
+        .map(|w| {
+            let (eu, stop, count) = (eu.clone(), stop.clone(), peer_writes.clone());
+            tokio::spawn(async move {
+                // 8 writers at one put per 16 ms each: about 500 a second.
+                let mut tick = tokio::time::interval(Duration::from_millis(16));
+                for i in 0..100_000usize {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    tick.tick().await;
+                    if eu.put(format!("eu-{w}-{i}"), "v").await.is_ok() {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    let us = Arc::new(cluster.region_client("us-east"));
+    let deleters: Vec<_> = (0..DELETERS)
+        .map(|d| {
+            let us = us.clone();
+            tokio::spawn(async move {
+                for i in (d..DELETES).step_by(DELETERS) {
+                    us.delete(format!("gone-{i:05}")).await.expect("delete");
+                }
+            })
+        })
+        .collect();
+    for d in deleters {
+        d.await.expect("deleter");
+    }
+    let written_during = peer_writes.load(Ordering::SeqCst);
+    // "Shipped": eu-west has applied every us-east write.
+    wait_for("eu-west to apply every delete", Duration::from_secs(120), || async {
+        let s = us.region_status().await.ok()?;
+        s.peers.iter().all(|p| p.lag_entries == 0 && p.acked_index > 0).then_some(())
+    })
+    .await;
+    let shipped = Instant::now();
+    let drained = wait_for("us-east's changefeed to drain", Duration::from_secs(30), || async {
+        let s = us.region_status().await.ok()?;
+        (s.changefeed_entries == 0).then_some(shipped.elapsed())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.await.expect("writer");
+    }
+    eprintln!(
+        "{DELETES} deletes in us-east beside {written_during} eu-west writes; changefeed empty {drained:?} after eu-west had them"
+    );
+    assert!(written_during > 100, "eu-west kept writing during the deletes ({written_during})");
+    assert!(local_get(&us, "gone-00007").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_clock_ten_minutes_ahead_for_one_write_does_not_hold_up_later_writes() {
+    // Shows: us-east's leader stamps one write with a clock 10 minutes ahead,
+    // then its clock steps back. It refuses to stamp and steps down; the new
+    // leader's writes reach eu-west within 2 s each, and the odd write
+    // reaches it too (applied with its time, never adopted by eu-west's clock).
+    let _serial = serial().await;
+    let cluster =
+        TestCluster::start_regions(&[("us-east", 3), ("eu-west", 1)], nines::config::Mode::ActiveActive, two_regions)
+            .await;
+    let leader = cluster.wait_leader_in("us-east").await;
+    let endpoint = cluster.nodes[&leader].grpc();
+    let to_leader = cluster.client_of(&[leader]);
+    to_leader.set_faults_on(&endpoint, vec![], 10 * 60 * 1000).await.expect("clock ahead");
+    let jumped = to_leader.put("jumped", "x").await.expect("put with the clock ahead");
+    to_leader.set_faults_on(&endpoint, vec![], 0).await.expect("clock back");
+    let us = cluster.region_client("us-east");
+    let eu = cluster.region_client("eu-west");
+    let mut worst = Duration::ZERO;
+    for i in 0..10 {
+        let key = format!("after-{i}");
+        let v = us.put(key.clone(), "y").await.expect("a write after the step back");
+        assert!(v.hlc_physical_ms < jumped.hlc_physical_ms, "{key} was stamped by a sane clock: {v:?}");
+        let acked = Instant::now();
+        wait_for(&format!("{key} in eu-west"), Duration::from_secs(30), || async {
+            local_get(&eu, &key).await.map(|_| ())
+        })
+        .await;
+        worst = worst.max(acked.elapsed());
+    }
+    eprintln!("writes after the step back reached eu-west within {worst:?} (worst of 10)");
+    assert!(worst <= Duration::from_secs(2), "a write took {worst:?} to reach eu-west");
+    let there = local_get(&eu, "jumped").await.expect("the odd write converges");
+    assert_eq!(there.version.map(|v| v.hlc_physical_ms), Some(jumped.hlc_physical_ms));
+    let new_leader = cluster.wait_leader_in("us-east").await;
+    assert_ne!(new_leader, leader, "the node whose clock ran ahead stepped down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_another_replication_setup_refuses_to_start_naming_the_field() {
+    // Shows: the region's setup is replicated; a node whose file now says
+    // active-passive (the region replicated active-active) refuses to start
+    // and names cluster.mode; the others serve on, and the node restarted
+    // with the region's setup catches up to the same state.
+    let _serial = serial().await;
+    let mut cluster =
+        TestCluster::start_regions(&[("us-east", 3), ("eu-west", 1)], nines::config::Mode::ActiveActive, two_regions)
+            .await;
+    let us = cluster.region_client("us-east");
+    wait_for("the setup to be replicated", Duration::from_secs(30), || async {
+        us.region_status().await.ok()?.setup.map(|_| ())
+    })
+    .await;
+    us.put("before", "1").await.expect("put");
+    let node = cluster.regions["us-east"][2];
+    cluster.stop(node);
+    let original = cluster.nodes[&node].config.clone();
+    let mut changed = original.clone();
+    changed.cluster.mode = nines::config::Mode::ActivePassive;
+    changed.cluster.primary = "us-east".into();
+    let path = cluster.nodes[&node].config_path.clone();
+    std::fs::write(&path, toml::to_string(&changed).unwrap()).unwrap();
+    cluster.spawn(node);
+    let status = cluster.wait_exit(node, Duration::from_secs(30)).expect("the node must refuse to start");
+    assert!(!status.success());
+    let log = cluster.log_of(node);
+    assert!(log.contains("cluster.mode") && log.contains("active-active"), "{log}");
+    us.put("during", "2").await.expect("the other nodes serve on");
+    std::fs::write(&path, toml::to_string(&original).unwrap()).unwrap();
+    cluster.spawn(node);
+    cluster.wait_serving(node).await;
+    let leader = cluster.wait_leader_in("us-east").await;
+    let target = cluster.status(leader).await.expect("leader").applied_index;
+    cluster.wait_applied(node, target).await;
+    let alone = cluster.client_of(&[node]);
+    for key in ["before", "during"] {
+        assert!(local_get(&alone, key).await.is_some(), "{key} on the restarted node");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cas_with_a_version_read_in_the_other_region_never_matches_a_different_write() {
+    // Shows: a version read in us-east names its write (hlc and origin) in
+    // eu-west too: a CAS there succeeds while that write is current, and
+    // fails once eu-west has replaced it with a different write.
+    let _serial = serial().await;
+    let cluster =
+        TestCluster::start_regions(&[("us-east", 1), ("eu-west", 1)], nines::config::Mode::ActiveActive, two_regions)
+            .await;
+    let (us, eu) = (cluster.region_client("us-east"), cluster.region_client("eu-west"));
+    us.put("k", "from-us").await.expect("put");
+    let read_in_us =
+        us.get("k", nines_client::Consistency::Linearizable).await.expect("get").kv.unwrap().version.unwrap();
+    wait_for("k in eu-west", Duration::from_secs(30), || async { local_get(&eu, "k").await.map(|_| ()) }).await;
+    let ok = eu.compare_and_swap("k", "cas-1", nines_client::Expect::Write(read_in_us.clone())).await.expect("cas");
+    assert!(ok.succeeded, "the write read in us-east is current in eu-west");
+    eu.put("k", "from-eu").await.expect("a different write in eu-west");
+    let again = eu.compare_and_swap("k", "cas-2", nines_client::Expect::Write(read_in_us)).await.expect("cas");
+    assert!(!again.succeeded, "a different write is current: the CAS must fail");
+    assert_eq!(local_get(&eu, "k").await.unwrap().value, b"from-eu");
+}

@@ -93,7 +93,8 @@ pub fn linearizable(history: &[Op], budget: Duration) -> LinearResult {
                 Some(ft) if ft.len() == 2 => linear::Call::Cas { from: ft[0], to: ft[1] },
                 _ => continue,
             },
-            Func::Add => continue,
+            // The register workload neither adds nor deletes.
+            Func::Add | Func::Delete => continue,
         };
         let outcome = match (op.outcome, op.f) {
             (Outcome::Info, _) => linear::Outcome::Unknown,
@@ -134,10 +135,14 @@ pub struct SetResult {
     pub message: String,
     pub attempted: usize,
     pub acknowledged: usize,
-    /// Acknowledged adds missing from at least one node.
+    /// Acknowledged deletes.
+    pub deleted: usize,
+    /// Acknowledged adds, never deleted, missing from at least one node.
     pub lost: Vec<u64>,
+    /// Elements whose delete was acknowledged, yet present on a node.
+    pub resurrected: Vec<u64>,
     /// Elements present that no client ever tried to add, or under the
-    /// wrong key: corruption.
+    /// wrong key, or with a damaged value: corruption.
     pub unexpected: Vec<String>,
     /// Adds the client was told certainly failed, yet present.
     pub failed_but_present: Vec<u64>,
@@ -148,19 +153,20 @@ pub struct SetResult {
     pub converged: bool,
 }
 
-/// The element a set key holds, if the key and value agree.
+/// The element a set (or large) key holds, if the key and value agree.
 fn set_element(key: &str, value: &str) -> Option<u64> {
-    let e: u64 = key.strip_prefix("s/")?.parse().ok()?;
+    let e: u64 = key.strip_prefix("s/").or_else(|| key.strip_prefix("l/"))?.parse().ok()?;
     (value.parse::<u64>().ok()? == e).then_some(e)
 }
 
+/// Each element's outcome for one kind of operation.
+fn outcomes(history: &[Op], f: Func) -> BTreeMap<u64, Outcome> {
+    history.iter().filter(|o| o.f == f).filter_map(|o| o.input.as_u64().map(|e| (e, o.outcome))).collect()
+}
+
 pub fn set(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -> SetResult {
-    let mut outcome_of: BTreeMap<u64, Outcome> = BTreeMap::new();
-    for op in history.iter().filter(|o| o.f == Func::Add) {
-        if let Some(e) = op.input.as_u64() {
-            outcome_of.insert(e, op.outcome);
-        }
-    }
+    let outcome_of = outcomes(history, Func::Add);
+    let delete_of = outcomes(history, Func::Delete);
     let mut unexpected = BTreeSet::new();
     let mut present_everywhere: Option<BTreeSet<u64>> = None;
     let mut present_anywhere = BTreeSet::new();
@@ -184,8 +190,13 @@ pub fn set(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -
         });
     }
     let everywhere = present_everywhere.unwrap_or_default();
+    // A delete that certainly failed leaves the element; one that may have
+    // happened may have removed it.
+    let maybe_deleted = |e: &u64| matches!(delete_of.get(e), Some(Outcome::Ok | Outcome::Info));
     let acked: Vec<u64> = outcome_of.iter().filter(|(_, o)| **o == Outcome::Ok).map(|(e, _)| *e).collect();
-    let lost: Vec<u64> = acked.iter().copied().filter(|e| !everywhere.contains(e)).collect();
+    let lost: Vec<u64> = acked.iter().copied().filter(|e| !maybe_deleted(e) && !everywhere.contains(e)).collect();
+    let deleted: Vec<u64> = delete_of.iter().filter(|(_, o)| **o == Outcome::Ok).map(|(e, _)| *e).collect();
+    let resurrected: Vec<u64> = deleted.iter().copied().filter(|e| present_anywhere.contains(e)).collect();
     let failed_but_present: Vec<u64> = outcome_of
         .iter()
         .filter(|(e, o)| **o == Outcome::Fail && present_anywhere.contains(e))
@@ -195,15 +206,22 @@ pub fn set(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -
     let unknown_present = unknown.iter().filter(|e| present_anywhere.contains(e)).count();
     let valid = if finals.is_empty() || acked.is_empty() {
         Validity::Unknown
-    } else if lost.is_empty() && unexpected.is_empty() && failed_but_present.is_empty() && converged {
+    } else if lost.is_empty()
+        && resurrected.is_empty()
+        && unexpected.is_empty()
+        && failed_but_present.is_empty()
+        && converged
+    {
         Validity::Valid
     } else {
         Validity::Invalid
     };
     let message = format!(
-        "{} acknowledged adds, {} lost, {} unexpected, {} reported failed but present, nodes {}",
+        "{} acknowledged adds, {} acknowledged deletes, {} lost, {} resurrected, {} unexpected, {} reported failed but present, nodes {}",
         acked.len(),
+        deleted.len(),
         lost.len(),
+        resurrected.len(),
         unexpected.len(),
         failed_but_present.len(),
         if converged { "agree" } else { "disagree" }
@@ -213,7 +231,9 @@ pub fn set(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -
         message,
         attempted: outcome_of.len(),
         acknowledged: acked.len(),
+        deleted: deleted.len(),
         lost,
+        resurrected,
         unexpected: unexpected.into_iter().collect(),
         failed_but_present,
         unknown_present,
@@ -251,9 +271,15 @@ pub struct LwwResult {
     pub converged: bool,
 }
 
+/// Checks the final state of every key against the acknowledged writes and
+/// deletes. A key's final version must not be older than any acknowledged
+/// write or delete of it (else those are lost). A key absent at the end
+/// must have a delete as its newest operation: an acknowledged delete newer
+/// than every acknowledged write, or a delete whose outcome is unknown.
 pub fn lww(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -> LwwResult {
     let writes: Vec<&Op> = history.iter().filter(|o| o.f == Func::Write && o.outcome != Outcome::Fail).collect();
-    let keys: BTreeSet<&str> = writes.iter().map(|o| o.key.as_str()).collect();
+    let deletes: Vec<&Op> = history.iter().filter(|o| o.f == Func::Delete && o.outcome != Outcome::Fail).collect();
+    let keys: BTreeSet<&str> = writes.iter().chain(&deletes).map(|o| o.key.as_str()).collect();
     let (mut diverged, mut lost_keys, mut unexpected, mut lost_writes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for key in &keys {
@@ -266,41 +292,64 @@ pub fn lww(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -
         if finals_of_key.len() > 1 {
             diverged.push(LwwKey { key: key.to_string(), problem: format!("nodes hold {finals_of_key:?}") });
         }
-        let acked: Vec<(&Op, LwwOrder)> = writes
-            .iter()
-            .filter(|o| o.key == *key && o.outcome == Outcome::Ok)
-            .filter_map(|o| lww_order(&o.output).map(|v| (*o, v)))
-            .collect();
+        let acked = |ops: &[&Op]| -> Vec<(Option<u64>, LwwOrder)> {
+            ops.iter()
+                .filter(|o| o.key == *key && o.outcome == Outcome::Ok)
+                .filter_map(|o| lww_order(&o.output).map(|v| (o.input.as_u64(), v)))
+                .collect()
+        };
+        let (acked_writes, acked_deletes) = (acked(&writes), acked(&deletes));
+        let newest_delete = acked_deletes.iter().map(|(_, v)| v.clone()).max();
+        let unknown_delete = deletes.iter().any(|o| o.key == *key && o.outcome == Outcome::Info);
         for fin in finals_of_key {
-            let Some((value, version)) = fin else {
-                if !acked.is_empty() {
-                    lost_keys.push(LwwKey { key: key.to_string(), problem: "absent at the end, yet written".into() });
-                    lost_writes.extend(acked.iter().filter_map(|(o, _)| o.input.as_u64()));
+            let final_order = match fin {
+                None => {
+                    // Absent: the newest operation must have been a delete.
+                    if unknown_delete {
+                        continue;
+                    }
+                    let newer: Vec<&(Option<u64>, LwwOrder)> =
+                        acked_writes.iter().filter(|(_, v)| newest_delete.as_ref().is_none_or(|d| v > d)).collect();
+                    if !newer.is_empty() {
+                        lost_keys.push(LwwKey {
+                            key: key.to_string(),
+                            problem: format!(
+                                "absent at the end, yet {} acknowledged writes are newer than any acknowledged delete",
+                                newer.len()
+                            ),
+                        });
+                        lost_writes.extend(newer.iter().filter_map(|(v, _)| *v));
+                    }
+                    continue;
                 }
-                continue;
+                Some((value, version)) => {
+                    let written = writes
+                        .iter()
+                        .any(|o| o.key == *key && o.input.as_u64().map(|v| v.to_string()) == Some(value.clone()));
+                    if !written {
+                        let problem = format!("final value {value:?} was never written");
+                        unexpected.push(LwwKey { key: key.to_string(), problem });
+                        continue;
+                    }
+                    let Some(order) = lww_order(version) else {
+                        let problem = format!("final version {version} unreadable");
+                        unexpected.push(LwwKey { key: key.to_string(), problem });
+                        continue;
+                    };
+                    order
+                }
             };
-            let written =
-                writes.iter().any(|o| o.key == *key && o.input.as_u64().map(|v| v.to_string()) == Some(value.clone()));
-            if !written {
-                unexpected
-                    .push(LwwKey { key: key.to_string(), problem: format!("final value {value:?} was never written") });
-                continue;
-            }
-            let Some(final_order) = lww_order(version) else {
-                unexpected
-                    .push(LwwKey { key: key.to_string(), problem: format!("final version {version} unreadable") });
-                continue;
-            };
-            let newer: Vec<&(&Op, LwwOrder)> = acked.iter().filter(|(_, v)| *v > final_order).collect();
+            let newer: Vec<&(Option<u64>, LwwOrder)> =
+                acked_writes.iter().chain(&acked_deletes).filter(|(_, v)| *v > final_order).collect();
             if let Some((_, greatest)) = newer.iter().max_by(|a, b| a.1.cmp(&b.1)) {
                 lost_keys.push(LwwKey {
                     key: key.to_string(),
                     problem: format!(
-                        "final version {final_order:?} is older than acknowledged {greatest:?} ({} newer acknowledged writes)",
+                        "final version {final_order:?} is older than acknowledged {greatest:?} ({} newer acknowledged writes or deletes)",
                         newer.len()
                     ),
                 });
-                lost_writes.extend(newer.iter().filter_map(|(o, _)| o.input.as_u64()));
+                lost_writes.extend(newer.iter().filter_map(|(v, _)| *v));
             }
         }
     }
@@ -315,8 +364,9 @@ pub fn lww(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -
         Validity::Invalid
     };
     let message = format!(
-        "{} keys: {} diverged, {} lost their newest acknowledged write ({} writes lost), {} hold values never written",
+        "{} keys, {} acknowledged deletes: {} diverged, {} lost their newest acknowledged write or delete ({} writes lost), {} hold values never written",
         keys.len(),
+        deletes.iter().filter(|o| o.outcome == Outcome::Ok).count(),
         diverged.len(),
         lost_keys.len(),
         lost_writes.len(),
@@ -373,6 +423,40 @@ mod tests {
         let mut wrong = set_state(&[1]);
         wrong.insert("s/0000000001".into(), Some(("2".into(), Value::Null)));
         assert_eq!(set(&h, &BTreeMap::from([(1, wrong)]), true).valid, Validity::Invalid);
+    }
+
+    fn delete(e: u64, outcome: Outcome) -> Op {
+        op(Func::Delete, &format!("s/{e:010}"), json!(e), outcome, Value::Null, e * 10 + 6, e * 10 + 8)
+    }
+
+    #[test]
+    fn set_deletes_must_stay_deleted_and_failed_ones_must_not_remove() {
+        // (history, final elements on both nodes, valid, resurrected, lost)
+        type Row = (Vec<Op>, Vec<u64>, Validity, Vec<u64>, Vec<u64>);
+        let table: Vec<Row> = vec![
+            (vec![add(1, Outcome::Ok), delete(1, Outcome::Ok)], vec![], Validity::Valid, vec![], vec![]),
+            (vec![add(1, Outcome::Ok), delete(1, Outcome::Ok)], vec![1], Validity::Invalid, vec![1], vec![]),
+            (vec![add(1, Outcome::Ok), delete(1, Outcome::Info)], vec![], Validity::Valid, vec![], vec![]),
+            (vec![add(1, Outcome::Ok), delete(1, Outcome::Info)], vec![1], Validity::Valid, vec![], vec![]),
+            (vec![add(1, Outcome::Ok), delete(1, Outcome::Fail)], vec![], Validity::Invalid, vec![], vec![1]),
+        ];
+        for (h, elements, valid, resurrected, lost) in table {
+            let finals = BTreeMap::from([(1, set_state(&elements)), (2, set_state(&elements))]);
+            let r = set(&h, &finals, true);
+            assert_eq!((r.valid, &r.resurrected, &r.lost), (valid, &resurrected, &lost), "{h:?} -> {elements:?}");
+        }
+    }
+
+    #[test]
+    fn large_values_are_checked_byte_for_byte() {
+        let v = crate::workload::large_value(7, 1000);
+        assert_eq!(v.len(), 1000);
+        assert_eq!(crate::workload::check_large_value(&v), Some(7));
+        let mut torn = v.clone();
+        torn[500] ^= 1;
+        assert_eq!(crate::workload::check_large_value(&torn), None);
+        assert_eq!(crate::workload::check_large_value(&v[..999]), None, "a short value");
+        assert_eq!(set_element("l/0000000007", "7"), Some(7));
     }
 
     #[test]
@@ -432,6 +516,54 @@ mod tests {
         let r = lww(&h, &BTreeMap::from([(1, c)]), true);
         assert_eq!(r.unexpected.len(), 1);
         assert_eq!(r.valid, Validity::Invalid);
+    }
+
+    fn lww_delete(key: &str, outcome: Outcome, ms: u64, origin: &str) -> Op {
+        let out = if outcome == Outcome::Ok { version(ms, origin) } else { Value::Null };
+        op(Func::Delete, key, Value::Null, outcome, out, ms, ms + 1)
+    }
+
+    #[test]
+    fn lww_deleted_keys_stay_deleted_unless_a_newer_write_came() {
+        let absent: NodeState = BTreeMap::from([("w0".to_string(), None)]);
+        let written = lww_state(&[("w0", 1, 100, "us-east")]);
+        // (history, final state, valid)
+        let table: Vec<(&str, Vec<Op>, NodeState, Validity)> = vec![
+            (
+                "deleted after the write: absent",
+                vec![lww_write("w0", 1, Outcome::Ok, 100, "us-east"), lww_delete("w0", Outcome::Ok, 200, "eu-west")],
+                absent.clone(),
+                Validity::Valid,
+            ),
+            (
+                "deleted after the write, yet the write is back",
+                vec![lww_write("w0", 1, Outcome::Ok, 100, "us-east"), lww_delete("w0", Outcome::Ok, 200, "eu-west")],
+                written.clone(),
+                Validity::Invalid,
+            ),
+            (
+                "written after the delete: present",
+                vec![lww_delete("w0", Outcome::Ok, 50, "eu-west"), lww_write("w0", 1, Outcome::Ok, 100, "us-east")],
+                written.clone(),
+                Validity::Valid,
+            ),
+            (
+                "written after the delete, yet absent",
+                vec![lww_delete("w0", Outcome::Ok, 50, "eu-west"), lww_write("w0", 1, Outcome::Ok, 100, "us-east")],
+                absent.clone(),
+                Validity::Invalid,
+            ),
+            (
+                "a delete of unknown outcome may have won",
+                vec![lww_write("w0", 1, Outcome::Ok, 100, "us-east"), lww_delete("w0", Outcome::Info, 0, "eu-west")],
+                absent,
+                Validity::Valid,
+            ),
+        ];
+        for (name, h, state, valid) in table {
+            let r = lww(&h, &BTreeMap::from([(1, state.clone()), (2, state)]), true);
+            assert_eq!(r.valid, valid, "{name}: {r:?}");
+        }
     }
 
     #[test]

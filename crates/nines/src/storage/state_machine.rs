@@ -125,6 +125,9 @@ pub struct RegionState {
     /// `ACK_HISTORY_MAX` per peer (the oldest are dropped first, which only
     /// delays collection).
     pub ack_history: BTreeMap<String, Vec<(u64, u64)>>,
+    /// Every tombstone of the changefeed at or below this index has been
+    /// collected (or was no longer current); collection resumes above it.
+    pub tombstones_collected_through: u64,
     /// Per origin region: every write of it through this index is applied here.
     pub complete_from: BTreeMap<String, u64>,
     /// Divergence records written so far.
@@ -339,6 +342,11 @@ impl StateReader {
         }
         Ok((out, None))
     }
+}
+
+/// The highest changefeed index every peer has applied.
+fn all_acked(setup: &ReplicationSetup, region: &RegionState) -> u64 {
+    setup.peers.iter().map(|p| region.acked.get(p).copied().unwrap_or(0)).min().unwrap_or(0)
 }
 
 /// The highest changefeed index through which every tombstone is safe to
@@ -700,8 +708,13 @@ impl StateMachine {
         }
         region.applied_from.insert(origin.clone(), through);
         let complete = region.complete_from.entry(origin.clone()).or_default();
+        let advanced = complete_through > *complete;
         *complete = (*complete).max(complete_through);
         *region.applied_total.entry(origin).or_default() += applied;
+        if advanced {
+            // Holding more of the origin's writes may free tombstones.
+            self.collect_tombstones(setup, pending, region)?;
+        }
         Ok(CommandResult::Remote { applied, applied_through: through })
     }
 
@@ -730,6 +743,7 @@ impl StateMachine {
         if !setup.peers.contains(&peer) {
             return Ok(());
         }
+        let before = all_acked(setup, region);
         let entry = region.acked.entry(peer.clone()).or_default();
         if acked > *entry {
             *entry = acked;
@@ -739,28 +753,50 @@ impl StateMachine {
                 history.remove(0);
             }
         }
-        let all_acked = setup.peers.iter().map(|p| region.acked.get(p).copied().unwrap_or(0)).min().unwrap_or(0);
-        let tombstones_through = setup.peers.iter().map(|p| tombstones_safe_through(region, p)).min().unwrap_or(0);
-        for (i, rec) in self.changefeed_in(pending, 0, all_acked)? {
-            if rec.value.is_some() {
-                pending.changefeed.insert(i, None);
-                continue;
+        // Puts every peer has now applied go at once; everything at or below
+        // `before` that is left is a tombstone waiting (see below).
+        let after = all_acked(setup, region);
+        if after > before {
+            for (i, rec) in self.changefeed_in(pending, before.saturating_add(1), after)? {
+                if rec.value.is_some() {
+                    pending.changefeed.insert(i, None);
+                }
             }
-            if i > tombstones_through {
-                // Kept, and looked at again with the next acknowledgement.
-                continue;
-            }
+        }
+        self.collect_tombstones(setup, pending, region)
+    }
+
+    /// Collects the tombstones no peer can still send an older write for
+    /// (see [`Self::ack_shipped`]): they wait on acknowledgements and on this
+    /// region holding the peers' writes, so this runs after either moves.
+    /// Only the newly collectable range is read.
+    fn collect_tombstones(
+        &self,
+        setup: &ReplicationSetup,
+        pending: &mut Pending,
+        region: &mut RegionState,
+    ) -> Result<(), StorageError> {
+        let safe = setup.peers.iter().map(|p| tombstones_safe_through(region, p)).min().unwrap_or(0);
+        let through = safe.min(all_acked(setup, region));
+        if through <= region.tombstones_collected_through {
+            return Ok(());
+        }
+        for (i, rec) in self.changefeed_in(pending, region.tombstones_collected_through.saturating_add(1), through)? {
             pending.changefeed.insert(i, None);
+            if rec.value.is_some() {
+                continue;
+            }
             let current = self.current(pending, &rec.key)?;
             // Collect the tombstone only if it is still this delete's.
             if current.is_some_and(|c| c.value.is_none() && c.version.index == i) {
                 pending.data.insert(rec.key, None);
             }
         }
+        region.tombstones_collected_through = through;
         // Acknowledgements at or below the collected tombstones are of no
         // further use: every tombstone left is above them.
         for history in region.ack_history.values_mut() {
-            history.retain(|(a, _)| *a > tombstones_through);
+            history.retain(|(a, _)| *a > through);
         }
         Ok(())
     }
@@ -1264,9 +1300,9 @@ mod tests {
         let late = vec![remote(30, "k", Some("old"), hlc(5, 0))];
         apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: late, complete_through: 40 })
             .await;
-        assert_eq!(sm.reader().get(b"k").unwrap().unwrap().value, None, "the older put loses to the tombstone");
-        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index, peer_index: 40 }).await;
-        assert!(sm.reader().get(b"k").unwrap().is_none(), "now no older write can arrive: collected");
+        // The older put lost to the tombstone, and holding b's writes through
+        // 40 frees the tombstone in the same apply: no older write can come.
+        assert!(sm.reader().get(b"k").unwrap().is_none(), "collected, and the older put did not resurrect k");
         assert_eq!(sm.reader().changefeed_len(), 0);
     }
 
