@@ -120,9 +120,9 @@ pub struct Node {
     fatal: watch::Sender<Option<String>>,
     /// Client writes on their way to the batcher (see [`Node::spawn_batcher`]).
     proposals: mpsc::Sender<Proposal>,
-    /// Set while this node's clock runs too far ahead to stamp writes: it
-    /// proposes nothing, sends no heartbeats and stands for no election, so
-    /// a node with a sane clock takes over (see [`Node::spawn_clock_watch`]).
+    /// Set while this node steps down because its clock runs too far ahead
+    /// ([`Stance::SteppingDown`]): it proposes nothing, sends no heartbeats
+    /// and stands for no election, so a node with a sane clock takes over.
     stepping_down: AtomicBool,
 }
 
@@ -552,14 +552,16 @@ impl Node {
     }
 
     /// Starts the clock watch: every `CLOCK_CHECK_INTERVAL` it exports how
-    /// far the hybrid clock runs ahead of the physical one, and while that is
-    /// beyond the maximum offset it makes this node step down: no proposals,
-    /// no heartbeats (so followers elect a leader whose clock can stamp) and
-    /// no candidacy of its own. It stands again once the physical clock has
-    /// caught up.
+    /// far the hybrid clock runs ahead of the physical one and moves this
+    /// node's [`Stance`] (see [`next_stance`]). While the clock runs too far
+    /// ahead the node refuses to stamp writes in any case; stepping down
+    /// lets a node whose clock can stamp take over.
     pub fn spawn_clock_watch(self: &Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         let node = self.clone();
         tokio::spawn(async move {
+            let mut stance = Stance::Normal;
+            // Since when, stepping down, no other node has led.
+            let mut alone_since = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = stop.changed() => return,
@@ -567,19 +569,34 @@ impl Node {
                 }
                 let ahead_ms = node.clock.ahead_ms();
                 crate::telemetry::hlc_ahead(ahead_ms);
+                let leader = node.raft_metrics().current_leader;
+                if leader.is_some_and(|l| l != node.id) {
+                    alone_since = std::time::Instant::now();
+                }
                 let skewed = ahead_ms > node.clock.offset_ms_max();
-                if skewed == node.stepping_down.load(Ordering::Acquire) {
+                let next = next_stance(stance, skewed, alone_since.elapsed());
+                if next == stance {
                     continue;
                 }
-                node.stepping_down.store(skewed, Ordering::Release);
-                let runtime = node.raft.runtime_config();
-                runtime.heartbeat(!skewed);
-                runtime.elect(!skewed);
-                if skewed {
-                    tracing::error!(ahead_ms, "hybrid clock too far ahead of the physical clock: stepping down");
-                } else {
-                    tracing::warn!("the physical clock caught up with the hybrid clock: standing again");
+                if next == Stance::SteppingDown {
+                    alone_since = std::time::Instant::now();
                 }
+                match next {
+                    Stance::Normal => tracing::warn!("the physical clock caught up with the hybrid clock"),
+                    Stance::SteppingDown => {
+                        tracing::error!(ahead_ms, "hybrid clock too far ahead of the physical clock: stepping down")
+                    }
+                    Stance::Standing => tracing::error!(
+                        ahead_ms,
+                        "no node with a sane clock took over: leading again, still refusing to stamp writes"
+                    ),
+                }
+                let stepping_down = next == Stance::SteppingDown;
+                node.stepping_down.store(stepping_down, Ordering::Release);
+                let runtime = node.raft.runtime_config();
+                runtime.heartbeat(!stepping_down);
+                runtime.elect(!stepping_down);
+                stance = next;
             }
         })
     }
@@ -604,6 +621,37 @@ impl Node {
             // Ignored: the caller may have given up (its request was cancelled).
             let _ = waiter.send(result);
         }
+    }
+}
+
+/// What a node does about its hybrid clock running ahead of its physical
+/// clock (see [`Node::spawn_clock_watch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stance {
+    /// The clock is within the maximum offset: lead, campaign, propose.
+    Normal,
+    /// Too far ahead: stand for no election; as leader send no heartbeats
+    /// and propose nothing, so a node whose clock can stamp takes over.
+    SteppingDown,
+    /// Too far ahead, but no other node took over within `STEP_DOWN_MAX`
+    /// (every node's clock is ahead, or the region has one node): lead and
+    /// campaign again, so the region still replicates and serves reads.
+    /// Client writes stay refused: nothing can be stamped.
+    Standing,
+}
+
+/// How long a node steps down with no other node leading before it stands
+/// again: a few election timeouts (up to 1.2 s each by default).
+pub const STEP_DOWN_MAX: Duration = Duration::from_secs(3);
+
+/// The next stance, given whether the clock runs too far ahead and how long
+/// no other node has led while this one stepped down. Pure; see [`Stance`].
+pub fn next_stance(current: Stance, skewed: bool, alone_for: Duration) -> Stance {
+    match (current, skewed) {
+        (_, false) => Stance::Normal,
+        (Stance::Normal, true) => Stance::SteppingDown,
+        (Stance::SteppingDown, true) if alone_for >= STEP_DOWN_MAX => Stance::Standing,
+        (stance, true) => stance,
     }
 }
 
@@ -756,6 +804,25 @@ mod tests {
             };
             let encoded = crate::storage::record::encode(&entry).expect("encode").len();
             prop_assert!(encoded <= counted + ENTRY_FRAMING_BYTES_MAX, "{encoded} bytes encoded, {counted} counted");
+        }
+    }
+
+    #[test]
+    fn a_node_whose_clock_runs_ahead_steps_down_then_stands_if_no_one_takes_over() {
+        use Stance::*;
+        let short = Duration::from_millis(100);
+        // (stance, clock too far ahead, time without another leader, next)
+        let table = [
+            (Normal, false, short, Normal),
+            (Normal, true, short, SteppingDown),
+            (SteppingDown, true, short, SteppingDown),
+            (SteppingDown, true, STEP_DOWN_MAX, Standing),
+            (SteppingDown, false, short, Normal),
+            (Standing, true, short, Standing),
+            (Standing, false, STEP_DOWN_MAX, Normal),
+        ];
+        for (now, skewed, alone, want) in table {
+            assert_eq!(next_stance(now, skewed, alone), want, "{now:?}, ahead {skewed}, alone {alone:?}");
         }
     }
 

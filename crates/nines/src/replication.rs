@@ -18,13 +18,22 @@
 //!   enter the changefeed.
 //! - A delete's tombstone is collected only when every peer has applied it
 //!   and this region holds every peer write made before that peer applied
-//!   it (the peer reports its latest own write with each acknowledgement;
+//!   it (the peer reports its latest own write with each acknowledgement,
+//!   the first acknowledgement that covered a tombstone is remembered, and
 //!   shipments say how far they are complete). Later writes of that peer are
 //!   stamped above the tombstone, so no older write can resurrect the key.
+//!   Collection runs when an acknowledgement or a peer's writes arrive, so
+//!   it keeps pace under continuous writes on both sides.
 //! - A remote timestamp further ahead of the receiver's clock than
-//!   `clock_offset_max` makes the receiver refuse the whole batch; the refusal
-//!   is counted (`nines region status`) and logged, and the shipper retries
-//!   after a backoff. Nothing is adopted silently.
+//!   `clock_offset_max` is never adopted by the receiver's clock: one bad
+//!   clock cannot drag a region's time forward. The write still applies
+//!   with its timestamp (so regions converge, and the stream behind it is
+//!   not held up); each such write is counted (`nines region status`,
+//!   `nines_hlc_remote_refused_total`) and logged.
+//! - The replication setup (peer regions, mode, initial primary) is
+//!   replicated state: every replica applies every entry by the same setup,
+//!   whatever its own file says; a node whose file disagrees refuses to
+//!   start, naming the field (`nines region configure` changes it).
 //! - In active-passive mode every shipment and reply carries the sender's
 //!   `(primary, epoch)`. A primary that hears of a higher epoch from the new
 //!   primary demotes itself: its writes the new primary never applied are
@@ -54,13 +63,14 @@
 //!   messages (its shipments or replies); with three or more regions, news
 //!   relayed by a third region is not acted on, and a third region that had
 //!   applied more of the old primary than the new primary keeps those writes.
-//! - Applying depends on the replication setup in each node's configuration
-//!   (peer regions, mode, initial primary): it must be the same on every node
-//!   of a region; changing it needs every node restarted with the new one.
-//! - A write whose timestamp a peer refuses (clock too far ahead) holds up the
-//!   stream to that peer until the peer's clock catches up; the refusals are
-//!   counted and logged meanwhile, and the backlog limit stops writes before
-//!   the changefeed grows without bound.
+//! - A write stamped by a clock far ahead (before its node noticed, which it
+//!   does only when its clock steps back) wins last-writer-wins on its key in
+//!   every region until real time passes its timestamp: later writes to that
+//!   key from other regions lose. That is last-writer-wins with a bad clock;
+//!   it is counted where it arrives, and the node that stamped it steps down.
+//! - Shippers ship to the peers in the node's file; a setup changed with
+//!   `nines region configure` takes effect for shipping once the nodes
+//!   restart with files that say the same.
 //! - Tombstones of remote deletes and divergence records are kept forever.
 //! - Simulated latency is a one-way delay added before each shipment.
 

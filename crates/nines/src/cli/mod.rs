@@ -591,6 +591,7 @@ async fn status(g: &Global) -> anyhow::Result<()> {
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
             ]);
         }
         for n in &r.nodes {
@@ -603,11 +604,13 @@ async fn status(g: &Global) -> anyhow::Result<()> {
                 dash(n.last_log_index),
                 dash(n.applied_index),
                 dash(n.leader_id),
+                n.hlc_ahead_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "-".into()),
                 n.grpc_addr.clone(),
             ]);
         }
     }
-    print_table(&["NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "GRPC"], &rows);
+    let header = ["NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "HLC AHEAD", "GRPC"];
+    print_table(&header, &rows);
     if view.regions.len() > 1 {
         println!();
         let rows: Vec<Vec<String>> = view

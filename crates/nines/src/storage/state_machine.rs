@@ -12,8 +12,14 @@
 //!   log id in one atomic batch, so the state on disk always matches some
 //!   applied index exactly.
 //! - Applying is deterministic: every replica computes the same versions,
-//!   changefeed and roles from the same log (the [`ReplicationSetup`] comes
-//!   from configuration and must be the same on every node of a region).
+//!   changefeed and roles from the same log. The [`ReplicationSetup`] it
+//!   applies by is replicated state (`Command::Configure`), not a node's
+//!   file; until it is applied, nothing that depends on it applies (local
+//!   writes and shipments are refused, retry-safe).
+//! - Replicated input is checked at apply time and refused as a failed
+//!   command (a batch over `WRITES_PER_ENTRY_MAX`, an epoch over
+//!   `EPOCH_MAX`, a shipment from a region that is not a peer), never
+//!   asserted: a bad entry in the log cannot crash-loop the region.
 //! - A local write's HLC is raised above the version it replaces, so the
 //!   versions of a key only grow.
 //! - Remote writes apply last-writer-wins on `(hlc, origin region)`, each at
@@ -22,7 +28,8 @@
 //! - Only writes that originated in this region enter the changefeed, so
 //!   replicated writes are never shipped again.
 //! - A tombstone of a local delete is dropped only once every peer region
-//!   has applied it (its changefeed entry is acknowledged by all).
+//!   has applied it and this region holds every peer write that could be
+//!   older (see `StateMachine::ack_shipped`).
 //! - In active-passive mode, local writes apply only in the primary region
 //!   while it is not fenced; the check is made at apply time, in log order,
 //!   so no write slips in after a fence.
