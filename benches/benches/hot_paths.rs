@@ -31,14 +31,13 @@ fn entry(index: u64, cmd: Command) -> Entry {
 }
 
 fn state_machine(dir: &std::path::Path, peers: &[&str]) -> StateMachine {
-    let db = sled::Config::new().path(dir.join("db")).open().expect("open db");
     let setup = ReplicationSetup {
         region: "a".into(),
         peers: peers.iter().map(|p| p.to_string()).collect(),
         mode: Mode::ActiveActive,
         initial_primary: String::new(),
     };
-    let mut sm = StateMachine::open(&db, Arc::new(HlcClock::wall(500))).expect("open state machine");
+    let mut sm = StateMachine::open(dir, 64 << 20, None, Arc::new(HlcClock::wall(500))).expect("open state machine");
     // The region's setup is its first entry (index 0; the benches start at 1).
     let configure = entry(0, Command::Configure { setup, replace: false });
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");

@@ -103,6 +103,16 @@ fn free_port(taken: &mut Vec<u16>, rng: &mut impl rand::RngExt) -> anyhow::Resul
     bail!("no free port in 20000..32000 after 1000 tries")
 }
 
+/// Test-only modes every node of a run starts with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeFlags {
+    /// The planted stale-read bug (`planted_bug_local_reads`).
+    pub planted_bug_local_reads: bool,
+    /// Storage that keeps only what was synced when a node is killed, so a
+    /// kill is a power cut (`storage.power_loss_simulation`).
+    pub power_loss_simulation: bool,
+}
+
 impl Cluster {
     /// Writes every node's config under `dir`, starts the nodes, initializes
     /// each region's Raft group and waits for a leader in each.
@@ -111,7 +121,7 @@ impl Cluster {
         exe: PathBuf,
         regions: usize,
         azs: usize,
-        planted_bug_local_reads: bool,
+        flags: NodeFlags,
     ) -> anyhow::Result<Cluster> {
         if regions == 0 || regions > REGION_NAMES.len() {
             bail!("--regions must be 1..={}, got {regions}", REGION_NAMES.len());
@@ -162,7 +172,11 @@ impl Cluster {
                     admin_listen: ([127, 0, 0, 1], ports[id].1).into(),
                     cluster: cluster_config.clone(),
                     fault_injection: true,
-                    planted_bug_local_reads,
+                    planted_bug_local_reads: flags.planted_bug_local_reads,
+                    storage: nines::config::StorageConfig {
+                        power_loss_simulation: flags.power_loss_simulation,
+                        ..Default::default()
+                    },
                     ..NodeConfig::default()
                 };
                 let config_path = dir.join(format!("node-{id}.toml"));

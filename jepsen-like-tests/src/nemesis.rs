@@ -75,10 +75,13 @@ pub enum Nemesis {
     ClockJump,
     AzLoss,
     RegionLoss,
+    /// One or two nodes of a region (half the time with its leader) lose
+    /// power: killed, and with their storage keeping only what was synced.
+    PowerCut,
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 15] = [
+pub const NAMES: [(&str, Nemesis); 16] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -94,6 +97,7 @@ pub const NAMES: [(&str, Nemesis); 15] = [
     ("clock-jump", Nemesis::ClockJump),
     ("az-loss", Nemesis::AzLoss),
     ("region-loss", Nemesis::RegionLoss),
+    ("power-cut", Nemesis::PowerCut),
 ];
 
 impl Nemesis {
@@ -197,10 +201,31 @@ impl Net {
     }
 }
 
+/// How long fault windows and the quiet between them last (ms).
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub fault_ms: std::ops::Range<u64>,
+    pub quiet_ms: std::ops::Range<u64>,
+}
+
+impl Schedule {
+    /// Windows long enough for a recovery to show in the plots.
+    pub fn normal() -> Self {
+        Schedule { fault_ms: FAULT_MS, quiet_ms: QUIET_MS }
+    }
+
+    /// Short windows, for many fault cycles a minute (kill and power-cut
+    /// loops): a node is back and has caught up before the next one.
+    pub fn fast() -> Self {
+        Schedule { fault_ms: 500..1_500, quiet_ms: 1_000..1_500 }
+    }
+}
+
 /// Runs the plan's windows until `until`, then returns every fault it injected.
 pub async fn run(
     cluster: &mut Cluster,
     plan: &[Vec<Nemesis>],
+    schedule: &Schedule,
     rng: &mut StdRng,
     recorder: &Recorder,
     until: Instant,
@@ -212,8 +237,8 @@ pub async fn run(
     }
     tokio::time::sleep(FIRST_QUIET).await;
     loop {
-        let hold = Duration::from_millis(rng.random_range(FAULT_MS));
-        let quiet = Duration::from_millis(rng.random_range(QUIET_MS));
+        let hold = Duration::from_millis(rng.random_range(schedule.fault_ms.clone()));
+        let quiet = Duration::from_millis(rng.random_range(schedule.quiet_ms.clone()));
         // A window must fit, with a second to spare for its heal.
         if Instant::now() + hold + Duration::from_secs(1) > until {
             break;
@@ -423,6 +448,20 @@ async fn apply(
                 cluster.kill(*id);
             }
             format!("az-loss: AZ {az} (nodes {inside:?}) killed; restarted at heal")
+        }
+        Nemesis::PowerCut => {
+            // With power-loss storage a kill is a power cut: only what each
+            // node synced survives.
+            let first = pick_node(cluster, &region, rng).await;
+            let mut cut = vec![first];
+            if ids.len() > 2 && rng.random_bool(0.5) {
+                let others: Vec<u64> = ids.iter().copied().filter(|id| *id != first).collect();
+                cut.push(others[rng.random_range(0..others.len())]);
+            }
+            for id in &cut {
+                cluster.kill(*id);
+            }
+            format!("power-cut: nodes {cut:?} ({region}) lost power; unsynced writes gone; restarted at heal")
         }
         Nemesis::RegionLoss => {
             for id in &ids {

@@ -12,9 +12,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::checker::{self, Validity};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, NodeFlags};
 use crate::history::{self, Recorder};
-use crate::nemesis::{self, FaultRecord};
+use crate::nemesis::{self, FaultRecord, Nemesis, Schedule};
 use crate::report::{self, Page, Rpo};
 use crate::workload::{self, FinalRead, Workload};
 
@@ -42,7 +42,7 @@ pub struct RunArgs {
     /// partition, partition-halves, partition-leader, partition-ring,
     /// partition-az, partition-region, partition-region-one-way,
     /// partition-one-way, latency, clock, clock-jump,
-    /// az-loss, region-loss.
+    /// az-loss, region-loss, power-cut.
     #[arg(long, default_value = "none")]
     pub nemesis: String,
     /// How long clients run (faults stop before the end), e.g. `60s`.
@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// Keep the nodes' data directories (removed by default; logs are kept).
     #[arg(long)]
     pub keep_data: bool,
+    /// Fault windows of 0.5-1.5 s with 1-1.5 s between them (default 4-8 s
+    /// and 2-4 s): many fault cycles a minute, for kill and power-cut loops.
+    #[arg(long)]
+    pub fast_faults: bool,
 }
 
 /// What a run found, for the caller (and the suite's table).
@@ -104,6 +108,9 @@ impl RunArgs {
         );
         if self.planted_bug_local_reads {
             c.push_str(" --planted-bug-local-reads");
+        }
+        if self.fast_faults {
+            c.push_str(" --fast-faults");
         }
         c
     }
@@ -146,7 +153,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
         bail!("--concurrency must be 1..={CONCURRENCY_MAX}, got {concurrency}");
     }
     let exe = std::env::current_exe().context("finding this executable to start nodes with")?;
-    let mut cluster = Cluster::start(&out, exe, regions, args.azs, args.planted_bug_local_reads).await?;
+    let flags = NodeFlags {
+        planted_bug_local_reads: args.planted_bug_local_reads,
+        power_loss_simulation: plan.iter().flatten().any(|n| *n == Nemesis::PowerCut),
+    };
+    let mut cluster = Cluster::start(&out, exe, regions, args.azs, flags).await?;
 
     let began = Instant::now();
     let until = began + time;
@@ -154,7 +165,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     let specs = workload::client_specs(args.workload, &cluster, concurrency);
     let clients = tokio::spawn(workload::run_clients(args.workload, specs, args.keys, seed, recorder.clone(), until));
     let mut rng = StdRng::seed_from_u64(seed);
-    let faults = nemesis::run(&mut cluster, &plan, &mut rng, &recorder, until).await;
+    let schedule = if args.fast_faults { Schedule::fast() } else { Schedule::normal() };
+    let faults = nemesis::run(&mut cluster, &plan, &schedule, &mut rng, &recorder, until).await;
     let clients = clients.await.context("client task")?;
     let faults: Vec<FaultRecord> = faults?;
     clients?;

@@ -90,6 +90,7 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
                 planted_bug_local_reads: false,
                 check_budget: std::time::Duration::from_secs(60).into(),
                 keep_data: false,
+                fast_faults: false,
             };
             match run::run(&args).await {
                 Ok(s) => {

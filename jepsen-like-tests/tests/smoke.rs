@@ -95,3 +95,22 @@ fn bad_flags_are_refused_by_name() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("meteor"));
 }
+
+// Power cuts: nodes killed with storage that keeps only what was synced
+// (a disk cache lost at a power cut), every second or two, one or two nodes
+// at a time. No acknowledged write may be lost, every node must restart,
+// and the history must stay linearizable.
+#[test]
+fn register_under_power_cuts_loses_nothing_and_stays_linearizable() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("power");
+    let (code, results) = run(
+        &out,
+        &["--workload", "register", "--nemesis", "power-cut", "--fast-faults", "--time", "30s", "--seed", "11"],
+    );
+    assert_eq!(code, 0, "verdict {}: see {}", results["valid"], out.join("index.html").display());
+    let faults = results["faults"].as_array().unwrap();
+    assert!(faults.len() >= 8, "expected a power cut every few seconds: {}", faults.len());
+    assert!(faults.iter().all(|f| f["detail"].as_str().unwrap().contains("lost power")), "{faults:?}");
+}

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
     /// Simulated one-way network latency, added by this node's transport.
     pub latency: LatencyConfig,
+    /// The storage engine.
+    pub storage: StorageConfig,
     /// Test only: enables the fault hooks (dropping replication traffic,
     /// offsetting the clock) through the admin API. Off by default; a node
     /// without it refuses every fault request.
@@ -151,6 +153,80 @@ impl NodeConfig {
     }
 }
 
+/// The storage engine's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The engine's page cache, shared by the log and the state machine,
+    /// written like `64MiB`. Memory beyond it is the node's own (requests,
+    /// batches, Raft's in-flight entries).
+    #[serde(with = "bytes_serde")]
+    pub cache_size: u64,
+    /// Test only, needs `fault_injection`: the storage keeps only what was
+    /// synced when the process is killed, as a disk's volatile cache would
+    /// at a power cut. For power-loss tests; never for real data.
+    pub power_loss_simulation: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { cache_size: 64 * 1024 * 1024, power_loss_simulation: false }
+    }
+}
+
+/// Sizes in the configuration: a number of bytes, or one with a unit, as
+/// people write them (`512KiB`, `64MiB`, `1GiB`; `kB`, `MB`, `GB` are powers
+/// of ten).
+pub mod bytes_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses a size; the error says what it could not read.
+    pub fn parse(text: &str) -> Result<u64, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a size such as 64MiB"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "kB" | "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => return Err(format!("{text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, kB, MB or GB)")),
+        };
+        n.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+    }
+
+    /// Formats a size the way `parse` reads it.
+    pub fn format(n: u64) -> String {
+        for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= factor && n.is_multiple_of(factor) {
+                return format!("{}{unit}", n / factor);
+            }
+        }
+        format!("{n}B")
+    }
+
+    pub fn serialize<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*n))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Size {
+            Bytes(u64),
+            Text(String),
+        }
+        match Size::deserialize(d)? {
+            Size::Bytes(n) => Ok(n),
+            Size::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftConfig {
@@ -199,11 +275,20 @@ impl Default for NodeConfig {
             log_format: "text".into(),
             cluster: ClusterConfig::default(),
             latency: LatencyConfig::default(),
+            storage: StorageConfig::default(),
             fault_injection: false,
             planted_bug_local_reads: false,
         }
     }
 }
+
+/// Smallest storage cache: below a few MiB the engine rereads its own
+/// index pages on every request.
+pub const STORAGE_CACHE_MIN: u64 = 4 * 1024 * 1024;
+
+/// Largest storage cache: 64 GiB, beyond any machine this runs on; a larger
+/// number is a typo.
+pub const STORAGE_CACHE_MAX: u64 = 64 * 1024 * 1024 * 1024;
 
 /// A configuration that cannot be used, naming the field.
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +349,23 @@ impl NodeConfig {
             return Err(invalid(
                 "planted_bug_local_reads",
                 "is a test-only bug and needs fault_injection = true; never set it outside the fault harness",
+            ));
+        }
+        if self.storage.power_loss_simulation && !self.fault_injection {
+            return Err(invalid(
+                "storage.power_loss_simulation",
+                "is a test-only mode that loses unsynced data on purpose and needs fault_injection = true",
+            ));
+        }
+        if self.storage.cache_size < STORAGE_CACHE_MIN || self.storage.cache_size > STORAGE_CACHE_MAX {
+            return Err(invalid(
+                "storage.cache_size",
+                format!(
+                    "is {}; it must be between {} and {}",
+                    bytes_serde::format(self.storage.cache_size),
+                    bytes_serde::format(STORAGE_CACHE_MIN),
+                    bytes_serde::format(STORAGE_CACHE_MAX)
+                ),
             ));
         }
         if r.snapshot_logs_since_last == 0 {
@@ -331,6 +433,23 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        for (text, want) in
+            [("64MiB", 64 << 20), ("512KiB", 512 << 10), ("1GiB", 1 << 30), ("4096", 4096), ("2MB", 2_000_000)]
+        {
+            assert_eq!(bytes_serde::parse(text), Ok(want), "{text}");
+            assert_eq!(bytes_serde::parse(&bytes_serde::format(want)), Ok(want), "{text} formatted");
+        }
+        for bad in ["", "MiB", "12 parsecs", "99999999999999GiB"] {
+            assert!(bytes_serde::parse(bad).is_err(), "{bad}");
+        }
+        let e = NodeConfig::from_toml("[storage]\ncache_size = \"12 furlongs\"", std::path::Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("furlongs"), "{e}");
+    }
 
     #[test]
     fn the_shipped_example_parses_to_the_defaults() {

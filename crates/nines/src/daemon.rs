@@ -142,7 +142,11 @@ fn prepare(config: &NodeConfig) -> anyhow::Result<Prepared> {
 /// Step 2: the Raft log and the state machine; a region whose replicated
 /// setup disagrees with this node's file is refused here, naming the field.
 fn open_storage(config: &NodeConfig, prepared: &Prepared) -> anyhow::Result<(storage::Disk, LogStore, StateMachine)> {
-    let opened = storage::open(&config.data_dir, prepared.clock.clone())
+    let options = storage::Options {
+        cache_bytes: config.storage.cache_size as usize,
+        power_loss_simulation: config.storage.power_loss_simulation,
+    };
+    let opened = storage::open(&config.data_dir, prepared.clock.clone(), options)
         .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
     if let Some(replicated) = opened.2.reader().setup() {
         check_setup(&replication_setup(config), &replicated)?;

@@ -75,8 +75,7 @@ impl From<Error> for Status {
 impl From<crate::storage::state_machine::ReadError> for Error {
     fn from(e: crate::storage::state_machine::ReadError) -> Self {
         match e {
-            crate::storage::state_machine::ReadError::Corrupt { .. }
-            | crate::storage::state_machine::ReadError::BadKey { .. } => {
+            crate::storage::state_machine::ReadError::Corrupt { .. } => {
                 tracing::error!(error = %e, "corrupt record in the state machine");
                 Error::InvalidData(e.to_string())
             }

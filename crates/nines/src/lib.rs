@@ -15,7 +15,7 @@
 //! - [`telemetry`]: Prometheus recorders.
 //!
 //! Storage and the wire:
-//! - [`storage`]: the Raft log and the state machine on sled.
+//! - [`storage`]: the Raft log and the state machine on redb, fsynced.
 //! - [`error`]: the error type at the service boundary and its gRPC mapping.
 //! - [`faults`]: test-only fault hooks (off unless configured).
 //! - [`validate`]: checks of client and peer input against the limits.

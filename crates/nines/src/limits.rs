@@ -68,6 +68,11 @@ pub const RAFT_MESSAGE_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// with room for framing, so a snapshot of any size streams in chunks.
 pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = 1024 * 1024;
 
+/// Bytes of a snapshot the state machine installs per transaction: an
+/// install of any size stays within bounded memory, and the batches go to
+/// staging tables that one final transaction switches in.
+pub const SNAPSHOT_INSTALL_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
 /// How many times a node forwards a request to the leader: once. A forwarded
 /// request that reaches a non-leader again is answered with a leader hint
 /// instead, so forwarding can never loop.

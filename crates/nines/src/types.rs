@@ -2,8 +2,6 @@
 //! ([`Command`]), what applying it returns ([`CommandResult`]), and what a
 //! member of the cluster is ([`NodeInfo`]).
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::hlc::Hlc;
@@ -19,7 +17,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

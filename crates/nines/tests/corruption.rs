@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{TestCluster, serial};
 use nines_client::{Consistency, Error};
+use redb::{Database, ReadableTable, TableDefinition};
 use tonic::Code;
 
 /// Flips one payload byte of a stored record, leaving its header intact,
@@ -27,11 +28,15 @@ async fn corrupt_state_record_is_data_loss_and_stops_the_node() {
     cluster.client().put("k", "value").await.expect("put");
     assert!(cluster.stop(1).success(), "clean stop");
     {
-        let db = sled::open(cluster.nodes[&1].config.data_dir.join("db")).expect("open db");
-        let state = db.open_tree("state").unwrap();
-        let record = state.get(b"dk").unwrap().expect("the value's record is on disk after a clean stop");
-        state.insert(b"dk", flip_payload(&record)).unwrap();
-        db.flush().unwrap();
+        const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
+        let db = Database::open(cluster.nodes[&1].config.data_dir.join("state.redb")).expect("open state");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut data = txn.open_table(DATA).unwrap();
+            let record = data.get(&b"k"[..]).unwrap().expect("the value's record is on disk").value().to_vec();
+            data.insert(&b"k"[..], flip_payload(&record).as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
     }
     cluster.spawn(1);
     cluster.wait_serving(1).await;
@@ -51,11 +56,18 @@ async fn corrupt_log_record_stops_the_node_at_startup() {
     cluster.client().put("k", "value").await.expect("put");
     assert!(cluster.stop(1).success(), "clean stop");
     {
-        let db = sled::open(cluster.nodes[&1].config.data_dir.join("db")).expect("open db");
-        let log = db.open_tree("raft_log").unwrap();
-        let (key, record) = log.last().unwrap().expect("log entries on disk");
-        log.insert(key, flip_payload(&record)).unwrap();
-        db.flush().unwrap();
+        const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+        let db = Database::open(cluster.nodes[&1].config.data_dir.join("log.redb")).expect("open log");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut log = txn.open_table(LOG).unwrap();
+            let (index, record) = {
+                let (k, v) = log.last().unwrap().expect("log entries on disk");
+                (k.value(), v.value().to_vec())
+            };
+            log.insert(index, flip_payload(&record).as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
     }
     cluster.spawn(1);
     let status = cluster.wait_exit(1, Duration::from_secs(30)).expect("the node stops by itself");

@@ -13,8 +13,9 @@ use nines_client::{Client, ClientConfig};
 
 /// Writers in a burst.
 const BURST_CLIENTS: usize = 200;
-/// How long a burst lasts.
-const BURST: Duration = Duration::from_secs(15);
+/// How long a burst lasts: a whole number of windows, so the last window
+/// is as long as the others.
+const BURST: Duration = Duration::from_secs(16);
 /// Acknowledgements are counted per window of this length; every window of
 /// the burst must have some.
 const WINDOW: Duration = Duration::from_secs(2);
@@ -58,10 +59,10 @@ async fn burst(client: Arc<Client>) -> (Vec<usize>, usize) {
 }
 
 /// How long every replica may take to apply what the leader applied after a
-/// burst. The bound is 5 s on a release build (measured by
-/// `tests/measure.rs`); this test runs debug builds on a shared machine, so it
-/// checks that they catch up at all, with room.
-const CATCH_UP_MAX: Duration = Duration::from_secs(60);
+/// burst. On a release build it takes a few seconds; this test runs debug
+/// builds with fsyncs on a shared disk, so it checks that they catch up at
+/// all, with room.
+const CATCH_UP_MAX: Duration = Duration::from_secs(240);
 
 /// After a burst: a small write succeeds at once, and every node's applied
 /// index reaches the leader's; returns how long that took.
@@ -100,7 +101,7 @@ fn signal(cluster: &TestCluster, id: u64, sig: nix::sys::signal::Signal) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_maximal_values_from_200_clients_never_stalls_the_region() {
     // Shows: 200 writers of 256 KiB values (the limit) get acknowledgements in
-    // every 2 s window of a 15 s burst, and afterwards the region takes a
+    // every 2 s window of a 16 s burst, and afterwards the region takes a
     // small write at once with every replica caught up.
     let _serial = serial().await;
     let cluster = TestCluster::start(3, |_| {}).await;

@@ -1,86 +1,90 @@
-//! The Raft log and vote on sled (openraft's `RaftLogStorage`).
+//! The Raft log and vote in `log.redb` (openraft's `RaftLogStorage`).
 //!
-//! Layout: tree `raft_log` maps the big-endian log index to an encoded
-//! [`Entry`]; tree `raft_meta` holds the vote, the last purged log id and the
-//! committed log id.
+//! Layout: table `log` maps the log index to an encoded [`Entry`]; table
+//! `meta` holds the vote, the last purged log id and the committed log id.
+//!
+//! Every change goes through one writer thread, in the order it was made:
+//! it takes every request waiting, applies them in one write transaction
+//! and commits it with `Durability::Immediate` (redb fsyncs the file), then
+//! answers all of them. That is group commit: under load many appends share
+//! one fsync. An append is readable at once (from `pending`, until its
+//! commit lands) so replication to followers does not wait for the local
+//! fsync, as etcd-raft sends entries while it persists them.
 //!
 //! Invariants:
-//! - `save_vote` returns, and `append` reports its entries persisted, only
-//!   after sled has flushed them to disk: sled's `insert` alone is not
-//!   durable. Appends are flushed by a background task that groups every
-//!   append waiting into one flush (group commit) and reports them in order.
+//! - openraft hears that an append is persisted, and `save_vote`,
+//!   `truncate` and `purge` return, only after the transaction that made the
+//!   change durable committed (fsync of the file).
 //! - The key of every log record equals the index inside it; a mismatch is
-//!   reported as corruption.
-//! - `purge` records the new last-purged id before it removes entries, so a
-//!   crash between the two leaves entries that are merely redundant.
+//!   corruption.
+//! - A reader sees every entry appended before it began: entries move from
+//!   `pending` to the file only after the file has them, and readers look at
+//!   `pending` first.
+//! - `purge` waits until the state machine has made the purged entries'
+//!   effects durable (see `PURGE_WAIT_MAX`), and asks it to.
 //!
 //! Caveats:
-//! - The committed log id is stored without a flush: openraft treats it as a
-//!   hint that speeds up restart, and losing it only means re-learning the
-//!   commit index from the leader.
+//! - The committed log id is written with the next transaction, not on its
+//!   own: openraft treats it as a hint that speeds up restart.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::record;
+use super::state_machine::DurableApplied;
+use super::{FileBackend, record};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
-const VOTE_KEY: &[u8] = b"vote";
-const LAST_PURGED_KEY: &[u8] = b"last_purged";
-const COMMITTED_KEY: &[u8] = b"committed";
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-/// The Raft log of one node. Cloning shares the same trees (sled trees are
-/// reference counted), which is how the log reader is made.
-#[derive(Clone)]
-pub struct LogStore {
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
-    /// The state machine's applied index known to be on disk. `purge` waits
-    /// for it to reach the purged index: openraft purges right after handing
-    /// a received snapshot to the state machine worker, and a crash between a
-    /// durable purge and a durable install would leave a hole between the
-    /// applied index and the log. `None` only in the storage conformance
-    /// suite, which purges a log with no state machine behind it.
-    durable_applied: Option<tokio::sync::watch::Receiver<u64>>,
-    /// Appends waiting to be made durable; the flusher task completes them
-    /// in order, many per flush (group commit).
-    flushes: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
-}
+const VOTE_KEY: &str = "vote";
+const LAST_PURGED_KEY: &str = "last_purged";
+const COMMITTED_KEY: &str = "committed";
 
-/// Appends that may wait for one flush. Under load openraft hands the log
-/// one client write per append; grouping them is what turns one fsync per
-/// write into one per batch. At the limit `append` waits, which slows the
-/// leader down instead of growing memory.
-const FLUSH_QUEUE_MAX: usize = 4096;
+/// Requests that may wait for the writer. At the limit openraft's appends
+/// wait, which slows the leader down instead of growing memory.
+const WRITE_QUEUE_MAX: usize = 4096;
 
-/// Makes appended entries durable: takes every append waiting, flushes
-/// once, and reports all of them persisted (or all failed), in order.
-async fn flusher(db: sled::Db, mut pending: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    let mut batch = Vec::new();
-    while pending.recv_many(&mut batch, FLUSH_QUEUE_MAX).await > 0 {
-        let started = std::time::Instant::now();
-        let flushed = db.flush_async().await;
-        crate::telemetry::log_fsync(started);
-        for callback in batch.drain(..) {
-            match &flushed {
-                Ok(_) => callback.log_io_completed(Ok(())),
-                Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
-            }
-        }
-        if let Err(e) = flushed {
-            tracing::error!(error = %e, "flushing the log failed");
-        }
-    }
-}
+/// Requests the writer takes into one transaction (one fsync).
+const WRITES_PER_COMMIT_MAX: usize = 1024;
 
 /// How long `purge` waits for the state machine to make the purged entries'
-/// effects durable. A snapshot install that takes longer than this is stuck;
+/// effects durable. A state machine that cannot within this is stuck;
 /// failing the purge stops the node rather than risk a hole in the log.
 const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The file of the log inside the data directory.
+pub const LOG_FILE: &str = "log.redb";
+
+/// A change for the writer thread.
+enum Write {
+    Append { entries: Vec<Entry>, done: LogFlushed<TypeConfig> },
+    Truncate { from: u64, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
+    Purge { upto: LogId, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
+    Vote { vote: Vote, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
+    Committed(Option<LogId>),
+}
+
+/// The Raft log of one node. Cloning shares it (the log reader is a clone).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+    /// Appended entries whose commit has not landed yet, by index.
+    /// `std::sync::Mutex`: held only to copy or update, never across `.await`.
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    writes: std::sync::mpsc::SyncSender<Write>,
+    /// The state machine's durable applied index, and how to raise it.
+    /// `None` only in the storage conformance suite, which purges a log with
+    /// no state machine behind it.
+    durable_applied: Option<DurableApplied>,
+}
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
@@ -94,65 +98,148 @@ fn write_logs_err(e: impl std::error::Error + 'static) -> StorageError {
     io_err(ErrorSubject::Logs, ErrorVerb::Write, e)
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct LogError(String);
+
+fn other(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
 impl LogStore {
-    /// Opens the log. Must run inside a tokio runtime: it starts the flusher.
+    /// Opens (or creates) the log in `dir`, on `backend` when a test asks
+    /// for one, and starts its writer thread.
     pub fn open(
-        db: &sled::Db,
-        durable_applied: Option<tokio::sync::watch::Receiver<u64>>,
-    ) -> Result<Self, sled::Error> {
-        let (flushes, pending) = tokio::sync::mpsc::channel(FLUSH_QUEUE_MAX);
-        tokio::spawn(flusher(db.clone(), pending));
-        Ok(LogStore {
-            db: db.clone(),
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            durable_applied,
-            flushes,
-        })
+        dir: &Path,
+        cache_bytes: usize,
+        backend: Option<FileBackend>,
+        durable_applied: Option<DurableApplied>,
+    ) -> anyhow::Result<Self> {
+        let db = super::open_database(&dir.join(LOG_FILE), cache_bytes, backend)?;
+        let txn = db.begin_write()?;
+        txn.open_table(LOG)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        let db = Arc::new(db);
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let (writes, queue) = std::sync::mpsc::sync_channel(WRITE_QUEUE_MAX);
+        let (wdb, wpending) = (db.clone(), pending.clone());
+        std::thread::Builder::new().name("nines-log-writer".into()).spawn(move || writer(wdb, wpending, queue))?;
+        Ok(LogStore { db, pending, writes, durable_applied })
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        let subject = || match key {
-            VOTE_KEY => ErrorSubject::Vote,
-            _ => ErrorSubject::Store,
-        };
-        match self.meta.get(key).map_err(|e| io_err(subject(), ErrorVerb::Read, e))? {
-            None => Ok(None),
-            Some(bytes) => record::decode(&bytes).map(Some).map_err(|e| io_err(subject(), ErrorVerb::Read, e)),
-        }
+    /// Sends a change and waits until it is durable.
+    async fn durably(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<std::io::Result<()>>) -> Write,
+        subject: ErrorSubject<u64>,
+    ) -> Result<(), StorageError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The channel is bounded: waiting for room blocks, so leave the runtime.
+        let writes = self.writes.clone();
+        let w = make(tx);
+        tokio::task::spawn_blocking(move || writes.send(w))
+            .await
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, LogError(e.to_string())))?
+            .map_err(|_| io_err(subject.clone(), ErrorVerb::Write, LogError("the log writer stopped".into())))?;
+        rx.await
+            .map_err(|_| io_err(subject.clone(), ErrorVerb::Write, LogError("the log writer stopped".into())))?
+            .map_err(|e| io_err(subject, ErrorVerb::Write, e))
     }
 
-    fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
-        let bytes = record::encode(value).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        self.meta.insert(key, bytes).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        Ok(())
-    }
-
-    async fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush_async().await.map_err(write_logs_err)?;
-        Ok(())
-    }
-
-    fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StorageError> {
-        let entry: Entry = record::decode(value).map_err(read_logs_err)?;
-        let index = index_of_key(key).map_err(read_logs_err)?;
-        if entry.log_id.index != index {
-            return Err(read_logs_err(CorruptLog(format!(
-                "log record under index {index} holds entry {}",
-                entry.log_id
-            ))));
-        }
-        Ok(entry)
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        let subject = || if key == VOTE_KEY { ErrorSubject::Vote } else { ErrorSubject::Store };
+        let err = |e: redb::Error| io_err(subject(), ErrorVerb::Read, e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = txn.open_table(META).map_err(|e| err(e.into()))?;
+        let Some(bytes) = table.get(key).map_err(|e| err(e.into()))? else { return Ok(None) };
+        record::decode(bytes.value()).map(Some).map_err(|e| io_err(subject(), ErrorVerb::Read, e))
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct CorruptLog(String);
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StorageError> {
+    let entry: Entry = record::decode(bytes).map_err(read_logs_err)?;
+    if entry.log_id.index != index {
+        return Err(read_logs_err(LogError(format!("log record under index {index} holds entry {}", entry.log_id))));
+    }
+    Ok(entry)
+}
 
-fn index_of_key(key: &[u8]) -> Result<u64, CorruptLog> {
-    let bytes: [u8; 8] = key.try_into().map_err(|_| CorruptLog(format!("log key of {} bytes, want 8", key.len())))?;
-    Ok(u64::from_be_bytes(bytes))
+/// The writer thread: one transaction and one fsync per batch of requests.
+fn writer(db: Arc<Database>, pending: Arc<Mutex<BTreeMap<u64, Entry>>>, queue: std::sync::mpsc::Receiver<Write>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < WRITES_PER_COMMIT_MAX {
+            match queue.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let result = commit(&db, &batch);
+        crate::telemetry::log_fsync(started);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "writing the log failed");
+        }
+        let mut appended = Vec::new();
+        for w in batch {
+            let r = result.as_ref().map(|_| ()).map_err(other);
+            match w {
+                Write::Append { entries, done } => {
+                    appended.extend(entries.into_iter().map(|e| e.log_id));
+                    done.log_io_completed(r);
+                }
+                Write::Truncate { done, .. } | Write::Purge { done, .. } | Write::Vote { done, .. } => {
+                    // Ignored: the caller may have given up waiting.
+                    let _ = done.send(r);
+                }
+                Write::Committed(_) => {}
+            }
+        }
+        if result.is_ok() {
+            // The file has them now; a later entry at the same index (after a
+            // truncate) stays pending until its own commit.
+            let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+            for id in appended {
+                if pending.get(&id.index).is_some_and(|e| e.log_id == id) {
+                    pending.remove(&id.index);
+                }
+            }
+        }
+    }
+}
+
+/// Applies a batch of changes in one durable transaction.
+fn commit(db: &Database, batch: &[Write]) -> anyhow::Result<()> {
+    let txn = db.begin_write()?;
+    {
+        let mut log = txn.open_table(LOG)?;
+        let mut meta = txn.open_table(META)?;
+        for w in batch {
+            match w {
+                Write::Append { entries, .. } => {
+                    for e in entries {
+                        log.insert(e.log_id.index, record::encode(e)?.as_slice())?;
+                    }
+                }
+                Write::Truncate { from, .. } => {
+                    log.retain_in(*from.., |_, _| false)?;
+                }
+                Write::Purge { upto, .. } => {
+                    meta.insert(LAST_PURGED_KEY, record::encode(upto)?.as_slice())?;
+                    log.retain_in(..=upto.index, |_, _| false)?;
+                }
+                Write::Vote { vote, .. } => {
+                    meta.insert(VOTE_KEY, record::encode(vote)?.as_slice())?;
+                }
+                Write::Committed(c) => {
+                    meta.insert(COMMITTED_KEY, record::encode(c)?.as_slice())?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -165,16 +252,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        let mut entries = Vec::new();
-        for item in self.log.range(start.to_be_bytes()..) {
-            let (key, value) = item.map_err(read_logs_err)?;
-            let entry = Self::decode_entry(&key, &value)?;
-            if !range.contains(&entry.log_id.index) {
+        // Pending first: an entry that leaves it is in the file by then.
+        let mut out: BTreeMap<u64, Entry> = {
+            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.range(start..).take_while(|(i, _)| range.contains(*i)).map(|(i, e)| (*i, e.clone())).collect()
+        };
+        let txn = self.db.begin_read().map_err(|e| read_logs_err(redb::Error::from(e)))?;
+        let log = txn.open_table(LOG).map_err(|e| read_logs_err(redb::Error::from(e)))?;
+        for item in log.range(start..).map_err(|e| read_logs_err(redb::Error::from(e)))? {
+            let (k, v) = item.map_err(|e| read_logs_err(redb::Error::from(e)))?;
+            let index = k.value();
+            if !range.contains(&index) {
                 break;
             }
-            entries.push(entry);
+            if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(index) {
+                slot.insert(decode_entry(index, v.value())?);
+            }
         }
-        Ok(entries)
+        Ok(out.into_values().collect())
     }
 }
 
@@ -183,13 +278,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
-        let last = match self.log.last().map_err(read_logs_err)? {
-            Some((key, value)) => Some(Self::decode_entry(&key, &value)?.log_id),
+        let pending_last =
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).values().next_back().map(|e| e.log_id);
+        let txn = self.db.begin_read().map_err(|e| read_logs_err(redb::Error::from(e)))?;
+        let log = txn.open_table(LOG).map_err(|e| read_logs_err(redb::Error::from(e)))?;
+        let stored_last = match log.last().map_err(|e| read_logs_err(redb::Error::from(e)))? {
+            Some((k, v)) => Some(decode_entry(k.value(), v.value())?.log_id),
             None => None,
         };
-        // The purge marker may reach disk before the removals do; the last
-        // log id is never below the last purged one.
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.max(last_purged) })
+        let last = pending_last.max(stored_last).max(last_purged);
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -197,9 +295,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.write_meta(VOTE_KEY, vote)?;
-        self.db.flush_async().await.map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
-        Ok(())
+        let vote = *vote;
+        self.durably(|done| Write::Vote { vote, done }, ErrorSubject::Vote).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -207,7 +304,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.write_meta(COMMITTED_KEY, &committed)
+        // Rides on the next transaction; a full queue drops it (a hint only).
+        let _ = self.writes.try_send(Write::Committed(committed));
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -219,45 +318,49 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            let bytes = record::encode(&entry).map_err(write_logs_err)?;
-            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &entries {
+                pending.insert(e.log_id.index, e.clone());
+            }
         }
-        self.log.apply_batch(batch).map_err(write_logs_err)?;
-        // Durable once the flusher's next flush completes; openraft goes on
-        // with other work meanwhile and learns it through the callback.
-        self.flushes.send(callback).await.map_err(|_| write_logs_err(CorruptLog("the log flusher stopped".into())))?;
-        Ok(())
+        // Durable once the writer commits; openraft goes on meanwhile and
+        // learns it through the callback. A full queue waits here.
+        let writes = self.writes.clone();
+        let w = Write::Append { entries, done: callback };
+        match writes.try_send(w) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(w)) => tokio::task::spawn_blocking(move || writes.send(w))
+                .await
+                .map_err(|e| write_logs_err(LogError(e.to_string())))?
+                .map_err(|_| write_logs_err(LogError("the log writer stopped".into()))),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => self.send_stopped(),
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(log_id.index.to_be_bytes()..) {
-            let (key, _) = item.map_err(read_logs_err)?;
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch).map_err(write_logs_err)?;
-        self.flush().await
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).retain(|i, _| *i < log_id.index);
+        let from = log_id.index;
+        self.durably(|done| Write::Truncate { from, done }, ErrorSubject::Logs).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         if let Some(durable) = &self.durable_applied {
-            let mut durable = durable.clone();
-            let waited = tokio::time::timeout(PURGE_WAIT_MAX, durable.wait_for(|d| *d >= log_id.index)).await;
-            if !matches!(waited, Ok(Ok(_))) {
-                return Err(write_logs_err(CorruptLog(format!(
+            let reached = tokio::time::timeout(PURGE_WAIT_MAX, durable.reach(log_id.index)).await;
+            if !matches!(reached, Ok(Ok(()))) {
+                return Err(write_logs_err(LogError(format!(
                     "refusing to purge the log to {log_id}: the state machine has not made it durable within {PURGE_WAIT_MAX:?}"
                 ))));
             }
         }
-        self.write_meta(LAST_PURGED_KEY, &log_id)?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=log_id.index.to_be_bytes()) {
-            let (key, _) = item.map_err(read_logs_err)?;
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch).map_err(write_logs_err)?;
-        self.flush().await
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).retain(|i, _| *i > log_id.index);
+        self.durably(|done| Write::Purge { upto: log_id, done }, ErrorSubject::Logs).await
+    }
+}
+
+impl LogStore {
+    fn send_stopped(&self) -> Result<(), StorageError> {
+        Err(write_logs_err(LogError("the log writer stopped".into())))
     }
 }

@@ -1,4 +1,4 @@
-//! The on-disk record format: every value nines writes to sled is
+//! The on-disk record format: every value nines writes to disk is
 //! `[format version: u8][crc32 of payload: u32 LE][payload: postcard]`.
 //!
 //! Invariants:

@@ -1,16 +1,19 @@
-//! The key-value state machine on sled (openraft's `RaftStateMachine`), its
-//! cross-region changefeed, and its snapshots.
+//! The key-value state machine in `state.redb` (openraft's
+//! `RaftStateMachine`), its cross-region changefeed, and its snapshots.
 //!
-//! Layout: one tree, `state`, so that everything one `apply` changes lands
-//! in one atomic sled batch. Keys are prefixed: `c` + big-endian log index
-//! is a changefeed record, `d` + key a stored value or tombstone, `m:` the
-//! metadata (applied log id, membership, region state), `v` + big-endian
-//! sequence a divergence record. Tree `snapshot` holds the latest snapshot.
+//! Layout: table `data` maps a key to its stored value or tombstone,
+//! `changefeed` a version index to a write waiting to be shipped,
+//! `divergent` a sequence number to a divergence record, and `meta` holds
+//! the applied log id, the membership and the region state. Every value is
+//! a checksummed [`record`].
 //!
 //! Invariants:
 //! - One `apply` call writes all its entries' effects and the new applied
-//!   log id in one atomic batch, so the state on disk always matches some
-//!   applied index exactly.
+//!   log id in one redb transaction, so the state in the file always matches
+//!   some applied index exactly.
+//! - Reads see one consistent state: every read (a get, a whole scan page, a
+//!   changefeed page) runs in one read transaction, so a scan never shows a
+//!   write without every write applied before it.
 //! - Applying is deterministic: every replica computes the same versions,
 //!   changefeed and roles from the same log. The [`ReplicationSetup`] it
 //!   applies by is replicated state (`Command::Configure`), not a node's
@@ -33,16 +36,18 @@
 //! - In active-passive mode, local writes apply only in the primary region
 //!   while it is not fenced; the check is made at apply time, in log order,
 //!   so no write slips in after a fence.
+//! - The log is purged only up to what the state machine made durable
+//!   ([`DurableApplied`]): applies commit without an fsync of their own (the
+//!   log is durable, and openraft re-applies after a crash), a durable commit
+//!   follows every `DURABLE_COMMIT_INTERVAL`, and a purge asks for one.
+//! - A snapshot is streamed from a read transaction to a file while applies
+//!   go on, and installed through staging tables in bounded batches that one
+//!   final transaction switches in: a crash during an install leaves the old
+//!   state whole (and the staging tables are dropped at the next open).
 //! - A failure to apply a committed entry is returned to openraft, which
 //!   stops the node: the replica can no longer be trusted.
 //!
 //! Caveats:
-//! - Applies are not flushed on their own: the log is durable, and after a
-//!   crash openraft re-applies from the last applied index found on disk.
-//!   Snapshot builds and log purges flush, so applied never falls behind the
-//!   purged log.
-//! - A snapshot is the whole key space in memory, copied while the state
-//!   machine worker waits.
 //! - Tombstones of remote deletes are kept; collecting them safely needs
 //!   every region's acknowledgement, which is future work.
 //! - A demoted primary's divergent writes are recorded and then overwritten
@@ -51,57 +56,49 @@
 //!   primary writes them again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Cursor;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use serde::{Deserialize, Serialize};
 
-use super::record;
+use super::snapshot::{self, Item, SnapshotError};
+use super::{FileBackend, record};
 use crate::config::Mode;
 use crate::hlc::{Hlc, HlcClock};
-use crate::limits::{ACK_HISTORY_MAX, EPOCH_MAX, WRITES_PER_ENTRY_MAX};
+use crate::limits::{ACK_HISTORY_MAX, EPOCH_MAX, SNAPSHOT_INSTALL_BATCH_BYTES, WRITES_PER_ENTRY_MAX};
 use crate::types::{
     Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ReplicationSetup, ResyncEntry, Snapshot, SnapshotMeta,
     StorageError, StoredMembership, StoredValue, TypeConfig, Version,
 };
 
-const CHANGEFEED_PREFIX: u8 = b'c';
-const DATA_PREFIX: u8 = b'd';
-const DIVERGENT_PREFIX: u8 = b'v';
-const APPLIED_KEY: &[u8] = b"m:applied";
-const MEMBERSHIP_KEY: &[u8] = b"m:membership";
-const REGION_KEY: &[u8] = b"m:region";
-const SNAPSHOT_KEY: &[u8] = b"current";
+const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
+const CHANGEFEED: TableDefinition<u64, &[u8]> = TableDefinition::new("changefeed");
+const DIVERGENT: TableDefinition<u64, &[u8]> = TableDefinition::new("divergent");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-fn prefixed(prefix: u8, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(prefix);
-    k.extend_from_slice(key);
-    k
-}
+/// Where a snapshot is installed before it is switched in.
+const DATA_NEXT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data.installing");
+const CHANGEFEED_NEXT: TableDefinition<u64, &[u8]> = TableDefinition::new("changefeed.installing");
+const DIVERGENT_NEXT: TableDefinition<u64, &[u8]> = TableDefinition::new("divergent.installing");
 
-fn data_key(key: &[u8]) -> Vec<u8> {
-    prefixed(DATA_PREFIX, key)
-}
+const APPLIED_KEY: &str = "applied";
+const MEMBERSHIP_KEY: &str = "membership";
+const REGION_KEY: &str = "region";
 
-fn changefeed_key(index: u64) -> Vec<u8> {
-    prefixed(CHANGEFEED_PREFIX, &index.to_be_bytes())
-}
+/// The file of the state machine inside the data directory.
+pub const STATE_FILE: &str = "state.redb";
 
-fn divergent_key(seq: u64) -> Vec<u8> {
-    prefixed(DIVERGENT_PREFIX, &seq.to_be_bytes())
-}
-
-/// The index in a `c` or `v` key (prefix + 8 big-endian bytes). This module
-/// writes every such key; any other length is corruption, not index 0.
-fn index_of(key: &[u8]) -> Result<u64, ReadError> {
-    let bytes: [u8; 8] =
-        key.get(1..).and_then(|b| b.try_into().ok()).ok_or_else(|| ReadError::BadKey { key: key.to_vec() })?;
-    Ok(u64::from_be_bytes(bytes))
-}
+/// How often an apply commits durably (fsync) although nothing asks: bounds
+/// how much a restart re-applies from the log. Purges ask for a durable
+/// commit anyway (see [`DurableApplied`]).
+const DURABLE_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&e)).into()
@@ -109,6 +106,14 @@ fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError 
 
 fn snapshot_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::new(&e)).into()
+}
+
+fn read_err(e: impl Into<redb::Error>) -> StorageError {
+    sm_err(ErrorVerb::Read, e.into())
+}
+
+fn write_err(e: impl Into<redb::Error>) -> StorageError {
+    sm_err(ErrorVerb::Write, e.into())
 }
 
 /// Region roles and replication progress, replicated through Raft.
@@ -171,59 +176,56 @@ pub struct DivergentRecord {
     pub demoted_at_epoch: u64,
 }
 
-/// The data of a snapshot: every stored key, the changefeed, the divergence
-/// record and the region state.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    entries: Vec<(Vec<u8>, StoredValue)>,
-    changefeed: Vec<(u64, ChangeRecord)>,
-    divergent: Vec<(u64, DivergentRecord)>,
-    region: RegionState,
-}
-
-/// A snapshot as kept on disk.
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta,
-    /// An encoded record of [`SnapshotData`].
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
-}
-
 /// Key-value pairs of a scan page, and whether more remain.
 pub type ScanPage = (Vec<(Vec<u8>, StoredValue)>, bool);
-
-/// Divergence records, and the sequence number of the next one if any.
-pub type DivergentPage = (Vec<DivergentRecord>, Option<u64>);
 
 /// Changefeed entries, and whether they are all there are.
 pub type ChangefeedPage = (Vec<(u64, ChangeRecord)>, bool);
 
-/// A read-only view of the state machine for serving reads. Cloning shares it.
-#[derive(Clone)]
-pub struct StateReader {
-    tree: sled::Tree,
-    applied: Arc<AtomicU64>,
-    /// Changefeed entries currently kept (not yet applied by every peer).
-    changefeed_len: Arc<AtomicU64>,
-    /// `std::sync::RwLock`: held only to clone or replace, never across `.await`.
-    region: Arc<RwLock<RegionState>>,
-}
+/// Divergence records, and the sequence number of the next one if any.
+pub type DivergentPage = (Vec<DivergentRecord>, Option<u64>);
 
 /// Why a read of the state failed: the store could not be read, or a record
 /// is corrupt.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("storage read failed: {0}")]
-    Io(#[from] sled::Error),
+    Io(#[from] redb::Error),
     #[error("corrupt record for key {key:?}: {source}")]
     Corrupt { key: Vec<u8>, source: record::RecordError },
-    #[error("corrupt key {key:?}: not a prefix and an 8-byte index")]
-    BadKey { key: Vec<u8> },
+}
+
+impl From<redb::TransactionError> for ReadError {
+    fn from(e: redb::TransactionError) -> Self {
+        ReadError::Io(e.into())
+    }
+}
+
+impl From<redb::TableError> for ReadError {
+    fn from(e: redb::TableError) -> Self {
+        ReadError::Io(e.into())
+    }
+}
+
+impl From<redb::StorageError> for ReadError {
+    fn from(e: redb::StorageError) -> Self {
+        ReadError::Io(e.into())
+    }
 }
 
 fn decode_at<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, ReadError> {
     record::decode(bytes).map_err(|source| ReadError::Corrupt { key: key.to_vec(), source })
+}
+
+/// A read-only view of the state machine for serving reads. Cloning shares it.
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<Database>,
+    applied: Arc<AtomicU64>,
+    /// Changefeed entries currently kept (not yet applied by every peer).
+    changefeed_len: Arc<AtomicU64>,
+    /// `std::sync::RwLock`: held only to clone or replace, never across `.await`.
+    region: Arc<RwLock<RegionState>>,
 }
 
 impl StateReader {
@@ -263,24 +265,26 @@ impl StateReader {
 
     /// The stored value or tombstone of `key`.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, ReadError> {
-        match self.tree.get(data_key(key))? {
-            None => Ok(None),
-            Some(bytes) => decode_at(key, &bytes).map(Some),
-        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DATA)?;
+        let found = table.get(key)?;
+        found.map(|v| decode_at(key, v.value())).transpose()
     }
 
     /// Live values with keys in `[start, end)` (`end` empty: no upper bound),
-    /// in key order. Stops after `limit` values or once keys and values
-    /// reach `bytes_max`; the flag says whether more remain.
+    /// in key order, from one consistent state. Stops after `limit` values
+    /// or once keys and values reach `bytes_max`; the flag says whether more
+    /// remain.
     pub fn scan(&self, start: &[u8], end: &[u8], limit: usize, bytes_max: usize) -> Result<ScanPage, ReadError> {
-        let lo = data_key(start);
-        let hi = if end.is_empty() { vec![DATA_PREFIX + 1] } else { data_key(end) };
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DATA)?;
+        let range = if end.is_empty() { table.range(start..)? } else { table.range(start..end)? };
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for item in self.tree.range(lo..hi) {
+        for item in range {
             let (k, v) = item?;
-            let key = k[1..].to_vec();
-            let stored: StoredValue = decode_at(&key, &v)?;
+            let key = k.value().to_vec();
+            let stored: StoredValue = decode_at(&key, v.value())?;
             let Some(value) = stored.live() else { continue };
             if out.len() >= limit || (bytes > 0 && bytes + key.len() + value.len() > bytes_max) {
                 return Ok((out, true));
@@ -295,19 +299,20 @@ impl StateReader {
     /// `bytes_max` of keys and values (at least one). The flag says whether
     /// these are all the entries there are.
     pub fn changefeed_after(&self, after: u64, limit: usize, bytes_max: usize) -> Result<ChangefeedPage, ReadError> {
-        let lo = changefeed_key(after.saturating_add(1));
-        let hi = vec![CHANGEFEED_PREFIX + 1];
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHANGEFEED)?;
         let mut out = Vec::new();
         let mut bytes = 0;
-        for item in self.tree.range(lo..hi) {
+        for item in table.range(after.saturating_add(1)..)? {
             let (k, v) = item?;
-            let rec: ChangeRecord = decode_at(&k, &v)?;
+            let index = k.value();
+            let rec: ChangeRecord = decode_at(&index.to_be_bytes(), v.value())?;
             let size = rec.key.len() + rec.value.as_ref().map_or(0, Vec::len);
             if out.len() >= limit || (!out.is_empty() && bytes + size > bytes_max) {
                 return Ok((out, false));
             }
             bytes += size;
-            out.push((index_of(&k)?, rec));
+            out.push((index, rec));
         }
         Ok((out, true))
     }
@@ -315,31 +320,36 @@ impl StateReader {
     /// How many changefeed entries lie above `after`, and the HLC of the
     /// first of them.
     pub fn changefeed_lag(&self, after: u64) -> Result<(u64, Option<Hlc>), ReadError> {
-        let lo = changefeed_key(after.saturating_add(1));
-        let hi = vec![CHANGEFEED_PREFIX + 1];
-        let mut first = None;
-        let mut count = 0;
-        for item in self.tree.range(lo..hi) {
-            let (k, v) = item?;
-            if first.is_none() {
-                let rec: ChangeRecord = decode_at(&k, &v)?;
-                first = Some(rec.hlc);
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHANGEFEED)?;
+        let mut range = table.range(after.saturating_add(1)..)?;
+        let first = match range.next() {
+            None => return Ok((0, None)),
+            Some(item) => {
+                let (k, v) = item?;
+                decode_at::<ChangeRecord>(&k.value().to_be_bytes(), v.value())?.hlc
             }
+        };
+        let mut count = 1;
+        for item in range {
+            item?;
             count += 1;
         }
-        Ok((count, first))
+        Ok((count, Some(first)))
     }
 
     /// Divergence records from sequence number `start` on, oldest first: at
     /// most `limit` of them or `bytes_max` of keys and values (at least one).
     /// Also the sequence number to continue from, `None` once all are listed.
     pub fn divergent(&self, start: u64, limit: usize, bytes_max: usize) -> Result<DivergentPage, ReadError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DIVERGENT)?;
         let mut out = Vec::new();
         let mut bytes = 0;
-        for item in self.tree.range(divergent_key(start)..vec![DIVERGENT_PREFIX + 1]) {
+        for item in table.range(start..)? {
             let (k, v) = item?;
-            let seq = index_of(&k)?;
-            let rec: DivergentRecord = decode_at(&k, &v)?;
+            let seq = k.value();
+            let rec: DivergentRecord = decode_at(&seq.to_be_bytes(), v.value())?;
             let size = rec.key.len() + rec.value.as_ref().map_or(0, Vec::len);
             if out.len() >= limit || (!out.is_empty() && bytes + size > bytes_max) {
                 return Ok((out, Some(seq)));
@@ -348,6 +358,56 @@ impl StateReader {
             out.push(rec);
         }
         Ok((out, None))
+    }
+}
+
+/// The state machine's applied index as far as it is durable, and the way
+/// to make more of it durable. The log store purges only below it.
+#[derive(Clone)]
+pub struct DurableApplied {
+    db: Arc<Database>,
+    /// The applied index of the latest commit, durable or not.
+    committed: Arc<AtomicU64>,
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// How often `DurableApplied::reach` looks whether the state machine has
+/// applied what it waits for.
+const REACH_POLL: Duration = Duration::from_millis(10);
+
+impl DurableApplied {
+    /// Waits until the applied index `index` is durable, making it so once
+    /// the state machine has applied it: an empty durable commit persists
+    /// every commit before it.
+    pub async fn reach(&self, index: u64) -> Result<(), String> {
+        loop {
+            if *self.durable.borrow() >= index {
+                return Ok(());
+            }
+            let committed = self.committed.load(Ordering::Acquire);
+            if committed >= index {
+                let db = self.db.clone();
+                let synced = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+                    db.begin_write()?.commit()?;
+                    Ok(())
+                })
+                .await;
+                synced.map_err(|e| format!("durable commit task failed: {e}"))?.map_err(|e| e.to_string())?;
+                self.raise(committed);
+                return Ok(());
+            }
+            tokio::time::sleep(REACH_POLL).await;
+        }
+    }
+
+    fn raise(&self, index: u64) {
+        self.durable.send_if_modified(|d| {
+            let raise = index > *d;
+            if raise {
+                *d = index;
+            }
+            raise
+        });
     }
 }
 
@@ -446,82 +506,111 @@ struct Pending {
 
 /// The state machine of one node.
 pub struct StateMachine {
-    db: sled::Db,
-    tree: sled::Tree,
-    snapshots: sled::Tree,
+    db: Arc<Database>,
+    /// Where snapshot files live.
+    snapshot_dir: PathBuf,
     clock: Arc<HlcClock>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     region: RegionState,
-    /// Shared with readers; updated after each applied batch is written.
+    /// Shared with readers; updated after each applied batch is committed.
     applied: Arc<AtomicU64>,
     changefeed_len: Arc<AtomicU64>,
     shared_region: Arc<RwLock<RegionState>>,
     /// Distinguishes snapshots built at the same log id.
     snapshot_seq: u64,
-    /// The applied index known to be on disk; the log store waits for it
-    /// before purging (see [`super::LogStore`]).
-    durable: Arc<tokio::sync::watch::Sender<u64>>,
-    /// Serialises replacing the stored snapshot, so an older one never
+    durable: DurableApplied,
+    /// When an apply last committed durably.
+    last_durable_commit: Instant,
+    /// The committed state `current` and `changefeed_in` read during an
+    /// apply, under the batch's pending effects.
+    view: Option<ReadTransaction>,
+    /// Serialises replacing the current snapshot file, so an older one never
     /// overwrites a newer one. `std::sync::Mutex`: no `.await` under it.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
+    /// The file a snapshot is being received into.
+    receiving: Option<PathBuf>,
+}
+
+/// Reads a record stored under `key` in the meta table, if any.
+fn read_meta<T: serde::de::DeserializeOwned>(txn: &ReadTransaction, key: &str) -> Result<Option<T>, StorageError> {
+    let table = txn.open_table(META).map_err(read_err)?;
+    let Some(bytes) = table.get(key).map_err(read_err)? else { return Ok(None) };
+    record::decode(bytes.value()).map(Some).map_err(|e| sm_err(ErrorVerb::Read, e))
 }
 
 impl StateMachine {
-    pub fn open(db: &sled::Db, clock: Arc<HlcClock>) -> Result<Self, StorageError> {
-        let open = |name: &str| db.open_tree(name).map_err(|e| sm_err(ErrorVerb::Read, e));
-        let tree = open("state")?;
-        let snapshots = open("snapshot")?;
-        let read = |key: &[u8]| -> Result<Option<sled::IVec>, StorageError> {
-            tree.get(key).map_err(|e| sm_err(ErrorVerb::Read, e))
-        };
-        let last_applied: Option<LogId> = match read(APPLIED_KEY)? {
-            Some(b) => record::decode(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
-            None => None,
-        };
-        let membership: StoredMembership = match read(MEMBERSHIP_KEY)? {
-            Some(b) => record::decode(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
-            None => StoredMembership::default(),
-        };
-        let region: RegionState = match read(REGION_KEY)? {
-            Some(b) => record::decode(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
-            None => RegionState::default(),
-        };
-        let changefeed_len = tree.scan_prefix([CHANGEFEED_PREFIX]).count() as u64;
-        let applied = Arc::new(AtomicU64::new(last_applied.map(|l| l.index).unwrap_or(0)));
-        Ok(StateMachine {
+    /// Opens (or creates) the state machine in `dir`, on `backend` when a
+    /// test asks for one. Staging tables of an install that a crash
+    /// interrupted are dropped.
+    pub fn open(
+        dir: &Path,
+        cache_bytes: usize,
+        backend: Option<FileBackend>,
+        clock: Arc<HlcClock>,
+    ) -> anyhow::Result<Self> {
+        let db = super::open_database(&dir.join(STATE_FILE), cache_bytes, backend)?;
+        let txn = db.begin_write()?;
+        txn.open_table(DATA)?;
+        txn.open_table(CHANGEFEED)?;
+        txn.open_table(DIVERGENT)?;
+        txn.open_table(META)?;
+        txn.delete_table(DATA_NEXT)?;
+        txn.delete_table(CHANGEFEED_NEXT)?;
+        txn.delete_table(DIVERGENT_NEXT)?;
+        txn.commit()?;
+        let snapshot_dir = snapshot::dir(dir);
+        std::fs::create_dir_all(&snapshot_dir)?;
+        super::fsync_dir(dir)?;
+        let read = db.begin_read()?;
+        let last_applied: Option<LogId> = read_meta::<Option<LogId>>(&read, APPLIED_KEY)?.flatten();
+        let membership: StoredMembership = read_meta(&read, MEMBERSHIP_KEY)?.unwrap_or_default();
+        let region: RegionState = read_meta(&read, REGION_KEY)?.unwrap_or_default();
+        let changefeed_len = read.open_table(CHANGEFEED)?.len()?;
+        drop(read);
+        let applied_index = last_applied.map(|l| l.index).unwrap_or(0);
+        let db = Arc::new(db);
+        let durable = DurableApplied {
             db: db.clone(),
-            tree,
-            snapshots,
+            committed: Arc::new(AtomicU64::new(applied_index)),
+            durable: Arc::new(tokio::sync::watch::channel(applied_index).0),
+        };
+        Ok(StateMachine {
+            db,
+            snapshot_dir,
             clock,
             last_applied,
             membership,
             shared_region: Arc::new(RwLock::new(region.clone())),
             region,
-            applied,
+            applied: Arc::new(AtomicU64::new(applied_index)),
             changefeed_len: Arc::new(AtomicU64::new(changefeed_len)),
             snapshot_seq: 0,
-            durable: Arc::new(tokio::sync::watch::channel(last_applied.map(|l| l.index).unwrap_or(0)).0),
+            durable,
+            last_durable_commit: Instant::now(),
+            view: None,
             snapshot_lock: Arc::new(std::sync::Mutex::new(())),
+            receiving: None,
         })
     }
 
-    /// Follows the applied index known to be on disk.
-    pub fn durable_applied(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.durable.subscribe()
+    /// The durable applied index, for the log store's purges.
+    pub fn durable_applied(&self) -> DurableApplied {
+        self.durable.clone()
     }
 
     pub fn reader(&self) -> StateReader {
         StateReader {
-            tree: self.tree.clone(),
+            db: self.db.clone(),
             applied: self.applied.clone(),
             changefeed_len: self.changefeed_len.clone(),
             region: self.shared_region.clone(),
         }
     }
 
-    fn read_err(e: ReadError) -> StorageError {
-        sm_err(ErrorVerb::Read, e)
+    /// The committed state an apply reads under its pending effects.
+    fn view(&self) -> Result<&ReadTransaction, StorageError> {
+        self.view.as_ref().ok_or_else(|| sm_err(ErrorVerb::Read, SnapshotError::Damaged("no read view".into())))
     }
 
     /// The current value of `key`, seeing writes earlier in the same batch.
@@ -529,21 +618,28 @@ impl StateMachine {
         if let Some(v) = pending.data.get(key) {
             return Ok(v.clone());
         }
-        self.reader().get(key).map_err(Self::read_err)
+        let table = self.view()?.open_table(DATA).map_err(read_err)?;
+        let found = table.get(key).map_err(read_err)?;
+        found.map(|v| decode_at(key, v.value()).map_err(|e| sm_err(ErrorVerb::Read, e))).transpose()
     }
 
     /// Changefeed entries with indexes in `[lo, hi]`, seeing the pending batch.
     fn changefeed_in(&self, pending: &Pending, lo: u64, hi: u64) -> Result<BTreeMap<u64, ChangeRecord>, StorageError> {
         let mut out = BTreeMap::new();
-        for item in self.tree.range(changefeed_key(lo)..=changefeed_key(hi)) {
-            let (k, v) = item.map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            out.insert(index_of(&k).map_err(Self::read_err)?, decode_at(&k, &v).map_err(Self::read_err)?);
-        }
-        for (i, rec) in pending.changefeed.range(lo..=hi) {
-            match rec {
-                Some(r) => out.insert(*i, r.clone()),
-                None => out.remove(i),
-            };
+        if lo <= hi {
+            let table = self.view()?.open_table(CHANGEFEED).map_err(read_err)?;
+            for item in table.range(lo..=hi).map_err(read_err)? {
+                let (k, v) = item.map_err(read_err)?;
+                let index = k.value();
+                let rec = decode_at(&index.to_be_bytes(), v.value()).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+                out.insert(index, rec);
+            }
+            for (i, rec) in pending.changefeed.range(lo..=hi) {
+                match rec {
+                    Some(r) => out.insert(*i, r.clone()),
+                    None => out.remove(i),
+                };
+            }
         }
         Ok(out)
     }
@@ -868,51 +964,115 @@ impl StateMachine {
         Ok(())
     }
 
-    fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
-        record::encode(value).map_err(|e| sm_err(ErrorVerb::Write, e))
-    }
-
-    fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        match self.snapshots.get(SNAPSHOT_KEY).map_err(|e| snapshot_err(ErrorVerb::Read, e))? {
-            None => Ok(None),
-            Some(b) => record::decode(&b).map(Some).map_err(|e| snapshot_err(ErrorVerb::Read, e)),
-        }
-    }
-
-    /// Stores `snap` unless a snapshot of a later log id is stored already
-    /// (a build that raced with an install), flushes, and advances the
-    /// durable applied index to the snapshot's.
-    async fn save_snapshot(
-        db: &sled::Db,
-        snapshots: &sled::Tree,
-        lock: &std::sync::Mutex<()>,
-        durable: &tokio::sync::watch::Sender<u64>,
-        snap: &StoredSnapshot,
-    ) -> Result<(), StorageError> {
-        let bytes = record::encode(snap).map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
-        {
-            let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-            let newer_stored = match snapshots.get(SNAPSHOT_KEY).map_err(|e| snapshot_err(ErrorVerb::Read, e))? {
-                Some(b) => {
-                    let current: StoredSnapshot = record::decode(&b).map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
-                    current.meta.last_log_id > snap.meta.last_log_id
+    /// Applies one log entry's payload into `pending`.
+    fn apply_entry(
+        &self,
+        pending: &mut Pending,
+        region: &mut RegionState,
+        entry: Entry,
+    ) -> Result<(CommandResult, Option<StoredMembership>), StorageError> {
+        let result = match entry.payload {
+            EntryPayload::Blank => CommandResult::None,
+            EntryPayload::Normal(Command::Batch(cmds)) if cmds.len() as u64 > WRITES_PER_ENTRY_MAX => {
+                // Replicated input: refused as a failed command, never
+                // asserted, so a bad entry cannot crash-loop the region.
+                let reason = format!(
+                    "entry {} packs {} writes; limit WRITES_PER_ENTRY_MAX is {WRITES_PER_ENTRY_MAX}",
+                    entry.log_id,
+                    cmds.len()
+                );
+                tracing::error!(%reason, "refusing a batch at apply time");
+                CommandResult::Batch(vec![CommandResult::Rejected { reason, retry_later: false }; cmds.len()])
+            }
+            EntryPayload::Normal(Command::Batch(cmds)) => {
+                let mut results = Vec::with_capacity(cmds.len());
+                for (pos, cmd) in cmds.into_iter().enumerate() {
+                    let index = version_index(entry.log_id.index, pos as u64);
+                    results.push(match cmd {
+                        Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. } => {
+                            self.apply_command(pending, region, index, cmd)?
+                        }
+                        other => CommandResult::Rejected {
+                            reason: format!("a batch may hold only client writes, not {other:?}"),
+                            retry_later: false,
+                        },
+                    });
                 }
-                None => false,
-            };
-            if !newer_stored {
-                snapshots.insert(SNAPSHOT_KEY, bytes).map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
+                CommandResult::Batch(results)
+            }
+            EntryPayload::Normal(cmd) => {
+                let index = version_index(entry.log_id.index, 0);
+                self.apply_command(pending, region, index, cmd)?
+            }
+            EntryPayload::Membership(m) => {
+                return Ok((CommandResult::None, Some(StoredMembership::new(Some(entry.log_id), m))));
+            }
+        };
+        Ok((result, None))
+    }
+
+    /// Writes a batch's effects and the new applied log id in one
+    /// transaction, durably when `DURABLE_COMMIT_INTERVAL` has passed.
+    /// Returns the change in the changefeed's length.
+    fn write(
+        &mut self,
+        pending: &Pending,
+        region: &RegionState,
+        last_applied: Option<LogId>,
+        membership: Option<&StoredMembership>,
+    ) -> Result<i64, StorageError> {
+        let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
+        let mut txn = self.db.begin_write().map_err(write_err)?;
+        let durable = self.last_durable_commit.elapsed() >= DURABLE_COMMIT_INTERVAL;
+        if !durable {
+            txn.set_durability(Durability::None).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        }
+        let mut grown = 0i64;
+        {
+            let mut data = txn.open_table(DATA).map_err(write_err)?;
+            for (key, value) in &pending.data {
+                match value {
+                    Some(v) => {
+                        data.insert(key.as_slice(), enc(v)?.as_slice()).map_err(write_err)?;
+                    }
+                    None => {
+                        data.remove(key.as_slice()).map_err(write_err)?;
+                    }
+                }
+            }
+            let mut changefeed = txn.open_table(CHANGEFEED).map_err(write_err)?;
+            for (i, rec) in &pending.changefeed {
+                match rec {
+                    Some(r) => {
+                        let replaced = changefeed.insert(*i, enc(r)?.as_slice()).map_err(write_err)?;
+                        // A changefeed key is the version index of a write
+                        // applied in this very batch: never there before.
+                        grown += i64::from(replaced.is_none());
+                    }
+                    None => grown -= i64::from(changefeed.remove(*i).map_err(write_err)?.is_some()),
+                }
+            }
+            let mut divergent = txn.open_table(DIVERGENT).map_err(write_err)?;
+            for (seq, rec) in &pending.divergent {
+                divergent.insert(*seq, enc(rec)?.as_slice()).map_err(write_err)?;
+            }
+            let mut meta = txn.open_table(META).map_err(write_err)?;
+            meta.insert(APPLIED_KEY, enc(&last_applied)?.as_slice()).map_err(write_err)?;
+            if *region != self.region {
+                meta.insert(REGION_KEY, enc(region)?.as_slice()).map_err(write_err)?;
+            }
+            if let Some(m) = membership {
+                meta.insert(MEMBERSHIP_KEY, enc(m)?.as_slice()).map_err(write_err)?;
             }
         }
-        db.flush_async().await.map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
-        let index = snap.meta.last_log_id.map(|l| l.index).unwrap_or(0);
-        durable.send_if_modified(|d| {
-            let raise = index > *d;
-            if raise {
-                *d = index;
-            }
-            raise
-        });
-        Ok(())
+        txn.commit().map_err(write_err)?;
+        let index = last_applied.map(|l| l.index).unwrap_or(0);
+        self.durable.committed.store(index, Ordering::Release);
+        if durable {
+            self.last_durable_commit = Instant::now();
+            self.durable.raise(index);
+        }
+        Ok(grown)
     }
 
     fn publish(&mut self, region: RegionState) {
@@ -920,63 +1080,217 @@ impl StateMachine {
         self.region = region;
     }
 
-    /// Copies the state for a snapshot.
-    fn copy_state(&self) -> Result<SnapshotData, String> {
-        let mut data = SnapshotData {
-            entries: Vec::new(),
-            changefeed: Vec::new(),
-            divergent: Vec::new(),
-            region: self.region.clone(),
-        };
-        for item in self.tree.iter() {
-            let (k, v) = item.map_err(|e| e.to_string())?;
-            let corrupt = |e: record::RecordError| format!("key {k:?}: {e}");
-            match k.first() {
-                Some(&DATA_PREFIX) => data.entries.push((k[1..].to_vec(), record::decode(&v).map_err(corrupt)?)),
-                Some(&CHANGEFEED_PREFIX) => data
-                    .changefeed
-                    .push((index_of(&k).map_err(|e| e.to_string())?, record::decode(&v).map_err(corrupt)?)),
-                Some(&DIVERGENT_PREFIX) => data
-                    .divergent
-                    .push((index_of(&k).map_err(|e| e.to_string())?, record::decode(&v).map_err(corrupt)?)),
-                _ => {}
-            }
+    /// Replaces the whole state with a snapshot file's, in bounded batches
+    /// into staging tables and one final transaction that switches them in
+    /// (see the module doc). Returns the snapshot's region state and counts.
+    fn install_from(&self, path: &Path, meta: &SnapshotMeta) -> Result<(RegionState, u64), StorageError> {
+        let fail = |e: SnapshotError| snapshot_err(ErrorVerb::Read, e);
+        let (mut reader, file_meta, region) = snapshot::Reader::open(path).map_err(fail)?;
+        if file_meta.last_log_id != meta.last_log_id {
+            return Err(fail(SnapshotError::Damaged(format!(
+                "it holds log id {:?}, not the {:?} it was sent as",
+                file_meta.last_log_id, meta.last_log_id
+            ))));
         }
-        Ok(data)
+        let mut changefeed_len = 0;
+        let mut done = false;
+        while !done {
+            let mut txn = self.db.begin_write().map_err(write_err)?;
+            txn.set_durability(Durability::None).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            {
+                let mut data = txn.open_table(DATA_NEXT).map_err(write_err)?;
+                let mut changefeed = txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
+                let mut divergent = txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
+                let mut bytes = 0;
+                while bytes < SNAPSHOT_INSTALL_BATCH_BYTES {
+                    let Some(item) = reader.next_item().map_err(fail)? else {
+                        done = true;
+                        break;
+                    };
+                    let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
+                    match item {
+                        Item::Data { key, value } => {
+                            let v = enc(&value)?;
+                            bytes += key.len() + v.len();
+                            data.insert(key.as_slice(), v.as_slice()).map_err(write_err)?;
+                        }
+                        Item::Change { index, record } => {
+                            let v = enc(&record)?;
+                            bytes += v.len();
+                            changefeed_len += 1;
+                            changefeed.insert(index, v.as_slice()).map_err(write_err)?;
+                        }
+                        Item::Divergent { seq, record } => {
+                            let v = enc(&record)?;
+                            bytes += v.len();
+                            divergent.insert(seq, v.as_slice()).map_err(write_err)?;
+                        }
+                        Item::Header { .. } | Item::End { .. } => {}
+                    }
+                }
+            }
+            txn.commit().map_err(write_err)?;
+        }
+        self.switch_in(meta, &region)?;
+        Ok((region, changefeed_len))
+    }
+
+    /// The final, durable transaction of an install: the staging tables
+    /// replace the live ones, with the snapshot's applied id, membership
+    /// and region state.
+    fn switch_in(&self, meta: &SnapshotMeta, region: &RegionState) -> Result<(), StorageError> {
+        let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
+        let txn = self.db.begin_write().map_err(write_err)?;
+        txn.delete_table(DATA).map_err(write_err)?;
+        txn.delete_table(CHANGEFEED).map_err(write_err)?;
+        txn.delete_table(DIVERGENT).map_err(write_err)?;
+        // Opened so that an empty snapshot still has every table to rename.
+        txn.open_table(DATA_NEXT).map_err(write_err)?;
+        txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
+        txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
+        txn.rename_table(DATA_NEXT, DATA).map_err(write_err)?;
+        txn.rename_table(CHANGEFEED_NEXT, CHANGEFEED).map_err(write_err)?;
+        txn.rename_table(DIVERGENT_NEXT, DIVERGENT).map_err(write_err)?;
+        {
+            let mut m = txn.open_table(META).map_err(write_err)?;
+            m.insert(APPLIED_KEY, enc(&meta.last_log_id)?.as_slice()).map_err(write_err)?;
+            m.insert(MEMBERSHIP_KEY, enc(&meta.last_membership)?.as_slice()).map_err(write_err)?;
+            m.insert(REGION_KEY, enc(region)?.as_slice()).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)?;
+        Ok(())
+    }
+
+    /// The file of a received snapshot, durable: the file
+    /// `begin_receiving_snapshot` handed out, or a copy of whatever file
+    /// openraft gives instead (read from its start).
+    async fn received_file(&mut self, file: tokio::fs::File) -> Result<PathBuf, StorageError> {
+        use std::io::Seek;
+        use std::os::unix::fs::MetadataExt;
+        let io = |e: std::io::Error| snapshot_err(ErrorVerb::Write, e);
+        let mut file = file.into_std().await;
+        let receiving = self.receiving.take();
+        let same = match &receiving {
+            Some(p) => std::fs::metadata(p).map_err(io)?.ino() == file.metadata().map_err(io)?.ino(),
+            None => false,
+        };
+        if same && let Some(path) = receiving {
+            file.sync_all().map_err(io)?;
+            return Ok(path);
+        }
+        if let Some(p) = receiving {
+            std::fs::remove_file(p).map_err(io)?;
+        }
+        self.snapshot_seq += 1;
+        let path = self.snapshot_dir.join(format!("installing-{}.snap", self.snapshot_seq));
+        file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        let mut copy = std::fs::File::create(&path).map_err(io)?;
+        std::io::copy(&mut file, &mut copy).map_err(io)?;
+        copy.sync_all().map_err(io)?;
+        Ok(path)
+    }
+
+    /// Makes `path` the current snapshot unless a snapshot of a later log id
+    /// is current already (a build that raced with an install).
+    fn keep_snapshot(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        keep_snapshot(&self.snapshot_dir, &self.snapshot_lock, path, meta)
     }
 }
 
-/// Builds a snapshot from a copy of the state taken by the state machine
-/// worker, so applies that happen while it is encoded do not leak in.
+/// See [`StateMachine::keep_snapshot`].
+fn keep_snapshot(
+    dir: &Path,
+    lock: &std::sync::Mutex<()>,
+    path: &Path,
+    meta: &SnapshotMeta,
+) -> Result<(), StorageError> {
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let current = dir.join(snapshot::CURRENT);
+    let newer = match snapshot::Reader::open(&current) {
+        Ok((_, kept, _)) => kept.last_log_id > meta.last_log_id,
+        Err(_) => false,
+    };
+    let io = |e: std::io::Error| snapshot_err(ErrorVerb::Write, e);
+    if newer {
+        std::fs::remove_file(path).map_err(io)?;
+    } else {
+        std::fs::rename(path, &current).map_err(io)?;
+    }
+    super::fsync_dir(dir).map_err(io)
+}
+
+/// Encoding a stored record through one object-safe call, so the write
+/// paths can take any record type.
+mod erased {
+    pub trait Encode {
+        fn encode(&self) -> Result<Vec<u8>, super::record::RecordError>;
+    }
+
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> Result<Vec<u8>, super::record::RecordError> {
+            super::record::encode(self)
+        }
+    }
+}
+
+/// Builds a snapshot from a read transaction taken when openraft asked, so
+/// applies that happen while it is written do not leak in.
 pub struct SnapshotBuilder {
-    db: sled::Db,
-    snapshots: sled::Tree,
-    snapshot_lock: Arc<std::sync::Mutex<()>>,
-    durable: Arc<tokio::sync::watch::Sender<u64>>,
+    view: Option<ReadTransaction>,
     meta: SnapshotMeta,
-    copy: Result<SnapshotData, String>,
+    region: RegionState,
+    dir: PathBuf,
+    lock: Arc<std::sync::Mutex<()>>,
+}
+
+/// Streams the state of `view` into a new file in `dir`.
+fn write_snapshot(
+    view: ReadTransaction,
+    dir: &Path,
+    meta: &SnapshotMeta,
+    region: RegionState,
+) -> Result<PathBuf, SnapshotError> {
+    let path = dir.join(format!("build-{}.snap", meta.snapshot_id));
+    let mut w = snapshot::Writer::create(&path, meta.clone(), region)?;
+    let storage = |e: redb::Error| SnapshotError::Damaged(format!("reading the state: {e}"));
+    let decode_err = |e: record::RecordError| SnapshotError::Damaged(format!("a stored record: {e}"));
+    let data = view.open_table(DATA).map_err(|e| storage(e.into()))?;
+    for item in data.iter().map_err(|e| storage(e.into()))? {
+        let (k, v) = item.map_err(|e| storage(e.into()))?;
+        w.data(k.value().to_vec(), record::decode(v.value()).map_err(decode_err)?)?;
+    }
+    let changefeed = view.open_table(CHANGEFEED).map_err(|e| storage(e.into()))?;
+    for item in changefeed.iter().map_err(|e| storage(e.into()))? {
+        let (k, v) = item.map_err(|e| storage(e.into()))?;
+        w.change(k.value(), record::decode(v.value()).map_err(decode_err)?)?;
+    }
+    let divergent = view.open_table(DIVERGENT).map_err(|e| storage(e.into()))?;
+    for item in divergent.iter().map_err(|e| storage(e.into()))? {
+        let (k, v) = item.map_err(|e| storage(e.into()))?;
+        w.divergent(k.value(), record::decode(v.value()).map_err(decode_err)?)?;
+    }
+    w.finish()?;
+    Ok(path)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let empty = SnapshotData {
-            entries: Vec::new(),
-            changefeed: Vec::new(),
-            divergent: Vec::new(),
-            region: RegionState::default(),
-        };
-        let copy =
-            std::mem::replace(&mut self.copy, Ok(empty)).map_err(|e| snapshot_err(ErrorVerb::Read, SnapshotCopy(e)))?;
-        let data = record::encode(&copy).map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
-        let stored = StoredSnapshot { meta: self.meta.clone(), data };
-        StateMachine::save_snapshot(&self.db, &self.snapshots, &self.snapshot_lock, &self.durable, &stored).await?;
-        Ok(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        let view = self
+            .view
+            .take()
+            .ok_or_else(|| snapshot_err(ErrorVerb::Read, SnapshotError::Damaged("built twice".into())))?;
+        let (dir, meta, region) = (self.dir.clone(), self.meta.clone(), self.region.clone());
+        let built = tokio::task::spawn_blocking(move || write_snapshot(view, &dir, &meta, region))
+            .await
+            .map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e.to_string())))?
+            .map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
+        keep_snapshot(&self.dir, &self.lock, &built, &self.meta)?;
+        let file = tokio::fs::File::open(self.dir.join(snapshot::CURRENT))
+            .await
+            .map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
+        Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(file) })
     }
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("copying the state for a snapshot failed: {0}")]
-struct SnapshotCopy(String);
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
@@ -990,6 +1304,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        self.view = Some(self.db.begin_read().map_err(read_err)?);
         let mut pending = Pending::default();
         let mut region = self.region.clone();
         let mut results = Vec::new();
@@ -1004,88 +1319,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 );
             }
             last_applied = Some(entry.log_id);
-            results.push(match entry.payload {
-                EntryPayload::Blank => CommandResult::None,
-                EntryPayload::Normal(Command::Batch(cmds)) if cmds.len() as u64 > WRITES_PER_ENTRY_MAX => {
-                    // Replicated input: refused as a failed command, never
-                    // asserted, so a bad entry cannot crash-loop the region.
-                    let reason = format!(
-                        "entry {} packs {} writes; limit WRITES_PER_ENTRY_MAX is {WRITES_PER_ENTRY_MAX}",
-                        entry.log_id,
-                        cmds.len()
-                    );
-                    tracing::error!(%reason, "refusing a batch at apply time");
-                    CommandResult::Batch(vec![CommandResult::Rejected { reason, retry_later: false }; cmds.len()])
-                }
-                EntryPayload::Normal(Command::Batch(cmds)) => {
-                    let mut results = Vec::with_capacity(cmds.len());
-                    for (pos, cmd) in cmds.into_iter().enumerate() {
-                        let index = version_index(entry.log_id.index, pos as u64);
-                        results.push(match cmd {
-                            Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. } => {
-                                self.apply_command(&mut pending, &mut region, index, cmd)?
-                            }
-                            other => CommandResult::Rejected {
-                                reason: format!("a batch may hold only client writes, not {other:?}"),
-                                retry_later: false,
-                            },
-                        });
-                    }
-                    CommandResult::Batch(results)
-                }
-                EntryPayload::Normal(cmd) => {
-                    let index = version_index(entry.log_id.index, 0);
-                    self.apply_command(&mut pending, &mut region, index, cmd)?
-                }
-                EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
-                    CommandResult::None
-                }
-            });
+            let (result, changed) = self.apply_entry(&mut pending, &mut region, entry)?;
+            membership = changed.or(membership);
+            results.push(result);
         }
-        let mut batch = sled::Batch::default();
-        for (key, value) in &pending.data {
-            match value {
-                Some(v) => batch.insert(data_key(key), Self::encode_state(v)?),
-                None => batch.remove(data_key(key)),
-            }
-        }
-        let mut len = self.changefeed_len.load(Ordering::Acquire) as i64;
-        for (i, rec) in &pending.changefeed {
-            match rec {
-                Some(r) => {
-                    // Never on disk yet: a changefeed key is the version index
-                    // of a write applied in this very batch, above the last
-                    // applied index (applies are atomic, so none is half done).
-                    debug_assert!(
-                        !self.tree.contains_key(changefeed_key(*i)).unwrap_or(false),
-                        "changefeed entry {i} written twice"
-                    );
-                    batch.insert(changefeed_key(*i), Self::encode_state(r)?);
-                    len += 1;
-                }
-                None => {
-                    let existed = self.tree.contains_key(changefeed_key(*i)).map_err(|e| sm_err(ErrorVerb::Read, e))?;
-                    batch.remove(changefeed_key(*i));
-                    len -= i64::from(existed);
-                }
-            }
-        }
-        for (seq, rec) in &pending.divergent {
-            batch.insert(divergent_key(*seq), Self::encode_state(rec)?);
-        }
-        batch.insert(APPLIED_KEY, Self::encode_state(&last_applied)?);
-        if region != self.region {
-            batch.insert(REGION_KEY, Self::encode_state(&region)?);
-        }
-        if let Some(m) = &membership {
-            batch.insert(MEMBERSHIP_KEY, Self::encode_state(m)?);
-        }
-        self.tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.view = None;
+        let grown = self.write(&pending, &region, last_applied, membership.as_ref())?;
         self.last_applied = last_applied;
         if let Some(m) = membership {
             self.membership = m;
         }
+        let len = self.changefeed_len.load(Ordering::Acquire) as i64 + grown;
         assert!(len >= 0, "changefeed length went negative: {len}");
         self.changefeed_len.store(len as u64, Ordering::Release);
         self.publish(region);
@@ -1101,59 +1345,67 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             None => format!("none-{}", self.snapshot_seq),
         };
         let meta = SnapshotMeta { last_log_id: last, last_membership: self.membership.clone(), snapshot_id };
+        // Taken now, between applies: the snapshot is exactly the state at
+        // `last`. A failure shows when the snapshot is built.
+        let view = self.db.begin_read().ok();
         SnapshotBuilder {
-            db: self.db.clone(),
-            snapshots: self.snapshots.clone(),
-            snapshot_lock: self.snapshot_lock.clone(),
-            durable: self.durable.clone(),
+            view,
             meta,
-            copy: self.copy_state(),
+            region: self.region.clone(),
+            dir: self.snapshot_dir.clone(),
+            lock: self.snapshot_lock.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        self.snapshot_seq += 1;
+        let path = self.snapshot_dir.join(format!("incoming-{}.snap", self.snapshot_seq));
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
+        self.receiving = Some(path);
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let data_bytes = snapshot.into_inner();
-        let data: SnapshotData = record::decode(&data_bytes).map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
-        let mut batch = sled::Batch::default();
-        for item in self.tree.iter() {
-            let (k, _) = item.map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            batch.remove(k);
-        }
-        for (key, value) in &data.entries {
-            batch.insert(data_key(key), Self::encode_state(value)?);
-        }
-        for (i, rec) in &data.changefeed {
-            batch.insert(changefeed_key(*i), Self::encode_state(rec)?);
-        }
-        for (seq, rec) in &data.divergent {
-            batch.insert(divergent_key(*seq), Self::encode_state(rec)?);
-        }
-        batch.insert(APPLIED_KEY, Self::encode_state(&meta.last_log_id)?);
-        batch.insert(MEMBERSHIP_KEY, Self::encode_state(&meta.last_membership)?);
-        batch.insert(REGION_KEY, Self::encode_state(&data.region)?);
-        self.tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        for (_, value) in &data.entries {
-            self.witness(value.version.hlc);
-        }
+        let path = self.received_file(*snapshot).await?;
+        let (region, changefeed_len) = self.install_from(&path, meta)?;
+        let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        self.durable.committed.store(index, Ordering::Release);
+        self.durable.raise(index);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.changefeed_len.store(data.changefeed.len() as u64, Ordering::Release);
-        self.publish(data.region);
-        self.applied.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
-        let stored = StoredSnapshot { meta: meta.clone(), data: data_bytes };
-        Self::save_snapshot(&self.db, &self.snapshots, &self.snapshot_lock, &self.durable, &stored).await
+        self.changefeed_len.store(changefeed_len, Ordering::Release);
+        // Every installed value's clock, adopted within the maximum offset.
+        let txn = self.db.begin_read().map_err(read_err)?;
+        for item in txn.open_table(DATA).map_err(read_err)?.iter().map_err(read_err)? {
+            let (k, v) = item.map_err(read_err)?;
+            let stored: StoredValue = decode_at(k.value(), v.value()).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            self.witness(stored.version.hlc);
+        }
+        self.publish(region);
+        self.applied.store(index, Ordering::Release);
+        self.keep_snapshot(&path, meta)
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self.read_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let path = self.snapshot_dir.join(snapshot::CURRENT);
+        let meta = match snapshot::Reader::open(&path) {
+            Ok((_, meta, _)) => meta,
+            Err(SnapshotError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snapshot_err(ErrorVerb::Read, e)),
+        };
+        let file = tokio::fs::File::open(&path).await.map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
 
@@ -1163,10 +1415,14 @@ mod tests {
 
     use super::*;
 
-    fn open(region: &str, peers: &[&str], mode: Mode, primary: &str) -> (tempfile::TempDir, StateMachine) {
+    fn fresh() -> (tempfile::TempDir, StateMachine) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path().join("db")).open().unwrap();
-        let mut sm = StateMachine::open(&db, Arc::new(HlcClock::wall(500))).unwrap();
+        let sm = StateMachine::open(dir.path(), 1 << 20, None, Arc::new(HlcClock::wall(500))).unwrap();
+        (dir, sm)
+    }
+
+    fn open(region: &str, peers: &[&str], mode: Mode, primary: &str) -> (tempfile::TempDir, StateMachine) {
+        let (dir, mut sm) = fresh();
         let setup = ReplicationSetup {
             region: region.into(),
             peers: peers.iter().map(|p| p.to_string()).collect(),
@@ -1365,7 +1621,10 @@ mod tests {
         apply(&mut a, Command::ApplyRemote { origin: "b".into(), epoch: 1, entries, complete_through: 9 }).await;
         let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
         let (_d2, mut b) = open("a", &["b"], Mode::ActivePassive, "a");
-        b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        let mut incoming = b.begin_receiving_snapshot().await.unwrap();
+        let mut sent = snap.snapshot;
+        tokio::io::copy(&mut sent, &mut incoming).await.unwrap();
+        b.install_snapshot(&snap.meta, incoming).await.unwrap();
         let (ra, rb) = (a.reader(), b.reader());
         assert_eq!(ra.region_state(), rb.region_state());
         assert_eq!(ra.divergent(0, 10, 1 << 20).unwrap(), rb.divergent(0, 10, 1 << 20).unwrap());
@@ -1480,9 +1739,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_setup_wins_and_nothing_waits_for_it_is_applied_before() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path().join("db")).open().unwrap();
-        let mut sm = StateMachine::open(&db, Arc::new(HlcClock::wall(500))).unwrap();
+        let (_dir, mut sm) = fresh();
         let early = apply(&mut sm, put("k", "v", hlc(1, 0))).await;
         assert!(matches!(early, CommandResult::Rejected { retry_later: true, .. }), "{early:?}");
         let setup =

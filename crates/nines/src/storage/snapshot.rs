@@ -1,0 +1,255 @@
+//! Snapshot files: the state machine at one applied index, streamed to a
+//! file from a read transaction (applies go on meanwhile, and nothing holds
+//! the key space in memory), sent to followers in chunks by openraft, and
+//! read back in bounded batches to install.
+//!
+//! Format: a sequence of frames, each a little-endian `u32` length and a
+//! [`record`] (version, CRC32, postcard). The first frame is the header
+//! (openraft's metadata and the region state), then every stored value,
+//! changefeed entry and divergence record, then an end frame with their
+//! counts. A file that ends early, has a bad frame or the wrong counts is
+//! refused whole: a snapshot is installed completely or not at all.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::record;
+use super::state_machine::{ChangeRecord, DivergentRecord, RegionState};
+use crate::types::{SnapshotMeta, StoredValue};
+
+/// Largest frame a snapshot file may hold: one stored value with its key
+/// and framing, far below it. A larger length is a damaged file, refused
+/// before anything is allocated for it.
+pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// The directory of snapshot files inside the data directory.
+pub const SNAPSHOT_DIR: &str = "snapshots";
+
+/// The snapshot a node serves to followers and keeps after a restart.
+pub const CURRENT: &str = "current.snap";
+
+/// One frame's contents.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Item {
+    Header {
+        meta: Box<SnapshotMeta>,
+        region: Box<RegionState>,
+    },
+    Data {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        value: StoredValue,
+    },
+    Change {
+        index: u64,
+        record: ChangeRecord,
+    },
+    Divergent {
+        seq: u64,
+        record: DivergentRecord,
+    },
+    End {
+        data: u64,
+        changefeed: u64,
+        divergent: u64,
+    },
+}
+
+/// Why a snapshot file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot file I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("snapshot frame {frame}: {source}")]
+    Record { frame: u64, source: record::RecordError },
+    #[error("snapshot frame {frame} claims {len} bytes; limit FRAME_BYTES_MAX is {FRAME_BYTES_MAX}")]
+    FrameTooLarge { frame: u64, len: usize },
+    #[error("snapshot is damaged: {0}")]
+    Damaged(String),
+}
+
+/// Writes frames to a snapshot file, counting what it wrote.
+pub struct Writer {
+    out: BufWriter<std::fs::File>,
+    counts: (u64, u64, u64),
+}
+
+impl Writer {
+    pub fn create(path: &Path, meta: SnapshotMeta, region: RegionState) -> Result<Self, SnapshotError> {
+        let file = std::fs::File::create(path)?;
+        let mut w = Writer { out: BufWriter::new(file), counts: (0, 0, 0) };
+        w.frame(&Item::Header { meta: Box::new(meta), region: Box::new(region) })?;
+        Ok(w)
+    }
+
+    fn frame(&mut self, item: &Item) -> Result<(), SnapshotError> {
+        let bytes = record::encode(item).map_err(|source| SnapshotError::Record { frame: 0, source })?;
+        if bytes.len() > FRAME_BYTES_MAX {
+            return Err(SnapshotError::FrameTooLarge { frame: 0, len: bytes.len() });
+        }
+        self.out.write_all(&(bytes.len() as u32).to_le_bytes())?;
+        self.out.write_all(&bytes)?;
+        Ok(())
+    }
+
+    pub fn data(&mut self, key: Vec<u8>, value: StoredValue) -> Result<(), SnapshotError> {
+        self.counts.0 += 1;
+        self.frame(&Item::Data { key, value })
+    }
+
+    pub fn change(&mut self, index: u64, record: ChangeRecord) -> Result<(), SnapshotError> {
+        self.counts.1 += 1;
+        self.frame(&Item::Change { index, record })
+    }
+
+    pub fn divergent(&mut self, seq: u64, record: DivergentRecord) -> Result<(), SnapshotError> {
+        self.counts.2 += 1;
+        self.frame(&Item::Divergent { seq, record })
+    }
+
+    /// Ends the file and makes it durable.
+    pub fn finish(mut self) -> Result<(), SnapshotError> {
+        let (data, changefeed, divergent) = self.counts;
+        self.frame(&Item::End { data, changefeed, divergent })?;
+        let file = self.out.into_inner().map_err(|e| SnapshotError::Io(e.into_error()))?;
+        file.sync_all()?;
+        Ok(())
+    }
+}
+
+/// Reads a snapshot file's frames in order; the header first.
+pub struct Reader {
+    input: BufReader<std::fs::File>,
+    frame: u64,
+    counts: (u64, u64, u64),
+    ended: bool,
+}
+
+impl Reader {
+    /// Opens a snapshot file and reads its header.
+    pub fn open(path: &Path) -> Result<(Self, SnapshotMeta, RegionState), SnapshotError> {
+        let mut r =
+            Reader { input: BufReader::new(std::fs::File::open(path)?), frame: 0, counts: (0, 0, 0), ended: false };
+        match r.raw()? {
+            Some(Item::Header { meta, region }) => Ok((r, *meta, *region)),
+            _ => Err(SnapshotError::Damaged("it does not begin with a header".into())),
+        }
+    }
+
+    fn raw(&mut self) -> Result<Option<Item>, SnapshotError> {
+        let mut len = [0u8; 4];
+        match self.input.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > FRAME_BYTES_MAX {
+            return Err(SnapshotError::FrameTooLarge { frame: self.frame, len });
+        }
+        let mut bytes = vec![0; len];
+        self.input.read_exact(&mut bytes)?;
+        let item = record::decode(&bytes).map_err(|source| SnapshotError::Record { frame: self.frame, source })?;
+        self.frame += 1;
+        Ok(Some(item))
+    }
+
+    /// The next stored item, or `None` after the end frame, whose counts
+    /// must match what was read.
+    pub fn next_item(&mut self) -> Result<Option<Item>, SnapshotError> {
+        if self.ended {
+            return Ok(None);
+        }
+        match self.raw()? {
+            None => Err(SnapshotError::Damaged(format!("it ends after {} frames, before its end frame", self.frame))),
+            Some(Item::Header { .. }) => {
+                Err(SnapshotError::Damaged(format!("a second header at frame {}", self.frame)))
+            }
+            Some(Item::End { data, changefeed, divergent }) => {
+                if (data, changefeed, divergent) != self.counts {
+                    return Err(SnapshotError::Damaged(format!(
+                        "its end frame counts {:?}, but it holds {:?}",
+                        (data, changefeed, divergent),
+                        self.counts
+                    )));
+                }
+                self.ended = true;
+                Ok(None)
+            }
+            Some(item) => {
+                match &item {
+                    Item::Data { .. } => self.counts.0 += 1,
+                    Item::Change { .. } => self.counts.1 += 1,
+                    Item::Divergent { .. } => self.counts.2 += 1,
+                    Item::Header { .. } | Item::End { .. } => {}
+                }
+                Ok(Some(item))
+            }
+        }
+    }
+}
+
+/// Where snapshots live, and the path of a new file in it.
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(SNAPSHOT_DIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::types::Version;
+
+    fn value(v: &str) -> StoredValue {
+        StoredValue {
+            value: Some(v.as_bytes().to_vec()),
+            version: Version { hlc: Hlc { physical_ms: 1, logical: 0 }, origin: "a".into(), index: 1 },
+        }
+    }
+
+    fn write(path: &Path, n: usize) {
+        let mut w = Writer::create(path, SnapshotMeta::default(), RegionState::default()).unwrap();
+        for i in 0..n {
+            w.data(format!("k{i}").into_bytes(), value("v")).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    fn read_all(path: &Path) -> Result<usize, SnapshotError> {
+        let (mut r, _, _) = Reader::open(path)?;
+        let mut n = 0;
+        while r.next_item()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn a_snapshot_file_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.snap");
+        write(&path, 100);
+        assert_eq!(read_all(&path).unwrap(), 100);
+    }
+
+    #[test]
+    fn a_cut_or_damaged_snapshot_file_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.snap");
+        write(&path, 100);
+        let bytes = std::fs::read(&path).unwrap();
+        // Cut anywhere after the header, or one byte flipped anywhere.
+        for cut in [bytes.len() - 1, bytes.len() / 2, 40] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            assert!(read_all(&path).is_err(), "cut at {cut}");
+        }
+        for at in (0..bytes.len()).step_by(97) {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x10;
+            std::fs::write(&path, &flipped).unwrap();
+            assert!(read_all(&path).is_err(), "flipped byte {at}");
+        }
+    }
+}
