@@ -96,8 +96,13 @@ fn lww_merge(c: &mut Criterion) {
                     })
                     .collect();
                 next_index += 1;
-                let cmd =
-                    Command::ApplyRemote { origin: "b".into(), epoch: 0, entries, complete_through: origin_index };
+                let cmd = Command::ApplyRemote {
+                    origin: "b".into(),
+                    epoch: 0,
+                    entries,
+                    complete_through: origin_index,
+                    collect_below_ms: 0,
+                };
                 vec![entry(next_index, cmd)]
             },
             |batch| rt.block_on(sm.apply(batch)).unwrap(),

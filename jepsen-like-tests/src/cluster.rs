@@ -159,6 +159,7 @@ impl Cluster {
             } else {
                 Vec::new()
             },
+            ..ClusterConfig::default()
         };
         let mut nodes = BTreeMap::new();
         for r in &region_order {

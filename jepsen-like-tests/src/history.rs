@@ -61,6 +61,10 @@ pub struct Op {
     pub end_us: u64,
     /// The node the client sent the operation to first.
     pub node: u64,
+    /// The node that answered a read (after any retry or forwarding), and
+    /// its applied index then: what explains a stale read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<(u64, u64)>,
     /// The error, for `Fail` and `Info`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -89,6 +93,8 @@ struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     end_us: Option<u64>,
     node: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    served_by: Option<(u64, u64)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
 }
@@ -140,6 +146,7 @@ pub fn write_jsonl(ops: &[Op], path: &Path) -> anyhow::Result<()> {
             start_us: o.start_us,
             end_us: None,
             node: o.node,
+            served_by: None,
             error: None,
         };
         let kind = match o.outcome {
@@ -164,6 +171,7 @@ pub fn write_jsonl(ops: &[Op], path: &Path) -> anyhow::Result<()> {
             start_us: o.start_us,
             end_us: Some(o.end_us),
             node: o.node,
+            served_by: o.served_by,
             error: o.error.as_deref(),
         };
         // At equal times a completion sorts before an invocation, the order

@@ -165,6 +165,7 @@ pub async fn run_clients(
             next_value: next_value.clone(),
             last_seen: BTreeMap::new(),
             added: Vec::new(),
+            served_by: None,
         };
         tasks.push(tokio::spawn(async move {
             while Instant::now() < until {
@@ -195,6 +196,8 @@ struct ClientTask {
     last_seen: BTreeMap<String, u64>,
     /// Set: elements this client added (acknowledged) and has not deleted.
     added: Vec<u64>,
+    /// The node that answered this step's read and its applied index.
+    served_by: Option<(u64, u64)>,
 }
 
 /// Whether an error leaves a write certainly without effect.
@@ -268,6 +271,7 @@ impl ClientTask {
             start_us,
             end_us,
             node: self.node,
+            served_by: self.served_by.take(),
             error,
         });
         if outcome == Outcome::Info {
@@ -302,6 +306,7 @@ impl ClientTask {
         if roll < 5 {
             let r = self.client.get(key.clone(), Consistency::Linearizable).await;
             let r = r.map(|resp| {
+                self.served_by = Some((resp.served_by, resp.applied_index));
                 let v = resp.kv.and_then(|kv| parse_u64(&kv.value));
                 if let Some(v) = v {
                     self.last_seen.insert(key.clone(), v);

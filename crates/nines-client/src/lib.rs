@@ -413,7 +413,14 @@ impl Client {
     /// Stops the (primary) region taking writes, for a planned switchover;
     /// with `release`, lifts the fence again.
     pub async fn fence(&self, release: bool) -> Result<FenceResponse> {
-        self.call(true, rpc!(region, fence, FenceRequest { release })).await
+        self.fence_for(release, Duration::ZERO).await
+    }
+
+    /// Fences the (primary) region for `ttl` (zero: the server's default);
+    /// the fence ends by itself after it unless lifted earlier.
+    pub async fn fence_for(&self, release: bool, ttl: Duration) -> Result<FenceResponse> {
+        let ttl_ms = ttl.as_millis() as u64;
+        self.call(true, rpc!(region, fence, FenceRequest { release, ttl_ms })).await
     }
 
     /// Makes the region primary at `epoch` (above every epoch it has seen).

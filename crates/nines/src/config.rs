@@ -77,7 +77,7 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     pub mode: Mode,
@@ -86,7 +86,34 @@ pub struct ClusterConfig {
     /// Every region with the gRPC endpoints of its nodes. Empty: this node's
     /// region is alone and nothing is replicated across regions.
     pub regions: Vec<RegionConfig>,
+    /// The gRPC endpoints of the authority (active-passive): a nines region
+    /// of its own that holds the primary's lease and allocates epochs (see
+    /// `crate::authority`). Empty: no lease, and nothing prevents two
+    /// primaries during a partition.
+    pub authority: Vec<String>,
+    /// How long the primary's lease holds after each renewal (renewed every
+    /// third of it). It bounds what a cut-off primary can still acknowledge,
+    /// and how soon after the primary's last renewal another region can be
+    /// promoted (plus the maximum clock offset).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            mode: Mode::default(),
+            primary: String::new(),
+            regions: Vec::new(),
+            authority: Vec::new(),
+            lease: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Shortest primary lease: renewals every third of it must fit a round trip
+/// to the authority with room.
+pub const LEASE_MIN: Duration = Duration::from_millis(600);
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -370,6 +397,17 @@ impl NodeConfig {
         }
         if r.snapshot_logs_since_last == 0 {
             return Err(invalid("raft.snapshot_logs_since_last", "must be greater than 0"));
+        }
+        if self.cluster.lease < LEASE_MIN {
+            return Err(invalid("cluster.lease", format!("must be at least {LEASE_MIN:?}")));
+        }
+        if let Some(e) =
+            self.cluster.authority.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return Err(invalid(
+                "cluster.authority",
+                format!("endpoint {e:?} must be a URL such as http://127.0.0.1:7101"),
+            ));
         }
         if self.write_timeout.is_zero() {
             return Err(invalid("write_timeout", "must be greater than 0"));

@@ -183,6 +183,17 @@ pub fn check_setup(file: &ReplicationSetup, replicated: &ReplicationSetup) -> an
     }
 }
 
+/// The authority client, when the cluster has one (active-passive). Its
+/// calls give up within a third of the lease, so a renewal that cannot be
+/// made is known in time.
+fn authority(config: &NodeConfig) -> anyhow::Result<Option<crate::authority::Authority>> {
+    if config.cluster.authority.is_empty() || config.cluster.mode != crate::config::Mode::ActivePassive {
+        return Ok(None);
+    }
+    let timeout = config.cluster.lease / 3;
+    Ok(Some(crate::authority::Authority::new(config.cluster.authority.clone(), timeout)?))
+}
+
 /// The bound listeners of step 3.
 struct Listeners {
     grpc: TcpListener,
@@ -207,9 +218,13 @@ async fn start_node(
     config: &NodeConfig,
     prepared: Prepared,
     listeners: &Listeners,
-    log_store: LogStore,
+    mut log_store: LogStore,
     state_machine: StateMachine,
 ) -> anyhow::Result<(Arc<Node>, Raft, Receivers)> {
+    // Every entry this node holds may have been committed by it before a
+    // restart (see `Node::ensure_linearizable`).
+    let log_state = openraft::storage::RaftLogStorage::get_log_state(&mut log_store).await?;
+    let log_index_at_start = log_state.last_log_id.map_or(0, |l| l.index);
     let advertise = |configured: &str, bound: SocketAddr| {
         if configured.is_empty() { format!("http://{bound}") } else { configured.to_string() }
     };
@@ -245,10 +260,15 @@ async fn start_node(
             peers: config.peer_regions(),
             all: config.cluster.regions.clone(),
             setup: replication_setup(config),
+            authority: config.cluster.authority.clone(),
+            lease: config.cluster.lease,
         },
         latency: config.latency.clone(),
         faults: prepared.faults,
         metrics,
+        contact: Arc::default(),
+        authority: authority(config)?,
+        log_index_at_start,
     });
     Ok((node, raft, receivers))
 }
@@ -297,7 +317,7 @@ async fn serve(
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         )
         .add_service(
-            RaftServer::new(RaftService::new(raft.clone()))
+            RaftServer::new(RaftService::new(raft.clone(), node.contact()))
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         )
@@ -328,6 +348,9 @@ fn spawn_tasks(
     background.push(spawn_gauges(node.clone(), storage, stop.clone()));
     background.push(spawn_health(node.clone(), health, stop.clone()));
     background.push(node.spawn_clock_watch(stop.clone()));
+    if let Some(authority) = node.authority() {
+        background.push(crate::lease::spawn_keeper(node.clone(), authority.clone(), node.lease(), stop.clone()));
+    }
     Tasks { batcher, background }
 }
 

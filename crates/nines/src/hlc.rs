@@ -131,6 +131,11 @@ impl HlcClock {
         Ok(next)
     }
 
+    /// The physical clock, in milliseconds.
+    pub fn wall_ms(&self) -> u64 {
+        self.physical.now_ms()
+    }
+
     /// How far this clock runs ahead of the physical clock, in milliseconds.
     pub fn ahead_ms(&self) -> u64 {
         let wall = self.physical.now_ms();

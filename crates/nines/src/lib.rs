@@ -26,8 +26,11 @@
 //! The node:
 //! - [`node`]: the handle every service holds (`Node`): propose, write,
 //!   linearizable reads, roles, lag, readiness, the write batcher.
+//! - [`authority`]: the lease and epoch records in the authority region.
+//! - [`lease`]: the primary's lease, kept by the primary region's leader.
 //! - [`replication`]: cross-region shipping and receiving, roles and divergence.
 //! - [`controller`]: the failover controller's decision, a pure function.
+//! - [`stance`]: what a node whose clock ran ahead does, a pure function.
 //! - [`server`]: the gRPC services, thin adapters over the node.
 //! - [`http`]: the admin HTTP port: probes, metrics, the status page.
 //! - [`daemon`]: wires a node together, runs it and stops it.
@@ -35,6 +38,7 @@
 //! On top:
 //! - [`cli`]: the `nines` command line, including `nines up`.
 
+pub mod authority;
 pub mod cli;
 pub mod config;
 pub mod controller;
@@ -44,11 +48,13 @@ pub mod error;
 pub mod faults;
 pub mod hlc;
 pub mod http;
+pub mod lease;
 pub mod limits;
 pub mod network;
 pub mod node;
 pub mod replication;
 pub mod server;
+pub mod stance;
 pub mod storage;
 pub mod telemetry;
 pub mod types;

@@ -114,6 +114,14 @@ pub const EPOCH_MAX: u64 = 1 << 48;
 /// which delays collection but never makes it early.
 pub const ACK_HISTORY_MAX: usize = 1024;
 
+/// How long a fence holds when the request does not say: a planned
+/// switchover drains in seconds; a fence its CLI left behind (killed,
+/// interrupted) must not stop the primary's writes for longer than this.
+pub const FENCE_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The longest fence a request may ask for: ten minutes, beyond any drain.
+pub const FENCE_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Divergence records one request may list.
 pub const DIVERGENT_LIST_MAX: u32 = 10_000;
 

@@ -37,14 +37,17 @@ use openraft::{ChangeMembers, RaftMetrics};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::authority::{Authority, PrimaryLease};
 use crate::config::{LatencyConfig, Mode, RegionConfig};
 use crate::error::Error;
 use crate::faults::Faults;
 use crate::hlc::{Hlc, HlcClock};
+
 use crate::limits::{
     CHANGEFEED_BACKLOG_MAX, ENTRY_BYTES_MAX, PROPOSAL_QUEUE_MAX, PROPOSALS_IN_FLIGHT_MAX, WRITES_PER_ENTRY_MAX,
 };
 use crate::network::Channels;
+use crate::stance::{LeaderContact, Stance, StanceInputs, next_stance};
 use crate::storage::StateReader;
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, PeerLag, Raft, ReplicationSetup};
 
@@ -60,6 +63,10 @@ pub const READY_APPLY_LAG_MAX: u64 = 1_000;
 /// it leads until it hears otherwise; asking the quorum is the only way to
 /// know.
 pub const READY_QUORUM_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How recently a leader must have been heard from (an append-entries
+/// message, heartbeats included) to count as alive: a few heartbeats.
+const LEADER_HEARD_MAX: Duration = Duration::from_secs(1);
 
 /// How often the clock watch compares the hybrid clock with the physical
 /// one: a tenth of the default heartbeat, so a node that must step down does
@@ -82,6 +89,10 @@ pub struct Regions {
     /// The replication setup this node's file describes: what it proposes
     /// if it is the region's first leader.
     pub setup: ReplicationSetup,
+    /// The authority's endpoints (empty: none), as configured.
+    pub authority: Vec<String>,
+    /// How long the primary's lease holds after a renewal.
+    pub lease: Duration,
 }
 
 /// Everything a [`Node`] is made of; the daemon builds it.
@@ -99,6 +110,12 @@ pub struct Parts {
     pub faults: Arc<Faults>,
     /// Renders `/metrics`; `None` when another recorder owns the process.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// When a leader's append-entries message last reached this node.
+    pub contact: Arc<LeaderContact>,
+    /// The authority, when the cluster has one (active-passive).
+    pub authority: Option<Authority>,
+    /// The last log index this node's log held when it started.
+    pub log_index_at_start: u64,
 }
 
 /// What every service of a node shares. See the module doc.
@@ -120,6 +137,18 @@ pub struct Node {
     fatal: watch::Sender<Option<String>>,
     /// Client writes on their way to the batcher (see [`Node::spawn_batcher`]).
     proposals: mpsc::Sender<Proposal>,
+    /// When a leader's append-entries message last reached this node.
+    contact: Arc<LeaderContact>,
+    /// The authority, when the cluster has one: then the primary writes only
+    /// under `primary_lease`.
+    authority: Option<Authority>,
+    /// The primary's lease while this node leads the primary region (see
+    /// [`crate::lease`]).
+    primary_lease: Arc<PrimaryLease>,
+    /// The last log index this node's log held when it started: a
+    /// linearizable read waits until this node has applied it (see
+    /// [`Node::ensure_linearizable`]).
+    log_index_at_start: u64,
     /// Set while this node steps down because its clock runs too far ahead
     /// ([`Stance::SteppingDown`]): it proposes nothing, sends no heartbeats
     /// and stands for no election, so a node with a sane clock takes over.
@@ -153,6 +182,10 @@ impl Node {
             fatal,
             proposals,
             stepping_down: AtomicBool::new(false),
+            contact: parts.contact,
+            authority: parts.authority,
+            primary_lease: Arc::default(),
+            log_index_at_start: parts.log_index_at_start,
         };
         (Arc::new(node), Receivers { proposals: proposals_rx, fatal: fatal_rx })
     }
@@ -213,6 +246,16 @@ impl Node {
         &self.regions.all
     }
 
+    /// The authority's endpoints as configured (empty: none).
+    pub fn authority_endpoints(&self) -> &[String] {
+        &self.regions.authority
+    }
+
+    /// How long the primary's lease holds after a renewal.
+    pub fn lease(&self) -> Duration {
+        self.regions.lease
+    }
+
     /// The replication setup this node's file describes.
     pub fn file_setup(&self) -> &ReplicationSetup {
         &self.regions.setup
@@ -220,6 +263,30 @@ impl Node {
 
     pub fn latency(&self) -> &LatencyConfig {
         &self.latency
+    }
+
+    /// The authority, when the cluster has one.
+    pub fn authority(&self) -> Option<&Authority> {
+        self.authority.as_ref()
+    }
+
+    /// The primary's lease as this node holds it.
+    pub fn primary_lease(&self) -> &PrimaryLease {
+        &self.primary_lease
+    }
+
+    /// The epoch whose lease a write of this node needs, when it needs one:
+    /// in an active-passive cluster with an authority, on the primary.
+    fn lease_epoch(&self) -> Option<u64> {
+        let needed = self.authority.is_some()
+            && self.regions.mode == Mode::ActivePassive
+            && self.reader.primary() == self.info.region;
+        needed.then(|| self.reader.region_state().epoch)
+    }
+
+    /// When a leader's append-entries message last reached this node.
+    pub fn contact(&self) -> Arc<LeaderContact> {
+        self.contact.clone()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -331,18 +398,52 @@ impl Node {
                 retry_safe: true,
             });
         }
+        let lease_epoch = self.lease_epoch();
+        if let Some(epoch) = lease_epoch
+            && !self.primary_lease.holds(epoch)
+        {
+            return Err(Error::Unavailable {
+                reason: format!(
+                    "region {} is primary at epoch {epoch} but holds no lease from the authority (ran out {:?} \
+                     ago, or not renewed since this node began leading): it takes no writes until it renews",
+                    self.info.region,
+                    self.primary_lease.expired_for()
+                ),
+                retry_safe: true,
+            });
+        }
         let cmd = stamped(self.now()?);
         let (tx, rx) = oneshot::channel();
         let stopped = || Error::Unavailable { reason: "the node is stopping".into(), retry_safe: true };
         self.proposals.send((cmd, tx)).await.map_err(|_| stopped())?;
-        match rx.await.map_err(|_| Error::Indeterminate("the node stopped during the write".into()))?? {
-            CommandResult::Rejected { reason, retry_later } => Err(refusal(reason, retry_later)),
-            other => Ok(other),
+        let result = match rx.await.map_err(|_| Error::Indeterminate("the node stopped during the write".into()))?? {
+            CommandResult::Rejected { reason, retry_later } => return Err(refusal(reason, retry_later)),
+            other => other,
+        };
+        // A primary whose lease ran out while the write was in flight may
+        // already have been replaced: the write is not acknowledged.
+        if let Some(epoch) = lease_epoch
+            && !self.primary_lease.holds(epoch)
+        {
+            return Err(Error::Indeterminate(format!(
+                "the primary lease of region {} ran out before the write could be acknowledged",
+                self.info.region
+            )));
         }
+        Ok(result)
     }
 
     /// Confirms leadership with a quorum and waits until the state machine
     /// has applied everything committed before the read began (ReadIndex).
+    ///
+    /// openraft 0.9 lets a node that led before a restart lead again at
+    /// once, in the same term, without a new first entry; its ReadIndex is
+    /// then the commit index it saved, which may lag what it committed and
+    /// acknowledged before the restart (found by the power-cut nemesis: a
+    /// restarted leader served a value two writes old; openraft issue #1511).
+    /// Any entry of the log it started with may have been committed, so
+    /// reads also wait until it has applied that log (as far as it still
+    /// holds it).
     pub async fn ensure_linearizable(&self) -> Result<(), Error> {
         if self.stepping_down.load(Ordering::Acquire) && self.check_leader().is_ok() {
             // Confirming leadership would send heartbeats and keep this node
@@ -354,13 +455,28 @@ impl Node {
             // believes it leads, so this read may be stale.
             return Ok(());
         }
-        let outcome = tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable()).await;
+        let outcome = tokio::time::timeout(self.write_timeout, async {
+            let confirmed = self.raft.ensure_linearizable().await?;
+            let m = self.raft_metrics();
+            // Committed entries are never truncated: one committed before the
+            // restart is still in the log, at or below both bounds.
+            let target = self.log_index_at_start.min(m.last_log_index.unwrap_or(0));
+            if m.last_applied.map_or(0, |l| l.index) < target {
+                let waited = self.raft.wait(None).applied_index_at_least(Some(target), "the log at start").await;
+                if let Err(e) = waited {
+                    return Ok(Err(Error::Unavailable { reason: e.to_string(), retry_safe: true }));
+                }
+            }
+            Ok(Ok(confirmed))
+        })
+        .await;
         match outcome {
             Err(_) => Err(Error::Unavailable {
                 reason: format!("leadership not confirmed within {:?}", self.write_timeout),
                 retry_safe: true,
             }),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(Self::not_leader(f)),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
                 Err(Error::Unavailable { reason: e.to_string(), retry_safe: true })
@@ -392,7 +508,7 @@ impl Node {
         match self.regions.mode {
             Mode::ActiveActive => "active",
             Mode::ActivePassive if self.reader.primary() != self.info.region => "secondary",
-            Mode::ActivePassive if self.reader.region_state().fenced => "fenced",
+            Mode::ActivePassive if self.reader.fenced_until_ms() > self.clock.wall_ms() => "fenced",
             Mode::ActivePassive => "primary",
         }
     }
@@ -443,7 +559,7 @@ impl Node {
         let m = self.raft_metrics();
         // A leader stepping down asks no quorum: that would send heartbeats
         // and keep it in place.
-        let stepping_down = self.stepping_down.load(Ordering::Acquire);
+        let stepping_down = self.stepping_down.load(Ordering::Acquire) && m.current_leader == Some(self.id);
         let has_leader = if stepping_down {
             false
         } else if m.current_leader == Some(self.id) {
@@ -560,8 +676,10 @@ impl Node {
         let node = self.clone();
         tokio::spawn(async move {
             let mut stance = Stance::Normal;
-            // Since when, stepping down, no other node has led.
-            let mut alone_since = std::time::Instant::now();
+            let now = std::time::Instant::now;
+            // Since when, stepping down, no other live leader was heard; and
+            // since when this node stands.
+            let (mut alone_since, mut standing_since) = (now(), now());
             loop {
                 tokio::select! {
                     _ = stop.changed() => return,
@@ -570,26 +688,37 @@ impl Node {
                 let ahead_ms = node.clock.ahead_ms();
                 crate::telemetry::hlc_ahead(ahead_ms);
                 let leader = node.raft_metrics().current_leader;
-                if leader.is_some_and(|l| l != node.id) {
-                    alone_since = std::time::Instant::now();
+                let leading = leader == Some(node.id);
+                // A leader is alive when it named itself and was heard from
+                // lately: openraft keeps naming a leader after it died.
+                let other_leader_alive = leader.is_some() && !leading && node.contact.heard_within(LEADER_HEARD_MAX);
+                if other_leader_alive {
+                    alone_since = now();
                 }
-                let skewed = ahead_ms > node.clock.offset_ms_max();
-                let next = next_stance(stance, skewed, alone_since.elapsed());
+                let inputs = StanceInputs {
+                    skewed: ahead_ms > node.clock.offset_ms_max(),
+                    leading,
+                    other_leader_alive,
+                    alone_for: alone_since.elapsed(),
+                    standing_for: standing_since.elapsed(),
+                };
+                let next = next_stance(stance, &inputs);
                 if next == stance {
                     continue;
-                }
-                if next == Stance::SteppingDown {
-                    alone_since = std::time::Instant::now();
                 }
                 match next {
                     Stance::Normal => tracing::warn!("the physical clock caught up with the hybrid clock"),
                     Stance::SteppingDown => {
+                        alone_since = now();
                         tracing::error!(ahead_ms, "hybrid clock too far ahead of the physical clock: stepping down")
                     }
-                    Stance::Standing => tracing::error!(
-                        ahead_ms,
-                        "no node with a sane clock took over: leading again, still refusing to stamp writes"
-                    ),
+                    Stance::Standing => {
+                        standing_since = now();
+                        tracing::error!(
+                            ahead_ms,
+                            "no node with a sane clock took over: leading again, still refusing to stamp writes"
+                        )
+                    }
                 }
                 let stepping_down = next == Stance::SteppingDown;
                 node.stepping_down.store(stepping_down, Ordering::Release);
@@ -621,37 +750,6 @@ impl Node {
             // Ignored: the caller may have given up (its request was cancelled).
             let _ = waiter.send(result);
         }
-    }
-}
-
-/// What a node does about its hybrid clock running ahead of its physical
-/// clock (see [`Node::spawn_clock_watch`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stance {
-    /// The clock is within the maximum offset: lead, campaign, propose.
-    Normal,
-    /// Too far ahead: stand for no election; as leader send no heartbeats
-    /// and propose nothing, so a node whose clock can stamp takes over.
-    SteppingDown,
-    /// Too far ahead, but no other node took over within `STEP_DOWN_MAX`
-    /// (every node's clock is ahead, or the region has one node): lead and
-    /// campaign again, so the region still replicates and serves reads.
-    /// Client writes stay refused: nothing can be stamped.
-    Standing,
-}
-
-/// How long a node steps down with no other node leading before it stands
-/// again: a few election timeouts (up to 1.2 s each by default).
-pub const STEP_DOWN_MAX: Duration = Duration::from_secs(3);
-
-/// The next stance, given whether the clock runs too far ahead and how long
-/// no other node has led while this one stepped down. Pure; see [`Stance`].
-pub fn next_stance(current: Stance, skewed: bool, alone_for: Duration) -> Stance {
-    match (current, skewed) {
-        (_, false) => Stance::Normal,
-        (Stance::Normal, true) => Stance::SteppingDown,
-        (Stance::SteppingDown, true) if alone_for >= STEP_DOWN_MAX => Stance::Standing,
-        (stance, true) => stance,
     }
 }
 
@@ -804,25 +902,6 @@ mod tests {
             };
             let encoded = crate::storage::record::encode(&entry).expect("encode").len();
             prop_assert!(encoded <= counted + ENTRY_FRAMING_BYTES_MAX, "{encoded} bytes encoded, {counted} counted");
-        }
-    }
-
-    #[test]
-    fn a_node_whose_clock_runs_ahead_steps_down_then_stands_if_no_one_takes_over() {
-        use Stance::*;
-        let short = Duration::from_millis(100);
-        // (stance, clock too far ahead, time without another leader, next)
-        let table = [
-            (Normal, false, short, Normal),
-            (Normal, true, short, SteppingDown),
-            (SteppingDown, true, short, SteppingDown),
-            (SteppingDown, true, STEP_DOWN_MAX, Standing),
-            (SteppingDown, false, short, Normal),
-            (Standing, true, short, Standing),
-            (Standing, false, STEP_DOWN_MAX, Normal),
-        ];
-        for (now, skewed, alone, want) in table {
-            assert_eq!(next_stance(now, skewed, alone), want, "{now:?}, ahead {skewed}, alone {alone:?}");
         }
     }
 

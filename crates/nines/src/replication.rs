@@ -298,6 +298,7 @@ impl Shipper {
             region: self.peer.name.clone(),
             index: answer.applied_through,
             peer_index: answer.receiver_index,
+            collect_below_ms: collect_below_ms(&self.node),
         };
         if self.node.propose(ack).await.is_ok() {
             self.last_ack = (answer.applied_through, Instant::now());
@@ -321,7 +322,7 @@ async fn adopt_from_peer(node: &Node, peer: &RegionConfig, answer: &ShipAnswer) 
 /// applied this region's changefeed; anything above becomes divergent, and
 /// the resync task overwrites those keys with the new primary's values.
 pub async fn adopt(node: &Node, primary: &str, epoch: u64, shipped_through: u64) {
-    let cmd = Command::SetRole { primary: primary.to_string(), epoch, fenced: false, shipped_through };
+    let cmd = Command::SetRole { primary: primary.to_string(), epoch, fenced_until_ms: 0, shipped_through };
     match node.propose(cmd).await {
         Ok(CommandResult::Role { divergent }) => {
             tracing::warn!(%primary, epoch, divergent = divergent.len(), "adopted a new primary");
@@ -383,6 +384,7 @@ pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Erro
             epoch: shipment.epoch,
             entries: shipment.entries,
             complete_through: shipment.complete_through,
+            collect_below_ms: collect_below_ms(node),
         };
         match node.propose(cmd).await? {
             CommandResult::Remote { .. } => {}
@@ -391,6 +393,15 @@ pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Erro
         }
     }
     Ok(answer(node, &origin, Refusal::None, String::new()))
+}
+
+/// Tombstones stamped before this (physical milliseconds) may be collected:
+/// this node's physical clock less twice the maximum clock offset, so any
+/// node's clock stamps a later write to the key above the tombstone that
+/// peer regions keep (see `Command::AckShipped`).
+fn collect_below_ms(node: &Node) -> u64 {
+    let clock = node.clock();
+    clock.wall_ms().saturating_sub(2 * clock.offset_ms_max())
 }
 
 /// This region's answer to `origin`: how far it applied the origin, and its
@@ -488,13 +499,20 @@ pub fn spawn_resync(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> tokio::
     })
 }
 
-/// One pass over the divergence record of the current epoch: reads each key
+/// One pass over the divergence records of this epoch and every earlier
+/// one (skipped when this region is the primary again): reads each key
 /// at the new primary (linearizable, so no stale replica answers) and
 /// proposes the values in batches of at most `RESYNC_BATCH_KEYS_MAX` keys and
 /// `RESYNC_BATCH_BYTES_MAX` bytes (each batch is one log entry); the last
 /// batch marks the resync done.
 async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
     let primary = node.reader().primary();
+    if primary == node.region() {
+        // Promoted again before the resync ran: this region's values are
+        // the primary's now, and nothing is to be taken from elsewhere.
+        node.propose(Command::Resync { entries: Vec::new(), done: true }).await?;
+        return Ok(());
+    }
     let region = node
         .peers()
         .iter()
@@ -517,7 +535,9 @@ async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
             .divergent(from, DIVERGENT_LIST_MAX as usize, DIVERGENT_PAGE_BYTES_MAX)
             .map_err(Error::from)?;
         start = next;
-        for record in records.iter().filter(|r| r.demoted_at_epoch == epoch) {
+        // Every demotion up to this epoch: two failovers close together
+        // leave records of the earlier one that no pass has resynced yet.
+        for record in records.iter().filter(|r| r.demoted_at_epoch <= epoch) {
             let entry = read_at_primary(&client, &primary, record).await?;
             let size = entry.key.len() + entry.value.as_ref().map_or(0, Vec::len);
             if !batch.is_empty() && (batch.len() >= RESYNC_BATCH_KEYS_MAX || bytes + size > RESYNC_BATCH_BYTES_MAX) {

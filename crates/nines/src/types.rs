@@ -92,20 +92,27 @@ pub enum Command {
     /// Writes shipped from another region, applied last-writer-wins on
     /// `(hlc, origin)`. `epoch` is the sender's epoch (active-passive).
     /// After it, this region holds every write of `origin` through
-    /// `complete_through`.
-    ApplyRemote { origin: String, epoch: u64, entries: Vec<RemoteEntry>, complete_through: u64 },
+    /// `complete_through`. `collect_below_ms` is as in `AckShipped`: holding
+    /// more of the origin's writes may free tombstones.
+    ApplyRemote { origin: String, epoch: u64, entries: Vec<RemoteEntry>, complete_through: u64, collect_below_ms: u64 },
     /// Peer `region` has applied this region's changefeed through `index`;
     /// its latest own write was at `peer_index` when it said so. Entries
     /// every peer has applied are dropped; a delete's tombstone only once
     /// this region also holds every peer's writes through its `peer_index`
     /// (so no older concurrent write can arrive after the tombstone is gone).
-    AckShipped { region: String, index: u64, peer_index: u64 },
+    /// Only tombstones stamped before `collect_below_ms` (the proposing
+    /// leader's physical clock less twice the maximum clock offset) go: a
+    /// later write to the key, stamped by any node's clock, is then newer
+    /// than the tombstone the peers keep.
+    AckShipped { region: String, index: u64, peer_index: u64, collect_below_ms: u64 },
     /// Adopt region roles (active-passive). An equal epoch with the same
-    /// primary only changes `fenced`. A higher epoch that names another
+    /// primary only changes the fence: local writes stamped before
+    /// `fenced_until_ms` (HLC milliseconds; 0 lifts it) are refused, so a
+    /// fence ends by itself even if nobody lifts it. A higher epoch that names another
     /// primary demotes this region if it was primary: its changefeed entries
     /// above `shipped_through` (never applied by the new primary) move to the
     /// divergence record.
-    SetRole { primary: String, epoch: u64, fenced: bool, shipped_through: u64 },
+    SetRole { primary: String, epoch: u64, fenced_until_ms: u64, shipped_through: u64 },
     /// Client writes packed into one entry by the leader (Put, Delete and
     /// CompareAndSwap only), applied in order; write `p` gets version index
     /// `log index * WRITES_PER_ENTRY_MAX + p`.

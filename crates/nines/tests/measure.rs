@@ -177,7 +177,7 @@ async fn measure_replication_lag_under_steady_writes() {
 #[ignore = "measurement: run with --ignored --nocapture"]
 async fn measure_unplanned_failover_rto_and_rpo() {
     // Measures, over 5 tries: active-passive, `nines up`'s latency, the
-    // controller at its defaults (1 s interval, 3 failed probes), a writer on
+    // controller at its defaults (1 s interval, 5 failed probes), a writer on
     // the primary at full speed; every node of the primary is killed. RTO:
     // kill to the secondary becoming primary. RPO: acknowledged writes
     // missing from the new primary, and the age at the kill of the oldest

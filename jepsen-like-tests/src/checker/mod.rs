@@ -382,7 +382,19 @@ mod tests {
     use super::*;
 
     fn op(f: Func, key: &str, input: Value, outcome: Outcome, output: Value, start_us: u64, end_us: u64) -> Op {
-        Op { process: 0, f, key: key.into(), input, outcome, output, start_us, end_us, node: 1, error: None }
+        Op {
+            process: 0,
+            f,
+            key: key.into(),
+            input,
+            outcome,
+            output,
+            start_us,
+            end_us,
+            node: 1,
+            served_by: None,
+            error: None,
+        }
     }
 
     fn add(e: u64, outcome: Outcome) -> Op {

@@ -15,12 +15,20 @@ pub enum RegionCommand {
     /// Every region's role, epoch and replication lag.
     Status,
     /// Planned switchover: fence the primary, drain its changefeed into
-    /// REGION, then promote REGION. Loses no acknowledged write.
+    /// REGION, then promote REGION. Loses no acknowledged write. The fence
+    /// is lifted on any failure or Ctrl-C, and ends by itself 10 s after the
+    /// drain timeout if this command is killed.
     Promote {
         region: String,
         /// How long to wait for the old primary to drain.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         drain_timeout: Duration,
+    },
+    /// Lift a planned switchover's fence now (default: the primary's); a
+    /// fence also ends by itself when its time is up.
+    Unfence {
+        #[arg(long)]
+        region: Option<String>,
     },
     /// Unplanned failover: promote REGION without the old primary's help.
     /// Writes the old primary had not shipped become its divergence record.
@@ -122,6 +130,46 @@ async fn role_change<'a>(
     Ok(Some((target, primary, next)))
 }
 
+/// How much longer than the drain a switchover's fence holds.
+const FENCE_MARGIN: Duration = Duration::from_secs(10);
+
+/// A planned switchover after the fence: waits until `region` has applied
+/// everything `primary` wrote (at most `drain_timeout`), then promotes it.
+/// Returns the new epoch.
+async fn drain_and_promote(
+    old: &Client,
+    primary: &str,
+    target: &RegionInfo,
+    region: &str,
+    epoch: u64,
+    drain_timeout: Duration,
+    fence_index: u64,
+) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + drain_timeout;
+    loop {
+        let s = old.region_status().await.with_context(|| format!("watching {primary} drain"))?;
+        let lag = s
+            .peers
+            .iter()
+            .find(|p| p.region == region)
+            .map(|p| p.lag_entries)
+            .with_context(|| format!("{primary} does not ship to {region}"))?;
+        if s.role == "fenced" && lag == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{primary} still had {lag} writes not applied by {region} after {drain_timeout:?} (fenced at index \
+                 {fence_index}); run the promote again, or `nines region failover {region}` to accept losing them"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new = region_client(target, Duration::from_secs(5))?;
+    let r = new.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
+    Ok(r.epoch)
+}
+
 pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
     let regions = discover(g).await?;
     match command {
@@ -129,36 +177,38 @@ pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
         RegionCommand::Promote { region, drain_timeout } => {
             let Some((target, primary, epoch)) = role_change(&regions, &region).await? else { return Ok(()) };
             let old = region_client(find(&regions, &primary)?, Duration::from_secs(5))?;
-            let fence = old.fence(false).await.with_context(|| format!("fencing the primary {primary}"))?;
-            let deadline = Instant::now() + drain_timeout;
-            loop {
-                let s = old.region_status().await.with_context(|| format!("watching {primary} drain"))?;
-                let lag = s
-                    .peers
-                    .iter()
-                    .find(|p| p.region == region)
-                    .map(|p| p.lag_entries)
-                    .with_context(|| format!("{primary} does not ship to {region}"))?;
-                if s.role == "fenced" && lag == 0 {
-                    break;
+            // The fence outlives the drain by a margin, and ends by itself
+            // if this command dies before it lifts it.
+            let ttl = drain_timeout + FENCE_MARGIN;
+            let fence = old.fence_for(false, ttl).await.with_context(|| format!("fencing the primary {primary}"))?;
+            let switched = tokio::select! {
+                r = drain_and_promote(&old, &primary, target, &region, epoch, drain_timeout, fence.index) => r,
+                _ = crate::daemon::termination_signal() => Err(anyhow::anyhow!("interrupted")),
+            };
+            match switched {
+                Ok(new_epoch) => {
+                    println!("{region} is the primary at epoch {new_epoch} ({primary} drained and demotes itself)");
                 }
-                if Instant::now() > deadline {
+                Err(e) => {
                     // Give the primary its writes back rather than leave the
-                    // cluster without a writable region.
-                    let released = old.fence(true).await;
-                    bail!(
-                        "{primary} still had {lag} writes not applied by {region} after {drain_timeout:?} (fenced at \
-                         index {}); the fence {}; run the promote again, or `nines region failover {region}` to \
-                         accept losing them",
-                        fence.index,
-                        if released.is_ok() { "was lifted" } else { "could not be lifted" }
-                    );
+                    // cluster without a writable region until the fence expires.
+                    let lifted = old.fence(true).await;
+                    let fence_state = match lifted {
+                        Ok(_) => "the fence was lifted".to_string(),
+                        Err(l) => format!("the fence could not be lifted ({l}); it expires within {ttl:?}"),
+                    };
+                    bail!("{e:#}; {fence_state}");
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let new = region_client(target, Duration::from_secs(5))?;
-            let r = new.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
-            println!("{region} is the primary at epoch {} ({primary} drained and demotes itself)", r.epoch);
+        }
+        RegionCommand::Unfence { region } => {
+            let name = match region {
+                Some(r) => r,
+                None => current_primary(&statuses(&regions).await).context("no region is reachable")?.0,
+            };
+            let client = region_client(find(&regions, &name)?, Duration::from_secs(5))?;
+            let r = client.fence(true).await.with_context(|| format!("lifting the fence of {name}"))?;
+            println!("{name} takes writes again (epoch {}, fence lifted at index {})", r.epoch, r.index);
         }
         RegionCommand::Failover { region } => {
             let Some((target, primary, epoch)) = role_change(&regions, &region).await? else { return Ok(()) };

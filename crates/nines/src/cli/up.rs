@@ -116,6 +116,7 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
             UpMode::ActivePassive => REGION_NAMES[0].to_string(),
         },
         regions: if args.regions > 1 { regions } else { Vec::new() },
+        ..ClusterConfig::default()
     };
     let latency = if args.no_latency {
         LatencyConfig::default()

@@ -9,15 +9,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
+use crate::stance::LeaderContact;
 use crate::types::Raft;
 
 pub struct RaftService {
     raft: Raft,
+    /// Told of every append-entries message (see [`LeaderContact`]).
+    contact: Arc<LeaderContact>,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft) -> Self {
-        RaftService { raft }
+    pub fn new(raft: Raft, contact: Arc<LeaderContact>) -> Self {
+        RaftService { raft, contact }
     }
 }
 
@@ -35,6 +40,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc = decode(req, "append-entries")?;
+        self.contact.record();
         encode(&self.raft.append_entries(rpc).await)
     }
 

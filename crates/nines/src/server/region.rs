@@ -17,7 +17,7 @@ use super::forward::on_leader;
 use crate::config::Mode;
 use crate::convert;
 use crate::error::Error;
-use crate::limits::{DIVERGENT_LIST_MAX, DIVERGENT_PAGE_BYTES_MAX, EPOCH_MAX};
+use crate::limits::{DIVERGENT_LIST_MAX, DIVERGENT_PAGE_BYTES_MAX, EPOCH_MAX, FENCE_TTL_DEFAULT, FENCE_TTL_MAX};
 use crate::node::Node;
 use crate::types::{Command, CommandResult};
 
@@ -95,9 +95,9 @@ async fn configure(node: &Node, req: ConfigureRequest) -> Result<ConfigureRespon
     Ok(ConfigureResponse { setup: Some(convert::setup_to_proto(&setup)) })
 }
 
-/// Fences this region (the primary) for a planned switchover, or releases
-/// the fence.
-async fn fence(node: &Node, release: bool) -> Result<FenceResponse, Error> {
+/// Fences this region (the primary) for a planned switchover for `ttl_ms`
+/// (0: `FENCE_TTL_DEFAULT`), or releases the fence.
+async fn fence(node: &Node, release: bool, ttl_ms: u64) -> Result<FenceResponse, Error> {
     require_active_passive(node)?;
     let region = node.reader().region_state();
     let primary = node.reader().primary();
@@ -108,7 +108,15 @@ async fn fence(node: &Node, release: bool) -> Result<FenceResponse, Error> {
             region.epoch
         )));
     }
-    let cmd = Command::SetRole { primary, epoch: region.epoch, fenced: !release, shipped_through: 0 };
+    let ttl = match ttl_ms {
+        0 => FENCE_TTL_DEFAULT,
+        ms if ms > FENCE_TTL_MAX.as_millis() as u64 => {
+            return Err(Error::invalid(format!("ttl_ms {ms} is above FENCE_TTL_MAX ({FENCE_TTL_MAX:?})")));
+        }
+        ms => std::time::Duration::from_millis(ms),
+    };
+    let fenced_until_ms = if release { 0 } else { node.now()?.physical_ms + ttl.as_millis() as u64 };
+    let cmd = Command::SetRole { primary, epoch: region.epoch, fenced_until_ms, shipped_through: 0 };
     node.propose(cmd).await?;
     // Applied here by now: the applied index covers the fence.
     Ok(FenceResponse { epoch: region.epoch, index: node.reader().applied_index() })
@@ -125,7 +133,7 @@ async fn promote(node: &Node, epoch: u64) -> Result<RegionPromoteResponse, Error
     if epoch <= current {
         return Err(Error::FailedPrecondition(format!("epoch {epoch} must be above the current epoch {current}")));
     }
-    let cmd = Command::SetRole { primary: node.region().to_string(), epoch, fenced: false, shipped_through: 0 };
+    let cmd = Command::SetRole { primary: node.region().to_string(), epoch, fenced_until_ms: 0, shipped_through: 0 };
     match node.propose(cmd).await? {
         CommandResult::Role { .. } => {}
         CommandResult::Rejected { reason, .. } => return Err(Error::FailedPrecondition(reason)),
@@ -157,13 +165,20 @@ impl RegionAdmin for RegionAdminService {
     async fn region_status(&self, req: Request<RegionStatusRequest>) -> Result<Response<RegionStatusResponse>, Status> {
         let node = &self.node;
         let remote = |c, r| async move { client(c).region_status(r).await };
-        on_leader(node, req, remote, |_| async move { status(node) }).await
+        // The leader first confirms with a quorum that it still leads: a
+        // leader cut off from its majority must not answer for its region
+        // (the failover controller judges regions by this answer).
+        on_leader(node, req, remote, |_| async move {
+            node.ensure_linearizable().await?;
+            status(node)
+        })
+        .await
     }
 
     async fn fence(&self, req: Request<FenceRequest>) -> Result<Response<FenceResponse>, Status> {
         let node = &self.node;
         let remote = |c, r| async move { client(c).fence(r).await };
-        on_leader(node, req, remote, |r| fence(node, r.release)).await
+        on_leader(node, req, remote, |r| fence(node, r.release, r.ttl_ms)).await
     }
 
     async fn promote(&self, req: Request<RegionPromoteRequest>) -> Result<Response<RegionPromoteResponse>, Status> {

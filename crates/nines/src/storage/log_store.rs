@@ -6,10 +6,11 @@
 //! Every change goes through one writer thread, in the order it was made:
 //! it takes every request waiting, applies them in one write transaction
 //! and commits it with `Durability::Immediate` (redb fsyncs the file), then
-//! answers all of them. That is group commit: under load many appends share
-//! one fsync. An append is readable at once (from `pending`, until its
-//! commit lands) so replication to followers does not wait for the local
-//! fsync, as etcd-raft sends entries while it persists them.
+//! answers all of them: group commit. An append is readable at once (from
+//! `pending`, until its commit lands). openraft 0.9's core waits for each
+//! append to be flushed before it goes on, so today a batch rarely holds
+//! more than one append (plus the vote or the commit hint); the writer is
+//! ready for an openraft that pipelines appends.
 //!
 //! Invariants:
 //! - openraft hears that an append is persisted, and `save_vote`,
@@ -20,8 +21,12 @@
 //! - A reader sees every entry appended before it began: entries move from
 //!   `pending` to the file only after the file has them, and readers look at
 //!   `pending` first.
-//! - `purge` waits until the state machine has made the purged entries'
-//!   effects durable (see `PURGE_WAIT_MAX`), and asks it to.
+//! - A purge takes effect only once the state machine has made the purged
+//!   entries' effects durable: `purge` records the target and returns at
+//!   once (openraft calls it right after handing a snapshot to the state
+//!   machine, and must not wait for the install), and a purger task carries
+//!   it out when the durable applied index reaches it. A crash before that
+//!   leaves entries that are merely redundant.
 //!
 //! Caveats:
 //! - The committed log id is written with the next transaction, not on its
@@ -55,10 +60,8 @@ const WRITE_QUEUE_MAX: usize = 4096;
 /// Requests the writer takes into one transaction (one fsync).
 const WRITES_PER_COMMIT_MAX: usize = 1024;
 
-/// How long `purge` waits for the state machine to make the purged entries'
-/// effects durable. A state machine that cannot within this is stuck;
-/// failing the purge stops the node rather than risk a hole in the log.
-const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long the purger waits before it retries a purge that failed.
+const PURGE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The file of the log inside the data directory.
 pub const LOG_FILE: &str = "log.redb";
@@ -80,10 +83,11 @@ pub struct LogStore {
     /// `std::sync::Mutex`: held only to copy or update, never across `.await`.
     pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
     writes: std::sync::mpsc::SyncSender<Write>,
-    /// The state machine's durable applied index, and how to raise it.
-    /// `None` only in the storage conformance suite, which purges a log with
-    /// no state machine behind it.
-    durable_applied: Option<DurableApplied>,
+    /// The latest purge openraft asked for, carried out by the purger task
+    /// once the state machine has made it durable. `None` only in the
+    /// storage conformance suite, which purges a log with no state machine
+    /// behind it: there purges happen at once.
+    purge_target: Option<Arc<tokio::sync::watch::Sender<Option<LogId>>>>,
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -125,7 +129,12 @@ impl LogStore {
         let (writes, queue) = std::sync::mpsc::sync_channel(WRITE_QUEUE_MAX);
         let (wdb, wpending) = (db.clone(), pending.clone());
         std::thread::Builder::new().name("nines-log-writer".into()).spawn(move || writer(wdb, wpending, queue))?;
-        Ok(LogStore { db, pending, writes, durable_applied })
+        let purge_target = durable_applied.map(|durable| {
+            let (target, watch) = tokio::sync::watch::channel(None);
+            tokio::spawn(purger(durable, watch, writes.clone()));
+            Arc::new(target)
+        });
+        Ok(LogStore { db, pending, writes, purge_target })
     }
 
     /// Sends a change and waits until it is durable.
@@ -163,6 +172,41 @@ fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StorageError> {
         return Err(read_logs_err(LogError(format!("log record under index {index} holds entry {}", entry.log_id))));
     }
     Ok(entry)
+}
+
+/// Carries out purges once the state machine made them durable (see the
+/// module doc); stops when the log store is gone.
+async fn purger(
+    durable: DurableApplied,
+    mut target: tokio::sync::watch::Receiver<Option<LogId>>,
+    writes: std::sync::mpsc::SyncSender<Write>,
+) {
+    while target.changed().await.is_ok() {
+        let Some(upto) = *target.borrow_and_update() else { continue };
+        loop {
+            if let Err(e) = durable.reach(upto.index).await {
+                tracing::warn!(error = %e, %upto, "making the state machine durable before a purge failed; retrying");
+                tokio::time::sleep(PURGE_RETRY).await;
+                continue;
+            }
+            let (done, result) = tokio::sync::oneshot::channel();
+            let sent = {
+                let writes = writes.clone();
+                tokio::task::spawn_blocking(move || writes.send(Write::Purge { upto, done })).await
+            };
+            if !matches!(sent, Ok(Ok(()))) {
+                return; // The writer is gone: the node is stopping.
+            }
+            match result.await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, %upto, "purging the log failed; retrying");
+                    tokio::time::sleep(PURGE_RETRY).await;
+                }
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 /// The writer thread: one transaction and one fsync per batch of requests.
@@ -211,7 +255,11 @@ fn writer(db: Arc<Database>, pending: Arc<Mutex<BTreeMap<u64, Entry>>>, queue: s
 
 /// Applies a batch of changes in one durable transaction.
 fn commit(db: &Database, batch: &[Write]) -> anyhow::Result<()> {
-    let txn = db.begin_write()?;
+    let mut txn = db.begin_write()?;
+    if batch.iter().all(|w| matches!(w, Write::Committed(_))) {
+        // Only the commit hint: the next durable commit carries it.
+        txn.set_durability(redb::Durability::None)?;
+    }
     {
         let mut log = txn.open_table(LOG)?;
         let mut meta = txn.open_table(META)?;
@@ -226,8 +274,15 @@ fn commit(db: &Database, batch: &[Write]) -> anyhow::Result<()> {
                     log.retain_in(*from.., |_, _| false)?;
                 }
                 Write::Purge { upto, .. } => {
-                    meta.insert(LAST_PURGED_KEY, record::encode(upto)?.as_slice())?;
-                    log.retain_in(..=upto.index, |_, _| false)?;
+                    let stored: Option<LogId> = match meta.get(LAST_PURGED_KEY)? {
+                        Some(b) => Some(record::decode(b.value())?),
+                        None => None,
+                    };
+                    // Purges only move forward.
+                    if stored.is_none_or(|s| *upto > s) {
+                        meta.insert(LAST_PURGED_KEY, record::encode(upto)?.as_slice())?;
+                        log.retain_in(..=upto.index, |_, _| false)?;
+                    }
                 }
                 Write::Vote { vote, .. } => {
                     meta.insert(VOTE_KEY, record::encode(vote)?.as_slice())?;
@@ -277,10 +332,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
         let pending_last =
             self.pending.lock().unwrap_or_else(|p| p.into_inner()).values().next_back().map(|e| e.log_id);
+        // One read transaction: a purge between two reads would tear them.
         let txn = self.db.begin_read().map_err(|e| read_logs_err(redb::Error::from(e)))?;
+        let meta = txn.open_table(META).map_err(|e| read_logs_err(redb::Error::from(e)))?;
+        let last_purged: Option<LogId> =
+            match meta.get(LAST_PURGED_KEY).map_err(|e| read_logs_err(redb::Error::from(e)))? {
+                Some(b) => Some(record::decode(b.value()).map_err(read_logs_err)?),
+                None => None,
+            };
         let log = txn.open_table(LOG).map_err(|e| read_logs_err(redb::Error::from(e)))?;
         let stored_last = match log.last().map_err(|e| read_logs_err(redb::Error::from(e)))? {
             Some((k, v)) => Some(decode_entry(k.value(), v.value())?.log_id),
@@ -346,16 +407,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        if let Some(durable) = &self.durable_applied {
-            let reached = tokio::time::timeout(PURGE_WAIT_MAX, durable.reach(log_id.index)).await;
-            if !matches!(reached, Ok(Ok(()))) {
-                return Err(write_logs_err(LogError(format!(
-                    "refusing to purge the log to {log_id}: the state machine has not made it durable within {PURGE_WAIT_MAX:?}"
-                ))));
-            }
-        }
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).retain(|i, _| *i > log_id.index);
-        self.durably(|done| Write::Purge { upto: log_id, done }, ErrorSubject::Logs).await
+        match &self.purge_target {
+            Some(target) => {
+                target.send_modify(|t| *t = (*t).max(Some(log_id)));
+                Ok(())
+            }
+            None => self.durably(|done| Write::Purge { upto: log_id, done }, ErrorSubject::Logs).await,
+        }
     }
 }
 

@@ -2,13 +2,13 @@
 //! state machine ([`StateMachine`]) of one node, each in its own redb file
 //! under the node's data directory (so appends and applies never wait on one
 //! another's transactions), every record checksummed ([`record`]), and the
-//! directory's format checked first ([`format`]).
+//! directory's format checked first ([`mod@format`]).
 //!
 //! Why redb, and why two files, is measured in `docs/storage.md`.
 //!
 //! # Layout
 //!
-//! - [`format`]: the data directory's format version.
+//! - [`mod@format`]: the data directory's format version.
 //! - [`record`]: the versioned, checksummed encoding of every stored value.
 //! - [`log_store`]: the Raft log and vote, with a writer thread that group
 //!   commits (one fsync per batch of appends).

@@ -130,8 +130,12 @@ pub struct Reader {
 impl Reader {
     /// Opens a snapshot file and reads its header.
     pub fn open(path: &Path) -> Result<(Self, SnapshotMeta, RegionState), SnapshotError> {
-        let mut r =
-            Reader { input: BufReader::new(std::fs::File::open(path)?), frame: 0, counts: (0, 0, 0), ended: false };
+        Self::from_file(std::fs::File::open(path)?)
+    }
+
+    /// Reads a snapshot's header from an open file, from where it stands.
+    pub fn from_file(file: std::fs::File) -> Result<(Self, SnapshotMeta, RegionState), SnapshotError> {
+        let mut r = Reader { input: BufReader::new(file), frame: 0, counts: (0, 0, 0), ended: false };
         match r.raw()? {
             Some(Item::Header { meta, region }) => Ok((r, *meta, *region)),
             _ => Err(SnapshotError::Damaged("it does not begin with a header".into())),
@@ -154,6 +158,13 @@ impl Reader {
         let item = record::decode(&bytes).map_err(|source| SnapshotError::Record { frame: self.frame, source })?;
         self.frame += 1;
         Ok(Some(item))
+    }
+
+    /// Reads a whole snapshot file: every frame, the end frame and its counts.
+    pub fn verify(path: &Path) -> Result<SnapshotMeta, SnapshotError> {
+        let (mut r, meta, _) = Self::open(path)?;
+        while r.next_item()?.is_some() {}
+        Ok(meta)
     }
 
     /// The next stored item, or `None` after the end frame, whose counts

@@ -124,7 +124,9 @@ pub struct RegionState {
     pub primary: String,
     pub epoch: u64,
     /// The primary stopped taking writes for a planned switchover.
-    pub fenced: bool,
+    /// The primary refuses local writes stamped before this HLC time (ms),
+    /// for a planned switchover; 0: not fenced. A fence expires by itself.
+    pub fenced_until_ms: u64,
     /// Per origin region: the highest origin index applied here.
     pub applied_from: BTreeMap<String, u64>,
     /// Per origin region: remote writes applied here, each counted once.
@@ -148,6 +150,9 @@ pub struct RegionState {
     pub resync_pending: bool,
     /// The log index of the latest write that originated here.
     pub last_local_write: u64,
+    /// The greatest timestamp of a write that originated here: a restarted
+    /// node's clock starts from it (within the maximum offset).
+    pub hlc_high: Hlc,
     /// The replicated setup; `None` until the region's first leader
     /// proposed it. Local writes and shipments wait for it.
     pub setup: Option<ReplicationSetup>,
@@ -235,26 +240,38 @@ impl StateReader {
     }
 
     pub fn region_state(&self) -> RegionState {
-        self.region.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.region_ref().clone()
+    }
+
+    /// The region state without copying it (the acknowledgement history
+    /// can be long, and every write looks here).
+    fn region_ref(&self) -> std::sync::RwLockReadGuard<'_, RegionState> {
+        self.region.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The primary region (active-passive), taking the configured one at
     /// epoch 0; empty before the setup is replicated.
     pub fn primary(&self) -> String {
-        let state = self.region_state();
+        let state = self.region_ref();
         state.setup.as_ref().map(|s| effective_primary(s, &state)).unwrap_or_default()
     }
 
     /// The replicated setup, once the region has one.
     pub fn setup(&self) -> Option<ReplicationSetup> {
-        self.region_state().setup
+        self.region_ref().setup.clone()
+    }
+
+    /// Until when (HLC milliseconds) the region is fenced; 0: not fenced.
+    pub fn fenced_until_ms(&self) -> u64 {
+        self.region_ref().fenced_until_ms
     }
 
     /// Why a local write would be refused now, if it would: (reason, retry later).
     pub fn write_refusal(&self) -> Option<(String, bool)> {
-        let state = self.region_state();
+        use crate::hlc::PhysicalClock;
+        let state = self.region_ref();
         match &state.setup {
-            Some(setup) => write_refusal(setup, &state),
+            Some(setup) => write_refusal(setup, &state, crate::hlc::WallClock.now_ms()),
             None => Some((NOT_CONFIGURED.into(), true)),
         }
     }
@@ -440,7 +457,10 @@ fn effective_primary(setup: &ReplicationSetup, state: &RegionState) -> String {
     if state.epoch == 0 { setup.initial_primary.clone() } else { state.primary.clone() }
 }
 
-fn write_refusal(setup: &ReplicationSetup, state: &RegionState) -> Option<(String, bool)> {
+/// Why a local write stamped at `now_ms` (HLC milliseconds) would be
+/// refused: (reason, retry later). At apply time `now_ms` is the write's own
+/// stamp, so every replica decides the same.
+fn write_refusal(setup: &ReplicationSetup, state: &RegionState, now_ms: u64) -> Option<(String, bool)> {
     if setup.mode != Mode::ActivePassive {
         return None;
     }
@@ -454,8 +474,13 @@ fn write_refusal(setup: &ReplicationSetup, state: &RegionState) -> Option<(Strin
             false,
         ));
     }
-    if state.fenced {
-        return Some((format!("region {} is fenced for a switchover; retry shortly", setup.region), true));
+    if now_ms < state.fenced_until_ms {
+        let reason = format!(
+            "region {} is fenced for a switchover for {} ms more; retry shortly",
+            setup.region,
+            state.fenced_until_ms - now_ms
+        );
+        return Some((reason, true));
     }
     None
 }
@@ -466,13 +491,22 @@ struct Remote {
     epoch: u64,
     entries: Vec<RemoteEntry>,
     complete_through: u64,
+    collect_below_ms: u64,
+}
+
+/// The fields of an `AckShipped` command.
+struct Ack {
+    peer: String,
+    acked: u64,
+    peer_index: u64,
+    collect_below_ms: u64,
 }
 
 /// The fields of a `SetRole` command.
 struct Role {
     primary: String,
     epoch: u64,
-    fenced: bool,
+    fenced_until_ms: u64,
     shipped_through: u64,
 }
 
@@ -503,6 +537,10 @@ struct Pending {
     changefeed: BTreeMap<u64, Option<ChangeRecord>>,
     divergent: Vec<(u64, DivergentRecord)>,
 }
+
+/// What one `apply` computed: results, effects, region state, the new
+/// applied id and any new membership.
+type Computed = (Vec<CommandResult>, Pending, RegionState, Option<LogId>, Option<StoredMembership>);
 
 /// The state machine of one node.
 pub struct StateMachine {
@@ -561,6 +599,7 @@ impl StateMachine {
         txn.commit()?;
         let snapshot_dir = snapshot::dir(dir);
         std::fs::create_dir_all(&snapshot_dir)?;
+        clean_snapshot_dir(&snapshot_dir)?;
         super::fsync_dir(dir)?;
         let read = db.begin_read()?;
         let last_applied: Option<LogId> = read_meta::<Option<LogId>>(&read, APPLIED_KEY)?.flatten();
@@ -568,6 +607,11 @@ impl StateMachine {
         let region: RegionState = read_meta(&read, REGION_KEY)?.unwrap_or_default();
         let changefeed_len = read.open_table(CHANGEFEED)?.len()?;
         drop(read);
+        // A restarted clock starts above what this region stamped (unless
+        // that is beyond the maximum offset: then it is not adopted).
+        if clock.witness(region.hlc_high).is_err() {
+            tracing::warn!(high = %region.hlc_high, "the region stamped writes ahead of this clock's maximum offset");
+        }
         let applied_index = last_applied.map(|l| l.index).unwrap_or(0);
         let db = Arc::new(db);
         let durable = DurableApplied {
@@ -674,6 +718,7 @@ impl StateMachine {
         version: &Version,
     ) {
         region.last_local_write = version.index;
+        region.hlc_high = region.hlc_high.max(version.hlc);
         if region.setup.as_ref().is_some_and(|s| !s.peers.is_empty()) {
             let rec = ChangeRecord { key: key.clone(), value: value.clone(), hlc: version.hlc };
             pending.changefeed.insert(version.index, Some(rec));
@@ -698,9 +743,15 @@ impl StateMachine {
                 _ => CommandResult::Rejected { reason: NOT_CONFIGURED.into(), retry_later: true },
             });
         };
-        let is_local_write =
-            matches!(cmd, Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. });
-        if is_local_write && let Some((reason, retry_later)) = write_refusal(&setup, region) {
+        let stamp = match &cmd {
+            Command::Put { hlc, .. } | Command::Delete { hlc, .. } | Command::CompareAndSwap { hlc, .. } => {
+                Some(hlc.physical_ms)
+            }
+            _ => None,
+        };
+        if let Some(ms) = stamp
+            && let Some((reason, retry_later)) = write_refusal(&setup, region, ms)
+        {
             return Ok(CommandResult::Rejected { reason, retry_later });
         }
         Ok(match cmd {
@@ -735,16 +786,16 @@ impl StateMachine {
                     CommandResult::CompareAndSwap { succeeded: false, version: None, current }
                 }
             }
-            Command::ApplyRemote { origin, epoch, entries, complete_through } => {
-                let remote = Remote { origin, epoch, entries, complete_through };
+            Command::ApplyRemote { origin, epoch, entries, complete_through, collect_below_ms } => {
+                let remote = Remote { origin, epoch, entries, complete_through, collect_below_ms };
                 self.apply_remote(&setup, pending, region, index, remote)?
             }
-            Command::AckShipped { region: peer, index: acked, peer_index } => {
-                self.ack_shipped(&setup, pending, region, peer, acked, peer_index)?;
+            Command::AckShipped { region: peer, index: acked, peer_index, collect_below_ms } => {
+                self.ack_shipped(&setup, pending, region, Ack { peer, acked, peer_index, collect_below_ms })?;
                 CommandResult::None
             }
-            Command::SetRole { primary, epoch, fenced, shipped_through } => {
-                self.set_role(&setup, pending, region, Role { primary, epoch, fenced, shipped_through })?
+            Command::SetRole { primary, epoch, fenced_until_ms, shipped_through } => {
+                self.set_role(&setup, pending, region, Role { primary, epoch, fenced_until_ms, shipped_through })?
             }
             Command::Resync { entries, done } => {
                 self.resync(pending, index, entries)?;
@@ -770,7 +821,7 @@ impl StateMachine {
         index: u64,
         remote: Remote,
     ) -> Result<CommandResult, StorageError> {
-        let Remote { origin, epoch, entries, complete_through } = remote;
+        let Remote { origin, epoch, entries, complete_through, collect_below_ms } = remote;
         if !setup.peers.contains(&origin) {
             return Ok(CommandResult::Rejected {
                 reason: format!("{origin} is not a peer region of {}", setup.region),
@@ -816,7 +867,7 @@ impl StateMachine {
         *region.applied_total.entry(origin).or_default() += applied;
         if advanced {
             // Holding more of the origin's writes may free tombstones.
-            self.collect_tombstones(setup, pending, region)?;
+            self.collect_tombstones(setup, pending, region, collect_below_ms)?;
         }
         Ok(CommandResult::Remote { applied, applied_through: through })
     }
@@ -839,10 +890,9 @@ impl StateMachine {
         setup: &ReplicationSetup,
         pending: &mut Pending,
         region: &mut RegionState,
-        peer: String,
-        acked: u64,
-        peer_index: u64,
+        ack: Ack,
     ) -> Result<(), StorageError> {
+        let Ack { peer, acked, peer_index, collect_below_ms } = ack;
         if !setup.peers.contains(&peer) {
             return Ok(());
         }
@@ -866,7 +916,7 @@ impl StateMachine {
                 }
             }
         }
-        self.collect_tombstones(setup, pending, region)
+        self.collect_tombstones(setup, pending, region, collect_below_ms)
     }
 
     /// Collects the tombstones no peer can still send an older write for
@@ -878,13 +928,21 @@ impl StateMachine {
         setup: &ReplicationSetup,
         pending: &mut Pending,
         region: &mut RegionState,
+        below_ms: u64,
     ) -> Result<(), StorageError> {
         let safe = setup.peers.iter().map(|p| tombstones_safe_through(region, p)).min().unwrap_or(0);
         let through = safe.min(all_acked(setup, region));
         if through <= region.tombstones_collected_through {
             return Ok(());
         }
+        let mut collected = through;
         for (i, rec) in self.changefeed_in(pending, region.tombstones_collected_through.saturating_add(1), through)? {
+            if rec.value.is_none() && rec.hlc.physical_ms >= below_ms {
+                // Too new to go yet (see `Command::AckShipped`): it and
+                // everything after it wait for a later collection.
+                collected = i.saturating_sub(1);
+                break;
+            }
             pending.changefeed.insert(i, None);
             if rec.value.is_some() {
                 continue;
@@ -895,11 +953,12 @@ impl StateMachine {
                 pending.data.insert(rec.key, None);
             }
         }
-        region.tombstones_collected_through = through;
+        region.tombstones_collected_through = region.tombstones_collected_through.max(collected);
+        let done = region.tombstones_collected_through;
         // Acknowledgements at or below the collected tombstones are of no
         // further use: every tombstone left is above them.
         for history in region.ack_history.values_mut() {
-            history.retain(|(a, _)| *a > through);
+            history.retain(|(a, _)| *a > done);
         }
         Ok(())
     }
@@ -911,7 +970,7 @@ impl StateMachine {
         region: &mut RegionState,
         role: Role,
     ) -> Result<CommandResult, StorageError> {
-        let Role { primary, epoch, fenced, shipped_through } = role;
+        let Role { primary, epoch, fenced_until_ms, shipped_through } = role;
         if epoch > EPOCH_MAX {
             return Ok(CommandResult::Rejected {
                 reason: format!("epoch {epoch} is above EPOCH_MAX {EPOCH_MAX}"),
@@ -923,7 +982,7 @@ impl StateMachine {
             return Ok(CommandResult::Role { divergent: Vec::new() });
         }
         if epoch == region.epoch {
-            region.fenced = fenced;
+            region.fenced_until_ms = fenced_until_ms;
             return Ok(CommandResult::Role { divergent: Vec::new() });
         }
         let mut divergent = Vec::new();
@@ -943,7 +1002,7 @@ impl StateMachine {
         }
         region.primary = primary;
         region.epoch = epoch;
-        region.fenced = fenced;
+        region.fenced_until_ms = fenced_until_ms;
         Ok(CommandResult::Role { divergent })
     }
 
@@ -962,6 +1021,30 @@ impl StateMachine {
             }
         }
         Ok(())
+    }
+
+    /// Computes the effects of `entries` against the committed state (the
+    /// read view) and the batch so far: results, effects, region state, the
+    /// new applied id and any new membership.
+    fn compute<I: IntoIterator<Item = Entry>>(&mut self, entries: I) -> Result<Computed, StorageError> {
+        let mut pending = Pending::default();
+        let mut region = self.region.clone();
+        let mut results = Vec::new();
+        let mut last_applied = self.last_applied;
+        let mut membership = None;
+        for entry in entries {
+            if let Some(prev) = last_applied
+                && entry.log_id.index <= prev.index
+            {
+                let why = format!("applying entry {} after {prev}: the log went backwards", entry.log_id);
+                return Err(sm_err(ErrorVerb::Write, SnapshotError::Damaged(why)));
+            }
+            last_applied = Some(entry.log_id);
+            let (result, changed) = self.apply_entry(&mut pending, &mut region, entry)?;
+            membership = changed.or(membership);
+            results.push(result);
+        }
+        Ok((results, pending, region, last_applied, membership))
     }
 
     /// Applies one log entry's payload into `pending`.
@@ -1080,87 +1163,6 @@ impl StateMachine {
         self.region = region;
     }
 
-    /// Replaces the whole state with a snapshot file's, in bounded batches
-    /// into staging tables and one final transaction that switches them in
-    /// (see the module doc). Returns the snapshot's region state and counts.
-    fn install_from(&self, path: &Path, meta: &SnapshotMeta) -> Result<(RegionState, u64), StorageError> {
-        let fail = |e: SnapshotError| snapshot_err(ErrorVerb::Read, e);
-        let (mut reader, file_meta, region) = snapshot::Reader::open(path).map_err(fail)?;
-        if file_meta.last_log_id != meta.last_log_id {
-            return Err(fail(SnapshotError::Damaged(format!(
-                "it holds log id {:?}, not the {:?} it was sent as",
-                file_meta.last_log_id, meta.last_log_id
-            ))));
-        }
-        let mut changefeed_len = 0;
-        let mut done = false;
-        while !done {
-            let mut txn = self.db.begin_write().map_err(write_err)?;
-            txn.set_durability(Durability::None).map_err(|e| sm_err(ErrorVerb::Write, e))?;
-            {
-                let mut data = txn.open_table(DATA_NEXT).map_err(write_err)?;
-                let mut changefeed = txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
-                let mut divergent = txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
-                let mut bytes = 0;
-                while bytes < SNAPSHOT_INSTALL_BATCH_BYTES {
-                    let Some(item) = reader.next_item().map_err(fail)? else {
-                        done = true;
-                        break;
-                    };
-                    let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
-                    match item {
-                        Item::Data { key, value } => {
-                            let v = enc(&value)?;
-                            bytes += key.len() + v.len();
-                            data.insert(key.as_slice(), v.as_slice()).map_err(write_err)?;
-                        }
-                        Item::Change { index, record } => {
-                            let v = enc(&record)?;
-                            bytes += v.len();
-                            changefeed_len += 1;
-                            changefeed.insert(index, v.as_slice()).map_err(write_err)?;
-                        }
-                        Item::Divergent { seq, record } => {
-                            let v = enc(&record)?;
-                            bytes += v.len();
-                            divergent.insert(seq, v.as_slice()).map_err(write_err)?;
-                        }
-                        Item::Header { .. } | Item::End { .. } => {}
-                    }
-                }
-            }
-            txn.commit().map_err(write_err)?;
-        }
-        self.switch_in(meta, &region)?;
-        Ok((region, changefeed_len))
-    }
-
-    /// The final, durable transaction of an install: the staging tables
-    /// replace the live ones, with the snapshot's applied id, membership
-    /// and region state.
-    fn switch_in(&self, meta: &SnapshotMeta, region: &RegionState) -> Result<(), StorageError> {
-        let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
-        let txn = self.db.begin_write().map_err(write_err)?;
-        txn.delete_table(DATA).map_err(write_err)?;
-        txn.delete_table(CHANGEFEED).map_err(write_err)?;
-        txn.delete_table(DIVERGENT).map_err(write_err)?;
-        // Opened so that an empty snapshot still has every table to rename.
-        txn.open_table(DATA_NEXT).map_err(write_err)?;
-        txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
-        txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
-        txn.rename_table(DATA_NEXT, DATA).map_err(write_err)?;
-        txn.rename_table(CHANGEFEED_NEXT, CHANGEFEED).map_err(write_err)?;
-        txn.rename_table(DIVERGENT_NEXT, DIVERGENT).map_err(write_err)?;
-        {
-            let mut m = txn.open_table(META).map_err(write_err)?;
-            m.insert(APPLIED_KEY, enc(&meta.last_log_id)?.as_slice()).map_err(write_err)?;
-            m.insert(MEMBERSHIP_KEY, enc(&meta.last_membership)?.as_slice()).map_err(write_err)?;
-            m.insert(REGION_KEY, enc(region)?.as_slice()).map_err(write_err)?;
-        }
-        txn.commit().map_err(write_err)?;
-        Ok(())
-    }
-
     /// The file of a received snapshot, durable: the file
     /// `begin_receiving_snapshot` handed out, or a copy of whatever file
     /// openraft gives instead (read from its start).
@@ -1195,6 +1197,118 @@ impl StateMachine {
     fn keep_snapshot(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StorageError> {
         keep_snapshot(&self.snapshot_dir, &self.snapshot_lock, path, meta)
     }
+}
+
+/// Replaces the whole state with a snapshot file's, in bounded batches into
+/// staging tables (cleared first: a failed install may have left some) and
+/// one final transaction that switches them in (see the module doc).
+/// Returns the snapshot's region state, its changefeed length and the
+/// greatest timestamp it holds. Blocking: runs off the async runtime.
+fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<(RegionState, u64, Hlc), StorageError> {
+    let fail = |e: SnapshotError| snapshot_err(ErrorVerb::Read, e);
+    let (mut reader, file_meta, region) = snapshot::Reader::open(path).map_err(fail)?;
+    if file_meta.last_log_id != meta.last_log_id {
+        return Err(fail(SnapshotError::Damaged(format!(
+            "it holds log id {:?}, not the {:?} it was sent as",
+            file_meta.last_log_id, meta.last_log_id
+        ))));
+    }
+    let clear = db.begin_write().map_err(write_err)?;
+    clear.delete_table(DATA_NEXT).map_err(write_err)?;
+    clear.delete_table(CHANGEFEED_NEXT).map_err(write_err)?;
+    clear.delete_table(DIVERGENT_NEXT).map_err(write_err)?;
+    clear.commit().map_err(write_err)?;
+    let mut changefeed_len = 0;
+    let mut newest = Hlc::default();
+    let mut done = false;
+    while !done {
+        let mut txn = db.begin_write().map_err(write_err)?;
+        txn.set_durability(Durability::None).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        {
+            let mut data = txn.open_table(DATA_NEXT).map_err(write_err)?;
+            let mut changefeed = txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
+            let mut divergent = txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
+            let mut bytes = 0;
+            while bytes < SNAPSHOT_INSTALL_BATCH_BYTES {
+                let Some(item) = reader.next_item().map_err(fail)? else {
+                    done = true;
+                    break;
+                };
+                let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
+                match item {
+                    Item::Data { key, value } => {
+                        newest = newest.max(value.version.hlc);
+                        let v = enc(&value)?;
+                        bytes += key.len() + v.len();
+                        data.insert(key.as_slice(), v.as_slice()).map_err(write_err)?;
+                    }
+                    Item::Change { index, record } => {
+                        let v = enc(&record)?;
+                        bytes += v.len();
+                        changefeed_len += 1;
+                        changefeed.insert(index, v.as_slice()).map_err(write_err)?;
+                    }
+                    Item::Divergent { seq, record } => {
+                        let v = enc(&record)?;
+                        bytes += v.len();
+                        divergent.insert(seq, v.as_slice()).map_err(write_err)?;
+                    }
+                    Item::Header { .. } | Item::End { .. } => {}
+                }
+            }
+        }
+        txn.commit().map_err(write_err)?;
+    }
+    switch_in(db, meta, &region)?;
+    Ok((region, changefeed_len, newest))
+}
+
+/// The final, durable transaction of an install: the staging tables
+/// replace the live ones, with the snapshot's applied id, membership and
+/// region state.
+fn switch_in(db: &Database, meta: &SnapshotMeta, region: &RegionState) -> Result<(), StorageError> {
+    let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
+    let txn = db.begin_write().map_err(write_err)?;
+    txn.delete_table(DATA).map_err(write_err)?;
+    txn.delete_table(CHANGEFEED).map_err(write_err)?;
+    txn.delete_table(DIVERGENT).map_err(write_err)?;
+    // Opened so that an empty snapshot still has every table to rename.
+    txn.open_table(DATA_NEXT).map_err(write_err)?;
+    txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
+    txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
+    txn.rename_table(DATA_NEXT, DATA).map_err(write_err)?;
+    txn.rename_table(CHANGEFEED_NEXT, CHANGEFEED).map_err(write_err)?;
+    txn.rename_table(DIVERGENT_NEXT, DIVERGENT).map_err(write_err)?;
+    {
+        let mut m = txn.open_table(META).map_err(write_err)?;
+        m.insert(APPLIED_KEY, enc(&meta.last_log_id)?.as_slice()).map_err(write_err)?;
+        m.insert(MEMBERSHIP_KEY, enc(&meta.last_membership)?.as_slice()).map_err(write_err)?;
+        m.insert(REGION_KEY, enc(region)?.as_slice()).map_err(write_err)?;
+    }
+    txn.commit().map_err(write_err)?;
+    Ok(())
+}
+
+/// Removes what a crash or a failed transfer left in the snapshot
+/// directory (files being built, received or installed), and a current
+/// snapshot that does not read back whole: openraft builds a new one, where
+/// serving a damaged one would stop every follower that installs it.
+fn clean_snapshot_dir(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n != snapshot::CURRENT) {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    let current = dir.join(snapshot::CURRENT);
+    if current.exists()
+        && let Err(e) = snapshot::Reader::verify(&current)
+    {
+        tracing::warn!(error = %e, path = %current.display(), "removing a damaged snapshot; a new one will be built");
+        std::fs::remove_file(&current)?;
+    }
+    super::fsync_dir(dir)?;
+    Ok(())
 }
 
 /// See [`StateMachine::keep_snapshot`].
@@ -1236,6 +1350,7 @@ mod erased {
 /// Builds a snapshot from a read transaction taken when openraft asked, so
 /// applies that happen while it is written do not leak in.
 pub struct SnapshotBuilder {
+    durable: DurableApplied,
     view: Option<ReadTransaction>,
     meta: SnapshotMeta,
     region: RegionState,
@@ -1284,10 +1399,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .await
             .map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e.to_string())))?
             .map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
+        // Opened before it may be renamed (or dropped for a newer one), so
+        // what is returned is this snapshot whatever happens to the name.
+        let file = tokio::fs::File::open(&built).await.map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
+        // The state the snapshot holds is made durable before the snapshot
+        // becomes current: a restart never finds a current snapshot ahead of
+        // its own durable state.
+        let index = self.meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        self.durable.reach(index).await.map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e)))?;
         keep_snapshot(&self.dir, &self.lock, &built, &self.meta)?;
-        let file = tokio::fs::File::open(self.dir.join(snapshot::CURRENT))
-            .await
-            .map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
         Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(file) })
     }
 }
@@ -1305,32 +1425,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         self.view = Some(self.db.begin_read().map_err(read_err)?);
-        let mut pending = Pending::default();
-        let mut region = self.region.clone();
-        let mut results = Vec::new();
-        let mut last_applied = self.last_applied;
-        let mut membership = None;
-        for entry in entries {
-            if let Some(prev) = last_applied {
-                assert!(
-                    entry.log_id.index > prev.index,
-                    "applying entry {} after {prev}: the log went backwards",
-                    entry.log_id
-                );
-            }
-            last_applied = Some(entry.log_id);
-            let (result, changed) = self.apply_entry(&mut pending, &mut region, entry)?;
-            membership = changed.or(membership);
-            results.push(result);
-        }
+        let computed = self.compute(entries);
+        // The read view ends with the computation, whatever its outcome.
         self.view = None;
+        let (results, pending, region, last_applied, membership) = computed?;
         let grown = self.write(&pending, &region, last_applied, membership.as_ref())?;
         self.last_applied = last_applied;
         if let Some(m) = membership {
             self.membership = m;
         }
         let len = self.changefeed_len.load(Ordering::Acquire) as i64 + grown;
-        assert!(len >= 0, "changefeed length went negative: {len}");
+        if len < 0 {
+            return Err(sm_err(
+                ErrorVerb::Write,
+                SnapshotError::Damaged(format!("changefeed length went negative: {len}")),
+            ));
+        }
         self.changefeed_len.store(len as u64, Ordering::Release);
         self.publish(region);
         self.applied.store(last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
@@ -1349,6 +1459,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // `last`. A failure shows when the snapshot is built.
         let view = self.db.begin_read().ok();
         SnapshotBuilder {
+            durable: self.durable.clone(),
             view,
             meta,
             region: self.region.clone(),
@@ -1378,35 +1489,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         let path = self.received_file(*snapshot).await?;
-        let (region, changefeed_len) = self.install_from(&path, meta)?;
+        let (db, file, m) = (self.db.clone(), path.clone(), meta.clone());
+        let (region, changefeed_len, newest) = tokio::task::spawn_blocking(move || install_tables(&db, &file, &m))
+            .await
+            .map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e.to_string())))??;
+        // The installed state is durable; the snapshot becomes current before
+        // the durable index moves, so the log is never purged beyond the
+        // current snapshot (a crash in between keeps the older snapshot and
+        // the unpurged log).
+        self.keep_snapshot(&path, meta)?;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.durable.committed.store(index, Ordering::Release);
         self.durable.raise(index);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.changefeed_len.store(changefeed_len, Ordering::Release);
-        // Every installed value's clock, adopted within the maximum offset.
-        let txn = self.db.begin_read().map_err(read_err)?;
-        for item in txn.open_table(DATA).map_err(read_err)?.iter().map_err(read_err)? {
-            let (k, v) = item.map_err(read_err)?;
-            let stored: StoredValue = decode_at(k.value(), v.value()).map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            self.witness(stored.version.hlc);
-        }
+        // The installed values' clock, adopted within the maximum offset.
+        self.witness(newest);
         self.publish(region);
         self.applied.store(index, Ordering::Release);
-        self.keep_snapshot(&path, meta)
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let path = self.snapshot_dir.join(snapshot::CURRENT);
-        let meta = match snapshot::Reader::open(&path) {
-            Ok((_, meta, _)) => meta,
-            Err(SnapshotError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(snapshot_err(ErrorVerb::Read, e)),
-        };
-        let file = tokio::fs::File::open(&path).await.map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+        open_current(&self.snapshot_dir)
     }
+}
+
+/// The current snapshot: its header and its data read through one file
+/// descriptor, so a newer snapshot renamed in meanwhile cannot mix with it.
+fn open_current(dir: &Path) -> Result<Option<Snapshot>, StorageError> {
+    use std::io::Seek;
+    let io = |e: std::io::Error| snapshot_err(ErrorVerb::Read, e);
+    let mut file = match std::fs::File::open(dir.join(snapshot::CURRENT)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let header = snapshot::Reader::from_file(file.try_clone().map_err(io)?);
+    let (_, meta, _) = header.map_err(|e| snapshot_err(ErrorVerb::Read, e))?;
+    file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+    Ok(Some(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
 }
 
 #[cfg(test)]
@@ -1474,8 +1597,17 @@ mod tests {
             let (_d, mut sm) = open("a", &[origin], Mode::ActiveActive, "");
             apply(&mut sm, put("k", "local", local_at)).await;
             let entries = vec![remote(1, "k", Some("remote"), remote_at)];
-            apply(&mut sm, Command::ApplyRemote { origin: origin.into(), epoch: 0, entries, complete_through: 1 })
-                .await;
+            apply(
+                &mut sm,
+                Command::ApplyRemote {
+                    origin: origin.into(),
+                    epoch: 0,
+                    entries,
+                    complete_through: 1,
+                    collect_below_ms: u64::MAX,
+                },
+            )
+            .await;
             let got = sm.reader().get(b"k").unwrap().unwrap();
             assert_eq!(got.value.as_deref(), Some(winner.as_bytes()), "local {local_at} vs {origin} {remote_at}");
         }
@@ -1488,7 +1620,7 @@ mod tests {
             put("k", "1", hlc(5, 0)),
             put("k", "2", hlc(5, 0)),
             Command::CompareAndSwap { key: "n".into(), value: "x".into(), expected: Expected::Absent, hlc: hlc(5, 0) },
-            Command::AckShipped { region: "b".into(), index: 0, peer_index: 0 },
+            Command::AckShipped { region: "b".into(), index: 0, peer_index: 0, collect_below_ms: u64::MAX },
         ]);
         let CommandResult::Batch(results) = apply(&mut sm, batch).await else { panic!("batch result") };
         let versions: Vec<u64> = results
@@ -1513,7 +1645,13 @@ mod tests {
         let batch = vec![remote(3, "x", Some("1"), hlc(10, 0)), remote(7, "y", Some("2"), hlc(11, 0))];
         let first = apply(
             &mut sm,
-            Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: batch.clone(), complete_through: 7 },
+            Command::ApplyRemote {
+                origin: "b".into(),
+                epoch: 0,
+                entries: batch.clone(),
+                complete_through: 7,
+                collect_below_ms: u64::MAX,
+            },
         )
         .await;
         assert_eq!(first, CommandResult::Remote { applied: 2, applied_through: 7 });
@@ -1521,7 +1659,13 @@ mod tests {
         overlapping.push(remote(9, "z", Some("3"), hlc(12, 0)));
         let again = apply(
             &mut sm,
-            Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: overlapping, complete_through: 9 },
+            Command::ApplyRemote {
+                origin: "b".into(),
+                epoch: 0,
+                entries: overlapping,
+                complete_through: 9,
+                collect_below_ms: u64::MAX,
+            },
         )
         .await;
         assert_eq!(again, CommandResult::Remote { applied: 1, applied_through: 9 });
@@ -1540,10 +1684,18 @@ mod tests {
             panic!("delete result")
         };
         assert_eq!(sm.reader().changefeed_len(), 2);
-        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index, peer_index: 0 }).await;
+        apply(
+            &mut sm,
+            Command::AckShipped { region: "b".into(), index: version.index, peer_index: 0, collect_below_ms: u64::MAX },
+        )
+        .await;
         assert_eq!(sm.reader().changefeed_len(), 2, "c has not applied them yet");
         assert!(sm.reader().get(b"k").unwrap().is_some(), "the tombstone stays until every peer has it");
-        apply(&mut sm, Command::AckShipped { region: "c".into(), index: version.index, peer_index: 0 }).await;
+        apply(
+            &mut sm,
+            Command::AckShipped { region: "c".into(), index: version.index, peer_index: 0, collect_below_ms: u64::MAX },
+        )
+        .await;
         assert_eq!(sm.reader().changefeed_len(), 0);
         assert!(sm.reader().get(b"k").unwrap().is_none(), "the acknowledged tombstone is collected");
     }
@@ -1558,11 +1710,29 @@ mod tests {
         else {
             panic!("delete result")
         };
-        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index, peer_index: 40 }).await;
+        apply(
+            &mut sm,
+            Command::AckShipped {
+                region: "b".into(),
+                index: version.index,
+                peer_index: 40,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
         assert!(sm.reader().get(b"k").unwrap().is_some(), "the tombstone must wait for b's writes up to index 40");
         let late = vec![remote(30, "k", Some("old"), hlc(5, 0))];
-        apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: late, complete_through: 40 })
-            .await;
+        apply(
+            &mut sm,
+            Command::ApplyRemote {
+                origin: "b".into(),
+                epoch: 0,
+                entries: late,
+                complete_through: 40,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
         // The older put lost to the tombstone, and holding b's writes through
         // 40 frees the tombstone in the same apply: no older write can come.
         assert!(sm.reader().get(b"k").unwrap().is_none(), "collected, and the older put did not resurrect k");
@@ -1578,11 +1748,14 @@ mod tests {
         );
         let (_d, mut primary) = open("a", &["b"], Mode::ActivePassive, "a");
         assert!(matches!(apply(&mut primary, put("k", "v", hlc(1, 0))).await, CommandResult::Put { .. }));
-        let fence = Command::SetRole { primary: "a".into(), epoch: 0, fenced: true, shipped_through: 0 };
+        let fence = Command::SetRole { primary: "a".into(), epoch: 0, fenced_until_ms: 100, shipped_through: 0 };
         apply(&mut primary, fence).await;
         let r = apply(&mut primary, put("k", "w", hlc(2, 0))).await;
         assert!(matches!(r, CommandResult::Rejected { retry_later: true, .. }), "{r:?}");
         assert_eq!(primary.reader().get(b"k").unwrap().unwrap().value.as_deref(), Some(&b"v"[..]));
+        // The fence expires by itself: a write stamped after it applies.
+        let later = apply(&mut primary, put("k", "x", hlc(100, 0))).await;
+        assert!(matches!(later, CommandResult::Put { .. }), "{later:?}");
     }
 
     #[tokio::test]
@@ -1591,8 +1764,12 @@ mod tests {
         for i in 1..=5u64 {
             apply(&mut sm, put(&format!("k{i}"), "v", hlc(i, 0))).await;
         }
-        let demote =
-            Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: version_index(3, 0) };
+        let demote = Command::SetRole {
+            primary: "b".into(),
+            epoch: 1,
+            fenced_until_ms: 0,
+            shipped_through: version_index(3, 0),
+        };
         let r = apply(&mut sm, demote).await;
         assert_eq!(r, CommandResult::Role { divergent: vec![b"k4".to_vec(), b"k5".to_vec()] });
         let reader = sm.reader();
@@ -1604,7 +1781,7 @@ mod tests {
         assert_eq!(reader.changefeed_len(), 3);
         assert_eq!(reader.primary(), "b");
         // A second notice of the same epoch changes nothing.
-        let again = Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through: 0 };
+        let again = Command::SetRole { primary: "b".into(), epoch: 1, fenced_until_ms: 0, shipped_through: 0 };
         assert_eq!(apply(&mut sm, again).await, CommandResult::Role { divergent: vec![] });
         assert_eq!(sm.reader().region_state().divergent_total, 2);
     }
@@ -1616,9 +1793,19 @@ mod tests {
             apply(&mut a, put(&format!("k{i}"), "v", hlc(i, 0))).await;
         }
         let shipped_through = version_index(2, 0);
-        apply(&mut a, Command::SetRole { primary: "b".into(), epoch: 1, fenced: false, shipped_through }).await;
+        apply(&mut a, Command::SetRole { primary: "b".into(), epoch: 1, fenced_until_ms: 0, shipped_through }).await;
         let entries = vec![remote(9, "r", Some("x"), hlc(50, 0))];
-        apply(&mut a, Command::ApplyRemote { origin: "b".into(), epoch: 1, entries, complete_through: 9 }).await;
+        apply(
+            &mut a,
+            Command::ApplyRemote {
+                origin: "b".into(),
+                epoch: 1,
+                entries,
+                complete_through: 9,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
         let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
         let (_d2, mut b) = open("a", &["b"], Mode::ActivePassive, "a");
         let mut incoming = b.begin_receiving_snapshot().await.unwrap();
@@ -1648,12 +1835,27 @@ mod tests {
         for round in 0..5u64 {
             // b acknowledged everything so far, at its own position b_index...
             let acked = version.index + round;
-            apply(&mut sm, Command::AckShipped { region: "b".into(), index: acked, peer_index: b_index }).await;
+            apply(
+                &mut sm,
+                Command::AckShipped {
+                    region: "b".into(),
+                    index: acked,
+                    peer_index: b_index,
+                    collect_below_ms: u64::MAX,
+                },
+            )
+            .await;
             // ...while a holds b's writes only up to the previous position.
             let entries = vec![remote(b_index - 50, "other", Some("x"), hlc(20 + round, 0))];
             apply(
                 &mut sm,
-                Command::ApplyRemote { origin: "b".into(), epoch: 0, entries, complete_through: b_index - 50 },
+                Command::ApplyRemote {
+                    origin: "b".into(),
+                    epoch: 0,
+                    entries,
+                    complete_through: b_index - 50,
+                    collect_below_ms: u64::MAX,
+                },
             )
             .await;
             apply(&mut sm, put("filler", "v", hlc(30 + round, 0))).await;
@@ -1672,17 +1874,88 @@ mod tests {
         else {
             panic!("delete result")
         };
-        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index, peer_index: 40 }).await;
+        apply(
+            &mut sm,
+            Command::AckShipped {
+                region: "b".into(),
+                index: version.index,
+                peer_index: 40,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
         let early = vec![remote(39, "x", Some("1"), hlc(5, 0))];
-        apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: early, complete_through: 39 })
-            .await;
+        apply(
+            &mut sm,
+            Command::ApplyRemote {
+                origin: "b".into(),
+                epoch: 0,
+                entries: early,
+                complete_through: 39,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
         apply(&mut sm, put("more", "v", hlc(11, 0))).await;
-        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index + 1, peer_index: 90 }).await;
+        apply(
+            &mut sm,
+            Command::AckShipped {
+                region: "b".into(),
+                index: version.index + 1,
+                peer_index: 90,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
         assert!(sm.reader().get(b"k").unwrap().is_some(), "b's write 40 may still be older: never early");
-        apply(&mut sm, Command::ApplyRemote { origin: "b".into(), epoch: 0, entries: vec![], complete_through: 40 })
-            .await;
-        apply(&mut sm, Command::AckShipped { region: "b".into(), index: version.index + 1, peer_index: 95 }).await;
+        apply(
+            &mut sm,
+            Command::ApplyRemote {
+                origin: "b".into(),
+                epoch: 0,
+                entries: vec![],
+                complete_through: 40,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
+        apply(
+            &mut sm,
+            Command::AckShipped {
+                region: "b".into(),
+                index: version.index + 1,
+                peer_index: 95,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
         assert!(sm.reader().get(b"k").unwrap().is_none(), "held through 40: collected, though b is at 95 now");
+    }
+
+    #[tokio::test]
+    async fn a_tombstone_stamped_ahead_of_the_clocks_waits_until_they_pass_it() {
+        // A tombstone stamped far ahead (a clock that jumped) is kept until
+        // the proposers' clocks pass it; collecting it earlier would let a
+        // later write to the key be stamped below the tombstone the peer
+        // keeps, and lose there.
+        let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
+        let CommandResult::Delete { version, .. } =
+            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(10_000, 0) }).await
+        else {
+            panic!("delete result")
+        };
+        let ack = |below| Command::AckShipped {
+            region: "b".into(),
+            index: version.index,
+            peer_index: 0,
+            collect_below_ms: below,
+        };
+        apply(&mut sm, ack(5_000)).await;
+        assert!(sm.reader().get(b"k").unwrap().is_some(), "stamped at 10 s, clocks at 5 s: kept");
+        assert_eq!(sm.reader().changefeed_len(), 1);
+        apply(&mut sm, ack(10_001)).await;
+        assert!(sm.reader().get(b"k").unwrap().is_none(), "the clocks passed it: collected");
+        assert_eq!(sm.reader().changefeed_len(), 0);
     }
 
     #[tokio::test]
@@ -1693,10 +1966,15 @@ mod tests {
         let CommandResult::Batch(results) = apply(&mut sm, too_many).await else { panic!("batch result") };
         assert!(results.iter().all(|r| matches!(r, CommandResult::Rejected { .. })));
         assert!(sm.reader().get(b"k0").unwrap().is_none(), "nothing of the refused batch applied");
-        let role = Command::SetRole { primary: "b".into(), epoch: u64::MAX, fenced: false, shipped_through: 0 };
+        let role = Command::SetRole { primary: "b".into(), epoch: u64::MAX, fenced_until_ms: 0, shipped_through: 0 };
         assert!(matches!(apply(&mut sm, role).await, CommandResult::Rejected { .. }));
-        let ship =
-            Command::ApplyRemote { origin: "b".into(), epoch: EPOCH_MAX + 1, entries: vec![], complete_through: 0 };
+        let ship = Command::ApplyRemote {
+            origin: "b".into(),
+            epoch: EPOCH_MAX + 1,
+            entries: vec![],
+            complete_through: 0,
+            collect_below_ms: u64::MAX,
+        };
         assert!(matches!(apply(&mut sm, ship).await, CommandResult::Rejected { .. }));
         assert_eq!(sm.reader().region_state().epoch, 0);
         // The region still serves.
@@ -1709,7 +1987,17 @@ mod tests {
         // a's write of k reaches b; its index in b is b's own log index.
         let from_a = Version { hlc: hlc(100, 0), origin: "a".into(), index: version_index(7, 0) };
         let entries = vec![remote(5, "k", Some("from-a"), from_a.hlc)];
-        apply(&mut sm, Command::ApplyRemote { origin: "a".into(), epoch: 0, entries, complete_through: 5 }).await;
+        apply(
+            &mut sm,
+            Command::ApplyRemote {
+                origin: "a".into(),
+                epoch: 0,
+                entries,
+                complete_through: 5,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
         // b then writes k itself; its index happens to equal a's index of the
         // earlier write (what a reader in region a saw).
         while sm.last_applied.map(|l| l.index + 1) != Some(7) {

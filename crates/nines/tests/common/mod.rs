@@ -152,6 +152,7 @@ impl TestCluster {
             } else {
                 Vec::new()
             },
+            ..ClusterConfig::default()
         };
         for (region, ids) in &regions {
             for (i, id) in ids.iter().enumerate() {
