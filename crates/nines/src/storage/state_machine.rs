@@ -978,10 +978,15 @@ impl StateMachine {
             });
         }
         let current_primary = effective_primary(setup, region);
-        if epoch < region.epoch || (epoch == region.epoch && primary != current_primary) {
+        // Two primaries at one epoch (concurrent promotions without an
+        // authority): the region whose name sorts first wins, in every
+        // region whatever order the notices arrive in; the other demotes
+        // itself like any old primary, its unshipped writes divergent.
+        let loses_tie = epoch == region.epoch && primary != current_primary && primary > current_primary;
+        if epoch < region.epoch || loses_tie {
             return Ok(CommandResult::Role { divergent: Vec::new() });
         }
-        if epoch == region.epoch {
+        if epoch == region.epoch && primary == current_primary {
             region.fenced_until_ms = fenced_until_ms;
             return Ok(CommandResult::Role { divergent: Vec::new() });
         }
@@ -1784,6 +1789,35 @@ mod tests {
         let again = Command::SetRole { primary: "b".into(), epoch: 1, fenced_until_ms: 0, shipped_through: 0 };
         assert_eq!(apply(&mut sm, again).await, CommandResult::Role { divergent: vec![] });
         assert_eq!(sm.reader().region_state().divergent_total, 2);
+    }
+
+    #[tokio::test]
+    async fn two_primaries_at_one_epoch_resolve_to_the_same_one_in_either_order() {
+        // Regions b and c were both promoted at epoch 1; every region ends
+        // with b (the first name), whichever notice it applies first, and c
+        // records its own writes since as divergent.
+        let role = |p: &str, shipped_through| Command::SetRole {
+            primary: p.into(),
+            epoch: 1,
+            fenced_until_ms: 0,
+            shipped_through,
+        };
+        for order in [["b", "c"], ["c", "b"]] {
+            let (_d, mut a) = open("a", &["b", "c"], Mode::ActivePassive, "a");
+            for p in order {
+                apply(&mut a, role(p, 0)).await;
+            }
+            assert_eq!((a.reader().primary(), a.reader().region_state().epoch), ("b".to_string(), 1), "{order:?}");
+        }
+        let (_d, mut c) = open("c", &["a", "b"], Mode::ActivePassive, "a");
+        apply(&mut c, role("c", 0)).await;
+        apply(&mut c, put("k", "v", hlc(5, 0))).await;
+        let r = apply(&mut c, role("b", 0)).await;
+        assert_eq!(r, CommandResult::Role { divergent: vec![b"k".to_vec()] });
+        assert_eq!(c.reader().primary(), "b");
+        let r = apply(&mut c, role("c", 0)).await;
+        assert_eq!(r, CommandResult::Role { divergent: vec![] }, "the loser's own notice changes nothing now");
+        assert_eq!(c.reader().primary(), "b");
     }
 
     #[tokio::test]
