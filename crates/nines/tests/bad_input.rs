@@ -78,5 +78,5 @@ async fn each_limit_and_malformed_field_is_refused_by_name_and_the_cluster_keeps
     assert_eq!(r.kv.unwrap().value.len(), VALUE_BYTES_MAX);
     let max_key = vec![b'k'; KEY_BYTES_MAX];
     c.put(max_key.clone(), "v").await.expect("a key at the limit is accepted");
-    assert!(c.get(max_key, Consistency::Local).await.unwrap().kv.is_some());
+    assert!(c.get(max_key, Consistency::Linearizable).await.unwrap().kv.is_some());
 }
