@@ -44,7 +44,9 @@
 //!   alone.
 //! - The failover controller never issues the same epoch twice and keeps
 //!   the primary it promoted as the primary, so two regions never hold the
-//!   same epoch through it.
+//!   same epoch through it. Two promotions to one epoch from elsewhere (two
+//!   operators at once) resolve to the region whose name sorts first, in
+//!   every region: the other demotes itself like any old primary.
 //!
 //! What is eventually consistent, and what can be lost:
 //! - Regions converge once shipping catches up; until then a region's local
@@ -312,10 +314,20 @@ async fn adopt_from_peer(node: &Node, peer: &RegionConfig, answer: &ShipAnswer) 
     if node.mode() != Mode::ActivePassive {
         return;
     }
-    let ours = node.reader().region_state();
-    if answer.epoch > ours.epoch && answer.primary == peer.name {
+    if supersedes(node, &peer.name, &answer.primary, answer.epoch) {
         adopt(node, &answer.primary, answer.epoch, answer.applied_through).await;
     }
+}
+
+/// Whether `sender`, naming `primary` at `epoch`, is a primary this region
+/// must adopt: it speaks for itself, and its epoch is higher, or equal with
+/// a name that sorts before this region's primary (two promotions to one
+/// epoch resolve the same way everywhere; the state machine applies the
+/// same rule).
+fn supersedes(node: &Node, sender: &str, primary: &str, epoch: u64) -> bool {
+    let ours = node.reader().region_state().epoch;
+    let current = node.reader().primary();
+    primary == sender && (epoch > ours || (epoch == ours && !current.is_empty() && primary < current.as_str()))
 }
 
 /// Adopts `primary` at `epoch`. `shipped_through` is how far the new primary
@@ -360,7 +372,7 @@ pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Erro
             );
             return Ok(answer(node, &origin, Refusal::StaleEpoch, reason));
         }
-        if shipment.epoch > ours.epoch && shipment.primary == origin {
+        if supersedes(node, &origin, &shipment.primary, shipment.epoch) {
             adopt(node, &shipment.primary, shipment.epoch, shipment.receiver_applied_through).await;
         }
     }

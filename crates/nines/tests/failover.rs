@@ -122,3 +122,59 @@ async fn a_switchover_killed_mid_drain_leaves_a_fence_that_expires_or_is_lifted(
     let s = a.region_status().await.expect("a status");
     assert_eq!((s.role.as_str(), s.epoch), ("primary", 0), "{s:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_failovers_started_together_end_with_one_primary_and_the_other_told_who_won() {
+    // Shows: `nines region failover b` and `nines region failover c` started
+    // at the same moment (both usually compute epoch 1; if one sees the
+    // other's promotion first, it takes epoch 2). Exactly one command
+    // succeeds; the other fails naming the winner and its epoch; every region
+    // ends with that primary at that epoch, and the loser refuses writes.
+    let _serial = serial().await;
+    let cluster = TestCluster::start_regions(&[("a", 1), ("b", 1), ("c", 1)], Mode::ActivePassive, |_| {}).await;
+    let endpoints: Vec<String> = cluster.endpoints(&cluster.nodes.keys().copied().collect::<Vec<_>>());
+    for region in ["a", "b", "c"] {
+        let client = cluster.region_client(region);
+        wait_for(&format!("{region} to know its role"), Duration::from_secs(30), || async {
+            client.region_status().await.ok().filter(|s| s.primary == "a")
+        })
+        .await;
+    }
+    let start = |region: &str| {
+        nines(&endpoints, &["region", "failover", region]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+    };
+    let (b, c) = (start("b").expect("failover b"), start("c").expect("failover c"));
+    let outputs = [("b", b.wait_with_output().unwrap()), ("c", c.wait_with_output().unwrap())];
+    let text =
+        |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    for (r, o) in &outputs {
+        eprintln!("failover {r}: {}: {}", o.status, text(o).trim());
+    }
+    let winners: Vec<&str> = outputs.iter().filter(|(_, o)| o.status.success()).map(|(r, _)| *r).collect();
+    assert_eq!(winners.len(), 1, "exactly one failover must win: {winners:?}");
+    let winner = winners[0];
+    let (loser, lost) = outputs.iter().find(|(r, _)| *r != winner).unwrap();
+    let won = text(&outputs.iter().find(|(r, _)| *r == winner).unwrap().1);
+    let epoch: u64 = won
+        .split("at epoch ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the winner names its epoch: {won}"));
+    let said = text(lost);
+    assert!(
+        said.contains(&format!("{winner} is the primary at epoch {epoch}")),
+        "the loser ({loser}) must name the winner: {said}"
+    );
+    for region in ["a", "b", "c"] {
+        let client = cluster.region_client(region);
+        let s = wait_for(&format!("{region} to name {winner} at epoch {epoch}"), Duration::from_secs(30), || async {
+            client.region_status().await.ok().filter(|s| s.primary == winner && s.epoch == epoch)
+        })
+        .await;
+        eprintln!("{region}: {} (primary {} at epoch {})", s.role, s.primary, s.epoch);
+    }
+    let err = cluster.region_client(loser).put("k", "v").await.expect_err("the loser is a secondary");
+    assert!(err.to_string().contains(&format!("primary region {winner}")), "{err}");
+    cluster.region_client(winner).put("k", "v").await.expect("the winner takes writes");
+}

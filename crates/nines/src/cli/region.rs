@@ -94,9 +94,56 @@ pub async fn statuses(regions: &[RegionInfo]) -> Vec<(RegionInfo, anyhow::Result
     out
 }
 
-/// The primary and epoch as the reachable region with the highest epoch sees them.
+/// The primary and epoch as the reachable region with the highest epoch sees
+/// them. A region whose setup is not replicated yet (just started) knows no
+/// roles and is left out.
 fn current_primary(statuses: &[(RegionInfo, anyhow::Result<RegionStatusResponse>)]) -> Option<(String, u64)> {
-    statuses.iter().filter_map(|(_, s)| s.as_ref().ok()).max_by_key(|s| s.epoch).map(|s| (s.primary.clone(), s.epoch))
+    statuses
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .filter(|s| s.setup.is_some())
+        .max_by_key(|s| s.epoch)
+        .map(|s| (s.primary.clone(), s.epoch))
+}
+
+/// How long a failover waits for every reachable region to agree on the
+/// primary: a few cross-region rounds of shipping.
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+
+/// After `region` was promoted at `epoch`: waits (at most `SETTLE_MAX`)
+/// until every reachable region names it primary at that epoch. Fails,
+/// naming the winner, when another region won: a newer epoch, or the same
+/// epoch and a name that sorts first (how concurrent failovers resolve).
+async fn settled(regions: &[RegionInfo], region: &str, epoch: u64) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    loop {
+        let all = statuses(regions).await;
+        let seen: Vec<(String, u64)> =
+            all.iter().filter_map(|(_, s)| s.as_ref().ok()).map(|s| (s.primary.clone(), s.epoch)).collect();
+        let wins_over = |p: &str, e: u64| e > epoch || (e == epoch && p < region);
+        if let Some((winner, e)) = seen.iter().find(|(p, e)| wins_over(p, *e)) {
+            bail!(
+                "{region} was promoted at epoch {epoch}, but {winner} is the primary at epoch {e} (another failover \
+                 won); {region} demotes itself as soon as it hears from {winner}, and any write it took meanwhile goes \
+                 to its divergence record"
+            );
+        }
+        if seen.iter().all(|(p, e)| p == region && *e == epoch) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // Regions still at an older epoch (cut off from the new primary)
+            // learn of it when they reach it again.
+            let views: Vec<String> = seen.iter().map(|(p, e)| format!("{p}@{e}")).collect();
+            eprintln!(
+                "note: after {SETTLE_MAX:?} the reachable regions name {}; the others learn of epoch {epoch} when \
+                 they reach {region} again",
+                views.join(", ")
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn find<'a>(regions: &'a [RegionInfo], name: &str) -> anyhow::Result<&'a RegionInfo> {
@@ -214,6 +261,7 @@ pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
             let Some((target, primary, epoch)) = role_change(&regions, &region).await? else { return Ok(()) };
             let new = region_client(target, Duration::from_secs(5))?;
             let r = new.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
+            settled(&regions, &region, r.epoch).await?;
             println!("{region} is the primary at epoch {} (failover from {primary})", r.epoch);
         }
         RegionCommand::Configure { region, mode, primary, peers } => {
