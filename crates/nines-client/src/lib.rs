@@ -25,8 +25,8 @@ use std::time::Duration;
 use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::{
     AddLearnerRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest,
-    MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, StatusRequest, admin_client::AdminClient,
-    compare_and_swap_request, kv_client::KvClient,
+    MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, SnapshotRequest, StatusRequest,
+    admin_client::AdminClient, compare_and_swap_request, kv_client::KvClient,
 };
 pub use nines_proto::v1::{
     CompareAndSwapResponse, ConfigureResponse, Consistency, DeleteResponse, DivergentResponse, FenceResponse,
@@ -376,6 +376,14 @@ impl Client {
         let channel = self.channel(endpoint)?;
         Self::admin(channel).init(InitRequest { members }).await.map_err(|s| Error::from_final(&s))?;
         Ok(())
+    }
+
+    /// Asks the node at `endpoint` to build a snapshot now; returns its
+    /// applied index at that moment (the snapshot covers at least that).
+    pub async fn snapshot_on(&self, endpoint: &str) -> Result<u64> {
+        let channel = self.channel(endpoint)?;
+        let r = Self::admin(channel).snapshot(SnapshotRequest {}).await.map_err(|s| Error::from_final(&s))?;
+        Ok(r.into_inner().applied_index)
     }
 
     /// The whole cluster as JSON, gathered by whichever node answers.

@@ -298,6 +298,15 @@ impl Node {
         self.raft.metrics().borrow().clone()
     }
 
+    /// Starts building a snapshot now, as the snapshot policy would.
+    pub async fn trigger_snapshot(&self) -> Result<(), Error> {
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Error::Unavailable { reason: format!("raft stopped: {e}"), retry_safe: true })
+    }
+
     /// openraft's metrics as they change.
     pub fn raft_watch(&self) -> watch::Receiver<RaftMetrics<NodeId, NodeInfo>> {
         self.raft.metrics()

@@ -251,3 +251,93 @@ async fn measure_unplanned_failover_rto_and_rpo() {
     eprintln!("RPO in writes: min {} median {} max {}", lost[0], lost[lost.len() / 2], lost[lost.len() - 1]);
     summary("RPO in time (age of the oldest lost write at the kill)", rpo_ms);
 }
+
+/// Keys loaded before the snapshot measurement.
+const SNAPSHOT_KEYS: u64 = 1_000_000;
+
+/// `writers` tasks putting small values until `stop`; the latency of every
+/// acknowledged put. Bounded: at most 1,000,000 puts per task.
+async fn write_latencies(
+    client: Arc<nines_client::Client>,
+    writers: u64,
+    stop: Arc<AtomicBool>,
+    prefix: &'static str,
+) -> Vec<Duration> {
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (c, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..1_000_000u64 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let invoked = Instant::now();
+                    if c.put(format!("{prefix}-{w}-{i}"), "v").await.is_ok() {
+                        out.push(invoked.elapsed());
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("writer task"));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn measure_write_latency_during_a_snapshot_build_of_a_million_keys() {
+    // Measures: three nodes, 1,000,000 keys of 100 bytes loaded (no snapshot
+    // by policy); then 16 writers for 10 s with no snapshot, and the same 16
+    // writers from the moment the leader is asked to build a snapshot of
+    // every key until it has (at least 10 s). Prints p50/p99 of both and how
+    // long the build took.
+    let _serial = serial().await;
+    let cluster = TestCluster::start(3, |c| c.raft.snapshot_logs_since_last = 1_000_000_000).await;
+    let client = Arc::new(cluster.client());
+    let started = Instant::now();
+    let loaders: Vec<_> = (0..64u64)
+        .map(|w| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                let mut k = w;
+                while k < SNAPSHOT_KEYS {
+                    c.put(format!("load-{k:07}"), vec![b'v'; 100]).await.expect("load put");
+                    k += 64;
+                }
+            })
+        })
+        .collect();
+    for l in loaders {
+        l.await.expect("loader");
+    }
+    eprintln!("loaded {SNAPSHOT_KEYS} keys in {:?}", started.elapsed());
+    let leader = cluster.wait_leader().await;
+    let before = cluster.status(leader).await.expect("status").snapshot_index;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let quiet = tokio::spawn(write_latencies(client.clone(), 16, stop.clone(), "quiet"));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::SeqCst);
+    let quiet = quiet.await.expect("quiet writers");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = tokio::spawn(write_latencies(client.clone(), 16, stop.clone(), "during"));
+    let asked = Instant::now();
+    let target = client.snapshot_on(&cluster.nodes[&leader].grpc()).await.expect("ask for a snapshot");
+    let built = wait_for("the leader's snapshot", Duration::from_secs(300), || async {
+        let s = cluster.status(leader).await?;
+        (s.snapshot_index >= target && s.snapshot_index > before).then(|| asked.elapsed())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(asked.elapsed())).await;
+    stop.store(true, Ordering::SeqCst);
+    let during = during.await.expect("writers during the build");
+    summary("writes, no snapshot", quiet);
+    summary("writes while the leader builds a snapshot", during);
+    eprintln!("snapshot of {SNAPSHOT_KEYS}+ keys built in {built:?} (asked at applied index {target})");
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, serial};
+use common::{TestCluster, serial, wait_for};
 use nines_client::{Consistency, KeyRange};
 
 /// Keys between `a` and `z`, so a scan from one to the other takes time.
@@ -116,4 +116,27 @@ fn a_data_directory_of_another_format_is_refused_with_what_to_do() {
         let after: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(before, after, "{what}: the directory was changed");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_asked_for_is_built_and_covers_what_was_applied() {
+    // Shows: the admin Snapshot call makes a node build a snapshot at once
+    // (the policy would not for 10,000 entries), covering its applied index,
+    // and the node keeps serving.
+    let _serial = serial().await;
+    let cluster = TestCluster::start(3, |_| {}).await;
+    let client = cluster.client();
+    for i in 0..50 {
+        client.put(format!("k{i}"), "v").await.expect("put");
+    }
+    let leader = cluster.wait_leader().await;
+    assert_eq!(cluster.status(leader).await.expect("status").snapshot_index, 0, "no snapshot yet");
+    let target = client.snapshot_on(&cluster.nodes[&leader].grpc()).await.expect("ask for a snapshot");
+    assert!(target >= 50, "the applied index covers the puts: {target}");
+    wait_for("the snapshot", Duration::from_secs(30), || async {
+        cluster.status(leader).await.filter(|s| s.snapshot_index >= target)
+    })
+    .await;
+    let r = client.get("k49", Consistency::Linearizable).await.expect("get after the snapshot");
+    assert_eq!(r.kv.expect("k49").value, b"v");
 }

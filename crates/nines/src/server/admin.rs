@@ -7,7 +7,7 @@ use nines_proto::v1::admin_client::AdminClient;
 use nines_proto::v1::admin_server::Admin;
 use nines_proto::v1::{
     AddLearnerRequest, ClusterViewRequest, ClusterViewResponse, InitRequest, InitResponse, Member, MembersRequest,
-    MembersResponse, PromoteRequest, RemoveRequest, StatusRequest, StatusResponse,
+    MembersResponse, PromoteRequest, RemoveRequest, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 use openraft::ChangeMembers;
 use tonic::transport::Channel;
@@ -141,5 +141,11 @@ impl Admin for AdminService {
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             hlc_ahead_ms: self.node.clock().ahead_ms(),
         }))
+    }
+
+    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<SnapshotResponse>, Status> {
+        let applied_index = self.node.raft_metrics().last_applied.map(|l| l.index).unwrap_or(0);
+        self.node.trigger_snapshot().await?;
+        Ok(Response::new(SnapshotResponse { applied_index }))
     }
 }
