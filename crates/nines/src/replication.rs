@@ -93,7 +93,7 @@ use crate::limits::{
     RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX,
 };
 use crate::node::Node;
-use crate::types::{Command, CommandResult, Refusal, ResyncEntry, ShipAnswer, Shipment};
+use crate::types::{Command, CommandResult, Refusal, ResyncEntry, ShipAnswer, Shipment, wins_epoch_tie};
 
 /// How long an idle shipper waits before looking at the changefeed again.
 /// Bounds replication lag from below on an idle region; 10 ms is noise next
@@ -327,7 +327,7 @@ async fn adopt_from_peer(node: &Node, peer: &RegionConfig, answer: &ShipAnswer) 
 fn supersedes(node: &Node, sender: &str, primary: &str, epoch: u64) -> bool {
     let ours = node.reader().region_state().epoch;
     let current = node.reader().primary();
-    primary == sender && (epoch > ours || (epoch == ours && !current.is_empty() && primary < current.as_str()))
+    primary == sender && (epoch > ours || (epoch == ours && !current.is_empty() && wins_epoch_tie(primary, &current)))
 }
 
 /// Adopts `primary` at `epoch`. `shipped_through` is how far the new primary

@@ -30,6 +30,13 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, NodeInfo>;
 pub type Snapshot = openraft::storage::Snapshot<TypeConfig>;
 pub type Vote = openraft::Vote<NodeId>;
 
+/// Of two regions claiming primary at the same epoch, whether `a` wins
+/// over `b`: the name that sorts first. Every region (state machine,
+/// shipping, the CLI) resolves such a tie by this one rule.
+pub fn wins_epoch_tie(a: &str, b: &str) -> bool {
+    a < b
+}
+
 /// The name of a Raft role in status output and metrics.
 pub fn role_name(state: &openraft::ServerState) -> &'static str {
     use openraft::ServerState;

@@ -120,7 +120,7 @@ async fn settled(regions: &[RegionInfo], region: &str, epoch: u64) -> anyhow::Re
         let all = statuses(regions).await;
         let seen: Vec<(String, u64)> =
             all.iter().filter_map(|(_, s)| s.as_ref().ok()).map(|s| (s.primary.clone(), s.epoch)).collect();
-        let wins_over = |p: &str, e: u64| e > epoch || (e == epoch && p < region);
+        let wins_over = |p: &str, e: u64| e > epoch || (e == epoch && crate::types::wins_epoch_tie(p, region));
         if let Some((winner, e)) = seen.iter().find(|(p, e)| wins_over(p, *e)) {
             bail!(
                 "{region} was promoted at epoch {epoch}, but {winner} is the primary at epoch {e} (another failover \

@@ -75,7 +75,7 @@ use crate::hlc::{Hlc, HlcClock};
 use crate::limits::{ACK_HISTORY_MAX, EPOCH_MAX, SNAPSHOT_INSTALL_BATCH_BYTES, WRITES_PER_ENTRY_MAX};
 use crate::types::{
     Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ReplicationSetup, ResyncEntry, Snapshot, SnapshotMeta,
-    StorageError, StoredMembership, StoredValue, TypeConfig, Version,
+    StorageError, StoredMembership, StoredValue, TypeConfig, Version, wins_epoch_tie,
 };
 
 const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
@@ -982,7 +982,8 @@ impl StateMachine {
         // authority): the region whose name sorts first wins, in every
         // region whatever order the notices arrive in; the other demotes
         // itself like any old primary, its unshipped writes divergent.
-        let loses_tie = epoch == region.epoch && primary != current_primary && primary > current_primary;
+        let loses_tie =
+            epoch == region.epoch && primary != current_primary && !wins_epoch_tie(&primary, &current_primary);
         if epoch < region.epoch || loses_tie {
             return Ok(CommandResult::Role { divergent: Vec::new() });
         }
@@ -1579,6 +1580,14 @@ mod tests {
         sm.apply([entry]).await.unwrap().remove(0)
     }
 
+    /// Deletes `k` at `at`; the tombstone's version.
+    async fn delete_k(sm: &mut StateMachine, at: Hlc) -> Version {
+        match apply(sm, Command::Delete { key: "k".into(), hlc: at }).await {
+            CommandResult::Delete { version, .. } => version,
+            other => panic!("delete result: {other:?}"),
+        }
+    }
+
     fn put(key: &str, value: &str, at: Hlc) -> Command {
         Command::Put { key: key.into(), value: value.into(), hlc: at }
     }
@@ -1683,11 +1692,7 @@ mod tests {
     async fn tombstones_are_collected_only_after_every_peer_acknowledged_them() {
         let (_d, mut sm) = open("a", &["b", "c"], Mode::ActiveActive, "");
         apply(&mut sm, put("k", "v", hlc(1, 0))).await;
-        let CommandResult::Delete { version, .. } =
-            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(2, 0) }).await
-        else {
-            panic!("delete result")
-        };
+        let version = delete_k(&mut sm, hlc(2, 0)).await;
         assert_eq!(sm.reader().changefeed_len(), 2);
         apply(
             &mut sm,
@@ -1710,11 +1715,7 @@ mod tests {
         // a deletes k; b acknowledges the delete at its log index 40, but b's
         // own concurrent (older) put of k, at b's index 30, has not reached a.
         let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
-        let CommandResult::Delete { version, .. } =
-            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(10, 0) }).await
-        else {
-            panic!("delete result")
-        };
+        let version = delete_k(&mut sm, hlc(10, 0)).await;
         apply(
             &mut sm,
             Command::AckShipped {
@@ -1860,11 +1861,7 @@ mod tests {
         // acknowledgement names a later b position than a holds yet, but the
         // first one that covered the delete is held soon, and that suffices.
         let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
-        let CommandResult::Delete { version, .. } =
-            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(10, 0) }).await
-        else {
-            panic!("delete result")
-        };
+        let version = delete_k(&mut sm, hlc(10, 0)).await;
         let mut b_index = 100;
         for round in 0..5u64 {
             // b acknowledged everything so far, at its own position b_index...
@@ -1903,11 +1900,7 @@ mod tests {
     #[tokio::test]
     async fn a_tombstone_waits_for_the_peer_writes_of_the_first_ack_that_covered_it() {
         let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
-        let CommandResult::Delete { version, .. } =
-            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(10, 0) }).await
-        else {
-            panic!("delete result")
-        };
+        let version = delete_k(&mut sm, hlc(10, 0)).await;
         apply(
             &mut sm,
             Command::AckShipped {
@@ -1973,11 +1966,7 @@ mod tests {
         // later write to the key be stamped below the tombstone the peer
         // keeps, and lose there.
         let (_d, mut sm) = open("a", &["b"], Mode::ActiveActive, "");
-        let CommandResult::Delete { version, .. } =
-            apply(&mut sm, Command::Delete { key: "k".into(), hlc: hlc(10_000, 0) }).await
-        else {
-            panic!("delete result")
-        };
+        let version = delete_k(&mut sm, hlc(10_000, 0)).await;
         let ack = |below| Command::AckShipped {
             region: "b".into(),
             index: version.index,
