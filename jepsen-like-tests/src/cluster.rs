@@ -8,7 +8,12 @@
 //! Invariants:
 //! - Every node runs with `fault_injection = true`; no other node exists.
 //! - Only processes this cluster spawned are signalled, by their own PID.
-//! - Dropping the cluster resumes and kills every node it still runs.
+//! - Dropping the cluster resumes and kills every node (and controller) it
+//!   still runs.
+//!
+//! A failover run adds a three-node authority (region `authority`, not a
+//! data region: no workload or region fault touches it) and two failover
+//! controllers, started as `nines-jepsen ctl ... controller`.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -78,10 +83,15 @@ pub struct Cluster {
     /// exits by itself only when it stops fatally (corruption, a failed
     /// apply) or crashes, so each one is a finding.
     pub unexpected_exits: Vec<(u64, String)>,
+    /// Failover runs: the controllers (empty otherwise).
+    controllers: Vec<ControllerProc>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        for i in 0..self.controllers.len() {
+            self.kill_controller(i);
+        }
         let ids: Vec<u64> = self.nodes.keys().copied().collect();
         for id in ids {
             self.kill(id);
@@ -111,6 +121,27 @@ pub struct NodeFlags {
     /// Storage that keeps only what was synced when a node is killed, so a
     /// kill is a power cut (`storage.power_loss_simulation`).
     pub power_loss_simulation: bool,
+    /// Active-passive with failover: the first region is primary under a
+    /// lease from a three-node authority, and two failover controllers run
+    /// (one decides, the other stands by).
+    pub failover: bool,
+}
+
+/// The authority's region name in a failover run (not a data region).
+pub const AUTHORITY_REGION: &str = "authority";
+
+/// Failover controllers a failover run keeps running.
+pub const CONTROLLERS: usize = 2;
+
+/// The controllers' probe interval and threshold: a region is failed over
+/// after `CONTROLLER_THRESHOLD` missed rounds of `CONTROLLER_INTERVAL`.
+pub const CONTROLLER_INTERVAL: &str = "1s";
+pub const CONTROLLER_THRESHOLD: &str = "3";
+
+/// A failover controller process (`nines-jepsen ctl ... controller`).
+struct ControllerProc {
+    child: Option<Child>,
+    log_path: PathBuf,
 }
 
 impl Cluster {
@@ -138,16 +169,25 @@ impl Cluster {
         let mut ports = BTreeMap::new();
         let mut region_ids: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut next = 1u64;
-        for r in &region_order {
-            for _ in 0..azs {
+        let mut all_regions = region_order.clone();
+        if flags.failover {
+            all_regions.push(AUTHORITY_REGION.to_string());
+        }
+        for r in &all_regions {
+            let nodes = if r == AUTHORITY_REGION { 3 } else { azs };
+            for _ in 0..nodes {
                 ports.insert(next, (free_port(&mut taken, &mut rng)?, free_port(&mut taken, &mut rng)?));
                 region_ids.entry(r.clone()).or_default().push(next);
                 next += 1;
             }
         }
         let cluster_config = ClusterConfig {
-            mode: Mode::ActiveActive,
-            primary: String::new(),
+            mode: if flags.failover { Mode::ActivePassive } else { Mode::ActiveActive },
+            primary: if flags.failover { region_order[0].clone() } else { String::new() },
+            authority: match region_ids.get(AUTHORITY_REGION) {
+                Some(ids) => ids.iter().map(|id| format!("http://127.0.0.1:{}", ports[id].0)).collect(),
+                None => Vec::new(),
+            },
             regions: if regions > 1 {
                 region_order
                     .iter()
@@ -162,7 +202,7 @@ impl Cluster {
             ..ClusterConfig::default()
         };
         let mut nodes = BTreeMap::new();
-        for r in &region_order {
+        for r in &all_regions {
             for (i, id) in region_ids[r].iter().enumerate() {
                 let config = NodeConfig {
                     id: *id,
@@ -171,7 +211,7 @@ impl Cluster {
                     data_dir: dir.join(format!("node-{id}")),
                     grpc_listen: ([127, 0, 0, 1], ports[id].0).into(),
                     admin_listen: ([127, 0, 0, 1], ports[id].1).into(),
-                    cluster: cluster_config.clone(),
+                    cluster: if r == AUTHORITY_REGION { ClusterConfig::default() } else { cluster_config.clone() },
                     fault_injection: true,
                     planted_bug_local_reads: flags.planted_bug_local_reads,
                     storage: nines::config::StorageConfig {
@@ -189,8 +229,15 @@ impl Cluster {
         }
         let endpoints: Vec<String> = nodes.values().map(NodeProc::endpoint).collect();
         let probe = Client::new(endpoints, probe_config())?;
+        let controllers = if flags.failover {
+            (0..CONTROLLERS)
+                .map(|i| ControllerProc { child: None, log_path: dir.join(format!("controller-{}.log", i + 1)) })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut cluster =
-            Cluster { exe, nodes, regions: region_ids, region_order, probe, unexpected_exits: Vec::new() };
+            Cluster { exe, nodes, regions: region_ids, region_order, probe, unexpected_exits: Vec::new(), controllers };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
             cluster.spawn(*id)?;
@@ -204,12 +251,97 @@ impl Cluster {
             cluster.probe.init(&first, members).await.with_context(|| format!("initializing the region at {first}"))?;
         }
         cluster.wait_leaders(START_TIMEOUT).await?;
+        for i in 0..cluster.controllers.len() {
+            cluster.spawn_controller(i)?;
+        }
         Ok(cluster)
     }
 
-    /// Every node id, in order.
+    /// Every node id, in order (the authority's too).
     pub fn ids(&self) -> Vec<u64> {
         self.nodes.keys().copied().collect()
+    }
+
+    /// The ids of the nodes that hold the data: every node of the data
+    /// regions, not the authority's.
+    pub fn data_ids(&self) -> Vec<u64> {
+        self.region_order.iter().flat_map(|r| self.regions[r].iter().copied()).collect()
+    }
+
+    /// The primary region as the region reporting the highest epoch names
+    /// it (failover runs), if any region answers.
+    pub async fn primary_region(&self) -> Option<String> {
+        let mut best: Option<(u64, String)> = None;
+        for r in &self.region_order {
+            let Ok(client) = Client::new(self.region_endpoints(r), probe_config()) else { continue };
+            if let Ok(Ok(s)) = tokio::time::timeout(PROBE_TIMEOUT, client.region_status()).await
+                && !s.primary.is_empty()
+                && best.as_ref().is_none_or(|(e, _)| s.epoch > *e)
+            {
+                best = Some((s.epoch, s.primary));
+            }
+        }
+        best.map(|(_, p)| p)
+    }
+
+    /// Whether this is a failover run (an authority and controllers).
+    pub fn has_authority(&self) -> bool {
+        self.regions.contains_key(AUTHORITY_REGION)
+    }
+
+    /// Starts controller `i` (a no-op if it runs): probes every data node,
+    /// logs to `controller-<i+1>.log`.
+    fn spawn_controller(&mut self, i: usize) -> anyhow::Result<()> {
+        let endpoints: Vec<String> = self.data_ids().iter().map(|id| self.endpoint(*id)).collect();
+        let exe = self.exe.clone();
+        let c = &mut self.controllers[i];
+        if c.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&c.log_path)
+            .with_context(|| format!("opening {}", c.log_path.display()))?;
+        let mut command = Command::new(exe);
+        // SAFETY: as in `spawn`: one async-signal-safe call between fork and exec.
+        unsafe {
+            command.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+        }
+        let child = command
+            .args(["ctl", "--endpoints", &endpoints.join(","), "controller"])
+            .args(["--interval", CONTROLLER_INTERVAL, "--threshold", CONTROLLER_THRESHOLD])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting controller {}", i + 1))?;
+        c.child = Some(child);
+        Ok(())
+    }
+
+    /// kill -9 controller `i`, if it runs.
+    fn kill_controller(&mut self, i: usize) {
+        if let Some(mut child) = self.controllers[i].child.take() {
+            // Ours and not yet reaped: the PID is still its own.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// kill -9 the controller that decides now (the holder of the
+    /// authority's controller lease); returns its number (from 1), or
+    /// `None` when no controller of this run holds the lease.
+    pub async fn kill_deciding_controller(&mut self) -> Option<usize> {
+        let authority = Client::new(self.region_endpoints(AUTHORITY_REGION), probe_config()).ok()?;
+        let got =
+            authority.get(nines::authority::CONTROLLER_KEY, nines_client::Consistency::Linearizable).await.ok()?;
+        let lease: nines::authority::Lease = serde_json::from_slice(&got.kv?.value).ok()?;
+        let i = self.controllers.iter().position(|c| {
+            c.child.as_ref().is_some_and(|child| lease.holder.ends_with(&format!("pid-{}", child.id())))
+        })?;
+        self.kill_controller(i);
+        Some(i + 1)
     }
 
     pub fn endpoint(&self, id: u64) -> String {
@@ -358,7 +490,7 @@ impl Cluster {
     /// Waits until every region has a leader that a quorum follows.
     pub async fn wait_leaders(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        for r in &self.region_order {
+        for r in self.regions.keys() {
             while self.leader_of(r).await.is_none() {
                 if Instant::now() > deadline {
                     bail!("region {r} has no leader after {timeout:?}");
@@ -382,9 +514,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// Ends every fault: continues paused nodes, restarts stopped ones and
-    /// clears every node's fault hooks. Retries clearing until it sticks
-    /// (a restarted node needs a moment to serve), bounded by `timeout`.
+    /// Ends every fault: continues paused nodes, restarts stopped ones (and
+    /// killed controllers) and clears every node's fault hooks. Retries
+    /// clearing until it sticks (a restarted node needs a moment to serve),
+    /// bounded by `timeout`.
     pub async fn heal(&mut self, timeout: Duration) -> anyhow::Result<()> {
         self.reap();
         for id in self.ids() {
@@ -394,6 +527,9 @@ impl Cluster {
                 self.kill(id);
             }
             self.spawn(id)?;
+        }
+        for i in 0..self.controllers.len() {
+            self.spawn_controller(i)?;
         }
         let deadline = Instant::now() + timeout;
         for id in self.ids() {

@@ -21,6 +21,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Any other `nines` command (how a failover run starts its
+    /// controllers: `ctl --endpoints ... controller`).
+    #[command(hide = true, disable_help_flag = true)]
+    Ctl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -60,6 +67,11 @@ fn main() {
                 match command {
                     Command::Run(args) => nines_jepsen::run::run(&args).await.map(|s| s.valid.exit_code()),
                     Command::Suite(args) => nines_jepsen::suite::run(&args).await,
+                    Command::Ctl { args } => {
+                        let argv = std::iter::once("nines".to_string()).chain(args);
+                        let nines::cli::Cli { global, command } = <nines::cli::Cli as Parser>::parse_from(argv);
+                        nines::cli::run_client(global, command).await.map(|ok| if ok { 0 } else { 1 })
+                    }
                     Command::Node { .. } => unreachable!("handled above"),
                 }
             });

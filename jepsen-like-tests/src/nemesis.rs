@@ -17,12 +17,14 @@
 //! - A window starts only if its hold ends a second before the run's time
 //!   is up; healing it may run past that.
 //! - The same seed makes the same choices (which nodes, which variant,
-//!   how long); only which node leads at that moment can differ.
+//!   how long); only which node leads (and, in a failover run, which
+//!   region is primary) at that moment can differ.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use nines::authority::{AUTHORITY_FAULT, CONTROLLER_FAULT};
 use nines_proto::v1::{LinkFault, SetFaultsRequest};
 use rand::RngExt;
 use rand::rngs::StdRng;
@@ -78,10 +80,13 @@ pub enum Nemesis {
     /// One or two nodes of a region (half the time with its leader) lose
     /// power: killed, and with their storage keeping only what was synced.
     PowerCut,
+    /// The failover controller that decides is killed (failover runs);
+    /// restarted at heal.
+    ControllerKill,
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 16] = [
+pub const NAMES: [(&str, Nemesis); 17] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -98,6 +103,7 @@ pub const NAMES: [(&str, Nemesis); 16] = [
     ("az-loss", Nemesis::AzLoss),
     ("region-loss", Nemesis::RegionLoss),
     ("power-cut", Nemesis::PowerCut),
+    ("controller-kill", Nemesis::ControllerKill),
 ];
 
 impl Nemesis {
@@ -284,9 +290,14 @@ pub async fn run(
     Ok(faults)
 }
 
-/// A region chosen at random.
-fn pick_region(cluster: &Cluster, rng: &mut StdRng) -> String {
-    cluster.region_order[rng.random_range(0..cluster.region_order.len())].clone()
+/// A region chosen at random; in a failover run, three times in four the
+/// primary (losing it is what failover is for).
+async fn pick_region(cluster: &Cluster, rng: &mut StdRng) -> String {
+    let any = cluster.region_order[rng.random_range(0..cluster.region_order.len())].clone();
+    if cluster.has_authority() && rng.random_bool(0.75) {
+        return cluster.primary_region().await.unwrap_or(any);
+    }
+    any
 }
 
 /// Half the time a region's leader (failover is what most faults test),
@@ -305,7 +316,7 @@ async fn apply(
     net: &mut Net,
     rng: &mut StdRng,
 ) -> anyhow::Result<(String, String)> {
-    let region = pick_region(cluster, rng);
+    let region = pick_region(cluster, rng).await;
     let ids = cluster.regions[&region].clone();
     let nemesis = if nemesis == Nemesis::Partition {
         let mut variants = vec![
@@ -387,14 +398,22 @@ async fn apply(
                 return Ok((region, "partition-region: one region only; nothing cut".into()));
             }
             let others: Vec<String> = cluster.region_order.iter().filter(|r| **r != region).cloned().collect();
-            for id in cluster.ids() {
+            // With an authority, the region is cut off from it and from the
+            // controllers too: the other regions' side of the cut holds them.
+            let beyond: Vec<String> = if cluster.has_authority() {
+                vec![AUTHORITY_FAULT.to_string(), CONTROLLER_FAULT.to_string()]
+            } else {
+                Vec::new()
+            };
+            for id in cluster.data_ids() {
                 if cluster.region_of(id) == region {
-                    net.blocked.entry(id).or_default().extend(others.iter().cloned());
+                    net.blocked.entry(id).or_default().extend(others.iter().chain(&beyond).cloned());
                 } else {
                     net.blocked.entry(id).or_default().insert(region.clone());
                 }
             }
-            format!("partition-region: {region} cut off from {others:?} (replication both ways)")
+            let and_more = if beyond.is_empty() { "" } else { ", the authority and the controllers" };
+            format!("partition-region: {region} cut off from {others:?}{and_more} (both ways)")
         }
         Nemesis::PartitionRegionOneWay => {
             if cluster.region_order.len() < 2 {
@@ -469,10 +488,18 @@ async fn apply(
             }
             format!("region-loss: every node of {region} ({ids:?}) killed; restarted at heal")
         }
+        Nemesis::ControllerKill => match cluster.kill_deciding_controller().await {
+            Some(n) => format!("controller-kill: kill -9 controller {n} (the one deciding); restarted at heal"),
+            None => "controller-kill: no controller holds the lease; nothing killed".into(),
+        },
         Nemesis::Partition => unreachable!("replaced by a variant above"),
     };
-    // Latency and clock faults touch every region.
-    let hit = if matches!(nemesis, Nemesis::Latency | Nemesis::Clock) { String::new() } else { region };
+    // Latency, clock and controller faults touch every region.
+    let hit = if matches!(nemesis, Nemesis::Latency | Nemesis::Clock | Nemesis::ControllerKill) {
+        String::new()
+    } else {
+        region
+    };
     Ok((hit, detail))
 }
 

@@ -34,7 +34,7 @@ const CONCURRENCY_MAX: usize = 64;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// register, set, lww or large.
+    /// register, set, lww, large or failover.
     #[arg(long, value_enum)]
     pub workload: Workload,
     /// Faults, e.g. `kill,partition` (one per window, at random) or
@@ -42,7 +42,7 @@ pub struct RunArgs {
     /// partition, partition-halves, partition-leader, partition-ring,
     /// partition-az, partition-region, partition-region-one-way,
     /// partition-one-way, latency, clock, clock-jump,
-    /// az-loss, region-loss, power-cut.
+    /// az-loss, region-loss, power-cut, controller-kill (failover only).
     #[arg(long, default_value = "none")]
     pub nemesis: String,
     /// How long clients run (faults stop before the end), e.g. `60s`.
@@ -81,6 +81,67 @@ pub struct RunArgs {
     /// and 2-4 s): many fault cycles a minute, for kill and power-cut loops.
     #[arg(long)]
     pub fast_faults: bool,
+}
+
+/// A client of every data region (failover runs), with short timeouts.
+fn region_clients(cluster: &Cluster) -> anyhow::Result<Vec<(String, nines_client::Client)>> {
+    let config = nines_client::ClientConfig {
+        attempt_timeout: Duration::from_millis(500),
+        attempts_max: 3,
+        connect_timeout: Duration::from_millis(300),
+        request_deadline: Duration::from_millis(1000),
+        ..nines_client::ClientConfig::default()
+    };
+    cluster
+        .region_order
+        .iter()
+        .map(|r| Ok((r.clone(), nines_client::Client::new(cluster.region_endpoints(r), config.clone())?)))
+        .collect()
+}
+
+/// How often a failover run asks every region for its role.
+const PROMOTION_POLL: Duration = Duration::from_millis(200);
+
+/// Watches the regions until `until`: each time a region reports itself
+/// primary at an epoch above every one seen, that is a promotion, timed when
+/// it was seen (never before it happened). The first region is primary at
+/// epoch 0 from the start.
+async fn watch_promotions(
+    regions: Vec<(String, nines_client::Client)>,
+    recorder: Recorder,
+    until: Instant,
+) -> Vec<checker::Promotion> {
+    let mut seen = vec![checker::Promotion { at_us: 0, region: regions[0].0.clone(), epoch: 0 }];
+    while Instant::now() < until {
+        for (name, client) in &regions {
+            if let Ok(s) = client.region_status().await
+                && s.primary == *name
+                && s.epoch > seen.last().map_or(0, |p| p.epoch)
+            {
+                let at_us = recorder.now_us();
+                eprintln!("[{:>7.1}s] {name} is primary at epoch {}", at_us as f64 / 1e6, s.epoch);
+                seen.push(checker::Promotion { at_us, region: name.clone(), epoch: s.epoch });
+            }
+        }
+        tokio::time::sleep(PROMOTION_POLL).await;
+    }
+    seen
+}
+
+/// Every element in a divergence record of any data region.
+async fn divergent_elements(cluster: &Cluster) -> anyhow::Result<BTreeSet<u64>> {
+    let mut elements = BTreeSet::new();
+    for name in &cluster.region_order {
+        let client = nines_client::Client::new(cluster.region_endpoints(name), nines_client::ClientConfig::default())?;
+        let d = client.divergent(0).await.with_context(|| format!("reading {name}'s divergence record"))?;
+        for kv in d.records.iter().filter_map(|r| r.kv.as_ref()) {
+            let key = String::from_utf8_lossy(&kv.key);
+            if let Some(e) = key.strip_prefix(workload::SET_PREFIX).and_then(|n| n.parse().ok()) {
+                elements.insert(e);
+            }
+        }
+    }
+    Ok(elements)
 }
 
 /// What a run found, for the caller (and the suite's table).
@@ -122,9 +183,17 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     if !(TIME_MIN..=TIME_MAX).contains(&time) {
         bail!("--time must be between {TIME_MIN:?} and {TIME_MAX:?}, got {}", args.time);
     }
-    let regions = args.regions.unwrap_or(if args.workload == Workload::Lww { 2 } else { 1 });
-    if args.workload == Workload::Lww && regions < 2 {
-        bail!("the lww workload writes from several regions: --regions must be at least 2, got {regions}");
+    let multi_region = matches!(args.workload, Workload::Lww | Workload::Failover);
+    let regions = args.regions.unwrap_or(if multi_region { 2 } else { 1 });
+    if multi_region && regions < 2 {
+        bail!(
+            "the {} workload needs several regions: --regions must be at least 2, got {regions}",
+            args.workload.name()
+        );
+    }
+    let failover = args.workload == Workload::Failover;
+    if !failover && plan.iter().flatten().any(|n| *n == Nemesis::ControllerKill) {
+        bail!("controller-kill needs the failover workload: only failover runs have controllers");
     }
     if args.keys == 0 || args.keys > 1000 {
         bail!("--keys must be 1..=1000, got {}", args.keys);
@@ -156,6 +225,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     let flags = NodeFlags {
         planted_bug_local_reads: args.planted_bug_local_reads,
         power_loss_simulation: plan.iter().flatten().any(|n| *n == Nemesis::PowerCut),
+        failover,
     };
     let mut cluster = Cluster::start(&out, exe, regions, args.azs, flags).await?;
 
@@ -164,6 +234,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     let recorder = Recorder::new(began);
     let specs = workload::client_specs(args.workload, &cluster, concurrency);
     let clients = tokio::spawn(workload::run_clients(args.workload, specs, args.keys, seed, recorder.clone(), until));
+    let promotions = match failover {
+        true => Some(tokio::spawn(watch_promotions(region_clients(&cluster)?, recorder.clone(), until))),
+        false => None,
+    };
     let mut rng = StdRng::seed_from_u64(seed);
     let schedule = if args.fast_faults { Schedule::fast() } else { Schedule::normal() };
     let faults = nemesis::run(&mut cluster, &plan, &schedule, &mut rng, &recorder, until).await;
@@ -191,6 +265,22 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
             checkers.push(("linearizable", r.valid, r.message.clone()));
             named_ops = r.ops.clone();
             details.insert("linearizable".into(), serde_json::to_value(&r)?);
+        }
+        Workload::Failover => {
+            let promotions = match promotions {
+                Some(task) => task.await.context("promotion watcher")?,
+                None => Vec::new(),
+            };
+            let (finals, agree) = workload::final_reads(&cluster, FinalRead::Set).await?;
+            let set = checker::set(&ops, &finals, agree);
+            let divergent = divergent_elements(&cluster).await?;
+            let region_of = |id: u64| cluster.nodes.get(&id).map_or(String::new(), |n| n.config.region.clone());
+            let r = checker::failover(&ops, &set, &divergent, &promotions, &region_of);
+            checkers.push(("failover", r.valid, r.message.clone()));
+            lost = set.lost.clone();
+            lost_count = set.lost.len();
+            details.insert("set".into(), serde_json::to_value(&set)?);
+            details.insert("failover".into(), serde_json::to_value(&r)?);
         }
         Workload::Set | Workload::Large => {
             let what = if args.workload == Workload::Set { FinalRead::Set } else { FinalRead::Large };
@@ -235,7 +325,17 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
 
     let rpo: Rpo = report::rpo(&ops, &lost, &faults);
     let region_of = |id: u64| cluster.nodes.get(&id).map_or(String::new(), |n| n.config.region.clone());
-    let fault_reports = report::rto(&ops, &faults, &region_of);
+    // After a failover, writes resume in another region: its RTO is the
+    // time to the next acknowledged write anywhere.
+    let rto_faults: Vec<FaultRecord> = if failover {
+        faults.iter().map(|f| FaultRecord { region: String::new(), ..f.clone() }).collect()
+    } else {
+        faults.clone()
+    };
+    let mut fault_reports = report::rto(&ops, &rto_faults, &region_of);
+    for (report, fault) in fault_reports.iter_mut().zip(&faults) {
+        report.fault.region = fault.region.clone();
+    }
     let results = json!({
         "valid": valid,
         "run": {

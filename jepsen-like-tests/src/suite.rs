@@ -23,17 +23,25 @@ pub struct SuiteArgs {
     /// The seed of every run.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Comma-separated workloads (default: all four).
-    #[arg(long, default_value = "register,set,lww,large")]
+    /// Comma-separated workloads (default: all five).
+    #[arg(long, default_value = "register,set,lww,large,failover")]
     pub workloads: String,
     /// Comma-separated nemesis entries (default: each nemesis alone, then
-    /// `kill+partition` and `pause+clock` combined).
+    /// `kill+partition` and `pause+clock` combined; for `failover`, the
+    /// faults a failover must survive: see `FAILOVER_NEMESES`).
     #[arg(long)]
     pub nemeses: Option<String>,
     /// Where runs and the table go. Default: `target/jepsen/suite-<time>`.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
+
+/// The failover workload's default rows: losing the primary region, the
+/// primary cut off from the rest (authority and controllers included), a
+/// hung leader, the deciding controller killed (alone and during a region
+/// loss).
+pub const FAILOVER_NEMESES: &[&str] =
+    &["region-loss", "partition-region", "pause", "controller-kill", "region-loss+controller-kill"];
 
 fn verdict(v: Validity) -> &'static str {
     match v {
@@ -57,11 +65,18 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
         .collect::<anyhow::Result<_>>()?;
     let nemeses: Vec<String> = match &args.nemeses {
         Some(n) => n.split(',').map(|s| s.trim().to_string()).collect(),
-        None => {
-            NAMES.iter().map(|(n, _)| n.to_string()).chain(["kill+partition".into(), "pause+clock".into()]).collect()
-        }
+        None => NAMES
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .filter(|n| n != "controller-kill")
+            .chain(["kill+partition".into(), "pause+clock".into()])
+            .collect(),
     };
-    for n in &nemeses {
+    let failover_nemeses: Vec<String> = match &args.nemeses {
+        Some(_) => nemeses.clone(),
+        None => FAILOVER_NEMESES.iter().map(|s| s.to_string()).collect(),
+    };
+    for n in nemeses.iter().chain(&failover_nemeses) {
         crate::nemesis::parse_plan(n)?;
     }
     let mut table = String::from(
@@ -69,7 +84,12 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
     );
     let mut worst = Validity::Valid;
     for w in &workloads {
-        for n in &nemeses {
+        let rows = if *w == Workload::Failover { &failover_nemeses } else { &nemeses };
+        for n in rows {
+            if *w != Workload::Failover && n.contains("controller-kill") {
+                let _ = writeln!(table, "| {} | {n} | n/a (no controller) | | | | |", w.name());
+                continue;
+            }
             // register and large run in one region: large for the volume of
             // data (256 KiB values), register for the checker's sake.
             let one_region = matches!(w, Workload::Register | Workload::Large);

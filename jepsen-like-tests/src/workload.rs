@@ -9,6 +9,10 @@
 //!   every region; after healing, a final read of every key on every node.
 //! - `large`: unique adds whose values run up to the value limit (256 KiB)
 //!   from many clients; the final read checks every value byte for byte.
+//! - `failover`: unique adds to whichever region is primary (active-passive
+//!   with an authority and controllers); a client that gets an error asks
+//!   the regions which one is primary now and writes there next. The final
+//!   read is `set`'s; the divergence records are read too.
 //!
 //! Invariants:
 //! - Each client process does one operation at a time; its interval covers
@@ -59,6 +63,7 @@ pub enum Workload {
     Set,
     Lww,
     Large,
+    Failover,
 }
 
 impl Workload {
@@ -68,6 +73,7 @@ impl Workload {
             Workload::Set => "set",
             Workload::Lww => "lww",
             Workload::Large => "large",
+            Workload::Failover => "failover",
         }
     }
 }
@@ -105,6 +111,9 @@ pub struct ClientSpec {
     /// The node the client is bound to, for the record.
     pub node: u64,
     pub endpoints: Vec<String>,
+    /// `failover`: every data region as (name, first node, endpoints); the
+    /// client writes to the one that is primary. Empty otherwise.
+    pub regions: Vec<(String, u64, Vec<String>)>,
 }
 
 /// Which nodes the clients use: `register` binds each client to one node of
@@ -114,16 +123,26 @@ pub struct ClientSpec {
 pub fn client_specs(workload: Workload, cluster: &Cluster, concurrency: usize) -> Vec<ClientSpec> {
     let nodes: Vec<u64> = match workload {
         Workload::Register => cluster.regions[&cluster.region_order[0]].clone(),
-        Workload::Set | Workload::Lww | Workload::Large => cluster.ids(),
+        Workload::Set | Workload::Lww | Workload::Large | Workload::Failover => cluster.data_ids(),
+    };
+    let regions: Vec<(String, u64, Vec<String>)> = match workload {
+        Workload::Failover => cluster
+            .region_order
+            .iter()
+            .map(|r| (r.clone(), cluster.regions[r][0], cluster.region_endpoints(r)))
+            .collect(),
+        _ => Vec::new(),
     };
     (0..concurrency)
         .map(|i| {
             let node = nodes[i % nodes.len()];
             let endpoints = match workload {
                 Workload::Lww => cluster.region_endpoints(cluster.region_of(node)),
+                Workload::Failover => regions[0].2.clone(),
                 _ => vec![cluster.endpoint(node)],
             };
-            ClientSpec { node, endpoints }
+            let node = if workload == Workload::Failover { regions[0].1 } else { node };
+            ClientSpec { node, endpoints, regions: regions.clone() }
         })
         .collect()
 }
@@ -153,6 +172,11 @@ pub async fn run_clients(
     let mut tasks = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
         let client = Client::new(spec.endpoints.clone(), client_config())?;
+        let regions = spec
+            .regions
+            .iter()
+            .map(|(name, node, endpoints)| Ok((name.clone(), *node, Client::new(endpoints.clone(), client_config())?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut c = ClientTask {
             workload,
             client,
@@ -166,6 +190,8 @@ pub async fn run_clients(
             last_seen: BTreeMap::new(),
             added: Vec::new(),
             served_by: None,
+            regions,
+            primary: 0,
         };
         tasks.push(tokio::spawn(async move {
             while Instant::now() < until {
@@ -198,6 +224,10 @@ struct ClientTask {
     added: Vec<u64>,
     /// The node that answered this step's read and its applied index.
     served_by: Option<(u64, u64)>,
+    /// `failover`: every data region (name, first node, client), and the
+    /// index of the one this client believes is primary.
+    regions: Vec<(String, u64, Client)>,
+    primary: usize,
 }
 
 /// Whether an error leaves a write certainly without effect.
@@ -230,6 +260,7 @@ impl ClientTask {
         let (f, key, input, result) = match self.workload {
             Workload::Register => self.register_op().await,
             Workload::Set => self.set_op().await,
+            Workload::Failover => self.failover_op().await,
             Workload::Lww => {
                 let key = format!("w{}", self.rng.random_range(0..self.keys));
                 if self.rng.random_range(0..100) < DELETE_PERCENT {
@@ -261,6 +292,15 @@ impl ClientTask {
                 (if sure { Outcome::Fail } else { Outcome::Info }, Value::Null, Some(e.to_string()))
             }
         };
+        // A failover write is recorded as sent to the first node of the
+        // region it went to (the region is what the checks need).
+        let node = match self.workload {
+            Workload::Failover => self.regions[self.primary].1,
+            _ => self.node,
+        };
+        if self.workload == Workload::Failover && outcome != Outcome::Ok {
+            self.find_primary().await;
+        }
         self.recorder.record(Op {
             process: self.process,
             f,
@@ -270,7 +310,7 @@ impl ClientTask {
             output,
             start_us,
             end_us,
-            node: self.node,
+            node,
             served_by: self.served_by.take(),
             error,
         });
@@ -295,6 +335,30 @@ impl ClientTask {
             self.added.push(e);
         }
         (Func::Add, key, json!(e), r.map(|v| version_json(&v)))
+    }
+
+    /// One failover operation: an add of a new element, to the region this
+    /// client believes is primary.
+    async fn failover_op(&mut self) -> (Func, String, Value, nines_client::Result<Value>) {
+        let e = self.unique();
+        let key = format!("{SET_PREFIX}{e:010}");
+        let r = self.regions[self.primary].2.put(key.clone(), e.to_string()).await;
+        (Func::Add, key, json!(e), r.map(|v| version_json(&v)))
+    }
+
+    /// After a failed failover write: asks every region which region is
+    /// primary and writes from now on to the one named at the highest epoch
+    /// (an old primary cut off from the rest still names itself).
+    async fn find_primary(&mut self) {
+        let asks =
+            self.regions.iter().map(|(_, _, c)| tokio::time::timeout(Duration::from_millis(500), c.region_status()));
+        let newest =
+            futures::future::join_all(asks).await.into_iter().filter_map(|r| r.ok()?.ok()).max_by_key(|s| s.epoch);
+        if let Some(s) = newest
+            && let Some(p) = self.regions.iter().position(|(name, _, _)| *name == s.primary)
+        {
+            self.primary = p;
+        }
     }
 
     /// One register operation: read half the time, else a write, or a CAS
@@ -373,7 +437,7 @@ pub enum FinalRead<'a> {
 pub async fn final_reads(cluster: &Cluster, what: FinalRead<'_>) -> anyhow::Result<(BTreeMap<u64, NodeState>, bool)> {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     let mut clients = BTreeMap::new();
-    for id in cluster.ids() {
+    for id in cluster.data_ids() {
         clients.insert(id, Client::new(vec![cluster.endpoint(id)], client_config())?);
     }
     loop {

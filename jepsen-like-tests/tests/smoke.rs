@@ -114,3 +114,29 @@ fn register_under_power_cuts_loses_nothing_and_stays_linearizable() {
     assert!(faults.len() >= 8, "expected a power cut every few seconds: {}", faults.len());
     assert!(faults.iter().all(|f| f["detail"].as_str().unwrap().contains("lost power")), "{faults:?}");
 }
+
+// Failover: an active-passive cluster with an authority and two
+// controllers, the primary region lost or cut off (from the other region,
+// the authority and the controllers). The controllers must fail over (a
+// promotion recorded), writes must resume, every acknowledged write that is
+// missing must sit in a divergence record, and no old primary may
+// acknowledge a write after the promotion.
+#[test]
+fn failover_under_region_loss_and_partition_loses_only_recorded_writes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("failover");
+    let (code, results) = run(
+        &out,
+        &["--workload", "failover", "--nemesis", "region-loss,partition-region", "--time", "40s", "--seed", "5"],
+    );
+    assert_eq!(code, 0, "verdict {}: see {}", results["valid"], out.join("index.html").display());
+    let failover = &results["details"]["failover"];
+    let promotions = failover["promotions"].as_array().unwrap();
+    assert!(promotions.len() >= 2, "no region was promoted: {failover}");
+    assert!(failover["lost_without_record"].as_array().unwrap().is_empty());
+    assert!(results["faults"].as_array().unwrap().iter().any(|f| f["rto_ms"].is_number()), "{}", results["faults"]);
+    let log = std::fs::read_to_string(out.join("controller-1.log")).unwrap()
+        + &std::fs::read_to_string(out.join("controller-2.log")).unwrap();
+    assert!(log.contains("promoted to primary"), "no controller promoted a region:\n{log}");
+}

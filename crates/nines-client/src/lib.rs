@@ -415,7 +415,13 @@ impl Client {
     /// The region's roles, replication lag per peer region, and what it
     /// applied from each origin. Answered by the region's leader.
     pub async fn region_status(&self) -> Result<RegionStatusResponse> {
-        self.call(true, rpc!(region, region_status, RegionStatusRequest {})).await
+        self.call(true, rpc!(region, region_status, RegionStatusRequest { from_controller: false })).await
+    }
+
+    /// [`Client::region_status`] as the failover controller asks it (a
+    /// test's fault hooks can cut a region off from the controller).
+    pub async fn region_status_for_controller(&self) -> Result<RegionStatusResponse> {
+        self.call(true, rpc!(region, region_status, RegionStatusRequest { from_controller: true })).await
     }
 
     /// Stops the (primary) region taking writes, for a planned switchover;

@@ -29,6 +29,14 @@ use serde::{Deserialize, Serialize};
 /// The key of the primary's lease.
 pub const PRIMARY_KEY: &str = "nines/primary";
 
+/// The name under which a test's fault hooks cut a node off from the
+/// authority (`blocked_regions = ["authority"]`).
+pub const AUTHORITY_FAULT: &str = "authority";
+
+/// The name under which a test's fault hooks cut a region off from the
+/// failover controller's probes (`blocked_regions = ["controller"]`).
+pub const CONTROLLER_FAULT: &str = "controller";
+
 /// The key of the deciding controller's lease.
 pub const CONTROLLER_KEY: &str = "nines/controller";
 
@@ -124,6 +132,123 @@ impl Authority {
     }
 }
 
+/// What a region that wants to become primary at `epoch` or later may do,
+/// given the primary's record as read (`None`: nothing yet) at `now_ms` on
+/// its wall clock, with clocks at most `offset_ms` apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Write a record naming this region at this epoch, with a
+    /// compare-and-swap on the version read. Always above the record's
+    /// epoch, so an epoch is issued once.
+    Take(u64),
+    /// The record already names this region at this epoch, at or above the
+    /// one asked for (a repeated promotion whose first reply was lost).
+    Ours(u64),
+    /// The holder's lease may still hold until `until_ms`: wait, read again.
+    WaitUntil { until_ms: u64 },
+}
+
+/// Decides a claim (see [`Claim`]): nobody takes the record from a holder
+/// before its lease plus the clock offset has run out.
+pub fn judge(current: Option<&Lease>, region: &str, epoch: u64, now_ms: u64, offset_ms: u64) -> Claim {
+    let Some(l) = current else { return Claim::Take(epoch) };
+    if l.holder == region && l.epoch >= epoch {
+        return Claim::Ours(l.epoch);
+    }
+    if !l.expired_at(now_ms, offset_ms) {
+        return Claim::WaitUntil { until_ms: l.renewed_ms + l.lease_ms + offset_ms + 1 };
+    }
+    Claim::Take(epoch.max(l.epoch.saturating_add(1)))
+}
+
+/// Why a region could not become primary.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("{holder} is the primary at epoch {epoch} (allocated by the authority: another failover won)")]
+    Lost { holder: String, epoch: u64 },
+    #[error(
+        "{holder} is the primary at epoch {epoch} and still renews its lease after {waited:?}: it is alive and \
+         reaches the authority; switch over with `nines region promote`, or stop it first"
+    )]
+    Renewed { holder: String, epoch: u64, waited: Duration },
+    #[error("the authority's epoch {0} is at EPOCH_MAX; no region can be promoted")]
+    Exhausted(u64),
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+}
+
+impl Authority {
+    /// Makes `region` the primary at `epoch` or the first epoch above the
+    /// authority's, once: waits (at most `patience`; two leases plus the
+    /// offset let a holder that is gone run out for sure) for the current
+    /// holder's lease to run out, then takes the record with a
+    /// compare-and-swap. A claim that loses the swap to another region's
+    /// has lost the failover. Returns the epoch and when the lease was
+    /// stamped, so the new primary's own lease counts from then.
+    pub async fn claim_primary(
+        &self,
+        region: &str,
+        epoch: u64,
+        lease: Duration,
+        offset: Duration,
+        patience: Duration,
+    ) -> Result<(u64, Instant), ClaimError> {
+        let started = Instant::now();
+        let mut raced: Option<u64> = None;
+        loop {
+            let current = self.read(PRIMARY_KEY).await?;
+            if let (Some(tried), Some(h)) = (raced, &current)
+                && h.lease.holder != region
+                && h.lease.epoch >= tried
+            {
+                return Err(ClaimError::Lost { holder: h.lease.holder.clone(), epoch: h.lease.epoch });
+            }
+            let sent = Instant::now();
+            let stamp = wall_ms();
+            match judge(current.as_ref().map(|h| &h.lease), region, epoch, stamp, offset.as_millis() as u64) {
+                Claim::Ours(e) => return Ok((e, sent)),
+                Claim::Take(e) if e > crate::limits::EPOCH_MAX => return Err(ClaimError::Exhausted(e - 1)),
+                Claim::Take(e) => {
+                    let wanted = Lease {
+                        holder: region.to_string(),
+                        epoch: e,
+                        renewed_ms: stamp,
+                        lease_ms: lease.as_millis() as u64,
+                    };
+                    if self.swap(PRIMARY_KEY, current.as_ref(), &wanted).await? {
+                        return Ok((e, sent));
+                    }
+                    raced = Some(e);
+                }
+                Claim::WaitUntil { until_ms } => {
+                    let left = patience.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        // Only a record makes a claim wait.
+                        let (holder, epoch) = current.map(|h| (h.lease.holder, h.lease.epoch)).unwrap_or_default();
+                        return Err(ClaimError::Renewed { holder, epoch, waited: started.elapsed() });
+                    }
+                    tokio::time::sleep(Duration::from_millis(until_ms.saturating_sub(stamp)).min(left)).await;
+                }
+            }
+        }
+    }
+
+    /// Gives up `region`'s lease at `epoch` (a fenced primary takes no
+    /// writes, so a switchover need not wait out its lease): stamps it with
+    /// length zero, if the record still names it. The caller has already
+    /// stopped counting the lease as held.
+    pub async fn release_primary(&self, region: &str, epoch: u64) -> Result<(), AuthorityError> {
+        let Some(current) = self.read(PRIMARY_KEY).await? else { return Ok(()) };
+        if current.lease.holder != region || current.lease.epoch != epoch || current.lease.lease_ms == 0 {
+            return Ok(());
+        }
+        let released = Lease { renewed_ms: wall_ms(), lease_ms: 0, ..current.lease.clone() };
+        // A lost race means the record changed: nothing of ours to release.
+        self.swap(PRIMARY_KEY, Some(&current), &released).await?;
+        Ok(())
+    }
+}
+
 /// The wall clock in milliseconds.
 pub fn wall_ms() -> u64 {
     use crate::hlc::PhysicalClock;
@@ -141,6 +266,11 @@ impl PrimaryLease {
     /// Whether the lease holds now for `epoch`.
     pub fn holds(&self, epoch: u64) -> bool {
         matches!(*self.lock(), Some((until, e)) if e == epoch && Instant::now() < until)
+    }
+
+    /// How long the lease still holds (zero when it does not).
+    pub fn left(&self) -> Duration {
+        self.lock().map_or(Duration::ZERO, |(until, _)| until.saturating_duration_since(Instant::now()))
     }
 
     /// How long ago the lease ran out (zero while it holds or never held).
@@ -172,6 +302,33 @@ mod tests {
         // (someone's now, offset, expired)
         for (now, offset, want) in [(3_999, 500, false), (4_500, 500, false), (4_501, 500, true), (4_001, 0, true)] {
             assert_eq!(l.expired_at(now, offset), want, "now {now}, offset {offset}");
+        }
+    }
+
+    #[test]
+    fn claims_wait_out_the_lease_and_only_ever_raise_the_epoch() {
+        let held =
+            |holder: &str, epoch, renewed_ms, lease_ms| Lease { holder: holder.into(), epoch, renewed_ms, lease_ms };
+        let a0 = held("a", 0, 10_000, 3_000);
+        // (record, region, epoch asked, now, verdict)
+        let table = [
+            (None, "b", 1, 0, Claim::Take(1)),
+            (Some(a0.clone()), "b", 1, 12_000, Claim::WaitUntil { until_ms: 13_501 }),
+            (Some(a0.clone()), "b", 1, 13_500, Claim::WaitUntil { until_ms: 13_501 }),
+            (Some(a0.clone()), "b", 1, 13_501, Claim::Take(1)),
+            (Some(a0.clone()), "b", 4, 13_501, Claim::Take(4)),
+            // A released lease (a fenced primary) ends after the offset.
+            (Some(held("a", 0, 10_000, 0)), "b", 1, 10_400, Claim::WaitUntil { until_ms: 10_501 }),
+            (Some(held("a", 0, 10_000, 0)), "b", 1, 10_501, Claim::Take(1)),
+            (Some(held("b", 1, 20_000, 3_000)), "b", 1, 20_001, Claim::Ours(1)),
+            (Some(held("b", 2, 20_000, 3_000)), "b", 1, 20_001, Claim::Ours(2)),
+            // A holder at the asked epoch, alive: wait; gone: the next epoch.
+            (Some(held("b", 1, 20_000, 3_000)), "c", 1, 20_001, Claim::WaitUntil { until_ms: 23_501 }),
+            (Some(held("b", 1, 20_000, 3_000)), "c", 1, 99_000, Claim::Take(2)),
+            (Some(held("c", 3, 20_000, 3_000)), "b", 2, 99_000, Claim::Take(4)),
+        ];
+        for (record, region, epoch, now, want) in table {
+            assert_eq!(judge(record.as_ref(), region, epoch, now, 500), want, "{record:?} {region}@{epoch} at {now}");
         }
     }
 

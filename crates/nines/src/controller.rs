@@ -16,9 +16,12 @@
 //!   until a probe shows that epoch or a higher one.
 //!
 //! Caveats:
-//! - The controller is one process; two controllers (or a controller and an
-//!   operator) can still race. Epochs allocated by a replicated authority
-//!   are future work.
+//! - This history is one process's. With an authority, the region that is
+//!   promoted allocates the epoch there (once, and only after the old
+//!   primary's lease ran out), so controllers and operators racing cannot
+//!   both win; the epoch asked for here is then a lower bound. Without one,
+//!   two controllers (or a controller and an operator) can race, and the
+//!   state machine's tie rule settles two primaries at one epoch.
 
 use crate::limits::EPOCH_MAX;
 

@@ -36,7 +36,11 @@ pub const LINK_RULES_MAX: usize = 64;
 /// Every fault of a node at once; `Faults::set` replaces them all.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FaultSet {
-    /// Regions whose replication traffic to and from this node is dropped.
+    /// Regions whose replication traffic to and from this node is dropped;
+    /// `authority` (`crate::authority::AUTHORITY_FAULT`) cuts this node's
+    /// lease renewals off from the authority, and `controller`
+    /// (`crate::authority::CONTROLLER_FAULT`) the failover controller's
+    /// probes off from this node.
     pub blocked_regions: Vec<String>,
     /// Regions this node does not ship to; their shipments still arrive.
     pub send_blocked_regions: Vec<String>,

@@ -27,14 +27,19 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::authority::{self, Authority, Lease, PRIMARY_KEY};
+use crate::authority::{self, AUTHORITY_FAULT, Authority, Lease, PRIMARY_KEY};
 use crate::config::Mode;
 use crate::node::Node;
+
+/// How soon the keeper looks again when this node has no lease to renew:
+/// a node that just became the primary's leader takes writes within it.
+const IDLE_TICK: Duration = Duration::from_millis(100);
 
 /// Starts the lease keeper: every third of the lease, while this node leads
 /// the primary region, it renews the primary's lease in the authority (or
 /// creates it at epoch 0). It clears the lease when this node no longer
-/// leads the primary, or the authority names a newer primary.
+/// leads the primary, or the authority names a newer primary, and gives it
+/// up while the region is fenced.
 pub fn spawn_keeper(
     node: Arc<Node>,
     authority: Authority,
@@ -43,33 +48,61 @@ pub fn spawn_keeper(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut failures = 0u32;
+        let mut next = IDLE_TICK;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
-                _ = tokio::time::sleep(lease / 3) => {}
+                _ = tokio::time::sleep(next) => {}
             }
-            match renew(&node, &authority, lease).await {
-                Ok(()) => failures = 0,
+            next = match renew(&node, &authority, lease).await {
+                Ok(Renewal::Renewed) => {
+                    failures = 0;
+                    lease / 3
+                }
+                Ok(Renewal::Idle) => {
+                    failures = 0;
+                    IDLE_TICK
+                }
                 Err(e) => {
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(30) {
                         tracing::warn!(error = %e, failures, "could not renew the primary lease");
                     }
+                    IDLE_TICK.max(lease / 10)
                 }
-            }
+            };
         }
     })
 }
 
+/// What a round of the keeper did.
+enum Renewal {
+    /// The lease was renewed.
+    Renewed,
+    /// Nothing to renew: this node does not lead the primary region, or the
+    /// region is fenced (and gave its lease up).
+    Idle,
+}
+
 /// One renewal (see [`spawn_keeper`]).
-async fn renew(node: &Node, authority: &Authority, lease: Duration) -> Result<(), String> {
+async fn renew(node: &Node, authority: &Authority, lease: Duration) -> Result<Renewal, String> {
     let held = node.primary_lease();
     let region = node.region().to_string();
     if node.mode() != Mode::ActivePassive || node.check_leader().is_err() || node.reader().primary() != region {
         held.clear();
-        return Ok(());
+        return Ok(Renewal::Idle);
+    }
+    if node.faults().region_blocked(AUTHORITY_FAULT) {
+        return Err("the authority is cut off from this node (fault injection)".into());
     }
     let epoch = node.reader().region_state().epoch;
+    if node.region_role() == "fenced" {
+        // A fenced primary takes no writes: giving the lease up lets the
+        // switchover promote without waiting it out.
+        held.clear();
+        authority.release_primary(&region, epoch).await.map_err(|e| e.to_string())?;
+        return Ok(Renewal::Idle);
+    }
     let sent = Instant::now();
     let renewed =
         Lease { holder: region.clone(), epoch, renewed_ms: authority::wall_ms(), lease_ms: lease.as_millis() as u64 };
@@ -88,7 +121,7 @@ async fn renew(node: &Node, authority: &Authority, lease: Duration) -> Result<()
     };
     if authority.swap(PRIMARY_KEY, expected, &renewed).await.map_err(|e| e.to_string())? {
         held.grant(sent, lease, epoch);
-        Ok(())
+        Ok(Renewal::Renewed)
     } else {
         Err("the primary's record changed while renewing; trying again".into())
     }

@@ -221,6 +221,11 @@ impl Node {
         &self.clock
     }
 
+    /// The largest clock offset between nodes this cluster tolerates.
+    pub fn clock_offset_max(&self) -> Duration {
+        Duration::from_millis(self.clock.offset_ms_max())
+    }
+
     /// A fresh timestamp for a write this node is about to propose; refused
     /// (retry-safe: nothing was proposed) while this node's hybrid clock runs
     /// too far ahead of its physical clock.

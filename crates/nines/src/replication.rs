@@ -93,7 +93,7 @@ use crate::limits::{
     RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX,
 };
 use crate::node::Node;
-use crate::types::{Command, CommandResult, Refusal, ResyncEntry, ShipAnswer, Shipment, wins_epoch_tie};
+use crate::types::{Command, CommandResult, Expected, Refusal, ResyncEntry, ShipAnswer, Shipment, wins_epoch_tie};
 
 /// How long an idle shipper waits before looking at the changefeed again.
 /// Bounds replication lag from below on an idle region; 10 ms is noise next
@@ -520,9 +520,18 @@ pub fn spawn_resync(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> tokio::
 async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
     let primary = node.reader().primary();
     if primary == node.region() {
-        // Promoted again before the resync ran: this region's values are
-        // the primary's now, and nothing is to be taken from elsewhere.
+        // Promoted again before the resync ran: no other region's values
+        // can be taken, and this region's divergent values would stay here
+        // alone. They ship to every region as new writes instead.
+        let reshipped = reship_divergent(node, epoch).await?;
         node.propose(Command::Resync { entries: Vec::new(), done: true }).await?;
+        if reshipped > 0 {
+            tracing::warn!(
+                keys = reshipped,
+                "primary again before the divergent keys were resynchronised: their values were written again, to \
+                 reach every region (they stay in the divergence record)"
+            );
+        }
         return Ok(());
     }
     let region = node
@@ -531,9 +540,9 @@ async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
         .find(|p| p.name == primary)
         .cloned()
         .ok_or_else(|| Error::Internal(format!("primary {primary} is not a peer region")))?;
-    if node.faults().region_blocked(&primary) {
+    if node.faults().sends_blocked(&primary) {
         return Err(Error::Unavailable {
-            reason: format!("traffic with region {primary} is blocked (fault injection)"),
+            reason: format!("traffic to region {primary} is blocked (fault injection)"),
             retry_safe: true,
         });
     }
@@ -564,6 +573,42 @@ async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
     node.propose(Command::Resync { entries: batch, done: true }).await?;
     tracing::info!(keys, %primary, "divergent keys resynchronised from the new primary");
     Ok(())
+}
+
+/// On a region that is primary again with divergent keys never
+/// resynchronised: writes each key that still holds its divergent value
+/// again, as a new local write (a compare-and-swap on that value, so a
+/// client's newer write wins; a delete for a divergent delete), so it
+/// ships to every region and they converge. Returns how many were written.
+async fn reship_divergent(node: &Node, epoch: u64) -> Result<u64, Error> {
+    let mut reshipped = 0;
+    let mut start = Some(0);
+    while let Some(from) = start {
+        let (records, next) = node
+            .reader()
+            .divergent(from, DIVERGENT_LIST_MAX as usize, DIVERGENT_PAGE_BYTES_MAX)
+            .map_err(Error::from)?;
+        start = next;
+        for record in records.iter().filter(|r| r.demoted_at_epoch <= epoch) {
+            let current = node.reader().get(&record.key).map_err(Error::from)?;
+            let Some(current) = current.filter(|c| c.version == record.version) else { continue };
+            let key = record.key.clone();
+            match current.value {
+                Some(value) => {
+                    let expected = Expected::Write { hlc: record.version.hlc, origin: record.version.origin.clone() };
+                    node.write(|hlc| Command::CompareAndSwap { key, value, expected, hlc }).await?;
+                }
+                // The window between the read above and this delete is the
+                // one place a client's write could be undone: there is no
+                // compare-and-delete.
+                None => {
+                    node.write(|hlc| Command::Delete { key, hlc }).await?;
+                }
+            }
+            reshipped += 1;
+        }
+    }
+    Ok(reshipped)
 }
 
 /// A divergent key's value as the new primary has it.

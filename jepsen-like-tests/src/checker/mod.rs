@@ -7,6 +7,9 @@
 //!   present that was never added; nothing that certainly failed is present.
 //! - [`lww`]: every node holds the same version of every key, and that
 //!   version is at least the greatest one a client was told was written.
+//! - [`failover`]: `set`'s checks, except that a lost add must have a
+//!   divergence record (and every record an add), and no old primary
+//!   acknowledged a write after another region was promoted.
 
 pub mod linear;
 
@@ -242,6 +245,103 @@ pub fn set(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -
     }
 }
 
+/// A promotion the run saw: from `at_us` on, `region` was primary at `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Promotion {
+    pub at_us: u64,
+    pub region: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverResult {
+    pub valid: Validity,
+    pub message: String,
+    /// Acknowledged adds missing at the end with no divergence record.
+    pub lost_without_record: Vec<u64>,
+    /// Divergence records of elements no client was told were added, nor
+    /// might have been.
+    pub records_never_written: Vec<u64>,
+    /// Acknowledged adds sent to a region after another region's promotion
+    /// was seen: an old primary acknowledged after its lease ran out.
+    pub acked_after_promotion: Vec<String>,
+    /// Elements in a divergence record.
+    pub divergent: usize,
+    pub promotions: Vec<Promotion>,
+}
+
+/// The failover checks, on top of `set`'s: the acknowledged adds that are
+/// missing at the end are exactly the divergence records of acknowledged
+/// adds (set equality; a record may also hold an add whose outcome the
+/// client never learned), and no region acknowledged an add it was sent
+/// after another region had been seen promoted (its lease had run out
+/// before the promotion). Lost writes themselves are the price of
+/// asynchronous replication, counted in the RPO, and not a violation.
+pub fn failover(
+    history: &[Op],
+    set: &SetResult,
+    divergent: &BTreeSet<u64>,
+    promotions: &[Promotion],
+    region_of: &dyn Fn(u64) -> String,
+) -> FailoverResult {
+    let outcome_of = outcomes(history, Func::Add);
+    let lost_without_record: Vec<u64> = set.lost.iter().copied().filter(|e| !divergent.contains(e)).collect();
+    let records_never_written: Vec<u64> =
+        divergent.iter().copied().filter(|e| !matches!(outcome_of.get(e), Some(Outcome::Ok | Outcome::Info))).collect();
+    let mut acked_after_promotion = Vec::new();
+    for op in history.iter().filter(|o| o.f == Func::Add && o.outcome == Outcome::Ok) {
+        let region = region_of(op.node);
+        if let Some(p) = promotions.iter().rfind(|p| p.at_us <= op.start_us)
+            && p.region != region
+        {
+            acked_after_promotion.push(format!(
+                "{} acknowledged by {region} (sent at {:.3} s), after {} was seen primary at epoch {} ({:.3} s)",
+                op.key,
+                op.start_us as f64 / 1e6,
+                p.region,
+                p.epoch,
+                p.at_us as f64 / 1e6
+            ));
+        }
+    }
+    let set_ok =
+        set.resurrected.is_empty() && set.unexpected.is_empty() && set.failed_but_present.is_empty() && set.converged;
+    let valid = if set.acknowledged == 0 {
+        Validity::Unknown
+    } else if set_ok
+        && lost_without_record.is_empty()
+        && records_never_written.is_empty()
+        && acked_after_promotion.is_empty()
+    {
+        Validity::Valid
+    } else {
+        Validity::Invalid
+    };
+    let message = format!(
+        "{} promotions; {} acknowledged adds lost, {} of them without a divergence record; {} divergence records, {} \
+         of adds never attempted; {} acknowledged by a region after another's promotion; {} unexpected, {} \
+         reported failed but present, nodes {}",
+        promotions.len().saturating_sub(1),
+        set.lost.len(),
+        lost_without_record.len(),
+        divergent.len(),
+        records_never_written.len(),
+        acked_after_promotion.len(),
+        set.unexpected.len(),
+        set.failed_but_present.len(),
+        if set.converged { "agree" } else { "disagree" }
+    );
+    FailoverResult {
+        valid,
+        message,
+        lost_without_record,
+        records_never_written,
+        acked_after_promotion,
+        divergent: divergent.len(),
+        promotions: promotions.to_vec(),
+    }
+}
+
 /// A version in last-writer-wins order: (physical ms, logical, origin region).
 type LwwOrder = (u64, u64, String);
 
@@ -435,6 +535,48 @@ mod tests {
         let mut wrong = set_state(&[1]);
         wrong.insert("s/0000000001".into(), Some(("2".into(), Value::Null)));
         assert_eq!(set(&h, &BTreeMap::from([(1, wrong)]), true).valid, Validity::Invalid);
+    }
+
+    #[test]
+    fn failover_loses_only_what_its_divergence_records_hold_and_no_old_primary_acks_late() {
+        // Node 1 is in region a, node 4 in region b; b was seen promoted at
+        // 35 us. Adds 1-3 went to a, 4 to b (starts at e * 10 us).
+        let region_of = |n: u64| if n < 4 { "a".to_string() } else { "b".to_string() };
+        let to_b = |mut o: Op| {
+            o.node = 4;
+            o
+        };
+        let promotions = [
+            Promotion { at_us: 0, region: "a".into(), epoch: 0 },
+            Promotion { at_us: 35, region: "b".into(), epoch: 1 },
+        ];
+        let h = vec![add(1, Outcome::Ok), add(2, Outcome::Ok), add(3, Outcome::Info), to_b(add(4, Outcome::Ok))];
+        let finals = BTreeMap::from([(1, set_state(&[1, 4])), (4, set_state(&[1, 4]))]);
+        let s = set(&h, &finals, true);
+        assert_eq!(s.lost, vec![2]);
+        // (divergence records, valid, lost without record, records never written)
+        type Row = (Vec<u64>, Validity, Vec<u64>, Vec<u64>);
+        let table: Vec<Row> = vec![
+            (vec![2], Validity::Valid, vec![], vec![]),
+            (vec![2, 3], Validity::Valid, vec![], vec![]),
+            (vec![], Validity::Invalid, vec![2], vec![]),
+            (vec![2, 9], Validity::Invalid, vec![], vec![9]),
+        ];
+        for (records, valid, without, never) in table {
+            let r = failover(&h, &s, &records.iter().copied().collect(), &promotions, &region_of);
+            assert_eq!(
+                (r.valid, &r.lost_without_record, &r.records_never_written),
+                (valid, &without, &never),
+                "{records:?}"
+            );
+            assert!(r.acked_after_promotion.is_empty(), "{r:?}");
+        }
+        // An add sent to a at 50 us (after b's promotion) and acknowledged.
+        let mut late = h.clone();
+        late.push(add(5, Outcome::Ok));
+        let r = failover(&late, &s, &BTreeSet::from([2]), &promotions, &region_of);
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(r.acked_after_promotion.len(), 1, "{r:?}");
     }
 
     fn delete(e: u64, outcome: Outcome) -> Op {

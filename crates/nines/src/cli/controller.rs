@@ -14,6 +14,15 @@
 //! has elected another, which takes at most about 1.2 s with the default
 //! Raft timeouts.
 //!
+//! With an authority (`cluster.authority`, which `nines up --mode
+//! active-passive` starts), several controllers can run: each probes every
+//! round, but only the one holding the authority's controller lease (three
+//! intervals by default, renewed every round) acts; another takes over once
+//! it has run out plus the clock offset. The promoted region claims its
+//! epoch in the authority, so even two deciding controllers cannot both
+//! win, and a primary that still renews its own lease is never replaced
+//! (the promotion is refused after waiting two leases).
+//!
 //! The defaults (`--interval 1s --threshold 5`) are derived from that: the
 //! slowest in-region recovery the fault harness measured without a real
 //! outage is a paused leader, 3.2 s until writes resume (1.6 s typical), so a
@@ -28,7 +37,8 @@ use clap::Args;
 use nines_client::RegionStatusResponse;
 
 use super::Global;
-use super::region::{discover, region_client};
+use super::region::{discover, promote_client, region_client};
+use crate::authority::{self, Authority, CONTROLLER_KEY, Lease};
 use crate::controller::{Action, History, Outcome, Policy, Seen, decide, promoted};
 
 #[derive(Args, Debug)]
@@ -43,6 +53,11 @@ pub struct ControllerArgs {
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
+    /// How long this controller's lease in the authority holds (default:
+    /// three intervals). Several controllers may run; the one holding the
+    /// lease decides, the others take over when it stops renewing.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lease: Option<Duration>,
 }
 
 pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
@@ -66,6 +81,15 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
         threshold = args.threshold,
         "controller watching every region"
     );
+    let mut deciding = match authority_of(&clients).await {
+        Some(endpoints) => {
+            let lease = args.lease.unwrap_or(args.interval * 3);
+            let a = Authority::new(endpoints, args.interval.max(Duration::from_millis(200)))?;
+            tracing::info!(id = %controller_id(), ?lease, "controllers share the decision through the authority's lease");
+            Some(ControllerLease { authority: a, lease, id: controller_id(), standing_by: None })
+        }
+        None => None,
+    };
     let policy = Policy { threshold: args.threshold };
     let started = Instant::now();
     let stop = crate::daemon::termination_signal();
@@ -83,9 +107,17 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
         let seen = probe(&probes, probe_timeout).await;
         let (action, next) = decide(&seen, &history, &policy);
         history = next;
+        // Every controller probes and keeps its history, so one that takes
+        // over already knows how long the primary has been failing; only
+        // the one holding the lease acts.
+        if let Some(lease) = deciding.as_mut()
+            && !lease.renew().await
+        {
+            continue;
+        }
         match action {
             Action::Promote { region, epoch, .. } => {
-                let client = &clients.iter().find(|(n, _)| *n == region).context("candidate client")?.1;
+                let client = promote_client(regions.iter().find(|r| r.name == region).context("candidate region")?)?;
                 let outcome = match client.promote_region(epoch).await {
                     Ok(r) => Outcome::Promoted(r.epoch),
                     Err(e) if no_effect(&e) => {
@@ -104,6 +136,73 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
             }
             Action::ActiveActive => anyhow::bail!("the cluster is active-active: there is no primary to fail over"),
             other => log(&other, args.threshold),
+        }
+    }
+}
+
+/// The authority's endpoints, as the first region that answers names them
+/// (none: the cluster has no authority, and this controller decides alone).
+async fn authority_of(clients: &[(String, nines_client::Client)]) -> Option<Vec<String>> {
+    for (_, c) in clients {
+        if let Ok(s) = c.region_status().await {
+            return (!s.authority.is_empty()).then_some(s.authority);
+        }
+    }
+    None
+}
+
+/// This process's name in the authority's controller record.
+fn controller_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}/pid-{}", host.trim(), std::process::id())
+}
+
+/// The lease that makes one controller of several the one that decides.
+struct ControllerLease {
+    authority: Authority,
+    lease: Duration,
+    id: String,
+    /// Who decides while this one stands by (logged once per holder).
+    standing_by: Option<String>,
+}
+
+impl ControllerLease {
+    /// Takes or renews the lease; whether this controller decides this round.
+    async fn renew(&mut self) -> bool {
+        let offset_ms = crate::config::NodeConfig::default().clock_offset_max.as_millis() as u64;
+        let current = match self.authority.read(CONTROLLER_KEY).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the authority; not deciding this round");
+                return false;
+            }
+        };
+        let now = authority::wall_ms();
+        if let Some(h) = &current
+            && h.lease.holder != self.id
+            && !h.lease.expired_at(now, offset_ms)
+        {
+            if self.standing_by.as_deref() != Some(&h.lease.holder) {
+                tracing::info!(deciding = %h.lease.holder, "standing by: another controller decides");
+                self.standing_by = Some(h.lease.holder.clone());
+            }
+            return false;
+        }
+        let mine =
+            Lease { holder: self.id.clone(), epoch: 0, renewed_ms: now, lease_ms: self.lease.as_millis() as u64 };
+        match self.authority.swap(CONTROLLER_KEY, current.as_ref(), &mine).await {
+            Ok(true) => {
+                if current.as_ref().is_none_or(|h| h.lease.holder != self.id) {
+                    tracing::warn!(id = %self.id, "this controller decides now");
+                }
+                self.standing_by = None;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the controller lease; not deciding this round");
+                false
+            }
         }
     }
 }
@@ -140,7 +239,7 @@ async fn probe(probes: &[(String, Vec<nines_client::Client>)], timeout: Duration
     let regions = probes.iter().map(|(name, clients)| async move {
         let asks = clients.iter().map(|c| {
             Box::pin(async move {
-                match tokio::time::timeout(timeout, c.region_status()).await {
+                match tokio::time::timeout(timeout, c.region_status_for_controller()).await {
                     Ok(Ok(s)) => Ok(s),
                     _ => Err(()),
                 }

@@ -50,7 +50,9 @@ pub enum ReadConsistency {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Start a local three-node cluster on loopback (no config needed).
+    /// Start a local cluster on loopback: two regions of three nodes by
+    /// default (plus a three-node authority in active-passive mode); no
+    /// config needed.
     Up(up::UpArgs),
     /// Run one node.
     Node(NodeArgs),

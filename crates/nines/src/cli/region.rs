@@ -81,6 +81,17 @@ pub fn region_client(r: &RegionInfo, timeout: Duration) -> anyhow::Result<Client
     Ok(Client::new(r.endpoints.clone(), probe_config(timeout))?)
 }
 
+/// How long a promotion may take: with an authority, the region waits out
+/// the old primary's lease (at most two leases plus the clock offset)
+/// before it takes the epoch.
+pub const PROMOTE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A client for promoting region `r` (see [`PROMOTE_TIMEOUT`]).
+pub fn promote_client(r: &RegionInfo) -> anyhow::Result<Client> {
+    let config = ClientConfig { request_deadline: PROMOTE_TIMEOUT, ..probe_config(PROMOTE_TIMEOUT) };
+    Ok(Client::new(r.endpoints.clone(), config)?)
+}
+
 /// Every reachable region's status; unreachable ones are `Err`.
 pub async fn statuses(regions: &[RegionInfo]) -> Vec<(RegionInfo, anyhow::Result<RegionStatusResponse>)> {
     let mut out = Vec::new();
@@ -212,8 +223,7 @@ async fn drain_and_promote(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let new = region_client(target, Duration::from_secs(5))?;
-    let r = new.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
+    let r = promote_client(target)?.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
     Ok(r.epoch)
 }
 
@@ -259,8 +269,8 @@ pub async fn run(g: &Global, command: RegionCommand) -> anyhow::Result<()> {
         }
         RegionCommand::Failover { region } => {
             let Some((target, primary, epoch)) = role_change(&regions, &region).await? else { return Ok(()) };
-            let new = region_client(target, Duration::from_secs(5))?;
-            let r = new.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
+            let r =
+                promote_client(target)?.promote_region(epoch).await.with_context(|| format!("promoting {region}"))?;
             settled(&regions, &region, r.epoch).await?;
             println!("{region} is the primary at epoch {} (failover from {primary})", r.epoch);
         }
@@ -351,7 +361,8 @@ pub fn print_region_status(g: &Global, all: &[(RegionInfo, anyhow::Result<Region
             .map(|(r, s)| match s {
                 Ok(s) => json!({
                     "region": r.name, "reachable": true, "mode": s.mode, "role": s.role, "primary": s.primary,
-                    "epoch": s.epoch, "changefeed_entries": s.changefeed_entries, "divergent_count": s.divergent_count,
+                    "epoch": s.epoch, "lease_left_ms": s.lease_left_ms, "authority": s.authority,
+                    "changefeed_entries": s.changefeed_entries, "divergent_count": s.divergent_count,
                     "peers": s.peers.iter().map(|p| json!({"region": p.region, "acked_index": p.acked_index, "lag_entries": p.lag_entries, "lag_ms": p.lag_ms})).collect::<Vec<_>>(),
                     "origins": s.origins.iter().map(|o| json!({"origin": o.origin, "applied_through": o.applied_through, "applied_total": o.applied_total, "refused_clock_total": o.refused_clock_total})).collect::<Vec<_>>(),
                 }),
@@ -370,15 +381,18 @@ pub fn print_region_status(g: &Global, all: &[(RegionInfo, anyhow::Result<Region
                 s.role.clone(),
                 if s.primary.is_empty() { "-".into() } else { s.primary.clone() },
                 s.epoch.to_string(),
+                lease_column(s),
                 s.changefeed_entries.to_string(),
                 s.divergent_count.to_string(),
             ],
             Err(_) => {
-                vec![r.name.clone(), "-".into(), "unreachable".into(), "-".into(), "-".into(), "-".into(), "-".into()]
+                let mut row = vec![r.name.clone(), "-".into(), "unreachable".into()];
+                row.resize(8, "-".into());
+                row
             }
         })
         .collect();
-    print_table(&["REGION", "MODE", "ROLE", "PRIMARY", "EPOCH", "CHANGEFEED", "DIVERGENT"], &rows);
+    print_table(&["REGION", "MODE", "ROLE", "PRIMARY", "EPOCH", "LEASE", "CHANGEFEED", "DIVERGENT"], &rows);
     let lags: Vec<Vec<String>> = all
         .iter()
         .filter_map(|(r, s)| s.as_ref().ok().map(|s| (r, s)))
@@ -397,5 +411,15 @@ pub fn print_region_status(g: &Global, all: &[(RegionInfo, anyhow::Result<Region
     if !lags.is_empty() {
         println!();
         print_table(&["FROM", "TO", "LAG ENTRIES", "LAG MS", "ACKED INDEX"], &lags);
+    }
+}
+
+/// The LEASE column: what is left of the primary's lease, "none" for a
+/// primary that holds none (it takes no writes), "-" where no lease applies.
+fn lease_column(s: &RegionStatusResponse) -> String {
+    match (s.authority.is_empty(), s.role.as_str(), s.lease_left_ms) {
+        (true, _, _) | (false, "secondary", _) => "-".into(),
+        (false, _, 0) => "none".into(),
+        (false, _, ms) => format!("{:.1}s", ms as f64 / 1000.0),
     }
 }

@@ -1,7 +1,8 @@
 //! `nines up`: a local cluster of real node processes on loopback, with an
 //! embedded default configuration: by default two regions of three nodes,
 //! one per AZ, with simulated latency (1 ms between AZs, 40 ms between
-//! regions). Bootstraps each region only when it created the data itself,
+//! regions), and in active-passive mode a three-node authority holding the
+//! primary's lease. Bootstraps each region only when it created the data itself,
 //! prints every node's addresses and PID, reports nodes that exit, and stops
 //! every node cleanly on Ctrl-C.
 
@@ -28,6 +29,13 @@ const STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// The most AZs (nodes) per region `up` starts: one Raft group gains
 /// nothing beyond seven voters.
 const UP_AZS_MAX: u64 = 7;
+
+/// The nodes of the authority `up` starts for an active-passive cluster:
+/// three, so it survives losing one.
+const AUTHORITY_NODES: u64 = 3;
+
+/// The authority's region name (it is not one of the cluster's regions).
+pub const AUTHORITY_REGION: &str = "authority";
 
 /// The regions `up` can start, in order.
 pub const REGION_NAMES: &[&str] = &["us-east", "eu-west", "ap-south", "us-west", "sa-east"];
@@ -106,6 +114,13 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
         let endpoints = (1..=args.azs).map(|a| grpc(r * args.azs + a)).collect::<anyhow::Result<Vec<_>>>()?;
         regions.push(RegionConfig { name: REGION_NAMES[r as usize].to_string(), endpoints });
     }
+    // Active-passive: three more nodes form the authority, a region of its
+    // own that holds the primary's lease and allocates epochs.
+    let authority_ids: Vec<u64> = match args.mode {
+        UpMode::ActivePassive if args.regions > 1 => ((total + 1)..=(total + AUTHORITY_NODES)).collect(),
+        _ => Vec::new(),
+    };
+    let authority = authority_ids.iter().map(|id| grpc(*id)).collect::<anyhow::Result<Vec<_>>>()?;
     let cluster = ClusterConfig {
         mode: match args.mode {
             UpMode::ActiveActive => Mode::ActiveActive,
@@ -116,6 +131,7 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
             UpMode::ActivePassive => REGION_NAMES[0].to_string(),
         },
         regions: if args.regions > 1 { regions } else { Vec::new() },
+        authority,
         ..ClusterConfig::default()
     };
     let latency = if args.no_latency {
@@ -127,21 +143,26 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
             ..LatencyConfig::default()
         }
     };
-    let mut configs = Vec::new();
-    for id in 1..=total {
-        let (r, a) = ((id - 1) / args.azs, (id - 1) % args.azs);
-        let region = REGION_NAMES[r as usize];
-        configs.push(NodeConfig {
+    let node = |id: u64, region: &str, az: u64, cluster: &ClusterConfig| -> anyhow::Result<NodeConfig> {
+        Ok(NodeConfig {
             id,
             region: region.to_string(),
-            az: az_name(region, a),
+            az: az_name(region, az),
             data_dir: dir.join(format!("node-{id}")),
             grpc_listen: ([127, 0, 0, 1], port(args.grpc_port_base, id)?).into(),
             admin_listen: ([127, 0, 0, 1], port(args.admin_port_base, id)?).into(),
             cluster: cluster.clone(),
             latency: latency.clone(),
             ..NodeConfig::default()
-        });
+        })
+    };
+    let mut configs = Vec::new();
+    for id in 1..=total {
+        let (r, a) = ((id - 1) / args.azs, (id - 1) % args.azs);
+        configs.push(node(id, REGION_NAMES[r as usize], a, &cluster)?);
+    }
+    for (a, id) in authority_ids.into_iter().enumerate() {
+        configs.push(node(id, AUTHORITY_REGION, a as u64, &ClusterConfig::default())?);
     }
     Ok(configs)
 }
@@ -208,7 +229,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let mut leaders = Vec::new();
-    for region_configs in configs.chunks(args.azs as usize) {
+    for region_configs in configs.chunk_by(|a, b| a.region == b.region) {
         let region = region_configs[0].region.clone();
         let endpoints: Vec<String> = region_configs.iter().map(|c| format!("http://{}", c.grpc_listen)).collect();
         let client = Client::new(endpoints.clone(), ClientConfig::default())?;
@@ -243,7 +264,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         leaders.push((region, leader));
     }
 
-    let mode = if args.regions > 1 { format!(", {}", configs[0].cluster.mode.as_str()) } else { String::new() };
+    let mut mode = if args.regions > 1 { format!(", {}", configs[0].cluster.mode.as_str()) } else { String::new() };
+    if !configs[0].cluster.authority.is_empty() {
+        mode += &format!(", primary lease {:?} from a {AUTHORITY_NODES}-node authority", configs[0].cluster.lease);
+    }
     println!("nines: {} regions x {} AZs{mode} (data in {})", args.regions, args.azs, dir.display());
     println!("{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}", "NODE", "REGION", "AZ", "GRPC", "ADMIN", "PID");
     for (c, p) in configs.iter().zip(&nodes) {

@@ -2,6 +2,7 @@
 //! divergence record, and the test-only fault hooks.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::region_admin_server::RegionAdmin;
@@ -14,6 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::forward::on_leader;
+use crate::authority::{CONTROLLER_FAULT, ClaimError};
 use crate::config::Mode;
 use crate::convert;
 use crate::error::Error;
@@ -77,6 +79,8 @@ fn status(node: &Node) -> Result<RegionStatusResponse, Error> {
         regions,
         leader_id: node.id(),
         setup: node.reader().setup().as_ref().map(convert::setup_to_proto),
+        authority: node.authority_endpoints().to_vec(),
+        lease_left_ms: node.primary_lease().left().as_millis() as u64,
     })
 }
 
@@ -133,11 +137,38 @@ async fn promote(node: &Node, epoch: u64) -> Result<RegionPromoteResponse, Error
     if epoch <= current {
         return Err(Error::FailedPrecondition(format!("epoch {epoch} must be above the current epoch {current}")));
     }
+    // With an authority, the epoch is allocated there first, once, and only
+    // after the old primary's lease has run out.
+    let claimed = match node.authority() {
+        Some(authority) => {
+            let (lease, offset) = (node.lease(), node.clock_offset_max());
+            // Two leases let a holder that is gone run out for sure; a
+            // forwarded promote must still answer before its caller gives up.
+            let patience = (2 * (lease + offset) + Duration::from_secs(1))
+                .min(node.write_timeout().saturating_sub(Duration::from_secs(1)));
+            let claimed =
+                authority.claim_primary(node.region(), epoch, lease, offset, patience).await.map_err(|e| {
+                    match e {
+                        // Retry-safe: a repeated claim by this region is a no-op.
+                        ClaimError::Authority(a) => Error::Unavailable { reason: a.to_string(), retry_safe: true },
+                        refused => Error::FailedPrecondition(refused.to_string()),
+                    }
+                })?;
+            Some(claimed)
+        }
+        None => None,
+    };
+    let epoch = claimed.map_or(epoch, |(e, _)| e);
     let cmd = Command::SetRole { primary: node.region().to_string(), epoch, fenced_until_ms: 0, shipped_through: 0 };
     match node.propose(cmd).await? {
         CommandResult::Role { .. } => {}
         CommandResult::Rejected { reason, .. } => return Err(Error::FailedPrecondition(reason)),
         other => return Err(Error::Indeterminate(format!("promotion applied as {other:?}"))),
+    }
+    if let Some((_, sent)) = claimed {
+        // The claim stamped a lease: take writes now rather than at the
+        // keeper's next renewal.
+        node.primary_lease().grant(sent, node.lease(), epoch);
     }
     tracing::warn!(region = %node.region(), epoch, "promoted to primary");
     Ok(RegionPromoteResponse { epoch })
@@ -164,6 +195,13 @@ async fn divergent(node: &Node, start: u64, limit: u32) -> Result<DivergentRespo
 impl RegionAdmin for RegionAdminService {
     async fn region_status(&self, req: Request<RegionStatusRequest>) -> Result<Response<RegionStatusResponse>, Status> {
         let node = &self.node;
+        if req.get_ref().from_controller && node.faults().region_blocked(CONTROLLER_FAULT) {
+            return Err(Error::Unavailable {
+                reason: "this region is cut off from the failover controller (fault injection)".into(),
+                retry_safe: true,
+            }
+            .into());
+        }
         let remote = |c, r| async move { client(c).region_status(r).await };
         // The leader first confirms with a quorum that it still leads: a
         // leader cut off from its majority must not answer for its region

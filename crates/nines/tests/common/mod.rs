@@ -76,6 +76,9 @@ pub async fn wait_at_least(count: &std::sync::atomic::AtomicUsize, n: usize) {
     .await
 }
 
+/// The authority's region name in [`TestCluster::start_with_authority`].
+pub const AUTHORITY: &str = "authority";
+
 pub struct TestNode {
     pub config: NodeConfig,
     pub config_path: PathBuf,
@@ -127,6 +130,28 @@ impl TestCluster {
     /// replicating to each other; in active-passive mode the first region is
     /// the primary. Node ids run on across regions.
     pub async fn start_regions(spec: &[(&str, u64)], mode: Mode, tweak: impl Fn(&mut NodeConfig)) -> TestCluster {
+        Self::start_inner(spec, mode, false, tweak).await
+    }
+
+    /// [`Self::start_regions`] in active-passive mode, plus a three-node
+    /// authority (region `authority`, not one of the cluster's regions)
+    /// that holds the primary's lease and allocates epochs.
+    pub async fn start_with_authority(spec: &[(&str, u64)], tweak: impl Fn(&mut NodeConfig)) -> TestCluster {
+        Self::start_inner(spec, Mode::ActivePassive, true, tweak).await
+    }
+
+    async fn start_inner(
+        spec: &[(&str, u64)],
+        mode: Mode,
+        with_authority: bool,
+        tweak: impl Fn(&mut NodeConfig),
+    ) -> TestCluster {
+        let cluster_regions = spec;
+        let mut spec = spec.to_vec();
+        if with_authority {
+            spec.push((AUTHORITY, 3));
+        }
+        let spec = &spec[..];
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = BTreeMap::new();
         let mut regions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -142,8 +167,14 @@ impl TestCluster {
         let cluster_config = ClusterConfig {
             mode,
             primary: if mode == Mode::ActivePassive { spec[0].0.to_string() } else { String::new() },
-            regions: if spec.len() > 1 {
-                spec.iter()
+            authority: if with_authority {
+                regions[AUTHORITY].iter().map(|id| format!("http://127.0.0.1:{}", ports[id].0)).collect()
+            } else {
+                Vec::new()
+            },
+            regions: if cluster_regions.len() > 1 {
+                cluster_regions
+                    .iter()
                     .map(|(r, _)| RegionConfig {
                         name: r.to_string(),
                         endpoints: regions[*r].iter().map(|id| format!("http://127.0.0.1:{}", ports[id].0)).collect(),
@@ -163,7 +194,7 @@ impl TestCluster {
                     data_dir: dir.path().join(format!("node-{id}")),
                     grpc_listen: ([127, 0, 0, 1], ports[id].0).into(),
                     admin_listen: ([127, 0, 0, 1], ports[id].1).into(),
-                    cluster: cluster_config.clone(),
+                    cluster: if region == AUTHORITY { ClusterConfig::default() } else { cluster_config.clone() },
                     ..NodeConfig::default()
                 };
                 tweak(&mut config);
