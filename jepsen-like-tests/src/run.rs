@@ -258,6 +258,9 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     let mut named_ops = Vec::new();
     let mut lost: Vec<u64> = Vec::new();
     let mut lost_count = 0;
+    // Failover runs: when each promotion was seen (the moment unshipped
+    // writes of the old primary were lost).
+    let mut promoted_at: Vec<u64> = Vec::new();
     match args.workload {
         Workload::Register => {
             eprintln!("checking linearizability of {} operations...", ops.len());
@@ -276,6 +279,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
             let divergent = divergent_elements(&cluster).await?;
             let region_of = |id: u64| cluster.nodes.get(&id).map_or(String::new(), |n| n.config.region.clone());
             let r = checker::failover(&ops, &set, &divergent, &promotions, &region_of);
+            promoted_at = promotions.iter().skip(1).map(|p| p.at_us).collect();
             checkers.push(("failover", r.valid, r.message.clone()));
             lost = set.lost.clone();
             lost_count = set.lost.len();
@@ -323,16 +327,35 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     ));
     let valid = checkers.iter().fold(Validity::Valid, |v, (_, c, _)| v.and(*c));
 
-    let rpo: Rpo = report::rpo(&ops, &lost, &faults);
     let region_of = |id: u64| cluster.nodes.get(&id).map_or(String::new(), |n| n.config.region.clone());
-    // After a failover, writes resume in another region: its RTO is the
-    // time to the next acknowledged write anywhere.
-    let rto_faults: Vec<FaultRecord> = if failover {
-        faults.iter().map(|f| FaultRecord { region: String::new(), ..f.clone() }).collect()
+    let (rpo, mut fault_reports) = if failover {
+        // A failover loses the old primary's unshipped writes when another
+        // region is promoted: the RPO's age runs to that promotion. The RTO
+        // runs to the first acknowledged write that was kept, in any region
+        // (an old primary that still acknowledges within its lease has not
+        // recovered anything: those writes are lost).
+        let at_promotions: Vec<FaultRecord> = promoted_at
+            .iter()
+            .map(|at| FaultRecord {
+                nemesis: "promotion".into(),
+                region: String::new(),
+                detail: String::new(),
+                start_us: *at,
+                end_us: *at,
+            })
+            .collect();
+        let kept: Vec<history::Op> = ops
+            .iter()
+            .filter(|o| !(o.outcome == history::Outcome::Ok && o.input.as_u64().is_some_and(|e| lost.contains(&e))))
+            .cloned()
+            .collect();
+        let anywhere: Vec<FaultRecord> =
+            faults.iter().map(|f| FaultRecord { region: String::new(), ..f.clone() }).collect();
+        (report::rpo(&ops, &lost, &at_promotions), report::rto(&kept, &anywhere, &region_of))
     } else {
-        faults.clone()
+        (report::rpo(&ops, &lost, &faults), report::rto(&ops, &faults, &region_of))
     };
-    let mut fault_reports = report::rto(&ops, &rto_faults, &region_of);
+    let rpo: Rpo = rpo;
     for (report, fault) in fault_reports.iter_mut().zip(&faults) {
         report.fault.region = fault.region.clone();
     }

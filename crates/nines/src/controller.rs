@@ -8,7 +8,8 @@
 //!   which the primary did not answer.
 //! - The most caught-up reachable secondary wins (the one that applied the
 //!   most of the primary's changefeed); ties go to the lower region name, so
-//!   the choice is deterministic.
+//!   the choice is deterministic. A region being rebuilt by a full sync is
+//!   never chosen.
 //! - An epoch is issued at most once: the next epoch is one above the
 //!   highest epoch ever seen or issued, and while a promotion's outcome is
 //!   unknown (its reply was lost) the only promotion allowed is the same one
@@ -35,6 +36,8 @@ pub struct Seen {
     pub primary: String,
     /// How far the region has applied the primary's changefeed.
     pub applied_from_primary: u64,
+    /// The region is being rebuilt by a full sync: never promoted.
+    pub full_sync: bool,
 }
 
 /// The controller's settings.
@@ -136,7 +139,7 @@ pub fn decide(seen: &[Seen], history: &History, policy: &Policy) -> (Action, His
     };
     let candidate = seen
         .iter()
-        .filter(|s| s.region != primary)
+        .filter(|s| s.region != primary && !s.full_sync)
         .max_by(|a, b| a.applied_from_primary.cmp(&b.applied_from_primary).then_with(|| b.region.cmp(&a.region)));
     let action = match candidate {
         Some(s) => Action::Promote {
@@ -170,7 +173,7 @@ mod tests {
     use super::*;
 
     fn seen(region: &str, epoch: u64, primary: &str, applied: u64) -> Seen {
-        Seen { region: region.into(), epoch, primary: primary.into(), applied_from_primary: applied }
+        Seen { region: region.into(), epoch, primary: primary.into(), applied_from_primary: applied, full_sync: false }
     }
 
     fn history(failures: u32, known: Option<(u64, &str)>, pending: Option<(&str, u64)>) -> History {
@@ -249,6 +252,20 @@ mod tests {
                 history(3, Some((4, "a")), Some(("b", 5))),
                 Action::AwaitPending { region: "b".into(), epoch: 5 },
                 4,
+            ),
+            (
+                "the most caught-up secondary is in full sync: the other wins",
+                vec![Seen { full_sync: true, ..c.clone() }, b.clone()],
+                history(2, Some((4, "a")), None),
+                promote("b", 5, 90),
+                3,
+            ),
+            (
+                "the only secondary is in full sync: no candidate",
+                vec![Seen { full_sync: true, ..b.clone() }],
+                history(2, Some((4, "a")), None),
+                Action::NoCandidate { primary: "a".into() },
+                3,
             ),
             (
                 "no secondary answers",

@@ -11,7 +11,8 @@ use crate::hlc::Hlc;
 use crate::limits::{EPOCH_MAX, LABEL_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX};
 use crate::storage::state_machine::{ChangeRecord, DivergentRecord};
 use crate::types::{
-    NodeId, NodeInfo, PeerLag, Refusal, RemoteEntry, ReplicationSetup, ShipAnswer, Shipment, StoredValue, Version,
+    NodeId, NodeInfo, PeerLag, Refusal, RemoteEntry, ReplicationSetup, ShipAnswer, Shipment, StoredValue, SyncEntry,
+    Version,
 };
 use crate::validate;
 
@@ -152,18 +153,36 @@ pub fn change_to_remote(index: u64, rec: ChangeRecord) -> RemoteEntry {
 }
 
 pub fn shipment_to_proto(s: Shipment) -> pb::ShipRequest {
-    let entries = s
-        .entries
-        .into_iter()
-        .map(|e| pb::ChangeEntry {
-            origin_index: e.origin_index,
-            key: e.key,
-            tombstone: e.value.is_none(),
-            value: e.value.unwrap_or_default(),
-            hlc_physical_ms: e.hlc.physical_ms,
-            hlc_logical: e.hlc.logical,
-        })
-        .collect();
+    let full_sync = s.full_sync.is_some();
+    let entries = match s.full_sync {
+        // A page's entries are numbered from 1: they have no changefeed index.
+        Some(page) => page
+            .into_iter()
+            .zip(1..)
+            .map(|(e, n)| pb::ChangeEntry {
+                origin_index: n,
+                key: e.key,
+                tombstone: e.value.is_none(),
+                value: e.value.unwrap_or_default(),
+                hlc_physical_ms: e.hlc.physical_ms,
+                hlc_logical: e.hlc.logical,
+                version_origin: e.origin,
+            })
+            .collect(),
+        None => s
+            .entries
+            .into_iter()
+            .map(|e| pb::ChangeEntry {
+                origin_index: e.origin_index,
+                key: e.key,
+                tombstone: e.value.is_none(),
+                value: e.value.unwrap_or_default(),
+                hlc_physical_ms: e.hlc.physical_ms,
+                hlc_logical: e.hlc.logical,
+                version_origin: String::new(),
+            })
+            .collect(),
+    };
     pb::ShipRequest {
         origin_region: s.origin,
         epoch: s.epoch,
@@ -171,6 +190,7 @@ pub fn shipment_to_proto(s: Shipment) -> pb::ShipRequest {
         entries,
         receiver_applied_through: s.receiver_applied_through,
         complete_through: s.complete_through,
+        full_sync,
     }
 }
 
@@ -202,6 +222,24 @@ pub fn shipment_from_proto(req: &pb::ShipRequest) -> Result<Shipment, Error> {
             hlc: Hlc { physical_ms: e.hlc_physical_ms, logical: e.hlc_logical },
         });
     }
+    let (entries, full_sync) = if req.full_sync {
+        let page = req
+            .entries
+            .iter()
+            .zip(entries)
+            .map(|(e, r)| {
+                let origin =
+                    if e.version_origin.is_empty() { req.origin_region.clone() } else { e.version_origin.clone() };
+                if origin.len() > LABEL_BYTES_MAX {
+                    return Err(Error::invalid(format!("version_origin is over LABEL_BYTES_MAX {LABEL_BYTES_MAX}")));
+                }
+                Ok(SyncEntry { key: r.key, value: r.value, hlc: r.hlc, origin })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        (Vec::new(), Some(page))
+    } else {
+        (entries, None)
+    };
     Ok(Shipment {
         origin: req.origin_region.clone(),
         epoch: req.epoch,
@@ -209,6 +247,7 @@ pub fn shipment_from_proto(req: &pb::ShipRequest) -> Result<Shipment, Error> {
         entries,
         receiver_applied_through: req.receiver_applied_through,
         complete_through: req.complete_through,
+        full_sync,
     })
 }
 
@@ -272,8 +311,26 @@ mod tests {
             ],
             receiver_applied_through: 4,
             complete_through: 7,
+            full_sync: None,
         };
         assert_eq!(shipment_from_proto(&shipment_to_proto(s.clone())).unwrap(), s);
+        // A full sync page: each key with its own version's origin.
+        let page = vec![
+            SyncEntry {
+                key: b"a".to_vec(),
+                value: Some(b"1".to_vec()),
+                hlc: Hlc { physical_ms: 3, logical: 0 },
+                origin: "eu-west".into(),
+            },
+            SyncEntry {
+                key: b"b".to_vec(),
+                value: None,
+                hlc: Hlc { physical_ms: 4, logical: 2 },
+                origin: "us-east".into(),
+            },
+        ];
+        let sync = Shipment { entries: Vec::new(), full_sync: Some(page), ..s };
+        assert_eq!(shipment_from_proto(&shipment_to_proto(sync.clone())).unwrap(), sync);
         for refused in [Refusal::None, Refusal::StaleEpoch, Refusal::ClockAhead] {
             let a = ShipAnswer {
                 applied_through: 1,

@@ -93,7 +93,9 @@ use crate::limits::{
     RESYNC_BATCH_KEYS_MAX, SHIP_BATCH_BYTES_MAX, SHIP_BATCH_ENTRIES_MAX,
 };
 use crate::node::Node;
-use crate::types::{Command, CommandResult, Expected, Refusal, ResyncEntry, ShipAnswer, Shipment, wins_epoch_tie};
+use crate::types::{
+    Command, CommandResult, Expected, Refusal, ResyncEntry, ShipAnswer, Shipment, SyncEntry, wins_epoch_tie,
+};
 
 /// How long an idle shipper waits before looking at the changefeed again.
 /// Bounds replication lag from below on an idle region; 10 ms is noise next
@@ -177,6 +179,22 @@ struct Shipper {
     /// The latest acknowledgement proposed, and when.
     last_ack: (u64, Instant),
     failures: u32,
+    /// A full sync under way (the peer lost writes it had applied).
+    full_sync: Option<FullSync>,
+}
+
+/// A full sync to one peer: every key of this region, in key order, then
+/// the changefeed from `watermark` on.
+struct FullSync {
+    /// This region's latest local write when the sync began: every local
+    /// write through it is in the data the pages carry.
+    watermark: u64,
+    /// The last key the peer has applied a page through.
+    after: Option<Vec<u8>>,
+    /// The last key of the page in flight, and whether it is the last page.
+    sending: Option<(Vec<u8>, bool)>,
+    keys: u64,
+    started: Instant,
 }
 
 impl Shipper {
@@ -192,6 +210,7 @@ impl Shipper {
             last_exchange: Instant::now() - SHIP_HEARTBEAT,
             last_ack: (0, Instant::now()),
             failures: 0,
+            full_sync: None,
         })
     }
 
@@ -224,6 +243,9 @@ impl Shipper {
             self.cursor = None;
             return Ok(Step::Idle);
         }
+        if let Some(sync) = self.full_sync.as_mut() {
+            return full_sync_page(node, &self.peer.name, sync);
+        }
         // Read the latest local write first: every local write at or below it
         // is in the changefeed (or was acknowledged by every peer) when we scan.
         let applied_before = node.reader().region_state().last_local_write;
@@ -249,6 +271,7 @@ impl Shipper {
             entries,
             receiver_applied_through: region.applied_from.get(&self.peer.name).copied().unwrap_or(0),
             complete_through,
+            full_sync: None,
         }))
     }
 
@@ -284,10 +307,48 @@ impl Shipper {
         if answer.refused != Refusal::None {
             tracing::warn!(peer = %self.peer.name, refused = ?answer.refused, reason = %answer.reason, "shipment refused");
             tokio::time::sleep(SHIP_BACKOFF).await;
+        } else {
+            self.follow_full_sync(&answer);
         }
         self.cursor = Some(answer.applied_through);
         self.node.stats().set_acked(&self.peer.name, answer.applied_through);
         self.propose_ack(&answer).await;
+    }
+
+    /// After an accepted exchange: moves a full sync on (or ends it), or
+    /// starts one when the peer reports having applied less of this region
+    /// than it once acknowledged (it lost writes: its nodes lost their
+    /// disks) and the changefeed may no longer hold the difference.
+    fn follow_full_sync(&mut self, answer: &ShipAnswer) {
+        let peer = &self.peer.name;
+        if let Some(sync) = self.full_sync.as_mut() {
+            match sync.sending.take() {
+                Some((_, true)) => {
+                    tracing::warn!(%peer, keys = sync.keys, took = ?sync.started.elapsed(), "full sync done");
+                    self.full_sync = None;
+                }
+                Some((last, false)) => sync.after = Some(last),
+                None => {}
+            }
+            return;
+        }
+        let region = self.node.reader().region_state();
+        let acked = region.acked.get(peer).copied().unwrap_or(0);
+        if answer.applied_through < acked {
+            tracing::warn!(
+                %peer,
+                applied = answer.applied_through,
+                acked,
+                "the peer region has applied less than it acknowledged (it lost its data?): rebuilding it by a full sync"
+            );
+            self.full_sync = Some(FullSync {
+                watermark: region.last_local_write,
+                after: None,
+                sending: None,
+                keys: 0,
+                started: Instant::now(),
+            });
+        }
     }
 
     /// Proposes the peer's acknowledgement when it moved and `ACK_INTERVAL`
@@ -306,6 +367,32 @@ impl Shipper {
             self.last_ack = (answer.applied_through, Instant::now());
         }
     }
+}
+
+/// The next page of a full sync to `peer`: keys after the last one the peer
+/// applied; the last page carries the watermark.
+fn full_sync_page(node: &Node, peer: &str, sync: &mut FullSync) -> Result<Step, Error> {
+    let (page, more) = node
+        .reader()
+        .sync_page(sync.after.as_deref(), SHIP_BATCH_ENTRIES_MAX, SHIP_BATCH_BYTES_MAX)
+        .map_err(Error::from)?;
+    let last = page.last().map(|(k, _)| k.clone()).or_else(|| sync.after.clone()).unwrap_or_default();
+    sync.sending = Some((last, !more));
+    sync.keys += page.len() as u64;
+    let entries = page
+        .into_iter()
+        .map(|(key, v)| SyncEntry { key, value: v.value, hlc: v.version.hlc, origin: v.version.origin })
+        .collect();
+    let region = node.reader().region_state();
+    Ok(Step::Send(Shipment {
+        origin: node.region().to_string(),
+        epoch: region.epoch,
+        primary: node.reader().primary(),
+        entries: Vec::new(),
+        receiver_applied_through: region.applied_from.get(peer).copied().unwrap_or(0),
+        complete_through: if more { 0 } else { sync.watermark.max(1) },
+        full_sync: Some(entries),
+    }))
 }
 
 /// Acts on the roles a peer reported (active-passive): if the peer is the
@@ -386,6 +473,19 @@ pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Erro
             crate::telemetry::remote_refused(&origin);
         }
         tracing::warn!(%origin, writes = ahead.len(), error = %err, "shipped timestamps too far ahead: applied, not adopted by the clock");
+    }
+    if let Some(page) = shipment.full_sync {
+        let cmd = Command::FullSync {
+            origin: origin.clone(),
+            epoch: shipment.epoch,
+            entries: page,
+            through: shipment.complete_through,
+        };
+        return match node.propose(cmd).await? {
+            CommandResult::Remote { .. } => Ok(answer(node, &origin, Refusal::None, String::new())),
+            CommandResult::Rejected { reason, .. } => Ok(answer(node, &origin, Refusal::StaleEpoch, reason)),
+            other => Err(Error::Indeterminate(format!("a full sync page applied as {other:?}"))),
+        };
     }
     // An empty batch can still advance what this region holds of the
     // origin (`complete_through`); propose it when it would.

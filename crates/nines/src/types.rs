@@ -131,6 +131,11 @@ pub enum Command {
     /// the region's first leader from its configuration; a later one changes
     /// it only with `replace` (`nines region configure`).
     Configure { setup: ReplicationSetup, replace: bool },
+    /// A page of a full sync from `origin` (see `Shipment::full_sync`),
+    /// applied last-writer-wins on each entry's own `(hlc, origin)`;
+    /// `through` above 0 ends the sync: this region then holds every write
+    /// of `origin` through it. (Last, so older log entries keep decoding.)
+    FullSync { origin: String, epoch: u64, entries: Vec<SyncEntry>, through: u64 },
 }
 
 /// How this region takes part in cross-region replication. Replicated state
@@ -207,6 +212,14 @@ impl Command {
             Command::Resync { entries, .. } => {
                 F + entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 2 * F).sum::<usize>()
             }
+            Command::FullSync { origin, entries, .. } => {
+                origin.len()
+                    + F
+                    + entries
+                        .iter()
+                        .map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len) + e.origin.len() + F)
+                        .sum::<usize>()
+            }
         }
     }
 }
@@ -222,6 +235,18 @@ pub struct RemoteEntry {
     #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub hlc: Hlc,
+}
+
+/// One key of a full sync page: its value at the sender (`None`: a
+/// tombstone) and its version there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncEntry {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+    pub hlc: Hlc,
+    pub origin: String,
 }
 
 /// A key's value at the new primary, to replace a divergent local write.
@@ -320,6 +345,9 @@ pub struct Shipment {
     /// After this batch the receiver holds every write of the origin through
     /// this index.
     pub complete_through: u64,
+    /// A page of a full sync instead of changefeed entries (`entries` is
+    /// then empty): the receiver lost writes of the origin it had applied.
+    pub full_sync: Option<Vec<SyncEntry>>,
 }
 
 /// Why a receiving region refused a shipment.

@@ -373,16 +373,25 @@ async fn killing_the_deciding_controller_during_a_primary_failure_still_fails_ov
     assert!(rto <= Duration::from_secs(15), "failover took {rto:?}");
 }
 
-/// Every key of `region` with its value (local read on its leader's view,
-/// linearizable), for comparing regions.
+/// Every key of `region` with its value (read linearizably, page by page),
+/// for comparing regions.
 async fn contents(cluster: &TestCluster, region: &str) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
-    let page = cluster
-        .region_client(region)
-        .scan(nines_client::KeyRange::Prefix(Vec::new()), 10_000, nines_client::Consistency::Linearizable)
-        .await
-        .expect("scan");
-    assert!(!page.more, "the test writes fewer keys than a page");
-    page.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
+    let client = cluster.region_client(region);
+    let mut all = std::collections::BTreeMap::new();
+    let mut start = Vec::new();
+    loop {
+        let range = nines_client::KeyRange::Range { start: start.clone(), end: Vec::new() };
+        let page = client.scan(range, 10_000, nines_client::Consistency::Linearizable).await.expect("scan");
+        let last = page.kvs.last().map(|kv| kv.key.clone());
+        all.extend(page.kvs.into_iter().map(|kv| (kv.key, kv.value)));
+        match (page.more, last) {
+            (true, Some(mut next)) => {
+                next.push(0);
+                start = next;
+            }
+            _ => return all,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,4 +473,80 @@ async fn two_failovers_in_a_row_then_heal_every_region_converges() {
     );
     let only_a: Vec<_> = on_a.keys().filter(|k| !on_b.contains_key(*k)).map(|k| String::from_utf8_lossy(k)).collect();
     assert_eq!(on_a, on_b, "the regions differ; keys only on a: {only_a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_that_lost_its_disks_is_rebuilt_by_a_full_sync_and_not_promoted_meanwhile() {
+    // Shows: every node of b (secondary) loses its data after b had applied
+    // and acknowledged all of a's writes (so a's changefeed no longer holds
+    // them). b is initialized again; a notices that b reports less than it
+    // acknowledged and rebuilds it from its data, page by page (100 ms
+    // apart here, the simulated cross-region latency). Meanwhile b's status
+    // says "full sync from a" and a promotion of b is refused; at the end b
+    // holds every key with a's values. (Before, b came back empty for good
+    // with a lag of 0, and could be promoted.)
+    let _serial = serial().await;
+    let mut cluster = TestCluster::start_regions(&[("a", 3), ("b", 3)], Mode::ActivePassive, |c| {
+        c.latency.cross_region = Duration::from_millis(100);
+    })
+    .await;
+    let a = cluster.region_client("a");
+    let value = vec![b'v'; 64 * 1024];
+    let keys = 160;
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (a, value) = (cluster.region_client("a"), value.clone());
+            tokio::spawn(async move {
+                for i in (w..keys).step_by(8) {
+                    a.put(format!("k-{i:04}"), value.clone()).await.expect("put");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    wait_for("a's changefeed to be collected", Duration::from_secs(60), || async {
+        a.region_status().await.ok().filter(|s| s.changefeed_entries == 0 && s.peers.iter().all(|p| p.lag_entries == 0))
+    })
+    .await;
+    let ids = cluster.regions["b"].clone();
+    for id in &ids {
+        cluster.kill(*id);
+        cluster.wipe(*id);
+    }
+    for id in &ids {
+        cluster.spawn(*id);
+    }
+    for id in &ids {
+        cluster.wait_serving(*id).await;
+    }
+    let members: Vec<_> = ids.iter().map(|id| cluster.nodes[id].info()).collect();
+    cluster.client_of(&[ids[0]]).init(&cluster.nodes[&ids[0]].grpc(), members).await.expect("init b again");
+    let b = cluster.region_client("b");
+    let started = Instant::now();
+    let mut seen_full_sync = false;
+    let mut refused = None;
+    loop {
+        if let Ok(s) = b.region_status().await {
+            if s.full_sync_from.iter().any(|r| r == "a") {
+                seen_full_sync = true;
+                if refused.is_none() {
+                    refused = Some(b.promote_region(1).await.expect_err("a region in full sync is not promoted"));
+                }
+            } else if seen_full_sync {
+                break;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the full sync did not end within 120 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed();
+    let refused = refused.expect("a promotion was tried during the full sync").to_string();
+    assert!(refused.contains("full sync"), "{refused}");
+    let on_a = contents(&cluster, "a").await;
+    let on_b = contents(&cluster, "b").await;
+    eprintln!("b rebuilt by a full sync of {} keys in {took:?}; a promotion meanwhile: {refused}", on_b.len());
+    assert_eq!(on_a.len(), keys);
+    assert!(on_a == on_b, "b differs from a after the full sync: {} keys vs {}", on_b.len(), on_a.len());
 }

@@ -257,7 +257,13 @@ async fn probe(probes: &[(String, Vec<nines_client::Client>)], timeout: Duration
         .map(|(region, s)| {
             let applied_from_primary =
                 s.origins.iter().find(|o| o.origin == s.primary).map(|o| o.applied_through).unwrap_or(0);
-            Seen { region, epoch: s.epoch, primary: s.primary, applied_from_primary }
+            Seen {
+                region,
+                epoch: s.epoch,
+                primary: s.primary,
+                applied_from_primary,
+                full_sync: !s.full_sync_from.is_empty(),
+            }
         })
         .collect()
 }

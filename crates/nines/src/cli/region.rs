@@ -361,7 +361,7 @@ pub fn print_region_status(g: &Global, all: &[(RegionInfo, anyhow::Result<Region
             .map(|(r, s)| match s {
                 Ok(s) => json!({
                     "region": r.name, "reachable": true, "mode": s.mode, "role": s.role, "primary": s.primary,
-                    "epoch": s.epoch, "lease_left_ms": s.lease_left_ms, "authority": s.authority,
+                    "epoch": s.epoch, "lease_left_ms": s.lease_left_ms, "authority": s.authority, "full_sync_from": s.full_sync_from,
                     "changefeed_entries": s.changefeed_entries, "divergent_count": s.divergent_count,
                     "peers": s.peers.iter().map(|p| json!({"region": p.region, "acked_index": p.acked_index, "lag_entries": p.lag_entries, "lag_ms": p.lag_ms})).collect::<Vec<_>>(),
                     "origins": s.origins.iter().map(|o| json!({"origin": o.origin, "applied_through": o.applied_through, "applied_total": o.applied_total, "refused_clock_total": o.refused_clock_total})).collect::<Vec<_>>(),
@@ -378,7 +378,11 @@ pub fn print_region_status(g: &Global, all: &[(RegionInfo, anyhow::Result<Region
             Ok(s) => vec![
                 r.name.clone(),
                 s.mode.clone(),
-                s.role.clone(),
+                if s.full_sync_from.is_empty() {
+                    s.role.clone()
+                } else {
+                    format!("{} (full sync from {})", s.role, s.full_sync_from.join(", "))
+                },
                 if s.primary.is_empty() { "-".into() } else { s.primary.clone() },
                 s.epoch.to_string(),
                 lease_column(s),

@@ -81,6 +81,7 @@ fn status(node: &Node) -> Result<RegionStatusResponse, Error> {
         setup: node.reader().setup().as_ref().map(convert::setup_to_proto),
         authority: node.authority_endpoints().to_vec(),
         lease_left_ms: node.primary_lease().left().as_millis() as u64,
+        full_sync_from: region.full_sync_from.iter().cloned().collect(),
     })
 }
 
@@ -133,9 +134,19 @@ async fn promote(node: &Node, epoch: u64) -> Result<RegionPromoteResponse, Error
     if epoch > EPOCH_MAX {
         return Err(Error::invalid(format!("epoch {epoch} is above EPOCH_MAX {EPOCH_MAX}")));
     }
-    let current = node.reader().region_state().epoch;
+    let state = node.reader().region_state();
+    let current = state.epoch;
     if epoch <= current {
         return Err(Error::FailedPrecondition(format!("epoch {epoch} must be above the current epoch {current}")));
+    }
+    if !state.full_sync_from.is_empty() {
+        let from: Vec<&str> = state.full_sync_from.iter().map(String::as_str).collect();
+        return Err(Error::FailedPrecondition(format!(
+            "region {} is being rebuilt by a full sync from {} (it lost its data): promoting it now would lose what it \
+             has not received yet",
+            node.region(),
+            from.join(", ")
+        )));
     }
     // With an authority, the epoch is allocated there first, once, and only
     // after the old primary's lease has run out.

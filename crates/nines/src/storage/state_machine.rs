@@ -55,7 +55,7 @@
 //!   leader crashes first, those keys keep the divergent value until the new
 //!   primary writes them again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -75,7 +75,7 @@ use crate::hlc::{Hlc, HlcClock};
 use crate::limits::{ACK_HISTORY_MAX, EPOCH_MAX, SNAPSHOT_INSTALL_BATCH_BYTES, WRITES_PER_ENTRY_MAX};
 use crate::types::{
     Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ReplicationSetup, ResyncEntry, Snapshot, SnapshotMeta,
-    StorageError, StoredMembership, StoredValue, TypeConfig, Version, wins_epoch_tie,
+    StorageError, StoredMembership, StoredValue, SyncEntry, TypeConfig, Version, wins_epoch_tie,
 };
 
 const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
@@ -156,6 +156,9 @@ pub struct RegionState {
     /// The replicated setup; `None` until the region's first leader
     /// proposed it. Local writes and shipments wait for it.
     pub setup: Option<ReplicationSetup>,
+    /// Regions rebuilding this one by a full sync (it lost writes they had
+    /// shipped): until each finishes, this region is never promoted.
+    pub full_sync_from: BTreeSet<String>,
 }
 
 /// A write that originated here, waiting to be shipped to peer regions.
@@ -307,6 +310,30 @@ impl StateReader {
                 return Ok((out, true));
             }
             bytes += key.len() + value.len();
+            out.push((key, stored));
+        }
+        Ok((out, false))
+    }
+
+    /// A page of a full sync: every key after `after` (from the first when
+    /// `None`), tombstones included, at most `limit` keys or `bytes_max`
+    /// of keys and values (at least one). The flag says whether more remain.
+    pub fn sync_page(&self, after: Option<&[u8]>, limit: usize, bytes_max: usize) -> Result<ScanPage, ReadError> {
+        use std::ops::Bound;
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DATA)?;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in table.range::<&[u8]>((start, Bound::Unbounded))? {
+            let (k, v) = item?;
+            let key = k.value().to_vec();
+            let stored: StoredValue = decode_at(&key, v.value())?;
+            let size = key.len() + stored.value.as_ref().map_or(0, Vec::len) + stored.version.origin.len();
+            if out.len() >= limit || (bytes > 0 && bytes + size > bytes_max) {
+                return Ok((out, true));
+            }
+            bytes += size;
             out.push((key, stored));
         }
         Ok((out, false))
@@ -492,6 +519,14 @@ struct Remote {
     entries: Vec<RemoteEntry>,
     complete_through: u64,
     collect_below_ms: u64,
+}
+
+/// The fields of a `FullSync` command.
+struct FullSyncPage {
+    origin: String,
+    epoch: u64,
+    entries: Vec<SyncEntry>,
+    through: u64,
 }
 
 /// The fields of an `AckShipped` command.
@@ -790,6 +825,9 @@ impl StateMachine {
                 let remote = Remote { origin, epoch, entries, complete_through, collect_below_ms };
                 self.apply_remote(&setup, pending, region, index, remote)?
             }
+            Command::FullSync { origin, epoch, entries, through } => {
+                self.apply_full_sync(&setup, pending, region, index, FullSyncPage { origin, epoch, entries, through })?
+            }
             Command::AckShipped { region: peer, index: acked, peer_index, collect_below_ms } => {
                 self.ack_shipped(&setup, pending, region, Ack { peer, acked, peer_index, collect_below_ms })?;
                 CommandResult::None
@@ -813,6 +851,67 @@ impl StateMachine {
         })
     }
 
+    /// Why writes from `origin` at `epoch` are refused, if they are: not a
+    /// peer, an impossible epoch, or (active-passive) an older epoch.
+    fn refuse_remote(
+        setup: &ReplicationSetup,
+        region: &RegionState,
+        origin: &str,
+        epoch: u64,
+    ) -> Option<CommandResult> {
+        let reason = if !setup.peers.iter().any(|p| p == origin) {
+            format!("{origin} is not a peer region of {}", setup.region)
+        } else if epoch > EPOCH_MAX {
+            format!("writes from {origin} at epoch {epoch}: above EPOCH_MAX {EPOCH_MAX}")
+        } else if setup.mode == Mode::ActivePassive && epoch < region.epoch {
+            format!("writes from {origin} at epoch {epoch} are stale: this region is at epoch {}", region.epoch)
+        } else {
+            return None;
+        };
+        Some(CommandResult::Rejected { reason, retry_later: false })
+    }
+
+    /// Applies a page of a full sync from `origin`: each key last-writer-
+    /// wins on its own version; the last page (`through` above 0) records
+    /// that this region holds every write of `origin` through it, and ends
+    /// the sync.
+    fn apply_full_sync(
+        &self,
+        setup: &ReplicationSetup,
+        pending: &mut Pending,
+        region: &mut RegionState,
+        index: u64,
+        page: FullSyncPage,
+    ) -> Result<CommandResult, StorageError> {
+        let FullSyncPage { origin, epoch, entries, through } = page;
+        if let Some(refused) = Self::refuse_remote(setup, region, &origin, epoch) {
+            return Ok(refused);
+        }
+        region.full_sync_from.insert(origin.clone());
+        let mut applied = 0;
+        for e in entries {
+            let current = self.current(pending, &e.key)?;
+            let newer = current
+                .as_ref()
+                .is_none_or(|c| (c.version.hlc, c.version.origin.as_str()) < (e.hlc, e.origin.as_str()));
+            self.witness(e.hlc);
+            if newer {
+                applied += 1;
+                let version = Version { hlc: e.hlc, origin: e.origin, index };
+                pending.data.insert(e.key, Some(StoredValue { value: e.value, version }));
+            }
+        }
+        if through > 0 {
+            let applied_from = region.applied_from.entry(origin.clone()).or_default();
+            *applied_from = (*applied_from).max(through);
+            let complete = region.complete_from.entry(origin.clone()).or_default();
+            *complete = (*complete).max(through);
+            region.full_sync_from.remove(&origin);
+        }
+        let applied_through = region.applied_from.get(&origin).copied().unwrap_or(0);
+        Ok(CommandResult::Remote { applied, applied_through })
+    }
+
     fn apply_remote(
         &self,
         setup: &ReplicationSetup,
@@ -822,26 +921,8 @@ impl StateMachine {
         remote: Remote,
     ) -> Result<CommandResult, StorageError> {
         let Remote { origin, epoch, entries, complete_through, collect_below_ms } = remote;
-        if !setup.peers.contains(&origin) {
-            return Ok(CommandResult::Rejected {
-                reason: format!("{origin} is not a peer region of {}", setup.region),
-                retry_later: false,
-            });
-        }
-        if epoch > EPOCH_MAX {
-            return Ok(CommandResult::Rejected {
-                reason: format!("writes from {origin} at epoch {epoch}: above EPOCH_MAX {EPOCH_MAX}"),
-                retry_later: false,
-            });
-        }
-        if setup.mode == Mode::ActivePassive && epoch < region.epoch {
-            return Ok(CommandResult::Rejected {
-                reason: format!(
-                    "writes from {origin} at epoch {epoch} are stale: this region is at epoch {}",
-                    region.epoch
-                ),
-                retry_later: false,
-            });
+        if let Some(refused) = Self::refuse_remote(setup, region, &origin, epoch) {
+            return Ok(refused);
         }
         let mut through = region.applied_from.get(&origin).copied().unwrap_or(0);
         let mut applied = 0;
@@ -1651,6 +1732,46 @@ mod tests {
         assert_eq!(k.value.as_deref(), Some(&b"2"[..]), "the later write in the batch wins");
         assert!(k.version.hlc > hlc(5, 0), "versions of a key only grow, even within a batch");
         assert_eq!(sm.reader().changefeed_len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_full_sync_rebuilds_a_region_and_marks_it_until_its_last_page() {
+        let (_d, mut sm) = open("b", &["a", "c"], Mode::ActivePassive, "a");
+        apply(
+            &mut sm,
+            Command::ApplyRemote {
+                origin: "c".into(),
+                epoch: 0,
+                entries: vec![remote(2, "k2", Some("newer-from-c"), hlc(50, 0))],
+                complete_through: 2,
+                collect_below_ms: u64::MAX,
+            },
+        )
+        .await;
+        let entry = |k: &str, v: Option<&str>, at: u64, origin: &str| SyncEntry {
+            key: k.into(),
+            value: v.map(Into::into),
+            hlc: hlc(at, 0),
+            origin: origin.into(),
+        };
+        let page = |entries, through| Command::FullSync { origin: "a".into(), epoch: 0, entries, through };
+        let first = page(vec![entry("k1", Some("1"), 10, "a"), entry("k2", Some("old"), 20, "c")], 0);
+        assert_eq!(apply(&mut sm, first).await, CommandResult::Remote { applied: 1, applied_through: 0 });
+        let state = sm.reader().region_state();
+        assert!(state.full_sync_from.contains("a"), "in full sync after the first page");
+        assert_eq!(state.applied_from.get("a"), None, "nothing counts as applied from a before the last page");
+        let last = page(vec![entry("k3", None, 30, "a"), entry("k4", Some("4"), 40, "c")], 77);
+        assert_eq!(apply(&mut sm, last).await, CommandResult::Remote { applied: 2, applied_through: 77 });
+        let state = sm.reader().region_state();
+        assert!(state.full_sync_from.is_empty(), "the last page ends the sync");
+        assert_eq!((state.applied_from["a"], state.complete_from["a"]), (77, 77));
+        let get = |k: &[u8]| sm.reader().get(k).unwrap().unwrap();
+        assert_eq!(get(b"k1").value.as_deref(), Some(&b"1"[..]));
+        assert_eq!(get(b"k2").value.as_deref(), Some(&b"newer-from-c"[..]), "a newer write is kept");
+        assert_eq!(get(b"k3").value, None, "a tombstone arrives as a tombstone");
+        assert_eq!(get(b"k4").version.origin, "c", "a value keeps its own origin, not the sender's");
+        let stale = Command::FullSync { origin: "z".into(), epoch: 0, entries: Vec::new(), through: 1 };
+        assert!(matches!(apply(&mut sm, stale).await, CommandResult::Rejected { .. }), "only from a peer");
     }
 
     #[tokio::test]
