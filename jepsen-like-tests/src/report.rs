@@ -8,6 +8,12 @@
 //! - RTO per fault: from the fault's start to the end of the first
 //!   acknowledged write (or swapping CAS) invoked after it started, sent to
 //!   a node of the region the fault hit.
+//! - In `failover` runs: RPO in milliseconds is the longest stretch of
+//!   acknowledged writes one promotion lost, from the first lost write's
+//!   acknowledgement to the last one, or to the start of the fault if that
+//!   came later (an old primary acknowledges within its lease after a
+//!   partition began; a lost region acknowledges nothing after it died).
+//!   RTO runs to the first acknowledged write that was kept, in any region.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -67,6 +73,26 @@ pub fn rpo(history: &[Op], lost: &[u64], faults: &[FaultRecord]) -> Rpo {
         if let Some(s) = next_fault {
             ms = ms.max((s - op.end_us) as f64 / 1000.0);
         }
+    }
+    Rpo { writes: lost.len(), ms }
+}
+
+/// The failover RPO (see the module doc): lost writes grouped by the
+/// first promotion at or after their acknowledgement; each group's stretch
+/// runs from its first acknowledgement to its last, or to the start of the
+/// latest fault before the promotion if that is later.
+pub fn rpo_failover(history: &[Op], lost: &[u64], promoted_at: &[u64], faults: &[FaultRecord]) -> Rpo {
+    let mut groups: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
+    for op in history.iter().filter(|o| o.outcome == Outcome::Ok && o.input.as_u64().is_some_and(|v| lost.contains(&v)))
+    {
+        let Some(p) = promoted_at.iter().copied().filter(|p| *p >= op.end_us).min() else { continue };
+        let g = groups.entry(p).or_insert((op.end_us, op.end_us));
+        *g = (g.0.min(op.end_us), g.1.max(op.end_us));
+    }
+    let mut ms: f64 = 0.0;
+    for (p, (first, last)) in groups {
+        let fault = faults.iter().map(|f| f.start_us).filter(|s| *s <= p).max().unwrap_or(0);
+        ms = ms.max((last.max(fault).saturating_sub(first)) as f64 / 1000.0);
     }
     Rpo { writes: lost.len(), ms }
 }
@@ -282,4 +308,46 @@ pub fn write_index(page: &Page<'_>, path: &Path) -> anyhow::Result<()> {
     );
     std::fs::write(path, h)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn add(e: u64, end_us: u64) -> Op {
+        Op {
+            process: 0,
+            f: Func::Add,
+            key: format!("s/{e:010}"),
+            input: json!(e),
+            outcome: Outcome::Ok,
+            output: serde_json::Value::Null,
+            start_us: end_us - 10,
+            end_us,
+            node: 1,
+            served_by: None,
+            error: None,
+        }
+    }
+
+    fn fault(start_us: u64) -> FaultRecord {
+        FaultRecord { nemesis: "x".into(), region: String::new(), detail: String::new(), start_us, end_us: start_us }
+    }
+
+    #[test]
+    fn failover_rpo_is_the_longest_stretch_one_promotion_lost() {
+        let h = vec![add(1, 1_000), add(2, 1_040), add(3, 9_000), add(4, 12_500), add(5, 20_000)];
+        // A region lost at 1_050 us (writes 1 and 2 were its last), promoted
+        // away at 4_000; a partition from 8_000 in which the old primary
+        // acknowledged 3 and 4 until its lease ran out, promoted at 13_000.
+        let faults = [fault(1_050), fault(8_000)];
+        let r = rpo_failover(&h, &[1, 2], &[4_000, 13_000], &faults);
+        assert_eq!((r.writes, r.ms), (2, 0.05), "to the start of the region loss");
+        let r = rpo_failover(&h, &[3, 4], &[4_000, 13_000], &faults);
+        assert_eq!(r.ms, 3.5, "from the first lost write to the last, inside the partition");
+        let r = rpo_failover(&h, &[1, 2, 3, 4, 5], &[4_000, 13_000], &faults);
+        assert_eq!((r.writes, r.ms), (5, 3.5), "a write no promotion lost does not stretch anything");
+    }
 }

@@ -330,20 +330,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     let region_of = |id: u64| cluster.nodes.get(&id).map_or(String::new(), |n| n.config.region.clone());
     let (rpo, mut fault_reports) = if failover {
         // A failover loses the old primary's unshipped writes when another
-        // region is promoted: the RPO's age runs to that promotion. The RTO
-        // runs to the first acknowledged write that was kept, in any region
-        // (an old primary that still acknowledges within its lease has not
-        // recovered anything: those writes are lost).
-        let at_promotions: Vec<FaultRecord> = promoted_at
-            .iter()
-            .map(|at| FaultRecord {
-                nemesis: "promotion".into(),
-                region: String::new(),
-                detail: String::new(),
-                start_us: *at,
-                end_us: *at,
-            })
-            .collect();
+        // region is promoted (see `report::rpo_failover`). The RTO runs to
+        // the first acknowledged write that was kept, in any region (an old
+        // primary that still acknowledges within its lease has not recovered
+        // anything: those writes are lost).
         let kept: Vec<history::Op> = ops
             .iter()
             .filter(|o| !(o.outcome == history::Outcome::Ok && o.input.as_u64().is_some_and(|e| lost.contains(&e))))
@@ -351,7 +341,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
             .collect();
         let anywhere: Vec<FaultRecord> =
             faults.iter().map(|f| FaultRecord { region: String::new(), ..f.clone() }).collect();
-        (report::rpo(&ops, &lost, &at_promotions), report::rto(&kept, &anywhere, &region_of))
+        (report::rpo_failover(&ops, &lost, &promoted_at, &faults), report::rto(&kept, &anywhere, &region_of))
     } else {
         (report::rpo(&ops, &lost, &faults), report::rto(&ops, &faults, &region_of))
     };

@@ -41,12 +41,24 @@
 //!   their keys are overwritten with the new primary's values (read
 //!   linearizably there). That resync is driven by replicated state, so a
 //!   leader change resumes it; a newer value than the divergent one is left
-//!   alone.
-//! - The failover controller never issues the same epoch twice and keeps
-//!   the primary it promoted as the primary, so two regions never hold the
-//!   same epoch through it. Two promotions to one epoch from elsewhere (two
-//!   operators at once) resolve to the region whose name sorts first, in
-//!   every region: the other demotes itself like any old primary.
+//!   alone. A region promoted again before its resync ran cannot read the
+//!   other's values: it writes its divergent values again (compare-and-swap
+//!   on the divergent version) so they reach every region.
+//! - With an authority (`crate::authority`) every epoch is allocated there
+//!   once. Without one, the failover controller never issues the same epoch
+//!   twice, and two promotions to one epoch from elsewhere (two operators
+//!   at once) resolve to the region whose name sorts first, in every
+//!   region: the other demotes itself like any old primary.
+//! - A peer that reports having applied less of this region than it once
+//!   acknowledged lost writes (its nodes lost their disks); the changefeed
+//!   may no longer hold them, so the shipper rebuilds it by a full sync:
+//!   every key of this region's data (tombstones included, each with its
+//!   own version) in key order, page by page, then the changefeed from the
+//!   latest local write when the sync began. The peer counts nothing as
+//!   applied from this region until the last page, and reports "full sync"
+//!   until then; it is never promoted meanwhile. A full sync assumes the
+//!   peer lost everything: a key it still holds that was deleted here and
+//!   whose tombstone is collected stays.
 //!
 //! What is eventually consistent, and what can be lost:
 //! - Regions converge once shipping catches up; until then a region's local

@@ -66,6 +66,11 @@ fn the_compose_cluster_configuration_is_valid_for_every_node() {
         let c = NodeConfig { id, region: region.into(), az: format!("{region}-a"), ..base.clone() };
         c.validate().unwrap_or_else(|e| panic!("{region}: {e}"));
     }
+    assert_eq!(base.cluster.authority.len(), 3, "the primary's lease lives in a three-node authority");
+    let text = std::fs::read_to_string(deploy().join("compose/authority.toml")).unwrap();
+    let authority = NodeConfig::from_toml(&text, Path::new("authority.toml")).expect("parses");
+    let c = NodeConfig { id: 1, region: "authority".into(), az: "authority-a".into(), ..authority };
+    c.validate().unwrap_or_else(|e| panic!("authority: {e}"));
 }
 
 fn docker_available() -> Result<(), String> {
@@ -142,7 +147,7 @@ async fn compose_cluster_comes_up_healthy_and_survives_killing_a_region_leader()
     assert!(up.status.success(), "compose up: {}", String::from_utf8_lossy(&up.stderr));
 
     let nodes: Vec<String> =
-        ["us-east", "eu-west"].iter().flat_map(|r| (1..=3).map(move |i| format!("{r}-{i}"))).collect();
+        ["us-east", "eu-west", "authority"].iter().flat_map(|r| (1..=3).map(move |i| format!("{r}-{i}"))).collect();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let mut healthy = 0;
