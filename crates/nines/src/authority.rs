@@ -206,9 +206,10 @@ impl Authority {
             let sent = Instant::now();
             let stamp = wall_ms();
             match judge(current.as_ref().map(|h| &h.lease), region, epoch, stamp, offset.as_millis() as u64) {
-                Claim::Ours(e) => return Ok((e, sent)),
                 Claim::Take(e) if e > crate::limits::EPOCH_MAX => return Err(ClaimError::Exhausted(e - 1)),
-                Claim::Take(e) => {
+                // Ours: stamped again all the same, so the lease the caller
+                // counts from now is the one everyone else reads.
+                Claim::Take(e) | Claim::Ours(e) => {
                     let wanted = Lease {
                         holder: region.to_string(),
                         epoch: e,
