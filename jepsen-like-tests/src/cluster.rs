@@ -16,6 +16,7 @@
 //! controllers, started as `nines-jepsen ctl ... controller`.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -298,24 +299,18 @@ impl Cluster {
         if c.child.is_some() {
             return Ok(());
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&c.log_path)
-            .with_context(|| format!("opening {}", c.log_path.display()))?;
-        let mut command = Command::new(exe);
-        // SAFETY: as in `spawn`: one async-signal-safe call between fork and exec.
-        unsafe {
-            command.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
-        }
-        let child = command
-            .args(["ctl", "--endpoints", &endpoints.join(","), "controller"])
-            .args(["--interval", CONTROLLER_INTERVAL, "--threshold", CONTROLLER_THRESHOLD])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting controller {}", i + 1))?;
+        let endpoints = endpoints.join(",");
+        let args = [
+            "ctl",
+            "--endpoints",
+            &endpoints,
+            "controller",
+            "--interval",
+            CONTROLLER_INTERVAL,
+            "--threshold",
+            CONTROLLER_THRESHOLD,
+        ];
+        let child = spawn_logged(&exe, args, &c.log_path).with_context(|| format!("starting controller {}", i + 1))?;
         c.child = Some(child);
         Ok(())
     }
@@ -392,32 +387,8 @@ impl Cluster {
         if node.child.is_some() {
             return Ok(());
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)
-            .with_context(|| format!("opening {}", node.log_path.display()))?;
-        let mut command = Command::new(exe);
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only makes one async-signal-safe system call (prctl).
-        unsafe {
-            command.pre_exec(|| {
-                // If the harness dies (killed, crashed), its nodes die too
-                // instead of lingering with their ports. The signal follows
-                // the spawning thread: a runtime worker, which lives as long
-                // as the run.
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            });
-        }
-        let child = command
-            .arg("node")
-            .arg("--config")
-            .arg(&node.config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting node {id}"))?;
+        let args = [OsStr::new("node"), OsStr::new("--config"), node.config_path.as_os_str()];
+        let child = spawn_logged(&exe, args, &node.log_path).with_context(|| format!("starting node {id}"))?;
         node.child = Some(child);
         node.paused = false;
         Ok(())
@@ -545,6 +516,33 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// Starts `exe` with `args`, its output appended to `log_path`; it dies with
+/// the harness.
+fn spawn_logged<A: AsRef<OsStr>>(
+    exe: &Path,
+    args: impl IntoIterator<Item = A>,
+    log_path: &Path,
+) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut command = Command::new(exe);
+    // SAFETY: the closure runs in the child between fork and exec and
+    // only makes one async-signal-safe system call (prctl).
+    unsafe {
+        command.pre_exec(|| {
+            // If the harness dies (killed, crashed), its nodes and
+            // controllers die too instead of lingering with their ports.
+            // The signal follows the spawning thread: a runtime worker,
+            // which lives as long as the run.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    Ok(command.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?)
 }
 
 /// A client config for probes: one short attempt, so a dead or paused node
