@@ -201,6 +201,19 @@ async fn two_failovers_at_once(mut cluster: TestCluster, with_authority: bool) {
     cluster.region_client(winner).put("k", "v").await.expect("the winner takes writes");
 }
 
+/// A client of `region` that gives up within a second and two attempts:
+/// once a primary's lease has run out, each refused write is counted and the
+/// next one starts, instead of retrying for the default ten seconds.
+fn quick_client(cluster: &TestCluster, region: &str) -> nines_client::Client {
+    let config = nines_client::ClientConfig {
+        attempts_max: 2,
+        attempt_timeout: Duration::from_secs(1),
+        request_deadline: Duration::from_secs(1),
+        ..nines_client::ClientConfig::default()
+    };
+    nines_client::Client::new(cluster.endpoints(&cluster.regions[region]), config).expect("client")
+}
+
 /// A writer's record: every key it tried, and when each acknowledged one
 /// was acknowledged (keys whose outcome is unknown are tried, not acked).
 #[derive(Default)]
@@ -226,14 +239,7 @@ async fn a_primary_cut_off_from_the_authority_stops_within_its_lease_and_loses_o
     wait_for("a to hold its lease", Duration::from_secs(30), || async { a.put("first", "v").await.ok() }).await;
 
     let writer = {
-        // Few attempts: a refused write is counted and the next one starts.
-        let config = nines_client::ClientConfig {
-            attempts_max: 2,
-            attempt_timeout: Duration::from_secs(1),
-            request_deadline: Duration::from_secs(1),
-            ..nines_client::ClientConfig::default()
-        };
-        let a = nines_client::Client::new(cluster.endpoints(&cluster.regions["a"]), config).expect("client");
+        let a = quick_client(&cluster, "a");
         tokio::spawn(async move {
             let mut w = Writes::default();
             let started = Instant::now();
@@ -409,14 +415,7 @@ async fn two_failovers_in_a_row_then_heal_every_region_converges() {
     wait_for("a to hold its lease", Duration::from_secs(30), || async { a.put("k-0", "a").await.ok() }).await;
     cluster.set_faults("a", &["b", nines::authority::AUTHORITY_FAULT], 0).await;
     cluster.set_faults("b", &["a"], 0).await;
-    // Few attempts: once a's lease has run out, each refused write moves on.
-    let quick = nines_client::ClientConfig {
-        attempts_max: 2,
-        attempt_timeout: Duration::from_secs(1),
-        request_deadline: Duration::from_secs(1),
-        ..nines_client::ClientConfig::default()
-    };
-    let a_quick = nines_client::Client::new(cluster.endpoints(&cluster.regions["a"]), quick).expect("client");
+    let a_quick = quick_client(&cluster, "a");
     let mut acked_by_a = 0;
     for i in 1..=40 {
         if a_quick.put(format!("k-{i}"), "a").await.is_ok() {
