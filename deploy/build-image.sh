@@ -4,13 +4,18 @@
 #
 #   bash deploy/build-image.sh [BINARY] [TAG]
 #
-# BINARY defaults to target/release/nines (built if missing), TAG to nines:local.
+# BINARY defaults to target/release/nines (which cargo builds, or rebuilds
+# if the source changed), TAG to nines:local.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 binary="${1:-target/release/nines}"
 tag="${2:-nines:local}"
-if [[ ! -x "$binary" ]]; then
+if [[ $# -eq 0 ]]; then
   cargo build --release --bin nines
+fi
+if [[ ! -x "$binary" ]]; then
+  echo "build-image.sh: $binary is not an executable" >&2
+  exit 1
 fi
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT

@@ -14,6 +14,12 @@
 //! A failover run adds a three-node authority (region `authority`, not a
 //! data region: no workload or region fault touches it) and two failover
 //! controllers, started as `nines-jepsen ctl ... controller`.
+//!
+//! With `--docker` the nodes are instead the containers of the compose
+//! cluster (`deploy/docker-compose.yml`: us-east primary, eu-west, the
+//! authority and one controller), reached through their published ports;
+//! faults are docker's (see [`crate::compose`]) and no node takes fault
+//! hooks.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -30,6 +36,8 @@ use nines_proto::v1::SetFaultsRequest;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::SeedableRng;
+
+use crate::compose::{self, Compose};
 
 /// Region names in the order `--regions N` uses them.
 pub const REGION_NAMES: [&str; 4] = ["us-east", "eu-west", "ap-south", "sa-east"];
@@ -51,8 +59,23 @@ pub struct NodeProc {
     config_path: PathBuf,
     log_path: PathBuf,
     child: Option<Child>,
-    /// Stopped with SIGSTOP and not yet continued.
+    /// Stopped with SIGSTOP (or `docker pause`) and not yet continued.
     paused: bool,
+    /// `--docker` runs: the node's container.
+    container: Option<Container>,
+}
+
+/// A node's container in a `--docker` run.
+struct Container {
+    service: String,
+    id: String,
+    /// Started and not killed by the run.
+    running: bool,
+    /// Docker's restart count when the run last looked: a restart the run
+    /// did not cause is the node exiting by itself.
+    restarts: u64,
+    /// Disconnected from the shared network, to be connected at heal.
+    cut_off: bool,
 }
 
 impl NodeProc {
@@ -73,6 +96,8 @@ impl NodeProc {
 
 pub struct Cluster {
     exe: PathBuf,
+    /// `--docker` runs: the compose project, removed with the cluster.
+    compose: Option<Compose>,
     pub nodes: BTreeMap<u64, NodeProc>,
     /// Region name -> its node ids, in AZ order.
     pub regions: BTreeMap<String, Vec<u64>>,
@@ -90,6 +115,10 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.compose.is_some() {
+            // Removing the project (dropping it) removes every container.
+            return;
+        }
         for i in 0..self.controllers.len() {
             self.kill_controller(i);
         }
@@ -225,7 +254,10 @@ impl Cluster {
                 std::fs::write(&config_path, toml::to_string(&config)?)
                     .with_context(|| format!("writing {}", config_path.display()))?;
                 let log_path = dir.join(format!("node-{id}.log"));
-                nodes.insert(*id, NodeProc { config, config_path, log_path, child: None, paused: false });
+                nodes.insert(
+                    *id,
+                    NodeProc { config, config_path, log_path, child: None, paused: false, container: None },
+                );
             }
         }
         let endpoints: Vec<String> = nodes.values().map(NodeProc::endpoint).collect();
@@ -237,8 +269,16 @@ impl Cluster {
         } else {
             Vec::new()
         };
-        let mut cluster =
-            Cluster { exe, nodes, regions: region_ids, region_order, probe, unexpected_exits: Vec::new(), controllers };
+        let mut cluster = Cluster {
+            exe,
+            compose: None,
+            nodes,
+            regions: region_ids,
+            region_order,
+            probe,
+            unexpected_exits: Vec::new(),
+            controllers,
+        };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
             cluster.spawn(*id)?;
@@ -256,6 +296,102 @@ impl Cluster {
             cluster.spawn_controller(i)?;
         }
         Ok(cluster)
+    }
+
+    /// Starts the compose cluster of `file` on `image` (`--docker`): two
+    /// regions of three nodes (us-east primary), the authority and one
+    /// controller. Waits until every node serves, every region has a leader
+    /// and the primary holds its lease.
+    pub async fn start_compose(dir: &Path, file: PathBuf, image: &str) -> anyhow::Result<Cluster> {
+        let mut nodes = BTreeMap::new();
+        let mut regions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut logs = Vec::new();
+        let mut az = BTreeMap::<&str, u8>::new();
+        for (n, (region, service)) in (1u64..).zip(compose::NODE_SERVICES) {
+            let (grpc, admin) = compose::host_ports(n);
+            let letter = az.entry(region).or_insert(b'a');
+            let config = NodeConfig {
+                id: n,
+                region: region.to_string(),
+                az: format!("{region}-{}", *letter as char),
+                grpc_listen: ([127, 0, 0, 1], grpc).into(),
+                admin_listen: ([127, 0, 0, 1], admin).into(),
+                ..NodeConfig::default()
+            };
+            *letter += 1;
+            let log_path = dir.join(format!("node-{n}.log"));
+            logs.push((service.to_string(), log_path.clone()));
+            let container = Container {
+                service: service.to_string(),
+                id: String::new(),
+                running: true,
+                restarts: 0,
+                cut_off: false,
+            };
+            let node = NodeProc {
+                config,
+                config_path: PathBuf::new(),
+                log_path,
+                child: None,
+                paused: false,
+                container: Some(container),
+            };
+            nodes.insert(n, node);
+            regions.entry(region.to_string()).or_default().push(n);
+        }
+        logs.push(("controller".to_string(), dir.join("controller-1.log")));
+        eprintln!("starting the compose cluster of {} on {image}...", file.display());
+        let compose = Compose::up(file, image, logs)?;
+        for node in nodes.values_mut() {
+            let c = node.container.as_mut().expect("a compose node has a container");
+            c.id = compose.container(&c.service)?;
+        }
+        let endpoints: Vec<String> = nodes.values().map(NodeProc::endpoint).collect();
+        let cluster = Cluster {
+            exe: PathBuf::new(),
+            compose: Some(compose),
+            nodes,
+            regions,
+            region_order: compose::NODE_SERVICES[..6].iter().step_by(3).map(|(r, _)| r.to_string()).collect(),
+            probe: Client::new(endpoints, probe_config())?,
+            unexpected_exits: Vec::new(),
+            controllers: Vec::new(),
+        };
+        // Images start in seconds, but the init containers wait for every
+        // node, and a loaded machine is slow.
+        let timeout = START_TIMEOUT * 4;
+        for id in cluster.ids() {
+            cluster.wait_serving_within(id, timeout).await?;
+        }
+        cluster.wait_leaders(timeout).await?;
+        let deadline = Instant::now() + timeout;
+        while cluster.primary_region().await.is_none() {
+            if Instant::now() > deadline {
+                bail!("no region of the compose cluster says it is primary after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(cluster)
+    }
+
+    /// Whether the nodes are the compose cluster's containers (`--docker`).
+    pub fn is_compose(&self) -> bool {
+        self.compose.is_some()
+    }
+
+    /// `--docker` runs: takes every node of `region` off the shared network,
+    /// cutting it off from the other region, the authority and the
+    /// controller (connected again at heal).
+    pub fn cut_region_off(&mut self, region: &str) -> anyhow::Result<()> {
+        let compose = self.compose.as_ref().context("only --docker runs cut regions off with docker")?;
+        for id in &self.regions[region] {
+            let c = self.nodes.get_mut(id).and_then(|n| n.container.as_mut()).context("a compose node")?;
+            if !c.cut_off {
+                compose.disconnect(&c.id)?;
+                c.cut_off = true;
+            }
+        }
+        Ok(())
     }
 
     /// Every node id, in order (the authority's too).
@@ -359,12 +495,17 @@ impl Cluster {
     /// Whether node `id`'s process was started and not killed. Call
     /// [`Cluster::reap`] first to notice a process that exited by itself.
     pub fn running(&self, id: u64) -> bool {
-        self.nodes[&id].child.is_some()
+        let node = &self.nodes[&id];
+        node.child.is_some() || node.container.as_ref().is_some_and(|c| c.running)
     }
 
     /// Notices nodes that exited by themselves, records them in
     /// `unexpected_exits` and forgets their processes (so heal restarts them).
     pub fn reap(&mut self) {
+        if self.compose.is_some() {
+            self.reap_containers();
+            return;
+        }
         for (id, node) in self.nodes.iter_mut() {
             let Some(child) = node.child.as_mut() else { continue };
             if let Ok(Some(status)) = child.try_wait() {
@@ -372,6 +513,40 @@ impl Cluster {
                 self.unexpected_exits.push((*id, status.to_string()));
                 node.child = None;
                 node.paused = false;
+            }
+        }
+    }
+
+    /// [`Cluster::reap`] for containers: a restart docker made by itself,
+    /// or a container that stopped though the run did not kill it, is a node
+    /// that exited by itself.
+    fn reap_containers(&mut self) {
+        let ids: Vec<String> = self.nodes.values().filter_map(|n| n.container.as_ref().map(|c| c.id.clone())).collect();
+        let mut args = vec!["inspect", "--format", "{{.Id}} {{.RestartCount}} {{.State.Running}}"];
+        args.extend(ids.iter().map(String::as_str));
+        let out = match compose::docker(&args) {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("could not inspect the containers: {e:#}");
+                return;
+            }
+        };
+        for line in out.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(full), Some(restarts), Some(up)) = (fields.next(), fields.next(), fields.next()) else {
+                continue;
+            };
+            let restarts: u64 = restarts.parse().unwrap_or(0);
+            for (id, node) in self.nodes.iter_mut() {
+                let Some(c) = node.container.as_mut().filter(|c| full.starts_with(&c.id)) else { continue };
+                if restarts > c.restarts || (c.running && up != "true") {
+                    let what = if up == "true" { "restarted by docker" } else { "stopped" };
+                    eprintln!("node {id} ({}) exited by itself: {what}", c.service);
+                    self.unexpected_exits.push((*id, format!("container {what}")));
+                    c.running = up == "true";
+                    node.paused = false;
+                }
+                c.restarts = restarts;
             }
         }
     }
@@ -384,6 +559,13 @@ impl Cluster {
     pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
         let exe = self.exe.clone();
         let node = self.nodes.get_mut(&id).context("unknown node")?;
+        if let Some(c) = node.container.as_mut() {
+            if !c.running {
+                compose::docker(&["start", &c.id])?;
+                c.running = true;
+            }
+            return Ok(());
+        }
         if node.child.is_some() {
             return Ok(());
         }
@@ -398,6 +580,21 @@ impl Cluster {
     /// no-op if it is not running.
     pub fn kill(&mut self, id: u64) {
         let Some(node) = self.nodes.get_mut(&id) else { return };
+        if let Some(c) = node.container.as_mut() {
+            if c.running {
+                // A frozen container is thawed first, as a stopped process is
+                // continued: the kill then lands at once.
+                if node.paused {
+                    let _ = compose::docker(&["unpause", &c.id]);
+                }
+                if let Err(e) = compose::docker(&["kill", &c.id]) {
+                    eprintln!("could not kill node {id}: {e:#}");
+                }
+                c.running = false;
+            }
+            node.paused = false;
+            return;
+        }
         if let Some(mut child) = node.child.take() {
             if node.paused {
                 let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
@@ -413,6 +610,13 @@ impl Cluster {
     /// SIGSTOP or SIGCONT node `id`, if it runs.
     pub fn signal_pause(&mut self, id: u64, pause: bool) -> anyhow::Result<()> {
         let node = self.nodes.get_mut(&id).context("unknown node")?;
+        if let Some(c) = node.container.as_ref() {
+            if c.running && node.paused != pause {
+                compose::docker(&[if pause { "pause" } else { "unpause" }, &c.id])?;
+                node.paused = pause;
+            }
+            return Ok(());
+        }
         let Some(child) = &node.child else { return Ok(()) };
         if node.paused == pause {
             return Ok(());
@@ -448,10 +652,14 @@ impl Cluster {
     }
 
     async fn wait_serving(&self, id: u64) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
+        self.wait_serving_within(id, START_TIMEOUT).await
+    }
+
+    async fn wait_serving_within(&self, id: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
         while self.status(id).await.is_none() {
             if Instant::now() > deadline {
-                bail!("node {id} did not serve within {START_TIMEOUT:?}; see {}", self.nodes[&id].log_path.display());
+                bail!("node {id} did not serve within {timeout:?}; see {}", self.nodes[&id].log_path.display());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -475,6 +683,9 @@ impl Cluster {
     /// Replaces the fault hooks on node `id`. Fails on a node that is down
     /// or paused (the caller decides whether that matters).
     pub async fn set_faults(&self, id: u64, req: SetFaultsRequest) -> anyhow::Result<()> {
+        if self.compose.is_some() {
+            bail!("the compose cluster's nodes take no fault hooks");
+        }
         if !self.running(id) || self.paused(id) {
             bail!("node {id} is not running");
         }
@@ -501,6 +712,19 @@ impl Cluster {
         }
         for i in 0..self.controllers.len() {
             self.spawn_controller(i)?;
+        }
+        if let Some(compose) = &self.compose {
+            for node in self.nodes.values_mut() {
+                if let Some(c) = node.container.as_mut().filter(|c| c.cut_off) {
+                    compose.reconnect(&c.id, &c.service)?;
+                    c.cut_off = false;
+                }
+            }
+            // No hooks to clear: healed once every node serves again.
+            for id in self.ids() {
+                self.wait_serving_within(id, timeout).await?;
+            }
+            return Ok(());
         }
         let deadline = Instant::now() + timeout;
         for id in self.ids() {

@@ -7,7 +7,9 @@
 //!
 //! # Layout
 //!
-//! - `cluster`: the node processes of one run (start, kill, pause, probe).
+//! - `cluster`: the nodes of one run (start, kill, pause, probe): processes
+//!   on loopback, or the compose cluster's containers (`--docker`).
+//! - `compose`: the compose cluster, driven through the `docker` command.
 //! - `nemesis`: the faults and their schedule.
 //! - `workload`: the `register`, `set` and `lww` clients and final reads.
 //! - `history`: operations as recorded, and `history.jsonl`.
@@ -18,6 +20,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod compose;
 pub mod history;
 pub mod nemesis;
 pub mod report;

@@ -31,6 +31,12 @@ enum Command {
 }
 
 fn main() {
+    // Called as `nines` (the harness's images install this executable under
+    // that name), it is the `nines` command line.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "nines") {
+        std::process::exit(nines::cli::main(std::env::args_os()));
+    }
     // Bad usage exits 3, not clap's 2: 2 means "unknown" to callers of `run`.
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -40,49 +46,34 @@ fn main() {
             std::process::exit(code);
         }
     };
-    let code = match cli.command {
+    let command = match cli.command {
         Command::Node { args } => {
             let argv = ["nines".to_string(), "node".to_string()].into_iter().chain(args);
-            let nines::cli::Cli { command, .. } = <nines::cli::Cli as Parser>::parse_from(argv);
-            match command {
-                nines::cli::Command::Node(args) => match nines::cli::run_node(args) {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("nines-jepsen node: {e:#}");
-                        1
-                    }
-                },
-                _ => unreachable!("parsed from a `node` command line"),
-            }
+            std::process::exit(nines::cli::main(argv));
         }
-        command => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("nines-jepsen: cannot start the runtime: {e}");
-                    std::process::exit(3);
-                }
-            };
-            let result = runtime.block_on(async {
-                match command {
-                    Command::Run(args) => nines_jepsen::run::run(&args).await.map(|s| s.valid.exit_code()),
-                    Command::Suite(args) => nines_jepsen::suite::run(&args).await,
-                    Command::Ctl { args } => {
-                        let argv = std::iter::once("nines".to_string()).chain(args);
-                        let nines::cli::Cli { global, command } = <nines::cli::Cli as Parser>::parse_from(argv);
-                        nines::cli::run_client(global, command).await.map(|ok| if ok { 0 } else { 1 })
-                    }
-                    Command::Node { .. } => unreachable!("handled above"),
-                }
-            });
-            match result {
-                Ok(code) => code,
-                Err(e) => {
-                    // Neither valid nor invalid: the run itself failed.
-                    eprintln!("nines-jepsen: {e:#}");
-                    3
-                }
-            }
+        Command::Ctl { args } => std::process::exit(nines::cli::main(std::iter::once("nines".to_string()).chain(args))),
+        command => command,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nines-jepsen: cannot start the runtime: {e}");
+            std::process::exit(3);
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Command::Run(args) => nines_jepsen::run::run(&args).await.map(|s| s.valid.exit_code()),
+            Command::Suite(args) => nines_jepsen::suite::run(&args).await,
+            Command::Node { .. } | Command::Ctl { .. } => unreachable!("handled above"),
+        }
+    });
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            // Neither valid nor invalid: the run itself failed.
+            eprintln!("nines-jepsen: {e:#}");
+            3
         }
     };
     std::process::exit(code);

@@ -6,6 +6,10 @@
 //! holds it, then heals everything: paused nodes continue, killed nodes
 //! restart, every node's fault hooks are cleared.
 //!
+//! In `--docker` runs the faults are docker's instead (`docker pause`,
+//! `docker kill`, `docker network disconnect`; see [`crate::compose`]), and
+//! only the nemeses in [`DOCKER`] exist.
+//!
 //! Network faults are link rules inside the nodes (see `nines::faults`):
 //! a rule drops or delays what one node sends to one peer of its region,
 //! and a region can be cut off from another's replication traffic. Process
@@ -105,6 +109,10 @@ pub const NAMES: [(&str, Nemesis); 17] = [
     ("power-cut", Nemesis::PowerCut),
     ("controller-kill", Nemesis::ControllerKill),
 ];
+
+/// The nemeses a `--docker` run can inject: those docker itself can do to
+/// the compose cluster (the others need the nodes' fault hooks).
+pub const DOCKER: [Nemesis; 4] = [Nemesis::Pause, Nemesis::Kill, Nemesis::RegionLoss, Nemesis::PartitionRegion];
 
 impl Nemesis {
     pub fn name(self) -> &'static str {
@@ -308,6 +316,15 @@ async fn pick_node(cluster: &Cluster, region: &str, rng: &mut StdRng) -> u64 {
     if rng.random_bool(0.5) { cluster.leader_of(region).await.unwrap_or(any) } else { any }
 }
 
+/// How a report names node `id` of `region`: says whether it leads (asked
+/// before the fault, which may silence it).
+async fn describe(cluster: &Cluster, region: &str, id: u64) -> String {
+    match cluster.leader_of(region).await == Some(id) {
+        true => format!("node {id} (leader of {region})"),
+        false => format!("node {id} ({region})"),
+    }
+}
+
 /// Applies one nemesis: process faults at once, network faults into `net`.
 /// Returns the region it hit (empty for several) and what it did.
 async fn apply(
@@ -337,13 +354,18 @@ async fn apply(
     let detail = match nemesis {
         Nemesis::Kill => {
             let id = pick_node(cluster, &region, rng).await;
+            let node = describe(cluster, &region, id).await;
             cluster.kill(id);
-            format!("kill -9 node {id} ({region}); restarted at heal")
+            format!("kill -9 {node}; restarted at heal")
         }
         Nemesis::Pause => {
             let id = pick_node(cluster, &region, rng).await;
+            let node = describe(cluster, &region, id).await;
             cluster.signal_pause(id, true)?;
-            format!("SIGSTOP node {id} ({region}); SIGCONT at heal")
+            match cluster.is_compose() {
+                true => format!("docker pause {node}; unpaused at heal"),
+                false => format!("SIGSTOP {node}; SIGCONT at heal"),
+            }
         }
         Nemesis::PartitionHalves => {
             let mut shuffled = ids.clone();
@@ -392,6 +414,14 @@ async fn apply(
                 net.cut(leader, *b);
             }
             format!("partition-one-way: node {leader} (leader of {region}) can hear its peers but not reach them")
+        }
+        Nemesis::PartitionRegion if cluster.is_compose() => {
+            cluster.cut_region_off(&region)?;
+            format!(
+                "partition-region: every node of {region} taken off the shared network (docker network \
+                 disconnect): cut off from the other region, the authority and the controller; clients on the \
+                 host still reach it"
+            )
         }
         Nemesis::PartitionRegion => {
             if cluster.region_order.len() < 2 {

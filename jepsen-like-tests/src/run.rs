@@ -81,6 +81,20 @@ pub struct RunArgs {
     /// and 2-4 s): many fault cycles a minute, for kill and power-cut loops.
     #[arg(long)]
     pub fast_faults: bool,
+    /// How long every fault window holds, e.g. `60s` (default: 4-8 s at
+    /// random, or 0.5-1.5 s with --fast-faults).
+    #[arg(long)]
+    pub hold: Option<humantime::Duration>,
+    /// Run against the compose cluster (`deploy/docker-compose.yml`, on
+    /// --image) with docker's own faults: `docker pause`, `docker kill`,
+    /// `docker network disconnect`. Failover workload only; nemeses pause,
+    /// kill, region-loss, partition-region.
+    #[arg(long)]
+    pub docker: bool,
+    /// The image of `--docker` runs (`bash deploy/build-image.sh` builds
+    /// nines:local).
+    #[arg(long, env = "NINES_IMAGE", default_value = "nines:local")]
+    pub image: String,
 }
 
 /// A client of every data region (failover runs), with short timeouts.
@@ -173,8 +187,33 @@ impl RunArgs {
         if self.fast_faults {
             c.push_str(" --fast-faults");
         }
+        if let Some(hold) = self.hold {
+            c.push_str(&format!(" --hold {hold}"));
+        }
+        if self.docker {
+            c.push_str(&format!(" --docker --image {}", self.image));
+        }
         c
     }
+}
+
+/// What the compose cluster can run: the failover workload on its two
+/// regions of three AZs, with the faults docker can inject.
+fn check_docker_args(args: &RunArgs, plan: &[Vec<Nemesis>]) -> anyhow::Result<()> {
+    if args.workload != Workload::Failover {
+        bail!("--docker runs the compose cluster, which is active-passive: use --workload failover");
+    }
+    if args.regions.is_some_and(|r| r != 2) || args.azs != 3 {
+        bail!("--docker runs the compose cluster: two regions of three AZs (leave --regions and --azs out)");
+    }
+    if args.planted_bug_local_reads {
+        bail!("--planted-bug-local-reads needs the harness's own nodes, not --docker");
+    }
+    if let Some(n) = plan.iter().flatten().find(|n| !nemesis::DOCKER.contains(n)) {
+        let known: Vec<&str> = nemesis::DOCKER.iter().map(|n| n.name()).collect();
+        bail!("--docker cannot inject {:?} (it needs the nodes' fault hooks); it can: {}", n.name(), known.join(", "));
+    }
+    Ok(())
 }
 
 pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
@@ -194,6 +233,20 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     let failover = args.workload == Workload::Failover;
     if !failover && plan.iter().flatten().any(|n| *n == Nemesis::ControllerKill) {
         bail!("controller-kill needs the failover workload: only failover runs have controllers");
+    }
+    if args.docker {
+        check_docker_args(args, &plan)?;
+    }
+    if let Some(hold) = args.hold {
+        let hold: Duration = hold.into();
+        // The first quiet second, the window and a second for its heal.
+        if hold < Duration::from_secs(1) || hold + Duration::from_secs(3) > time {
+            bail!(
+                "--hold must be at least 1s and leave 3 s of --time ({}) around it, got {}",
+                args.time,
+                args.hold.map_or_else(String::new, |h| h.to_string())
+            );
+        }
     }
     if args.keys == 0 || args.keys > 1000 {
         bail!("--keys must be 1..=1000, got {}", args.keys);
@@ -227,7 +280,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
         power_loss_simulation: plan.iter().flatten().any(|n| *n == Nemesis::PowerCut),
         failover,
     };
-    let mut cluster = Cluster::start(&out, exe, regions, args.azs, flags).await?;
+    let mut cluster = match args.docker {
+        true => Cluster::start_compose(&out, crate::compose::default_file(), &args.image).await?,
+        false => Cluster::start(&out, exe, regions, args.azs, flags).await?,
+    };
 
     let began = Instant::now();
     let until = began + time;
@@ -239,7 +295,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
         false => None,
     };
     let mut rng = StdRng::seed_from_u64(seed);
-    let schedule = if args.fast_faults { Schedule::fast() } else { Schedule::normal() };
+    let mut schedule = if args.fast_faults { Schedule::fast() } else { Schedule::normal() };
+    if let Some(hold) = args.hold {
+        let ms = Duration::from(hold).as_millis() as u64;
+        schedule.fault_ms = ms..ms + 1;
+    }
     let faults = nemesis::run(&mut cluster, &plan, &schedule, &mut rng, &recorder, until).await;
     let clients = clients.await.context("client task")?;
     let faults: Vec<FaultRecord> = faults?;

@@ -34,7 +34,18 @@ pub struct SuiteArgs {
     /// Where runs and the table go. Default: `target/jepsen/suite-<time>`.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run the failover workload against the compose cluster with docker's
+    /// faults (see `run --docker`); rows: `DOCKER_NEMESES` unless --nemeses says.
+    #[arg(long)]
+    pub docker: bool,
+    /// The image of `--docker` runs.
+    #[arg(long, env = "NINES_IMAGE", default_value = "nines:local")]
+    pub image: String,
 }
+
+/// The rows of a `--docker` suite: the primary region cut off by the
+/// network, a frozen leader, the primary region's containers killed.
+pub const DOCKER_NEMESES: &[&str] = &["partition-region", "pause", "region-loss"];
 
 /// The failover workload's default rows: losing the primary region, the
 /// primary cut off from the rest (authority and controllers included), a
@@ -56,8 +67,8 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("target/jepsen").join(format!("suite-{stamp}")));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let workloads: Vec<Workload> = args
-        .workloads
+    let workloads = if args.docker { "failover" } else { args.workloads.as_str() };
+    let workloads: Vec<Workload> = workloads
         .split(',')
         .map(|w| {
             <Workload as clap::ValueEnum>::from_str(w.trim(), false).map_err(|e| anyhow::anyhow!("workload {w:?}: {e}"))
@@ -74,6 +85,7 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
     };
     let failover_nemeses: Vec<String> = match &args.nemeses {
         Some(_) => nemeses.clone(),
+        None if args.docker => DOCKER_NEMESES.iter().map(|s| s.to_string()).collect(),
         None => FAILOVER_NEMESES.iter().map(|s| s.to_string()).collect(),
     };
     for n in nemeses.iter().chain(&failover_nemeses) {
@@ -111,6 +123,9 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
                 check_budget: std::time::Duration::from_secs(60).into(),
                 keep_data: false,
                 fast_faults: false,
+                hold: None,
+                docker: args.docker,
+                image: args.image.clone(),
             };
             match run::run(&args).await {
                 Ok(s) => {

@@ -140,3 +140,38 @@ fn failover_under_region_loss_and_partition_loses_only_recorded_writes() {
         + &std::fs::read_to_string(out.join("controller-2.log")).unwrap();
     assert!(log.contains("promoted to primary"), "no controller promoted a region:\n{log}");
 }
+
+// The `--docker` mode on the compose cluster: us-east (primary) is taken off
+// the shared network for 20 s with `docker network disconnect`, so the cut
+// is in the network, not in the nodes. The compose controller must fail
+// over to eu-west, us-east must stop acknowledging within its lease, and
+// every acknowledged write missing afterwards must be in a divergence
+// record. The image is this harness's executable, installed as `nines`.
+#[test]
+fn docker_mode_partitions_the_primary_region_with_the_network_and_fails_over() {
+    if let Some(why) = nines_jepsen::compose::unavailable() {
+        assert!(std::env::var("CI").is_err() || why.contains("not installed"), "CI has docker but: {why}");
+        eprintln!("skipped: docker is unavailable ({why})");
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-image.sh");
+    let image = "nines-jepsen:test";
+    let build = Command::new("bash").arg(script).args([env!("CARGO_BIN_EXE_nines-jepsen"), image]).output().unwrap();
+    assert!(build.status.success(), "image build: {}", String::from_utf8_lossy(&build.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("docker");
+    let args = ["--docker", "--image", image, "--workload", "failover", "--nemesis", "partition-region"];
+    let (code, results) = run(&out, &[&args[..], &["--time", "40s", "--hold", "20s", "--seed", "3"]].concat());
+    assert_eq!(code, 0, "verdict {}: see {}", results["valid"], out.join("index.html").display());
+    let faults = results["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    let detail = faults[0]["detail"].as_str().unwrap();
+    assert!(detail.contains("docker network disconnect"), "{detail}");
+    let failover = &results["details"]["failover"];
+    let promotions = failover["promotions"].as_array().unwrap();
+    assert!(promotions.len() >= 2, "no region was promoted: {failover}");
+    assert!(failover["lost_without_record"].as_array().unwrap().is_empty(), "{failover}");
+    let log = std::fs::read_to_string(out.join("controller-1.log")).unwrap();
+    assert!(log.contains("promoted to primary"), "the compose controller did not promote a region:\n{log}");
+}

@@ -236,6 +236,49 @@ fn id_from_hostname(host: &str) -> anyhow::Result<u64> {
     ordinal.map(|n| n + 1).ok_or_else(|| anyhow::anyhow!("host name {host:?} does not end in -NUMBER"))
 }
 
+/// The whole `nines` command line: parses `args` (the program name first),
+/// runs the command and returns the process's exit code: 0 on success, 1
+/// with a one-line reason on stderr otherwise (clap's own codes for bad
+/// usage). The `nines` binary is this; the harness calls it too, for the
+/// nodes and controllers it starts and as the `nines` of its images.
+pub fn main<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let result = match cli.command {
+        Command::Node(args) => run_node(args).map(|_| true),
+        command => tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| {
+            rt.block_on(async {
+                match command {
+                    Command::Up(args) => {
+                        init_tracing(false);
+                        up::run(args).await.map(|_| true)
+                    }
+                    command => run_client(cli.global, command).await,
+                }
+            })
+        }),
+    };
+    match result {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            // One line: the error and its causes.
+            let reason: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("nines: {}", reason.join(": "));
+            1
+        }
+    }
+}
+
 /// Sets up logging. Every line of a node names its node, region and AZ (the
 /// `node` span entered by [`run_node`]).
 pub fn init_tracing(json: bool) {
