@@ -38,7 +38,7 @@ fn kubernetes_manifests_spread_each_region_over_zones_with_probes_and_a_budget()
     let docs = manifests();
     let of = |kind: &str| docs.iter().filter(move |d| d["kind"] == kind).collect::<Vec<_>>();
     let sets = of("StatefulSet");
-    assert_eq!(sets.len(), 2, "one StatefulSet per region");
+    assert_eq!(sets.len(), 3, "one StatefulSet per region, and the authority's");
     for s in &sets {
         let name = s["metadata"]["name"].as_str().unwrap();
         let spec = &s["spec"]["template"]["spec"];
@@ -53,9 +53,20 @@ fn kubernetes_manifests_spread_each_region_over_zones_with_probes_and_a_budget()
         let pdb = of("PodDisruptionBudget").into_iter().find(|v| v["metadata"]["name"] == name).expect("its PDB");
         assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{name}");
     }
-    let config = of("ConfigMap")[0]["data"]["cluster.toml"].as_str().expect("cluster.toml").to_string();
-    let c = NodeConfig::from_toml(&config, Path::new("cluster.toml")).expect("the ConfigMap's config parses");
+    let map = |name: &str, file: &str| {
+        let m = of("ConfigMap").into_iter().find(|m| m["metadata"]["name"] == name).expect("the ConfigMap");
+        let text = m["data"][file].as_str().unwrap_or_else(|| panic!("{name} holds {file}"));
+        NodeConfig::from_toml(text, Path::new(file)).unwrap_or_else(|e| panic!("{name}'s {file}: {e}"))
+    };
+    let c = map("nines-cluster", "cluster.toml");
     assert_eq!(c.cluster.regions.len(), 2);
+    // The primary's lease lives in the authority's three pods.
+    let pods: Vec<String> = (0..3).map(|i| format!("http://nines-authority-{i}.nines-authority:7001")).collect();
+    assert_eq!(c.cluster.authority, pods);
+    let a = map("nines-authority", "authority.toml");
+    let a = NodeConfig { id: 1, region: "authority".into(), az: "authority-a".into(), ..a };
+    a.validate().unwrap_or_else(|e| panic!("authority: {e}"));
+    assert!(sets.iter().any(|s| s["metadata"]["name"] == "nines-authority"));
 }
 
 #[test]
