@@ -75,6 +75,10 @@ pub const KV_HEALTH_SERVICE: &str = "nines.v1.Kv";
 /// How often the gauges are refreshed from Raft and storage.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Streams a peer may open and reset before this node accepts them (h2's
+/// default is 20): a peer's RPCs over a 10 s stop, with room to spare.
+const PENDING_ACCEPT_RESETS_MAX: usize = 1024;
+
 /// How often readiness is re-checked for gRPC health even when Raft reports
 /// no change: a leader that lost its quorum changes nothing Raft would report.
 const HEALTH_RECHECK: Duration = Duration::from_secs(1);
@@ -302,6 +306,13 @@ async fn serve(
         .build_v1()
         .context("building gRPC reflection")?;
     let grpc = tonic::transport::Server::builder()
+        // A leader cancels every Raft RPC that outlives its deadline, so a
+        // node that was stopped for a while (SIGSTOP, a VM stall) resumes to
+        // hundreds of streams its peers reset before it could accept them.
+        // Past h2's default limit of 20 it sends GOAWAY (too_many_resets)
+        // and drops the connection with every forwarded write on it. The
+        // limit still bounds what a rapid-reset flood can queue.
+        .http2_max_pending_accept_reset_streams(Some(PENDING_ACCEPT_RESETS_MAX))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

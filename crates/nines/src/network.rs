@@ -13,6 +13,11 @@
 //!   `PayloadTooLarge` with a smaller entry count, so openraft sends fewer
 //!   entries instead of resending the same range forever; any other
 //!   transport failure is a `Network` error.
+//! - Never `PayloadTooLarge` for a message of one entry or none (a
+//!   heartbeat): there is nothing smaller to send, and openraft 0.9's
+//!   replication task panics on it while a heartbeat is in flight ("there
+//!   can not be two actions with payload in flight"), which ends
+//!   replication to that peer for good.
 //!
 //! Caveats:
 //! - openraft's messages travel postcard-encoded inside an opaque protobuf
@@ -198,11 +203,7 @@ impl PeerClient {
             Ok(Err(status)) if nines_client::retry::connect_failed(&status) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
-            // tonic refuses a message over the size limit on either side with
-            // one of these codes, before the request reaches openraft.
-            Ok(Err(status))
-                if matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted) && entries.is_some() =>
-            {
+            Ok(Err(status)) if refused_for_size(&status) && entries.is_some_and(|n| n > 1) => {
                 let n = entries.unwrap_or(1) as u64;
                 return Err(too_large(n / 2, &status));
             }
@@ -213,6 +214,16 @@ impl PeerClient {
             postcard::from_bytes(&resp.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+/// Whether a failed RPC is tonic refusing a message over the size limit (on
+/// either side, before the request reaches openraft): one of these codes,
+/// made by tonic's codec with no cause behind it. The same codes also come
+/// from the transport (an HTTP/2 GOAWAY with ENHANCE_YOUR_CALM is
+/// `ResourceExhausted`), and those carry their cause: they are network
+/// errors, not a size to shrink.
+fn refused_for_size(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted) && std::error::Error::source(status).is_none()
 }
 
 /// `PayloadTooLarge` asking openraft to send at most `entries` (at least
@@ -250,5 +261,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.send(RPCTypes::Vote, &rpc, None, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_sourceless_size_code_is_a_size_refusal() {
+        // What tonic's codec answers for a message over the limit.
+        assert!(refused_for_size(&tonic::Status::resource_exhausted("message length too large")));
+        assert!(refused_for_size(&tonic::Status::out_of_range("decoded message length too large")));
+        // An HTTP/2 GOAWAY (too_many_resets) arrives with the same code and its cause.
+        let mut goaway = tonic::Status::resource_exhausted("h2 protocol error: http2 error");
+        goaway.set_source(Arc::new(TransportError("GoAway(too_many_resets, ENHANCE_YOUR_CALM)".into())));
+        assert!(!refused_for_size(&goaway));
+        assert!(!refused_for_size(&tonic::Status::unavailable("connection reset")));
     }
 }

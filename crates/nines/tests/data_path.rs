@@ -79,15 +79,31 @@ async fn region_recovers(cluster: &TestCluster) -> Duration {
     let leader = cluster.wait_leader().await;
     let target = cluster.status(leader).await.expect("leader status").applied_index;
     let started = Instant::now();
-    wait_for("every node to apply what the leader applied", CATCH_UP_MAX, || async {
+    loop {
+        let mut behind = Vec::new();
         for id in &ids {
-            if cluster.status(*id).await?.applied_index < target {
-                return None;
+            let applied = cluster.status(*id).await.map(|s| s.applied_index);
+            if applied.is_none_or(|a| a < target) {
+                behind.push((*id, applied));
             }
         }
-        Some(())
-    })
-    .await;
+        if behind.is_empty() {
+            break;
+        }
+        if started.elapsed() > CATCH_UP_MAX {
+            // What the lagging nodes were doing, for whoever reads the failure.
+            let mut report = format!("\nbehind: {behind:?}");
+            for id in &ids {
+                let log = cluster.log_of(*id);
+                // Backtrace frames (indented) left out: the messages matter.
+                let lines = log.lines().filter(|l| !l.starts_with(' '));
+                let tail: Vec<&str> = lines.rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+                report += &format!("\nnode {id}'s log ends:\n{}", tail.join("\n"));
+            }
+            panic!("after {CATCH_UP_MAX:?} not every node applied the leader's index {target}:{report}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let took = started.elapsed();
     eprintln!("every replica applied the leader's index {target} within {took:?}");
     took
