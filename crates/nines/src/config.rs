@@ -40,6 +40,11 @@ pub struct NodeConfig {
     pub write_timeout: Duration,
     /// Log format: "text" (human-readable) or "json".
     pub log_format: String,
+    /// Worker threads of the node's async runtime; 0 means one per CPU core.
+    /// Set it lower when several nodes share one machine (`nines up` gives
+    /// each node its share of the cores): more workers than cores only add
+    /// thread wake-ups to every request.
+    pub runtime_threads: usize,
     /// The regions of the cluster and how they replicate.
     pub cluster: ClusterConfig,
     /// Simulated one-way network latency, added by this node's transport.
@@ -300,6 +305,7 @@ impl Default for NodeConfig {
             clock_offset_max: Duration::from_millis(500),
             write_timeout: Duration::from_secs(10),
             log_format: "text".into(),
+            runtime_threads: 0,
             cluster: ClusterConfig::default(),
             latency: LatencyConfig::default(),
             storage: StorageConfig::default(),
@@ -308,6 +314,10 @@ impl Default for NodeConfig {
         }
     }
 }
+
+/// Most runtime worker threads: far beyond any machine's cores; a larger
+/// number is a typo.
+pub const RUNTIME_THREADS_MAX: usize = 1024;
 
 /// Smallest storage cache: below a few MiB the engine rereads its own
 /// index pages on every request.
@@ -361,6 +371,15 @@ impl NodeConfig {
             if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
                 return Err(invalid(field, format!("{label:?} may hold only ASCII letters, digits, '-' and '_'")));
             }
+        }
+        if self.runtime_threads > RUNTIME_THREADS_MAX {
+            return Err(invalid(
+                "runtime_threads",
+                format!(
+                    "is {}; limit RUNTIME_THREADS_MAX is {RUNTIME_THREADS_MAX} (0 means one per core)",
+                    self.runtime_threads
+                ),
+            ));
         }
         let r = &self.raft;
         if r.heartbeat_interval.is_zero() {
@@ -542,6 +561,7 @@ mod tests {
             ("[raft]\nelection_timeout_max = \"100ms\"", "`raft.election_timeout_max`"),
             ("log_format = \"xml\"", "`log_format`"),
             ("planted_bug_local_reads = true", "`planted_bug_local_reads`"),
+            ("runtime_threads = 100000", "`runtime_threads`"),
             ("[cluster]\nmode = \"active-passive\"", "`cluster.primary`"),
             ("[[cluster.regions]]\nname = \"other\"\nendpoints = [\"http://h:1\"]", "`cluster.regions`"),
             ("[[cluster.regions]]\nname = \"local\"\nendpoints = [\"h:1\"]", "`cluster.regions`"),

@@ -301,7 +301,11 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     init_tracing(config.log_format == "json");
     let span = tracing::info_span!("node", id = config.id, region = %config.region, az = %config.az);
     let thread_span = span.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime_threads > 0 {
+        builder.worker_threads(config.runtime_threads);
+    }
+    let runtime = builder
         .enable_all()
         .on_thread_start(move || {
             // Never exited: the thread belongs to this node until the process ends.

@@ -143,8 +143,14 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
             ..LatencyConfig::default()
         }
     };
+    // The nodes share this machine: each gets its share of the cores, at
+    // least one worker (2 cores and 3 nodes: one-client puts 15% faster, 256
+    // clients 11%, than two workers each).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime_threads = (cores / (total as usize + authority_ids.len())).max(1);
     let node = |id: u64, region: &str, az: u64, cluster: &ClusterConfig| -> anyhow::Result<NodeConfig> {
         Ok(NodeConfig {
+            runtime_threads,
             id,
             region: region.to_string(),
             az: az_name(region, az),
