@@ -239,7 +239,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     }
     if let Some(hold) = args.hold {
         let hold: Duration = hold.into();
-        // The first quiet second, the window and a second for its heal.
+        // The first quiet 2 s, the window and a second for its heal.
         if hold < Duration::from_secs(1) || hold + Duration::from_secs(3) > time {
             bail!(
                 "--hold must be at least 1s and leave 3 s of --time ({}) around it, got {}",
