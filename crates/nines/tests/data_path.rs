@@ -94,11 +94,7 @@ async fn region_recovers(cluster: &TestCluster) -> Duration {
             // What the lagging nodes were doing, for whoever reads the failure.
             let mut report = format!("\nbehind: {behind:?}");
             for id in &ids {
-                let log = cluster.log_of(*id);
-                // Backtrace frames (indented) left out: the messages matter.
-                let lines = log.lines().filter(|l| !l.starts_with(' '));
-                let tail: Vec<&str> = lines.rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-                report += &format!("\nnode {id}'s log ends:\n{}", tail.join("\n"));
+                report += &format!("\nnode {id}'s log ends:\n{}", cluster.log_tail(*id, 40));
             }
             panic!("after {CATCH_UP_MAX:?} not every node applied the leader's index {target}:{report}");
         }

@@ -338,9 +338,7 @@ impl TestCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.status(id).await.is_none() {
             if Instant::now() > deadline {
-                let log = self.log_of(id);
-                let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-                panic!("timed out after 30s waiting for node {id} to serve; its log ends:\n{}", tail.join("\n"));
+                panic!("timed out after 30s waiting for node {id} to serve; its log ends:\n{}", self.log_tail(id, 30));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -382,5 +380,14 @@ impl TestCluster {
 
     pub fn log_of(&self, id: u64) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default()
+    }
+
+    /// The last `lines` messages of node `id`'s log, for a failure report;
+    /// backtrace frames (indented lines) are left out: the messages matter.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let log = self.log_of(id);
+        let messages = log.lines().filter(|l| !l.starts_with(' '));
+        let tail: Vec<&str> = messages.rev().take(lines).collect::<Vec<_>>().into_iter().rev().collect();
+        tail.join("\n")
     }
 }
