@@ -24,14 +24,14 @@ use std::time::Duration;
 
 use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::{
-    AddLearnerRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest, GetRequest, InitRequest,
-    MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, SnapshotRequest, StatusRequest,
-    admin_client::AdminClient, compare_and_swap_request, kv_client::KvClient,
+    AddLearnerRequest, BackupRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest, GetRequest,
+    InitRequest, MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, SnapshotRequest,
+    StatusRequest, admin_client::AdminClient, compare_and_swap_request, kv_client::KvClient,
 };
 pub use nines_proto::v1::{
-    CompareAndSwapResponse, ConfigureResponse, Consistency, DeleteResponse, DivergentResponse, FenceResponse,
-    GetResponse, KeyValue, Member, MembersResponse, NodeInfo, PeerLag, PutResponse, RegionInfo, RegionPromoteResponse,
-    RegionStatusResponse, ReplicationSetup, ScanResponse, StatusResponse, Version,
+    BackupMessage, CompareAndSwapResponse, ConfigureResponse, Consistency, DeleteResponse, DivergentResponse,
+    FenceResponse, GetResponse, KeyValue, Member, MembersResponse, NodeInfo, PeerLag, PutResponse, RegionInfo,
+    RegionPromoteResponse, RegionStatusResponse, ReplicationSetup, ScanResponse, StatusResponse, Version,
 };
 use nines_proto::v1::{
     ConfigureRequest, DivergentRequest, FenceRequest, RegionPromoteRequest, RegionStatusRequest, SetFaultsRequest,
@@ -384,6 +384,21 @@ impl Client {
         let channel = self.channel(endpoint)?;
         let r = Self::admin(channel).snapshot(SnapshotRequest {}).await.map_err(|s| Error::from_final(&s))?;
         Ok(r.into_inner().applied_index)
+    }
+
+    /// Starts a backup copy on the region's leader (found through the
+    /// members): the header, chunks and end of a consistent copy at a
+    /// linearizable point. A stream cut short is an error, never a shorter
+    /// copy.
+    pub async fn backup_stream(&self) -> Result<tonic::Streaming<BackupMessage>> {
+        let members = self.members().await?;
+        let leader = members
+            .leader_id
+            .and_then(|id| members.members.iter().filter_map(|m| m.node.as_ref()).find(|n| n.id == id))
+            .ok_or_else(|| Error::Unavailable { attempts: 1, last: "the region has no leader now".into() })?;
+        let channel = self.channel(&leader.grpc_addr)?;
+        let r = Self::admin(channel).backup(BackupRequest {}).await.map_err(|s| Error::from_final(&s))?;
+        Ok(r.into_inner())
     }
 
     /// The whole cluster as JSON, gathered by whichever node answers.

@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub latency: LatencyConfig,
     /// The storage engine.
     pub storage: StorageConfig,
+    /// Scheduled backups, taken by the region's leader.
+    pub backup: BackupConfig,
     /// Test only: enables the fault hooks (dropping replication traffic,
     /// offsetting the clock) through the admin API. Off by default; a node
     /// without it refuses every fault request.
@@ -206,6 +208,34 @@ impl Default for StorageConfig {
     }
 }
 
+/// Scheduled backups (see `nines backup`): the region's leader takes one
+/// every `every` and then applies the retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Where backups go: `file:///absolute/dir` or `s3://bucket/prefix` (with
+    /// the usual `AWS_*` environment variables). Empty: no scheduled backups.
+    pub target: String,
+    /// How often the leader takes a backup.
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+    /// Keep the newest this many backups (and those `keep_within`); unset
+    /// with `keep_within` unset: keep every backup.
+    pub keep: Option<u64>,
+    /// Keep every backup created within this long.
+    #[serde(with = "humantime_serde")]
+    pub keep_within: Option<Duration>,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig { target: String::new(), every: Duration::from_secs(3600), keep: None, keep_within: None }
+    }
+}
+
+/// Shortest backup interval: each backup reads the whole key space.
+pub const BACKUP_EVERY_MIN: Duration = Duration::from_secs(1);
+
 /// Sizes in the configuration: a number of bytes, or one with a unit, as
 /// people write them (`512KiB`, `64MiB`, `1GiB`; `kB`, `MB`, `GB` are powers
 /// of ten).
@@ -309,6 +339,7 @@ impl Default for NodeConfig {
             cluster: ClusterConfig::default(),
             latency: LatencyConfig::default(),
             storage: StorageConfig::default(),
+            backup: BackupConfig::default(),
             fault_injection: false,
             planted_bug_local_reads: false,
         }
@@ -380,6 +411,24 @@ impl NodeConfig {
                     self.runtime_threads
                 ),
             ));
+        }
+        let b = &self.backup;
+        if !b.target.is_empty() {
+            if !b.target.starts_with("file:///") && !b.target.starts_with("s3://") {
+                return Err(invalid(
+                    "backup.target",
+                    format!("{:?}: use file:///absolute/dir or s3://bucket/prefix", b.target),
+                ));
+            }
+            if b.every < BACKUP_EVERY_MIN {
+                return Err(invalid(
+                    "backup.every",
+                    format!("is {:?}; at least BACKUP_EVERY_MIN ({BACKUP_EVERY_MIN:?})", b.every),
+                ));
+            }
+            if b.keep == Some(0) {
+                return Err(invalid("backup.keep", "must be at least 1 (leave it out to keep every backup)"));
+            }
         }
         let r = &self.raft;
         if r.heartbeat_interval.is_zero() {

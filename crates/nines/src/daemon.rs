@@ -14,8 +14,8 @@
 //!    storage, and the [`Node`] every service shares.
 //! 5. **Serve** (`serve`): the gRPC services and the admin HTTP port.
 //! 6. **Spawn tasks** (`spawn_tasks`): the write batcher, the shippers,
-//!    the setup and resync tasks, the gauges, the gRPC health reporter and the clock
-//!    watch.
+//!    the setup and resync tasks, the gauges, the gRPC health reporter, the clock
+//!    watch and the scheduled backups.
 //! 7. **Announce** (`write_addrs`): the bound addresses and PID, in
 //!    `addrs.json` of the data directory.
 //! 8. **Wait for stop** (`wait_for_stop`): SIGTERM/SIGINT, Raft stopping
@@ -108,7 +108,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     let (node, raft, receivers) = start_node(&config, prepared, &listeners, log_store, state_machine).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = serve(&node, &raft, listeners, &stop_rx).await?;
-    let tasks = spawn_tasks(&node, storage, receivers.proposals, servers.health.clone(), &stop_rx);
+    let tasks = spawn_tasks(&node, &config, storage, receivers.proposals, servers.health.clone(), &stop_rx);
     let addrs_path = write_addrs(&config, &node)?;
     let failure = wait_for_stop(&raft, receivers.fatal, shutdown).await;
     drain(stop_tx, servers, tasks, &raft).await;
@@ -347,6 +347,7 @@ async fn serve(
 /// (the batcher when its queue closes or it is aborted).
 fn spawn_tasks(
     node: &Arc<Node>,
+    config: &NodeConfig,
     storage: storage::Disk,
     proposals: tokio::sync::mpsc::Receiver<crate::node::Proposal>,
     health: tonic_health::server::HealthReporter,
@@ -362,6 +363,7 @@ fn spawn_tasks(
     if let Some(authority) = node.authority() {
         background.push(crate::lease::spawn_keeper(node.clone(), authority.clone(), node.lease(), stop.clone()));
     }
+    background.extend(crate::backup::schedule::spawn(node.clone(), config.backup.clone(), stop.clone()));
     Tasks { batcher, background }
 }
 

@@ -33,12 +33,15 @@
 //! - [`stance`]: what a node whose clock ran ahead does, a pure function.
 //! - [`server`]: the gRPC services, thin adapters over the node.
 //! - [`http`]: the admin HTTP port: probes, metrics, the status page.
+//! - [`backup`]: snapshot backups to an object store, verify, retention,
+//!   restore, and the scheduled backups of a region's leader.
 //! - [`daemon`]: wires a node together, runs it and stops it.
 //!
 //! On top:
 //! - [`cli`]: the `nines` command line, including `nines up`.
 
 pub mod authority;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod controller;

@@ -833,6 +833,9 @@ struct StatsInner {
     acked: BTreeMap<String, u64>,
     /// Per origin region: batches refused because a timestamp was too far ahead.
     refused_clock: BTreeMap<String, u64>,
+    /// The last scheduled backup this node took: its id and when (ms since
+    /// the Unix epoch).
+    last_backup: Option<(String, u64)>,
 }
 
 impl Stats {
@@ -854,6 +857,14 @@ impl Stats {
 
     pub fn count_refused_clock(&self, origin: &str) {
         *self.lock().refused_clock.entry(origin.to_string()).or_default() += 1;
+    }
+
+    pub fn last_backup(&self) -> Option<(String, u64)> {
+        self.lock().last_backup.clone()
+    }
+
+    pub fn set_last_backup(&self, id: String, at_ms: u64) {
+        self.lock().last_backup = Some((id, at_ms));
     }
 }
 

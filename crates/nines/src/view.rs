@@ -58,6 +58,8 @@ pub struct NodeView {
     /// How far the node's hybrid clock runs ahead of its physical clock.
     pub hlc_ahead_ms: Option<u64>,
     pub leader_id: Option<u64>,
+    /// The last scheduled backup this node took: its id and RFC 3339 time.
+    pub last_backup: Option<(String, String)>,
     pub error: Option<String>,
 }
 
@@ -119,6 +121,7 @@ async fn region_view(region: &RegionInfo) -> RegionView {
             applied_index: None,
             hlc_ahead_ms: None,
             leader_id: None,
+            last_backup: None,
             error: None,
         };
         match client.status_of(&n.grpc_addr).await {
@@ -131,6 +134,10 @@ async fn region_view(region: &RegionInfo) -> RegionView {
                 node.applied_index = Some(s.applied_index);
                 node.hlc_ahead_ms = Some(s.hlc_ahead_ms);
                 node.leader_id = s.leader_id;
+                if !s.last_backup_id.is_empty() {
+                    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(s.last_backup_ms);
+                    node.last_backup = Some((s.last_backup_id, humantime::format_rfc3339_millis(at).to_string()));
+                }
             }
             Err(e) => node.error = Some(e.to_string()),
         }

@@ -3,6 +3,7 @@
 //! table|json`, exit code 0 on success and 1 with a one-line reason on
 //! stderr otherwise.
 
+pub mod backup;
 pub mod controller;
 pub mod region;
 pub mod up;
@@ -105,6 +106,12 @@ pub enum Command {
     /// Regions: status, planned switchover, failover, divergence record.
     #[command(subcommand)]
     Region(region::RegionCommand),
+    /// Backups: create, list, verify, prune (file:// or s3:// targets).
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
+    /// Make a new region's data directories from a backup (nodes stopped,
+    /// directories empty); then start the nodes.
+    Restore(backup::RestoreArgs),
     /// Health-checked failover: promote a secondary when the primary fails N probes.
     Controller(controller::ControllerArgs),
     /// Probe an HTTP health endpoint (e.g. http://127.0.0.1:8001/health/ready):
@@ -531,6 +538,8 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
         Command::Status => status(&g).await?,
         Command::Region(r) => region::run(&g, r).await?,
         Command::Controller(args) => controller::run(&g, args).await?,
+        Command::Backup(b) => return backup::run(&g, b).await,
+        Command::Restore(args) => return backup::restore(args).await,
         Command::Health { url, timeout } => return health(&url, timeout).await,
         Command::Member(m) => {
             let c = client(&g)?;
@@ -660,6 +669,11 @@ async fn status(g: &Global) -> anyhow::Result<()> {
     }
     let header = ["NODE", "REGION", "AZ", "ROLE", "TERM", "LAST LOG", "APPLIED", "LEADER", "HLC AHEAD", "GRPC"];
     print_table(&header, &rows);
+    for n in view.regions.iter().flat_map(|r| &r.nodes) {
+        if let Some((id, at)) = &n.last_backup {
+            println!("last scheduled backup of {}: {id} at {at} (node {})", n.region, n.id);
+        }
+    }
     if view.regions.len() > 1 {
         println!();
         let rows: Vec<Vec<String>> = view

@@ -69,6 +69,13 @@ pub struct UpArgs {
     /// Turn simulated latency off.
     #[arg(long)]
     pub no_latency: bool,
+    /// Start every region from a backup (file:///dir or s3://bucket/prefix)
+    /// instead of empty; needs a fresh data directory.
+    #[arg(long)]
+    pub restore_from: Option<String>,
+    /// The backup to start from (default: the newest in --restore-from).
+    #[arg(long, requires = "restore_from")]
+    pub restore_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -190,7 +197,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         (None, None) => unreachable!("a temporary directory exists when no data dir is given"),
     };
     let configs = node_configs(&args, &dir)?;
-    let existing = configs.iter().filter(|c| c.data_dir.join("db").exists()).count();
+    let existing = configs.iter().filter(|c| crate::backup::restore::holds_data(&c.data_dir)).count();
     if existing != 0 && existing != configs.len() {
         bail!(
             "{} holds data for {existing} of {} nodes; use a fresh --data-dir or restore the missing nodes",
@@ -199,6 +206,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     let fresh = existing == 0;
+    let mut restored = Vec::new();
+    if let Some(from) = &args.restore_from {
+        if !fresh {
+            bail!("--restore-from needs a fresh --data-dir: {} holds a cluster's data already", dir.display());
+        }
+        for region in configs.chunk_by(|a, b| a.region == b.region).filter(|r| r[0].region != AUTHORITY_REGION) {
+            super::backup::restore_into(from, args.restore_id.as_deref(), region).await?;
+            restored.push(region[0].region.clone());
+        }
+    }
     let exe = std::env::current_exe().context("finding the nines binary")?;
     let mut nodes = Vec::new();
     for c in &configs {
@@ -239,7 +256,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let region = region_configs[0].region.clone();
         let endpoints: Vec<String> = region_configs.iter().map(|c| format!("http://{}", c.grpc_listen)).collect();
         let client = Client::new(endpoints.clone(), ClientConfig::default())?;
-        if fresh {
+        if fresh && !restored.contains(&region) {
             let members = region_configs
                 .iter()
                 .map(|c| NodeInfo {

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use nines_proto::v1::admin_client::AdminClient;
 use nines_proto::v1::admin_server::Admin;
 use nines_proto::v1::{
-    AddLearnerRequest, ClusterViewRequest, ClusterViewResponse, InitRequest, InitResponse, Member, MembersRequest,
-    MembersResponse, PromoteRequest, RemoveRequest, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    AddLearnerRequest, BackupMessage, BackupRequest, ClusterViewRequest, ClusterViewResponse, InitRequest,
+    InitResponse, Member, MembersRequest, MembersResponse, PromoteRequest, RemoveRequest, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
 };
 use openraft::ChangeMembers;
 use tonic::transport::Channel;
@@ -130,6 +131,7 @@ impl Admin for AdminService {
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let m = self.node.raft_metrics();
+        let last_backup = self.node.stats().last_backup();
         Ok(Response::new(StatusResponse {
             node: Some(info_to_proto(self.node.id(), self.node.info())),
             role: role_name(&m.state).into(),
@@ -140,7 +142,17 @@ impl Admin for AdminService {
             members: members_response(&self.node).members,
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             hlc_ahead_ms: self.node.clock().ahead_ms(),
+            last_backup_id: last_backup.as_ref().map(|(id, _)| id.clone()).unwrap_or_default(),
+            last_backup_ms: last_backup.map_or(0, |(_, ms)| ms),
         }))
+    }
+
+    type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<BackupMessage, Status>> + Send>>;
+
+    async fn backup(&self, _req: Request<BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let copy = crate::backup::copy::start(&self.node).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(copy);
+        Ok(Response::new(Box::pin(futures::StreamExt::map(stream, |m| m.map_err(Status::from)))))
     }
 
     async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<SnapshotResponse>, Status> {

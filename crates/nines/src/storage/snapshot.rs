@@ -70,6 +70,43 @@ pub enum SnapshotError {
     Damaged(String),
 }
 
+/// One frame's record, checked against `FRAME_BYTES_MAX`.
+fn encode_frame(item: &Item) -> Result<Vec<u8>, SnapshotError> {
+    let bytes = record::encode(item).map_err(|source| SnapshotError::Record { frame: 0, source })?;
+    if bytes.len() > FRAME_BYTES_MAX {
+        return Err(SnapshotError::FrameTooLarge { frame: 0, len: bytes.len() });
+    }
+    Ok(bytes)
+}
+
+/// Appends one frame (its length, then its record) to a buffer of frames,
+/// as backups carry them.
+pub fn push_frame(out: &mut Vec<u8>, item: &Item) -> Result<(), SnapshotError> {
+    let bytes = encode_frame(item)?;
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&bytes);
+    Ok(())
+}
+
+/// Every item of a buffer of frames, in order; a frame that is cut,
+/// too large or damaged is an error naming it.
+pub fn read_frames(mut bytes: &[u8]) -> Result<Vec<Item>, SnapshotError> {
+    let mut items = Vec::new();
+    while !bytes.is_empty() {
+        let frame = items.len() as u64;
+        let cut = || SnapshotError::Damaged(format!("frame {frame} is cut short"));
+        let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(cut)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > FRAME_BYTES_MAX {
+            return Err(SnapshotError::FrameTooLarge { frame, len });
+        }
+        let body = rest.get(..len).ok_or_else(cut)?;
+        items.push(record::decode(body).map_err(|source| SnapshotError::Record { frame, source })?);
+        bytes = &rest[len..];
+    }
+    Ok(items)
+}
+
 /// Writes frames to a snapshot file, counting what it wrote.
 pub struct Writer {
     out: BufWriter<std::fs::File>,
@@ -85,10 +122,7 @@ impl Writer {
     }
 
     fn frame(&mut self, item: &Item) -> Result<(), SnapshotError> {
-        let bytes = record::encode(item).map_err(|source| SnapshotError::Record { frame: 0, source })?;
-        if bytes.len() > FRAME_BYTES_MAX {
-            return Err(SnapshotError::FrameTooLarge { frame: 0, len: bytes.len() });
-        }
+        let bytes = encode_frame(item)?;
         self.out.write_all(&(bytes.len() as u32).to_le_bytes())?;
         self.out.write_all(&bytes)?;
         Ok(())

@@ -225,6 +225,31 @@ fn decode_at<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result
     record::decode(bytes).map_err(|source| ReadError::Corrupt { key: key.to_vec(), source })
 }
 
+/// The whole state at one applied log id (see
+/// [`StateReader::consistent_view`]).
+pub struct StateView {
+    txn: ReadTransaction,
+    pub applied: Option<LogId>,
+    pub region: RegionState,
+}
+
+impl StateView {
+    /// Every live key and value in key order, handed to `each` until it
+    /// returns false. Tombstones are left out.
+    pub fn each_live(&self, mut each: impl FnMut(Vec<u8>, StoredValue) -> bool) -> Result<(), ReadError> {
+        let table = self.txn.open_table(DATA)?;
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let key = k.value().to_vec();
+            let stored: StoredValue = decode_at(&key, v.value())?;
+            if stored.value.is_some() && !each(key, stored) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A read-only view of the state machine for serving reads. Cloning shares it.
 #[derive(Clone)]
 pub struct StateReader {
@@ -313,6 +338,24 @@ impl StateReader {
             out.push((key, stored));
         }
         Ok((out, false))
+    }
+
+    /// One consistent state for a backup: a read transaction with the
+    /// applied log id and region state it holds. Applies go on meanwhile;
+    /// the view keeps its state until dropped.
+    pub fn consistent_view(&self) -> Result<StateView, ReadError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let applied = match meta.get(APPLIED_KEY)? {
+            Some(v) => decode_at::<Option<LogId>>(APPLIED_KEY.as_bytes(), v.value())?,
+            None => None,
+        };
+        let region = match meta.get(REGION_KEY)? {
+            Some(v) => decode_at(REGION_KEY.as_bytes(), v.value())?,
+            None => RegionState::default(),
+        };
+        drop(meta);
+        Ok(StateView { txn, applied, region })
     }
 
     /// A page of a full sync: every key after `after` (from the first when

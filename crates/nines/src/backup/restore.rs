@@ -1,0 +1,184 @@
+//! Restore: a backup becomes the data directories of a new region, as
+//! etcd's snapshot restore does. Every chunk is verified before anything is
+//! written; each node's directory is built aside (`.restoring` inside it)
+//! and its files moved in with the format marker last, so a node never
+//! starts on half a restore.
+//!
+//! A restored node holds the backup as an installed snapshot at the
+//! backup's applied index, its log purged up to it, and the new members as
+//! the membership: the nodes elect a leader as after any restart. The
+//! cluster identity is new (nothing of the old membership, vote or region
+//! roles is kept); versions keep their HLC and origin.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::{CommittedLeaderId, Membership};
+
+use super::{Manifest, Progress, Target, read_chunk};
+use crate::hlc::{Hlc, HlcClock};
+use crate::storage::snapshot::{self, Item};
+use crate::storage::state_machine::RegionState;
+use crate::storage::{self, format};
+use crate::types::{LogId, NodeId, NodeInfo, SnapshotMeta, StoredMembership};
+
+/// The staging directory inside a data directory.
+const STAGING: &str = ".restoring";
+
+/// Storage cache while restoring: the install streams, little is reread.
+const RESTORE_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// What a restore reports.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub backup: String,
+    pub keys: u64,
+    pub applied_index: u64,
+    pub hlc_max: Hlc,
+    pub nodes: usize,
+}
+
+/// Whether a data directory holds node data (a config file or log beside it
+/// does not count).
+pub fn holds_data(dir: &Path) -> bool {
+    [format::FORMAT_FILE, storage::log_store::LOG_FILE, storage::state_machine::STATE_FILE, snapshot::SNAPSHOT_DIR]
+        .iter()
+        .any(|f| dir.join(f).exists())
+}
+
+/// The backup `id`, or the newest complete one.
+pub async fn choose(target: &Target, id: Option<&str>) -> anyhow::Result<Manifest> {
+    match id {
+        Some(id) => target.manifest(id).await,
+        None => target.manifests().await?.pop().with_context(|| format!("{} holds no complete backup", target.url())),
+    }
+}
+
+/// Restores `manifest` into the data directories of `members` (every
+/// voter of the new region). Refuses a directory that holds data.
+pub async fn restore(
+    target: &Target,
+    manifest: &Manifest,
+    members: &[(NodeId, NodeInfo, PathBuf)],
+    progress: &dyn Progress,
+) -> anyhow::Result<Restored> {
+    if members.is_empty() {
+        bail!("a restore needs at least one node");
+    }
+    for (id, _, dir) in members {
+        if holds_data(dir) {
+            bail!(
+                "the data directory of node {id}, {}, holds data: a restore makes a new region and never writes \
+                 over one; give an empty directory",
+                dir.display()
+            );
+        }
+    }
+    // Everything is checked before anything is written.
+    super::verify(target, manifest, progress).await?;
+
+    let staging: Vec<PathBuf> = members.iter().map(|(_, _, d)| d.join(STAGING)).collect();
+    let result = build(target, manifest, members, &staging).await;
+    if result.is_err() {
+        for s in &staging {
+            let _ = std::fs::remove_dir_all(s);
+        }
+    }
+    result
+}
+
+async fn build(
+    target: &Target,
+    manifest: &Manifest,
+    members: &[(NodeId, NodeInfo, PathBuf)],
+    staging: &[PathBuf],
+) -> anyhow::Result<Restored> {
+    for s in staging {
+        if s.exists() {
+            std::fs::remove_dir_all(s).with_context(|| format!("removing an earlier attempt, {}", s.display()))?;
+        }
+        std::fs::create_dir_all(s).with_context(|| format!("creating {}", s.display()))?;
+    }
+    let log_id = LogId::new(CommittedLeaderId::new(0, 0), manifest.applied_index.max(1));
+    let voters: BTreeSet<NodeId> = members.iter().map(|(id, _, _)| *id).collect();
+    let nodes: BTreeMap<NodeId, NodeInfo> = members.iter().map(|(id, info, _)| (*id, info.clone())).collect();
+    let membership = StoredMembership::new(Some(log_id), Membership::new(vec![voters], nodes));
+    let meta = SnapshotMeta {
+        last_log_id: Some(log_id),
+        last_membership: membership,
+        snapshot_id: format!("restore-{}", manifest.id),
+    };
+
+    // One snapshot file from the backup, installed on every node. A
+    // restarted clock starts above the newest write (see `RegionState`).
+    let file = staging[0].join("restore.snap");
+    let region = RegionState { hlc_high: manifest.hlc_max, ..RegionState::default() };
+    let mut writer = snapshot::Writer::create(&file, meta.clone(), region)?;
+    let mut keys = 0;
+    for chunk in &manifest.chunks {
+        // Read again, and checked again: the target may have changed since
+        // the verify.
+        for item in read_chunk(target, manifest, chunk).await? {
+            if let Item::Data { key, value } = item {
+                if value.version.hlc > manifest.hlc_max {
+                    bail!(
+                        "backup {}: a value in {} is stamped {}, after the newest write its manifest states ({})",
+                        manifest.id,
+                        chunk.name,
+                        value.version.hlc,
+                        manifest.hlc_max
+                    );
+                }
+                keys += 1;
+                writer.data(key, value)?;
+            }
+        }
+    }
+    writer.finish()?;
+
+    for (s, (_, _, dir)) in staging.iter().zip(members) {
+        install(s, &file, &meta).await.with_context(|| format!("restoring into {}", dir.display()))?;
+    }
+    std::fs::remove_file(&file)?;
+    for (s, (_, _, dir)) in staging.iter().zip(members) {
+        move_in(s, dir)?;
+    }
+    Ok(Restored {
+        backup: manifest.id.clone(),
+        keys,
+        applied_index: log_id.index,
+        hlc_max: manifest.hlc_max,
+        nodes: members.len(),
+    })
+}
+
+/// Opens fresh storage in `dir`, installs the snapshot and purges the log
+/// up to it.
+async fn install(dir: &Path, file: &Path, meta: &SnapshotMeta) -> anyhow::Result<()> {
+    let clock = Arc::new(HlcClock::wall(0));
+    let options = storage::Options { cache_bytes: RESTORE_CACHE_BYTES, power_loss_simulation: false };
+    let (_, mut log, mut sm) = storage::open(dir, clock, options)?;
+    let snapshot = tokio::fs::File::open(file).await?;
+    sm.install_snapshot(meta, Box::new(snapshot)).await?;
+    if let Some(log_id) = meta.last_log_id {
+        log.purge(log_id).await?;
+    }
+    Ok(())
+}
+
+/// Moves the built files into the data directory, the format marker last.
+fn move_in(staging: &Path, dir: &Path) -> anyhow::Result<()> {
+    let mut names: Vec<_> = std::fs::read_dir(staging)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+    names.sort_by_key(|n| n == format::FORMAT_FILE);
+    for name in names {
+        std::fs::rename(staging.join(&name), dir.join(&name))
+            .with_context(|| format!("moving {} into {}", name.to_string_lossy(), dir.display()))?;
+    }
+    storage::fsync_dir(dir)?;
+    std::fs::remove_dir(staging)?;
+    storage::fsync_dir(dir)?;
+    Ok(())
+}
