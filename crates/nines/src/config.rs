@@ -225,16 +225,31 @@ pub struct BackupConfig {
     /// Keep every backup created within this long.
     #[serde(with = "humantime_serde")]
     pub keep_within: Option<Duration>,
+    /// How often the leader stores the continuous archive (every local
+    /// write, for point-in-time restore) to `target`: the most a restore
+    /// can lose. 0s: no archive.
+    #[serde(with = "humantime_serde")]
+    pub archive_every: Duration,
 }
 
 impl Default for BackupConfig {
     fn default() -> Self {
-        BackupConfig { target: String::new(), every: Duration::from_secs(3600), keep: None, keep_within: None }
+        BackupConfig {
+            target: String::new(),
+            every: Duration::from_secs(3600),
+            keep: None,
+            keep_within: None,
+            archive_every: Duration::from_secs(5),
+        }
     }
 }
 
 /// Shortest backup interval: each backup reads the whole key space.
 pub const BACKUP_EVERY_MIN: Duration = Duration::from_secs(1);
+
+/// Shortest archive interval (other than 0, off): each store is an object
+/// written and an entry proposed.
+pub const ARCHIVE_EVERY_MIN: Duration = Duration::from_millis(100);
 
 /// Sizes in the configuration: a number of bytes, or one with a unit, as
 /// people write them (`512KiB`, `64MiB`, `1GiB`; `kB`, `MB`, `GB` are powers
@@ -424,6 +439,15 @@ impl NodeConfig {
                 return Err(invalid(
                     "backup.every",
                     format!("is {:?}; at least BACKUP_EVERY_MIN ({BACKUP_EVERY_MIN:?})", b.every),
+                ));
+            }
+            if !b.archive_every.is_zero() && b.archive_every < ARCHIVE_EVERY_MIN {
+                return Err(invalid(
+                    "backup.archive_every",
+                    format!(
+                        "is {:?}; at least ARCHIVE_EVERY_MIN ({ARCHIVE_EVERY_MIN:?}), or 0s for no archive",
+                        b.archive_every
+                    ),
                 ));
             }
             if b.keep == Some(0) {

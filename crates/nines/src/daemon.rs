@@ -364,6 +364,7 @@ fn spawn_tasks(
         background.push(crate::lease::spawn_keeper(node.clone(), authority.clone(), node.lease(), stop.clone()));
     }
     background.extend(crate::backup::schedule::spawn(node.clone(), config.backup.clone(), stop.clone()));
+    background.push(crate::backup::archive::spawn(node.clone(), config.backup.clone(), stop.clone()));
     Tasks { batcher, background }
 }
 

@@ -136,6 +136,12 @@ pub enum Command {
     /// `through` above 0 ends the sync: this region then holds every write
     /// of `origin` through it. (Last, so older log entries keep decoding.)
     FullSync { origin: String, epoch: u64, entries: Vec<SyncEntry>, through: u64 },
+    /// The continuous archive (see `backup::archive`): with `on`, local
+    /// writes are kept in the state machine's archive until the leader's
+    /// archiver has stored them, and entries at or below version index
+    /// `through` (stored now) go; `on` false stops archiving and drops the
+    /// archive. (Last, so older log entries keep decoding.)
+    Archived { on: bool, through: u64 },
 }
 
 /// How this region takes part in cross-region replication. Replicated state
@@ -212,6 +218,7 @@ impl Command {
             Command::Resync { entries, .. } => {
                 F + entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 2 * F).sum::<usize>()
             }
+            Command::Archived { .. } => F,
             Command::FullSync { origin, entries, .. } => {
                 origin.len()
                     + F

@@ -36,19 +36,72 @@ fn free_port_run() -> u16 {
     panic!("no run of three free ports");
 }
 
-/// Every key and value of a backup, read through the library.
+/// Every live key and value of a backup, read through the library.
 async fn backup_contents(url: &str) -> (backup::Manifest, BTreeMap<Vec<u8>, nines::types::StoredValue>) {
     let target = Target::open(url).unwrap();
-    let manifest = backup::restore::choose(&target, None).await.unwrap();
+    let manifest = backup::restore::choose(&target, None, Default::default()).await.unwrap();
     let mut out = BTreeMap::new();
     for chunk in &manifest.chunks {
         for item in backup::read_chunk(&target, &manifest, chunk).await.unwrap() {
-            if let Item::Data { key, value } = item {
+            if let Item::Data { key, value } = item
+                && value.value.is_some()
+            {
                 out.insert(key, value);
             }
         }
     }
     (manifest, out)
+}
+
+/// `nines up --regions 1 --restore-from URL`, started and serving.
+struct UpFromBackup {
+    child: std::process::Child,
+    printed: String,
+    /// Kept open: `up` prints until it exits.
+    _out: BufReader<std::process::ChildStdout>,
+    grpc: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl UpFromBackup {
+    fn start(url: &str, extra: &[&str]) -> UpFromBackup {
+        let grpc = free_port_run();
+        let admin = free_port_run();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nines"))
+            .args(["up", "--regions", "1", "--restore-from", url, "--data-dir"])
+            .arg(dir.path())
+            .args(["--grpc-port-base", &grpc.to_string(), "--admin-port-base", &admin.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start nines up");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut printed = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !printed.contains("us-east leader: node") {
+            assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap() == 0 {
+                panic!("nines up exited early: {printed} {:?}", child.wait());
+            }
+            printed.push_str(&line);
+        }
+        UpFromBackup { child, printed, _out: out, grpc, _dir: dir }
+    }
+
+    fn client(&self) -> Client {
+        let endpoints = (0..3).map(|i| format!("http://127.0.0.1:{}", self.grpc + i)).collect();
+        Client::new(endpoints, ClientConfig::default()).unwrap()
+    }
+
+    /// Ctrl-C: `up` stops its nodes and exits 0.
+    fn stop(mut self) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+            .unwrap();
+        assert!(self.child.wait().unwrap().success());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,31 +140,9 @@ async fn a_backup_verifies_restores_whole_and_a_flipped_byte_is_refused() {
     drop(cluster);
 
     // A fresh `nines up` from the backup serves every key, versions kept.
-    let grpc = free_port_run();
-    let admin = free_port_run();
-    let up_dir = tempfile::tempdir().unwrap();
-    let mut up = Command::new(env!("CARGO_BIN_EXE_nines"))
-        .args(["up", "--regions", "1", "--restore-from", &url, "--data-dir"])
-        .arg(up_dir.path())
-        .args(["--grpc-port-base", &grpc.to_string(), "--admin-port-base", &admin.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start nines up");
-    let mut out = BufReader::new(up.stdout.take().unwrap());
-    let mut printed = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !printed.contains("us-east leader: node") {
-        assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 {
-            panic!("nines up exited early: {printed} {:?}", up.wait());
-        }
-        printed.push_str(&line);
-    }
-    assert!(printed.contains("restored backup"), "{printed}");
-    let restored_endpoints: Vec<String> = (0..3).map(|i| format!("http://127.0.0.1:{}", grpc + i)).collect();
-    let restored = Client::new(restored_endpoints.clone(), ClientConfig::default()).unwrap();
+    let up = UpFromBackup::start(&url, &[]);
+    assert!(up.printed.contains("restored backup"), "{}", up.printed);
+    let restored = up.client();
     for (key, version) in &written {
         let kv = restored.get(key.clone(), Consistency::Linearizable).await.unwrap().kv.expect("restored key");
         let v = kv.version.unwrap();
@@ -125,8 +156,7 @@ async fn a_backup_verifies_restores_whole_and_a_flipped_byte_is_refused() {
     // The restored region takes writes, above the restored versions.
     let after = restored.put("after-restore", "yes").await.unwrap();
     assert!(after.index > manifest.applied_index * 1024, "{after:?} vs {manifest:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
-    assert!(up.wait().unwrap().success());
+    up.stop();
 
     // One flipped byte: verify names the chunk, restore refuses and writes nothing.
     let chunk = dir.path().join("backups/backups").join(&manifest.id).join(&manifest.chunks[0].name);
@@ -274,4 +304,72 @@ async fn metrics_of(admin: &std::net::SocketAddr) -> Option<String> {
     let mut body = String::new();
     s.read_to_string(&mut body).await.ok()?;
     Some(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_in_time_restore_holds_exactly_the_writes_stamped_before_it() {
+    // A backup, then 30 s of writes archived every 500 ms; a restore to a
+    // time in the middle holds exactly the writes stamped by then, and a
+    // restore without a time holds every acknowledged write.
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let target_url = url.clone();
+    let cluster = TestCluster::start(3, move |c| {
+        c.backup.target = target_url.clone();
+        c.backup.every = Duration::from_secs(3600);
+        c.backup.archive_every = Duration::from_millis(500);
+    })
+    .await;
+    let endpoints = cluster.endpoints(&[1, 2, 3]).join(",");
+    // The archive turns on at the leader's first tick; the backup after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let created = nines(&endpoints, &["backup", "create", "--to", &url]);
+    assert!(created.status.success(), "{}", text(&created));
+    let client = cluster.client();
+    let started = Instant::now();
+    let mut acked: Vec<(String, u64, u32)> = Vec::new();
+    let mut middle = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        if middle.is_none() && started.elapsed() >= Duration::from_secs(15) {
+            middle = Some(std::time::SystemTime::now());
+        }
+        let key = format!("pitr-{:06}", acked.len());
+        let v = client.put(key.clone(), "x").await.expect("write");
+        acked.push((key, v.hlc_physical_ms, v.hlc_logical));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let middle = middle.unwrap();
+    let middle_ms = middle.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    // Every write stored: the archive runs every 500 ms.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(cluster);
+
+    let to_time = humantime::format_rfc3339_millis(middle).to_string();
+    let up = UpFromBackup::start(&url, &["--to-time", &to_time]);
+    let restored = up.client();
+    let (mut before, mut after) = (0, 0);
+    for (key, ms, logical) in &acked {
+        let kv = restored.get(key.clone(), Consistency::Linearizable).await.unwrap().kv;
+        if *ms <= middle_ms {
+            before += 1;
+            let v = kv.unwrap_or_else(|| panic!("{key}, stamped {ms} before {middle_ms}, is missing")).version.unwrap();
+            assert_eq!((v.hlc_physical_ms, v.hlc_logical), (*ms, *logical), "{key}");
+        } else {
+            after += 1;
+            assert!(kv.is_none(), "{key}, stamped {ms} after {middle_ms}, was restored");
+        }
+    }
+    assert!(before > 100 && after > 100, "writes on both sides of the time: {before} before, {after} after");
+    up.stop();
+
+    // Without a time: every acknowledged write, from the archive.
+    let fresh = tempfile::tempdir().unwrap();
+    let config = nines::config::NodeConfig { data_dir: fresh.path().join("n1"), ..Default::default() };
+    let config_path = fresh.path().join("n1.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let all = nines(&endpoints, &["restore", "--from", &url, "--config", config_path.to_str().unwrap()]);
+    assert!(all.status.success(), "{}", text(&all));
+    let summary = text(&all);
+    assert!(summary.contains(&format!("and {} archived writes", acked.len())), "{summary}");
 }

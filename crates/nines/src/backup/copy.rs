@@ -1,7 +1,7 @@
 //! The leader's side of a backup: confirm leadership (so the copy reflects
 //! every write acknowledged before it began), open one storage read
 //! transaction at an applied index at or after that point, and stream its
-//! live keys in chunks of frames. Applies go on meanwhile; the transaction
+//! keys (values and tombstones) in chunks of frames. Applies go on meanwhile; the transaction
 //! keeps its state.
 
 use nines_proto::v1::backup_message::Part;
@@ -38,24 +38,28 @@ pub async fn start(node: &Node) -> Result<mpsc::Receiver<Result<BackupMessage, E
     // Cannot fail: the channel is new and has room.
     let _ = tx.try_send(msg(Part::Header(header)));
     tokio::task::spawn_blocking(move || {
-        let (mut frames, mut chunk_keys) = (Vec::with_capacity(CHUNK_BYTES), 0u64);
-        let (mut keys, mut bytes) = (0u64, 0u64);
+        let (mut frames, mut chunk_records) = (Vec::with_capacity(CHUNK_BYTES), 0u64);
+        let (mut keys, mut tombstones, mut bytes) = (0u64, 0u64, 0u64);
         let (mut hlc_min, mut hlc_max) = (None::<Hlc>, Hlc::default());
         let mut failed = None;
         let mut receiver_gone = false;
-        let read = view.each_live(|key, value| {
+        let read = view.each_stored(|key, value| {
             let hlc = value.version.hlc;
+            match value.value {
+                Some(_) => keys += 1,
+                None => tombstones += 1,
+            }
             if let Err(e) = snapshot::push_frame(&mut frames, &Item::Data { key, value }) {
                 failed = Some(Error::Internal(format!("encoding a backup frame: {e}")));
                 return false;
             }
             hlc_min = Some(hlc_min.map_or(hlc, |m| m.min(hlc)));
             hlc_max = hlc_max.max(hlc);
-            chunk_keys += 1;
+            chunk_records += 1;
             if frames.len() >= CHUNK_BYTES {
-                keys += chunk_keys;
                 bytes += frames.len() as u64;
-                let chunk = BackupChunk { frames: std::mem::take(&mut frames), keys: std::mem::take(&mut chunk_keys) };
+                let records = std::mem::take(&mut chunk_records);
+                let chunk = BackupChunk { frames: std::mem::take(&mut frames), records };
                 receiver_gone = tx.blocking_send(msg(Part::Chunk(chunk))).is_err();
             }
             !receiver_gone
@@ -71,13 +75,13 @@ pub async fn start(node: &Node) -> Result<mpsc::Receiver<Result<BackupMessage, E
             return;
         }
         if !frames.is_empty() {
-            keys += chunk_keys;
             bytes += frames.len() as u64;
-            let _ = tx.blocking_send(msg(Part::Chunk(BackupChunk { frames, keys: chunk_keys })));
+            let _ = tx.blocking_send(msg(Part::Chunk(BackupChunk { frames, records: chunk_records })));
         }
         let hlc_min = hlc_min.unwrap_or_default();
         let end = BackupEnd {
             keys,
+            tombstones,
             bytes,
             hlc_min_ms: hlc_min.physical_ms,
             hlc_min_logical: hlc_min.logical,

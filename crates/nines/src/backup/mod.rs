@@ -8,12 +8,15 @@
 //!   transaction, chunks of frames.
 //! - [`restore`]: verify every chunk, then build each new node's data
 //!   directory aside and move it in whole.
+//! - [`archive`]: the continuous archive of every local write, stored by
+//!   the leader in segments, replayed by a point-in-time restore.
 //! - [`schedule`]: the scheduled backups a node's `[backup]` section asks
 //!   for, taken by the region's leader.
 //!
 //! A chunk is a run of snapshot-file frames ([`crate::storage::snapshot`]):
 //! each record carries its own CRC, and the manifest the chunk's SHA-256.
 
+pub mod archive;
 pub mod copy;
 pub mod restore;
 pub mod schedule;
@@ -57,7 +60,10 @@ pub struct Manifest {
     /// The oldest and newest write in the backup.
     pub hlc_min: Hlc,
     pub hlc_max: Hlc,
+    /// Live keys, and tombstones (deleted keys; a point-in-time restore
+    /// orders archived writes against them).
     pub keys: u64,
+    pub tombstones: u64,
     /// Bytes of all chunks.
     pub bytes: u64,
     /// RFC 3339, and milliseconds since the Unix epoch.
@@ -69,7 +75,8 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkInfo {
     pub name: String,
-    pub keys: u64,
+    /// Keys (values and tombstones).
+    pub records: u64,
     pub bytes: u64,
     /// Lowercase hex.
     pub sha256: String,
@@ -84,11 +91,13 @@ impl Manifest {
         if self.id != id {
             bail!("the manifest in folder {id} names backup {}", self.id);
         }
-        let (keys, bytes) = self.chunks.iter().fold((0, 0), |(k, b), c| (k + c.keys, b + c.bytes));
-        if (keys, bytes) != (self.keys, self.bytes) {
+        let (records, bytes) = self.chunks.iter().fold((0, 0), |(r, b), c| (r + c.records, b + c.bytes));
+        if (records, bytes) != (self.keys + self.tombstones, self.bytes) {
             bail!(
-                "backup {id}: its chunks hold {keys} keys in {bytes} bytes, its manifest says {} in {}",
+                "backup {id}: its chunks hold {records} records in {bytes} bytes, its manifest says {} keys and \
+                 {} tombstones in {}",
                 self.keys,
+                self.tombstones,
                 self.bytes
             );
         }
@@ -114,13 +123,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// What a create reports as it goes.
 pub trait Progress: Sync {
-    fn chunk(&self, keys: u64, bytes: u64);
+    /// A chunk of `bytes` was handled; `records` keys so far.
+    fn chunk(&self, records: u64, bytes: u64);
 }
 
 impl Progress for indicatif::ProgressBar {
-    fn chunk(&self, keys: u64, bytes: u64) {
+    fn chunk(&self, records: u64, bytes: u64) {
         self.inc(bytes);
-        self.set_message(format!("{keys} keys"));
+        self.set_message(format!("{records} keys"));
     }
 }
 
@@ -128,7 +138,7 @@ impl Progress for indicatif::ProgressBar {
 pub struct Quiet;
 
 impl Progress for Quiet {
-    fn chunk(&self, _keys: u64, _bytes: u64) {}
+    fn chunk(&self, _records: u64, _bytes: u64) {}
 }
 
 /// Writes a backup from a copy's messages (a header, chunks, an end) into
@@ -144,29 +154,33 @@ where
     let created = SystemTime::now();
     let id = backup_id(created, &header.region);
     let mut chunks = Vec::new();
-    let (mut keys, mut bytes) = (0u64, 0u64);
+    let (mut records, mut bytes) = (0u64, 0u64);
     let end = loop {
         match parts.next().await.transpose()?.and_then(|m| m.part) {
             Some(Part::Chunk(c)) => {
                 let info = ChunkInfo {
                     name: String::new(),
-                    keys: c.keys,
+                    records: c.records,
                     bytes: c.frames.len() as u64,
                     sha256: sha256_hex(&c.frames),
                 };
                 let name = target.put_chunk(&id, chunks.len() + 1, c.frames).await?;
-                keys += info.keys;
+                records += info.records;
                 bytes += info.bytes;
-                progress.chunk(keys, info.bytes);
+                progress.chunk(records, info.bytes);
                 chunks.push(ChunkInfo { name, ..info });
             }
             Some(Part::End(end)) => break end,
             Some(Part::Header(_)) => bail!("the backup stream sent a second header"),
-            None => bail!("the backup stream ended after {keys} keys, before its end (the node stopped?)"),
+            None => bail!("the backup stream ended after {records} records, before its end (the node stopped?)"),
         }
     };
-    if (end.keys, end.bytes) != (keys, bytes) {
-        bail!("the backup stream's end counts {} keys in {} bytes, but {keys} in {bytes} arrived", end.keys, end.bytes);
+    if (end.keys + end.tombstones, end.bytes) != (records, bytes) {
+        bail!(
+            "the backup stream's end counts {} records in {} bytes, but {records} in {bytes} arrived",
+            end.keys + end.tombstones,
+            end.bytes
+        );
     }
     let manifest = Manifest {
         format_version: MANIFEST_FORMAT,
@@ -178,7 +192,8 @@ where
         node_id: header.node_id,
         hlc_min: Hlc { physical_ms: end.hlc_min_ms, logical: end.hlc_min_logical },
         hlc_max: Hlc { physical_ms: end.hlc_max_ms, logical: end.hlc_max_logical },
-        keys,
+        keys: end.keys,
+        tombstones: end.tombstones,
         bytes,
         created: humantime::format_rfc3339_millis(created).to_string(),
         created_ms: created.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
@@ -199,19 +214,19 @@ pub async fn read_chunk(target: &Target, manifest: &Manifest, chunk: &ChunkInfo)
     }
     let items = snapshot::read_frames(&bytes).map_err(|e| anyhow::anyhow!("{name} does not decode: {e}"))?;
     let data = items.iter().filter(|i| matches!(i, Item::Data { .. })).count() as u64;
-    if data != chunk.keys || data != items.len() as u64 {
-        bail!("{name} holds {} records ({data} keys); the manifest says {} keys", items.len(), chunk.keys);
+    if data != chunk.records || data != items.len() as u64 {
+        bail!("{name} holds {} frames ({data} keys); the manifest says {} keys", items.len(), chunk.records);
     }
     Ok(items)
 }
 
 /// Checks every chunk of a backup; the error names the first bad one.
 pub async fn verify(target: &Target, manifest: &Manifest, progress: &dyn Progress) -> anyhow::Result<()> {
-    let mut keys = 0;
+    let mut records = 0;
     for chunk in &manifest.chunks {
         read_chunk(target, manifest, chunk).await?;
-        keys += chunk.keys;
-        progress.chunk(keys, chunk.bytes);
+        records += chunk.records;
+        progress.chunk(records, chunk.bytes);
     }
     Ok(())
 }
@@ -277,6 +292,7 @@ mod tests {
             hlc_min: Hlc::default(),
             hlc_max: Hlc::default(),
             keys: 0,
+            tombstones: 0,
             bytes: 0,
             created: String::new(),
             created_ms: created.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64,

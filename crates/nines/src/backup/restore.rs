@@ -18,8 +18,10 @@ use anyhow::{Context, bail};
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::{CommittedLeaderId, Membership};
 
+use super::archive::{self, Replay};
 use super::{Manifest, Progress, Target, read_chunk};
 use crate::hlc::{Hlc, HlcClock};
+use crate::limits::WRITES_PER_ENTRY_MAX;
 use crate::storage::snapshot::{self, Item};
 use crate::storage::state_machine::RegionState;
 use crate::storage::{self, format};
@@ -35,10 +37,26 @@ const RESTORE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct Restored {
     pub backup: String,
+    /// Live keys restored.
     pub keys: u64,
+    /// The log index the new region starts after.
     pub applied_index: u64,
+    /// The newest write restored.
     pub hlc_max: Hlc,
     pub nodes: usize,
+    /// Archived writes replayed after the backup, from how many segments.
+    pub replayed: u64,
+    pub segments: usize,
+}
+
+/// How far a restore goes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Until {
+    /// Only writes stamped at or before this time (ms since the Unix
+    /// epoch): the newest backup created by then, plus the archive up to it.
+    pub time_ms: Option<u64>,
+    /// Leave the archive out: the backup alone.
+    pub no_archive: bool,
 }
 
 /// Whether a data directory holds node data (a config file or log beside it
@@ -49,19 +67,32 @@ pub fn holds_data(dir: &Path) -> bool {
         .any(|f| dir.join(f).exists())
 }
 
-/// The backup `id`, or the newest complete one.
-pub async fn choose(target: &Target, id: Option<&str>) -> anyhow::Result<Manifest> {
+/// The backup `id`, or the newest complete one (of those wholly before
+/// `until.time_ms`, when set).
+pub async fn choose(target: &Target, id: Option<&str>, until: Until) -> anyhow::Result<Manifest> {
+    let before = |m: &Manifest| until.time_ms.is_none_or(|t| m.created_ms <= t && m.hlc_max.physical_ms <= t);
     match id {
-        Some(id) => target.manifest(id).await,
-        None => target.manifests().await?.pop().with_context(|| format!("{} holds no complete backup", target.url())),
+        Some(id) => {
+            let m = target.manifest(id).await?;
+            if !before(&m) {
+                bail!("backup {id} was created at {}, after the time to restore to", m.created);
+            }
+            Ok(m)
+        }
+        None => target.manifests().await?.into_iter().rfind(before).with_context(|| match until.time_ms {
+            Some(_) => format!("{} holds no complete backup created before the time to restore to", target.url()),
+            None => format!("{} holds no complete backup", target.url()),
+        }),
     }
 }
 
-/// Restores `manifest` into the data directories of `members` (every
-/// voter of the new region). Refuses a directory that holds data.
+/// Restores `manifest`, and the archive after it up to `until`, into the
+/// data directories of `members` (every voter of the new region). Refuses
+/// a directory that holds data.
 pub async fn restore(
     target: &Target,
     manifest: &Manifest,
+    until: Until,
     members: &[(NodeId, NodeInfo, PathBuf)],
     progress: &dyn Progress,
 ) -> anyhow::Result<Restored> {
@@ -77,11 +108,14 @@ pub async fn restore(
             );
         }
     }
-    // Everything is checked before anything is written.
+    // Everything is checked before anything is written: every chunk, and
+    // every archive segment (read whole into the replay).
     super::verify(target, manifest, progress).await?;
+    let replay =
+        if until.no_archive { Replay::default() } else { archive::replay(target, manifest, until.time_ms).await? };
 
     let staging: Vec<PathBuf> = members.iter().map(|(_, _, d)| d.join(STAGING)).collect();
-    let result = build(target, manifest, members, &staging).await;
+    let result = build(target, manifest, replay, members, &staging).await;
     if result.is_err() {
         for s in &staging {
             let _ = std::fs::remove_dir_all(s);
@@ -93,6 +127,7 @@ pub async fn restore(
 async fn build(
     target: &Target,
     manifest: &Manifest,
+    mut replay: Replay,
     members: &[(NodeId, NodeInfo, PathBuf)],
     staging: &[PathBuf],
 ) -> anyhow::Result<Restored> {
@@ -102,7 +137,9 @@ async fn build(
         }
         std::fs::create_dir_all(s).with_context(|| format!("creating {}", s.display()))?;
     }
-    let log_id = LogId::new(CommittedLeaderId::new(0, 0), manifest.applied_index.max(1));
+    // The new log starts after every restored write's version index.
+    let applied = manifest.applied_index.max(replay.last_index / WRITES_PER_ENTRY_MAX).max(1);
+    let log_id = LogId::new(CommittedLeaderId::new(0, 0), applied);
     let voters: BTreeSet<NodeId> = members.iter().map(|(id, _, _)| *id).collect();
     let nodes: BTreeMap<NodeId, NodeInfo> = members.iter().map(|(id, info, _)| (*id, info.clone())).collect();
     let membership = StoredMembership::new(Some(log_id), Membership::new(vec![voters], nodes));
@@ -112,11 +149,14 @@ async fn build(
         snapshot_id: format!("restore-{}", manifest.id),
     };
 
-    // One snapshot file from the backup, installed on every node. A
+    // One snapshot file from the backup and the replayed archive (each key
+    // last-writer-wins; tombstones dropped), installed on every node. A
     // restarted clock starts above the newest write (see `RegionState`).
     let file = staging[0].join("restore.snap");
-    let region = RegionState { hlc_high: manifest.hlc_max, ..RegionState::default() };
+    let hlc_max = manifest.hlc_max.max(replay.newest);
+    let region = RegionState { hlc_high: hlc_max, ..RegionState::default() };
     let mut writer = snapshot::Writer::create(&file, meta.clone(), region)?;
+    let (replayed, segments) = (replay.count, replay.segments);
     let mut keys = 0;
     for chunk in &manifest.chunks {
         // Read again, and checked again: the target may have changed since
@@ -132,9 +172,21 @@ async fn build(
                         manifest.hlc_max
                     );
                 }
-                keys += 1;
-                writer.data(key, value)?;
+                let value = match replay.writes.remove(&key) {
+                    Some(later) if archive::newer(&later, &value) => later,
+                    _ => value,
+                };
+                if value.value.is_some() {
+                    keys += 1;
+                    writer.data(key, value)?;
+                }
             }
+        }
+    }
+    for (key, value) in std::mem::take(&mut replay.writes) {
+        if value.value.is_some() {
+            keys += 1;
+            writer.data(key, value)?;
         }
     }
     writer.finish()?;
@@ -150,8 +202,10 @@ async fn build(
         backup: manifest.id.clone(),
         keys,
         applied_index: log_id.index,
-        hlc_max: manifest.hlc_max,
+        hlc_max,
         nodes: members.len(),
+        replayed,
+        segments,
     })
 }
 

@@ -4,7 +4,9 @@
 //!
 //! Layout: `backups/<id>/manifest.json` and `backups/<id>/<n>.chunk`. The
 //! manifest is written last, so a backup without one is incomplete (a
-//! create that failed or is still running) and nothing reads it.
+//! create that failed or is still running) and nothing reads it. The
+//! continuous archive: `archive/<region>/<first>-<last>.seg`, named by the
+//! version indexes of its first and last write.
 
 use std::sync::Arc;
 
@@ -19,6 +21,9 @@ use super::Manifest;
 /// The folder of every backup.
 const BACKUPS: &str = "backups";
 
+/// The folder of the continuous archive.
+const ARCHIVE: &str = "archive";
+
 /// The manifest's name inside a backup's folder.
 const MANIFEST: &str = "manifest.json";
 
@@ -27,6 +32,20 @@ const MANIFEST: &str = "manifest.json";
 pub struct Target {
     store: Arc<dyn ObjectStore>,
     url: String,
+}
+
+/// One archive segment: the version indexes of its first and last write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub first: u64,
+    pub last: u64,
+    path: Path,
+}
+
+impl Segment {
+    pub fn name(&self) -> &str {
+        self.path.as_ref()
+    }
 }
 
 /// A backup found in a target: its manifest, or its id alone when it has
@@ -154,6 +173,41 @@ impl Target {
             self.store.delete(&o.location).await.with_context(|| format!("deleting {}", o.location))?;
         }
         Ok(())
+    }
+
+    /// Stores an archive segment of `region` holding writes `first..=last`.
+    pub async fn put_segment(&self, region: &str, first: u64, last: u64, bytes: Vec<u8>) -> anyhow::Result<()> {
+        self.put(&Path::from(format!("{ARCHIVE}/{region}/{first:020}-{last:020}.seg")), bytes).await
+    }
+
+    /// The archive segments of `region`, by first write.
+    pub async fn segments(&self, region: &str) -> anyhow::Result<Vec<Segment>> {
+        let prefix = Path::from(format!("{ARCHIVE}/{region}"));
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .with_context(|| format!("listing the archive of {region} in {}", self.url))?;
+        let mut out = Vec::new();
+        for o in objects {
+            let name = o.location.filename().unwrap_or_default();
+            let parsed = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+            match parsed {
+                Some((first, last)) => out.push(Segment { first, last, path: o.location }),
+                None => bail!("{} in the archive is not a segment (FIRST-LAST.seg)", o.location),
+            }
+        }
+        out.sort_by_key(|s| (s.first, s.last));
+        Ok(out)
+    }
+
+    /// A segment's bytes.
+    pub async fn segment(&self, segment: &Segment) -> anyhow::Result<Bytes> {
+        self.get(&segment.path).await
     }
 
     async fn put(&self, path: &Path, bytes: Vec<u8>) -> anyhow::Result<()> {

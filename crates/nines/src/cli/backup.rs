@@ -69,14 +69,37 @@ pub struct RestoreArgs {
     /// The backup target: file:///absolute/dir or s3://bucket/prefix.
     #[arg(long)]
     from: String,
-    /// The backup to restore (default: the newest).
+    /// The backup to restore (default: the newest, or the newest created
+    /// before --to-time).
     #[arg(long)]
     id: Option<String>,
+    #[command(flatten)]
+    until: UntilArgs,
     /// The configuration file of every node of the new region (repeat it):
     /// their data directories must hold no data, and they become the
     /// region's voters.
     #[arg(long = "config", required = true)]
     configs: Vec<PathBuf>,
+}
+
+/// How far a restore replays the archive.
+#[derive(Args, Debug, Clone, Default)]
+pub struct UntilArgs {
+    /// Restore the state as of this time (RFC 3339, e.g.
+    /// 2026-11-27T17:30:00Z): the newest backup created by then plus the
+    /// continuous archive up to it. Default: every archived write.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    to_time: Option<std::time::SystemTime>,
+    /// Restore the backup alone, without replaying the archive after it.
+    #[arg(long, conflicts_with = "to_time")]
+    no_archive: bool,
+}
+
+impl UntilArgs {
+    pub fn until(&self) -> restore::Until {
+        let ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        restore::Until { time_ms: self.to_time.map(ms), no_archive: self.no_archive }
+    }
 }
 
 /// A progress bar on a terminal (hidden elsewhere) over `total` bytes.
@@ -249,18 +272,28 @@ fn members(configs: &[crate::config::NodeConfig]) -> anyhow::Result<Vec<(NodeId,
 pub async fn restore_into(
     from: &str,
     id: Option<&str>,
+    until: restore::Until,
     configs: &[crate::config::NodeConfig],
 ) -> anyhow::Result<restore::Restored> {
     let target = Target::open(from)?;
-    let manifest = restore::choose(&target, id).await?;
+    let manifest = restore::choose(&target, id, until).await?;
     let members = members(configs)?;
     let pb = bar(Some(manifest.bytes), &format!("restoring {}", manifest.id));
-    let restored = restore::restore(&target, &manifest, &members, &pb).await;
+    let restored = restore::restore(&target, &manifest, until, &members, &pb).await;
     pb.finish_and_clear();
     let r = restored?;
     println!(
-        "restored backup {} into {} nodes of region {}: {} keys at applied index {} (created {})",
-        r.backup, r.nodes, configs[0].region, r.keys, r.applied_index, manifest.created
+        "restored backup {} (created {}) and {} archived writes from {} segments into {} nodes of region {}: {} \
+         keys, newest write {}, the log starts after index {}",
+        r.backup,
+        manifest.created,
+        r.replayed,
+        r.segments,
+        r.nodes,
+        configs[0].region,
+        r.keys,
+        r.hlc_max,
+        r.applied_index
     );
     Ok(r)
 }
@@ -271,7 +304,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<bool> {
     for c in &configs {
         c.validate()?;
     }
-    restore_into(&args.from, args.id.as_deref(), &configs).await?;
+    restore_into(&args.from, args.id.as_deref(), args.until.until(), &configs).await?;
     println!("start each node with its configuration; the nodes elect a leader on their own (no `member init`)");
     Ok(true)
 }

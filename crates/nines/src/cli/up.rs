@@ -76,6 +76,8 @@ pub struct UpArgs {
     /// The backup to start from (default: the newest in --restore-from).
     #[arg(long, requires = "restore_from")]
     pub restore_id: Option<String>,
+    #[command(flatten)]
+    pub restore_until: super::backup::UntilArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -206,13 +208,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     let fresh = existing == 0;
+    let until = args.restore_until.until();
+    if args.restore_from.is_none() && (until.time_ms.is_some() || until.no_archive) {
+        bail!("--to-time and --no-archive say how to restore: give --restore-from too");
+    }
     let mut restored = Vec::new();
     if let Some(from) = &args.restore_from {
         if !fresh {
             bail!("--restore-from needs a fresh --data-dir: {} holds a cluster's data already", dir.display());
         }
         for region in configs.chunk_by(|a, b| a.region == b.region).filter(|r| r[0].region != AUTHORITY_REGION) {
-            super::backup::restore_into(from, args.restore_id.as_deref(), region).await?;
+            super::backup::restore_into(from, args.restore_id.as_deref(), until, region).await?;
             restored.push(region[0].region.clone());
         }
     }

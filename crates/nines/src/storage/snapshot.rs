@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::record;
-use super::state_machine::{ChangeRecord, DivergentRecord, RegionState};
+use super::state_machine::{ArchiveRecord, ArchiveState, ChangeRecord, DivergentRecord, RegionState};
 use crate::types::{SnapshotMeta, StoredValue};
 
 /// Largest frame a snapshot file may hold: one stored value with its key
@@ -55,6 +55,13 @@ pub enum Item {
         changefeed: u64,
         divergent: u64,
     },
+    // Added after `End`, so files written before them keep decoding; not
+    // counted by the end frame.
+    Archive {
+        index: u64,
+        record: ArchiveRecord,
+    },
+    ArchiveState(ArchiveState),
 }
 
 /// Why a snapshot file cannot be used.
@@ -143,6 +150,14 @@ impl Writer {
         self.frame(&Item::Divergent { seq, record })
     }
 
+    pub fn archive(&mut self, index: u64, record: ArchiveRecord) -> Result<(), SnapshotError> {
+        self.frame(&Item::Archive { index, record })
+    }
+
+    pub fn archive_state(&mut self, state: ArchiveState) -> Result<(), SnapshotError> {
+        self.frame(&Item::ArchiveState(state))
+    }
+
     /// Ends the file and makes it durable.
     pub fn finish(mut self) -> Result<(), SnapshotError> {
         let (data, changefeed, divergent) = self.counts;
@@ -228,7 +243,7 @@ impl Reader {
                     Item::Data { .. } => self.counts.0 += 1,
                     Item::Change { .. } => self.counts.1 += 1,
                     Item::Divergent { .. } => self.counts.2 += 1,
-                    Item::Header { .. } | Item::End { .. } => {}
+                    Item::Header { .. } | Item::End { .. } | Item::Archive { .. } | Item::ArchiveState(_) => {}
                 }
                 Ok(Some(item))
             }

@@ -3,8 +3,10 @@
 //!
 //! Layout: table `data` maps a key to its stored value or tombstone,
 //! `changefeed` a version index to a write waiting to be shipped,
-//! `divergent` a sequence number to a divergence record, and `meta` holds
-//! the applied log id, the membership and the region state. Every value is
+//! `divergent` a sequence number to a divergence record, `archive` a
+//! version index to a local write waiting for the continuous archive, and
+//! `meta` holds the applied log id, the membership, the region state and
+//! the archive's state. Every value is
 //! a checksummed [`record`].
 //!
 //! Invariants:
@@ -82,15 +84,18 @@ const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
 const CHANGEFEED: TableDefinition<u64, &[u8]> = TableDefinition::new("changefeed");
 const DIVERGENT: TableDefinition<u64, &[u8]> = TableDefinition::new("divergent");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const ARCHIVE: TableDefinition<u64, &[u8]> = TableDefinition::new("archive");
 
 /// Where a snapshot is installed before it is switched in.
 const DATA_NEXT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data.installing");
 const CHANGEFEED_NEXT: TableDefinition<u64, &[u8]> = TableDefinition::new("changefeed.installing");
 const DIVERGENT_NEXT: TableDefinition<u64, &[u8]> = TableDefinition::new("divergent.installing");
+const ARCHIVE_NEXT: TableDefinition<u64, &[u8]> = TableDefinition::new("archive.installing");
 
 const APPLIED_KEY: &str = "applied";
 const MEMBERSHIP_KEY: &str = "membership";
 const REGION_KEY: &str = "region";
+const ARCHIVE_KEY: &str = "archive";
 
 /// The file of the state machine inside the data directory.
 pub const STATE_FILE: &str = "state.redb";
@@ -172,6 +177,30 @@ pub struct ChangeRecord {
     pub hlc: Hlc,
 }
 
+/// A local write kept for the continuous archive until it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRecord {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The write as stored (a tombstone for a delete).
+    pub value: StoredValue,
+}
+
+/// Whether local writes are archived, since when, and how far the archive
+/// has been stored (replicated through `Command::Archived`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveState {
+    pub on: bool,
+    /// The log index of the entry that turned archiving on: every local
+    /// write after it is archived (until it is turned off).
+    pub since: u64,
+    /// Every archived write at or below this version index is stored.
+    pub through: u64,
+}
+
+/// Archive entries, and whether they are all there are.
+pub type ArchivePage = (Vec<(u64, ArchiveRecord)>, bool);
+
 /// A write this region acknowledged as primary that never reached the
 /// primary that replaced it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,15 +263,15 @@ pub struct StateView {
 }
 
 impl StateView {
-    /// Every live key and value in key order, handed to `each` until it
-    /// returns false. Tombstones are left out.
-    pub fn each_live(&self, mut each: impl FnMut(Vec<u8>, StoredValue) -> bool) -> Result<(), ReadError> {
+    /// Every key with its value or tombstone, in key order, handed to
+    /// `each` until it returns false.
+    pub fn each_stored(&self, mut each: impl FnMut(Vec<u8>, StoredValue) -> bool) -> Result<(), ReadError> {
         let table = self.txn.open_table(DATA)?;
         for item in table.iter()? {
             let (k, v) = item?;
             let key = k.value().to_vec();
             let stored: StoredValue = decode_at(&key, v.value())?;
-            if stored.value.is_some() && !each(key, stored) {
+            if !each(key, stored) {
                 break;
             }
         }
@@ -259,6 +288,7 @@ pub struct StateReader {
     changefeed_len: Arc<AtomicU64>,
     /// `std::sync::RwLock`: held only to clone or replace, never across `.await`.
     region: Arc<RwLock<RegionState>>,
+    archive: Arc<RwLock<ArchiveState>>,
 }
 
 impl StateReader {
@@ -306,6 +336,32 @@ impl StateReader {
 
     pub fn changefeed_len(&self) -> u64 {
         self.changefeed_len.load(Ordering::Acquire)
+    }
+
+    /// The continuous archive's state.
+    pub fn archive_state(&self) -> ArchiveState {
+        *self.archive.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Archive entries above `after`, at most `limit` or `bytes_max` of keys
+    /// and values (at least one). The flag says whether these are all.
+    pub fn archive_after(&self, after: u64, limit: usize, bytes_max: usize) -> Result<ArchivePage, ReadError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ARCHIVE)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in table.range(after.saturating_add(1)..)? {
+            let (k, v) = item?;
+            let index = k.value();
+            let rec: ArchiveRecord = decode_at(&index.to_be_bytes(), v.value())?;
+            let size = rec.key.len() + rec.value.value.as_ref().map_or(0, Vec::len);
+            if out.len() >= limit || (bytes > 0 && bytes + size > bytes_max) {
+                return Ok((out, false));
+            }
+            bytes += size;
+            out.push((index, rec));
+        }
+        Ok((out, true))
     }
 
     /// The stored value or tombstone of `key`.
@@ -614,6 +670,10 @@ struct Pending {
     /// `None`: remove the entry.
     changefeed: BTreeMap<u64, Option<ChangeRecord>>,
     divergent: Vec<(u64, DivergentRecord)>,
+    /// Local writes to archive.
+    archive: Vec<(u64, ArchiveRecord)>,
+    /// The archive's new state, when a `Command::Archived` changed it.
+    archive_state: Option<ArchiveState>,
 }
 
 /// What one `apply` computed: results, effects, region state, the new
@@ -633,6 +693,8 @@ pub struct StateMachine {
     applied: Arc<AtomicU64>,
     changefeed_len: Arc<AtomicU64>,
     shared_region: Arc<RwLock<RegionState>>,
+    archive: ArchiveState,
+    shared_archive: Arc<RwLock<ArchiveState>>,
     /// Distinguishes snapshots built at the same log id.
     snapshot_seq: u64,
     durable: DurableApplied,
@@ -671,9 +733,11 @@ impl StateMachine {
         txn.open_table(CHANGEFEED)?;
         txn.open_table(DIVERGENT)?;
         txn.open_table(META)?;
+        txn.open_table(ARCHIVE)?;
         txn.delete_table(DATA_NEXT)?;
         txn.delete_table(CHANGEFEED_NEXT)?;
         txn.delete_table(DIVERGENT_NEXT)?;
+        txn.delete_table(ARCHIVE_NEXT)?;
         txn.commit()?;
         let snapshot_dir = snapshot::dir(dir);
         std::fs::create_dir_all(&snapshot_dir)?;
@@ -683,6 +747,7 @@ impl StateMachine {
         let last_applied: Option<LogId> = read_meta::<Option<LogId>>(&read, APPLIED_KEY)?.flatten();
         let membership: StoredMembership = read_meta(&read, MEMBERSHIP_KEY)?.unwrap_or_default();
         let region: RegionState = read_meta(&read, REGION_KEY)?.unwrap_or_default();
+        let archive: ArchiveState = read_meta(&read, ARCHIVE_KEY)?.unwrap_or_default();
         let changefeed_len = read.open_table(CHANGEFEED)?.len()?;
         drop(read);
         // A restarted clock starts above what this region stamped (unless
@@ -705,6 +770,8 @@ impl StateMachine {
             membership,
             shared_region: Arc::new(RwLock::new(region.clone())),
             region,
+            archive,
+            shared_archive: Arc::new(RwLock::new(archive)),
             applied: Arc::new(AtomicU64::new(applied_index)),
             changefeed_len: Arc::new(AtomicU64::new(changefeed_len)),
             snapshot_seq: 0,
@@ -727,6 +794,7 @@ impl StateMachine {
             applied: self.applied.clone(),
             changefeed_len: self.changefeed_len.clone(),
             region: self.shared_region.clone(),
+            archive: self.shared_archive.clone(),
         }
     }
 
@@ -801,7 +869,11 @@ impl StateMachine {
             let rec = ChangeRecord { key: key.clone(), value: value.clone(), hlc: version.hlc };
             pending.changefeed.insert(version.index, Some(rec));
         }
-        pending.data.insert(key, Some(StoredValue { value, version: version.clone() }));
+        let stored = StoredValue { value, version: version.clone() };
+        if pending.archive_state.unwrap_or(self.archive).on {
+            pending.archive.push((version.index, ArchiveRecord { key: key.clone(), value: stored.clone() }));
+        }
+        pending.data.insert(key, Some(stored));
     }
 
     fn apply_command(
@@ -813,6 +885,10 @@ impl StateMachine {
     ) -> Result<CommandResult, StorageError> {
         if let Command::Configure { setup, replace } = cmd {
             return Ok(configure(region, setup, replace));
+        }
+        if let Command::Archived { on, through } = cmd {
+            self.archived(pending, index, on, through);
+            return Ok(CommandResult::None);
         }
         let Some(setup) = region.setup.clone() else {
             return Ok(match cmd {
@@ -886,12 +962,28 @@ impl StateMachine {
                 CommandResult::None
             }
             // Handled above, before the setup is needed.
-            Command::Configure { .. } => CommandResult::None,
+            Command::Configure { .. } | Command::Archived { .. } => CommandResult::None,
             // Batches are unpacked by `apply`; one inside another is refused.
             Command::Batch(_) => {
                 CommandResult::Rejected { reason: "a batch may not hold another batch".into(), retry_later: false }
             }
         })
+    }
+
+    /// Turns the archive on (from this entry on) and marks it stored
+    /// through `through`, or turns it off and drops it.
+    fn archived(&self, pending: &mut Pending, index: u64, on: bool, through: u64) {
+        let mut state = pending.archive_state.unwrap_or(self.archive);
+        if !on {
+            pending.archive.clear();
+            pending.archive_state = Some(ArchiveState::default());
+            return;
+        }
+        if !state.on {
+            state = ArchiveState { on: true, since: index / WRITES_PER_ENTRY_MAX, through: 0 };
+        }
+        state.through = state.through.max(through);
+        pending.archive_state = Some(state);
     }
 
     /// Why writes from `origin` at `epoch` are refused, if they are: not a
@@ -1269,7 +1361,19 @@ impl StateMachine {
             for (seq, rec) in &pending.divergent {
                 divergent.insert(*seq, enc(rec)?.as_slice()).map_err(write_err)?;
             }
+            let mut archive = txn.open_table(ARCHIVE).map_err(write_err)?;
             let mut meta = txn.open_table(META).map_err(write_err)?;
+            if let Some(state) = &pending.archive_state {
+                // Entries already stored (or all, when archiving stops) go;
+                // this batch's own writes are above `through`.
+                archive
+                    .retain_in(..=if state.on { state.through } else { u64::MAX }, |_, _| false)
+                    .map_err(write_err)?;
+                meta.insert(ARCHIVE_KEY, enc(state)?.as_slice()).map_err(write_err)?;
+            }
+            for (i, rec) in &pending.archive {
+                archive.insert(*i, enc(rec)?.as_slice()).map_err(write_err)?;
+            }
             meta.insert(APPLIED_KEY, enc(&last_applied)?.as_slice()).map_err(write_err)?;
             if *region != self.region {
                 meta.insert(REGION_KEY, enc(region)?.as_slice()).map_err(write_err)?;
@@ -1291,6 +1395,11 @@ impl StateMachine {
     fn publish(&mut self, region: RegionState) {
         *self.shared_region.write().unwrap_or_else(|p| p.into_inner()) = region.clone();
         self.region = region;
+    }
+
+    fn publish_archive(&mut self, state: ArchiveState) {
+        *self.shared_archive.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.archive = state;
     }
 
     /// The file of a received snapshot, durable: the file
@@ -1334,7 +1443,7 @@ impl StateMachine {
 /// one final transaction that switches them in (see the module doc).
 /// Returns the snapshot's region state, its changefeed length and the
 /// greatest timestamp it holds. Blocking: runs off the async runtime.
-fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<(RegionState, u64, Hlc), StorageError> {
+fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<Installed, StorageError> {
     let fail = |e: SnapshotError| snapshot_err(ErrorVerb::Read, e);
     let (mut reader, file_meta, region) = snapshot::Reader::open(path).map_err(fail)?;
     if file_meta.last_log_id != meta.last_log_id {
@@ -1347,9 +1456,11 @@ fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<(Re
     clear.delete_table(DATA_NEXT).map_err(write_err)?;
     clear.delete_table(CHANGEFEED_NEXT).map_err(write_err)?;
     clear.delete_table(DIVERGENT_NEXT).map_err(write_err)?;
+    clear.delete_table(ARCHIVE_NEXT).map_err(write_err)?;
     clear.commit().map_err(write_err)?;
     let mut changefeed_len = 0;
     let mut newest = Hlc::default();
+    let mut archive_state = ArchiveState::default();
     let mut done = false;
     while !done {
         let mut txn = db.begin_write().map_err(write_err)?;
@@ -1358,6 +1469,7 @@ fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<(Re
             let mut data = txn.open_table(DATA_NEXT).map_err(write_err)?;
             let mut changefeed = txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
             let mut divergent = txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
+            let mut archive = txn.open_table(ARCHIVE_NEXT).map_err(write_err)?;
             let mut bytes = 0;
             while bytes < SNAPSHOT_INSTALL_BATCH_BYTES {
                 let Some(item) = reader.next_item().map_err(fail)? else {
@@ -1383,37 +1495,61 @@ fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<(Re
                         bytes += v.len();
                         divergent.insert(seq, v.as_slice()).map_err(write_err)?;
                     }
+                    Item::Archive { index, record } => {
+                        let v = enc(&record)?;
+                        bytes += v.len();
+                        archive.insert(index, v.as_slice()).map_err(write_err)?;
+                    }
+                    Item::ArchiveState(state) => archive_state = state,
                     Item::Header { .. } | Item::End { .. } => {}
                 }
             }
         }
         txn.commit().map_err(write_err)?;
     }
-    switch_in(db, meta, &region)?;
-    Ok((region, changefeed_len, newest))
+    switch_in(db, meta, &region, &archive_state)?;
+    Ok(Installed { region, changefeed_len, newest, archive: archive_state })
+}
+
+/// What an install put in place.
+struct Installed {
+    region: RegionState,
+    changefeed_len: u64,
+    /// The greatest timestamp the snapshot holds.
+    newest: Hlc,
+    archive: ArchiveState,
 }
 
 /// The final, durable transaction of an install: the staging tables
 /// replace the live ones, with the snapshot's applied id, membership and
 /// region state.
-fn switch_in(db: &Database, meta: &SnapshotMeta, region: &RegionState) -> Result<(), StorageError> {
+fn switch_in(
+    db: &Database,
+    meta: &SnapshotMeta,
+    region: &RegionState,
+    archive: &ArchiveState,
+) -> Result<(), StorageError> {
     let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
     let txn = db.begin_write().map_err(write_err)?;
     txn.delete_table(DATA).map_err(write_err)?;
     txn.delete_table(CHANGEFEED).map_err(write_err)?;
     txn.delete_table(DIVERGENT).map_err(write_err)?;
+    txn.delete_table(ARCHIVE).map_err(write_err)?;
     // Opened so that an empty snapshot still has every table to rename.
     txn.open_table(DATA_NEXT).map_err(write_err)?;
     txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
     txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
+    txn.open_table(ARCHIVE_NEXT).map_err(write_err)?;
     txn.rename_table(DATA_NEXT, DATA).map_err(write_err)?;
     txn.rename_table(CHANGEFEED_NEXT, CHANGEFEED).map_err(write_err)?;
     txn.rename_table(DIVERGENT_NEXT, DIVERGENT).map_err(write_err)?;
+    txn.rename_table(ARCHIVE_NEXT, ARCHIVE).map_err(write_err)?;
     {
         let mut m = txn.open_table(META).map_err(write_err)?;
         m.insert(APPLIED_KEY, enc(&meta.last_log_id)?.as_slice()).map_err(write_err)?;
         m.insert(MEMBERSHIP_KEY, enc(&meta.last_membership)?.as_slice()).map_err(write_err)?;
         m.insert(REGION_KEY, enc(region)?.as_slice()).map_err(write_err)?;
+        m.insert(ARCHIVE_KEY, enc(archive)?.as_slice()).map_err(write_err)?;
     }
     txn.commit().map_err(write_err)?;
     Ok(())
@@ -1514,6 +1650,15 @@ fn write_snapshot(
         let (k, v) = item.map_err(|e| storage(e.into()))?;
         w.divergent(k.value(), record::decode(v.value()).map_err(decode_err)?)?;
     }
+    let meta_table = view.open_table(META).map_err(|e| storage(e.into()))?;
+    if let Some(state) = meta_table.get(ARCHIVE_KEY).map_err(|e| storage(e.into()))? {
+        w.archive_state(record::decode(state.value()).map_err(decode_err)?)?;
+    }
+    let archive = view.open_table(ARCHIVE).map_err(|e| storage(e.into()))?;
+    for item in archive.iter().map_err(|e| storage(e.into()))? {
+        let (k, v) = item.map_err(|e| storage(e.into()))?;
+        w.archive(k.value(), record::decode(v.value()).map_err(decode_err)?)?;
+    }
     w.finish()?;
     Ok(path)
 }
@@ -1573,6 +1718,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         self.changefeed_len.store(len as u64, Ordering::Release);
         self.publish(region);
+        if let Some(state) = pending.archive_state {
+            self.publish_archive(state);
+        }
         self.applied.store(last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
         Ok(results)
     }
@@ -1620,7 +1768,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let path = self.received_file(*snapshot).await?;
         let (db, file, m) = (self.db.clone(), path.clone(), meta.clone());
-        let (region, changefeed_len, newest) = tokio::task::spawn_blocking(move || install_tables(&db, &file, &m))
+        let installed = tokio::task::spawn_blocking(move || install_tables(&db, &file, &m))
             .await
             .map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e.to_string())))??;
         // The installed state is durable; the snapshot becomes current before
@@ -1633,10 +1781,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.durable.raise(index);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.changefeed_len.store(changefeed_len, Ordering::Release);
+        self.changefeed_len.store(installed.changefeed_len, Ordering::Release);
         // The installed values' clock, adopted within the maximum offset.
-        self.witness(newest);
-        self.publish(region);
+        self.witness(installed.newest);
+        self.publish(installed.region);
+        self.publish_archive(installed.archive);
         self.applied.store(index, Ordering::Release);
         Ok(())
     }
@@ -2017,6 +2166,47 @@ mod tests {
         assert_eq!(ra.changefeed_after(0, 100, 1 << 20).unwrap(), rb.changefeed_after(0, 100, 1 << 20).unwrap());
         assert!(rb.region_state().resync_pending, "the demotion left divergent keys to resync");
         assert_eq!(rb.get(b"r").unwrap().unwrap().value.as_deref(), Some(&b"x"[..]));
+    }
+
+    #[tokio::test]
+    async fn the_archive_keeps_local_writes_until_stored_and_travels_in_snapshots() {
+        let (_d1, mut a) = open("a", &[], Mode::ActiveActive, "");
+        apply(&mut a, put("before", "v", hlc(1, 0))).await;
+        assert!(a.reader().archive_after(0, 100, 1 << 20).unwrap().0.is_empty(), "off until turned on");
+        apply(&mut a, Command::Archived { on: true, through: 0 }).await;
+        let since = a.reader().archive_state().since;
+        assert_eq!(since, 2, "on from the entry that turned it on");
+        for i in 1..=4u64 {
+            apply(&mut a, put(&format!("k{i}"), "v", hlc(10 + i, 0))).await;
+        }
+        apply(&mut a, Command::Delete { key: b"k1".to_vec(), hlc: hlc(20, 0) }).await;
+        let (all, complete) = a.reader().archive_after(0, 100, 1 << 20).unwrap();
+        assert!(complete);
+        let keys: Vec<&[u8]> = all.iter().map(|(_, r)| r.key.as_slice()).collect();
+        assert_eq!(keys, [&b"k1"[..], b"k2", b"k3", b"k4", b"k1"]);
+        assert!(all[4].1.value.value.is_none(), "a delete is archived as a tombstone");
+        // Stored through the second write: those two go.
+        apply(&mut a, Command::Archived { on: true, through: all[1].0 }).await;
+        let left = a.reader().archive_after(0, 100, 1 << 20).unwrap().0;
+        assert_eq!(left, all[2..].to_vec());
+        let state = a.reader().archive_state();
+        assert_eq!((state.on, state.since, state.through), (true, since, all[1].0));
+        // A follower that installs a snapshot holds the same archive.
+        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (_d2, mut b) = open("a", &[], Mode::ActiveActive, "");
+        let mut incoming = b.begin_receiving_snapshot().await.unwrap();
+        let mut sent = snap.snapshot;
+        tokio::io::copy(&mut sent, &mut incoming).await.unwrap();
+        b.install_snapshot(&snap.meta, incoming).await.unwrap();
+        assert_eq!(b.reader().archive_after(0, 100, 1 << 20).unwrap().0, left);
+        assert_eq!(b.reader().archive_state(), state);
+        apply(&mut b, put("k5", "v", hlc(30, 0))).await;
+        assert_eq!(b.reader().archive_after(0, 100, 1 << 20).unwrap().0.len(), 4, "still archiving after the install");
+        // Off: the archive goes, and later writes are not kept.
+        apply(&mut b, Command::Archived { on: false, through: 0 }).await;
+        apply(&mut b, put("k6", "v", hlc(31, 0))).await;
+        assert!(b.reader().archive_after(0, 100, 1 << 20).unwrap().0.is_empty());
+        assert!(!b.reader().archive_state().on);
     }
 
     #[tokio::test]
