@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub runtime_threads: usize,
     /// The regions of the cluster and how they replicate.
     pub cluster: ClusterConfig,
+    /// Limits on cross-region replication.
+    pub replication: ReplicationConfig,
     /// Simulated one-way network latency, added by this node's transport.
     pub latency: LatencyConfig,
     /// The storage engine.
@@ -117,6 +119,24 @@ impl Default for ClusterConfig {
         }
     }
 }
+
+/// Limits on cross-region replication.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// The RPO guard (active-passive, as Aurora's `rds.global_db_rpo`):
+    /// when no secondary region has acknowledged the primary's oldest
+    /// unacknowledged write within this long, the primary refuses new
+    /// writes (retry-safe, naming the lag) until one catches up. Bounds what
+    /// a region loss can lose, at the price of availability while the
+    /// secondaries are cut off. 0s: off.
+    #[serde(with = "humantime_serde")]
+    pub max_rpo: Duration,
+}
+
+/// Shortest RPO guard: below it the guard's own probe and a cross-region
+/// round trip would refuse writes on a healthy link.
+pub const MAX_RPO_MIN: Duration = Duration::from_millis(200);
 
 /// Shortest primary lease: renewals every third of it must fit a round trip
 /// to the authority with room.
@@ -352,6 +372,7 @@ impl Default for NodeConfig {
             log_format: "text".into(),
             runtime_threads: 0,
             cluster: ClusterConfig::default(),
+            replication: ReplicationConfig::default(),
             latency: LatencyConfig::default(),
             storage: StorageConfig::default(),
             backup: BackupConfig::default(),
@@ -425,6 +446,13 @@ impl NodeConfig {
                     "is {}; limit RUNTIME_THREADS_MAX is {RUNTIME_THREADS_MAX} (0 means one per core)",
                     self.runtime_threads
                 ),
+            ));
+        }
+        let max_rpo = self.replication.max_rpo;
+        if !max_rpo.is_zero() && max_rpo < MAX_RPO_MIN {
+            return Err(invalid(
+                "replication.max_rpo",
+                format!("is {max_rpo:?}; at least MAX_RPO_MIN ({MAX_RPO_MIN:?}), or 0s for no guard"),
             ));
         }
         let b = &self.backup;

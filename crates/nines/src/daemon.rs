@@ -365,6 +365,7 @@ fn spawn_tasks(
     }
     background.extend(crate::backup::schedule::spawn(node.clone(), config.backup.clone(), stop.clone()));
     background.push(crate::backup::archive::spawn(node.clone(), config.backup.clone(), stop.clone()));
+    background.extend(crate::replication::spawn_rpo_guard(node.clone(), config.replication.max_rpo, stop.clone()));
     Tasks { batcher, background }
 }
 

@@ -401,6 +401,9 @@ impl Node {
         if let Some((reason, retry_later)) = self.reader.write_refusal() {
             return Err(refusal(reason, retry_later));
         }
+        if let Some(reason) = self.stats.rpo_refusal() {
+            return Err(Error::Unavailable { reason, retry_safe: true });
+        }
         let backlog = self.reader.changefeed_len();
         if backlog >= CHANGEFEED_BACKLOG_MAX {
             tracing::warn!(backlog, "changefeed backlog full: refusing writes until peer regions catch up");
@@ -836,6 +839,8 @@ struct StatsInner {
     /// The last scheduled backup this node took: its id and when (ms since
     /// the Unix epoch).
     last_backup: Option<(String, u64)>,
+    /// Why the RPO guard refuses writes now, if it does.
+    rpo_refusal: Option<String>,
 }
 
 impl Stats {
@@ -865,6 +870,14 @@ impl Stats {
 
     pub fn set_last_backup(&self, id: String, at_ms: u64) {
         self.lock().last_backup = Some((id, at_ms));
+    }
+
+    pub fn rpo_refusal(&self) -> Option<String> {
+        self.lock().rpo_refusal.clone()
+    }
+
+    pub fn set_rpo_refusal(&self, reason: Option<String>) {
+        self.lock().rpo_refusal = reason;
     }
 }
 

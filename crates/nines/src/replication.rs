@@ -70,7 +70,10 @@
 //! - Active-passive, unplanned failover: writes the old primary acknowledged
 //!   but had not shipped are not on the new primary. They are the RPO, and
 //!   they are listed in the old primary's divergence record once it learns
-//!   of the new epoch.
+//!   of the new epoch. The RPO guard (`replication.max_rpo`, see
+//!   [`spawn_rpo_guard`]) bounds them in time: the primary refuses writes
+//!   while no secondary has acknowledged its oldest unacknowledged write
+//!   within `max_rpo`.
 //!
 //! Caveats:
 //! - A region learns of a newer epoch only from the new primary's own
@@ -602,6 +605,58 @@ const RESYNC_INTERVAL: Duration = Duration::from_millis(500);
 /// Starts the task that, on the region's leader, overwrites divergent keys
 /// with the new primary's values until the region state says it is done.
 /// Driven by replicated state, so a leader change resumes it.
+/// The RPO guard on the primary region's leader: every probe it measures
+/// how old the oldest write is that no secondary has acknowledged (the best
+/// secondary's lag), and past `max_rpo` makes the node refuse writes,
+/// naming the lag, until a secondary catches up. Writes acknowledged while
+/// the guard is open are at most `max_rpo` plus one probe old when it
+/// closes. Off (`None`) unless active-passive with `max_rpo` set.
+pub fn spawn_rpo_guard(
+    node: Arc<Node>,
+    max_rpo: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if max_rpo.is_zero() || node.mode() != Mode::ActivePassive || node.peers().is_empty() {
+        return None;
+    }
+    let probe = (max_rpo / 10).clamp(Duration::from_millis(10), Duration::from_millis(200));
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(probe) => {}
+                _ = stop.changed() => return,
+            }
+            let refusal = if node.check_leader().is_ok() && node.region_role() == "primary" {
+                match node.replication_lag() {
+                    Ok(lags) => {
+                        let best = lags.iter().min_by_key(|l| l.lag_ms);
+                        best.filter(|l| l.lag_ms > max_rpo.as_millis() as u64).map(|l| {
+                            format!(
+                                "RPO guard: no secondary region has acknowledged this primary's writes of the last \
+                                 {} ms ({} writes behind in {}, the closest); replication.max_rpo is {max_rpo:?}. \
+                                 Writes resume when a secondary catches up",
+                                l.lag_ms, l.lag_entries, l.region
+                            )
+                        })
+                    }
+                    Err(e) => Some(format!("RPO guard: the replication lag cannot be read: {e}")),
+                }
+            } else {
+                None
+            };
+            let refusing = refusal.is_some();
+            if refusing != node.stats().rpo_refusal().is_some() {
+                match &refusal {
+                    Some(reason) => tracing::warn!(%reason, "RPO guard: refusing writes"),
+                    None => tracing::info!("RPO guard: a secondary caught up; taking writes again"),
+                }
+            }
+            metrics::gauge!("nines_rpo_guard_refusing").set(f64::from(u8::from(refusing)));
+            node.stats().set_rpo_refusal(refusal);
+        }
+    }))
+}
+
 pub fn spawn_resync(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {

@@ -399,3 +399,54 @@ async fn a_timestamp_beyond_the_maximum_offset_is_applied_but_never_adopted_and_
     let b_node = cluster.regions["b"][0];
     assert!(cluster.log_of(b_node).contains("too far ahead"), "{}", cluster.log_of(b_node));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rpo_guard_stops_writes_while_no_secondary_acknowledges_and_resumes_after_heal() {
+    // Shows: with `replication.max_rpo`, a primary cut off from its
+    // secondary acknowledges writes for at most max_rpo (plus a probe), then
+    // refuses them naming the lag, and takes writes again once healed.
+    let _serial = serial().await;
+    let max_rpo = Duration::from_secs(1);
+    let cluster = TestCluster::start_regions(&[("a", 1), ("b", 1)], Mode::ActivePassive, |c| {
+        with_latency(c);
+        c.replication.max_rpo = max_rpo;
+    })
+    .await;
+    let config = nines_client::ClientConfig { attempts_max: 1, ..Default::default() };
+    let client = Client::new(cluster.endpoints(&cluster.regions["a"]), config).unwrap();
+    wait_for("the region's setup", Duration::from_secs(30), || async { client.put("first", "v").await.ok() }).await;
+    // A working link: nothing is refused.
+    let healthy = Instant::now();
+    let mut n = 0;
+    while healthy.elapsed() < Duration::from_secs(2) {
+        client.put(format!("healthy-{n}"), "v").await.expect("the guard refused a write on a working link");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.set_faults("a", &["b"], 0).await;
+    cluster.set_faults("b", &["a"], 0).await;
+    let cut = Instant::now();
+    let mut last_ack = cut;
+    let refusal = loop {
+        assert!(cut.elapsed() < Duration::from_secs(30), "the guard never refused a write");
+        match client.put(format!("cut-{n}"), "v").await {
+            Ok(_) => last_ack = Instant::now(),
+            Err(e) => break e.to_string(),
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(refusal.contains("RPO guard") && refusal.contains("max_rpo"), "{refusal}");
+    // What the secondary lacks spans at most max_rpo, a probe and this
+    // machine's scheduling.
+    let unreplicated = last_ack - cut;
+    assert!(unreplicated <= max_rpo + Duration::from_secs(1), "writes acknowledged for {unreplicated:?} after the cut");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(client.put("still-cut", "v").await.is_err(), "writes resumed while the link is still cut");
+    cluster.set_faults("a", &[], 0).await;
+    cluster.set_faults("b", &[], 0).await;
+    wait_for("writes to resume after the heal", Duration::from_secs(30), || async {
+        client.put("healed", "v").await.ok()
+    })
+    .await;
+}
