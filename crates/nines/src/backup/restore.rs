@@ -37,6 +37,8 @@ const RESTORE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct Restored {
     pub backup: String,
+    /// When the backup was created (RFC 3339).
+    pub created: String,
     /// Live keys restored.
     pub keys: u64,
     /// The log index the new region starts after.
@@ -200,6 +202,7 @@ async fn build(
     }
     Ok(Restored {
         backup: manifest.id.clone(),
+        created: manifest.created.clone(),
         keys,
         applied_index: log_id.index,
         hlc_max,

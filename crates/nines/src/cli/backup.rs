@@ -281,21 +281,16 @@ pub async fn restore_into(
     let pb = bar(Some(manifest.bytes), &format!("restoring {}", manifest.id));
     let restored = restore::restore(&target, &manifest, until, &members, &pb).await;
     pb.finish_and_clear();
-    let r = restored?;
-    println!(
-        "restored backup {} (created {}) and {} archived writes from {} segments into {} nodes of region {}: {} \
-         keys, newest write {}, the log starts after index {}",
-        r.backup,
-        manifest.created,
-        r.replayed,
-        r.segments,
-        r.nodes,
-        configs[0].region,
-        r.keys,
-        r.hlc_max,
-        r.applied_index
-    );
-    Ok(r)
+    restored
+}
+
+/// What a restore did, in one line.
+pub fn describe(r: &restore::Restored, region: &str) -> String {
+    format!(
+        "restored backup {} (created {}) and {} archived writes from {} segments into {} nodes of region {region}: \
+         {} keys, newest write {}, the log starts after index {}",
+        r.backup, r.created, r.replayed, r.segments, r.nodes, r.keys, r.hlc_max, r.applied_index
+    )
 }
 
 pub async fn restore(args: RestoreArgs) -> anyhow::Result<bool> {
@@ -304,7 +299,8 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<bool> {
     for c in &configs {
         c.validate()?;
     }
-    restore_into(&args.from, args.id.as_deref(), args.until.until(), &configs).await?;
+    let r = restore_into(&args.from, args.id.as_deref(), args.until.until(), &configs).await?;
+    println!("{}", describe(&r, &configs[0].region));
     println!("start each node with its configuration; the nodes elect a leader on their own (no `member init`)");
     Ok(true)
 }

@@ -5,6 +5,8 @@
 
 pub mod backup;
 pub mod controller;
+pub mod drill;
+pub mod local;
 pub mod region;
 pub mod up;
 
@@ -112,6 +114,10 @@ pub enum Command {
     /// Make a new region's data directories from a backup (nodes stopped,
     /// directories empty); then start the nodes.
     Restore(backup::RestoreArgs),
+    /// The disaster-recovery drill: each strategy (backup & restore, pilot
+    /// light, warm standby, active-active) on real nodes, its primary region
+    /// destroyed, RTO and RPO measured.
+    Drill(drill::DrillArgs),
     /// Health-checked failover: promote a secondary when the primary fails N probes.
     Controller(controller::ControllerArgs),
     /// Probe an HTTP health endpoint (e.g. http://127.0.0.1:8001/health/ready):
@@ -540,6 +546,7 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
         Command::Controller(args) => controller::run(&g, args).await?,
         Command::Backup(b) => return backup::run(&g, b).await,
         Command::Restore(args) => return backup::restore(args).await,
+        Command::Drill(args) => return drill::run(&g, args).await,
         Command::Health { url, timeout } => return health(&url, timeout).await,
         Command::Member(m) => {
             let c = client(&g)?;

@@ -7,24 +7,13 @@
 //! every node cleanly on Ctrl-C.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use nines_client::{Client, ClientConfig, NodeInfo};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 
+use super::local::{Local, STARTUP_DEADLINE};
 use crate::config::{ClusterConfig, LatencyConfig, Mode, NodeConfig, RegionConfig};
-
-/// How long `up` waits for nodes to serve and for a leader. Generous: a
-/// first start on a loaded laptop can take seconds.
-const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
-
-/// How long nodes get to stop after SIGTERM before they are killed. Above
-/// the node's own `SHUTDOWN_GRACE`.
-const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The most AZs (nodes) per region `up` starts: one Raft group gains
 /// nothing beyond seven voters.
@@ -84,24 +73,6 @@ pub struct UpArgs {
 pub enum UpMode {
     ActiveActive,
     ActivePassive,
-}
-
-/// A started node process. Dropping it kills the process, so a failing `up`
-/// never leaves orphans.
-struct NodeProcess {
-    id: u64,
-    child: Child,
-    exited: bool,
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if !self.exited {
-            // Ignored: the process may have exited on its own already.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn az_name(region: &str, n: u64) -> String {
@@ -218,79 +189,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             bail!("--restore-from needs a fresh --data-dir: {} holds a cluster's data already", dir.display());
         }
         for region in configs.chunk_by(|a, b| a.region == b.region).filter(|r| r[0].region != AUTHORITY_REGION) {
-            super::backup::restore_into(from, args.restore_id.as_deref(), until, region).await?;
+            let r = super::backup::restore_into(from, args.restore_id.as_deref(), until, region).await?;
+            println!("{}", super::backup::describe(&r, &region[0].region));
             restored.push(region[0].region.clone());
         }
     }
-    let exe = std::env::current_exe().context("finding the nines binary")?;
-    let mut nodes = Vec::new();
+    let mut local = Local::default();
     for c in &configs {
-        std::fs::create_dir_all(&c.data_dir)?;
-        let config_path = c.data_dir.join("nines.toml");
-        std::fs::write(&config_path, toml::to_string_pretty(c)?)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(c.data_dir.join("node.log"))?;
-        let child = std::process::Command::new(&exe)
-            .arg("node")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting node {}", c.id))?;
-        nodes.push(NodeProcess { id: c.id, child, exited: false });
+        local.spawn(c)?;
     }
-    let endpoints: Vec<String> = configs.iter().map(|c| format!("http://{}", c.grpc_listen)).collect();
-    let client = Client::new(endpoints.clone(), ClientConfig::default())?;
-
     let deadline = Instant::now() + STARTUP_DEADLINE;
-    for (c, ep) in configs.iter().zip(&endpoints) {
-        while client.status_of(ep).await.is_err() {
-            check_alive(&mut nodes, &dir)?;
-            if Instant::now() > deadline {
-                bail!(
-                    "node {} did not serve at {ep} within {STARTUP_DEADLINE:?}; see {}",
-                    c.id,
-                    c.data_dir.join("node.log").display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    local.wait_serving(&configs, deadline).await?;
     let mut leaders = Vec::new();
     for region_configs in configs.chunk_by(|a, b| a.region == b.region) {
         let region = region_configs[0].region.clone();
-        let endpoints: Vec<String> = region_configs.iter().map(|c| format!("http://{}", c.grpc_listen)).collect();
-        let client = Client::new(endpoints.clone(), ClientConfig::default())?;
-        if fresh && !restored.contains(&region) {
-            let members = region_configs
-                .iter()
-                .map(|c| NodeInfo {
-                    id: c.id,
-                    grpc_addr: format!("http://{}", c.grpc_listen),
-                    admin_addr: format!("http://{}", c.admin_listen),
-                    region: c.region.clone(),
-                    az: c.az.clone(),
-                })
-                .collect();
-            client.init(&endpoints[0], members).await.with_context(|| format!("bootstrapping region {region}"))?;
-        }
-        let leader = loop {
-            if let Ok(m) = client.members().await
-                && let Some(l) = m.leader_id
-            {
-                break l;
-            }
-            check_alive(&mut nodes, &dir)?;
-            if Instant::now() > deadline {
-                bail!(
-                    "region {region} elected no leader within {STARTUP_DEADLINE:?}; see the node.log files under {}",
-                    dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        leaders.push((region, leader));
+        let init = fresh && !restored.contains(&region);
+        leaders.push((region, local.bootstrap(region_configs, init, deadline).await?));
     }
 
     let mut mode = if args.regions > 1 { format!(", {}", configs[0].cluster.mode.as_str()) } else { String::new() };
@@ -299,7 +213,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!("nines: {} regions x {} AZs{mode} (data in {})", args.regions, args.azs, dir.display());
     println!("{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}", "NODE", "REGION", "AZ", "GRPC", "ADMIN", "PID");
-    for (c, p) in configs.iter().zip(&nodes) {
+    for (c, p) in configs.iter().zip(&local.nodes) {
         println!(
             "{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}",
             c.id,
@@ -307,7 +221,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             c.az,
             format!("http://{}", c.grpc_listen),
             format!("http://{}", c.admin_listen),
-            p.child.id()
+            p.pid()
         );
     }
     for (region, leader) in &leaders {
@@ -320,58 +234,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => report_exits(&mut nodes),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => local.report_exits(),
         }
     }
-    println!("stopping {} nodes", nodes.iter().filter(|n| !n.exited).count());
-    stop_all(&mut nodes).await;
+    println!("stopping {} nodes", local.running());
+    local.stop_all().await;
     drop(temp);
     Ok(())
-}
-
-/// Fails if a node exited during startup.
-fn check_alive(nodes: &mut [NodeProcess], dir: &Path) -> anyhow::Result<()> {
-    for n in nodes.iter_mut() {
-        if let Some(status) = n.child.try_wait()? {
-            n.exited = true;
-            bail!(
-                "node {} exited during startup ({status}); see {}",
-                n.id,
-                dir.join(format!("node-{}/node.log", n.id)).display()
-            );
-        }
-    }
-    Ok(())
-}
-
-fn report_exits(nodes: &mut [NodeProcess]) {
-    for n in nodes.iter_mut().filter(|n| !n.exited) {
-        if let Ok(Some(status)) = n.child.try_wait() {
-            n.exited = true;
-            println!("node {} (pid {}) exited: {status}", n.id, n.child.id());
-        }
-    }
-}
-
-/// SIGTERM to every running node, then SIGKILL to any still running after
-/// `STOP_DEADLINE`.
-async fn stop_all(nodes: &mut [NodeProcess]) {
-    for n in nodes.iter().filter(|n| !n.exited) {
-        // Ignored: the process may have exited between the check and the signal.
-        let _ = kill(Pid::from_raw(n.child.id() as i32), Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + STOP_DEADLINE;
-    while Instant::now() < deadline
-        && nodes.iter_mut().any(|n| !n.exited && n.child.try_wait().ok().flatten().is_none())
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for n in nodes.iter_mut() {
-        if !n.exited && n.child.try_wait().ok().flatten().is_none() {
-            println!("node {} did not stop within {STOP_DEADLINE:?}; killing it", n.id);
-            let _ = n.child.kill();
-        }
-        let _ = n.child.wait();
-        n.exited = true;
-    }
 }
