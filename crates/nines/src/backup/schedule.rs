@@ -64,7 +64,10 @@ async fn run(node: Arc<Node>, config: BackupConfig, mut stop: watch::Receiver<bo
             continue;
         }
         let started = std::time::Instant::now();
-        match once(&node, &target, &retention).await {
+        gauge!("nines_backup_running").set(1.0);
+        let outcome = once(&node, &target, &retention).await;
+        gauge!("nines_backup_running").set(0.0);
+        match outcome {
             Ok(m) => {
                 newest = Some(m.created_at());
                 node.stats().set_last_backup(m.id.clone(), m.created_ms);
