@@ -36,6 +36,20 @@ fn free_port_run() -> u16 {
     panic!("no run of three free ports");
 }
 
+/// A three-node region whose `[backup]` targets a new directory, as
+/// `tweak` sets it; the directory, its URL and the cluster.
+async fn backing_up(tweak: impl Fn(&mut nines::config::BackupConfig)) -> (tempfile::TempDir, String, TestCluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let target = url.clone();
+    let cluster = TestCluster::start(3, move |c| {
+        c.backup.target = target.clone();
+        tweak(&mut c.backup);
+    })
+    .await;
+    (dir, url, cluster)
+}
+
 /// Every live key and value of a backup, read through the library.
 async fn backup_contents(url: &str) -> (backup::Manifest, BTreeMap<Vec<u8>, nines::types::StoredValue>) {
     let target = Target::open(url).unwrap();
@@ -257,13 +271,9 @@ async fn a_backup_under_write_load_is_the_state_at_its_stated_index() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_takes_scheduled_backups_and_applies_the_retention() {
     let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", dir.path().display());
-    let target_url = url.clone();
-    let cluster = TestCluster::start(3, move |c| {
-        c.backup.target = target_url.clone();
-        c.backup.every = Duration::from_secs(1);
-        c.backup.keep = Some(2);
+    let (_dir, url, cluster) = backing_up(|b| {
+        b.every = Duration::from_secs(1);
+        b.keep = Some(2);
     })
     .await;
     let client = cluster.client();
@@ -312,13 +322,9 @@ async fn a_point_in_time_restore_holds_exactly_the_writes_stamped_before_it() {
     // time in the middle holds exactly the writes stamped by then, and a
     // restore without a time holds every acknowledged write.
     let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", dir.path().display());
-    let target_url = url.clone();
-    let cluster = TestCluster::start(3, move |c| {
-        c.backup.target = target_url.clone();
-        c.backup.every = Duration::from_secs(3600);
-        c.backup.archive_every = Duration::from_millis(500);
+    let (_dir, url, cluster) = backing_up(|b| {
+        b.every = Duration::from_secs(3600);
+        b.archive_every = Duration::from_millis(500);
     })
     .await;
     let endpoints = cluster.endpoints(&[1, 2, 3]).join(",");

@@ -569,15 +569,7 @@ pub async fn run(g: &Global, args: DrillArgs) -> anyhow::Result<bool> {
     if args.time < Duration::from_secs(3) {
         bail!("--time {:?} is too short to see a workload before the disaster; give at least 3s", args.time);
     }
-    let temp = match &args.data_dir {
-        Some(_) => None,
-        None => Some(tempfile::Builder::new().prefix("nines-drill-").tempdir()?),
-    };
-    let dir = match (&args.data_dir, &temp) {
-        (Some(d), _) => d.clone(),
-        (None, Some(t)) => t.path().to_path_buf(),
-        (None, None) => unreachable!("a temporary directory exists when no data dir is given"),
-    };
+    let (dir, _temp) = super::local::data_dir(args.data_dir.as_ref(), "nines-drill-")?;
     let list = scenarios(args.strategy, args.time);
     let pb = ProgressBar::new(list.len() as u64);
     if let Ok(style) = ProgressStyle::with_template("{spinner} [{pos}/{len}] {elapsed} {msg}") {
@@ -616,25 +608,27 @@ pub mod report {
 
     use super::Row;
 
+    /// The columns of the table, and a row's cells.
+    const HEADER: [&str; 7] =
+        ["strategy", "nodes", "RTO", "RPO (writes lost)", "RPO (oldest lost)", "lost writes span", "textbook"];
+
+    fn cells(r: &Row) -> [String; 7] {
+        [
+            r.strategy.clone(),
+            r.nodes.to_string(),
+            format!("{:.2} s", r.rto_ms as f64 / 1000.0),
+            format!("{} of {}", r.rpo_writes, r.acked_before),
+            format!("{} ms", r.rpo_max_age_ms),
+            format!("{} ms", r.rpo_window_ms),
+            r.textbook.clone(),
+        ]
+    }
+
     /// The measured table, in Markdown (a terminal reads it too).
     pub fn table(rows: &[Row]) -> String {
-        let mut out = String::from(
-            "| strategy | nodes | RTO | RPO (writes lost) | RPO (oldest lost) | lost writes span | textbook |\n\
-             |---|---:|---:|---:|---:|---:|---|\n",
-        );
+        let mut out = format!("| {} |\n|---|---:|---:|---:|---:|---:|---|\n", HEADER.join(" | "));
         for r in rows {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.2} s | {} of {} | {} ms | {} ms | {} |",
-                r.strategy,
-                r.nodes,
-                r.rto_ms as f64 / 1000.0,
-                r.rpo_writes,
-                r.acked_before,
-                r.rpo_max_age_ms,
-                r.rpo_window_ms,
-                r.textbook
-            );
+            let _ = writeln!(out, "| {} |", cells(r).join(" | "));
         }
         out
     }
@@ -697,26 +691,17 @@ pub mod report {
 
     pub fn html(rows: &[Row], seed: u64, time: Duration) -> String {
         let mut body = String::new();
-        let _ = write!(
-            body,
-            "<table><tr><th>strategy</th><th>nodes</th><th>RTO</th><th>RPO writes</th><th>oldest lost</th>\
-             <th>span</th><th>textbook</th><th>notes</th></tr>"
-        );
+        body.push_str("<table><tr>");
+        for h in HEADER.iter().chain(&["notes"]) {
+            let _ = write!(body, "<th>{h}</th>");
+        }
+        body.push_str("</tr>");
         for r in rows {
-            let _ = write!(
-                body,
-                "<tr><td>{}</td><td>{}</td><td>{:.2} s</td><td>{} of {}</td><td>{} ms</td><td>{} ms</td><td>{}</td>\
-                 <td>{}</td></tr>",
-                escape(&r.strategy),
-                r.nodes,
-                r.rto_ms as f64 / 1000.0,
-                r.rpo_writes,
-                r.acked_before,
-                r.rpo_max_age_ms,
-                r.rpo_window_ms,
-                escape(&r.textbook),
-                escape(&r.notes)
-            );
+            body.push_str("<tr>");
+            for c in cells(r).iter().chain([&r.notes]) {
+                let _ = write!(body, "<td>{}</td>", escape(c));
+            }
+            body.push_str("</tr>");
         }
         body.push_str("</table>");
         for r in rows {

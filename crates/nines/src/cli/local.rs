@@ -3,6 +3,7 @@
 //! with its log in `DATA_DIR/node.log`. Dropping a [`Local`] kills every
 //! node it still runs, so a failing command never leaves orphans.
 
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,18 @@ pub const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 /// How long nodes get to stop after SIGTERM before they are killed. Above
 /// the node's own `SHUTDOWN_GRACE`.
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The data directory to use: the one given, or a new temporary one
+/// (removed when the returned guard drops).
+pub fn data_dir(given: Option<&PathBuf>, prefix: &str) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    Ok(match given {
+        Some(d) => (d.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
+    })
+}
 
 /// A started node process.
 pub struct NodeProcess {

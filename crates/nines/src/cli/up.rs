@@ -160,15 +160,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.regions == 0 || args.regions > REGION_NAMES.len() as u64 {
         bail!("--regions {} is outside 1..={}", args.regions, REGION_NAMES.len());
     }
-    let temp = match &args.data_dir {
-        Some(_) => None,
-        None => Some(tempfile::Builder::new().prefix("nines-up-").tempdir()?),
-    };
-    let dir = match (&args.data_dir, &temp) {
-        (Some(d), _) => d.clone(),
-        (None, Some(t)) => t.path().to_path_buf(),
-        (None, None) => unreachable!("a temporary directory exists when no data dir is given"),
-    };
+    let (dir, temp) = super::local::data_dir(args.data_dir.as_ref(), "nines-up-")?;
     let configs = node_configs(&args, &dir)?;
     let existing = configs.iter().filter(|c| crate::backup::restore::holds_data(&c.data_dir)).count();
     if existing != 0 && existing != configs.len() {
