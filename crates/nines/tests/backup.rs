@@ -7,15 +7,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, free_port, serial};
+use common::{TestCluster, Up, serial};
 use nines::backup::{self, Target};
 use nines::storage::snapshot::Item;
-use nines_client::{Client, ClientConfig, Consistency};
+use nines_client::Consistency;
 
 fn nines(endpoints: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_nines")).args(["--endpoints", endpoints]).args(args).output().expect("run nines")
@@ -23,17 +22,6 @@ fn nines(endpoints: &str, args: &[&str]) -> std::process::Output {
 
 fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// Three consecutive free ports starting at the returned one.
-fn free_port_run() -> u16 {
-    for _ in 0..100 {
-        let p = free_port();
-        if p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            return p;
-        }
-    }
-    panic!("no run of three free ports");
 }
 
 /// A three-node region whose `[backup]` targets a new directory, as
@@ -67,55 +55,12 @@ async fn backup_contents(url: &str) -> (backup::Manifest, BTreeMap<Vec<u8>, nine
     (manifest, out)
 }
 
-/// `nines up --regions 1 --restore-from URL`, started and serving.
-struct UpFromBackup {
-    child: std::process::Child,
-    printed: String,
-    /// Kept open: `up` prints until it exits.
-    _out: BufReader<std::process::ChildStdout>,
-    grpc: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl UpFromBackup {
-    fn start(url: &str, extra: &[&str]) -> UpFromBackup {
-        let grpc = free_port_run();
-        let admin = free_port_run();
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nines"))
-            .args(["up", "--regions", "1", "--restore-from", url, "--data-dir"])
-            .arg(dir.path())
-            .args(["--grpc-port-base", &grpc.to_string(), "--admin-port-base", &admin.to_string()])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start nines up");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut printed = String::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !printed.contains("us-east leader: node") {
-            assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap() == 0 {
-                panic!("nines up exited early: {printed} {:?}", child.wait());
-            }
-            printed.push_str(&line);
-        }
-        UpFromBackup { child, printed, _out: out, grpc, _dir: dir }
-    }
-
-    fn client(&self) -> Client {
-        let endpoints = (0..3).map(|i| format!("http://127.0.0.1:{}", self.grpc + i)).collect();
-        Client::new(endpoints, ClientConfig::default()).unwrap()
-    }
-
-    /// Ctrl-C: `up` stops its nodes and exits 0.
-    fn stop(mut self) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
-            .unwrap();
-        assert!(self.child.wait().unwrap().success());
-    }
+/// `nines up --regions 1 --restore-from URL` on a new data directory.
+fn up_from_backup(url: &str, extra: &[&str]) -> (Up, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--restore-from", url];
+    args.extend_from_slice(extra);
+    (Up::start(dir.path(), &args), dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +99,7 @@ async fn a_backup_verifies_restores_whole_and_a_flipped_byte_is_refused() {
     drop(cluster);
 
     // A fresh `nines up` from the backup serves every key, versions kept.
-    let up = UpFromBackup::start(&url, &[]);
+    let (up, _up_dir) = up_from_backup(&url, &[]);
     assert!(up.printed.contains("restored backup"), "{}", up.printed);
     let restored = up.client();
     for (key, version) in &written {
@@ -352,7 +297,7 @@ async fn a_point_in_time_restore_holds_exactly_the_writes_stamped_before_it() {
     drop(cluster);
 
     let to_time = humantime::format_rfc3339_millis(middle).to_string();
-    let up = UpFromBackup::start(&url, &["--to-time", &to_time]);
+    let (up, _up_dir) = up_from_backup(&url, &["--to-time", &to_time]);
     let restored = up.client();
     let (mut before, mut after) = (0, 0);
     for (key, ms, logical) in &acked {

@@ -13,17 +13,6 @@ fn nines(endpoints: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_nines")).args(["--endpoints", endpoints]).args(args).output().expect("run nines")
 }
 
-/// Six consecutive free ports starting at the returned one.
-fn free_port_run() -> u16 {
-    for _ in 0..100 {
-        let p = free_port();
-        if p < 65000 && (1..6).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            return p;
-        }
-    }
-    panic!("no run of three free ports");
-}
-
 #[test]
 fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     // Shows: `nines up` starts two regions of three nodes, prints each
@@ -31,8 +20,8 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     // put/get/cas/del/scan/status/member list work against it with the
     // documented exit codes; SIGINT stops `up` and every node it started.
     let _serial = serial_blocking();
-    let grpc = free_port_run();
-    let admin = free_port_run();
+    let grpc = common::free_port_run(6);
+    let admin = common::free_port_run(6);
     let mut up = Command::new(env!("CARGO_BIN_EXE_nines"))
         .args(["up", "--grpc-port-base", &grpc.to_string(), "--admin-port-base", &admin.to_string()])
         .stdout(Stdio::piped())
@@ -139,4 +128,20 @@ fn a_cli_with_no_cluster_fails_with_one_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("unavailable"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_data_dir_starts_again_on_its_own_data() {
+    // Shows: a second `nines up` on the same --data-dir finds its cluster's
+    // data, bootstraps nothing, and serves what the first one stored.
+    let _serial = common::serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, admin) = (common::free_port_run(3), common::free_port_run(3));
+    let first = common::Up::start_on(dir.path(), grpc, admin, &[]);
+    first.client().put("kept", "across restarts").await.unwrap();
+    first.stop();
+    let again = common::Up::start_on(dir.path(), grpc, admin, &[]);
+    let kv = again.client().get("kept", nines_client::Consistency::Linearizable).await.unwrap().kv.expect("kept");
+    assert_eq!(kv.value, b"across restarts");
+    again.stop();
 }

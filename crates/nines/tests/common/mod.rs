@@ -5,8 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -389,5 +390,75 @@ impl TestCluster {
         let messages = log.lines().filter(|l| !l.starts_with(' '));
         let tail: Vec<&str> = messages.rev().take(lines).collect::<Vec<_>>().into_iter().rev().collect();
         tail.join("\n")
+    }
+}
+
+/// `n` consecutive free ports starting at the returned one.
+pub fn free_port_run(n: u16) -> u16 {
+    for _ in 0..100 {
+        let p = free_port();
+        if p < 65000 && (1..n).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
+    panic!("no run of {n} free ports");
+}
+
+/// `nines up --regions 1 --data-dir DIR` (plus `extra`), started and
+/// serving: it printed its region's leader.
+pub struct Up {
+    child: Child,
+    pub printed: String,
+    /// Kept open: `up` prints until it exits.
+    _out: BufReader<std::process::ChildStdout>,
+    grpc: u16,
+}
+
+impl Up {
+    pub fn start(dir: &Path, extra: &[&str]) -> Up {
+        let grpc = free_port_run(3);
+        let admin = free_port_run(3);
+        Self::start_on(dir, grpc, admin, extra)
+    }
+
+    /// On given port bases (a restart reuses its cluster's addresses).
+    pub fn start_on(dir: &Path, grpc: u16, admin: u16, extra: &[&str]) -> Up {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nines"))
+            .args(["up", "--regions", "1", "--data-dir"])
+            .arg(dir)
+            .args(["--grpc-port-base", &grpc.to_string(), "--admin-port-base", &admin.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start nines up");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut printed = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !printed.contains("us-east leader: node") {
+            assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap() == 0 {
+                panic!("nines up exited early: {printed} {:?}", child.wait());
+            }
+            printed.push_str(&line);
+        }
+        Up { child, printed, _out: out, grpc }
+    }
+
+    pub fn grpc_base(&self) -> u16 {
+        self.grpc
+    }
+
+    pub fn client(&self) -> Client {
+        let endpoints = (0..3).map(|i| format!("http://127.0.0.1:{}", self.grpc + i)).collect();
+        Client::new(endpoints, ClientConfig::default()).unwrap()
+    }
+
+    /// Ctrl-C: `up` stops its nodes and exits 0.
+    pub fn stop(mut self) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+            .unwrap();
+        assert!(self.child.wait().unwrap().success());
     }
 }
