@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{free_port, serial_blocking};
@@ -22,23 +21,13 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let _serial = serial_blocking();
     let grpc = common::free_port_run(6);
     let admin = common::free_port_run(6);
-    let mut up = Command::new(env!("CARGO_BIN_EXE_nines"))
-        .args(["up", "--grpc-port-base", &grpc.to_string(), "--admin-port-base", &admin.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start nines up");
-    let mut out = BufReader::new(up.stdout.take().unwrap());
-    let mut printed = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !printed.contains("eu-west leader: node") {
-        assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 {
-            panic!("nines up exited early: {printed} {:?}", up.wait());
-        }
-        printed.push_str(&line);
-    }
+    let (grpc_base, admin_base) = (grpc.to_string(), admin.to_string());
+    let up = common::Up::spawn(
+        &["up", "--grpc-port-base", &grpc_base, "--admin-port-base", &admin_base],
+        grpc,
+        "eu-west leader: node",
+    );
+    let printed = up.printed.clone();
     let pids: Vec<i32> = printed
         .lines()
         .filter(|l| l.contains("http://127.0.0.1:"))
@@ -102,17 +91,8 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["members"].as_array().unwrap().len(), 3);
 
-    // Ctrl-C: `up` stops every node it started, then exits.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = up.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "nines up did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "nines up exit: {status}");
+    // Ctrl-C: `up` stops every node it started, then exits 0.
+    up.stop();
     for pid in pids {
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         assert!(!alive, "node pid {pid} still running after nines up stopped");

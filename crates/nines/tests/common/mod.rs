@@ -423,11 +423,19 @@ impl Up {
 
     /// On given port bases (a restart reuses its cluster's addresses).
     pub fn start_on(dir: &Path, grpc: u16, admin: u16, extra: &[&str]) -> Up {
+        let (grpc_base, admin_base) = (grpc.to_string(), admin.to_string());
+        let dir = dir.to_string_lossy();
+        let mut args = vec!["up", "--regions", "1", "--data-dir", &dir];
+        args.extend_from_slice(&["--grpc-port-base", &grpc_base, "--admin-port-base", &admin_base]);
+        args.extend_from_slice(extra);
+        Self::spawn(&args, grpc, "us-east leader: node")
+    }
+
+    /// `nines ARGS` (an `up` command on gRPC port base `grpc`), until it
+    /// printed `ready`.
+    pub fn spawn(args: &[&str], grpc: u16, ready: &str) -> Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nines"))
-            .args(["up", "--regions", "1", "--data-dir"])
-            .arg(dir)
-            .args(["--grpc-port-base", &grpc.to_string(), "--admin-port-base", &admin.to_string()])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -435,7 +443,7 @@ impl Up {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut printed = String::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !printed.contains("us-east leader: node") {
+        while !printed.contains(ready) {
             assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
             let mut line = String::new();
             if out.read_line(&mut line).unwrap() == 0 {
