@@ -231,8 +231,8 @@ pub async fn verify(target: &Target, manifest: &Manifest, progress: &dyn Progres
     Ok(())
 }
 
-/// Which backups to keep: the newest `keep`, and every one created within
-/// `keep_within` of now. The newest backup is always kept.
+/// Which backups of one region to keep: the newest `keep`, and every one
+/// created within `keep_within` of now. The newest backup is always kept.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retention {
     pub keep: Option<u64>,
@@ -266,13 +266,21 @@ impl Retention {
     }
 }
 
-/// Applies a retention to a target; returns the ids it deleted.
+/// Applies a retention to a target, to each region's backups apart (regions
+/// may share a target); returns the ids it deleted.
 pub async fn prune(target: &Target, retention: &Retention) -> anyhow::Result<Vec<String>> {
-    let drop = retention.to_drop(&target.manifests().await?, SystemTime::now());
-    for id in &drop {
+    let all = target.manifests().await?;
+    let regions: std::collections::BTreeSet<&str> = all.iter().map(|m| m.region.as_str()).collect();
+    let now = SystemTime::now();
+    let mut dropped = Vec::new();
+    for region in regions {
+        let own: Vec<Manifest> = all.iter().filter(|m| m.region == region).cloned().collect();
+        dropped.extend(retention.to_drop(&own, now));
+    }
+    for id in &dropped {
         target.delete(id).await?;
     }
-    Ok(drop)
+    Ok(dropped)
 }
 
 #[cfg(test)]
@@ -314,6 +322,22 @@ mod tests {
         let long_ago = Retention { keep: None, keep_within: Some(Duration::from_secs(1)) };
         assert_eq!(long_ago.to_drop(&all, now), ["b0", "b1", "b2", "b3"], "the newest stays");
         assert!(Retention::default().to_drop(&all, now).is_empty(), "no rule drops nothing");
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_each_regions_newest_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Target::open(&format!("file://{}", dir.path().display())).unwrap();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        for (id, region, age) in [("1-a", "a", 4), ("2-b", "b", 3), ("3-a", "a", 2), ("4-a", "a", 1)] {
+            let m = Manifest { region: region.into(), ..manifest(id, hour * age, now) };
+            target.put_manifest(&m).await.unwrap();
+        }
+        let dropped = prune(&target, &Retention { keep: Some(1), keep_within: None }).await.unwrap();
+        assert_eq!(dropped, ["1-a", "3-a"], "region b's only backup stays");
+        let left: Vec<String> = target.manifests().await.unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(left, ["2-b", "4-a"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Scheduled backups: the region's leader takes a backup when the newest
-//! one in the target is `every` old, then applies the retention. Followers
+//! Scheduled backups: the region's leader takes a backup when its region's
+//! newest one in the target is `every` old, then applies the retention
+//! (to each region's backups apart: regions may share a target). Followers
 //! only watch: after a leader change the new leader goes on from the
 //! target's newest backup, so the schedule survives failovers.
 
@@ -52,7 +53,10 @@ async fn run(node: Arc<Node>, config: BackupConfig, mut stop: watch::Receiver<bo
         }
         if newest.is_none() {
             match target.manifests().await {
-                Ok(all) => newest = Some(all.last().map_or(SystemTime::UNIX_EPOCH, |m| m.created_at())),
+                Ok(all) => {
+                    let own = all.iter().rev().find(|m| m.region == node.region());
+                    newest = Some(own.map_or(SystemTime::UNIX_EPOCH, |m| m.created_at()));
+                }
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "listing backups");
                     continue;
