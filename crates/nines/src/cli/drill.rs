@@ -234,9 +234,23 @@ async fn wait_writable(client: &Client, deadline: Instant) -> anyhow::Result<()>
     }
 }
 
-/// A free loopback port (the kernel's choice, released at once).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Where the drill's nodes listen: below Linux's ephemeral range
+/// (32768-60999), so no client connection of this machine takes a port
+/// between its choice and the node's bind (a port the kernel picks for
+/// `bind(0)` is in that range, and was taken that way once).
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port in `PORTS` that binds now and is not in `used`.
+fn free_port(used: &mut HashSet<u16>) -> anyhow::Result<u16> {
+    let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+    for _ in 0..1000 {
+        let port = rng.random_range(PORTS);
+        if !used.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            used.insert(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {PORTS:?} after 1000 tries")
 }
 
 fn writer_client(endpoints: Vec<String>) -> anyhow::Result<Client> {
@@ -267,6 +281,7 @@ struct Topology {
 fn topology(s: &Scenario, dir: &Path, backups: &str, time: Duration) -> anyhow::Result<Topology> {
     let two_regions = !matches!(s.strategy, Strategy::BackupRestore { .. });
     let mut next_id = 0;
+    let mut used = HashSet::new();
     let mut node = |region: &str, az: usize| -> anyhow::Result<NodeConfig> {
         next_id += 1;
         Ok(NodeConfig {
@@ -274,8 +289,8 @@ fn topology(s: &Scenario, dir: &Path, backups: &str, time: Duration) -> anyhow::
             region: region.into(),
             az: format!("{region}-{}", (b'a' + az as u8) as char),
             data_dir: dir.join(format!("node-{next_id}")),
-            grpc_listen: ([127, 0, 0, 1], free_port()?).into(),
-            admin_listen: ([127, 0, 0, 1], free_port()?).into(),
+            grpc_listen: ([127, 0, 0, 1], free_port(&mut used)?).into(),
+            admin_listen: ([127, 0, 0, 1], free_port(&mut used)?).into(),
             runtime_threads: 1,
             fault_injection: s.cut_before.is_some(),
             latency: LatencyConfig {

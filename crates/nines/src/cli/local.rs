@@ -157,10 +157,14 @@ impl Local {
         for n in self.nodes.iter_mut().filter(|n| !n.exited) {
             if let Some(status) = n.child.try_wait()? {
                 n.exited = true;
+                let log = n.config.data_dir.join("node.log");
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(3).collect();
                 bail!(
-                    "node {} exited during startup ({status}); see {}",
+                    "node {} exited during startup ({status}); see {}; it ended: {}",
                     n.config.id,
-                    n.config.data_dir.join("node.log").display()
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                 );
             }
         }
