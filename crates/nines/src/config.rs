@@ -201,6 +201,15 @@ impl LatencyConfig {
 }
 
 impl NodeConfig {
+    /// The gRPC and admin URLs others reach this node at: the advertised
+    /// ones, or `http://` + the bound addresses.
+    pub fn urls(&self, grpc: SocketAddr, admin: SocketAddr) -> (String, String) {
+        let url = |advertised: &str, bound: SocketAddr| {
+            if advertised.is_empty() { format!("http://{bound}") } else { advertised.to_string() }
+        };
+        (url(&self.grpc_advertise, grpc), url(&self.admin_advertise, admin))
+    }
+
     /// The other regions, with their endpoints.
     pub fn peer_regions(&self) -> Vec<RegionConfig> {
         self.cluster.regions.iter().filter(|r| r.name != self.region).cloned().collect()

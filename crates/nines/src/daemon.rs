@@ -229,15 +229,8 @@ async fn start_node(
     // restart (see `Node::ensure_linearizable`).
     let log_state = openraft::storage::RaftLogStorage::get_log_state(&mut log_store).await?;
     let log_index_at_start = log_state.last_log_id.map_or(0, |l| l.index);
-    let advertise = |configured: &str, bound: SocketAddr| {
-        if configured.is_empty() { format!("http://{bound}") } else { configured.to_string() }
-    };
-    let info = NodeInfo {
-        grpc_addr: advertise(&config.grpc_advertise, listeners.grpc_addr),
-        admin_addr: advertise(&config.admin_advertise, listeners.admin_addr),
-        region: config.region.clone(),
-        az: config.az.clone(),
-    };
+    let (grpc_addr, admin_addr) = config.urls(listeners.grpc_addr, listeners.admin_addr);
+    let info = NodeInfo { grpc_addr, admin_addr, region: config.region.clone(), az: config.az.clone() };
     let reader = state_machine.reader();
     let channels = Channels::default();
     let network =

@@ -253,15 +253,8 @@ fn members(configs: &[crate::config::NodeConfig]) -> anyhow::Result<Vec<(NodeId,
         if out.iter().any(|(id, _, _)| *id == c.id) {
             bail!("node id {} appears in two configurations", c.id);
         }
-        let or = |advertised: &str, listen: std::net::SocketAddr| {
-            if advertised.is_empty() { format!("http://{listen}") } else { advertised.to_string() }
-        };
-        let info = NodeInfo {
-            grpc_addr: or(&c.grpc_advertise, c.grpc_listen),
-            admin_addr: or(&c.admin_advertise, c.admin_listen),
-            region: c.region.clone(),
-            az: c.az.clone(),
-        };
+        let (grpc_addr, admin_addr) = c.urls(c.grpc_listen, c.admin_listen);
+        let info = NodeInfo { grpc_addr, admin_addr, region: c.region.clone(), az: c.az.clone() };
         out.push((c.id, info, c.data_dir.clone()));
     }
     Ok(out)
