@@ -73,7 +73,7 @@ pub mod etcdpb {
 /// The system under test.
 #[derive(Clone)]
 pub enum Target {
-    Nines(Arc<nines_client::Client>),
+    Nines(Arc<nines::rpc::Client>),
     /// One channel per etcd member; client `i` uses member `i % n` (etcd
     /// forwards to its leader itself).
     Etcd(Vec<etcdpb::kv_client::KvClient<tonic::transport::Channel>>),
@@ -81,7 +81,7 @@ pub enum Target {
 
 impl Target {
     pub async fn nines(endpoints: Vec<String>) -> anyhow::Result<Target> {
-        Ok(Target::Nines(Arc::new(nines_client::Client::new(endpoints, nines_client::ClientConfig::default())?)))
+        Ok(Target::Nines(Arc::new(nines::rpc::Client::new(endpoints, nines::rpc::ClientConfig::default())?)))
     }
 
     pub async fn etcd(endpoints: Vec<String>) -> anyhow::Result<Target> {
@@ -126,7 +126,7 @@ impl Target {
     async fn get(&mut self, key: Vec<u8>) -> anyhow::Result<()> {
         match self {
             Target::Nines(c) => {
-                c.get(key, nines_client::Consistency::Linearizable).await?;
+                c.get(key, nines::rpc::Consistency::Linearizable).await?;
             }
             Target::Etcd(c) => {
                 c[0].range(etcdpb::RangeRequest { key, ..Default::default() }).await?;

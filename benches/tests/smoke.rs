@@ -38,8 +38,8 @@ async fn the_generator_measures_a_real_nines_node() {
     let node = tokio::spawn(nines::daemon::run(config, async move {
         let _ = stop_rx.await;
     }));
-    let client = nines_client::Client::new(vec![endpoint.clone()], nines_client::ClientConfig::default()).unwrap();
-    let me = nines_client::NodeInfo { id: 1, grpc_addr: endpoint.clone(), ..Default::default() };
+    let client = nines::rpc::Client::new(vec![endpoint.clone()], nines::rpc::ClientConfig::default()).unwrap();
+    let me = nines::rpc::NodeInfo { id: 1, grpc_addr: endpoint.clone(), ..Default::default() };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while client.init(&endpoint, vec![me.clone()]).await.is_err() {
         assert!(std::time::Instant::now() < deadline, "node did not come up");

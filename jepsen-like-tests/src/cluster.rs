@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nines::config::{ClusterConfig, Mode, NodeConfig, RegionConfig};
-use nines_client::{Client, ClientConfig, NodeInfo};
+use nines::rpc::{Client, ClientConfig, NodeInfo};
 use nines_proto::v1::SetFaultsRequest;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -465,8 +465,7 @@ impl Cluster {
     /// `None` when no controller of this run holds the lease.
     pub async fn kill_deciding_controller(&mut self) -> Option<usize> {
         let authority = Client::new(self.region_endpoints(AUTHORITY_REGION), probe_config()).ok()?;
-        let got =
-            authority.get(nines::authority::CONTROLLER_KEY, nines_client::Consistency::Linearizable).await.ok()?;
+        let got = authority.get(nines::authority::CONTROLLER_KEY, nines::rpc::Consistency::Linearizable).await.ok()?;
         let lease: nines::authority::Lease = serde_json::from_slice(&got.kv?.value).ok()?;
         let i = self.controllers.iter().position(|c| {
             c.child.as_ref().is_some_and(|child| lease.holder.ends_with(&format!("pid-{}", child.id())))
@@ -628,7 +627,7 @@ impl Cluster {
     }
 
     /// The node's status, if it answers within the probe timeout.
-    pub async fn status(&self, id: u64) -> Option<nines_client::StatusResponse> {
+    pub async fn status(&self, id: u64) -> Option<nines::rpc::StatusResponse> {
         if !self.running(id) || self.paused(id) {
             return None;
         }

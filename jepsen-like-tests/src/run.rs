@@ -98,18 +98,18 @@ pub struct RunArgs {
 }
 
 /// A client of every data region (failover runs), with short timeouts.
-fn region_clients(cluster: &Cluster) -> anyhow::Result<Vec<(String, nines_client::Client)>> {
-    let config = nines_client::ClientConfig {
+fn region_clients(cluster: &Cluster) -> anyhow::Result<Vec<(String, nines::rpc::Client)>> {
+    let config = nines::rpc::ClientConfig {
         attempt_timeout: Duration::from_millis(500),
         attempts_max: 3,
         connect_timeout: Duration::from_millis(300),
         request_deadline: Duration::from_millis(1000),
-        ..nines_client::ClientConfig::default()
+        ..nines::rpc::ClientConfig::default()
     };
     cluster
         .region_order
         .iter()
-        .map(|r| Ok((r.clone(), nines_client::Client::new(cluster.region_endpoints(r), config.clone())?)))
+        .map(|r| Ok((r.clone(), nines::rpc::Client::new(cluster.region_endpoints(r), config.clone())?)))
         .collect()
 }
 
@@ -121,7 +121,7 @@ const PROMOTION_POLL: Duration = Duration::from_millis(200);
 /// it was seen (never before it happened). The first region is primary at
 /// epoch 0 from the start.
 async fn watch_promotions(
-    regions: Vec<(String, nines_client::Client)>,
+    regions: Vec<(String, nines::rpc::Client)>,
     recorder: Recorder,
     until: Instant,
 ) -> Vec<checker::Promotion> {
@@ -146,7 +146,7 @@ async fn watch_promotions(
 async fn divergent_elements(cluster: &Cluster) -> anyhow::Result<BTreeSet<u64>> {
     let mut elements = BTreeSet::new();
     for name in &cluster.region_order {
-        let client = nines_client::Client::new(cluster.region_endpoints(name), nines_client::ClientConfig::default())?;
+        let client = nines::rpc::Client::new(cluster.region_endpoints(name), nines::rpc::ClientConfig::default())?;
         let d = client.divergent(0).await.with_context(|| format!("reading {name}'s divergence record"))?;
         for kv in d.records.iter().filter_map(|r| r.kv.as_ref()) {
             let key = String::from_utf8_lossy(&kv.key);

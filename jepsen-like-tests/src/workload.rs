@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nines_client::{Client, ClientConfig, Consistency, Expect, KeyRange};
+use nines::rpc::{Client, ClientConfig, Consistency, Expect, KeyRange};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -231,8 +231,8 @@ struct ClientTask {
 }
 
 /// Whether an error leaves a write certainly without effect.
-fn write_failed_for_sure(e: &nines_client::Error) -> bool {
-    use nines_client::Error as E;
+fn write_failed_for_sure(e: &nines::rpc::Error) -> bool {
+    use nines::rpc::Error as E;
     matches!(e, E::Unavailable { .. } | E::InvalidArgument(_) | E::FailedPrecondition(_) | E::InvalidEndpoint { .. })
 }
 
@@ -321,7 +321,7 @@ impl ClientTask {
 
     /// One set operation: mostly an add of a new element, sometimes a delete
     /// of an element this client added earlier.
-    async fn set_op(&mut self) -> (Func, String, Value, nines_client::Result<Value>) {
+    async fn set_op(&mut self) -> (Func, String, Value, nines::rpc::Result<Value>) {
         if !self.added.is_empty() && self.rng.random_range(0..100) < DELETE_PERCENT {
             let e = self.added.swap_remove(self.rng.random_range(0..self.added.len()));
             let key = format!("{SET_PREFIX}{e:010}");
@@ -339,7 +339,7 @@ impl ClientTask {
 
     /// One failover operation: an add of a new element, to the region this
     /// client believes is primary.
-    async fn failover_op(&mut self) -> (Func, String, Value, nines_client::Result<Value>) {
+    async fn failover_op(&mut self) -> (Func, String, Value, nines::rpc::Result<Value>) {
         let e = self.unique();
         let key = format!("{SET_PREFIX}{e:010}");
         let r = self.regions[self.primary].2.put(key.clone(), e.to_string()).await;
@@ -363,7 +363,7 @@ impl ClientTask {
 
     /// One register operation: read half the time, else a write, or a CAS
     /// from the last value this client saw.
-    async fn register_op(&mut self) -> (Func, String, Value, nines_client::Result<Value>) {
+    async fn register_op(&mut self) -> (Func, String, Value, nines::rpc::Result<Value>) {
         let generation = self.recorder.now_us() / REGISTER_KEY_LIFETIME.as_micros() as u64;
         let key = format!("r{generation}-{}", self.rng.random_range(0..self.keys));
         let roll = self.rng.random_range(0..10);
@@ -397,12 +397,12 @@ impl ClientTask {
     /// current" is "the value is still `from`"; the operation takes effect
     /// (or observes a mismatch) at one of its two steps, inside its interval.
     /// A failed read step is a certain failure: nothing was proposed.
-    async fn cas(&mut self, key: &str, from: u64, to: u64) -> nines_client::Result<bool> {
+    async fn cas(&mut self, key: &str, from: u64, to: u64) -> nines::rpc::Result<bool> {
         let current = self
             .client
             .get(key, Consistency::Linearizable)
             .await
-            .map_err(|e| nines_client::Error::Unavailable { attempts: 1, last: format!("cas read step: {e}") })?;
+            .map_err(|e| nines::rpc::Error::Unavailable { attempts: 1, last: format!("cas read step: {e}") })?;
         let Some(kv) = current.kv else { return Ok(false) };
         if parse_u64(&kv.value) != Some(from) {
             return Ok(false);
@@ -468,7 +468,7 @@ pub async fn final_reads(cluster: &Cluster, what: FinalRead<'_>) -> anyhow::Resu
     }
 }
 
-async fn read_node(client: &Client, what: FinalRead<'_>) -> nines_client::Result<NodeState> {
+async fn read_node(client: &Client, what: FinalRead<'_>) -> nines::rpc::Result<NodeState> {
     let mut state = NodeState::new();
     let prefix = match what {
         FinalRead::Keys(keys) => {

@@ -1,530 +1,855 @@
-//! The nines client library: what applications embed to talk to a nines
-//! cluster. It depends on the wire crate only, never on the node.
+//! The nines client library: what applications embed to read and write a
+//! nines cluster. Give it any one endpoint; it learns every region, sends
+//! writes to the region that takes them and follows a failover by itself.
 //!
-//! A [`Client`] is given a list of endpoints (any nodes of a region). It
-//! sends each request to the node it last succeeded with, follows leader
-//! hints, moves to the next endpoint when a node is unreachable, and retries
-//! with bounded exponential backoff. A write is retried only when the server
-//! (or a refused connection) guarantees it had no effect; otherwise the
-//! caller gets [`Error::Indeterminate`], because a blind retry could apply a
-//! write twice or over a newer one. Reads are always retried.
+//! ```no_run
+//! # async fn demo() -> Result<(), nines_client::Error> {
+//! let client = nines_client::Client::builder().endpoints(["http://127.0.0.1:7001"]).build()?;
+//! client.put("greeting", "hello").await?;
+//! let kv = client.get("greeting").await?.expect("just written");
+//! assert_eq!(kv.value, b"hello");
+//! # Ok(()) }
+//! ```
+//!
+//! What a call does, in order:
+//! - **Routing.** From a region's status the client learns every region,
+//!   its nodes, its role and epoch ([`Topology`]), and refreshes that view
+//!   periodically and whenever a region refuses or cannot be reached.
+//!   Writes go to the primary region (active-passive) or the home region
+//!   (active-active); reads go to the home region. Within a region a call
+//!   goes to the node that last answered as leader, follows a node's leader
+//!   hint, and spreads local reads over the nodes.
+//! - **Circuit breaking.** Each endpoint has a circuit ([`BreakerConfig`]):
+//!   after consecutive transport failures (refused, silent, reset) it is
+//!   skipped, then probed, then used again.
+//! - **Retries.** Every retry waits a jittered exponential backoff (`backon`),
+//!   so clients do not retry in lockstep after an election, and no call
+//!   outlives its deadline ([`ClientBuilder::request_timeout`]). A request
+//!   that certainly had no effect is retried anywhere; a read is always
+//!   retried.
+//! - **Writes that apply once.** Each write carries this client's session
+//!   id and a sequence number; the region keeps the result of each session
+//!   write until the client has it. A write whose outcome was unknown (a
+//!   timeout, a lost connection) is sent again with the same number and the
+//!   region answers with the first result instead of applying it twice. It
+//!   is retried only in the region where it may have applied: if writes
+//!   have moved to another region meanwhile, the call ends with
+//!   [`Error::OutcomeUnknown`].
+//!
+//! The client is cheap to clone (clones share connections, circuits and the
+//! session) and needs a tokio runtime with timers.
 //!
 //! # Layout
 //!
-//! - [`Client`], [`ClientConfig`]: the client and its limits.
-//! - [`Error`]: what can go wrong, grouped by what the caller should do.
-//! - [`retry`]: how an error is classified (retry-safe or not).
+//! - [`Client`], [`ClientBuilder`]: the client, its settings and calls.
+//! - [`Error`]: what can go wrong, by what the caller should do.
+//! - [`topology`]: the client's view of regions, roles and epochs.
+//! - [`breaker`]: the per-endpoint circuit breaker.
+//! - The value types: [`KeyValue`], [`Version`], [`Consistency`], [`Expect`],
+//!   [`Swap`], [`Deleted`], [`KeyRange`], [`ScanPage`].
 
-pub mod retry;
+pub mod breaker;
+mod error;
+pub mod topology;
+mod types;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
+use nines_proto::v1 as pb;
+use nines_proto::v1::kv_client::KvClient;
 use nines_proto::v1::region_admin_client::RegionAdminClient;
-use nines_proto::v1::{
-    AddLearnerRequest, BackupRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest, GetRequest,
-    InitRequest, MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, SnapshotRequest,
-    StatusRequest, admin_client::AdminClient, compare_and_swap_request, kv_client::KvClient,
-};
-pub use nines_proto::v1::{
-    BackupMessage, CompareAndSwapResponse, ConfigureResponse, Consistency, DeleteResponse, DivergentResponse,
-    FenceResponse, GetResponse, KeyValue, Member, MembersResponse, NodeInfo, PeerLag, PutResponse, RegionInfo,
-    RegionPromoteResponse, RegionStatusResponse, ReplicationSetup, ScanResponse, StatusResponse, Version,
-};
-use nines_proto::v1::{
-    ConfigureRequest, DivergentRequest, FenceRequest, RegionPromoteRequest, RegionStatusRequest, SetFaultsRequest,
-};
+use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Response, Status};
+use tracing::Instrument;
 
-use crate::retry::Retry;
+pub use breaker::{BreakerConfig, CircuitState};
+pub use error::Error;
+use error::{Attempt, classify};
+pub use topology::{RegionView, Role, Topology};
+pub use types::{Consistency, Deleted, Expect, KeyRange, KeyValue, ScanPage, Swap, Version};
 
-/// A closure for [`Client::call`] that sends a clone of `$req` with the
-/// `$client` stub's `$method`.
-macro_rules! rpc {
-    ($client:ident, $method:ident, $req:expr) => {
-        |c| {
-            let r = $req.clone();
-            async move { Self::$client(c).$method(r).await }
-        }
-    };
-}
-
-/// The endpoints `nines up` serves on, used when none are given.
-pub const DEFAULT_ENDPOINTS: &[&str] = &["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"];
-
-/// Largest response the client accepts, in bytes: a full scan page (the
-/// server caps a page at 8 MiB of keys and values) plus framing.
-pub const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
-
-/// What can go wrong, grouped by what the caller should do.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Error {
-    /// Every attempt failed with a retryable error; the request had no effect
-    /// as far as the client knows. Try again later.
-    #[error("unavailable after {attempts} attempts: {last}")]
-    Unavailable { attempts: u32, last: String },
-    /// The write may or may not have been applied (a timeout, or a connection
-    /// lost after the request was sent). Read back to find out.
-    #[error("outcome unknown: {0}")]
-    Indeterminate(String),
-    /// The request is malformed or beyond a limit; the message names which.
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
-    /// The cluster's state refuses the request (e.g. already initialized).
-    #[error("failed precondition: {0}")]
-    FailedPrecondition(String),
-    /// An endpoint string cannot be used.
-    #[error("invalid endpoint {endpoint:?}: {reason}")]
-    InvalidEndpoint { endpoint: String, reason: String },
-    /// Any other server error, with its gRPC code.
-    #[error("{code:?}: {message}")]
-    Server { code: Code, message: String },
-}
-
-impl Error {
-    fn from_final(status: &Status) -> Self {
-        let message = status.message().to_string();
-        match status.code() {
-            Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(message),
-            Code::FailedPrecondition => Error::FailedPrecondition(message),
-            Code::ResourceExhausted => Error::InvalidArgument(message),
-            code => Error::Server { code, message },
-        }
-    }
-}
-
+/// A call's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The client's limits. Every retry loop is bounded in count and time.
+/// Largest response accepted, in bytes: a full scan page (the server caps
+/// one at 8 MiB of keys and values) plus framing.
+const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// The endpoints `nines up` serves its first region on.
+pub const LOCAL_ENDPOINTS: &[&str] = &["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"];
+
+/// The client's settings; see [`ClientBuilder`] for each.
 #[derive(Debug, Clone)]
-pub struct ClientConfig {
-    /// How long one attempt may take.
-    pub attempt_timeout: Duration,
-    /// How many attempts one request makes at most.
-    pub attempts_max: u32,
-    /// The first backoff between attempts; doubles up to `backoff_max`.
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    /// How long connecting to one node may take.
-    pub connect_timeout: Duration,
-    /// How long one request may take over all its attempts: no new attempt
-    /// starts after it.
-    pub request_deadline: Duration,
+struct Config {
+    endpoints: Vec<String>,
+    home_region: Option<String>,
+    connect_timeout: Duration,
+    attempt_timeout: Duration,
+    request_timeout: Duration,
+    attempts_max: u32,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    consistency: Consistency,
+    refresh_every: Duration,
+    breaker: BreakerConfig,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
 }
 
-impl Default for ClientConfig {
+/// Builds a [`Client`].
+///
+/// ```
+/// use std::time::Duration;
+/// let client = nines_client::Client::builder()
+///     .endpoints(["http://127.0.0.1:7001", "http://127.0.0.1:7002"])
+///     .home_region("us-east")
+///     .request_timeout(Duration::from_secs(5))
+///     .build()
+///     .expect("valid endpoints");
+/// # drop(client);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    config: Config,
+}
+
+impl Default for ClientBuilder {
     fn default() -> Self {
-        // 50 attempts with backoff capped at 200 ms span about 9 s: several
-        // elections (a dead leader is replaced after about 1.2 s with the
-        // default timeouts). The low cap keeps the client from sleeping long
-        // past the moment a new leader is ready; 5 requests a second per
-        // client is no load for a node.
-        ClientConfig {
-            attempt_timeout: Duration::from_secs(12),
-            attempts_max: 50,
-            backoff_base: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(200),
-            connect_timeout: Duration::from_millis(500),
-            request_deadline: Duration::from_secs(30),
+        ClientBuilder {
+            config: Config {
+                endpoints: LOCAL_ENDPOINTS.iter().map(|s| s.to_string()).collect(),
+                home_region: None,
+                connect_timeout: Duration::from_millis(500),
+                // Far above a commit (milliseconds) and below an election
+                // plus a retry: a silent node costs a caller this long once,
+                // then its circuit opens.
+                attempt_timeout: Duration::from_secs(2),
+                // Covers a leader election (about a second) and a region
+                // failover by the controller (a few seconds).
+                request_timeout: Duration::from_secs(15),
+                attempts_max: 100,
+                backoff_min: Duration::from_millis(20),
+                backoff_max: Duration::from_millis(500),
+                consistency: Consistency::Linearizable,
+                refresh_every: Duration::from_secs(5),
+                breaker: BreakerConfig::default(),
+                keepalive_interval: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(5),
+            },
         }
     }
 }
 
-/// What a CompareAndSwap compares against.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expect {
-    /// The current version's index. An index is assigned by one region's
-    /// log: use it only with a version read in the region you write to.
-    Index(u64),
-    /// The key must be absent.
-    Absent,
-    /// The current value must be this write, named by its HLC and origin
-    /// region, which are the same in every region (its index is not
-    /// compared). Safe with a version read in any region.
-    Write(Version),
+impl ClientBuilder {
+    /// Any nodes of the cluster (default: the cluster `nines up` starts);
+    /// the others are learned from them.
+    pub fn endpoints<I, S>(mut self, endpoints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.endpoints = endpoints.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The region reads go to, and writes in active-active mode (default:
+    /// the region of the first endpoint).
+    pub fn home_region(mut self, region: impl Into<String>) -> Self {
+        self.config.home_region = Some(region.into());
+        self
+    }
+
+    /// How long connecting to one node may take (default 500 ms).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one attempt may take before the client tries elsewhere
+    /// (default 2 s).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.config.attempt_timeout = timeout;
+        self
+    }
+
+    /// How long one call may take over all its attempts (default 15 s): no
+    /// attempt starts or runs past it.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// The most attempts one call makes (default 100).
+    pub fn retry_budget(mut self, attempts: u32) -> Self {
+        self.config.attempts_max = attempts.max(1);
+        self
+    }
+
+    /// The first and the longest wait between attempts (default 20 ms and
+    /// 500 ms); each wait is jittered.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.config.backoff_min = min;
+        self.config.backoff_max = max.max(min);
+        self
+    }
+
+    /// The consistency of [`Client::get`] and [`Client::scan`] (default
+    /// linearizable).
+    pub fn consistency(mut self, consistency: Consistency) -> Self {
+        self.config.consistency = consistency;
+        self
+    }
+
+    /// How often the topology is refreshed while calls are made (default
+    /// 5 s); errors refresh it at once.
+    pub fn refresh_interval(mut self, every: Duration) -> Self {
+        self.config.refresh_every = every;
+        self
+    }
+
+    /// The per-endpoint circuit breaker's thresholds.
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.config.breaker = breaker;
+        self
+    }
+
+    /// HTTP/2 keepalive: a ping every `interval`, and a connection whose
+    /// ping is not answered within `timeout` is dropped (default 10 s and
+    /// 5 s), so a peer that vanished without a reset does not hang calls.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.config.keepalive_interval = interval;
+        self.config.keepalive_timeout = timeout;
+        self
+    }
+
+    /// The client. Connections are made on first use, so this needs no
+    /// runtime and no reachable node.
+    pub fn build(self) -> Result<Client> {
+        let config = self.config;
+        if config.endpoints.is_empty() {
+            return Err(Error::InvalidEndpoint { endpoint: String::new(), reason: "no endpoints given".into() });
+        }
+        for e in &config.endpoints {
+            endpoint(&config, e)?;
+        }
+        if config.request_timeout.is_zero() || config.attempt_timeout.is_zero() {
+            return Err(Error::InvalidInput("request and attempt timeouts must be above zero".into()));
+        }
+        let mut client_id = [0u8; 16];
+        rand::fill(&mut client_id);
+        let inner = Inner {
+            topology: RwLock::new(Topology::seeds(config.endpoints.clone())),
+            breakers: breaker::Breakers::new(config.breaker),
+            config,
+            channels: Mutex::new(HashMap::new()),
+            refreshed_at: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+            leaders: Mutex::new(HashMap::new()),
+            rotation: AtomicUsize::new(0),
+            session: Session { client: client_id, next: AtomicU64::new(1), in_flight: Mutex::new(BTreeSet::new()) },
+        };
+        Ok(Client { inner: Arc::new(inner) })
+    }
 }
 
-/// Which keys a scan covers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyRange {
-    /// Keys in `[start, end)`; an empty `end` means no upper bound.
-    Range { start: Vec<u8>, end: Vec<u8> },
-    /// Every key beginning with these bytes.
-    Prefix(Vec<u8>),
+/// The tonic endpoint for an address, with the client's timeouts and
+/// keepalive.
+fn endpoint(config: &Config, addr: &str) -> Result<Endpoint> {
+    let invalid = |reason: String| Error::InvalidEndpoint { endpoint: addr.to_string(), reason };
+    if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+        return Err(invalid("an endpoint is a URL such as http://127.0.0.1:7001".into()));
+    }
+    Ok(Endpoint::from_shared(addr.to_string())
+        .map_err(|e| invalid(e.to_string()))?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout)
+        .keep_alive_while_idle(true))
 }
 
-/// A client of one nines cluster (region).
-pub struct Client {
-    endpoints: Vec<String>,
-    config: ClientConfig,
-    /// One channel per address, reused for every request (HTTP/2
-    /// multiplexes). `std::sync::Mutex` because it is never held across an
-    /// `.await`.
+/// This client's session: the id and numbers that make a retried write
+/// apply once (see the crate doc).
+#[derive(Debug)]
+struct Session {
+    client: [u8; 16],
+    next: AtomicU64,
+    /// Numbers sent and not yet answered. `std::sync::Mutex`: no `.await`
+    /// while held.
+    in_flight: Mutex<BTreeSet<u64>>,
+}
+
+/// One write's place in the session, given up when the call ends (however
+/// it ends, dropped futures included).
+struct SessionWrite<'a> {
+    session: &'a Session,
+    seq: u64,
+}
+
+impl Session {
+    fn begin(&self) -> SessionWrite<'_> {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(seq);
+        SessionWrite { session: self, seq }
+    }
+}
+
+impl SessionWrite<'_> {
+    fn tag(&self, retry: bool) -> pb::Session {
+        let in_flight = self.session.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let first_unanswered = in_flight.first().copied().unwrap_or(self.seq).min(self.seq);
+        pb::Session { client: self.session.client.to_vec(), seq: self.seq, first_unanswered, retry }
+    }
+}
+
+impl Drop for SessionWrite<'_> {
+    fn drop(&mut self) {
+        self.session.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.seq);
+    }
+}
+
+/// What a call does, for routing and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Write,
+    Read(Consistency),
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    /// One channel per endpoint (HTTP/2 multiplexes calls). The std locks
+    /// here are never held across an `.await`.
     channels: Mutex<HashMap<String, Channel>>,
-    /// The address that last answered (or was hinted as leader).
-    preferred: Mutex<Option<String>>,
+    topology: RwLock<Topology>,
+    /// When a refresh last finished (`None`: never).
+    refreshed_at: Mutex<Option<Instant>>,
+    /// A background refresh is running.
+    refreshing: AtomicBool,
+    /// Per region, the endpoint that last answered as its leader.
+    leaders: Mutex<HashMap<String, String>>,
+    /// Spreads local reads and first attempts over a region's nodes.
+    rotation: AtomicUsize,
+    breakers: breaker::Breakers,
+    session: Session,
+}
+
+/// A client of a nines cluster. Cheap to clone: clones share connections,
+/// circuits, the topology and the session.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), nines_client::Error> {
+/// use nines_client::{Client, Expect, Swap};
+/// let client = Client::builder().endpoints(["http://127.0.0.1:7001"]).build()?;
+/// match client.compare_and_swap("lock", Expect::Absent, "me").await? {
+///     Swap::Done(version) => println!("took the lock at {}", version.index),
+///     Swap::Mismatch(holder) => println!("held by {:?}", holder.map(|kv| kv.value)),
+///     _ => {}
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+fn kv(channel: Channel) -> KvClient<Channel> {
+    KvClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
 }
 
 impl Client {
-    /// A client of the cluster reachable at `endpoints` (e.g.
-    /// `http://127.0.0.1:7001`). Connections are made lazily.
-    pub fn new(endpoints: Vec<String>, config: ClientConfig) -> Result<Self> {
-        if endpoints.is_empty() {
-            return Err(Error::InvalidEndpoint { endpoint: String::new(), reason: "no endpoints given".into() });
-        }
-        let client = Client { endpoints, config, channels: Mutex::new(HashMap::new()), preferred: Mutex::new(None) };
-        for e in &client.endpoints {
-            client.channel(e)?;
-        }
-        Ok(client)
-    }
-
-    /// A client of the cluster `nines up` starts.
-    pub fn local_default() -> Result<Self> {
-        Self::new(DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect(), ClientConfig::default())
-    }
-
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
-    }
-
-    fn channel(&self, addr: &str) -> Result<Channel> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
-        }
-        let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| Error::InvalidEndpoint { endpoint: addr.to_string(), reason: e.to_string() })?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
-        channels.insert(addr.to_string(), channel.clone());
-        Ok(channel)
-    }
-
-    fn first_target(&self) -> String {
-        let preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
-        preferred.clone().unwrap_or_else(|| self.endpoints[0].clone())
-    }
-
-    fn set_preferred(&self, addr: &str) {
-        *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.to_string());
-    }
-
-    /// Moves the preference off `addr` (to the next endpoint) if it is
-    /// the preferred one.
-    fn avoid(&self, addr: &str) {
-        let next = self.next_endpoint(addr);
-        let mut preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
-        if preferred.as_deref().is_none_or(|p| p == addr) {
-            *preferred = Some(next);
-        }
-    }
-
-    fn next_endpoint(&self, after: &str) -> String {
-        let i = self.endpoints.iter().position(|e| e == after).map(|i| i + 1).unwrap_or(0);
-        self.endpoints[i % self.endpoints.len()].clone()
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.config.backoff_base.saturating_mul(1u32 << attempt.min(16));
-        exp.min(self.config.backoff_max)
-    }
-
-    /// Runs one request with routing and bounded retries. `idempotent`
-    /// requests are retried after any retryable error; others only after
-    /// errors that guarantee no effect.
-    ///
-    /// Public so that services built on the same routing (replication
-    /// between regions) can use it with their own gRPC stubs.
-    pub async fn call<T, F, Fut>(&self, idempotent: bool, mut f: F) -> Result<T>
-    where
-        F: FnMut(Channel) -> Fut,
-        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
-    {
-        let mut target = self.first_target();
-        let mut last = String::new();
-        let started = std::time::Instant::now();
-        for attempt in 0..self.config.attempts_max {
-            if attempt > 0 && started.elapsed() >= self.config.request_deadline {
-                return Err(Error::Unavailable { attempts: attempt, last });
-            }
-            let channel = self.channel(&target)?;
-            let outcome = tokio::time::timeout(self.config.attempt_timeout, f(channel)).await;
-            let status = match outcome {
-                Ok(Ok(resp)) => {
-                    self.set_preferred(&target);
-                    return Ok(resp.into_inner());
-                }
-                Ok(Err(status)) => status,
-                Err(_) => Status::deadline_exceeded(format!(
-                    "no answer from {target} within {:?}",
-                    self.config.attempt_timeout
-                )),
-            };
-            last = format!("{target}: {}", status.message());
-            match retry::classify(&status) {
-                Retry::Final => return Err(Error::from_final(&status)),
-                Retry::Unsafe if !idempotent => {
-                    // The next request should not start at a node that just
-                    // hung up or went silent (paused, cut off): it would
-                    // cost every caller an attempt timeout until the node
-                    // came back. A healthy node that was merely slow costs
-                    // one forwarded hop instead.
-                    if retry::leader_hint(&status).is_none() {
-                        self.avoid(&target);
-                    }
-                    return Err(Error::Indeterminate(last));
-                }
-                Retry::Unsafe | Retry::Safe => {}
-            }
-            tracing::debug!(attempt, %target, error = %status.message(), "retrying");
-            match retry::leader_hint(&status) {
-                Some(hint) if hint != target => {
-                    // Straight to a fresh hint; a hint that keeps changing
-                    // (an election in progress) still backs off a little.
-                    if attempt > 0 {
-                        tokio::time::sleep(self.backoff(attempt) / 2).await;
-                    }
-                    target = hint;
-                }
-                _ => {
-                    target = self.next_endpoint(&target);
-                    tokio::time::sleep(self.backoff(attempt)).await;
-                }
-            }
-        }
-        Err(Error::Unavailable { attempts: self.config.attempts_max, last })
-    }
-
-    fn kv(channel: Channel) -> KvClient<Channel> {
-        KvClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
-    }
-
-    fn region(channel: Channel) -> RegionAdminClient<Channel> {
-        RegionAdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
-    }
-
-    fn admin(channel: Channel) -> AdminClient<Channel> {
-        AdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+    /// A builder with the defaults (the endpoints of `nines up`).
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
     }
 
     /// Writes `value` under `key`; returns the new version.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: nines_client::Client) -> Result<(), nines_client::Error> {
+    /// let version = client.put("k", "v").await?;
+    /// println!("written in {} at index {}", version.origin_region, version.index);
+    /// # Ok(()) }
+    /// ```
     pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<Version> {
-        let req = PutRequest { key: key.into(), value: value.into() };
-        let resp: PutResponse = self.call(false, rpc!(kv, put, req)).await?;
-        resp.version
-            .ok_or_else(|| Error::Server { code: Code::Internal, message: "put response without version".into() })
+        let (key, value) = (key.into(), value.into());
+        let write = self.inner.session.begin();
+        let resp = self
+            .call("put", Op::Write, |ch, retry| {
+                let req = pb::PutRequest { key: key.clone(), value: value.clone(), session: Some(write.tag(retry)) };
+                async move { kv(ch).put(req).await }
+            })
+            .await?;
+        resp.version.map(Version::from_pb).ok_or_else(|| missing("put", "version"))
+    }
+
+    /// Reads `key` at the client's default consistency; `None` if absent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: nines_client::Client) -> Result<(), nines_client::Error> {
+    /// if let Some(kv) = client.get("k").await? {
+    ///     println!("{:?} at version {}", kv.value, kv.version.index);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>> {
+        self.get_with(key, self.inner.config.consistency).await
     }
 
     /// Reads `key` at the given consistency.
-    pub async fn get(&self, key: impl Into<Vec<u8>>, consistency: Consistency) -> Result<GetResponse> {
-        let req = GetRequest { key: key.into(), consistency: consistency as i32 };
-        self.call(true, rpc!(kv, get, req)).await
+    ///
+    /// ```no_run
+    /// # async fn demo(client: nines_client::Client) -> Result<(), nines_client::Error> {
+    /// let maybe_stale = client.get_with("k", nines_client::Consistency::Local).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_with(&self, key: impl Into<Vec<u8>>, consistency: Consistency) -> Result<Option<KeyValue>> {
+        let req = pb::GetRequest { key: key.into(), consistency: consistency.to_pb() };
+        let resp = self
+            .call("get", Op::Read(consistency), |ch, _| {
+                let req = req.clone();
+                async move { kv(ch).get(req).await }
+            })
+            .await?;
+        Ok(resp.kv.and_then(KeyValue::from_pb))
     }
 
     /// Deletes `key` (writes a tombstone).
-    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<DeleteResponse> {
-        let req = DeleteRequest { key: key.into() };
-        self.call(false, rpc!(kv, delete, req)).await
+    ///
+    /// ```no_run
+    /// # async fn demo(client: nines_client::Client) -> Result<(), nines_client::Error> {
+    /// let deleted = client.delete("k").await?;
+    /// println!("existed: {}", deleted.existed);
+    /// # Ok(()) }
+    /// ```
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<Deleted> {
+        let key = key.into();
+        let write = self.inner.session.begin();
+        let resp = self
+            .call("delete", Op::Write, |ch, retry| {
+                let req = pb::DeleteRequest { key: key.clone(), session: Some(write.tag(retry)) };
+                async move { kv(ch).delete(req).await }
+            })
+            .await?;
+        let version = resp.version.map(Version::from_pb).ok_or_else(|| missing("delete", "version"))?;
+        Ok(Deleted { existed: resp.existed, version })
     }
 
-    /// Writes `value` under `key` only if the current version matches.
+    /// Writes `value` under `key` only if its current value is what
+    /// `expect` says. Retried after an unknown outcome, it reports what the
+    /// first application did (never a false mismatch against its own
+    /// write).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: nines_client::Client) -> Result<(), nines_client::Error> {
+    /// use nines_client::{Expect, Swap};
+    /// let current = client.get("counter").await?.expect("initialised");
+    /// match client.compare_and_swap("counter", Expect::Index(current.version.index), "2").await? {
+    ///     Swap::Done(_) => println!("incremented"),
+    ///     _ => println!("someone else got there first"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn compare_and_swap(
         &self,
         key: impl Into<Vec<u8>>,
-        value: impl Into<Vec<u8>>,
         expect: Expect,
-    ) -> Result<CompareAndSwapResponse> {
+        value: impl Into<Vec<u8>>,
+    ) -> Result<Swap> {
+        use pb::compare_and_swap_request::Expected;
+        let (key, value) = (key.into(), value.into());
         let expected = match expect {
-            Expect::Index(i) => compare_and_swap_request::Expected::ExpectedIndex(i),
-            Expect::Absent => compare_and_swap_request::Expected::ExpectAbsent(true),
-            Expect::Write(v) => compare_and_swap_request::Expected::ExpectedVersion(v),
+            Expect::Absent => Expected::ExpectAbsent(true),
+            Expect::Index(i) => Expected::ExpectedIndex(i),
+            Expect::Version(v) => Expected::ExpectedVersion(v.to_pb()),
         };
-        let req = CompareAndSwapRequest { key: key.into(), value: value.into(), expected: Some(expected) };
-        self.call(false, rpc!(kv, compare_and_swap, req)).await
+        let write = self.inner.session.begin();
+        let resp = self
+            .call("compare_and_swap", Op::Write, |ch, retry| {
+                let req = pb::CompareAndSwapRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    expected: Some(expected.clone()),
+                    session: Some(write.tag(retry)),
+                };
+                async move { kv(ch).compare_and_swap(req).await }
+            })
+            .await?;
+        if resp.succeeded {
+            let version = resp.version.map(Version::from_pb).ok_or_else(|| missing("compare-and-swap", "version"))?;
+            Ok(Swap::Done(version))
+        } else {
+            Ok(Swap::Mismatch(resp.current.and_then(KeyValue::from_pb)))
+        }
     }
 
-    /// Lists live keys in a range or with a prefix, at most `limit` (0: the
-    /// server's default).
-    pub async fn scan(&self, range: KeyRange, limit: u32, consistency: Consistency) -> Result<ScanResponse> {
+    /// Lists live keys in `range`, at most `limit` (0: the server's
+    /// default), at the client's default consistency.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: nines_client::Client) -> Result<(), nines_client::Error> {
+    /// let page = client.scan(nines_client::KeyRange::Prefix(b"user/".to_vec()), 100).await?;
+    /// for kv in page.kvs {
+    ///     println!("{}", String::from_utf8_lossy(&kv.key));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn scan(&self, range: KeyRange, limit: u32) -> Result<ScanPage> {
+        let consistency = self.inner.config.consistency;
         let (start, end, prefix) = match range {
             KeyRange::Range { start, end } => (start, end, Vec::new()),
             KeyRange::Prefix(p) => (Vec::new(), Vec::new(), p),
         };
-        let req = ScanRequest { start, end, prefix, limit, consistency: consistency as i32 };
-        self.call(true, rpc!(kv, scan, req)).await
+        let req = pb::ScanRequest { start, end, prefix, limit, consistency: consistency.to_pb() };
+        let resp = self
+            .call("scan", Op::Read(consistency), |ch, _| {
+                let req = req.clone();
+                async move { kv(ch).scan(req).await }
+            })
+            .await?;
+        Ok(ScanPage { kvs: resp.kvs.into_iter().filter_map(KeyValue::from_pb).collect(), more: resp.more })
     }
 
-    /// The status of the node at `endpoint` (not routed: status is per node).
-    pub async fn status_of(&self, endpoint: &str) -> Result<StatusResponse> {
-        let channel = self.channel(endpoint)?;
-        let fut = async move { Self::admin(channel).status(StatusRequest {}).await };
-        match tokio::time::timeout(self.config.attempt_timeout, fut).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => Err(Error::Unavailable { attempts: 1, last: format!("{endpoint}: {}", s.message()) }),
-            Err(_) => Err(Error::Unavailable { attempts: 1, last: format!("{endpoint}: timed out") }),
+    /// The cluster as the client last saw it.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: nines_client::Client) {
+    /// let topology = client.refresh_topology().await;
+    /// println!("primary: {:?} at epoch {}", topology.primary, topology.epoch);
+    /// # }
+    /// ```
+    pub fn topology(&self) -> Topology {
+        self.inner.topology.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks every known region for its status now and returns the new view.
+    pub async fn refresh_topology(&self) -> Topology {
+        self.refresh(Instant::now() + self.inner.config.attempt_timeout).await;
+        self.topology()
+    }
+
+    /// Every endpoint's circuit, for diagnostics.
+    ///
+    /// ```no_run
+    /// # fn demo(client: nines_client::Client) {
+    /// for (endpoint, state) in client.circuits() {
+    ///     println!("{endpoint}: {state:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn circuits(&self) -> Vec<(String, CircuitState)> {
+        self.inner.breakers.states()
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel> {
+        let mut channels = self.inner.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = endpoint(&self.inner.config, addr)?.connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The region reads go to.
+    fn home(&self, topology: &Topology) -> String {
+        if let Some(home) = &self.inner.config.home_region {
+            return home.clone();
+        }
+        let first = &self.inner.config.endpoints[0];
+        topology.region_of(first).map(|r| r.name.clone()).unwrap_or_default()
+    }
+
+    fn leader_of(&self, region: &str) -> Option<String> {
+        self.inner.leaders.lock().unwrap_or_else(|p| p.into_inner()).get(region).cloned()
+    }
+
+    fn set_leader(&self, region: &str, endpoint: &str) {
+        let mut leaders = self.inner.leaders.lock().unwrap_or_else(|p| p.into_inner());
+        if leaders.get(region).map(String::as_str) != Some(endpoint) {
+            leaders.insert(region.to_string(), endpoint.to_string());
         }
     }
 
-    /// Bootstraps a fresh cluster through the node at `endpoint`. Refused
-    /// (`FailedPrecondition`) if that node is already initialized.
-    pub async fn init(&self, endpoint: &str, members: Vec<NodeInfo>) -> Result<()> {
-        let channel = self.channel(endpoint)?;
-        Self::admin(channel).init(InitRequest { members }).await.map_err(|s| Error::from_final(&s))?;
-        Ok(())
+    fn forget_leader(&self, region: &str, endpoint: &str) {
+        let mut leaders = self.inner.leaders.lock().unwrap_or_else(|p| p.into_inner());
+        if leaders.get(region).map(String::as_str) == Some(endpoint) {
+            leaders.remove(region);
+        }
     }
 
-    /// Asks the node at `endpoint` to build a snapshot now; returns its
-    /// applied index at that moment (the snapshot covers at least that).
-    pub async fn snapshot_on(&self, endpoint: &str) -> Result<u64> {
-        let channel = self.channel(endpoint)?;
-        let r = Self::admin(channel).snapshot(SnapshotRequest {}).await.map_err(|s| Error::from_final(&s))?;
-        Ok(r.into_inner().applied_index)
+    /// The endpoint of `region` to try next: its leader for writes and
+    /// linearizable reads, the next in turn for local reads, skipping open
+    /// circuits. `None` when every circuit of the region is open.
+    fn pick(&self, topology: &Topology, region: &str, op: Op, now: Instant) -> Option<String> {
+        let view = topology.region(region).or_else(|| topology.region(""))?;
+        let n = view.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        if op != Op::Read(Consistency::Local)
+            && let Some(leader) = self.leader_of(region)
+            && view.endpoints.contains(&leader)
+            && self.inner.breakers.allow(&leader, now)
+        {
+            return Some(leader);
+        }
+        let start = self.inner.rotation.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|i| &view.endpoints[(start + i) % n]).find(|e| self.inner.breakers.allow(e, now)).cloned()
     }
 
-    /// Starts a backup copy on the region's leader (found through the
-    /// members): the header, chunks and end of a consistent copy at a
-    /// linearizable point. A stream cut short is an error, never a shorter
-    /// copy.
-    pub async fn backup_stream(&self) -> Result<tonic::Streaming<BackupMessage>> {
-        let members = self.members().await?;
-        let leader = members
-            .leader_id
-            .and_then(|id| members.members.iter().filter_map(|m| m.node.as_ref()).find(|n| n.id == id))
-            .ok_or_else(|| Error::Unavailable { attempts: 1, last: "the region has no leader now".into() })?;
-        let channel = self.channel(&leader.grpc_addr)?;
-        let r = Self::admin(channel).backup(BackupRequest {}).await.map_err(|s| Error::from_final(&s))?;
-        Ok(r.into_inner())
+    /// Refreshes the topology if it was never learned (inline) or is older
+    /// than the refresh interval (in the background).
+    async fn keep_topology_fresh(&self, deadline: Instant) {
+        let refreshed_at = *self.inner.refreshed_at.lock().unwrap_or_else(|p| p.into_inner());
+        match refreshed_at {
+            // At most half the call's time: the seeds serve if no region
+            // answers (a silent seed must leave time for an attempt).
+            None => self.refresh(Instant::now() + deadline.saturating_duration_since(Instant::now()) / 2).await,
+            Some(at) if at.elapsed() >= self.inner.config.refresh_every => {
+                if !self.inner.refreshing.swap(true, Ordering::AcqRel) {
+                    let client = self.clone();
+                    tokio::spawn(async move {
+                        client.refresh(Instant::now() + client.inner.config.attempt_timeout).await;
+                        client.inner.refreshing.store(false, Ordering::Release);
+                    });
+                }
+            }
+            Some(_) => {}
+        }
     }
 
-    /// The whole cluster as JSON, gathered by whichever node answers.
-    pub async fn cluster_view(&self) -> Result<String> {
-        Ok(self.call(true, rpc!(admin, cluster_view, ClusterViewRequest {})).await?.json)
+    /// Asks each known region for its status (in parallel, one attempt
+    /// timeout in all, never past `deadline`) and merges the answers.
+    async fn refresh(&self, deadline: Instant) {
+        let regions: Vec<Vec<String>> = self.topology().regions.into_iter().map(|r| r.endpoints).collect();
+        let mut asks = tokio::task::JoinSet::new();
+        for endpoints in regions {
+            let client = self.clone();
+            asks.spawn(async move { client.region_status(&endpoints).await.map(|r| (endpoints, r)) });
+        }
+        let until = tokio::time::Instant::from_std(deadline.min(Instant::now() + self.inner.config.attempt_timeout));
+        let mut reports = Vec::new();
+        while let Ok(Some(answer)) = tokio::time::timeout_at(until, asks.join_next()).await {
+            if let Ok(Some(report)) = answer {
+                reports.push(report);
+            }
+        }
+        let mut topology = self.inner.topology.write().unwrap_or_else(|p| p.into_inner());
+        let merged = topology.merge(&reports);
+        if merged.primary != topology.primary || merged.epoch != topology.epoch {
+            tracing::info!(primary = ?merged.primary, epoch = merged.epoch, "the cluster's primary region changed");
+        }
+        *topology = merged;
+        drop(topology);
+        *self.inner.refreshed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
-    /// The cluster's members and leader.
-    pub async fn members(&self) -> Result<MembersResponse> {
-        self.call(true, rpc!(admin, members, MembersRequest {})).await
+    /// One region's status from the first of `endpoints` that answers.
+    async fn region_status(&self, endpoints: &[String]) -> Option<pb::RegionStatusResponse> {
+        for e in endpoints {
+            if self.inner.breakers.is_open(e, Instant::now()) {
+                continue;
+            }
+            let Ok(channel) = self.channel(e) else { continue };
+            let mut admin = RegionAdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX);
+            let ask = admin.region_status(pb::RegionStatusRequest { from_controller: false });
+            match tokio::time::timeout(self.inner.config.attempt_timeout, ask).await {
+                Ok(Ok(r)) => {
+                    self.inner.breakers.success(e);
+                    return Some(r.into_inner());
+                }
+                Ok(Err(status)) if classify(&status).transport() => self.inner.breakers.failure(e, Instant::now()),
+                Ok(Err(_)) => {}
+                Err(_) => self.inner.breakers.failure(e, Instant::now()),
+            }
+        }
+        None
     }
 
-    /// Adds a node as a learner; returns once it has caught up.
-    pub async fn add_learner(&self, node: NodeInfo) -> Result<MembersResponse> {
-        let req = AddLearnerRequest { node: Some(node) };
-        self.call(false, rpc!(admin, add_learner, req)).await
+    /// Waits the next backoff, never past `deadline`.
+    async fn back_off(&self, backoff: &mut impl Iterator<Item = Duration>, deadline: Instant) {
+        let wait = backoff.next().unwrap_or(self.inner.config.backoff_max);
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(wait.min(left)).await;
     }
 
-    /// Promotes a learner to voter.
-    pub async fn promote(&self, node_id: u64) -> Result<MembersResponse> {
-        self.call(false, rpc!(admin, promote, PromoteRequest { node_id })).await
+    /// Runs one call with routing, circuit breaking and bounded retries.
+    /// `attempt` sends it to a channel; its flag says the write was sent
+    /// before with an unknown outcome (a session repeat).
+    async fn call<T, F, Fut>(&self, name: &'static str, op: Op, attempt: F) -> Result<T>
+    where
+        F: FnMut(Channel, bool) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        let span = tracing::debug_span!("nines_client", call = name);
+        self.call_inner(op, attempt).instrument(span).await
     }
 
-    /// Removes a node (voter or learner) from the cluster.
-    pub async fn remove(&self, node_id: u64) -> Result<MembersResponse> {
-        self.call(false, rpc!(admin, remove, RemoveRequest { node_id })).await
-    }
-
-    /// The region's roles, replication lag per peer region, and what it
-    /// applied from each origin. Answered by the region's leader.
-    pub async fn region_status(&self) -> Result<RegionStatusResponse> {
-        self.call(true, rpc!(region, region_status, RegionStatusRequest { from_controller: false })).await
-    }
-
-    /// [`Client::region_status`] as the failover controller asks it (a
-    /// test's fault hooks can cut a region off from the controller).
-    pub async fn region_status_for_controller(&self) -> Result<RegionStatusResponse> {
-        self.call(true, rpc!(region, region_status, RegionStatusRequest { from_controller: true })).await
-    }
-
-    /// Stops the (primary) region taking writes, for a planned switchover;
-    /// with `release`, lifts the fence again.
-    pub async fn fence(&self, release: bool) -> Result<FenceResponse> {
-        self.fence_for(release, Duration::ZERO).await
-    }
-
-    /// Fences the (primary) region for `ttl` (zero: the server's default);
-    /// the fence ends by itself after it unless lifted earlier.
-    pub async fn fence_for(&self, release: bool, ttl: Duration) -> Result<FenceResponse> {
-        let ttl_ms = ttl.as_millis() as u64;
-        self.call(true, rpc!(region, fence, FenceRequest { release, ttl_ms })).await
-    }
-
-    /// Makes the region primary at `epoch` (above every epoch it has seen).
-    pub async fn promote_region(&self, epoch: u64) -> Result<RegionPromoteResponse> {
-        self.call(false, rpc!(region, promote, RegionPromoteRequest { epoch })).await
-    }
-
-    /// The region's divergence record: writes it acknowledged as primary
-    /// that never reached the primary that replaced it. Lists at most
-    /// `limit` records (0: every record), asking page after page.
-    pub async fn divergent(&self, limit: u32) -> Result<DivergentResponse> {
-        let mut out = DivergentResponse::default();
-        let mut start = 0;
-        loop {
-            let listed = out.records.len() as u32;
-            let want = if limit == 0 { 0 } else { limit - listed };
-            let page = self.call(true, rpc!(region, divergent, DivergentRequest { limit: want, start })).await?;
-            out.total = page.total;
-            out.records.extend(page.records);
-            match page.next {
-                Some(next) if limit == 0 || (out.records.len() as u32) < limit => start = next,
-                next => {
-                    out.next = next;
-                    return Ok(out);
+    async fn call_inner<T, F, Fut>(&self, op: Op, mut attempt: F) -> Result<T>
+    where
+        F: FnMut(Channel, bool) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.request_timeout;
+        let mut backoff = ExponentialBuilder::new()
+            .with_min_delay(config.backoff_min)
+            .with_max_delay(config.backoff_max)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut hint: Option<String> = None;
+        // The region a write may have applied in: it is retried only there.
+        let mut pinned: Option<String> = None;
+        let mut last = String::from("no attempt was made");
+        let mut attempts = 0;
+        self.keep_topology_fresh(deadline).await;
+        while attempts < config.attempts_max && Instant::now() < deadline {
+            let topology = self.topology();
+            let home = self.home(&topology);
+            let region = match op {
+                Op::Write => topology.write_region(&home).to_string(),
+                Op::Read(_) => home.clone(),
+            };
+            if let Some(p) = &pinned
+                && *p != region
+            {
+                return Err(Error::OutcomeUnknown(format!(
+                    "{last}; writes moved from region {p:?} to {region:?} meanwhile, and a write whose outcome is \
+                     unknown is retried only where it may have applied"
+                )));
+            }
+            let now = Instant::now();
+            let target = match hint.take().filter(|h| self.inner.breakers.allow(h, now)) {
+                Some(h) => h,
+                None => match self.pick(&topology, &region, op, now) {
+                    Some(t) => t,
+                    None => {
+                        last = format!("every endpoint of region {region:?} failed recently (circuits open)");
+                        self.refresh(deadline).await;
+                        self.back_off(&mut backoff, deadline).await;
+                        continue;
+                    }
+                },
+            };
+            attempts += 1;
+            let per_attempt = config.attempt_timeout.min(deadline.saturating_duration_since(now));
+            let outcome = tokio::time::timeout(per_attempt, attempt(self.channel(&target)?, pinned.is_some())).await;
+            let (status, class) = match outcome {
+                Ok(Ok(resp)) => {
+                    self.inner.breakers.success(&target);
+                    if op != Op::Read(Consistency::Local) {
+                        self.set_leader(&region, &target);
+                    }
+                    return Ok(resp.into_inner());
+                }
+                Ok(Err(status)) => {
+                    let class = classify(&status);
+                    (status, class)
+                }
+                // The client's own timeout: a silent node, a transport
+                // failure whose outcome is unknown.
+                Err(_) => (
+                    Status::deadline_exceeded(format!("no answer within {per_attempt:?}")),
+                    Attempt::Unknown { transport: true },
+                ),
+            };
+            last = format!("{target}: {}", status.message());
+            tracing::debug!(attempt = attempts, %target, error = %status.message(), ?class, "attempt failed");
+            if class.transport() {
+                self.inner.breakers.failure(&target, Instant::now());
+                self.forget_leader(&region, &target);
+            } else {
+                self.inner.breakers.success(&target);
+            }
+            match class {
+                Attempt::Final(Error::Refused(reason)) if op == Op::Write && pinned.is_none() => {
+                    // A secondary refuses writes: if the primary moved, the
+                    // refused write (no effect) goes to the new one.
+                    self.refresh(deadline).await;
+                    if self.topology().write_region(&home) == region {
+                        return Err(Error::Refused(reason));
+                    }
+                }
+                Attempt::Final(e) => return Err(e),
+                Attempt::SessionExpired => return Err(Error::OutcomeUnknown(last)),
+                Attempt::NotApplied { leader: Some(leader), .. } if leader != target => {
+                    // Straight to a fresh hint; a hint that keeps moving (an
+                    // election) still backs off.
+                    if attempts > 1 {
+                        self.back_off(&mut backoff, deadline).await;
+                    }
+                    hint = Some(leader);
+                }
+                Attempt::NotApplied { .. } => self.back_off(&mut backoff, deadline).await,
+                Attempt::Unknown { .. } => {
+                    if op == Op::Write {
+                        pinned = Some(region);
+                    }
+                    self.back_off(&mut backoff, deadline).await;
                 }
             }
         }
+        Err(match pinned {
+            Some(_) => Error::OutcomeUnknown(last),
+            None => Error::Unavailable { attempts, last },
+        })
     }
+}
 
-    /// Changes the region's replication setup (peers, mode, initial
-    /// primary), replicated through its Raft log.
-    pub async fn configure_region(&self, setup: ReplicationSetup) -> Result<ConfigureResponse> {
-        self.call(false, rpc!(region, configure, ConfigureRequest { setup: Some(setup.clone()) })).await
-    }
-
-    /// Test only: sets the fault hooks of the node at `endpoint` (refused
-    /// unless it runs with fault injection enabled).
-    pub async fn set_faults_on(
-        &self,
-        endpoint: &str,
-        blocked_regions: Vec<String>,
-        clock_offset_ms: i64,
-    ) -> Result<()> {
-        self.set_all_faults_on(endpoint, SetFaultsRequest { blocked_regions, clock_offset_ms, ..Default::default() })
-            .await
-    }
-
-    /// Replaces every fault on one node, link rules included (test only).
-    pub async fn set_all_faults_on(&self, endpoint: &str, req: SetFaultsRequest) -> Result<()> {
-        let channel = self.channel(endpoint)?;
-        Self::region(channel).set_faults(req).await.map_err(|s| Error::from_final(&s))?;
-        Ok(())
-    }
+/// A response without a field the server always sets.
+fn missing(call: &str, field: &str) -> Error {
+    Error::Server { code: "Internal".into(), message: format!("{call} response without its {field}") }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    // Channels are created lazily, but tonic still wants a runtime around.
+    #[test]
+    fn bad_endpoints_are_refused_by_name() {
+        let e = Client::builder().endpoints(["127.0.0.1:7001"]).build().unwrap_err();
+        assert!(matches!(&e, Error::InvalidEndpoint { endpoint, .. } if endpoint == "127.0.0.1:7001"), "{e}");
+        let none: [&str; 0] = [];
+        assert!(matches!(Client::builder().endpoints(none).build(), Err(Error::InvalidEndpoint { .. })));
+    }
+
+    #[test]
+    fn a_session_names_its_oldest_unanswered_write() {
+        let s = Session { client: [1; 16], next: AtomicU64::new(1), in_flight: Mutex::new(BTreeSet::new()) };
+        let one = s.begin();
+        let two = s.begin();
+        assert_eq!((two.tag(false).seq, two.tag(false).first_unanswered), (2, 1));
+        drop(one);
+        let t = two.tag(true);
+        assert_eq!((t.seq, t.first_unanswered, t.retry), (2, 2, true));
+        drop(two);
+        assert_eq!(s.begin().tag(false).first_unanswered, 3);
+    }
+
     #[tokio::test]
-    async fn a_node_that_failed_a_write_is_no_longer_tried_first() {
-        let endpoints: Vec<String> = (1..=3).map(|i| format!("http://127.0.0.1:{i}")).collect();
-        let c = Client::new(endpoints.clone(), ClientConfig::default()).unwrap();
-        assert_eq!(c.first_target(), endpoints[0]);
-        c.avoid(&endpoints[0]);
-        assert_eq!(c.first_target(), endpoints[1]);
-        // Avoiding a node that is not preferred leaves the preference alone.
-        c.avoid(&endpoints[0]);
-        assert_eq!(c.first_target(), endpoints[1]);
-        c.avoid(&endpoints[2]);
-        assert_eq!(c.first_target(), endpoints[1]);
-        // The last endpoint wraps around to the first.
-        c.set_preferred(&endpoints[2]);
-        c.avoid(&endpoints[2]);
-        assert_eq!(c.first_target(), endpoints[0]);
+    async fn an_unreachable_cluster_fails_within_the_deadline_as_unavailable() {
+        // Port 1 on loopback refuses connections: nothing was sent.
+        let client = Client::builder()
+            .endpoints(["http://127.0.0.1:1"])
+            .request_timeout(Duration::from_millis(600))
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let e = client.put("k", "v").await.unwrap_err();
+        assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded by the deadline");
+        assert!(
+            client
+                .circuits()
+                .iter()
+                .any(|(_, s)| matches!(s, CircuitState::Open { .. } | CircuitState::HalfOpen { .. }))
+        );
     }
 }

@@ -23,6 +23,10 @@ pub mod metadata {
     /// On an error: present when the server guarantees the request had no
     /// effect, so it is safe to retry even if it is not idempotent.
     pub const RETRY_SAFE: &str = "nines-retry-safe";
+    /// On an error: the write repeated a session write whose result is no
+    /// longer kept; it was not applied again, and whether it applied before
+    /// is unknown. Do not retry it.
+    pub const SESSION_EXPIRED: &str = "nines-session-expired";
     /// On a request: how many times it has been forwarded between nodes.
     pub const FORWARDED: &str = "nines-forwarded";
 }

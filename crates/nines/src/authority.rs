@@ -23,7 +23,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nines_client::{Client, ClientConfig, Consistency, Expect, Version};
+use crate::rpc::{Client, ClientConfig, Consistency, Expect, Version};
 use serde::{Deserialize, Serialize};
 
 /// The key of the primary's lease.

@@ -22,6 +22,10 @@ pub enum Error {
     /// The outcome of a write is unknown: it may or may not have been applied.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
+    /// The outcome of a repeated session write is unknown and it was not
+    /// applied again: do not retry it.
+    #[error("outcome unknown: {0}")]
+    SessionExpired(String),
     /// Stop: stored data is corrupt.
     #[error("corrupt data: {0}")]
     InvalidData(String),
@@ -66,6 +70,11 @@ impl From<Error> for Status {
             Error::InvalidInput(_) => Status::new(Code::InvalidArgument, msg),
             Error::FailedPrecondition(_) => Status::new(Code::FailedPrecondition, msg),
             Error::Indeterminate(_) => Status::new(Code::DeadlineExceeded, msg),
+            Error::SessionExpired(_) => {
+                let mut s = Status::new(Code::DeadlineExceeded, msg);
+                set(&mut s, metadata::SESSION_EXPIRED, "true");
+                s
+            }
             Error::InvalidData(_) => Status::new(Code::DataLoss, msg),
             Error::Internal(_) => Status::new(Code::Internal, msg),
         }

@@ -13,6 +13,8 @@
 //!   domain types of shipments and lag.
 //! - [`config`]: a node's configuration file.
 //! - [`telemetry`]: Prometheus recorders.
+//! - [`rpc`]: the wire-level gRPC client the node's own tools use (admin,
+//!   replication, the controller, tests); applications use `nines-client`.
 //!
 //! Storage and the wire:
 //! - [`storage`]: the Raft log and the state machine on redb, fsynced.
@@ -56,6 +58,7 @@ pub mod limits;
 pub mod network;
 pub mod node;
 pub mod replication;
+pub mod rpc;
 pub mod server;
 pub mod stance;
 pub mod storage;

@@ -122,6 +122,22 @@ pub const FENCE_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_sec
 /// The longest fence a request may ask for: ten minutes, beyond any drain.
 pub const FENCE_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// How long a client session is kept after its last write, in the
+/// session clock's milliseconds (the greatest timestamp of any session
+/// write applied). A client retries a write for seconds (its deadline), so
+/// ten minutes is far beyond any retry; a session idle that long is dropped.
+pub const SESSION_IDLE_MS: u64 = 10 * 60 * 1000;
+
+/// How often, in session clock milliseconds, applying looks for idle
+/// sessions to drop (a scan of the session table; deterministic, so every
+/// replica drops the same sessions at the same entry).
+pub const SESSION_SWEEP_MS: u64 = 60 * 1000;
+
+/// Results one session keeps: the client's writes in flight at once. A
+/// client with more unanswered writes than this loses the oldest results,
+/// and a repeat of one of those is answered "outcome unknown".
+pub const SESSION_RESULTS_MAX: usize = 1024;
+
 /// Divergence records one request may list.
 pub const DIVERGENT_LIST_MAX: u32 = 10_000;
 

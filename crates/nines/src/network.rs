@@ -200,7 +200,7 @@ impl PeerClient {
             Err(_) => {
                 return Err(RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout: ttl }));
             }
-            Ok(Err(status)) if nines_client::retry::connect_failed(&status) => {
+            Ok(Err(status)) if crate::rpc::retry::connect_failed(&status) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
             Ok(Err(status)) if refused_for_size(&status) && entries.is_some_and(|n| n > 1) => {

@@ -435,6 +435,12 @@ impl Node {
         self.proposals.send((cmd, tx)).await.map_err(|_| stopped())?;
         let result = match rx.await.map_err(|_| Error::Indeterminate("the node stopped during the write".into()))?? {
             CommandResult::Rejected { reason, retry_later } => return Err(refusal(reason, retry_later)),
+            CommandResult::SessionExpired { seq } => {
+                return Err(Error::SessionExpired(format!(
+                    "write {seq} of this client session was sent before and its result is no longer kept \
+                     (the session expired, or dropped it); it was not applied again"
+                )));
+            }
             other => other,
         };
         // A primary whose lease ran out while the write was in flight may
@@ -506,16 +512,16 @@ impl Node {
 
     /// The regions to show in a cluster view: every configured region, or
     /// this one alone (its members' endpoints) when none are configured.
-    pub fn regions_for_view(&self) -> Vec<nines_client::RegionInfo> {
+    pub fn regions_for_view(&self) -> Vec<crate::rpc::RegionInfo> {
         if self.regions.all.is_empty() {
             let m = self.raft_metrics();
             let endpoints = m.membership_config.membership().nodes().map(|(_, n)| n.grpc_addr.clone()).collect();
-            return vec![nines_client::RegionInfo { name: self.info.region.clone(), endpoints }];
+            return vec![crate::rpc::RegionInfo { name: self.info.region.clone(), endpoints }];
         }
         self.regions
             .all
             .iter()
-            .map(|r| nines_client::RegionInfo { name: r.name.clone(), endpoints: r.endpoints.clone() })
+            .map(|r| crate::rpc::RegionInfo { name: r.name.clone(), endpoints: r.endpoints.clone() })
             .collect()
     }
 

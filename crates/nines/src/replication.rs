@@ -94,7 +94,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nines_client::{Client, ClientConfig, Consistency};
+use crate::rpc::{Client, ClientConfig, Consistency};
 use nines_proto::v1::replication_client::ReplicationClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;

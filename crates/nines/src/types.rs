@@ -142,6 +142,43 @@ pub enum Command {
     /// `through` (stored now) go; `on` false stops archiving and drops the
     /// archive. (Last, so older log entries keep decoding.)
     Archived { on: bool, through: u64 },
+    /// A client write (Put, Delete or CompareAndSwap) in a client session:
+    /// applied at most once per `(client, seq)`; a repeat returns the first
+    /// result (see `storage::state_machine`'s sessions). May stand in a
+    /// `Batch`. (Last, so older log entries keep decoding.)
+    Session { tag: SessionTag, write: Box<Command> },
+}
+
+/// Names one write of a client session: the Raft thesis' client id and
+/// sequence number (§6.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionTag {
+    /// Random, chosen by the client when it starts.
+    pub client: [u8; 16],
+    /// The write's number in the session, from 1, never reused by the client.
+    pub seq: u64,
+    /// The lowest number the client still waits for an answer to: results
+    /// below it are dropped.
+    pub first_unanswered: u64,
+    /// The client sent this write before and does not know what came of it.
+    pub retry: bool,
+}
+
+/// What a session keeps of one applied write, to answer a repeat of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionResult {
+    Put {
+        version: Version,
+    },
+    Delete {
+        existed: bool,
+        version: Version,
+    },
+    /// A failed comparison keeps no value: a repeat reads the current one.
+    CompareAndSwap {
+        succeeded: bool,
+        version: Option<Version>,
+    },
 }
 
 /// How this region takes part in cross-region replication. Replicated state
@@ -194,6 +231,14 @@ impl ReplicationSetup {
 }
 
 impl Command {
+    /// This client write inside the session `tag` names, if any.
+    pub fn in_session(self, tag: Option<SessionTag>) -> Command {
+        match tag {
+            Some(tag) => Command::Session { tag, write: Box::new(self) },
+            None => self,
+        }
+    }
+
     /// What this command adds to a log entry, in bytes, at most: its keys
     /// and values plus `RECORD_FRAMING_BYTES_MAX` per record. The batcher
     /// and the limits' assertions count with it.
@@ -219,6 +264,7 @@ impl Command {
                 F + entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len) + 2 * F).sum::<usize>()
             }
             Command::Archived { .. } => F,
+            Command::Session { write, .. } => F + write.entry_bytes(),
             Command::FullSync { origin, entries, .. } => {
                 origin.len()
                     + F
@@ -333,6 +379,12 @@ pub enum CommandResult {
         /// The current value if the comparison failed (absent or a tombstone
         /// reads as `None`).
         current: Option<(Vec<u8>, StoredValue)>,
+    },
+    /// A repeated session write whose first result is no longer kept (the
+    /// session expired or dropped it): it may or may not have applied, and
+    /// it was not applied again.
+    SessionExpired {
+        seq: u64,
     },
 }
 

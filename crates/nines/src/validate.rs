@@ -5,7 +5,7 @@ use nines_proto::v1::{CompareAndSwapRequest, Consistency, ScanRequest, compare_a
 
 use crate::error::Error;
 use crate::limits::{KEY_BYTES_MAX, LABEL_BYTES_MAX, SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX, VALUE_BYTES_MAX};
-use crate::types::Expected;
+use crate::types::{Expected, SessionTag};
 
 pub fn key(key: &[u8]) -> Result<(), Error> {
     if key.is_empty() {
@@ -35,6 +35,23 @@ pub fn consistency(raw: i32) -> Result<Consistency, Error> {
         Ok(c) => Ok(c),
         Err(_) => Err(Error::invalid(format!("consistency {raw} is not a known level (1 = linearizable, 2 = local)"))),
     }
+}
+
+/// A write's client session, if it names one.
+pub fn session(session: Option<&nines_proto::v1::Session>) -> Result<Option<SessionTag>, Error> {
+    let Some(s) = session else { return Ok(None) };
+    let client = <[u8; 16]>::try_from(s.client.as_slice())
+        .map_err(|_| Error::invalid(format!("session client id is {} bytes; it must be 16", s.client.len())))?;
+    if s.seq == 0 {
+        return Err(Error::invalid("session seq 0 is not a write number; sessions number writes from 1"));
+    }
+    if s.first_unanswered == 0 || s.first_unanswered > s.seq {
+        return Err(Error::invalid(format!(
+            "session first_unanswered {} must be between 1 and the write's seq {}",
+            s.first_unanswered, s.seq
+        )));
+    }
+    Ok(Some(SessionTag { client, seq: s.seq, first_unanswered: s.first_unanswered, retry: s.retry }))
 }
 
 pub fn expected(req: &CompareAndSwapRequest) -> Result<Expected, Error> {

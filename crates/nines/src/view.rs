@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use nines_client::{Client, ClientConfig, RegionInfo};
+use crate::rpc::{Client, ClientConfig, RegionInfo};
 use serde::{Deserialize, Serialize};
 
 /// How long one node or region may take to answer while the view is built:

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::{TestCluster, Up, serial};
 use nines::backup::{self, Target};
+use nines::rpc::Consistency;
 use nines::storage::snapshot::Item;
-use nines_client::Consistency;
 
 fn nines(endpoints: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_nines")).args(["--endpoints", endpoints]).args(args).output().expect("run nines")

@@ -5,9 +5,9 @@ mod common;
 
 use common::{TestCluster, serial};
 use nines::limits::{KEY_BYTES_MAX, REQUEST_BYTES_MAX, SCAN_LIMIT_MAX, VALUE_BYTES_MAX};
-use nines_client::{Consistency, Error, Expect, KeyRange};
+use nines::rpc::{Consistency, Error, Expect, KeyRange};
 use nines_proto::v1::kv_client::KvClient;
-use nines_proto::v1::{CompareAndSwapRequest, GetRequest, PutRequest, ScanRequest};
+use nines_proto::v1::{CompareAndSwapRequest, GetRequest, PutRequest, ScanRequest, Session};
 use tonic::Code;
 
 fn assert_invalid<T: std::fmt::Debug>(what: &str, r: Result<T, Error>, needle: &str) {
@@ -51,7 +51,12 @@ async fn each_limit_and_malformed_field_is_refused_by_name_and_the_cluster_keeps
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("consistency 7"), "{}", s.message());
     let s = raw
-        .compare_and_swap(CompareAndSwapRequest { key: b"k".to_vec(), value: b"v".to_vec(), expected: None })
+        .compare_and_swap(CompareAndSwapRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expected: None,
+            session: None,
+        })
         .await
         .expect_err("cas without expected");
     assert_eq!(s.code(), Code::InvalidArgument);
@@ -61,10 +66,23 @@ async fn each_limit_and_malformed_field_is_refused_by_name_and_the_cluster_keeps
         .await
         .expect_err("prefix and start");
     assert_eq!(s.code(), Code::InvalidArgument);
+    // Client sessions with an id that is not 16 bytes, or numbers out of
+    // order, are refused by name.
+    let sessions = [
+        (Session { client: vec![1; 5], seq: 1, first_unanswered: 1, retry: false }, "16"),
+        (Session { client: vec![1; 16], seq: 0, first_unanswered: 0, retry: false }, "seq 0"),
+        (Session { client: vec![1; 16], seq: 2, first_unanswered: 3, retry: false }, "first_unanswered 3"),
+    ];
+    for (session, needle) in sessions {
+        let req = PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), session: Some(session) };
+        let s = raw.put(req).await.expect_err("bad session");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(needle), "{} lacks {needle:?}", s.message());
+    }
     // A message above the request limit is refused by the gRPC layer before
     // it is decoded; the message names the size limit.
     let s = raw
-        .put(PutRequest { key: b"k".to_vec(), value: vec![0u8; REQUEST_BYTES_MAX + 1] })
+        .put(PutRequest { key: b"k".to_vec(), value: vec![0u8; REQUEST_BYTES_MAX + 1], session: None })
         .await
         .expect_err("oversize request");
     assert!(matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{s:?}");

@@ -47,11 +47,11 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("hello"));
     let o = nines(&eps, &["-w", "json", "get", "greeting", "--consistency", "local"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json output");
-    assert_eq!(v["kv"]["value"], "hello");
+    assert_eq!(v["kv"]["value"], "aGVsbG8=", "values are base64 in json, as etcdctl prints them");
     let index = v["kv"]["version"]["index"].as_u64().expect("version index");
 
     let o = nines(&eps, &["cas", "greeting", "hi", "--expect-version", &(index + 1000).to_string()]);
-    assert_eq!(o.status.code(), Some(1), "a failed compare exits 1");
+    assert_eq!(o.status.code(), Some(6), "a failed compare exits 6");
     assert!(String::from_utf8_lossy(&o.stderr).contains("compare failed"));
     let o = nines(&eps, &["cas", "greeting", "hi", "--expect-version", &index.to_string()]);
     assert!(o.status.success(), "cas: {}", String::from_utf8_lossy(&o.stderr));
@@ -60,9 +60,9 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     let o = nines(&eps, &["del", "greeting"]);
     assert!(o.status.success());
     let o = nines(&eps, &["get", "greeting"]);
-    assert_eq!(o.status.code(), Some(1), "a missing key exits 1");
+    assert_eq!(o.status.code(), Some(3), "a missing key exits 3");
     let o = nines(&eps, &["put", "", "x"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "invalid input exits 2");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.lines().count(), 1, "one-line reason: {err}");
     assert!(err.contains("key is empty"), "{err}");
@@ -103,8 +103,8 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
 fn a_cli_with_no_cluster_fails_with_one_line() {
     // Shows: an unreachable cluster is a non-zero exit with a one-line reason.
     let port = free_port();
-    let o = nines(&format!("http://127.0.0.1:{port}"), &["get", "x"]);
-    assert_eq!(o.status.code(), Some(1));
+    let o = nines(&format!("http://127.0.0.1:{port}"), &["get", "x", "--command-timeout", "1s"]);
+    assert_eq!(o.status.code(), Some(4), "unreachable exits 4");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("unavailable"), "{err}");
@@ -121,7 +121,110 @@ async fn up_with_a_data_dir_starts_again_on_its_own_data() {
     first.client().put("kept", "across restarts").await.unwrap();
     first.stop();
     let again = common::Up::start_on(dir.path(), grpc, admin, &[]);
-    let kv = again.client().get("kept", nines_client::Consistency::Linearizable).await.unwrap().kv.expect("kept");
+    let kv = again.client().get("kept", nines::rpc::Consistency::Linearizable).await.unwrap().kv.expect("kept");
     assert_eq!(kv.value, b"across restarts");
     again.stop();
+}
+
+/// SIGCONTs a stopped process when dropped, so a failing test never leaves
+/// a node stopped.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// The exit codes of the README's table, by code.
+fn readme_exit_codes() -> Vec<(i32, String)> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let table = readme.split("| Exit code |").nth(1).expect("the README has an exit code table");
+    table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            (cells[0].parse().expect("a code"), cells[1].to_lowercase())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exit_code_is_what_the_readme_says() {
+    // Shows: each exit code of the README's table comes from the situation
+    // the table names, on a real cluster: success, failure, invalid input,
+    // not found, unreachable, outcome unknown (the only endpoint is
+    // SIGSTOPped mid-call) and a failed comparison; and values from stdin
+    // come back byte for byte through base64 JSON.
+    use nines::cli::kv::exit;
+    let _serial = common::serial().await;
+    let table = readme_exit_codes();
+    let documented: Vec<i32> = table.iter().map(|(c, _)| *c).collect();
+    let ours = [exit::OK, exit::FAILED, exit::INVALID, exit::NOT_FOUND, exit::UNREACHABLE, exit::OUTCOME_UNKNOWN];
+    let ours: Vec<i32> = ours.into_iter().chain([exit::COMPARE_FAILED]).collect();
+    assert_eq!(documented, ours, "the README's codes are the CLI's");
+    let words = ["success", "fail", "invalid", "not found", "unreachable", "outcome unknown", "compare"];
+    for ((code, text), word) in table.iter().zip(words) {
+        assert!(text.contains(word), "code {code} is documented as {text:?}, expected {word:?}");
+    }
+
+    let cluster = common::TestCluster::start(3, |_| {}).await;
+    let eps = cluster.endpoints(&[1, 2, 3]).join(",");
+    let run_at = |eps: &str, args: &[&str], stdin: Option<&[u8]>| {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nines"))
+            .args(["--endpoints", eps])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nines");
+        child.stdin.take().unwrap().write_all(stdin.unwrap_or_default()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let run = |args: &[&str], stdin: Option<&[u8]>| run_at(&eps, args, stdin);
+    let code = |o: &std::process::Output| o.status.code().expect("exited");
+
+    // 0, with a binary value from stdin that comes back whole.
+    let binary: Vec<u8> = (0..=255u8).collect();
+    let o = run(&["put", "bin"], Some(&binary));
+    assert_eq!(code(&o), exit::OK, "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["get", "bin", "-w", "json"], None);
+    assert_eq!(code(&o), exit::OK);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    use base64::Engine;
+    let value = base64::engine::general_purpose::STANDARD.decode(v["kv"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(value, binary);
+    let file = cluster.dir.path().join("value");
+    std::fs::write(&file, b"from a file").unwrap();
+    assert_eq!(code(&run(&["put", "f", "--file", file.to_str().unwrap()], None)), exit::OK);
+    assert!(String::from_utf8_lossy(&run(&["get", "f"], None).stdout).contains("from a file"));
+    // 1: a command that ran and failed (a health check answered 404).
+    let admin = &cluster.nodes[&1].config.admin_listen;
+    let o = run(&["health", &format!("http://{admin}/no-such-page")], None);
+    assert_eq!(code(&o), exit::FAILED, "{}", String::from_utf8_lossy(&o.stderr));
+    // 2: invalid input, from the server and from the command line.
+    assert_eq!(code(&run(&["put", "", "x"], None)), exit::INVALID);
+    assert_eq!(code(&run(&["put", "k", "v", "--no-such-flag"], None)), exit::INVALID);
+    assert_eq!(code(&run_at("127.0.0.1:1", &["put", "k", "v"], None)), exit::INVALID);
+    // 3: not found.
+    assert_eq!(code(&run(&["get", "never-written"], None)), exit::NOT_FOUND);
+    // 4: nothing answers.
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let o = run_at(&nobody, &["get", "k", "--command-timeout", "1s"], None);
+    assert_eq!(code(&o), exit::UNREACHABLE, "{}", String::from_utf8_lossy(&o.stderr));
+    // 6: a failed comparison.
+    assert_eq!(code(&run(&["cas", "f", "new", "--expect-absent"], None)), exit::COMPARE_FAILED);
+    // 5: the only endpoint stops answering (SIGSTOP) while a put is sent.
+    let pid = cluster.nodes[&3].child.as_ref().unwrap().id() as i32;
+    let stopped = Resume(pid);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let only = cluster.nodes[&3].grpc();
+    let o = run_at(&only, &["put", "k", "v", "--command-timeout", "3s"], None);
+    assert_eq!(code(&o), exit::OUTCOME_UNKNOWN, "{}", String::from_utf8_lossy(&o.stderr));
+    drop(stopped);
+    assert_eq!(code(&run(&["put", "k", "v"], None)), exit::OK, "the cluster serves on");
 }

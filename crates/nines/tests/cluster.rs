@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TestCluster, serial, wait_at_least, wait_for};
-use nines_client::{Consistency, Error};
+use nines::rpc::{Consistency, Error};
 
 fn key(i: usize) -> String {
     format!("key-{i:05}")

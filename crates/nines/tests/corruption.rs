@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestCluster, serial};
-use nines_client::{Consistency, Error};
+use nines::rpc::{Consistency, Error};
 use redb::{Database, ReadableTable, TableDefinition};
 use tonic::Code;
 

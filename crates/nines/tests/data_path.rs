@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestCluster, serial, wait_for};
 use nines::limits::VALUE_BYTES_MAX;
-use nines_client::{Client, ClientConfig};
+use nines::rpc::{Client, ClientConfig};
 
 /// Writers in a burst.
 const BURST_CLIENTS: usize = 200;
@@ -151,8 +151,8 @@ fn two_regions(c: &mut nines::config::NodeConfig) {
     c.fault_injection = true;
 }
 
-async fn local_get(c: &Client, key: &str) -> Option<nines_client::KeyValue> {
-    c.get(key.to_string(), nines_client::Consistency::Local).await.ok()?.kv
+async fn local_get(c: &Client, key: &str) -> Option<nines::rpc::KeyValue> {
+    c.get(key.to_string(), nines::rpc::Consistency::Local).await.ok()?.kv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,12 +320,12 @@ async fn a_cas_with_a_version_read_in_the_other_region_never_matches_a_different
     let (us, eu) = (cluster.region_client("us-east"), cluster.region_client("eu-west"));
     us.put("k", "from-us").await.expect("put");
     let read_in_us =
-        us.get("k", nines_client::Consistency::Linearizable).await.expect("get").kv.unwrap().version.unwrap();
+        us.get("k", nines::rpc::Consistency::Linearizable).await.expect("get").kv.unwrap().version.unwrap();
     wait_for("k in eu-west", Duration::from_secs(30), || async { local_get(&eu, "k").await.map(|_| ()) }).await;
-    let ok = eu.compare_and_swap("k", "cas-1", nines_client::Expect::Write(read_in_us.clone())).await.expect("cas");
+    let ok = eu.compare_and_swap("k", "cas-1", nines::rpc::Expect::Write(read_in_us.clone())).await.expect("cas");
     assert!(ok.succeeded, "the write read in us-east is current in eu-west");
     eu.put("k", "from-eu").await.expect("a different write in eu-west");
-    let again = eu.compare_and_swap("k", "cas-2", nines_client::Expect::Write(read_in_us)).await.expect("cas");
+    let again = eu.compare_and_swap("k", "cas-2", nines::rpc::Expect::Write(read_in_us)).await.expect("cas");
     assert!(!again.succeeded, "a different write is current: the CAS must fail");
     assert_eq!(local_get(&eu, "k").await.unwrap().value, b"from-eu");
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::serial;
 use nines::config::NodeConfig;
-use nines_client::{Client, ClientConfig, Consistency};
+use nines::rpc::{Client, ClientConfig, Consistency};
 use serde_norway::Value;
 
 fn deploy() -> PathBuf {

@@ -204,14 +204,14 @@ async fn two_failovers_at_once(mut cluster: TestCluster, with_authority: bool) {
 /// A client of `region` that gives up within a second and two attempts:
 /// once a primary's lease has run out, each refused write is counted and the
 /// next one starts, instead of retrying for the default ten seconds.
-fn quick_client(cluster: &TestCluster, region: &str) -> nines_client::Client {
-    let config = nines_client::ClientConfig {
+fn quick_client(cluster: &TestCluster, region: &str) -> nines::rpc::Client {
+    let config = nines::rpc::ClientConfig {
         attempts_max: 2,
         attempt_timeout: Duration::from_secs(1),
         request_deadline: Duration::from_secs(1),
-        ..nines_client::ClientConfig::default()
+        ..nines::rpc::ClientConfig::default()
     };
-    nines_client::Client::new(cluster.endpoints(&cluster.regions[region]), config).expect("client")
+    nines::rpc::Client::new(cluster.endpoints(&cluster.regions[region]), config).expect("client")
 }
 
 /// A writer's record: every key it tried, and when each acknowledged one
@@ -251,9 +251,9 @@ async fn a_primary_cut_off_from_the_authority_stops_within_its_lease_and_loses_o
                 match a.put(key.clone(), "v").await {
                     Ok(_) => w.acked.push((key, Instant::now())),
                     Err(
-                        nines_client::Error::Unavailable { .. }
-                        | nines_client::Error::FailedPrecondition(_)
-                        | nines_client::Error::InvalidArgument(_),
+                        nines::rpc::Error::Unavailable { .. }
+                        | nines::rpc::Error::FailedPrecondition(_)
+                        | nines::rpc::Error::InvalidArgument(_),
                     ) => {}
                     Err(_) => w.unknown.push(key),
                 }
@@ -295,7 +295,7 @@ async fn a_primary_cut_off_from_the_authority_stops_within_its_lease_and_loses_o
     let last_ack = after_cut.iter().max().copied().unwrap_or_default();
     let mut missing = std::collections::BTreeSet::new();
     for (key, _) in &writes.acked {
-        let got = b.get(key.clone(), nines_client::Consistency::Linearizable).await.expect("read b");
+        let got = b.get(key.clone(), nines::rpc::Consistency::Linearizable).await.expect("read b");
         if got.kv.is_none() {
             missing.insert(key.clone());
         }
@@ -347,8 +347,7 @@ async fn killing_the_deciding_controller_during_a_primary_failure_still_fails_ov
     // (The killed one is reaped when the array is dropped below.)
     let authority = cluster.region_client(common::AUTHORITY);
     let holder = wait_for("a controller to decide", Duration::from_secs(30), || async {
-        let got =
-            authority.get(nines::authority::CONTROLLER_KEY, nines_client::Consistency::Linearizable).await.ok()?;
+        let got = authority.get(nines::authority::CONTROLLER_KEY, nines::rpc::Consistency::Linearizable).await.ok()?;
         let lease: nines::authority::Lease = serde_json::from_slice(&got.kv?.value).ok()?;
         Some(lease.holder)
     })
@@ -386,8 +385,8 @@ async fn contents(cluster: &TestCluster, region: &str) -> std::collections::BTre
     let mut all = std::collections::BTreeMap::new();
     let mut start = Vec::new();
     loop {
-        let range = nines_client::KeyRange::Range { start: start.clone(), end: Vec::new() };
-        let page = client.scan(range, 10_000, nines_client::Consistency::Linearizable).await.expect("scan");
+        let range = nines::rpc::KeyRange::Range { start: start.clone(), end: Vec::new() };
+        let page = client.scan(range, 10_000, nines::rpc::Consistency::Linearizable).await.expect("scan");
         let last = page.kvs.last().map(|kv| kv.key.clone());
         all.extend(page.kvs.into_iter().map(|kv| (kv.key, kv.value)));
         match (page.more, last) {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestCluster, serial, wait_for};
 use nines::config::{Mode, NodeConfig};
-use nines_client::{Consistency, Error};
+use nines::rpc::{Consistency, Error};
 
 /// The simulated latency `nines up` uses.
 fn up_latency(c: &mut NodeConfig) {
@@ -42,7 +42,7 @@ fn summary(name: &str, mut samples: Vec<Duration>) {
 /// whose put was acknowledged, with the times each put was invoked and
 /// acknowledged.
 async fn writer(
-    client: nines_client::Client,
+    client: nines::rpc::Client,
     stop: Arc<AtomicBool>,
     prefix: &'static str,
 ) -> Vec<(String, Instant, Instant)> {
@@ -258,7 +258,7 @@ const SNAPSHOT_KEYS: u64 = 1_000_000;
 /// `writers` tasks putting small values until `stop`; the latency of every
 /// acknowledged put. Bounded: at most 1,000,000 puts per task.
 async fn write_latencies(
-    client: Arc<nines_client::Client>,
+    client: Arc<nines::rpc::Client>,
     writers: u64,
     stop: Arc<AtomicBool>,
     prefix: &'static str,

@@ -158,7 +158,7 @@ async fn sigterm_stops_a_leader_cleanly_and_the_region_elects_another() {
     let next = cluster.wait_leader().await;
     assert_ne!(next, leader);
     for i in 0..50 {
-        let r = client.get(format!("k{i}"), nines_client::Consistency::Linearizable).await.unwrap();
+        let r = client.get(format!("k{i}"), nines::rpc::Consistency::Linearizable).await.unwrap();
         assert!(r.kv.is_some(), "k{i} lost");
     }
 }

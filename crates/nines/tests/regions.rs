@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestCluster, serial, wait_at_least, wait_for};
 use nines::config::{Mode, NodeConfig};
-use nines_client::{Client, Consistency, Error, Version};
+use nines::rpc::{Client, Consistency, Error, Version};
 
 /// Cross-region latency in these tests: enough that shipping visibly lags,
 /// small enough to keep the tests short.
@@ -172,7 +172,7 @@ async fn region_leaders_killed_while_shipping_resume_without_gap_or_duplicate() 
     loop {
         let page = a
             .scan(
-                nines_client::KeyRange::Range { start: start.clone(), end: b"s.".to_vec() },
+                nines::rpc::KeyRange::Range { start: start.clone(), end: b"s.".to_vec() },
                 10_000,
                 Consistency::Linearizable,
             )
@@ -412,7 +412,7 @@ async fn the_rpo_guard_stops_writes_while_no_secondary_acknowledges_and_resumes_
         c.replication.max_rpo = max_rpo;
     })
     .await;
-    let config = nines_client::ClientConfig { attempts_max: 1, ..Default::default() };
+    let config = nines::rpc::ClientConfig { attempts_max: 1, ..Default::default() };
     let client = Client::new(cluster.endpoints(&cluster.regions["a"]), config).unwrap();
     wait_for("the region's setup", Duration::from_secs(30), || async { client.put("first", "v").await.ok() }).await;
     // A working link: nothing is refused.

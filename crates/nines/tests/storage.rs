@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TestCluster, serial, wait_for};
-use nines_client::{Consistency, KeyRange};
+use nines::rpc::{Consistency, KeyRange};
 
 /// Keys between `a` and `z`, so a scan from one to the other takes time.
 const FILLER_KEYS: usize = 5_000;

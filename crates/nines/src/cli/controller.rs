@@ -32,9 +32,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::rpc::RegionStatusResponse;
 use anyhow::Context;
 use clap::Args;
-use nines_client::RegionStatusResponse;
 
 use super::Global;
 use super::region::{discover, promote_client, region_client};
@@ -142,7 +142,7 @@ pub async fn run(g: &Global, args: ControllerArgs) -> anyhow::Result<()> {
 
 /// The authority's endpoints, as the first region that answers names them
 /// (none: the cluster has no authority, and this controller decides alone).
-async fn authority_of(clients: &[(String, nines_client::Client)]) -> Option<Vec<String>> {
+async fn authority_of(clients: &[(String, crate::rpc::Client)]) -> Option<Vec<String>> {
     for (_, c) in clients {
         if let Ok(s) = c.region_status().await {
             return (!s.authority.is_empty()).then_some(s.authority);
@@ -209,15 +209,15 @@ impl ControllerLease {
 
 /// One single-attempt client per node of every region, by region.
 fn node_probes(
-    regions: &[nines_client::RegionInfo],
+    regions: &[crate::rpc::RegionInfo],
     timeout: Duration,
-) -> anyhow::Result<Vec<(String, Vec<nines_client::Client>)>> {
-    let config = nines_client::ClientConfig {
+) -> anyhow::Result<Vec<(String, Vec<crate::rpc::Client>)>> {
+    let config = crate::rpc::ClientConfig {
         attempt_timeout: timeout,
         attempts_max: 1,
         request_deadline: timeout,
         connect_timeout: timeout,
-        ..nines_client::ClientConfig::default()
+        ..crate::rpc::ClientConfig::default()
     };
     regions
         .iter()
@@ -225,7 +225,7 @@ fn node_probes(
             let clients = r
                 .endpoints
                 .iter()
-                .map(|e| nines_client::Client::new(vec![e.clone()], config.clone()))
+                .map(|e| crate::rpc::Client::new(vec![e.clone()], config.clone()))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((r.name.clone(), clients))
         })
@@ -235,7 +235,7 @@ fn node_probes(
 /// Probes every node of every region at once; a region answers with the
 /// first of its nodes that answers within `timeout`. Only regions that
 /// answered, and know their roles, are in the result.
-async fn probe(probes: &[(String, Vec<nines_client::Client>)], timeout: Duration) -> Vec<Seen> {
+async fn probe(probes: &[(String, Vec<crate::rpc::Client>)], timeout: Duration) -> Vec<Seen> {
     let regions = probes.iter().map(|(name, clients)| async move {
         let asks = clients.iter().map(|c| {
             Box::pin(async move {
@@ -269,8 +269,8 @@ async fn probe(probes: &[(String, Vec<nines_client::Client>)], timeout: Duration
 }
 
 /// Whether a failed promotion certainly had no effect.
-fn no_effect(e: &nines_client::Error) -> bool {
-    use nines_client::Error::*;
+fn no_effect(e: &crate::rpc::Error) -> bool {
+    use crate::rpc::Error::*;
     matches!(e, Unavailable { .. } | InvalidArgument(_) | FailedPrecondition(_) | InvalidEndpoint { .. })
 }
 

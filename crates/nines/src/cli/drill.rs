@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::rpc::{Client, ClientConfig, Consistency, KeyRange};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use nines_client::{Client, ClientConfig, Consistency, KeyRange};
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::rpc::{Client, ClientConfig, NodeInfo};
 use anyhow::{Context, bail};
-use nines_client::{Client, ClientConfig, NodeInfo};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

@@ -1,19 +1,20 @@
 //! The `nines` command line, shaped like `etcdctl`: `--endpoints` (or
 //! `NINES_ENDPOINTS`) defaulting to the cluster `nines up` starts, `-w
-//! table|json`, exit code 0 on success and 1 with a one-line reason on
-//! stderr otherwise.
+//! table|json`, and exit codes that tell failures apart (see
+//! [`kv::exit`]), each with a one-line reason on stderr.
 
 pub mod backup;
 pub mod controller;
 pub mod drill;
+pub mod kv;
 pub mod local;
 pub mod region;
 pub mod up;
 
 use std::path::PathBuf;
 
+use crate::rpc::{Client, ClientConfig, NodeInfo};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nines_client::{Client, ClientConfig, Consistency, Expect, KeyRange, KeyValue, NodeInfo, Version};
 use serde_json::json;
 use tracing::Instrument;
 
@@ -32,11 +33,17 @@ pub struct Cli {
 pub struct Global {
     /// Comma-separated gRPC endpoints of the cluster.
     #[arg(long, global = true, env = "NINES_ENDPOINTS", value_delimiter = ',',
-          default_values_t = nines_client::DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+          default_values_t = crate::rpc::DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
     pub endpoints: Vec<String>,
-    /// Output format.
+    /// Output format (json prints keys and values in base64).
     #[arg(short = 'w', long = "write-out", global = true, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// How long connecting to one node may take (key-value commands).
+    #[arg(long, global = true, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: std::time::Duration,
+    /// How long a key-value command may take over all its retries.
+    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub command_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,47 +66,8 @@ pub enum Command {
     Up(up::UpArgs),
     /// Run one node.
     Node(NodeArgs),
-    /// Write a value.
-    Put { key: String, value: String },
-    /// Read a value.
-    Get {
-        key: String,
-        #[arg(long, value_enum, default_value_t = ReadConsistency::Linearizable)]
-        consistency: ReadConsistency,
-    },
-    /// Delete a key.
-    Del { key: String },
-    /// Write a value only if the key's current version matches.
-    Cas {
-        key: String,
-        value: String,
-        /// The version the key must currently have: its index (`2048`, as
-        /// this region's log assigned it), or the write itself as
-        /// `HLC@ORIGIN` (`1732670000123.4@us-east`, valid in any region).
-        #[arg(long, conflicts_with = "expect_absent", required_unless_present = "expect_absent")]
-        #[arg(value_parser = parse_expected_version)]
-        expect_version: Option<Expect>,
-        /// The key must not exist.
-        #[arg(long)]
-        expect_absent: bool,
-    },
-    /// List keys in a range or with a prefix.
-    Scan {
-        /// Keys beginning with this.
-        #[arg(long, conflicts_with_all = ["from", "to"])]
-        prefix: Option<String>,
-        /// First key (inclusive).
-        #[arg(long)]
-        from: Option<String>,
-        /// Last key (exclusive).
-        #[arg(long)]
-        to: Option<String>,
-        /// At most this many keys (default 1000, at most 10000).
-        #[arg(long, default_value_t = 0)]
-        limit: u32,
-        #[arg(long, value_enum, default_value_t = ReadConsistency::Linearizable)]
-        consistency: ReadConsistency,
-    },
+    #[command(flatten)]
+    Kv(kv::KvCommand),
     /// Show every node: region, AZ, role, term, log and applied index, leader.
     Status,
     /// Membership: list, init, add a learner, promote, remove.
@@ -287,7 +255,7 @@ where
             // One line: the error and its causes.
             let reason: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("nines: {}", reason.join(": "));
-            1
+            e.downcast_ref::<kv::Exit>().map_or(kv::exit::FAILED, |exit| exit.code)
         }
     }
 }
@@ -332,39 +300,6 @@ fn client(g: &Global) -> anyhow::Result<Client> {
     Ok(Client::new(g.endpoints.clone(), ClientConfig::default())?)
 }
 
-fn consistency(c: ReadConsistency) -> Consistency {
-    match c {
-        ReadConsistency::Linearizable => Consistency::Linearizable,
-        ReadConsistency::Local => Consistency::Local,
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn version_json(v: &Option<Version>) -> serde_json::Value {
-    match v {
-        Some(v) => json!({
-            "index": v.index, "hlc": format!("{}.{}", v.hlc_physical_ms, v.hlc_logical), "origin_region": v.origin_region
-        }),
-        None => serde_json::Value::Null,
-    }
-}
-
-fn version_text(v: &Option<Version>) -> String {
-    match v {
-        Some(v) => {
-            format!("version {} ({}.{}@{})", v.index, v.hlc_physical_ms, v.hlc_logical, v.origin_region)
-        }
-        None => "no version".into(),
-    }
-}
-
-fn kv_json(kv: &KeyValue) -> serde_json::Value {
-    json!({ "key": text(&kv.key), "value": text(&kv.value), "version": version_json(&kv.version) })
-}
-
 /// Prints rows as an aligned table.
 pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -387,21 +322,6 @@ pub(crate) fn print_json(v: serde_json::Value) {
     println!("{v}");
 }
 
-/// Parses `--expect-version`: `INDEX` or `PHYSICAL_MS.LOGICAL@ORIGIN`.
-fn parse_expected_version(s: &str) -> Result<Expect, String> {
-    if let Ok(index) = s.parse::<u64>() {
-        return Ok(Expect::Index(index));
-    }
-    let bad = || format!("{s:?} is neither a version index (2048) nor HLC@ORIGIN (1732670000123.4@us-east)");
-    let (hlc, origin) = s.split_once('@').ok_or_else(bad)?;
-    let (ms, logical) = hlc.split_once('.').ok_or_else(bad)?;
-    let (Ok(hlc_physical_ms), Ok(hlc_logical)) = (ms.parse(), logical.parse()) else { return Err(bad()) };
-    if origin.is_empty() {
-        return Err(bad());
-    }
-    Ok(Expect::Write(Version { hlc_physical_ms, hlc_logical, origin_region: origin.to_string(), index: 0 }))
-}
-
 /// Parses `ID=URL[@REGION/AZ]`.
 fn parse_member(s: &str) -> anyhow::Result<NodeInfo> {
     let (id, rest) = s.split_once('=').ok_or_else(|| anyhow::anyhow!("member {s:?} is not ID=URL[@REGION/AZ]"))?;
@@ -420,7 +340,7 @@ fn parse_member(s: &str) -> anyhow::Result<NodeInfo> {
     Ok(NodeInfo { id, grpc_addr: url.to_string(), admin_addr: String::new(), region, az })
 }
 
-fn print_members(g: &Global, m: &nines_client::MembersResponse) {
+fn print_members(g: &Global, m: &crate::rpc::MembersResponse) {
     if g.format == Format::Json {
         let members: Vec<_> = m
             .members
@@ -452,95 +372,9 @@ fn print_members(g: &Global, m: &nines_client::MembersResponse) {
 /// Runs one client command; `Ok(false)` means "ran, but the answer is no"
 /// (key not found, comparison failed), which exits 1.
 pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
-    let json = g.format == Format::Json;
     match command {
         Command::Up(_) | Command::Node(_) => unreachable!("handled by main"),
-        Command::Put { key, value } => {
-            let v = client(&g)?.put(key.clone(), value).await?;
-            if json {
-                print_json(json!({ "key": key, "version": version_json(&Some(v)) }));
-            } else {
-                println!("OK {}", version_text(&Some(v)));
-            }
-        }
-        Command::Get { key, consistency: c } => {
-            let r = client(&g)?.get(key.clone(), consistency(c)).await?;
-            if json {
-                print_json(json!({
-                    "kv": r.kv.as_ref().map(kv_json), "applied_index": r.applied_index, "served_by": r.served_by
-                }));
-            }
-            match r.kv {
-                Some(kv) => {
-                    if !json {
-                        print_table(
-                            &["KEY", "VALUE", "VERSION"],
-                            &[vec![text(&kv.key), text(&kv.value), version_text(&kv.version)]],
-                        );
-                    }
-                }
-                None => {
-                    eprintln!("key {key:?} not found");
-                    return Ok(false);
-                }
-            }
-        }
-        Command::Del { key } => {
-            let r = client(&g)?.delete(key.clone()).await?;
-            if json {
-                print_json(json!({ "key": key, "existed": r.existed, "version": version_json(&r.version) }));
-            } else {
-                println!(
-                    "{} {}",
-                    if r.existed { "DELETED" } else { "ABSENT (tombstone written)" },
-                    version_text(&r.version)
-                );
-            }
-        }
-        Command::Cas { key, value, expect_version, expect_absent } => {
-            let expect = match (expect_version, expect_absent) {
-                (Some(v), false) => v,
-                _ => Expect::Absent,
-            };
-            let r = client(&g)?.compare_and_swap(key.clone(), value, expect).await?;
-            if json {
-                print_json(json!({
-                    "key": key, "succeeded": r.succeeded, "version": version_json(&r.version),
-                    "current": r.current.as_ref().map(kv_json)
-                }));
-            } else if r.succeeded {
-                println!("OK {}", version_text(&r.version));
-            }
-            if !r.succeeded {
-                let current = match &r.current {
-                    Some(kv) => version_text(&kv.version),
-                    None => "absent".into(),
-                };
-                eprintln!("compare failed: key {key:?} is {current}");
-                return Ok(false);
-            }
-        }
-        Command::Scan { prefix, from, to, limit, consistency: c } => {
-            let range = match prefix {
-                Some(p) => KeyRange::Prefix(p.into_bytes()),
-                None => KeyRange::Range {
-                    start: from.unwrap_or_default().into_bytes(),
-                    end: to.unwrap_or_default().into_bytes(),
-                },
-            };
-            let r = client(&g)?.scan(range, limit, consistency(c)).await?;
-            if json {
-                let kvs: Vec<_> = r.kvs.iter().map(kv_json).collect();
-                print_json(json!({ "kvs": kvs, "more": r.more, "applied_index": r.applied_index }));
-            } else {
-                let rows: Vec<Vec<String>> =
-                    r.kvs.iter().map(|kv| vec![text(&kv.key), text(&kv.value), version_text(&kv.version)]).collect();
-                print_table(&["KEY", "VALUE", "VERSION"], &rows);
-                if r.more {
-                    println!("(more keys follow; continue with --from)");
-                }
-            }
-        }
+        Command::Kv(kv) => kv::run(&g, kv).await?,
         Command::Status => status(&g).await?,
         Command::Region(r) => region::run(&g, r).await?,
         Command::Controller(args) => controller::run(&g, args).await?,
@@ -561,11 +395,11 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
                                 println!("initialized");
                                 break;
                             }
-                            Err(nines_client::Error::FailedPrecondition(msg)) if if_new => {
+                            Err(crate::rpc::Error::FailedPrecondition(msg)) if if_new => {
                                 println!("already initialized ({msg})");
                                 break;
                             }
-                            Err(nines_client::Error::Server { code: tonic::Code::Unavailable, .. })
+                            Err(crate::rpc::Error::Server { code: tonic::Code::Unavailable, .. })
                                 if std::time::Instant::now() < deadline =>
                             {
                                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -633,7 +467,7 @@ async fn status(g: &Global) -> anyhow::Result<()> {
         None => {
             let regions = match region::discover(g).await {
                 Ok(r) => r,
-                Err(_) => vec![nines_client::RegionInfo { name: String::new(), endpoints: g.endpoints.clone() }],
+                Err(_) => vec![crate::rpc::RegionInfo { name: String::new(), endpoints: g.endpoints.clone() }],
             };
             crate::view::cluster(&regions).await
         }
@@ -729,16 +563,6 @@ mod tests {
         assert_eq!(parse_member("1=http://h:1").unwrap().region, "local");
         for bad in ["x=http://h", "http://h", "1=http://h@nolabel"] {
             assert!(parse_member(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn expected_versions_parse_as_an_index_or_a_write() {
-        assert_eq!(parse_expected_version("2048").unwrap(), Expect::Index(2048));
-        let Expect::Write(v) = parse_expected_version("1732670000123.4@us-east").unwrap() else { panic!("a write") };
-        assert_eq!((v.hlc_physical_ms, v.hlc_logical, v.origin_region.as_str()), (1732670000123, 4, "us-east"));
-        for bad in ["", "x", "12@", "1.2", "1.x@a", "@a"] {
-            assert!(parse_expected_version(bad).is_err(), "{bad}");
         }
     }
 

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::rpc::{Client, ClientConfig, RegionInfo, RegionStatusResponse};
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use nines_client::{Client, ClientConfig, RegionInfo, RegionStatusResponse};
 use serde_json::json;
 
 use super::{Format, Global, print_json, print_table};

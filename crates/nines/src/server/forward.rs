@@ -60,7 +60,7 @@ where
     let deadline = node.write_timeout() + FORWARD_MARGIN;
     match tokio::time::timeout(deadline, call(channel, req)).await {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(s)) if nines_client::retry::connect_failed(&s) => Err(Error::Unavailable {
+        Ok(Err(s)) if crate::rpc::retry::connect_failed(&s) => Err(Error::Unavailable {
             reason: format!("the leader at {addr} is unreachable: {}", s.message()),
             retry_safe: true,
         }

@@ -55,8 +55,9 @@ impl KvService {
         let r = req.into_inner();
         validate::key(&r.key)?;
         validate::value(&r.value)?;
+        let tag = validate::session(r.session.as_ref())?;
         let (key, value) = (r.key.clone(), r.value.clone());
-        match self.node.write(|hlc| Command::Put { key, value, hlc }).await {
+        match self.node.write(|hlc| Command::Put { key, value, hlc }.in_session(tag)).await {
             Ok(CommandResult::Put { version }) => {
                 Ok(Response::new(PutResponse { version: Some(version_to_proto(&version)) }))
             }
@@ -84,8 +85,9 @@ impl KvService {
         let hops = hops(&req);
         let r = req.into_inner();
         validate::key(&r.key)?;
+        let tag = validate::session(r.session.as_ref())?;
         let key = r.key.clone();
-        match self.node.write(|hlc| Command::Delete { key, hlc }).await {
+        match self.node.write(|hlc| Command::Delete { key, hlc }.in_session(tag)).await {
             Ok(CommandResult::Delete { existed, version }) => {
                 Ok(Response::new(DeleteResponse { existed, version: Some(version_to_proto(&version)) }))
             }
@@ -103,8 +105,9 @@ impl KvService {
         validate::key(&r.key)?;
         validate::value(&r.value)?;
         let expected = validate::expected(&r)?;
+        let tag = validate::session(r.session.as_ref())?;
         let (key, value) = (r.key.clone(), r.value.clone());
-        match self.node.write(|hlc| Command::CompareAndSwap { key, value, expected, hlc }).await {
+        match self.node.write(|hlc| Command::CompareAndSwap { key, value, expected, hlc }.in_session(tag)).await {
             Ok(CommandResult::CompareAndSwap { succeeded, version, current }) => {
                 Ok(Response::new(CompareAndSwapResponse {
                     succeeded,

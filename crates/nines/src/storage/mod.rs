@@ -14,6 +14,7 @@
 //!   commits (one fsync per batch of appends).
 //! - [`state_machine`]: the key-value state, changefeed and divergence
 //!   record; consistent reads through read transactions.
+//! - [`session`]: client sessions, so that a retried write applies once.
 //! - [`snapshot`]: snapshot files, streamed out and read back in batches.
 //! - [`power_loss`]: a storage backend for tests that keeps only what was
 //!   synced.
@@ -26,6 +27,7 @@ pub mod format;
 pub mod log_store;
 pub mod power_loss;
 pub mod record;
+pub mod session;
 pub mod snapshot;
 pub mod state_machine;
 

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::record;
+use super::session::SessionRecord;
 use super::state_machine::{ArchiveRecord, ArchiveState, ChangeRecord, DivergentRecord, RegionState};
 use crate::types::{SnapshotMeta, StoredValue};
 
@@ -62,6 +63,11 @@ pub enum Item {
         record: ArchiveRecord,
     },
     ArchiveState(ArchiveState),
+    Session {
+        client: [u8; 16],
+        record: SessionRecord,
+    },
+    SessionClock(u64),
 }
 
 /// Why a snapshot file cannot be used.
@@ -158,6 +164,14 @@ impl Writer {
         self.frame(&Item::ArchiveState(state))
     }
 
+    pub fn session(&mut self, client: [u8; 16], record: SessionRecord) -> Result<(), SnapshotError> {
+        self.frame(&Item::Session { client, record })
+    }
+
+    pub fn session_clock(&mut self, ms: u64) -> Result<(), SnapshotError> {
+        self.frame(&Item::SessionClock(ms))
+    }
+
     /// Ends the file and makes it durable.
     pub fn finish(mut self) -> Result<(), SnapshotError> {
         let (data, changefeed, divergent) = self.counts;
@@ -243,7 +257,12 @@ impl Reader {
                     Item::Data { .. } => self.counts.0 += 1,
                     Item::Change { .. } => self.counts.1 += 1,
                     Item::Divergent { .. } => self.counts.2 += 1,
-                    Item::Header { .. } | Item::End { .. } | Item::Archive { .. } | Item::ArchiveState(_) => {}
+                    Item::Header { .. }
+                    | Item::End { .. }
+                    | Item::Archive { .. }
+                    | Item::ArchiveState(_)
+                    | Item::Session { .. }
+                    | Item::SessionClock(_) => {}
                 }
                 Ok(Some(item))
             }

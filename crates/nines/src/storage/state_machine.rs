@@ -6,7 +6,8 @@
 //! `divergent` a sequence number to a divergence record, `archive` a
 //! version index to a local write waiting for the continuous archive, and
 //! `meta` holds the applied log id, the membership, the region state and
-//! the archive's state. Every value is
+//! the archive's state, and `sessions` a client id to its session (see
+//! [`super::session`]). Every value is
 //! a checksummed [`record`].
 //!
 //! Invariants:
@@ -70,14 +71,18 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::session::{self, Lookup, SessionRecord};
 use super::snapshot::{self, Item, SnapshotError};
 use super::{FileBackend, record};
 use crate::config::Mode;
 use crate::hlc::{Hlc, HlcClock};
-use crate::limits::{ACK_HISTORY_MAX, EPOCH_MAX, SNAPSHOT_INSTALL_BATCH_BYTES, WRITES_PER_ENTRY_MAX};
+use crate::limits::{
+    ACK_HISTORY_MAX, EPOCH_MAX, SESSION_IDLE_MS, SESSION_SWEEP_MS, SNAPSHOT_INSTALL_BATCH_BYTES, WRITES_PER_ENTRY_MAX,
+};
 use crate::types::{
-    Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ReplicationSetup, ResyncEntry, Snapshot, SnapshotMeta,
-    StorageError, StoredMembership, StoredValue, SyncEntry, TypeConfig, Version, wins_epoch_tie,
+    Command, CommandResult, Entry, Expected, LogId, RemoteEntry, ReplicationSetup, ResyncEntry, SessionResult,
+    SessionTag, Snapshot, SnapshotMeta, StorageError, StoredMembership, StoredValue, SyncEntry, TypeConfig, Version,
+    wins_epoch_tie,
 };
 
 const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
@@ -85,17 +90,21 @@ const CHANGEFEED: TableDefinition<u64, &[u8]> = TableDefinition::new("changefeed
 const DIVERGENT: TableDefinition<u64, &[u8]> = TableDefinition::new("divergent");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ARCHIVE: TableDefinition<u64, &[u8]> = TableDefinition::new("archive");
+/// A client id to its [`SessionRecord`].
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 
 /// Where a snapshot is installed before it is switched in.
 const DATA_NEXT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data.installing");
 const CHANGEFEED_NEXT: TableDefinition<u64, &[u8]> = TableDefinition::new("changefeed.installing");
 const DIVERGENT_NEXT: TableDefinition<u64, &[u8]> = TableDefinition::new("divergent.installing");
 const ARCHIVE_NEXT: TableDefinition<u64, &[u8]> = TableDefinition::new("archive.installing");
+const SESSIONS_NEXT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions.installing");
 
 const APPLIED_KEY: &str = "applied";
 const MEMBERSHIP_KEY: &str = "membership";
 const REGION_KEY: &str = "region";
 const ARCHIVE_KEY: &str = "archive";
+const SESSION_CLOCK_KEY: &str = "session_clock";
 
 /// The file of the state machine inside the data directory.
 pub const STATE_FILE: &str = "state.redb";
@@ -674,6 +683,10 @@ struct Pending {
     archive: Vec<(u64, ArchiveRecord)>,
     /// The archive's new state, when a `Command::Archived` changed it.
     archive_state: Option<ArchiveState>,
+    /// Sessions written (`None`: dropped).
+    sessions: HashMap<[u8; 16], Option<SessionRecord>>,
+    /// The session clock, when a session write moved it.
+    session_clock: Option<u64>,
 }
 
 /// What one `apply` computed: results, effects, region state, the new
@@ -695,6 +708,9 @@ pub struct StateMachine {
     shared_region: Arc<RwLock<RegionState>>,
     archive: ArchiveState,
     shared_archive: Arc<RwLock<ArchiveState>>,
+    /// The greatest timestamp of a session write applied (milliseconds):
+    /// the clock sessions expire by.
+    session_clock: u64,
     /// Distinguishes snapshots built at the same log id.
     snapshot_seq: u64,
     durable: DurableApplied,
@@ -734,10 +750,12 @@ impl StateMachine {
         txn.open_table(DIVERGENT)?;
         txn.open_table(META)?;
         txn.open_table(ARCHIVE)?;
+        txn.open_table(SESSIONS)?;
         txn.delete_table(DATA_NEXT)?;
         txn.delete_table(CHANGEFEED_NEXT)?;
         txn.delete_table(DIVERGENT_NEXT)?;
         txn.delete_table(ARCHIVE_NEXT)?;
+        txn.delete_table(SESSIONS_NEXT)?;
         txn.commit()?;
         let snapshot_dir = snapshot::dir(dir);
         std::fs::create_dir_all(&snapshot_dir)?;
@@ -748,6 +766,7 @@ impl StateMachine {
         let membership: StoredMembership = read_meta(&read, MEMBERSHIP_KEY)?.unwrap_or_default();
         let region: RegionState = read_meta(&read, REGION_KEY)?.unwrap_or_default();
         let archive: ArchiveState = read_meta(&read, ARCHIVE_KEY)?.unwrap_or_default();
+        let session_clock: u64 = read_meta(&read, SESSION_CLOCK_KEY)?.unwrap_or_default();
         let changefeed_len = read.open_table(CHANGEFEED)?.len()?;
         drop(read);
         // A restarted clock starts above what this region stamped (unless
@@ -772,6 +791,7 @@ impl StateMachine {
             region,
             archive,
             shared_archive: Arc::new(RwLock::new(archive)),
+            session_clock,
             applied: Arc::new(AtomicU64::new(applied_index)),
             changefeed_len: Arc::new(AtomicU64::new(changefeed_len)),
             snapshot_seq: 0,
@@ -890,6 +910,9 @@ impl StateMachine {
             self.archived(pending, index, on, through);
             return Ok(CommandResult::None);
         }
+        if let Command::Session { tag, write } = cmd {
+            return self.apply_session(pending, region, index, tag, *write);
+        }
         let Some(setup) = region.setup.clone() else {
             return Ok(match cmd {
                 // Batches and acknowledgements carry nothing that waits.
@@ -962,12 +985,108 @@ impl StateMachine {
                 CommandResult::None
             }
             // Handled above, before the setup is needed.
-            Command::Configure { .. } | Command::Archived { .. } => CommandResult::None,
+            Command::Configure { .. } | Command::Archived { .. } | Command::Session { .. } => CommandResult::None,
             // Batches are unpacked by `apply`; one inside another is refused.
             Command::Batch(_) => {
                 CommandResult::Rejected { reason: "a batch may not hold another batch".into(), retry_later: false }
             }
         })
+    }
+
+    /// Applies a client write in a session: at most once per `(client,
+    /// seq)`, a repeat answered with the first result (see [`session`]).
+    fn apply_session(
+        &self,
+        pending: &mut Pending,
+        region: &mut RegionState,
+        index: u64,
+        tag: SessionTag,
+        write: Command,
+    ) -> Result<CommandResult, StorageError> {
+        let (stamp_ms, key) = match &write {
+            Command::Put { key, hlc, .. } | Command::Delete { key, hlc } | Command::CompareAndSwap { key, hlc, .. } => {
+                (hlc.physical_ms, key.clone())
+            }
+            other => {
+                return Ok(CommandResult::Rejected {
+                    reason: format!("a session holds only client writes, not {other:?}"),
+                    retry_later: false,
+                });
+            }
+        };
+        let now_ms = self.advance_session_clock(pending, stamp_ms)?;
+        let record = self.session_record(pending, &tag.client)?;
+        match session::lookup(record.as_ref(), &tag) {
+            Lookup::Applied(kept) => return self.replay(pending, key, kept),
+            Lookup::Expired => return Ok(CommandResult::SessionExpired { seq: tag.seq }),
+            Lookup::New => {}
+        }
+        let result = self.apply_command(pending, region, index, write)?;
+        if let Some(kept) = session::keepable(&result) {
+            let mut record = record.unwrap_or_default();
+            record.keep(&tag, kept, now_ms);
+            pending.sessions.insert(tag.client, Some(record));
+        }
+        Ok(result)
+    }
+
+    /// The result of a write applied before, as it was returned then (a
+    /// failed compare-and-swap reports the value current now).
+    fn replay(&self, pending: &Pending, key: Vec<u8>, kept: SessionResult) -> Result<CommandResult, StorageError> {
+        Ok(match kept {
+            SessionResult::Put { version } => CommandResult::Put { version },
+            SessionResult::Delete { existed, version } => CommandResult::Delete { existed, version },
+            SessionResult::CompareAndSwap { succeeded, version } => {
+                let current = if succeeded {
+                    None
+                } else {
+                    self.current(pending, &key)?.filter(|c| c.value.is_some()).map(|c| (key, c))
+                };
+                CommandResult::CompareAndSwap { succeeded, version, current }
+            }
+        })
+    }
+
+    /// A client's session, seeing this batch's changes.
+    fn session_record(&self, pending: &Pending, client: &[u8; 16]) -> Result<Option<SessionRecord>, StorageError> {
+        if let Some(r) = pending.sessions.get(client) {
+            return Ok(r.clone());
+        }
+        let table = self.view()?.open_table(SESSIONS).map_err(read_err)?;
+        let found = table.get(client.as_slice()).map_err(read_err)?;
+        found.map(|v| decode_at(client, v.value()).map_err(|e| sm_err(ErrorVerb::Read, e))).transpose()
+    }
+
+    /// Moves the session clock to a session write's stamp (it never goes
+    /// back) and returns it; each time it enters a new `SESSION_SWEEP_MS`
+    /// period, drops the sessions idle longer than `SESSION_IDLE_MS`.
+    fn advance_session_clock(&self, pending: &mut Pending, stamp_ms: u64) -> Result<u64, StorageError> {
+        let before = pending.session_clock.unwrap_or(self.session_clock);
+        if stamp_ms <= before {
+            return Ok(before);
+        }
+        pending.session_clock = Some(stamp_ms);
+        if before / SESSION_SWEEP_MS != stamp_ms / SESSION_SWEEP_MS {
+            let table = self.view()?.open_table(SESSIONS).map_err(read_err)?;
+            for item in table.iter().map_err(read_err)? {
+                let (k, v) = item.map_err(read_err)?;
+                let Ok(client) = <[u8; 16]>::try_from(k.value()) else { continue };
+                if pending.sessions.contains_key(&client) {
+                    continue;
+                }
+                let record: SessionRecord = decode_at(&client, v.value()).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+                if record.expired(stamp_ms) {
+                    pending.sessions.insert(client, None);
+                }
+            }
+            for record in pending.sessions.values_mut() {
+                if record.as_ref().is_some_and(|r| r.expired(stamp_ms)) {
+                    *record = None;
+                }
+            }
+            tracing::debug!(clock_ms = stamp_ms, idle_ms = SESSION_IDLE_MS, "swept idle client sessions");
+        }
+        Ok(stamp_ms)
     }
 
     /// Turns the archive on (from this entry on) and marks it stored
@@ -1294,9 +1413,10 @@ impl StateMachine {
                 for (pos, cmd) in cmds.into_iter().enumerate() {
                     let index = version_index(entry.log_id.index, pos as u64);
                     results.push(match cmd {
-                        Command::Put { .. } | Command::Delete { .. } | Command::CompareAndSwap { .. } => {
-                            self.apply_command(pending, region, index, cmd)?
-                        }
+                        Command::Put { .. }
+                        | Command::Delete { .. }
+                        | Command::CompareAndSwap { .. }
+                        | Command::Session { .. } => self.apply_command(pending, region, index, cmd)?,
                         other => CommandResult::Rejected {
                             reason: format!("a batch may hold only client writes, not {other:?}"),
                             retry_later: false,
@@ -1373,6 +1493,16 @@ impl StateMachine {
             }
             for (i, rec) in &pending.archive {
                 archive.insert(*i, enc(rec)?.as_slice()).map_err(write_err)?;
+            }
+            let mut sessions = txn.open_table(SESSIONS).map_err(write_err)?;
+            for (client, record) in &pending.sessions {
+                match record {
+                    Some(r) => sessions.insert(client.as_slice(), enc(r)?.as_slice()).map_err(write_err)?,
+                    None => sessions.remove(client.as_slice()).map_err(write_err)?,
+                };
+            }
+            if let Some(ms) = pending.session_clock {
+                meta.insert(SESSION_CLOCK_KEY, enc(&ms)?.as_slice()).map_err(write_err)?;
             }
             meta.insert(APPLIED_KEY, enc(&last_applied)?.as_slice()).map_err(write_err)?;
             if *region != self.region {
@@ -1457,10 +1587,12 @@ fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<Ins
     clear.delete_table(CHANGEFEED_NEXT).map_err(write_err)?;
     clear.delete_table(DIVERGENT_NEXT).map_err(write_err)?;
     clear.delete_table(ARCHIVE_NEXT).map_err(write_err)?;
+    clear.delete_table(SESSIONS_NEXT).map_err(write_err)?;
     clear.commit().map_err(write_err)?;
     let mut changefeed_len = 0;
     let mut newest = Hlc::default();
     let mut archive_state = ArchiveState::default();
+    let mut session_clock = 0;
     let mut done = false;
     while !done {
         let mut txn = db.begin_write().map_err(write_err)?;
@@ -1470,6 +1602,7 @@ fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<Ins
             let mut changefeed = txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
             let mut divergent = txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
             let mut archive = txn.open_table(ARCHIVE_NEXT).map_err(write_err)?;
+            let mut sessions = txn.open_table(SESSIONS_NEXT).map_err(write_err)?;
             let mut bytes = 0;
             while bytes < SNAPSHOT_INSTALL_BATCH_BYTES {
                 let Some(item) = reader.next_item().map_err(fail)? else {
@@ -1501,14 +1634,20 @@ fn install_tables(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<Ins
                         archive.insert(index, v.as_slice()).map_err(write_err)?;
                     }
                     Item::ArchiveState(state) => archive_state = state,
+                    Item::Session { client, record } => {
+                        let v = enc(&record)?;
+                        bytes += v.len();
+                        sessions.insert(client.as_slice(), v.as_slice()).map_err(write_err)?;
+                    }
+                    Item::SessionClock(ms) => session_clock = ms,
                     Item::Header { .. } | Item::End { .. } => {}
                 }
             }
         }
         txn.commit().map_err(write_err)?;
     }
-    switch_in(db, meta, &region, &archive_state)?;
-    Ok(Installed { region, changefeed_len, newest, archive: archive_state })
+    switch_in(db, meta, &region, &archive_state, session_clock)?;
+    Ok(Installed { region, changefeed_len, newest, archive: archive_state, session_clock })
 }
 
 /// What an install put in place.
@@ -1518,6 +1657,7 @@ struct Installed {
     /// The greatest timestamp the snapshot holds.
     newest: Hlc,
     archive: ArchiveState,
+    session_clock: u64,
 }
 
 /// The final, durable transaction of an install: the staging tables
@@ -1528,6 +1668,7 @@ fn switch_in(
     meta: &SnapshotMeta,
     region: &RegionState,
     archive: &ArchiveState,
+    session_clock: u64,
 ) -> Result<(), StorageError> {
     let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
     let txn = db.begin_write().map_err(write_err)?;
@@ -1535,21 +1676,25 @@ fn switch_in(
     txn.delete_table(CHANGEFEED).map_err(write_err)?;
     txn.delete_table(DIVERGENT).map_err(write_err)?;
     txn.delete_table(ARCHIVE).map_err(write_err)?;
+    txn.delete_table(SESSIONS).map_err(write_err)?;
     // Opened so that an empty snapshot still has every table to rename.
     txn.open_table(DATA_NEXT).map_err(write_err)?;
     txn.open_table(CHANGEFEED_NEXT).map_err(write_err)?;
     txn.open_table(DIVERGENT_NEXT).map_err(write_err)?;
     txn.open_table(ARCHIVE_NEXT).map_err(write_err)?;
+    txn.open_table(SESSIONS_NEXT).map_err(write_err)?;
     txn.rename_table(DATA_NEXT, DATA).map_err(write_err)?;
     txn.rename_table(CHANGEFEED_NEXT, CHANGEFEED).map_err(write_err)?;
     txn.rename_table(DIVERGENT_NEXT, DIVERGENT).map_err(write_err)?;
     txn.rename_table(ARCHIVE_NEXT, ARCHIVE).map_err(write_err)?;
+    txn.rename_table(SESSIONS_NEXT, SESSIONS).map_err(write_err)?;
     {
         let mut m = txn.open_table(META).map_err(write_err)?;
         m.insert(APPLIED_KEY, enc(&meta.last_log_id)?.as_slice()).map_err(write_err)?;
         m.insert(MEMBERSHIP_KEY, enc(&meta.last_membership)?.as_slice()).map_err(write_err)?;
         m.insert(REGION_KEY, enc(region)?.as_slice()).map_err(write_err)?;
         m.insert(ARCHIVE_KEY, enc(archive)?.as_slice()).map_err(write_err)?;
+        m.insert(SESSION_CLOCK_KEY, enc(&session_clock)?.as_slice()).map_err(write_err)?;
     }
     txn.commit().map_err(write_err)?;
     Ok(())
@@ -1659,6 +1804,16 @@ fn write_snapshot(
         let (k, v) = item.map_err(|e| storage(e.into()))?;
         w.archive(k.value(), record::decode(v.value()).map_err(decode_err)?)?;
     }
+    if let Some(ms) = meta_table.get(SESSION_CLOCK_KEY).map_err(|e| storage(e.into()))? {
+        w.session_clock(record::decode(ms.value()).map_err(decode_err)?)?;
+    }
+    let sessions = view.open_table(SESSIONS).map_err(|e| storage(e.into()))?;
+    for item in sessions.iter().map_err(|e| storage(e.into()))? {
+        let (k, v) = item.map_err(|e| storage(e.into()))?;
+        let client = <[u8; 16]>::try_from(k.value())
+            .map_err(|_| SnapshotError::Damaged(format!("a session id of {} bytes", k.value().len())))?;
+        w.session(client, record::decode(v.value()).map_err(decode_err)?)?;
+    }
     w.finish()?;
     Ok(path)
 }
@@ -1720,6 +1875,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.publish(region);
         if let Some(state) = pending.archive_state {
             self.publish_archive(state);
+        }
+        if let Some(ms) = pending.session_clock {
+            self.session_clock = ms;
         }
         self.applied.store(last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
         Ok(results)
@@ -1786,6 +1944,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.witness(installed.newest);
         self.publish(installed.region);
         self.publish_archive(installed.archive);
+        self.session_clock = installed.session_clock;
         self.applied.store(index, Ordering::Release);
         Ok(())
     }
@@ -2166,6 +2325,74 @@ mod tests {
         assert_eq!(ra.changefeed_after(0, 100, 1 << 20).unwrap(), rb.changefeed_after(0, 100, 1 << 20).unwrap());
         assert!(rb.region_state().resync_pending, "the demotion left divergent keys to resync");
         assert_eq!(rb.get(b"r").unwrap().unwrap().value.as_deref(), Some(&b"x"[..]));
+    }
+
+    fn in_session(cmd: Command, client: u8, seq: u64, first_unanswered: u64, retry: bool) -> Command {
+        cmd.in_session(Some(SessionTag { client: [client; 16], seq, first_unanswered, retry }))
+    }
+
+    #[tokio::test]
+    async fn a_repeated_session_write_returns_its_first_result_and_applies_once() {
+        let (_d, mut sm) = open("a", &[], Mode::ActiveActive, "");
+        let first = apply(&mut sm, in_session(put("k", "1", hlc(100, 0)), 1, 1, 1, false)).await;
+        let CommandResult::Put { version } = &first else { panic!("put: {first:?}") };
+        // Another client's write to the key in between.
+        apply(&mut sm, put("k", "other", hlc(101, 0))).await;
+        // The repeat (its first answer was lost) gets the first version and
+        // does not write "1" over "other".
+        let again = apply(&mut sm, in_session(put("k", "1", hlc(102, 0)), 1, 1, 1, true)).await;
+        assert_eq!(again, CommandResult::Put { version: version.clone() });
+        assert_eq!(sm.reader().get(b"k").unwrap().unwrap().value.as_deref(), Some(&b"other"[..]));
+
+        // A compare-and-swap that succeeded reports success when repeated,
+        // although its comparison no longer holds.
+        let cas = |seq, retry| {
+            let cmd = Command::CompareAndSwap {
+                key: "c".into(),
+                value: "v".into(),
+                expected: Expected::Absent,
+                hlc: hlc(103, 0),
+            };
+            in_session(cmd, 1, seq, 2, retry)
+        };
+        let done = apply(&mut sm, cas(2, false)).await;
+        assert!(matches!(done, CommandResult::CompareAndSwap { succeeded: true, .. }), "{done:?}");
+        assert_eq!(apply(&mut sm, cas(2, true)).await, done);
+        // Once the client has the answer (first_unanswered passed 2), a
+        // repeat is unknown, never applied again.
+        apply(&mut sm, in_session(put("x", "1", hlc(104, 0)), 1, 3, 3, false)).await;
+        assert_eq!(apply(&mut sm, cas(2, true)).await, CommandResult::SessionExpired { seq: 2 });
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_expire_by_the_session_clock_and_sessions_travel_in_snapshots() {
+        let (_d, mut a) = open("a", &[], Mode::ActiveActive, "");
+        let t0 = 1_000_000;
+        apply(&mut a, in_session(put("k", "1", hlc(t0, 0)), 1, 1, 1, false)).await;
+        apply(&mut a, in_session(put("k", "2", hlc(t0 + 1, 0)), 2, 1, 1, false)).await;
+        // Snapshot to a new replica: both sessions recognise their writes.
+        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (_d2, mut b) = open("a", &[], Mode::ActiveActive, "");
+        let mut incoming = b.begin_receiving_snapshot().await.unwrap();
+        let mut sent = snap.snapshot;
+        tokio::io::copy(&mut sent, &mut incoming).await.unwrap();
+        b.install_snapshot(&snap.meta, incoming).await.unwrap();
+        assert_eq!(b.session_clock, t0 + 1);
+        let repeat = apply(&mut b, in_session(put("k", "1", hlc(t0 + 2, 0)), 1, 1, 1, true)).await;
+        assert!(matches!(repeat, CommandResult::Put { .. }), "{repeat:?}");
+        assert_eq!(b.reader().get(b"k").unwrap().unwrap().value.as_deref(), Some(&b"2"[..]), "not applied again");
+        // Client 2 keeps writing; client 1 goes idle past SESSION_IDLE_MS and
+        // its session is dropped at the next sweep: its repeat is unknown.
+        let later = t0 + SESSION_IDLE_MS + SESSION_SWEEP_MS + 1;
+        apply(&mut b, in_session(put("k", "3", hlc(later, 0)), 2, 2, 2, false)).await;
+        let gone = apply(&mut b, in_session(put("k", "1", hlc(later + 1, 0)), 1, 2, 2, true)).await;
+        assert_eq!(gone, CommandResult::SessionExpired { seq: 2 });
+        assert_eq!(b.reader().get(b"k").unwrap().unwrap().value.as_deref(), Some(&b"3"[..]));
+        // The clock and the sessions survive a restart.
+        let clock = b.session_clock;
+        drop(b);
+        let reopened = StateMachine::open(_d2.path(), 1 << 20, None, Arc::new(HlcClock::wall(500))).unwrap();
+        assert_eq!(reopened.session_clock, clock);
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nines::config::{ClusterConfig, Mode, NodeConfig, RegionConfig};
-use nines_client::{Client, ClientConfig, NodeInfo, StatusResponse};
+use nines::rpc::{Client, ClientConfig, NodeInfo, StatusResponse};
 
 /// Cluster tests run one at a time: three node processes per test on a
 /// two-core machine is already a full load, and elections under a heavier
@@ -407,7 +407,8 @@ pub fn free_port_run(n: u16) -> u16 {
 /// `nines up --regions 1 --data-dir DIR` (plus `extra`), started and
 /// serving: it printed its region's leader.
 pub struct Up {
-    child: Child,
+    /// `None` once stopped.
+    child: Option<Child>,
     pub printed: String,
     /// Kept open: `up` prints until it exits.
     _out: BufReader<std::process::ChildStdout>,
@@ -451,7 +452,7 @@ impl Up {
             }
             printed.push_str(&line);
         }
-        Up { child, printed, _out: out, grpc }
+        Up { child: Some(child), printed, _out: out, grpc }
     }
 
     pub fn grpc_base(&self) -> u16 {
@@ -465,8 +466,32 @@ impl Up {
 
     /// Ctrl-C: `up` stops its nodes and exits 0.
     pub fn stop(mut self) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
-            .unwrap();
-        assert!(self.child.wait().unwrap().success());
+        let status = self.interrupt().expect("nines up running");
+        assert!(status.success(), "nines up exited {status:?}");
+    }
+
+    /// SIGINT, then the exit status; SIGKILL if `up` has not exited after
+    /// 30 s (it stops its nodes with a bound of its own).
+    fn interrupt(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for Up {
+    /// A test that failed with `up` running still stops it and its nodes:
+    /// an `up` left running would keep the test's output pipe open.
+    fn drop(&mut self) {
+        self.interrupt();
     }
 }

@@ -17,31 +17,19 @@ pub enum Retry {
     Final,
 }
 
-/// Whether the status reports a connection that could not be made at all, so
-/// the request never left the client.
+/// Whether the status reports a connection that could not be made at all
+/// (refused, a name that does not resolve, a connect timeout), so the
+/// request never left the client: tonic wraps every such failure in its
+/// `ConnectError`, found by type in the status's source chain.
 pub fn connect_failed(status: &Status) -> bool {
     let mut source = status.source();
     while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable)
-        {
-            return true;
-        }
-        if never_sent(&e.to_string()) {
+        if e.is::<tonic::ConnectError>() {
             return true;
         }
         source = e.source();
     }
-    never_sent(status.message())
-}
-
-/// Transport error texts that mean no connection was made: refused, or the
-/// name did not resolve (a container that is gone, an address only valid
-/// inside the cluster's network).
-fn never_sent(text: &str) -> bool {
-    ["tcp connect error", "Connection refused", "dns error", "failed to lookup address"]
-        .iter()
-        .any(|t| text.contains(t))
+    false
 }
 
 /// Classifies a failed attempt.
@@ -71,12 +59,18 @@ mod tests {
         s
     }
 
+    fn never_connected(kind: std::io::ErrorKind) -> Status {
+        Status::from_error(Box::new(tonic::ConnectError(Box::new(std::io::Error::from(kind)))))
+    }
+
     #[test]
     fn classification_table() {
         let table = [
             (with(Code::Unavailable, &[(metadata::RETRY_SAFE, "true")]), Retry::Safe),
-            (Status::unavailable("tcp connect error: Connection refused (os error 111)"), Retry::Safe),
-            (Status::unavailable("dns error: failed to lookup address information"), Retry::Safe),
+            (never_connected(std::io::ErrorKind::ConnectionRefused), Retry::Safe),
+            (never_connected(std::io::ErrorKind::NotFound), Retry::Safe),
+            // A connection lost after the request went out: maybe applied.
+            (Status::from_error(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset))), Retry::Unsafe),
             (with(Code::Unavailable, &[]), Retry::Unsafe),
             (with(Code::DeadlineExceeded, &[]), Retry::Unsafe),
             (with(Code::InvalidArgument, &[]), Retry::Final),
