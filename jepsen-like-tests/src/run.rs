@@ -263,7 +263,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     eprintln!("run: {command}\nresults: {}", out.display());
 
     let used_nodes = match args.workload {
-        Workload::Register => args.azs,
+        Workload::Register | Workload::Counter => args.azs,
         _ => args.azs * regions,
     };
     // Many writers of large values: the point is a burst, not contention.
@@ -354,6 +354,13 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
             lost = r.lost.clone();
             lost_count = r.lost.len();
             details.insert("set".into(), serde_json::to_value(&r)?);
+        }
+        Workload::Counter => {
+            let last = workload::final_counter(&cluster).await?;
+            let r = checker::counter(&ops, last);
+            checkers.push(("counter", r.valid, r.message.clone()));
+            lost_count = r.lost as usize;
+            details.insert("counter".into(), serde_json::to_value(&r)?);
         }
         Workload::Lww => {
             let keys: BTreeSet<String> = ops.iter().map(|o| o.key.clone()).collect();

@@ -23,8 +23,8 @@ pub struct SuiteArgs {
     /// The seed of every run.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Comma-separated workloads (default: all five).
-    #[arg(long, default_value = "register,set,lww,large,failover")]
+    /// Comma-separated workloads (default: all six).
+    #[arg(long, default_value = "register,set,lww,large,failover,counter")]
     pub workloads: String,
     /// Comma-separated nemesis entries (default: each nemesis alone, then
     /// `kill+partition` and `pause+clock` combined; for `failover`, the
@@ -102,9 +102,10 @@ pub async fn run(args: &SuiteArgs) -> anyhow::Result<i32> {
                 let _ = writeln!(table, "| {} | {n} | n/a (no controller) | | | | |", w.name());
                 continue;
             }
-            // register and large run in one region: large for the volume of
-            // data (256 KiB values), register for the checker's sake.
-            let one_region = matches!(w, Workload::Register | Workload::Large);
+            // register, large and counter run in one region: large for the
+            // volume of data (256 KiB values), register for the checker's
+            // sake, counter because client sessions are per region.
+            let one_region = matches!(w, Workload::Register | Workload::Large | Workload::Counter);
             if one_region && n.contains("partition-region") {
                 let _ = writeln!(table, "| {} | {n} | n/a (one region) | | | | |", w.name());
                 continue;

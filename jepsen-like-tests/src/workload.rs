@@ -13,6 +13,11 @@
 //!   with an authority and controllers); a client that gets an error asks
 //!   the regions which one is primary now and writes there next. The final
 //!   read is `set`'s; the divergence records are read too.
+//! - `counter`: one counter in the first region, incremented through the
+//!   client library (`nines-client`) by a linearizable read and a
+//!   compare-and-swap on the version read; the library retries unknown
+//!   outcomes itself with its session, so a retried swap applies once and
+//!   never reports a false mismatch. The final read is the counter's value.
 //!
 //! Invariants:
 //! - Each client process does one operation at a time; its interval covers
@@ -64,6 +69,7 @@ pub enum Workload {
     Lww,
     Large,
     Failover,
+    Counter,
 }
 
 impl Workload {
@@ -74,6 +80,7 @@ impl Workload {
             Workload::Lww => "lww",
             Workload::Large => "large",
             Workload::Failover => "failover",
+            Workload::Counter => "counter",
         }
     }
 }
@@ -122,7 +129,7 @@ pub struct ClientSpec {
 /// each client one region.
 pub fn client_specs(workload: Workload, cluster: &Cluster, concurrency: usize) -> Vec<ClientSpec> {
     let nodes: Vec<u64> = match workload {
-        Workload::Register => cluster.regions[&cluster.region_order[0]].clone(),
+        Workload::Register | Workload::Counter => cluster.regions[&cluster.region_order[0]].clone(),
         Workload::Set | Workload::Lww | Workload::Large | Workload::Failover => cluster.data_ids(),
     };
     let regions: Vec<(String, u64, Vec<String>)> = match workload {
@@ -139,6 +146,8 @@ pub fn client_specs(workload: Workload, cluster: &Cluster, concurrency: usize) -
             let endpoints = match workload {
                 Workload::Lww => cluster.region_endpoints(cluster.region_of(node)),
                 Workload::Failover => regions[0].2.clone(),
+                // The library routes within the region by itself.
+                Workload::Counter => cluster.region_endpoints(&cluster.region_order[0]),
                 _ => vec![cluster.endpoint(node)],
             };
             let node = if workload == Workload::Failover { regions[0].1 } else { node };
@@ -172,6 +181,11 @@ pub async fn run_clients(
     let mut tasks = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
         let client = Client::new(spec.endpoints.clone(), client_config())?;
+        let library = nines_client::Client::builder()
+            .endpoints(spec.endpoints.clone())
+            .request_timeout(COUNTER_DEADLINE)
+            .attempt_timeout(Duration::from_millis(1500))
+            .build()?;
         let regions = spec
             .regions
             .iter()
@@ -192,6 +206,7 @@ pub async fn run_clients(
             served_by: None,
             regions,
             primary: 0,
+            library,
         };
         tasks.push(tokio::spawn(async move {
             while Instant::now() < until {
@@ -228,6 +243,22 @@ struct ClientTask {
     /// index of the one this client believes is primary.
     regions: Vec<(String, u64, Client)>,
     primary: usize,
+    /// `counter`: the client library, with its session.
+    library: nines_client::Client,
+}
+
+/// The counter's key.
+pub const COUNTER_KEY: &str = "counter";
+
+/// How long one counter operation may take: long enough for the library to
+/// settle an unknown outcome across an election (its retries carry the
+/// session), short enough that a client stuck behind a fault moves on.
+const COUNTER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Whether a library error leaves a write certainly without effect.
+fn library_failed_for_sure(e: &nines_client::Error) -> bool {
+    use nines_client::Error as E;
+    matches!(e, E::Unavailable { .. } | E::InvalidInput(_) | E::Refused(_) | E::InvalidEndpoint { .. })
 }
 
 /// Whether an error leaves a write certainly without effect.
@@ -257,6 +288,26 @@ impl ClientTask {
 
     async fn step(&mut self) {
         let start_us = self.recorder.now_us();
+        if self.workload == Workload::Counter {
+            let (input, result) = self.counter_op().await;
+            let end_us = self.recorder.now_us();
+            let (outcome, output, error) = match result {
+                Ok(swapped) => (Outcome::Ok, json!(swapped), None),
+                Err(e) => {
+                    let sure = library_failed_for_sure(&e);
+                    (if sure { Outcome::Fail } else { Outcome::Info }, Value::Null, Some(e.to_string()))
+                }
+            };
+            let node = self.node;
+            return self.finish(
+                Func::Cas,
+                COUNTER_KEY.into(),
+                input,
+                (outcome, output, error),
+                (start_us, end_us),
+                node,
+            );
+        }
         let (f, key, input, result) = match self.workload {
             Workload::Register => self.register_op().await,
             Workload::Set => self.set_op().await,
@@ -272,6 +323,7 @@ impl ClientTask {
                     (Func::Write, key, json!(v), r.map(|v| version_json(&v)))
                 }
             }
+            Workload::Counter => unreachable!("counter steps above"),
             Workload::Large => {
                 let e = self.unique();
                 let len = if self.rng.random_bool(0.25) {
@@ -301,6 +353,19 @@ impl ClientTask {
         if self.workload == Workload::Failover && outcome != Outcome::Ok {
             self.find_primary().await;
         }
+        self.finish(f, key, input, (outcome, output, error), (start_us, end_us), node);
+    }
+
+    /// Records one operation; an `info` moves the process to a new number.
+    fn finish(
+        &mut self,
+        f: Func,
+        key: String,
+        input: Value,
+        (outcome, output, error): (Outcome, Value, Option<String>),
+        (start_us, end_us): (u64, u64),
+        node: u64,
+    ) {
         self.recorder.record(Op {
             process: self.process,
             f,
@@ -317,6 +382,27 @@ impl ClientTask {
         if outcome == Outcome::Info {
             self.process += self.concurrency;
         }
+    }
+
+    /// One counter increment: a linearizable read, then a compare-and-swap
+    /// from the value read to the next (input `[from, to]`, output whether
+    /// it swapped). A failed read step proposed nothing: a certain failure.
+    async fn counter_op(&mut self) -> (Value, nines_client::Result<bool>) {
+        use nines_client::{Error, Expect, Swap};
+        let current = match self.library.get(COUNTER_KEY).await {
+            Ok(c) => c,
+            Err(e) => {
+                let e = Error::Unavailable { attempts: 1, last: format!("counter read step: {e}") };
+                return (Value::Null, Err(e));
+            }
+        };
+        let (from, expect) = match &current {
+            Some(kv) => (parse_u64(&kv.value).unwrap_or(0), Expect::Index(kv.version.index)),
+            None => (0, Expect::Absent),
+        };
+        let to = from + 1;
+        let r = self.library.compare_and_swap(COUNTER_KEY, expect, to.to_string()).await;
+        (json!([from, to]), r.map(|s| matches!(s, Swap::Done(_))))
     }
 
     /// One set operation: mostly an add of a new element, sometimes a delete
@@ -414,6 +500,17 @@ impl ClientTask {
         }
         Ok(resp.succeeded)
     }
+}
+
+/// The counter's final value, read linearizably from the first region
+/// (bounded by the converge timeout); 0 if it was never written.
+pub async fn final_counter(cluster: &Cluster) -> anyhow::Result<u64> {
+    let client = nines_client::Client::builder()
+        .endpoints(cluster.region_endpoints(&cluster.region_order[0]))
+        .request_timeout(CONVERGE_TIMEOUT)
+        .build()?;
+    let kv = client.get(COUNTER_KEY).await?;
+    Ok(kv.and_then(|kv| parse_u64(&kv.value)).unwrap_or(0))
 }
 
 /// What every node holds at the end, per key: the value and its version.

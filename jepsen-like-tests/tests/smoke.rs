@@ -51,6 +51,23 @@ fn register_under_kill_and_partition_is_linearizable_and_reported() {
     assert!(!out.join("node-1").exists(), "node data directories are removed after a run");
 }
 
+// The counter workload under kill -9: increments go through the client
+// library, whose sessions make a swap retried after an unknown outcome
+// apply once; the counter must end at the acknowledged increments.
+#[test]
+fn counter_under_kill_counts_every_acknowledged_increment_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("counter");
+    let (code, results) = run(&out, &["--workload", "counter", "--nemesis", "kill", "--time", "30s", "--seed", "5"]);
+    assert_eq!(code, 0, "verdict {}: see {}", results["valid"], out.join("index.html").display());
+    let counter = &results["details"]["counter"];
+    assert_eq!(counter["valid"], serde_json::json!(true), "{counter}");
+    assert!(counter["acknowledged"].as_u64().unwrap() > 20, "too few increments: {counter}");
+    assert_eq!(counter["lost"], serde_json::json!(0), "{counter}");
+    assert!(!results["faults"].as_array().unwrap().is_empty(), "no fault was injected");
+}
+
 // The planted bug (a leader serves linearizable reads without asking a
 // quorum) must be caught: a leader cut off by a partition serves stale reads.
 #[test]

@@ -10,6 +10,9 @@
 //! - [`failover`]: `set`'s checks, except that a lost add must have a
 //!   divergence record (and every record an add), and no old primary
 //!   acknowledged a write after another region was promoted.
+//! - [`counter`]: the counter ends at the number of increments acknowledged
+//!   (plus at most those whose outcome stayed unknown), and no two
+//!   acknowledged increments claim the same step.
 
 pub mod linear;
 
@@ -475,6 +478,63 @@ pub fn lww(history: &[Op], finals: &BTreeMap<u64, NodeState>, converged: bool) -
     LwwResult { valid, message, keys: keys.len(), diverged, lost_keys, lost_writes, unexpected, converged }
 }
 
+/// The `counter` verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct CounterResult {
+    pub valid: Validity,
+    pub message: String,
+    /// Increments acknowledged as swapped.
+    pub acknowledged: u64,
+    /// Increments whose outcome the client never learned.
+    pub unknown: u64,
+    pub final_value: u64,
+    /// Acknowledged increments missing from the final value.
+    pub lost: u64,
+    /// Values two acknowledged increments both claim to have written.
+    pub duplicated: Vec<u64>,
+}
+
+/// Checks a counter history against the final value: every acknowledged
+/// increment `n -> n+1` is a distinct step, and the final value lies
+/// between the acknowledged increments and those plus the unknown ones. A
+/// retried swap that applied twice, or reported a false mismatch after it
+/// applied, puts the value above that range; a lost one below it.
+pub fn counter(history: &[Op], final_value: u64) -> CounterResult {
+    let mut steps = BTreeMap::new();
+    let (mut acknowledged, mut unknown) = (0u64, 0u64);
+    for op in history.iter().filter(|o| o.f == Func::Cas) {
+        match op.outcome {
+            Outcome::Ok if op.output == Value::Bool(true) => {
+                acknowledged += 1;
+                if let Some(to) = op.input.get(1).and_then(Value::as_u64) {
+                    *steps.entry(to).or_insert(0u32) += 1;
+                }
+            }
+            Outcome::Info => unknown += 1,
+            _ => {}
+        }
+    }
+    let duplicated: Vec<u64> = steps.iter().filter(|(_, n)| **n > 1).map(|(to, _)| *to).collect();
+    let lost = acknowledged.saturating_sub(final_value);
+    let (valid, message) = if !duplicated.is_empty() {
+        (Validity::Invalid, format!("acknowledged increments claim the same values: {duplicated:?}"))
+    } else if lost > 0 {
+        (Validity::Invalid, format!("{acknowledged} increments acknowledged but the counter is {final_value}"))
+    } else if final_value > acknowledged + unknown {
+        let msg = format!(
+            "the counter is {final_value}, above {acknowledged} acknowledged and {unknown} unknown increments: an \
+             increment applied without being acknowledged as such"
+        );
+        (Validity::Invalid, msg)
+    } else if acknowledged == 0 {
+        (Validity::Unknown, "no increment was acknowledged".into())
+    } else {
+        let msg = format!("the counter is {final_value}: {acknowledged} acknowledged, {unknown} unknown increments");
+        (Validity::Valid, msg)
+    };
+    CounterResult { valid, message, acknowledged, unknown, final_value, lost, duplicated }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -503,6 +563,32 @@ mod tests {
 
     fn set_state(elements: &[u64]) -> NodeState {
         elements.iter().map(|e| (format!("s/{e:010}"), Some((e.to_string(), Value::Null)))).collect()
+    }
+
+    fn inc(from: u64, outcome: Outcome, swapped: bool) -> Op {
+        let out = if outcome == Outcome::Ok { json!(swapped) } else { Value::Null };
+        op(Func::Cas, "counter", json!([from, from + 1]), outcome, out, from * 10, from * 10 + 5)
+    }
+
+    #[test]
+    fn a_counter_is_judged_against_acknowledged_and_unknown_increments() {
+        use Outcome::*;
+        let good =
+            vec![inc(0, Ok, true), inc(1, Ok, false), inc(1, Ok, true), inc(2, Info, false), inc(2, Fail, false)];
+        // (history, final value, verdict)
+        let table = [
+            (good.clone(), 2, Validity::Valid),
+            (good.clone(), 3, Validity::Valid),
+            (good.clone(), 1, Validity::Invalid),
+            (good.clone(), 4, Validity::Invalid),
+            (vec![inc(0, Ok, true), inc(0, Ok, true)], 2, Validity::Invalid),
+            (vec![inc(0, Info, false)], 1, Validity::Unknown),
+        ];
+        for (h, last, want) in table {
+            let r = counter(&h, last);
+            assert_eq!(r.valid, want, "final {last}: {r:?}");
+        }
+        assert_eq!(counter(&good, 1).lost, 1);
     }
 
     #[test]
