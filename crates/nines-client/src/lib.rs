@@ -48,6 +48,8 @@
 //! - The value types: [`KeyValue`], [`Version`], [`Consistency`], [`Expect`],
 //!   [`Swap`], [`Deleted`], [`KeyRange`], [`ScanPage`].
 
+#![deny(missing_docs)]
+
 pub mod breaker;
 mod error;
 pub mod topology;

@@ -45,6 +45,7 @@ pub struct RegionView {
     pub name: String,
     /// Its nodes' gRPC endpoints.
     pub endpoints: Vec<String>,
+    /// Its role, as it last reported it.
     pub role: Role,
     /// The epoch of the roles it reported.
     pub epoch: u64,
@@ -53,14 +54,25 @@ pub struct RegionView {
 }
 
 /// The whole cluster as the client last saw it.
+///
+/// ```no_run
+/// # async fn demo(client: nines_client::Client) {
+/// let topology = client.refresh_topology().await;
+/// for region in &topology.regions {
+///     println!("{} {:?} at epoch {}: {:?}", region.name, region.role, region.epoch, region.endpoints);
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Topology {
+    /// Every region known, by name.
     pub regions: Vec<RegionView>,
     /// One primary region takes every write; otherwise every region does.
     pub active_passive: bool,
     /// The primary at the highest epoch seen (active-passive).
     pub primary: Option<String>,
+    /// The epoch `primary` was named at.
     pub epoch: u64,
 }
 

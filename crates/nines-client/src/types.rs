@@ -53,11 +53,22 @@ impl Version {
 }
 
 /// A key, its value and the value's version.
+///
+/// ```no_run
+/// # async fn demo(client: nines_client::Client) -> Result<(), nines_client::Error> {
+/// if let Some(kv) = client.get("k").await? {
+///     println!("{} = {:?} (index {})", String::from_utf8_lossy(&kv.key), kv.value, kv.version.index);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KeyValue {
+    /// The key.
     pub key: Vec<u8>,
+    /// Its value.
     pub value: Vec<u8>,
+    /// The value's version.
     pub version: Version,
 }
 
@@ -68,6 +79,11 @@ impl KeyValue {
 }
 
 /// How fresh a read must be.
+///
+/// ```
+/// let client = nines_client::Client::builder().consistency(nines_client::Consistency::Local).build();
+/// # drop(client);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Consistency {
@@ -90,6 +106,13 @@ impl Consistency {
 }
 
 /// What a compare-and-swap compares the key's current value against.
+///
+/// ```
+/// use nines_client::{Expect, Version};
+/// let by_index = Expect::Index(2048);
+/// let by_write = Expect::Version(Version::new(1_732_670_000_123, 4, "us-east"));
+/// # drop((by_index, by_write, Expect::Absent));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Expect {
@@ -134,6 +157,12 @@ pub struct ScanPage {
 }
 
 /// Which keys a scan covers.
+///
+/// ```
+/// let users = nines_client::KeyRange::Prefix(b"user/".to_vec());
+/// let a_to_m = nines_client::KeyRange::Range { start: b"a".to_vec(), end: b"m".to_vec() };
+/// # drop((users, a_to_m));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyRange {

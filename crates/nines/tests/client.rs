@@ -288,3 +288,18 @@ fn scopeguard(pid: nix::unistd::Pid) -> impl Drop {
     }
     Resume(pid)
 }
+
+#[test]
+fn the_client_library_asks_tokio_for_timers_and_spawning_only() {
+    // Shows: an embedder does not get tokio's `full` feature from
+    // nines-client (`cargo tree -p nines-client -e features`).
+    let out = Command::new(env!("CARGO"))
+        .args(["tree", "-p", "nines-client", "-e", "features", "-e", "normal"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(tree.contains("tokio feature \"time\"") && tree.contains("tokio feature \"rt\""), "{tree}");
+    assert!(!tree.contains("tokio feature \"full\""), "nines-client enables tokio/full:\n{tree}");
+}
