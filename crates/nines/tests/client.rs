@@ -20,7 +20,7 @@ fn example(name: &str) -> PathBuf {
     let target = PathBuf::from(env!("CARGO_BIN_EXE_nines")).parent().expect("target profile dir").to_path_buf();
     BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "nines-client", "--examples"])
+            .args(["build", "--quiet", "--workspace", "--examples"])
             .env("CARGO_TARGET_DIR", target.parent().expect("target dir"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
