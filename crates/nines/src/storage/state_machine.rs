@@ -2012,6 +2012,16 @@ mod tests {
         sm.apply([entry]).await.unwrap().remove(0)
     }
 
+    /// Builds a snapshot on `from` and installs it on `to`, as a follower
+    /// receives one.
+    async fn transfer_snapshot(from: &mut StateMachine, to: &mut StateMachine) {
+        let snap = from.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let mut incoming = to.begin_receiving_snapshot().await.unwrap();
+        let mut sent = snap.snapshot;
+        tokio::io::copy(&mut sent, &mut incoming).await.unwrap();
+        to.install_snapshot(&snap.meta, incoming).await.unwrap();
+    }
+
     /// Deletes `k` at `at`; the tombstone's version.
     async fn delete_k(sm: &mut StateMachine, at: Hlc) -> Version {
         match apply(sm, Command::Delete { key: "k".into(), hlc: at }).await {
@@ -2313,12 +2323,8 @@ mod tests {
             },
         )
         .await;
-        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
         let (_d2, mut b) = open("a", &["b"], Mode::ActivePassive, "a");
-        let mut incoming = b.begin_receiving_snapshot().await.unwrap();
-        let mut sent = snap.snapshot;
-        tokio::io::copy(&mut sent, &mut incoming).await.unwrap();
-        b.install_snapshot(&snap.meta, incoming).await.unwrap();
+        transfer_snapshot(&mut a, &mut b).await;
         let (ra, rb) = (a.reader(), b.reader());
         assert_eq!(ra.region_state(), rb.region_state());
         assert_eq!(ra.divergent(0, 10, 1 << 20).unwrap(), rb.divergent(0, 10, 1 << 20).unwrap());
@@ -2371,12 +2377,8 @@ mod tests {
         apply(&mut a, in_session(put("k", "1", hlc(t0, 0)), 1, 1, 1, false)).await;
         apply(&mut a, in_session(put("k", "2", hlc(t0 + 1, 0)), 2, 1, 1, false)).await;
         // Snapshot to a new replica: both sessions recognise their writes.
-        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
         let (_d2, mut b) = open("a", &[], Mode::ActiveActive, "");
-        let mut incoming = b.begin_receiving_snapshot().await.unwrap();
-        let mut sent = snap.snapshot;
-        tokio::io::copy(&mut sent, &mut incoming).await.unwrap();
-        b.install_snapshot(&snap.meta, incoming).await.unwrap();
+        transfer_snapshot(&mut a, &mut b).await;
         assert_eq!(b.session_clock, t0 + 1);
         let repeat = apply(&mut b, in_session(put("k", "1", hlc(t0 + 2, 0)), 1, 1, 1, true)).await;
         assert!(matches!(repeat, CommandResult::Put { .. }), "{repeat:?}");
@@ -2419,12 +2421,8 @@ mod tests {
         let state = a.reader().archive_state();
         assert_eq!((state.on, state.since, state.through), (true, since, all[1].0));
         // A follower that installs a snapshot holds the same archive.
-        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
         let (_d2, mut b) = open("a", &[], Mode::ActiveActive, "");
-        let mut incoming = b.begin_receiving_snapshot().await.unwrap();
-        let mut sent = snap.snapshot;
-        tokio::io::copy(&mut sent, &mut incoming).await.unwrap();
-        b.install_snapshot(&snap.meta, incoming).await.unwrap();
+        transfer_snapshot(&mut a, &mut b).await;
         assert_eq!(b.reader().archive_after(0, 100, 1 << 20).unwrap().0, left);
         assert_eq!(b.reader().archive_state(), state);
         apply(&mut b, put("k5", "v", hlc(30, 0))).await;
