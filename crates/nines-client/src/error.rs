@@ -106,6 +106,9 @@ pub(crate) fn classify(status: &Status) -> Attempt {
     let leader = status.metadata().get(metadata::LEADER_HINT).and_then(|v| v.to_str().ok()).map(str::to_string);
     match status.code() {
         _ if never_connected(status) => Attempt::NotApplied { leader: None, transport: true },
+        // Made by the transport mid-call (a reset, a GOAWAY, a protocol
+        // error), whatever code it maps to: the request may have arrived.
+        _ if transport => Attempt::Unknown { transport: true },
         Code::Unavailable if status.metadata().get(metadata::RETRY_SAFE).is_some() => {
             Attempt::NotApplied { leader, transport: false }
         }
@@ -146,6 +149,10 @@ mod tests {
             ),
             (with(Code::Unavailable, &[]), Attempt::Unknown { transport: false }),
             (reset, Attempt::Unknown { transport: true }),
+            (
+                Status::from_error(Box::new(std::io::Error::other("h2 protocol error"))),
+                Attempt::Unknown { transport: true },
+            ),
             (with(Code::DeadlineExceeded, &[(metadata::SESSION_EXPIRED, "true")]), Attempt::SessionExpired),
             (with(Code::InvalidArgument, &[]), Attempt::Final(Error::InvalidInput("x".into()))),
             (with(Code::FailedPrecondition, &[]), Attempt::Final(Error::Refused("x".into()))),

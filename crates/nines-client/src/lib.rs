@@ -295,8 +295,12 @@ struct SessionWrite<'a> {
 
 impl Session {
     fn begin(&self) -> SessionWrite<'_> {
+        // Numbered and registered under one lock: another write's
+        // `first_unanswered` must never pass a number not yet registered
+        // (the region would drop that write's result, or refuse it).
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(seq);
+        in_flight.insert(seq);
         SessionWrite { session: self, seq }
     }
 }
@@ -617,8 +621,10 @@ impl Client {
                 if !self.inner.refreshing.swap(true, Ordering::AcqRel) {
                     let client = self.clone();
                     tokio::spawn(async move {
+                        // Cleared however the task ends (a runtime shutting
+                        // down drops it mid-refresh).
+                        let _done = Refreshing(client.inner.clone());
                         client.refresh(Instant::now() + client.inner.config.attempt_timeout).await;
-                        client.inner.refreshing.store(false, Ordering::Release);
                     });
                 }
             }
@@ -771,7 +777,13 @@ impl Client {
                 self.inner.breakers.success(&target);
             }
             match class {
-                Attempt::Final(Error::Refused(reason)) if op == Op::Write && pinned.is_none() => {
+                // After an attempt whose outcome is unknown, a refusal says
+                // nothing about that attempt (the region may have applied it
+                // and been fenced or demoted since).
+                Attempt::Final(_) | Attempt::SessionExpired if pinned.is_some() => {
+                    return Err(Error::OutcomeUnknown(format!("{last}; an earlier attempt's outcome is unknown")));
+                }
+                Attempt::Final(Error::Refused(reason)) if op == Op::Write => {
                     // A secondary refuses writes: if the primary moved, the
                     // refused write (no effect) goes to the new one.
                     self.refresh(deadline).await;
@@ -790,6 +802,12 @@ impl Client {
                     hint = Some(leader);
                 }
                 Attempt::NotApplied { .. } => self.back_off(&mut backoff, deadline).await,
+                // No region answered yet: the endpoints given may span
+                // regions, and the session is per region, so the write is
+                // not sent again.
+                Attempt::Unknown { .. } if op == Op::Write && region.is_empty() => {
+                    return Err(Error::OutcomeUnknown(format!("{last}; the endpoint's region is not known")));
+                }
                 Attempt::Unknown { .. } => {
                     if op == Op::Write {
                         pinned = Some(region);
@@ -802,6 +820,15 @@ impl Client {
             Some(_) => Error::OutcomeUnknown(last),
             None => Error::Unavailable { attempts, last },
         })
+    }
+}
+
+/// Clears `Inner::refreshing` when a background refresh ends.
+struct Refreshing(Arc<Inner>);
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
     }
 }
 

@@ -166,7 +166,9 @@ fn client(g: &Global, consistency: ReadConsistency) -> Result<Client, Exit> {
     Ok(Client::builder()
         .endpoints(g.endpoints.clone())
         .connect_timeout(g.dial_timeout)
-        .attempt_timeout(g.command_timeout.min(std::time::Duration::from_secs(2)))
+        // Longer than a dial: an attempt that ends while still connecting
+        // would count as one whose outcome is unknown.
+        .attempt_timeout((g.dial_timeout + std::time::Duration::from_secs(1)).min(g.command_timeout))
         .request_timeout(g.command_timeout)
         .consistency(consistency)
         .build()?)

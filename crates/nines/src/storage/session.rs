@@ -15,17 +15,23 @@
 //! - A result is kept until the client's `first_unanswered` passes it, or
 //!   until more than `SESSION_RESULTS_MAX` are kept (then the oldest goes
 //!   and `floor` rises past it).
-//! - A write below `floor` that is not kept, or a repeat (`retry`) of a
-//!   write of a session that is not there any more, is never applied: it is
+//! - A write below `floor` that is not kept is never applied: it is
 //!   answered "outcome unknown" ([`Lookup::Expired`]).
+//! - A write of a client with no session is new: applying any write
+//!   creates the session, which outlives every retry by minutes.
 //!
 //! Caveats:
 //! - Sessions are per region: a write retried in another region (after a
 //!   failover) is not recognised there.
 //! - A failed compare-and-swap keeps no value: its repeat reports the value
 //!   current at the repeat.
-//! - A session's first write (`seq` 1) repeated after its session expired
-//!   would apply again; a client retries for seconds, far below the expiry.
+//! - A write repeated after its session expired would apply again; a
+//!   client retries for seconds, far below the expiry.
+//! - `SESSION_RESULTS_MAX` counts results from the oldest unanswered write
+//!   on: a client with one write stuck while 1,024 later ones complete
+//!   loses the stuck one's result (its repeat is then unknown).
+//! - Each session write rewrites its session's record, and a sweep scans
+//!   the session table inside `apply` once a minute.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,9 +69,9 @@ pub fn lookup(record: Option<&SessionRecord>, tag: &SessionTag) -> Lookup {
             Err(_) if tag.seq < r.floor => Lookup::Expired,
             Err(_) => Lookup::New,
         },
-        // A repeat of a later write of a session that is gone: the session
-        // existed (its first write applied) and expired since.
-        None if tag.retry && tag.seq > 1 => Lookup::Expired,
+        // No session: no write of this client applied within
+        // SESSION_IDLE_MS (applying one creates the record, and a client
+        // retries for seconds), so neither did this one.
         None => Lookup::New,
     }
 }
@@ -163,8 +169,8 @@ mod tests {
     }
 
     #[test]
-    fn a_repeat_after_the_session_expired_is_unknown_but_a_fresh_write_applies() {
-        assert_eq!(lookup(None, &tag(5, 5, true)), Lookup::Expired);
+    fn a_write_of_a_client_without_a_session_is_new() {
+        assert_eq!(lookup(None, &tag(5, 5, true)), Lookup::New);
         assert_eq!(lookup(None, &tag(5, 5, false)), Lookup::New);
         assert_eq!(lookup(None, &tag(1, 1, true)), Lookup::New);
         let r = SessionRecord { last_ms: 1_000, ..Default::default() };

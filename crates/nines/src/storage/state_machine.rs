@@ -2384,12 +2384,14 @@ mod tests {
         assert!(matches!(repeat, CommandResult::Put { .. }), "{repeat:?}");
         assert_eq!(b.reader().get(b"k").unwrap().unwrap().value.as_deref(), Some(&b"2"[..]), "not applied again");
         // Client 2 keeps writing; client 1 goes idle past SESSION_IDLE_MS and
-        // its session is dropped at the next sweep: its repeat is unknown.
+        // its session is dropped at the next sweep: a repeat of its first
+        // write, that late, is new to the region (client 2's still is not).
         let later = t0 + SESSION_IDLE_MS + SESSION_SWEEP_MS + 1;
         apply(&mut b, in_session(put("k", "3", hlc(later, 0)), 2, 2, 2, false)).await;
-        let gone = apply(&mut b, in_session(put("k", "1", hlc(later + 1, 0)), 1, 2, 2, true)).await;
-        assert_eq!(gone, CommandResult::SessionExpired { seq: 2 });
+        apply(&mut b, in_session(put("k", "repeat", hlc(later + 1, 0)), 2, 2, 2, true)).await;
         assert_eq!(b.reader().get(b"k").unwrap().unwrap().value.as_deref(), Some(&b"3"[..]));
+        apply(&mut b, in_session(put("k", "1", hlc(later + 2, 0)), 1, 1, 1, true)).await;
+        assert_eq!(b.reader().get(b"k").unwrap().unwrap().value.as_deref(), Some(&b"1"[..]), "session 1 expired");
         // The clock and the sessions survive a restart.
         let clock = b.session_clock;
         drop(b);

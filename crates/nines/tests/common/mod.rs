@@ -393,6 +393,25 @@ impl TestCluster {
     }
 }
 
+/// Waits for a spawned child's output, at most `timeout`; kills it (by
+/// PID) and fails the test if it runs longer. Its pipes are drained while
+/// it runs, so a chatty child never blocks on a full pipe.
+pub fn output_within(child: Child, timeout: Duration) -> std::process::Output {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("child output"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+            panic!("a child process ran past {timeout:?} and was killed");
+        }
+    }
+}
+
 /// `n` consecutive free ports starting at the returned one.
 pub fn free_port_run(n: u16) -> u16 {
     for _ in 0..100 {
@@ -410,8 +429,6 @@ pub struct Up {
     /// `None` once stopped.
     child: Option<Child>,
     pub printed: String,
-    /// Kept open: `up` prints until it exits.
-    _out: BufReader<std::process::ChildStdout>,
     grpc: u16,
 }
 
@@ -441,18 +458,32 @@ impl Up {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start nines up");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut printed = String::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !printed.contains(ready) {
-            assert!(Instant::now() < deadline, "nines up printed no leader: {printed}");
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap() == 0 {
-                panic!("nines up exited early: {printed} {:?}", child.wait());
+        // A thread reads `up`'s output for as long as it prints (so it never
+        // blocks on a full pipe) and hands each line over.
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Reads on after the test stopped listening: a closed pipe would
+            // make `up`'s next line fail (and `up` exit).
+            for line in out.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
             }
-            printed.push_str(&line);
+        });
+        // Built before waiting: a failed start still stops `up` (Drop).
+        let mut up = Up { child: Some(child), printed: String::new(), grpc };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !up.printed.contains(ready) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    up.printed.push_str(&line);
+                    up.printed.push('\n');
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("nines up printed no leader: {}", up.printed),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("nines up exited early: {}", up.printed),
+            }
         }
-        Up { child: Some(child), printed, _out: out, grpc }
+        up
     }
 
     pub fn grpc_base(&self) -> u16 {
