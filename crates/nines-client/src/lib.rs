@@ -567,8 +567,9 @@ impl Client {
         if let Some(home) = &self.inner.config.home_region {
             return home.clone();
         }
-        let first = &self.inner.config.endpoints[0];
-        topology.region_of(first).map(|r| r.name.clone()).unwrap_or_default()
+        // The region of the first endpoint given that the view places.
+        let endpoints = &self.inner.config.endpoints;
+        endpoints.iter().find_map(|e| topology.region_of(e)).map(|r| r.name.clone()).unwrap_or_default()
     }
 
     fn leader_of(&self, region: &str) -> Option<String> {
@@ -593,20 +594,22 @@ impl Client {
     /// linearizable reads, the next in turn for local reads, skipping open
     /// circuits. `None` when every circuit of the region is open.
     fn pick(&self, topology: &Topology, region: &str, op: Op, now: Instant) -> Option<String> {
-        let view = topology.region(region).or_else(|| topology.region(""))?;
-        let n = view.endpoints.len();
-        if n == 0 {
-            return None;
-        }
+        // A region the view does not place (none answered yet): the
+        // endpoints given.
+        let endpoints = match topology.region(region) {
+            Some(view) if !view.endpoints.is_empty() => &view.endpoints,
+            _ => &self.inner.config.endpoints,
+        };
+        let n = endpoints.len();
         if op != Op::Read(Consistency::Local)
             && let Some(leader) = self.leader_of(region)
-            && view.endpoints.contains(&leader)
+            && endpoints.contains(&leader)
             && self.inner.breakers.allow(&leader, now)
         {
             return Some(leader);
         }
         let start = self.inner.rotation.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|i| &view.endpoints[(start + i) % n]).find(|e| self.inner.breakers.allow(e, now)).cloned()
+        (0..n).map(|i| &endpoints[(start + i) % n]).find(|e| self.inner.breakers.allow(e, now)).cloned()
     }
 
     /// Refreshes the topology if it was never learned (inline) or is older
@@ -639,7 +642,10 @@ impl Client {
         let mut asks = tokio::task::JoinSet::new();
         for endpoints in regions {
             let client = self.clone();
-            asks.spawn(async move { client.region_status(&endpoints).await.map(|r| (endpoints, r)) });
+            asks.spawn(async move {
+                let (answered, status) = client.region_status(&endpoints).await?;
+                Some(topology::Report { asked: endpoints, answered, status })
+            });
         }
         let until = tokio::time::Instant::from_std(deadline.min(Instant::now() + self.inner.config.attempt_timeout));
         let mut reports = Vec::new();
@@ -658,8 +664,9 @@ impl Client {
         *self.inner.refreshed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
-    /// One region's status from the first of `endpoints` that answers.
-    async fn region_status(&self, endpoints: &[String]) -> Option<pb::RegionStatusResponse> {
+    /// One region's status from the first of `endpoints` that answers, and
+    /// that endpoint.
+    async fn region_status(&self, endpoints: &[String]) -> Option<(String, pb::RegionStatusResponse)> {
         for e in endpoints {
             if self.inner.breakers.is_open(e, Instant::now()) {
                 continue;
@@ -670,7 +677,7 @@ impl Client {
             match tokio::time::timeout(self.inner.config.attempt_timeout, ask).await {
                 Ok(Ok(r)) => {
                     self.inner.breakers.success(e);
-                    return Some(r.into_inner());
+                    return Some((e.clone(), r.into_inner()));
                 }
                 Ok(Err(status)) if classify(&status).transport() => self.inner.breakers.failure(e, Instant::now()),
                 Ok(Err(_)) => {}

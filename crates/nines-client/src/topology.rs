@@ -8,6 +8,15 @@
 
 use nines_proto::v1 as pb;
 
+/// One region's answer to a refresh.
+pub(crate) struct Report {
+    /// The endpoints it was asked through.
+    pub(crate) asked: Vec<String>,
+    /// The one that answered, as the application (or a region) spelled it.
+    pub(crate) answered: String,
+    pub(crate) status: pb::RegionStatusResponse,
+}
+
 /// A region's part in cross-region replication, as it reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -74,13 +83,17 @@ pub struct Topology {
     pub primary: Option<String>,
     /// The epoch `primary` was named at.
     pub epoch: u64,
+    /// Endpoints as the application spelled them (a DNS name, `localhost`)
+    /// and the region each one reached, when its nodes advertise other
+    /// addresses.
+    aliases: Vec<(String, String)>,
 }
 
 impl Topology {
     /// The endpoints given, before any region answered.
     pub(crate) fn seeds(endpoints: Vec<String>) -> Self {
         let seeds = RegionView { name: String::new(), endpoints, role: Role::Unknown, epoch: 0, reachable: false };
-        Topology { regions: vec![seeds], active_passive: false, primary: None, epoch: 0 }
+        Topology { regions: vec![seeds], active_passive: false, primary: None, epoch: 0, aliases: Vec::new() }
     }
 
     /// The region named `name`.
@@ -90,7 +103,11 @@ impl Topology {
 
     /// The region holding `endpoint`.
     pub(crate) fn region_of(&self, endpoint: &str) -> Option<&RegionView> {
-        self.regions.iter().find(|r| r.endpoints.iter().any(|e| e == endpoint))
+        let listed = self.regions.iter().find(|r| r.endpoints.iter().any(|e| e == endpoint));
+        listed.or_else(|| {
+            let (_, name) = self.aliases.iter().find(|(e, _)| e == endpoint)?;
+            self.region(name)
+        })
     }
 
     /// Where writes go: the primary (active-passive) or the home region.
@@ -102,10 +119,10 @@ impl Topology {
     }
 
     /// The view after a refresh in which `reports` answered, each with the
-    /// endpoints it was asked through (regions that did not answer keep
-    /// what was known of them). A region that does not list its own nodes
-    /// keeps the endpoints that reached it.
-    pub(crate) fn merge(&self, reports: &[(Vec<String>, pb::RegionStatusResponse)]) -> Topology {
+    /// endpoints it was asked through and the one that answered (regions
+    /// that did not answer keep what was known of them). A region that does
+    /// not list its own nodes keeps the endpoints that reached it.
+    pub(crate) fn merge(&self, reports: &[Report]) -> Topology {
         if reports.is_empty() {
             return self.clone();
         }
@@ -128,8 +145,14 @@ impl Topology {
                 }
             }
         };
-        let mut out = Topology { regions: Vec::new(), active_passive: false, primary: None, epoch: 0 };
-        for (asked, report) in reports {
+        let mut out = Topology {
+            regions: Vec::new(),
+            active_passive: false,
+            primary: None,
+            epoch: 0,
+            aliases: self.aliases.clone(),
+        };
+        for Report { asked, answered, status: report } in reports {
             for info in &report.regions {
                 let i = upsert(&mut regions, &info.name);
                 if !info.endpoints.is_empty() {
@@ -139,6 +162,10 @@ impl Topology {
             let i = upsert(&mut regions, &report.region);
             if regions[i].endpoints.is_empty() {
                 regions[i].endpoints = asked.clone();
+            }
+            if !regions[i].endpoints.contains(answered) {
+                out.aliases.retain(|(a, _)| a != answered);
+                out.aliases.push((answered.clone(), report.region.clone()));
             }
             regions[i].role = Role::parse(&report.role);
             regions[i].epoch = report.epoch;
@@ -181,8 +208,8 @@ mod tests {
         }
     }
 
-    fn asked(r: pb::RegionStatusResponse) -> (Vec<String>, pb::RegionStatusResponse) {
-        (vec!["http://asked".into()], r)
+    fn asked(status: pb::RegionStatusResponse) -> Report {
+        Report { asked: vec!["http://asked".into()], answered: "http://asked".into(), status }
     }
 
     #[test]
@@ -191,6 +218,20 @@ mod tests {
         r.regions.clear();
         let t = Topology::seeds(vec!["http://asked".into()]).merge(&[asked(r)]);
         assert_eq!(t.region_of("http://asked").map(|r| r.name.as_str()), Some("solo"));
+    }
+
+    #[test]
+    fn an_endpoint_spelled_otherwise_than_advertised_still_names_its_region() {
+        let seeds = Topology::seeds(vec!["http://localhost:7001".into()]);
+        let seed = "http://localhost:7001".to_string();
+        let t = seeds.merge(&[Report {
+            asked: vec![seed.clone(), "http://other:7004".into()],
+            answered: seed,
+            status: report("us-east", "primary", "us-east", 1),
+        }]);
+        assert_eq!(t.region_of("http://other:7004"), None, "only the endpoint that answered is known");
+        assert_eq!(t.region_of("http://localhost:7001").map(|r| r.name.as_str()), Some("us-east"));
+        assert_eq!(t.region_of("http://e1").map(|r| r.name.as_str()), Some("us-east"));
     }
 
     #[test]
