@@ -82,6 +82,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// one at 8 MiB of keys and values) plus framing.
 const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
+/// The longest timeout or interval the client takes (longer ones are cut
+/// to it).
+const DURATION_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The endpoints `nines up` serves its first region on.
 pub const LOCAL_ENDPOINTS: &[&str] = &["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"];
 
@@ -232,7 +236,20 @@ impl ClientBuilder {
     /// The client. Connections are made on first use, so this needs no
     /// runtime and no reachable node.
     pub fn build(self) -> Result<Client> {
-        let config = self.config;
+        let mut config = self.config;
+        // Timers add these to `Instant::now()`: beyond a day is a mistake,
+        // and far beyond it would overflow.
+        for d in [
+            &mut config.request_timeout,
+            &mut config.attempt_timeout,
+            &mut config.connect_timeout,
+            &mut config.refresh_every,
+            &mut config.backoff_min,
+            &mut config.backoff_max,
+            &mut config.breaker.open_for,
+        ] {
+            *d = (*d).min(DURATION_MAX);
+        }
         if config.endpoints.is_empty() {
             return Err(Error::InvalidEndpoint { endpoint: String::new(), reason: "no endpoints given".into() });
         }
@@ -252,7 +269,8 @@ impl ClientBuilder {
             refreshed_at: Mutex::new(None),
             refreshing: AtomicBool::new(false),
             leaders: Mutex::new(HashMap::new()),
-            rotation: AtomicUsize::new(0),
+            // A random first node: clients do not all start at one node.
+            rotation: AtomicUsize::new(rand::random::<u16>() as usize),
             session: Session { client: client_id, next: AtomicU64::new(1), in_flight: Mutex::new(BTreeSet::new()) },
         };
         Ok(Client { inner: Arc::new(inner) })
@@ -595,11 +613,10 @@ impl Client {
     /// circuits. `None` when every circuit of the region is open.
     fn pick(&self, topology: &Topology, region: &str, op: Op, now: Instant) -> Option<String> {
         // A region the view does not place (none answered yet): the
-        // endpoints given.
-        let endpoints = match topology.region(region) {
-            Some(view) if !view.endpoints.is_empty() => &view.endpoints,
-            _ => &self.inner.config.endpoints,
-        };
+        // endpoints given. A write whose outcome is unknown is never sent
+        // again this way (see `call_inner`).
+        let placed = topology.candidates(region);
+        let endpoints = if placed.is_empty() { &self.inner.config.endpoints } else { &placed };
         let n = endpoints.len();
         if op != Op::Read(Consistency::Local)
             && let Some(leader) = self.leader_of(region)
@@ -623,10 +640,11 @@ impl Client {
             Some(at) if at.elapsed() >= self.inner.config.refresh_every => {
                 if !self.inner.refreshing.swap(true, Ordering::AcqRel) {
                     let client = self.clone();
+                    // Cleared however the task ends, even if it never runs
+                    // (a runtime shutting down drops it).
+                    let done = Refreshing(client.inner.clone());
                     tokio::spawn(async move {
-                        // Cleared however the task ends (a runtime shutting
-                        // down drops it mid-refresh).
-                        let _done = Refreshing(client.inner.clone());
+                        let _done = done;
                         client.refresh(Instant::now() + client.inner.config.attempt_timeout).await;
                     });
                 }
@@ -635,24 +653,37 @@ impl Client {
         }
     }
 
-    /// Asks each known region for its status (in parallel, one attempt
-    /// timeout in all, never past `deadline`) and merges the answers.
+    /// Asks every known region for its status, each of its endpoints in
+    /// parallel (a silent node must not keep the others from answering),
+    /// within one attempt timeout and never past `deadline`, and merges the
+    /// first answer of each region.
     async fn refresh(&self, deadline: Instant) {
-        let regions: Vec<Vec<String>> = self.topology().regions.into_iter().map(|r| r.endpoints).collect();
+        let topology = self.topology();
+        let groups: Vec<Vec<String>> = topology.regions.iter().map(|r| topology.candidates(&r.name)).collect();
         let mut asks = tokio::task::JoinSet::new();
-        for endpoints in regions {
-            let client = self.clone();
-            asks.spawn(async move {
-                let (answered, status) = client.region_status(&endpoints).await?;
-                Some(topology::Report { asked: endpoints, answered, status })
-            });
+        for (group, endpoints) in groups.iter().enumerate() {
+            for endpoint in endpoints {
+                if self.inner.breakers.is_open(endpoint, Instant::now()) {
+                    continue;
+                }
+                let (client, endpoint) = (self.clone(), endpoint.clone());
+                asks.spawn(async move { (group, client.region_status(&endpoint).await.map(|s| (endpoint, s))) });
+            }
         }
         let until = tokio::time::Instant::from_std(deadline.min(Instant::now() + self.inner.config.attempt_timeout));
+        let mut answered = vec![false; groups.len()];
         let mut reports = Vec::new();
-        while let Ok(Some(answer)) = tokio::time::timeout_at(until, asks.join_next()).await {
-            if let Ok(Some(report)) = answer {
-                reports.push(report);
+        while !answered.iter().all(|a| *a) {
+            let Ok(Some(joined)) = tokio::time::timeout_at(until, asks.join_next()).await else { break };
+            if let Ok((group, Some((endpoint, status)))) = joined
+                && !answered[group]
+            {
+                answered[group] = true;
+                reports.push(topology::Report { asked: groups[group].clone(), answered: endpoint, status });
             }
+        }
+        if reports.is_empty() {
+            return;
         }
         let mut topology = self.inner.topology.write().unwrap_or_else(|p| p.into_inner());
         let merged = topology.merge(&reports);
@@ -664,27 +695,27 @@ impl Client {
         *self.inner.refreshed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
-    /// One region's status from the first of `endpoints` that answers, and
-    /// that endpoint.
-    async fn region_status(&self, endpoints: &[String]) -> Option<(String, pb::RegionStatusResponse)> {
-        for e in endpoints {
-            if self.inner.breakers.is_open(e, Instant::now()) {
-                continue;
+    /// One node's region status, within one attempt timeout.
+    async fn region_status(&self, endpoint: &str) -> Option<pb::RegionStatusResponse> {
+        let channel = self.channel(endpoint).ok()?;
+        let mut admin = RegionAdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX);
+        let ask = admin.region_status(pb::RegionStatusRequest { from_controller: false });
+        match tokio::time::timeout(self.inner.config.attempt_timeout, ask).await {
+            Ok(Ok(r)) => {
+                self.inner.breakers.success(endpoint);
+                Some(r.into_inner())
             }
-            let Ok(channel) = self.channel(e) else { continue };
-            let mut admin = RegionAdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX);
-            let ask = admin.region_status(pb::RegionStatusRequest { from_controller: false });
-            match tokio::time::timeout(self.inner.config.attempt_timeout, ask).await {
-                Ok(Ok(r)) => {
-                    self.inner.breakers.success(e);
-                    return Some((e.clone(), r.into_inner()));
+            Ok(Err(status)) => {
+                if classify(&status).transport() {
+                    self.inner.breakers.failure(endpoint, Instant::now());
                 }
-                Ok(Err(status)) if classify(&status).transport() => self.inner.breakers.failure(e, Instant::now()),
-                Ok(Err(_)) => {}
-                Err(_) => self.inner.breakers.failure(e, Instant::now()),
+                None
+            }
+            Err(_) => {
+                self.inner.breakers.failure(endpoint, Instant::now());
+                None
             }
         }
-        None
     }
 
     /// Waits the next backoff, never past `deadline`.
@@ -755,7 +786,13 @@ impl Client {
             };
             attempts += 1;
             let per_attempt = config.attempt_timeout.min(deadline.saturating_duration_since(now));
-            let outcome = tokio::time::timeout(per_attempt, attempt(self.channel(&target)?, pinned.is_some())).await;
+            let channel = match self.channel(&target) {
+                Ok(c) => c,
+                // A learned endpoint or hint that is not a usable URL.
+                Err(e) if pinned.is_some() => return Err(Error::OutcomeUnknown(format!("{last}; then {e}"))),
+                Err(e) => return Err(e),
+            };
+            let outcome = tokio::time::timeout(per_attempt, attempt(channel, pinned.is_some())).await;
             let (status, class) = match outcome {
                 Ok(Ok(resp)) => {
                     self.inner.breakers.success(&target);
@@ -769,10 +806,12 @@ impl Client {
                     (status, class)
                 }
                 // The client's own timeout: a silent node, a transport
-                // failure whose outcome is unknown.
+                // failure whose outcome is unknown; held against the node
+                // only if it had a whole attempt timeout (not one cut short
+                // by the call's deadline).
                 Err(_) => (
                     Status::deadline_exceeded(format!("no answer within {per_attempt:?}")),
-                    Attempt::Unknown { transport: true },
+                    Attempt::Unknown { transport: per_attempt >= config.attempt_timeout },
                 ),
             };
             last = format!("{target}: {}", status.message());
@@ -812,15 +851,20 @@ impl Client {
                 // No region answered yet: the endpoints given may span
                 // regions, and the session is per region, so the write is
                 // not sent again.
-                Attempt::Unknown { .. } if op == Op::Write && region.is_empty() => {
-                    return Err(Error::OutcomeUnknown(format!("{last}; the endpoint's region is not known")));
-                }
-                Attempt::Unknown { .. } => {
-                    if op == Op::Write {
-                        pinned = Some(region);
+                Attempt::Unknown { .. } if op == Op::Write => {
+                    // Pinned to the region the endpoint belongs to, which
+                    // must be the region writes go to now.
+                    match topology.region_of(&target) {
+                        Some(r) if !r.name.is_empty() && r.name == region => pinned = Some(region),
+                        _ => {
+                            return Err(Error::OutcomeUnknown(format!(
+                                "{last}; the endpoint is not known to be in region {region:?}"
+                            )));
+                        }
                     }
                     self.back_off(&mut backoff, deadline).await;
                 }
+                Attempt::Unknown { .. } => self.back_off(&mut backoff, deadline).await,
             }
         }
         Err(match pinned {

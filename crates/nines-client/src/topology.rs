@@ -101,6 +101,19 @@ impl Topology {
         self.regions.iter().find(|r| r.name == name)
     }
 
+    /// Where calls to region `name` may go: its nodes, then the endpoints
+    /// the application gave that reached it (which may be the only ones it
+    /// can reach, behind a load balancer or DNS name).
+    pub(crate) fn candidates(&self, name: &str) -> Vec<String> {
+        let mut out: Vec<String> = self.region(name).map(|r| r.endpoints.clone()).unwrap_or_default();
+        for (alias, region) in &self.aliases {
+            if region == name && !out.contains(alias) {
+                out.push(alias.clone());
+            }
+        }
+        out
+    }
+
     /// The region holding `endpoint`.
     pub(crate) fn region_of(&self, endpoint: &str) -> Option<&RegionView> {
         let listed = self.regions.iter().find(|r| r.endpoints.iter().any(|e| e == endpoint));
@@ -232,6 +245,7 @@ mod tests {
         assert_eq!(t.region_of("http://other:7004"), None, "only the endpoint that answered is known");
         assert_eq!(t.region_of("http://localhost:7001").map(|r| r.name.as_str()), Some("us-east"));
         assert_eq!(t.region_of("http://e1").map(|r| r.name.as_str()), Some("us-east"));
+        assert_eq!(t.candidates("us-east"), ["http://e1", "http://e2", "http://localhost:7001"]);
     }
 
     #[test]

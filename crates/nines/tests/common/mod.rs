@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -452,8 +453,12 @@ impl Up {
     /// `nines ARGS` (an `up` command on gRPC port base `grpc`), until it
     /// printed `ready`.
     pub fn spawn(args: &[&str], grpc: u16, ready: &str) -> Up {
+        // Its own process group, with the nodes it starts: however `up`
+        // ends (even a SIGINT before it handles signals), the group is
+        // killed after it, so no node outlives the test.
         let mut child = Command::new(env!("CARGO_BIN_EXE_nines"))
             .args(args)
+            .process_group(0)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -508,14 +513,18 @@ impl Up {
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut status = None;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
+            if let Ok(Some(s)) = child.try_wait() {
+                status = Some(s);
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        child.wait().ok()
+        // Whatever is left of the group (`up` itself past its deadline, or
+        // nodes of an `up` that died before handling SIGINT).
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        status.or_else(|| child.wait().ok())
     }
 }
 
