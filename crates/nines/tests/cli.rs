@@ -9,14 +9,21 @@ use std::time::{Duration, Instant};
 use common::{free_port, serial_blocking};
 
 fn nines(endpoints: &str, args: &[&str]) -> std::process::Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_nines"))
+    nines_with_stdin(endpoints, args, &[])
+}
+
+/// `nines --endpoints ENDPOINTS ARGS` with `stdin` as its input, bounded.
+fn nines_with_stdin(endpoints: &str, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nines"))
         .args(["--endpoints", endpoints])
         .args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run nines");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
     common::output_within(child, Duration::from_secs(60))
 }
 
@@ -170,19 +177,8 @@ async fn every_exit_code_is_what_the_readme_says() {
 
     let mut cluster = common::TestCluster::start(3, |_| {}).await;
     let eps = cluster.endpoints(&[1, 2, 3]).join(",");
-    let run_at = |eps: &str, args: &[&str], stdin: Option<&[u8]>| {
-        use std::io::Write;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nines"))
-            .args(["--endpoints", eps])
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run nines");
-        child.stdin.take().unwrap().write_all(stdin.unwrap_or_default()).unwrap();
-        common::output_within(child, Duration::from_secs(60))
-    };
+    let run_at =
+        |eps: &str, args: &[&str], stdin: Option<&[u8]>| nines_with_stdin(eps, args, stdin.unwrap_or_default());
     let run = |args: &[&str], stdin: Option<&[u8]>| run_at(&eps, args, stdin);
     let code = |o: &std::process::Output| o.status.code().expect("exited");
 
