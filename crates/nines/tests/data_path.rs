@@ -19,9 +19,14 @@ const BURST: Duration = Duration::from_secs(16);
 /// Acknowledgements are counted per window of this length; every window of
 /// the burst must have some.
 const WINDOW: Duration = Duration::from_secs(2);
-/// Keys each writer cycles through (overwriting), so the key space stays
-/// bounded: 200 x 4 x 256 KiB = 200 MiB at most.
-const KEYS_PER_CLIENT: usize = 4;
+/// A region whose log is compacted often, so a burst's disk use stays
+/// bounded (CI machines may have well under a GiB free): a snapshot every 64
+/// entries (each up to 1 MiB) with 32 kept below it holds a node's log to
+/// about 100 MiB instead of every entry of the burst (several hundred MiB).
+fn compact_often(c: &mut nines::config::NodeConfig) {
+    c.raft.snapshot_logs_since_last = 64;
+    c.raft.logs_kept_after_snapshot = 32;
+}
 
 /// Runs `BURST_CLIENTS` writers of maximal values for `BURST`; returns the
 /// acknowledgements per window and in all.
@@ -34,11 +39,11 @@ async fn burst(client: Arc<Client>) -> (Vec<usize>, usize) {
         .map(|c| {
             let (client, windows, value) = (client.clone(), windows.clone(), value.clone());
             tokio::spawn(async move {
-                let mut i = 0usize;
+                // One key per writer, overwritten: the key space stays at
+                // 200 x 256 KiB = 50 MiB.
+                let key = format!("big-{c:03}");
                 while started.elapsed() < BURST {
-                    let key = format!("big-{c:03}-{}", i % KEYS_PER_CLIENT);
-                    i += 1;
-                    if client.put(key, value.as_slice()).await.is_ok() {
+                    if client.put(key.clone(), value.as_slice()).await.is_ok() {
                         let w = (started.elapsed().as_secs() / WINDOW.as_secs()) as usize;
                         if let Some(slot) = windows.get(w) {
                             slot.fetch_add(1, Ordering::SeqCst);
@@ -105,6 +110,24 @@ async fn region_recovers(cluster: &TestCluster) -> Duration {
     took
 }
 
+/// Fails the test if a window of the burst had no acknowledgement, with
+/// what each node last logged (a full disk, a stuck replication stream).
+fn assert_every_window_acknowledged(cluster: &TestCluster, windows: &[usize]) {
+    if windows.iter().all(|w| *w > 0) {
+        return;
+    }
+    // A full disk stops every node's log; say how much was left.
+    let df = std::process::Command::new("df").arg("-h").arg(cluster.dir.path()).output();
+    let mut report = match df {
+        Ok(out) => format!("\nspace where the nodes keep their data:\n{}", String::from_utf8_lossy(&out.stdout)),
+        Err(e) => format!("\n(df failed: {e})"),
+    };
+    for id in cluster.nodes.keys() {
+        report += &format!("\nnode {id}'s log ends:\n{}", cluster.log_tail(*id, 20));
+    }
+    panic!("a window without acknowledgements: {windows:?}{report}");
+}
+
 fn signal(cluster: &TestCluster, id: u64, sig: nix::sys::signal::Signal) {
     let pid = cluster.nodes[&id].child.as_ref().expect("running").id();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
@@ -116,10 +139,10 @@ async fn a_burst_of_maximal_values_from_200_clients_never_stalls_the_region() {
     // every 2 s window of a 16 s burst, and afterwards the region takes a
     // small write at once with every replica caught up.
     let _serial = serial().await;
-    let cluster = TestCluster::start(3, |_| {}).await;
+    let cluster = TestCluster::start(3, compact_often).await;
     let (windows, total) = burst(Arc::new(cluster.client())).await;
     eprintln!("acknowledged per {WINDOW:?} window: {windows:?} ({total} in all)");
-    assert!(windows.iter().all(|w| *w > 0), "a window without acknowledgements: {windows:?}");
+    assert_every_window_acknowledged(&cluster, &windows);
     region_recovers(&cluster).await;
 }
 
@@ -129,7 +152,7 @@ async fn a_follower_stopped_during_a_burst_of_maximal_values_catches_up() {
     // other two keep acknowledging, and once resumed it catches up with the
     // leader.
     let _serial = serial().await;
-    let cluster = TestCluster::start(3, |_| {}).await;
+    let cluster = TestCluster::start(3, compact_often).await;
     let leader = cluster.wait_leader().await;
     let follower = *cluster.nodes.keys().find(|id| **id != leader).expect("a follower");
     let client = Arc::new(cluster.client_of(&[leader]));
@@ -140,7 +163,7 @@ async fn a_follower_stopped_during_a_burst_of_maximal_values_catches_up() {
     signal(&cluster, follower, nix::sys::signal::Signal::SIGCONT);
     let (windows, total) = run.await.expect("burst");
     eprintln!("acknowledged per {WINDOW:?} window: {windows:?} ({total} in all)");
-    assert!(windows.iter().all(|w| *w > 0), "a window without acknowledgements: {windows:?}");
+    assert_every_window_acknowledged(&cluster, &windows);
     region_recovers(&cluster).await;
 }
 
