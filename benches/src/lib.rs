@@ -26,6 +26,9 @@ pub const VALUE_BYTES_MAX: usize = 256 * 1024;
 /// Longest measured run, so a mistyped duration cannot run for hours.
 pub const DURATION_MAX: Duration = Duration::from_secs(3600);
 
+/// Highest open-loop rate, operations per second.
+pub const RATE_MAX: f64 = 1_000_000.0;
+
 /// Highest latency the histograms track, in microseconds (60 s); slower
 /// operations are clamped to it and counted as such.
 const LATENCY_US_MAX: u64 = 60_000_000;
@@ -42,6 +45,18 @@ pub struct Workload {
     pub duration: Duration,
     #[serde(with = "humantime_secs")]
     pub warmup: Duration,
+    /// Open loop: operations per second over all clients, each sent at its
+    /// intended time whatever the ones before it are doing, and its latency
+    /// counted from that time (so a stall shows in every operation it
+    /// delayed, not only the one it hit: no coordinated omission). `None`:
+    /// closed loop, each client sends its next operation when the last one
+    /// is answered.
+    pub rate: Option<f64>,
+    /// Where to append a line `SENT ACKED` (Unix seconds) per acknowledged
+    /// operation as it happens, for failover measurements: the first
+    /// acknowledgement of an operation sent after a kill is the recovery.
+    #[serde(skip)]
+    pub ack_log: Option<std::path::PathBuf>,
 }
 
 mod humantime_secs {
@@ -59,6 +74,9 @@ impl Workload {
         anyhow::ensure!((0.0..=1.0).contains(&self.read_ratio), "--read-ratio must be between 0 and 1");
         anyhow::ensure!(!self.duration.is_zero() && self.duration <= DURATION_MAX, "--duration must be in (0, 1h]");
         anyhow::ensure!(self.warmup <= DURATION_MAX, "--warmup must be at most 1h");
+        if let Some(rate) = self.rate {
+            anyhow::ensure!(rate.is_finite() && rate > 0.0 && rate <= RATE_MAX, "--rate must be in (0, {RATE_MAX}]");
+        }
         Ok(())
     }
 }
@@ -74,9 +92,10 @@ pub mod etcdpb {
 #[derive(Clone)]
 pub enum Target {
     Nines(Arc<nines::rpc::Client>),
-    /// One channel per etcd member; client `i` uses member `i % n` (etcd
-    /// forwards to its leader itself).
-    Etcd(Vec<etcdpb::kv_client::KvClient<tonic::transport::Channel>>),
+    /// One channel per etcd member and the one in use: client `i` starts
+    /// on member `i % n` (etcd forwards to its leader itself) and moves to
+    /// the next member after an error, as etcd's own client does.
+    Etcd(Vec<etcdpb::kv_client::KvClient<tonic::transport::Channel>>, usize),
 }
 
 impl Target {
@@ -88,25 +107,32 @@ impl Target {
         let mut clients = Vec::new();
         for e in endpoints {
             let url = if e.starts_with("http") { e } else { format!("http://{e}") };
-            let channel = tonic::transport::Endpoint::from_shared(url)?.tcp_nodelay(true).connect().await?;
+            // Bounded like etcd's own client (5 s per request), so a member
+            // that went away costs one timeout, then the next member is used.
+            let channel = tonic::transport::Endpoint::from_shared(url)?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await?;
             clients.push(etcdpb::kv_client::KvClient::new(channel));
         }
         anyhow::ensure!(!clients.is_empty(), "no etcd endpoints");
-        Ok(Target::Etcd(clients))
+        Ok(Target::Etcd(clients, 0))
     }
 
     /// The view of client number `i`.
     fn for_client(&self, i: usize) -> Target {
         match self {
             Target::Nines(c) => Target::Nines(c.clone()),
-            Target::Etcd(cs) => Target::Etcd(vec![cs[i % cs.len()].clone()]),
+            Target::Etcd(cs, _) => Target::Etcd(cs.clone(), i % cs.len()),
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
             Target::Nines(_) => "nines",
-            Target::Etcd(_) => "etcd",
+            Target::Etcd(..) => "etcd",
         }
     }
 
@@ -115,8 +141,12 @@ impl Target {
             Target::Nines(c) => {
                 c.put(key, value).await?;
             }
-            Target::Etcd(c) => {
-                c[0].put(etcdpb::PutRequest { key, value, ..Default::default() }).await?;
+            Target::Etcd(c, at) => {
+                let put = c[*at].put(etcdpb::PutRequest { key, value, ..Default::default() }).await;
+                if put.is_err() {
+                    *at = (*at + 1) % c.len();
+                }
+                put?;
             }
         }
         Ok(())
@@ -128,12 +158,21 @@ impl Target {
             Target::Nines(c) => {
                 c.get(key, nines::rpc::Consistency::Linearizable).await?;
             }
-            Target::Etcd(c) => {
-                c[0].range(etcdpb::RangeRequest { key, ..Default::default() }).await?;
+            Target::Etcd(c, at) => {
+                let range = c[*at].range(etcdpb::RangeRequest { key, ..Default::default() }).await;
+                if range.is_err() {
+                    *at = (*at + 1) % c.len();
+                }
+                range?;
             }
         }
         Ok(())
     }
+}
+
+/// Now, in seconds since the Unix epoch (comparable with `date +%s.%N`).
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -166,6 +205,9 @@ pub struct Report {
     pub target: String,
     pub workload: Workload,
     pub ops: u64,
+    /// Operations answered over the warm-up and the measured run, failed
+    /// ones included: what the target's CPU time is divided by.
+    pub ops_total: u64,
     pub errors: u64,
     pub ops_per_sec: f64,
     pub p50_ms: f64,
@@ -176,12 +218,20 @@ pub struct Report {
 }
 
 impl Report {
-    fn from(target: &str, w: &Workload, hist: &Histogram<u64>, errors: u64, elapsed: Duration) -> Report {
+    fn from(
+        target: &str,
+        w: &Workload,
+        hist: &Histogram<u64>,
+        errors: u64,
+        ops_total: u64,
+        elapsed: Duration,
+    ) -> Report {
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
         Report {
             target: target.to_string(),
             workload: w.clone(),
             ops: hist.len(),
+            ops_total,
             errors,
             ops_per_sec: hist.len() as f64 / elapsed.as_secs_f64(),
             p50_ms: ms(0.5),
@@ -213,48 +263,73 @@ impl Report {
 }
 
 /// Runs the workload: every client loops until the deadline, first through
-/// the warm-up (not recorded), then the measured duration.
+/// the warm-up (not recorded), then the measured duration. In an open loop
+/// client `c` sends its `k`-th operation at `start + (k + c / clients) x
+/// clients / rate`, and the latency is counted from that time.
 pub async fn run(target: &Target, w: &Workload) -> anyhow::Result<Report> {
     w.validate()?;
-    let warm_until = Instant::now() + w.warmup;
+    let start = Instant::now();
+    let warm_until = start + w.warmup;
     let measure_until = warm_until + w.duration;
+    let ack_log = match &w.ack_log {
+        Some(path) => Some(Arc::new(std::sync::Mutex::new(std::io::LineWriter::new(
+            std::fs::File::create(path).map_err(|e| anyhow::anyhow!("--ack-log {}: {e}", path.display()))?,
+        )))),
+        None => None,
+    };
     let mut tasks = Vec::new();
     for c in 0..w.clients {
         let mut t = target.for_client(c);
         let w = w.clone();
+        let ack_log = ack_log.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37_79b9 ^ c as u64);
             let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3)?;
-            let mut errors = 0u64;
+            let (mut errors, mut answered) = (0u64, 0u64);
             let value = vec![b'x'; w.value_bytes];
+            // Open loop: the gap between one client's sends.
+            let gap = w.rate.map(|rate| Duration::from_secs_f64(w.clients as f64 / rate));
+            let mut k = 0u32;
             loop {
-                let now = Instant::now();
-                if now >= measure_until {
+                let intended = match gap {
+                    Some(gap) => start + gap.mul_f64(f64::from(k) + c as f64 / w.clients as f64),
+                    None => Instant::now(),
+                };
+                if intended >= measure_until {
                     break;
                 }
-                let k = key(rng.random_range(0..w.keys));
+                tokio::time::sleep_until(intended.into()).await;
+                k += 1;
+                let key = key(rng.random_range(0..w.keys));
                 let read = rng.random_bool(w.read_ratio);
-                let started = Instant::now();
-                let ok = if read { t.get(k).await.is_ok() } else { t.put(k, value.clone()).await.is_ok() };
-                if started >= warm_until {
+                let sent = unix_now();
+                let ok = if read { t.get(key).await.is_ok() } else { t.put(key, value.clone()).await.is_ok() };
+                answered += 1;
+                if let (true, Some(log)) = (ok, &ack_log) {
+                    use std::io::Write;
+                    let mut log = log.lock().map_err(|_| anyhow::anyhow!("ack log lock poisoned"))?;
+                    writeln!(log, "{sent:.6} {:.6}", unix_now())?;
+                }
+                if intended >= warm_until {
                     if ok {
-                        hist.saturating_record((started.elapsed().as_micros() as u64).max(1));
+                        hist.saturating_record((intended.elapsed().as_micros() as u64).max(1));
                     } else {
                         errors += 1;
                     }
                 }
             }
-            anyhow::Ok((hist, errors))
+            anyhow::Ok((hist, errors, answered))
         }));
     }
     let mut total = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3)?;
-    let mut errors = 0;
+    let (mut errors, mut answered) = (0, 0);
     for t in tasks {
-        let (h, e) = t.await??;
+        let (h, e, a) = t.await??;
         total.add(h)?;
         errors += e;
+        answered += a;
     }
-    Ok(Report::from(target.name(), w, &total, errors, w.duration))
+    Ok(Report::from(target.name(), w, &total, errors, answered, w.duration))
 }
 
 #[cfg(test)]
@@ -269,6 +344,8 @@ mod tests {
             read_ratio: 0.5,
             duration: Duration::from_secs(1),
             warmup: Duration::ZERO,
+            rate: None,
+            ack_log: None,
         }
     }
 
@@ -277,12 +354,14 @@ mod tests {
 
     #[test]
     fn bad_workloads_name_the_flag() {
-        let table: [(Spoil, &str); 5] = [
+        let table: [(Spoil, &str); 7] = [
             (|w| w.clients = 0, "--clients"),
             (|w| w.keys = 0, "--keys"),
             (|w| w.value_bytes = VALUE_BYTES_MAX + 1, "--value-size"),
             (|w| w.read_ratio = 1.5, "--read-ratio"),
             (|w| w.duration = Duration::ZERO, "--duration"),
+            (|w| w.rate = Some(0.0), "--rate"),
+            (|w| w.rate = Some(f64::NAN), "--rate"),
         ];
         for (spoil, flag) in table {
             let mut w = workload();
@@ -299,11 +378,12 @@ mod tests {
         for us in 1..=1000u64 {
             h.record(us * 1000).unwrap();
         }
-        let r = Report::from("nines", &workload(), &h, 2, Duration::from_secs(2));
+        let r = Report::from("nines", &workload(), &h, 2, 1002, Duration::from_secs(2));
         assert_eq!(r.ops, 1000);
         assert_eq!(r.ops_per_sec, 500.0);
         assert!((r.p50_ms - 500.0).abs() < 1.0, "{}", r.p50_ms);
         assert!((r.p99_ms - 990.0).abs() < 2.0, "{}", r.p99_ms);
         assert_eq!(r.errors, 2);
+        assert_eq!(r.ops_total, 1002);
     }
 }

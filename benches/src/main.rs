@@ -13,7 +13,7 @@ enum System {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "nines-bench", about = "Load generator for nines and etcd")]
+#[command(name = "nines-bench", about = "Load generator for nines and etcd", args_override_self = true)]
 struct Args {
     /// The system to drive.
     #[arg(long, value_enum)]
@@ -34,9 +34,22 @@ struct Args {
     duration: Duration,
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Open loop at this many operations per second over all clients, with
+    /// latency counted from each operation's intended send time (default:
+    /// closed loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Append `SENT ACKED` (Unix seconds) per acknowledged operation to
+    /// this file as it happens (for failover measurements).
+    #[arg(long)]
+    ack_log: Option<std::path::PathBuf>,
     /// Write every key once before measuring (needed for reads).
     #[arg(long)]
     preload: bool,
+    /// Only write every key once, then exit (so the load of the preload is
+    /// not counted in a run's CPU time).
+    #[arg(long, conflicts_with = "preload")]
+    preload_only: bool,
     /// Print JSON instead of a table row.
     #[arg(long)]
     json: bool,
@@ -60,14 +73,19 @@ async fn main_inner() -> anyhow::Result<()> {
         read_ratio: a.read_ratio,
         duration: a.duration,
         warmup: a.warmup,
+        rate: a.rate,
+        ack_log: a.ack_log,
     };
     w.validate()?;
     let target = match a.target {
         System::Nines => Target::nines(a.endpoints).await?,
         System::Etcd => Target::etcd(a.endpoints).await?,
     };
-    if a.preload {
+    if a.preload || a.preload_only {
         preload(&target, &w).await?;
+    }
+    if a.preload_only {
+        return Ok(());
     }
     let report = run(&target, &w).await?;
     if a.json {

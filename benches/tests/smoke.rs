@@ -18,6 +18,8 @@ fn workload(read_ratio: f64) -> Workload {
         read_ratio,
         duration: Duration::from_millis(800),
         warmup: Duration::from_millis(200),
+        rate: None,
+        ack_log: None,
     }
 }
 
@@ -49,6 +51,11 @@ async fn the_generator_measures_a_real_nines_node() {
     let puts = run(&target, &workload(0.0)).await.unwrap();
     assert!(puts.ops > 0 && puts.errors == 0, "{puts:?}");
     assert!(puts.p50_ms > 0.0 && puts.p50_ms <= puts.p99_ms, "{puts:?}");
+    // Open loop: the number of operations is the schedule's, 200 a second
+    // over the 0.8 s measured, whatever the node's speed.
+    let open = run(&target, &Workload { rate: Some(200.0), ..workload(0.0) }).await.unwrap();
+    assert!((158..=162).contains(&open.ops) && open.errors == 0, "{open:?}");
+    assert!(open.ops_total >= open.ops + 38, "the warm-up's 40 operations are counted in ops_total: {open:?}");
     preload(&target, &workload(1.0)).await.unwrap();
     let gets = run(&target, &workload(1.0)).await.unwrap();
     assert!(gets.ops > 0 && gets.errors == 0, "{gets:?}");

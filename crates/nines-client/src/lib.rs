@@ -135,12 +135,15 @@ impl Default for ClientBuilder {
                 // plus a retry: a silent node costs a caller this long once,
                 // then its circuit opens.
                 attempt_timeout: Duration::from_secs(2),
-                // Covers a leader election (about a second) and a region
-                // failover by the controller (a few seconds).
+                // Covers a leader election (under half a second) and a
+                // region failover by the controller (a few seconds).
                 request_timeout: Duration::from_secs(15),
-                attempts_max: 100,
+                // Jittered backoff capped at 100 ms: a caller learns of a new
+                // leader within about 100 ms of its election, and 200
+                // attempts last longer than the request timeout.
+                attempts_max: 200,
                 backoff_min: Duration::from_millis(20),
-                backoff_max: Duration::from_millis(500),
+                backoff_max: Duration::from_millis(100),
                 consistency: Consistency::Linearizable,
                 refresh_every: Duration::from_secs(5),
                 breaker: BreakerConfig::default(),
@@ -190,14 +193,14 @@ impl ClientBuilder {
         self
     }
 
-    /// The most attempts one call makes (default 100).
+    /// The most attempts one call makes (default 200).
     pub fn retry_budget(mut self, attempts: u32) -> Self {
         self.config.attempts_max = attempts.max(1);
         self
     }
 
     /// The first and the longest wait between attempts (default 20 ms and
-    /// 500 ms); each wait is jittered.
+    /// 100 ms); each wait is jittered.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.config.backoff_min = min;
         self.config.backoff_max = max.max(min);

@@ -336,15 +336,23 @@ pub mod bytes_serde {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftConfig {
+    /// The round trip between this region's AZs on a quiet network; the
+    /// timings below are derived from it when they are not given (see
+    /// [`RaftConfig::timing`]). Unset: twice the simulated cross-AZ latency
+    /// where there is one, else `AZ_ROUND_TRIP_DEFAULT`.
     #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
+    pub az_round_trip: Option<Duration>,
+    /// How often the leader sends heartbeats; openraft 0.9 also gives every
+    /// append-entries message this long to be answered.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Option<Duration>,
     /// A follower that hears no leader starts an election after
     /// `election_timeout_max` (openraft's leader lease) plus a random time
     /// in `[election_timeout_min, election_timeout_max)` chosen at start.
     #[serde(with = "humantime_serde")]
-    pub election_timeout_min: Duration,
+    pub election_timeout_min: Option<Duration>,
     #[serde(with = "humantime_serde")]
-    pub election_timeout_max: Duration,
+    pub election_timeout_max: Option<Duration>,
     /// Build a snapshot after this many entries since the last one.
     pub snapshot_logs_since_last: u64,
     /// Entries kept in the log below the snapshot, so briefly lagging
@@ -355,12 +363,58 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(300),
-            election_timeout_max: Duration::from_millis(600),
+            az_round_trip: None,
+            heartbeat_interval: None,
+            election_timeout_min: None,
+            election_timeout_max: None,
             snapshot_logs_since_last: 10_000,
             logs_kept_after_snapshot: 1_000,
         }
+    }
+}
+
+/// The round trip between AZs assumed when neither the config nor the
+/// simulated latency gives one: about what AZs of one cloud region measure.
+pub const AZ_ROUND_TRIP_DEFAULT: Duration = Duration::from_millis(2);
+
+/// Shortest derived heartbeat interval. openraft 0.9 gives every
+/// append-entries message one heartbeat interval to be answered, and the
+/// answer waits for the follower's fsync: 40 ms holds a round trip and an
+/// fsync on a busy disk; shorter would cut large writes into ever smaller
+/// messages for no gain in failover.
+pub const HEARTBEAT_MIN: Duration = Duration::from_millis(40);
+
+/// The Raft timings a node runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTiming {
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+}
+
+impl RaftConfig {
+    /// The timings: each one given is used as given; the others are
+    /// derived from the AZ round trip `rtt`:
+    ///
+    /// - heartbeat = max(4 x rtt, `HEARTBEAT_MIN`): every append-entries
+    ///   message must cross the link twice and be fsynced within one
+    ///   heartbeat (openraft's timeout for it), with room for a slow fsync.
+    /// - election_timeout_min = 2.5 heartbeats, election_timeout_max = twice
+    ///   that. A follower campaigns only after max + a random [min, max):
+    ///   7.5 to 10 heartbeats of silence, so losing a few heartbeats in a
+    ///   row (a busy CPU, a slow disk) never starts an election, while a dead
+    ///   leader is replaced within about ten heartbeats (0.3 to 0.4 s at
+    ///   40 ms) instead of 0.9 to 1.2 s.
+    pub fn timing(&self, simulated_cross_az: Duration) -> RaftTiming {
+        let rtt = self.az_round_trip.unwrap_or(if simulated_cross_az.is_zero() {
+            AZ_ROUND_TRIP_DEFAULT
+        } else {
+            simulated_cross_az.saturating_mul(2)
+        });
+        let heartbeat = self.heartbeat_interval.unwrap_or_else(|| rtt.saturating_mul(4).max(HEARTBEAT_MIN));
+        let min = self.election_timeout_min.unwrap_or(heartbeat.saturating_mul(5) / 2);
+        let max = self.election_timeout_max.unwrap_or(min.saturating_mul(2));
+        RaftTiming { heartbeat_interval: heartbeat, election_timeout_min: min, election_timeout_max: max }
     }
 }
 
@@ -492,14 +546,30 @@ impl NodeConfig {
             }
         }
         let r = &self.raft;
-        if r.heartbeat_interval.is_zero() {
+        let t = r.timing(self.latency.cross_az);
+        if r.az_round_trip.is_some_and(|d| d.is_zero()) {
+            return Err(invalid("raft.az_round_trip", "must be greater than 0 (leave it out for the default)"));
+        }
+        if t.heartbeat_interval.is_zero() {
             return Err(invalid("raft.heartbeat_interval", "must be greater than 0"));
         }
-        if r.election_timeout_min <= r.heartbeat_interval {
-            return Err(invalid("raft.election_timeout_min", "must be greater than raft.heartbeat_interval"));
+        if t.election_timeout_min <= t.heartbeat_interval {
+            return Err(invalid(
+                "raft.election_timeout_min",
+                format!(
+                    "is {:?}; it must be greater than raft.heartbeat_interval ({:?})",
+                    t.election_timeout_min, t.heartbeat_interval
+                ),
+            ));
         }
-        if r.election_timeout_max <= r.election_timeout_min {
-            return Err(invalid("raft.election_timeout_max", "must be greater than raft.election_timeout_min"));
+        if t.election_timeout_max <= t.election_timeout_min {
+            return Err(invalid(
+                "raft.election_timeout_max",
+                format!(
+                    "is {:?}; it must be greater than raft.election_timeout_min ({:?})",
+                    t.election_timeout_max, t.election_timeout_min
+                ),
+            ));
         }
         if self.planted_bug_local_reads && !self.fault_injection {
             return Err(invalid(
@@ -582,11 +652,12 @@ impl NodeConfig {
     /// The openraft configuration this node runs with.
     pub fn openraft(&self) -> Result<openraft::Config, ConfigError> {
         let ms = |d: Duration| d.as_millis() as u64;
+        let t = self.raft.timing(self.latency.cross_az);
         let c = openraft::Config {
             cluster_name: format!("nines-{}", self.region),
-            heartbeat_interval: ms(self.raft.heartbeat_interval),
-            election_timeout_min: ms(self.raft.election_timeout_min),
-            election_timeout_max: ms(self.raft.election_timeout_max),
+            heartbeat_interval: ms(t.heartbeat_interval),
+            election_timeout_min: ms(t.election_timeout_min),
+            election_timeout_max: ms(t.election_timeout_max),
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.raft.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: self.raft.logs_kept_after_snapshot,
             max_payload_entries: crate::limits::RAFT_PAYLOAD_ENTRIES_MAX,
@@ -658,7 +729,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.write_timeout, Duration::from_millis(2500));
-        assert_eq!(c.raft.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(c.raft.heartbeat_interval, Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn raft_timings_follow_the_az_round_trip() {
+        let ms = Duration::from_millis;
+        let timing = |text: &str, cross_az: u64| {
+            let c = NodeConfig::from_toml(text, std::path::Path::new("t.toml")).unwrap();
+            let t = c.raft.timing(ms(cross_az));
+            (t.heartbeat_interval, t.election_timeout_min, t.election_timeout_max)
+        };
+        // A LAN-like round trip: the heartbeat floor rules.
+        assert_eq!(timing("", 0), (ms(40), ms(100), ms(200)));
+        assert_eq!(timing("", 1), (ms(40), ms(100), ms(200)));
+        // A slow link between AZs, given or simulated, scales every timing.
+        assert_eq!(timing("[raft]\naz_round_trip = \"20ms\"", 0), (ms(80), ms(200), ms(400)));
+        assert_eq!(timing("", 15), (ms(120), ms(300), ms(600)));
+        // What is given is kept; the rest follows from it.
+        assert_eq!(timing("[raft]\nheartbeat_interval = \"100ms\"", 0), (ms(100), ms(250), ms(500)));
+        assert_eq!(
+            timing("[raft]\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"", 0),
+            (ms(40), ms(300), ms(600))
+        );
     }
 
     #[test]
@@ -667,8 +760,9 @@ mod tests {
             ("id = 0", "`id`"),
             ("region = \"\"", "`region`"),
             ("az = \"a b\"", "`az`"),
-            ("[raft]\nelection_timeout_min = \"50ms\"", "`raft.election_timeout_min`"),
+            ("[raft]\nelection_timeout_min = \"40ms\"", "`raft.election_timeout_min`"),
             ("[raft]\nelection_timeout_max = \"100ms\"", "`raft.election_timeout_max`"),
+            ("[raft]\naz_round_trip = \"0s\"", "`raft.az_round_trip`"),
             ("log_format = \"xml\"", "`log_format`"),
             ("planted_bug_local_reads = true", "`planted_bug_local_reads`"),
             ("runtime_threads = 100000", "`runtime_threads`"),

@@ -428,7 +428,17 @@ async fn wait_for_stop(
 
 /// Step 9: stops the servers and tasks, waits up to `SHUTDOWN_GRACE` for
 /// in-flight requests, then stops Raft.
+///
+/// A leader hands off as early as openraft 0.9 lets it: it stops sending
+/// heartbeats (and this node stops standing for election) before the drain,
+/// so the followers' leader lease runs out while in-flight requests finish,
+/// and a new leader is elected as soon after a SIGTERM as after a crash.
+/// Earlier is not possible: openraft 0.9 has no leadership transfer, and a
+/// follower refuses every vote until the lease from the last heartbeat it
+/// heard has passed.
 async fn drain(stop: watch::Sender<bool>, servers: Servers, tasks: Tasks, raft: &Raft) {
+    raft.runtime_config().heartbeat(false);
+    raft.runtime_config().elect(false);
     // Ignored: the receivers only disappear once everything has stopped.
     let _ = stop.send(true);
     tasks.batcher.abort();

@@ -30,7 +30,7 @@ pub enum Stance {
 }
 
 /// How long a node steps down with no other live leader before it stands
-/// again: a few election timeouts (up to 1.2 s each by default).
+/// again: several elections (each under half a second by default).
 pub const STEP_DOWN_MAX: Duration = Duration::from_secs(3);
 
 /// How long a standing leader leads before it tries handing over again: a

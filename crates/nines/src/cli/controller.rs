@@ -11,8 +11,8 @@
 //! confirms with a quorum that it still leads (so a leader cut off from its
 //! majority cannot answer for the region), all within the probe timeout. A
 //! stopped or hung leader therefore fails only until the rest of its region
-//! has elected another, which takes at most about 1.2 s with the default
-//! Raft timeouts.
+//! has elected another, which takes well under a second with the default
+//! Raft timings (see `RaftConfig::timing`).
 //!
 //! With an authority (`cluster.authority`, which `nines up --mode
 //! active-passive` starts), several controllers can run: each probes every

@@ -120,16 +120,16 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        // 50 attempts with backoff capped at 200 ms span about 9 s: several
-        // elections (a dead leader is replaced after about 1.2 s with the
-        // default timeouts). The low cap keeps the client from sleeping long
-        // past the moment a new leader is ready; 5 requests a second per
-        // client is no load for a node.
+        // 150 attempts with backoff capped at 60 ms span about 9 s: many
+        // elections (a dead leader is replaced after 0.3 to 0.4 s with the
+        // default timings). The low cap keeps the client from sleeping long
+        // past the moment a new leader is ready; 16 refusals a second per
+        // client while there is none are no load for a node.
         ClientConfig {
             attempt_timeout: Duration::from_secs(12),
-            attempts_max: 50,
+            attempts_max: 150,
             backoff_base: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(200),
+            backoff_max: Duration::from_millis(60),
             connect_timeout: Duration::from_millis(500),
             request_deadline: Duration::from_secs(30),
         }
