@@ -23,12 +23,18 @@ import time
 ROUND_WAIT_MAX = 30.0  # seconds a round may wait for a new leader
 
 
+def run(cmd, **kw):
+    """A command's result, or None when it did not finish within 10 s."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, **kw)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def leader_nines(args):
     """(leader id, pid) of the nines region, or None."""
-    out = subprocess.run(
-        [args.nines, "--endpoints", args.endpoints, "-w", "json", "member", "list"],
-        capture_output=True, text=True, timeout=10)
-    if out.returncode != 0:
+    out = run([args.nines, "--endpoints", args.endpoints, "-w", "json", "member", "list"])
+    if out is None or out.returncode != 0:
         return None
     leader = json.loads(out.stdout).get("leader_id")
     if not leader:
@@ -39,9 +45,10 @@ def leader_nines(args):
 
 def leader_etcd(args):
     """(leader member index, pid) of the etcd cluster, or None."""
-    out = subprocess.run(
-        ["etcdctl", "--endpoints", args.endpoints, "--command-timeout=1s", "-w", "json", "endpoint", "status"],
-        capture_output=True, text=True, timeout=10, env={**os.environ, "ETCDCTL_API": "3"})
+    out = run(["etcdctl", "--endpoints", args.endpoints, "--command-timeout=1s", "-w", "json", "endpoint", "status"],
+              env={**os.environ, "ETCDCTL_API": "3"})
+    if out is None:
+        return None
     # Members that are down make etcdctl exit non-zero; the others still print.
     try:
         statuses = json.loads(out.stdout or "[]")

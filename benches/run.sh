@@ -28,7 +28,14 @@ cleanup() {
   for f in "$work"/*.pid; do [[ -f $f ]] && pids+=("$(cat "$f")"); done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  sleep 1
+  # Members failover.py restarted are not this shell's children: wait
+  # (bounded) until they are gone before removing their data.
+  for _ in $(seq 1 100); do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    (( alive )) || break
+    sleep 0.1
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT

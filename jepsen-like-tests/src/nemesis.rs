@@ -47,11 +47,12 @@ const FAULT_MS: std::ops::Range<u64> = 4_000..8_000;
 const QUIET_MS: std::ops::Range<u64> = 2_000..4_000;
 /// Bound on healing: restarting nodes and clearing their hooks.
 const HEAL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Extra one-way delay the `latency` nemesis adds per link (ms). Below the
-/// default 100 ms heartbeat: an AppendEntries RPC times out after one
-/// heartbeat interval, so a longer delay would drop every message and act
-/// as a partition rather than a slow network.
-const LATENCY_MS: std::ops::Range<u32> = 10..90;
+/// Extra one-way delay the `latency` nemesis adds per link (ms). A round
+/// trip stays under the default 40 ms heartbeat: openraft times every
+/// AppendEntries RPC out after one heartbeat interval (the transport gives
+/// up at three quarters of it), so a longer delay would drop every message
+/// and act as a partition rather than a slow network.
+const LATENCY_MS: std::ops::Range<u32> = 2..12;
 /// Clock offsets of the `clock` nemesis (ms, either sign): well beyond
 /// `clock_offset_max` (500 ms) at the top, so both sides of it are tried.
 const CLOCK_OFFSET_MS: std::ops::Range<i64> = 200..2_000;

@@ -384,6 +384,10 @@ pub const AZ_ROUND_TRIP_DEFAULT: Duration = Duration::from_millis(2);
 /// messages for no gain in failover.
 pub const HEARTBEAT_MIN: Duration = Duration::from_millis(40);
 
+/// Longest Raft timing (and AZ round trip) a config may give: beyond it a
+/// region would take minutes to notice a dead leader.
+pub const RAFT_TIMING_MAX: Duration = Duration::from_secs(60);
+
 /// The Raft timings a node runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RaftTiming {
@@ -399,12 +403,15 @@ impl RaftConfig {
     /// - heartbeat = max(4 x rtt, `HEARTBEAT_MIN`): every append-entries
     ///   message must cross the link twice and be fsynced within one
     ///   heartbeat (openraft's timeout for it), with room for a slow fsync.
-    /// - election_timeout_min = 2.5 heartbeats, election_timeout_max = twice
-    ///   that. A follower campaigns only after max + a random [min, max):
-    ///   7.5 to 10 heartbeats of silence, so losing a few heartbeats in a
-    ///   row (a busy CPU, a slow disk) never starts an election, while a dead
-    ///   leader is replaced within about ten heartbeats (0.3 to 0.4 s at
-    ///   40 ms) instead of 0.9 to 1.2 s.
+    /// - election_timeout_min = 2.5 heartbeats, election_timeout_max = 4
+    ///   heartbeats. A follower campaigns only after max (openraft's leader
+    ///   lease) + a random [min, max): 6.5 to 8 heartbeat intervals of
+    ///   silence (260 to 320 ms at 40 ms). openraft checks its timers every
+    ///   1.5 heartbeat intervals, so an idle leader's heartbeats arrive every
+    ///   60 ms and an election needs more than four of them lost in a row,
+    ///   which a busy CPU or a slow disk does not do (see the test
+    ///   `a_loaded_region_keeps_its_leader_and_term`), while a dead leader is
+    ///   replaced in about 0.3 to 0.4 s instead of 0.9 to 1.2 s.
     pub fn timing(&self, simulated_cross_az: Duration) -> RaftTiming {
         let rtt = self.az_round_trip.unwrap_or(if simulated_cross_az.is_zero() {
             AZ_ROUND_TRIP_DEFAULT
@@ -413,7 +420,8 @@ impl RaftConfig {
         });
         let heartbeat = self.heartbeat_interval.unwrap_or_else(|| rtt.saturating_mul(4).max(HEARTBEAT_MIN));
         let min = self.election_timeout_min.unwrap_or(heartbeat.saturating_mul(5) / 2);
-        let max = self.election_timeout_max.unwrap_or(min.saturating_mul(2));
+        let max =
+            self.election_timeout_max.unwrap_or(heartbeat.saturating_mul(4).max(min.saturating_add(heartbeat / 2)));
         RaftTiming { heartbeat_interval: heartbeat, election_timeout_min: min, election_timeout_max: max }
     }
 }
@@ -547,11 +555,21 @@ impl NodeConfig {
         }
         let r = &self.raft;
         let t = r.timing(self.latency.cross_az);
-        if r.az_round_trip.is_some_and(|d| d.is_zero()) {
-            return Err(invalid("raft.az_round_trip", "must be greater than 0 (leave it out for the default)"));
+        if r.az_round_trip.is_some_and(|d| d.is_zero() || d > RAFT_TIMING_MAX) {
+            return Err(invalid(
+                "raft.az_round_trip",
+                format!("must be between 0 and {RAFT_TIMING_MAX:?} (leave it out for the default)"),
+            ));
         }
-        if t.heartbeat_interval.is_zero() {
-            return Err(invalid("raft.heartbeat_interval", "must be greater than 0"));
+        // openraft counts in whole milliseconds.
+        for (field, d) in [
+            ("raft.heartbeat_interval", t.heartbeat_interval),
+            ("raft.election_timeout_min", t.election_timeout_min),
+            ("raft.election_timeout_max", t.election_timeout_max),
+        ] {
+            if d < Duration::from_millis(1) || d > RAFT_TIMING_MAX {
+                return Err(invalid(field, format!("is {d:?}; it must be between 1ms and {RAFT_TIMING_MAX:?}")));
+            }
         }
         if t.election_timeout_min <= t.heartbeat_interval {
             return Err(invalid(
@@ -741,13 +759,15 @@ mod tests {
             (t.heartbeat_interval, t.election_timeout_min, t.election_timeout_max)
         };
         // A LAN-like round trip: the heartbeat floor rules.
-        assert_eq!(timing("", 0), (ms(40), ms(100), ms(200)));
-        assert_eq!(timing("", 1), (ms(40), ms(100), ms(200)));
+        assert_eq!(timing("", 0), (ms(40), ms(100), ms(160)));
+        assert_eq!(timing("", 1), (ms(40), ms(100), ms(160)));
         // A slow link between AZs, given or simulated, scales every timing.
-        assert_eq!(timing("[raft]\naz_round_trip = \"20ms\"", 0), (ms(80), ms(200), ms(400)));
-        assert_eq!(timing("", 15), (ms(120), ms(300), ms(600)));
+        assert_eq!(timing("[raft]\naz_round_trip = \"20ms\"", 0), (ms(80), ms(200), ms(320)));
+        assert_eq!(timing("", 15), (ms(120), ms(300), ms(480)));
         // What is given is kept; the rest follows from it.
-        assert_eq!(timing("[raft]\nheartbeat_interval = \"100ms\"", 0), (ms(100), ms(250), ms(500)));
+        assert_eq!(timing("[raft]\nheartbeat_interval = \"100ms\"", 0), (ms(100), ms(250), ms(400)));
+        // A given minimum above four heartbeats still leaves the maximum above it.
+        assert_eq!(timing("[raft]\nelection_timeout_min = \"300ms\"", 0), (ms(40), ms(300), ms(320)));
         assert_eq!(
             timing("[raft]\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"", 0),
             (ms(40), ms(300), ms(600))
@@ -763,6 +783,8 @@ mod tests {
             ("[raft]\nelection_timeout_min = \"40ms\"", "`raft.election_timeout_min`"),
             ("[raft]\nelection_timeout_max = \"100ms\"", "`raft.election_timeout_max`"),
             ("[raft]\naz_round_trip = \"0s\"", "`raft.az_round_trip`"),
+            ("[raft]\naz_round_trip = \"2h\"", "`raft.az_round_trip`"),
+            ("[raft]\nheartbeat_interval = \"500us\"", "`raft.heartbeat_interval`"),
             ("log_format = \"xml\"", "`log_format`"),
             ("planted_bug_local_reads = true", "`planted_bug_local_reads`"),
             ("runtime_threads = 100000", "`runtime_threads`"),

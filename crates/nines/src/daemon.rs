@@ -437,10 +437,13 @@ async fn wait_for_stop(
 /// follower refuses every vote until the lease from the last heartbeat it
 /// heard has passed.
 async fn drain(stop: watch::Sender<bool>, servers: Servers, tasks: Tasks, raft: &Raft) {
-    raft.runtime_config().heartbeat(false);
-    raft.runtime_config().elect(false);
     // Ignored: the receivers only disappear once everything has stopped.
     let _ = stop.send(true);
+    // After `stop`, which the clock watch (it also switches these) obeys
+    // at its next step: should it switch them back once in between, the
+    // hand-off only waits for the drain, as it always did.
+    raft.runtime_config().heartbeat(false);
+    raft.runtime_config().elect(false);
     tasks.batcher.abort();
     let wait = async {
         let _ = servers.grpc.await;
@@ -498,14 +501,19 @@ fn spawn_gauges(node: Arc<Node>, storage: storage::Disk, mut stop: watch::Receiv
 }
 
 /// Keeps the gRPC health status of the client API in step with readiness:
-/// re-checked on every Raft change, and at least every `HEALTH_RECHECK`.
+/// re-checked on every change of role, leader or membership, and at least
+/// every `HEALTH_RECHECK`. Not on every change of the full Raft metrics:
+/// those change with every replication acknowledgement, and a leader's
+/// readiness check is itself a quorum round, whose acknowledgements changed
+/// the metrics again: the leader checked its readiness in a loop, sending
+/// heartbeats nonstop (about 40% of a core on an idle leader).
 fn spawn_health(
     node: Arc<Node>,
     health: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut metrics = node.raft_watch();
+        let mut metrics = node.raft_server_watch();
         loop {
             let ready = node.readiness().await.0;
             let status =

@@ -50,7 +50,7 @@ pub const ENTRY_BYTES_MAX: usize = 1024 * 1024;
 pub const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 24;
 
 /// Bytes an append-entries message should carry at most. openraft 0.9
-/// gives every append-entries RPC the heartbeat interval (100 ms by default)
+/// gives every append-entries RPC the heartbeat interval (40 ms by default)
 /// to complete, data or not, and resends the same range after a timeout; a
 /// message that cannot be sent, decoded, appended and flushed in that time
 /// would time out forever. 4 MiB moves in a few milliseconds on loopback or

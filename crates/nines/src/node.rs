@@ -69,8 +69,8 @@ pub const READY_QUORUM_TIMEOUT: Duration = Duration::from_secs(1);
 const LEADER_HEARD_MAX: Duration = Duration::from_secs(1);
 
 /// How often the clock watch compares the hybrid clock with the physical
-/// one: a tenth of the default heartbeat, so a node that must step down does
-/// so well within one election timeout.
+/// one: a node that must step down does so before a follower would start an
+/// election (at least 260 ms of silence with the default timings).
 const CLOCK_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a membership change may take, including a new learner catching
@@ -312,9 +312,12 @@ impl Node {
             .map_err(|e| Error::Unavailable { reason: format!("raft stopped: {e}"), retry_safe: true })
     }
 
-    /// openraft's metrics as they change.
-    pub fn raft_watch(&self) -> watch::Receiver<RaftMetrics<NodeId, NodeInfo>> {
-        self.raft.metrics()
+    /// openraft's server metrics (vote, role, leader, membership) as they
+    /// change. Unlike the full metrics, which change with every replication
+    /// acknowledgement, these change only on an election or a membership
+    /// change.
+    pub fn raft_server_watch(&self) -> watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, NodeInfo>> {
+        self.raft.server_metrics()
     }
 
     /// The Prometheus text of every metric of this process (empty when the
