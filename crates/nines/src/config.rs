@@ -403,15 +403,18 @@ impl RaftConfig {
     /// - heartbeat = max(4 x rtt, `HEARTBEAT_MIN`): every append-entries
     ///   message must cross the link twice and be fsynced within one
     ///   heartbeat (openraft's timeout for it), with room for a slow fsync.
-    /// - election_timeout_min = 2.5 heartbeats, election_timeout_max = 4
-    ///   heartbeats. A follower campaigns only after max (openraft's leader
-    ///   lease) + a random [min, max): 6.5 to 8 heartbeat intervals of
-    ///   silence (260 to 320 ms at 40 ms). openraft checks its timers every
-    ///   1.5 heartbeat intervals, so an idle leader's heartbeats arrive every
-    ///   60 ms and an election needs more than four of them lost in a row,
-    ///   which a busy CPU or a slow disk does not do (see the test
-    ///   `a_loaded_region_keeps_its_leader_and_term`), while a dead leader is
-    ///   replaced in about 0.3 to 0.4 s instead of 0.9 to 1.2 s.
+    /// - election_timeout_max = 5 heartbeats: openraft's leader lease, the
+    ///   silence every follower waits out before it even considers an
+    ///   election. openraft checks its timers every 1.5 heartbeat intervals,
+    ///   so an idle leader's heartbeats arrive every 60 ms (at 40 ms) and a
+    ///   follower campaigns after max + a random [min, max): 250 to 400 ms of
+    ///   silence, more than four heartbeats lost in a row, which a busy CPU
+    ///   or a slow disk does not do (see the test
+    ///   `a_loaded_region_keeps_its_leader_and_term`).
+    /// - election_timeout_min = 1.25 heartbeats, so the random part spans
+    ///   2.5 timer checks: the two followers of a dead leader rarely campaign
+    ///   at the same check (a split vote costs another timeout). A dead
+    ///   leader is replaced in about 0.3 to 0.4 s instead of 0.9 to 1.2 s.
     pub fn timing(&self, simulated_cross_az: Duration) -> RaftTiming {
         let rtt = self.az_round_trip.unwrap_or(if simulated_cross_az.is_zero() {
             AZ_ROUND_TRIP_DEFAULT
@@ -419,9 +422,8 @@ impl RaftConfig {
             simulated_cross_az.saturating_mul(2)
         });
         let heartbeat = self.heartbeat_interval.unwrap_or_else(|| rtt.saturating_mul(4).max(HEARTBEAT_MIN));
-        let min = self.election_timeout_min.unwrap_or(heartbeat.saturating_mul(5) / 2);
-        let max =
-            self.election_timeout_max.unwrap_or(heartbeat.saturating_mul(4).max(min.saturating_add(heartbeat / 2)));
+        let min = self.election_timeout_min.unwrap_or(heartbeat.saturating_mul(5) / 4);
+        let max = self.election_timeout_max.unwrap_or(heartbeat.saturating_mul(5).max(min.saturating_add(heartbeat)));
         RaftTiming { heartbeat_interval: heartbeat, election_timeout_min: min, election_timeout_max: max }
     }
 }
@@ -571,23 +573,17 @@ impl NodeConfig {
                 return Err(invalid(field, format!("is {d:?}; it must be between 1ms and {RAFT_TIMING_MAX:?}")));
             }
         }
-        if t.election_timeout_min <= t.heartbeat_interval {
-            return Err(invalid(
-                "raft.election_timeout_min",
-                format!(
-                    "is {:?}; it must be greater than raft.heartbeat_interval ({:?})",
-                    t.election_timeout_min, t.heartbeat_interval
-                ),
-            ));
-        }
-        if t.election_timeout_max <= t.election_timeout_min {
-            return Err(invalid(
-                "raft.election_timeout_max",
-                format!(
-                    "is {:?}; it must be greater than raft.election_timeout_min ({:?})",
-                    t.election_timeout_max, t.election_timeout_min
-                ),
-            ));
+        // Each timing must exceed the one before it.
+        for ((field, d), (below, b)) in [
+            (("raft.election_timeout_min", t.election_timeout_min), ("raft.heartbeat_interval", t.heartbeat_interval)),
+            (
+                ("raft.election_timeout_max", t.election_timeout_max),
+                ("raft.election_timeout_min", t.election_timeout_min),
+            ),
+        ] {
+            if d <= b {
+                return Err(invalid(field, format!("is {d:?}; it must be greater than {below} ({b:?})")));
+            }
         }
         if self.planted_bug_local_reads && !self.fault_injection {
             return Err(invalid(
@@ -759,15 +755,16 @@ mod tests {
             (t.heartbeat_interval, t.election_timeout_min, t.election_timeout_max)
         };
         // A LAN-like round trip: the heartbeat floor rules.
-        assert_eq!(timing("", 0), (ms(40), ms(100), ms(160)));
-        assert_eq!(timing("", 1), (ms(40), ms(100), ms(160)));
+        assert_eq!(timing("", 0), (ms(40), ms(50), ms(200)));
+        assert_eq!(timing("", 1), (ms(40), ms(50), ms(200)));
         // A slow link between AZs, given or simulated, scales every timing.
-        assert_eq!(timing("[raft]\naz_round_trip = \"20ms\"", 0), (ms(80), ms(200), ms(320)));
-        assert_eq!(timing("", 15), (ms(120), ms(300), ms(480)));
+        assert_eq!(timing("[raft]\naz_round_trip = \"20ms\"", 0), (ms(80), ms(100), ms(400)));
+        assert_eq!(timing("", 15), (ms(120), ms(150), ms(600)));
         // What is given is kept; the rest follows from it.
-        assert_eq!(timing("[raft]\nheartbeat_interval = \"100ms\"", 0), (ms(100), ms(250), ms(400)));
-        // A given minimum above four heartbeats still leaves the maximum above it.
-        assert_eq!(timing("[raft]\nelection_timeout_min = \"300ms\"", 0), (ms(40), ms(300), ms(320)));
+        assert_eq!(timing("[raft]\nheartbeat_interval = \"100ms\"", 0), (ms(100), ms(125), ms(500)));
+        // A given minimum near five heartbeats still leaves the maximum a
+        // heartbeat above it.
+        assert_eq!(timing("[raft]\nelection_timeout_min = \"300ms\"", 0), (ms(40), ms(300), ms(340)));
         assert_eq!(
             timing("[raft]\nelection_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"", 0),
             (ms(40), ms(300), ms(600))
@@ -781,7 +778,7 @@ mod tests {
             ("region = \"\"", "`region`"),
             ("az = \"a b\"", "`az`"),
             ("[raft]\nelection_timeout_min = \"40ms\"", "`raft.election_timeout_min`"),
-            ("[raft]\nelection_timeout_max = \"100ms\"", "`raft.election_timeout_max`"),
+            ("[raft]\nelection_timeout_max = \"50ms\"", "`raft.election_timeout_max`"),
             ("[raft]\naz_round_trip = \"0s\"", "`raft.az_round_trip`"),
             ("[raft]\naz_round_trip = \"2h\"", "`raft.az_round_trip`"),
             ("[raft]\nheartbeat_interval = \"500us\"", "`raft.heartbeat_interval`"),

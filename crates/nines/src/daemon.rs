@@ -233,8 +233,14 @@ async fn start_node(
     let info = NodeInfo { grpc_addr, admin_addr, region: config.region.clone(), az: config.az.clone() };
     let reader = state_machine.reader();
     let channels = Channels::default();
-    let network =
-        NetworkFactory::new(config.id, channels.clone(), info.clone(), config.latency.clone(), prepared.faults.clone());
+    let network = NetworkFactory::new(
+        config.id,
+        channels.clone(),
+        info.clone(),
+        config.latency.clone(),
+        prepared.faults.clone(),
+        Duration::from_millis(prepared.raft_config.heartbeat_interval),
+    );
     let raft =
         Raft::new(config.id, prepared.raft_config, network, log_store, state_machine).await.context("starting raft")?;
     let metrics = match crate::telemetry::install() {

@@ -85,11 +85,22 @@ pub struct NetworkFactory {
     me: NodeInfo,
     latency: LatencyConfig,
     faults: Arc<Faults>,
+    /// How long openraft waits before it tries an unreachable peer again.
+    retry_unreachable: Duration,
 }
 
 impl NetworkFactory {
-    pub fn new(id: NodeId, channels: Channels, me: NodeInfo, latency: LatencyConfig, faults: Arc<Faults>) -> Self {
-        NetworkFactory { id, channels, me, latency, faults }
+    /// `heartbeat` is the Raft heartbeat interval: an unreachable peer is
+    /// tried again after one (see [`PeerClient::backoff`]).
+    pub fn new(
+        id: NodeId,
+        channels: Channels,
+        me: NodeInfo,
+        latency: LatencyConfig,
+        faults: Arc<Faults>,
+        heartbeat: Duration,
+    ) -> Self {
+        NetworkFactory { id, channels, me, latency, faults, retry_unreachable: heartbeat }
     }
 }
 
@@ -105,6 +116,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             channel: self.channels.get(&node.grpc_addr),
             delay,
             faults: self.faults.clone(),
+            retry_unreachable: self.retry_unreachable,
         }
     }
 }
@@ -120,6 +132,7 @@ pub struct PeerClient {
     delay: Duration,
     /// Test link rules, read on each RPC.
     faults: Arc<Faults>,
+    retry_unreachable: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +249,17 @@ fn too_large<E: std::error::Error>(
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
+    /// After an `Unreachable`, openraft sends nothing to the peer (not even
+    /// heartbeats) until this backoff passes; its default is 500 ms. That is
+    /// longer than a follower waits before it campaigns (250 ms with the
+    /// default timings), so a restarted peer heard nothing from the leader,
+    /// started an election and deposed a healthy leader. One heartbeat
+    /// interval: a peer that is back hears the leader as soon as any
+    /// follower would; a dead one costs a refused connection per heartbeat.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(self.retry_unreachable))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

@@ -242,3 +242,37 @@ async fn a_loaded_region_keeps_its_leader_and_term() {
     assert!(acked > CLIENTS, "the load did not run: {acked} operations acknowledged");
     assert_eq!(before, after, "an election happened under load (node, term, leader)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_rejoins_without_an_election() {
+    // Shows: a follower killed and started again at once, eight times, rejoins under
+    // the same leader each time, in the same term. Before, the leader tried
+    // a peer it had found unreachable only every 500 ms (openraft's default
+    // backoff), longer than a follower waits before it campaigns (250 ms
+    // with the default timings): the restarted follower heard nothing,
+    // started an election and deposed the healthy leader.
+    let _serial = serial().await;
+    let mut cluster = TestCluster::start(3, |_| {}).await;
+    let leader = cluster.wait_leader().await;
+    let term = cluster.status(leader).await.expect("leader status").term;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let client = cluster.client();
+    for round in 0..8 {
+        cluster.kill(follower);
+        // The leader finds the follower unreachable at its next heartbeat
+        // and backs off; the follower is back before the backoff ends.
+        client.put(key(round), format!("round {round}")).await.expect("put with one follower down");
+        cluster.spawn(follower);
+        cluster.wait_serving(follower).await;
+        // Longer than a follower that hears no leader waits to campaign.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let s = cluster.status(leader).await.expect("leader status");
+        assert_eq!(
+            (s.role.as_str(), s.term),
+            ("leader", term),
+            "round {round}: the restarted follower {follower} started an election"
+        );
+        let f = cluster.status(follower).await.expect("follower status");
+        assert_eq!((f.term, f.leader_id), (term, Some(leader)), "round {round}: follower {follower}'s view");
+    }
+}
