@@ -41,7 +41,8 @@ use crate::history::Recorder;
 /// Quiet time before the first fault: clients reach a steady state first.
 const FIRST_QUIET: Duration = Duration::from_secs(2);
 /// How long a fault window lasts, chosen uniformly in this range (ms):
-/// longer than an election (about 1 s) so faults have their full effect.
+/// far longer than an election (under half a second) so faults have their
+/// full effect.
 const FAULT_MS: std::ops::Range<u64> = 4_000..8_000;
 /// Quiet time between windows (ms): long enough for a recovery to show.
 const QUIET_MS: std::ops::Range<u64> = 2_000..4_000;

@@ -388,6 +388,10 @@ pub const HEARTBEAT_MIN: Duration = Duration::from_millis(40);
 /// region would take minutes to notice a dead leader.
 pub const RAFT_TIMING_MAX: Duration = Duration::from_secs(60);
 
+/// Longest AZ round trip a config may give: the timings derived from it
+/// stay within `RAFT_TIMING_MAX`.
+pub const AZ_ROUND_TRIP_MAX: Duration = Duration::from_secs(1);
+
 /// The Raft timings a node runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RaftTiming {
@@ -407,14 +411,19 @@ impl RaftConfig {
     ///   silence every follower waits out before it even considers an
     ///   election. openraft checks its timers every 1.5 heartbeat intervals,
     ///   so an idle leader's heartbeats arrive every 60 ms (at 40 ms) and a
-    ///   follower campaigns after max + a random [min, max): 250 to 400 ms of
+    ///   follower campaigns after max + a random [min, max): 280 to 400 ms of
     ///   silence, more than four heartbeats lost in a row, which a busy CPU
-    ///   or a slow disk does not do (see the test
-    ///   `a_loaded_region_keeps_its_leader_and_term`).
-    /// - election_timeout_min = 1.25 heartbeats, so the random part spans
-    ///   2.5 timer checks: the two followers of a dead leader rarely campaign
-    ///   at the same check (a split vote costs another timeout). A dead
-    ///   leader is replaced in about 0.3 to 0.4 s instead of 0.9 to 1.2 s.
+    ///   does not do (see the test `a_loaded_region_keeps_its_leader_and_term`).
+    ///   A leader whose disk stalls that long does lose its place (openraft's
+    ///   core waits for its log flushes): before, a stall had to last 0.9 s.
+    /// - election_timeout_min = 2 heartbeats: openraft also gives a vote
+    ///   request this long, and a voter fsyncs its vote before it answers;
+    ///   the random part [min, max) spans two timer checks, so the two
+    ///   followers of a dead leader rarely campaign at the same check (a
+    ///   split vote costs another timeout). A dead leader is replaced in
+    ///   about 0.3 to 0.4 s instead of 0.9 to 1.2 s.
+    ///
+    /// Every timing is whole milliseconds, as openraft counts them.
     pub fn timing(&self, simulated_cross_az: Duration) -> RaftTiming {
         let rtt = self.az_round_trip.unwrap_or(if simulated_cross_az.is_zero() {
             AZ_ROUND_TRIP_DEFAULT
@@ -422,8 +431,11 @@ impl RaftConfig {
             simulated_cross_az.saturating_mul(2)
         });
         let heartbeat = self.heartbeat_interval.unwrap_or_else(|| rtt.saturating_mul(4).max(HEARTBEAT_MIN));
-        let min = self.election_timeout_min.unwrap_or(heartbeat.saturating_mul(5) / 4);
-        let max = self.election_timeout_max.unwrap_or(heartbeat.saturating_mul(5).max(min.saturating_add(heartbeat)));
+        let ms = |d: Duration| Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let heartbeat = ms(heartbeat);
+        let min = ms(self.election_timeout_min.unwrap_or(heartbeat.saturating_mul(2)));
+        let max =
+            ms(self.election_timeout_max.unwrap_or(heartbeat.saturating_mul(5).max(min.saturating_add(heartbeat))));
         RaftTiming { heartbeat_interval: heartbeat, election_timeout_min: min, election_timeout_max: max }
     }
 }
@@ -557,10 +569,10 @@ impl NodeConfig {
         }
         let r = &self.raft;
         let t = r.timing(self.latency.cross_az);
-        if r.az_round_trip.is_some_and(|d| d.is_zero() || d > RAFT_TIMING_MAX) {
+        if r.az_round_trip.is_some_and(|d| d.is_zero() || d > AZ_ROUND_TRIP_MAX) {
             return Err(invalid(
                 "raft.az_round_trip",
-                format!("must be between 0 and {RAFT_TIMING_MAX:?} (leave it out for the default)"),
+                format!("must be between 0 and {AZ_ROUND_TRIP_MAX:?} (leave it out for the default)"),
             ));
         }
         // openraft counts in whole milliseconds.
@@ -755,13 +767,15 @@ mod tests {
             (t.heartbeat_interval, t.election_timeout_min, t.election_timeout_max)
         };
         // A LAN-like round trip: the heartbeat floor rules.
-        assert_eq!(timing("", 0), (ms(40), ms(50), ms(200)));
-        assert_eq!(timing("", 1), (ms(40), ms(50), ms(200)));
+        assert_eq!(timing("", 0), (ms(40), ms(80), ms(200)));
+        assert_eq!(timing("", 1), (ms(40), ms(80), ms(200)));
         // A slow link between AZs, given or simulated, scales every timing.
-        assert_eq!(timing("[raft]\naz_round_trip = \"20ms\"", 0), (ms(80), ms(100), ms(400)));
-        assert_eq!(timing("", 15), (ms(120), ms(150), ms(600)));
+        assert_eq!(timing("[raft]\naz_round_trip = \"20ms\"", 0), (ms(80), ms(160), ms(400)));
+        assert_eq!(timing("", 15), (ms(120), ms(240), ms(600)));
         // What is given is kept; the rest follows from it.
-        assert_eq!(timing("[raft]\nheartbeat_interval = \"100ms\"", 0), (ms(100), ms(125), ms(500)));
+        assert_eq!(timing("[raft]\nheartbeat_interval = \"100ms\"", 0), (ms(100), ms(200), ms(500)));
+        // Whole milliseconds, as openraft counts them.
+        assert_eq!(timing("[raft]\nheartbeat_interval = \"1ms 600us\"", 0), (ms(1), ms(2), ms(5)));
         // A given minimum near five heartbeats still leaves the maximum a
         // heartbeat above it.
         assert_eq!(timing("[raft]\nelection_timeout_min = \"300ms\"", 0), (ms(40), ms(300), ms(340)));
@@ -778,9 +792,9 @@ mod tests {
             ("region = \"\"", "`region`"),
             ("az = \"a b\"", "`az`"),
             ("[raft]\nelection_timeout_min = \"40ms\"", "`raft.election_timeout_min`"),
-            ("[raft]\nelection_timeout_max = \"50ms\"", "`raft.election_timeout_max`"),
+            ("[raft]\nelection_timeout_max = \"80ms\"", "`raft.election_timeout_max`"),
             ("[raft]\naz_round_trip = \"0s\"", "`raft.az_round_trip`"),
-            ("[raft]\naz_round_trip = \"2h\"", "`raft.az_round_trip`"),
+            ("[raft]\naz_round_trip = \"2s\"", "`raft.az_round_trip`"),
             ("[raft]\nheartbeat_interval = \"500us\"", "`raft.heartbeat_interval`"),
             ("log_format = \"xml\"", "`log_format`"),
             ("planted_bug_local_reads = true", "`planted_bug_local_reads`"),

@@ -80,8 +80,11 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 const PENDING_ACCEPT_RESETS_MAX: usize = 1024;
 
 /// How often readiness is re-checked for gRPC health even when Raft reports
-/// no change: a leader that lost its quorum changes nothing Raft would report.
-const HEALTH_RECHECK: Duration = Duration::from_secs(1);
+/// no change of role, leader or membership: a leader that lost its quorum
+/// changes nothing Raft would report, and catching up, the region's role
+/// and stepping down are not in what it reports. A leader's check is one
+/// quorum round, four a second.
+const HEALTH_RECHECK: Duration = Duration::from_millis(250);
 
 /// The contents of [`ADDRS_FILE`].
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -70,7 +70,7 @@ const LEADER_HEARD_MAX: Duration = Duration::from_secs(1);
 
 /// How often the clock watch compares the hybrid clock with the physical
 /// one: a node that must step down does so before a follower would start an
-/// election (at least 250 ms of silence with the default timings).
+/// election (at least 280 ms of silence with the default timings).
 const CLOCK_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a membership change may take, including a new learner catching
