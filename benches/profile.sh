@@ -16,21 +16,15 @@ for tool in perf inferno-collapse-perf inferno-flamegraph; do
   command -v "$tool" >/dev/null || { echo "$tool is missing (perf: apt-get install linux-perf; inferno: cargo install inferno)" >&2; exit 1; }
 done
 cargo build --release -q -p nines -p nines-bench
+source benches/nines-up.sh
 work="$(mktemp -d)"
-up_pid=""
+NINES_UP_PID=""
 cleanup() {
-  [[ -n $up_pid ]] && kill "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null
+  [[ -n $NINES_UP_PID ]] && kill "$NINES_UP_PID" 2>/dev/null && wait "$NINES_UP_PID" 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
-./target/release/nines up --regions 1 --azs 3 --no-latency --grpc-port-base 27101 --admin-port-base 28101 \
-  --data-dir "$work/nines" >"$work/up.log" 2>&1 &
-up_pid=$!
-for _ in $(seq 1 600); do
-  grep -q "leader: node" "$work/up.log" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q "leader: node" "$work/up.log" || { cat "$work/up.log"; echo "nines did not start" >&2; exit 1; }
+start_nines "$work" 27101 28101
 eps="http://127.0.0.1:27101,http://127.0.0.1:27102,http://127.0.0.1:27103"
 leader=$(./target/release/nines --endpoints "$eps" -w json member list | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"])')
 pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$work/nines/node-$leader/addrs.json")

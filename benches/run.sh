@@ -21,10 +21,13 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; th
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 cargo build --release -q -p nines -p nines-bench
+source benches/nines-up.sh
 work="$(mktemp -d)"
 pids=()
+NINES_UP_PID=""
 cleanup() {
   # What this script started, and the members failover.py restarted.
+  [[ -n $NINES_UP_PID ]] && pids+=("$NINES_UP_PID")
   for f in "$work"/*.pid; do [[ -f $f ]] && pids+=("$(cat "$f")"); done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
@@ -54,15 +57,7 @@ EOF
   echo "$!" >"$work/etcd$i.pid"
 done
 
-# nines: one region, three AZs, no simulated latency.
-./target/release/nines up --regions 1 --azs 3 --no-latency --grpc-port-base 27001 --admin-port-base 28001 \
-  --data-dir "$work/nines" >"$work/up.log" 2>&1 &
-pids+=("$!")
-for _ in $(seq 1 600); do
-  grep -q "leader: node" "$work/up.log" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q "leader: node" "$work/up.log" || { cat "$work/up.log"; echo "nines did not start" >&2; exit 1; }
+start_nines "$work" 27001 28001
 for _ in $(seq 1 100); do
   ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:23791 endpoint health >/dev/null 2>&1 && break
   sleep 0.1

@@ -97,11 +97,10 @@ async fn region_recovers(cluster: &TestCluster) -> Duration {
         }
         if started.elapsed() > CATCH_UP_MAX {
             // What the lagging nodes were doing, for whoever reads the failure.
-            let mut report = format!("\nbehind: {behind:?}");
-            for id in &ids {
-                report += &format!("\nnode {id}'s log ends:\n{}", cluster.log_tail(*id, 40));
-            }
-            panic!("after {CATCH_UP_MAX:?} not every node applied the leader's index {target}:{report}");
+            let logs = logs_of_every_node(cluster, 40);
+            panic!(
+                "after {CATCH_UP_MAX:?} not every node applied the leader's index {target}:\nbehind: {behind:?}{logs}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -118,14 +117,16 @@ fn assert_every_window_acknowledged(cluster: &TestCluster, windows: &[usize]) {
     }
     // A full disk stops every node's log; say how much was left.
     let df = std::process::Command::new("df").arg("-h").arg(cluster.dir.path()).output();
-    let mut report = match df {
+    let space = match df {
         Ok(out) => format!("\nspace where the nodes keep their data:\n{}", String::from_utf8_lossy(&out.stdout)),
         Err(e) => format!("\n(df failed: {e})"),
     };
-    for id in cluster.nodes.keys() {
-        report += &format!("\nnode {id}'s log ends:\n{}", cluster.log_tail(*id, 20));
-    }
-    panic!("a window without acknowledgements: {windows:?}{report}");
+    panic!("a window without acknowledgements: {windows:?}{space}{}", logs_of_every_node(cluster, 20));
+}
+
+/// The last `lines` messages of every node's log, for a failure report.
+fn logs_of_every_node(cluster: &TestCluster, lines: usize) -> String {
+    cluster.nodes.keys().map(|id| format!("\nnode {id}'s log ends:\n{}", cluster.log_tail(*id, lines))).collect()
 }
 
 fn signal(cluster: &TestCluster, id: u64, sig: nix::sys::signal::Signal) {
