@@ -54,6 +54,11 @@ const HEAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// up at three quarters of it), so a longer delay would drop every message
 /// and act as a partition rather than a slow network.
 const LATENCY_MS: std::ops::Range<u32> = 2..12;
+
+/// The most extra wait of one shipment under `ship-reorder` (ms): several
+/// times the 5 ms between two shipments, so most overtake one another.
+const SHIP_JITTER_MS: u32 = 60;
+
 /// Clock offsets of the `clock` nemesis (ms, either sign): well beyond
 /// `clock_offset_max` (500 ms) at the top, so both sides of it are tried.
 const CLOCK_OFFSET_MS: std::ops::Range<i64> = 200..2_000;
@@ -89,10 +94,13 @@ pub enum Nemesis {
     /// The failover controller that decides is killed (failover runs);
     /// restarted at heal.
     ControllerKill,
+    /// One region's shipments to the others each wait a random extra time,
+    /// so shipments in flight together arrive out of order.
+    ShipReorder,
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 17] = [
+pub const NAMES: [(&str, Nemesis); 18] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -110,6 +118,7 @@ pub const NAMES: [(&str, Nemesis); 17] = [
     ("region-loss", Nemesis::RegionLoss),
     ("power-cut", Nemesis::PowerCut),
     ("controller-kill", Nemesis::ControllerKill),
+    ("ship-reorder", Nemesis::ShipReorder),
 ];
 
 /// The nemeses a `--docker` run can inject: those docker itself can do to
@@ -168,6 +177,8 @@ struct Net {
     /// Regions a node does not ship to (one-way region cuts).
     send_blocked: BTreeMap<u64, BTreeSet<String>>,
     clock: BTreeMap<u64, i64>,
+    /// The most extra wait of each shipment a node sends (ms).
+    ship_jitter: BTreeMap<u64, u32>,
 }
 
 impl Net {
@@ -196,7 +207,11 @@ impl Net {
     }
 
     fn is_empty(&self) -> bool {
-        self.links.is_empty() && self.blocked.is_empty() && self.send_blocked.is_empty() && self.clock.is_empty()
+        self.links.is_empty()
+            && self.blocked.is_empty()
+            && self.send_blocked.is_empty()
+            && self.clock.is_empty()
+            && self.ship_jitter.is_empty()
     }
 
     fn request(&self, id: u64) -> SetFaultsRequest {
@@ -204,6 +219,7 @@ impl Net {
             blocked_regions: self.blocked.get(&id).map(|b| b.iter().cloned().collect()).unwrap_or_default(),
             send_blocked_regions: self.send_blocked.get(&id).map(|b| b.iter().cloned().collect()).unwrap_or_default(),
             clock_offset_ms: self.clock.get(&id).copied().unwrap_or(0),
+            ship_jitter_ms: self.ship_jitter.get(&id).copied().unwrap_or(0),
             links: self
                 .links
                 .get(&id)
@@ -519,6 +535,17 @@ async fn apply(
                 cluster.kill(*id);
             }
             format!("region-loss: every node of {region} ({ids:?}) killed; restarted at heal")
+        }
+        Nemesis::ShipReorder => {
+            if cluster.region_order.len() < 2 {
+                return Ok((region, "ship-reorder: one region only; nothing shipped".into()));
+            }
+            for id in cluster.regions[&region].clone() {
+                net.ship_jitter.insert(id, SHIP_JITTER_MS);
+            }
+            format!(
+                "ship-reorder: each shipment {region} sends waits a random 0-{SHIP_JITTER_MS} ms more, so they overtake each other"
+            )
         }
         Nemesis::ControllerKill => match cluster.kill_deciding_controller().await {
             Some(n) => format!("controller-kill: kill -9 controller {n} (the one deciding); restarted at heal"),

@@ -42,7 +42,8 @@ pub struct RunArgs {
     /// partition, partition-halves, partition-leader, partition-ring,
     /// partition-az, partition-region, partition-region-one-way,
     /// partition-one-way, latency, clock, clock-jump,
-    /// az-loss, region-loss, power-cut, controller-kill (failover only).
+    /// az-loss, region-loss, power-cut, controller-kill (failover only),
+    /// ship-reorder.
     #[arg(long, default_value = "none")]
     pub nemesis: String,
     /// How long clients run (faults stop before the end), e.g. `60s`.

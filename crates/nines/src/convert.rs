@@ -108,6 +108,7 @@ pub fn faults_from_proto(r: pb::SetFaultsRequest) -> FaultSet {
         send_blocked_regions: r.send_blocked_regions,
         clock_offset_ms: r.clock_offset_ms,
         links,
+        ship_jitter: std::time::Duration::from_millis(u64::from(r.ship_jitter_ms)),
     }
 }
 
@@ -191,6 +192,7 @@ pub fn shipment_to_proto(s: Shipment) -> pb::ShipRequest {
         receiver_applied_through: s.receiver_applied_through,
         complete_through: s.complete_through,
         full_sync,
+        after: s.after,
     }
 }
 
@@ -206,11 +208,17 @@ pub fn shipment_from_proto(req: &pb::ShipRequest) -> Result<Shipment, Error> {
     if req.epoch > EPOCH_MAX {
         return Err(Error::invalid(format!("epoch {} is above EPOCH_MAX {EPOCH_MAX}", req.epoch)));
     }
-    let mut last = 0;
+    if req.full_sync && req.after != 0 {
+        return Err(Error::invalid(format!("a full sync page continues from after = 0, not {}", req.after)));
+    }
+    let mut last = req.after;
     let mut entries = Vec::with_capacity(req.entries.len());
     for e in &req.entries {
         if e.origin_index <= last {
-            return Err(Error::invalid(format!("origin_index {} is not above the previous {last}", e.origin_index)));
+            return Err(Error::invalid(format!(
+                "origin_index {} is not above {last} (the previous entry's, or the batch's `after`)",
+                e.origin_index
+            )));
         }
         last = e.origin_index;
         validate::key(&e.key)?;
@@ -248,6 +256,7 @@ pub fn shipment_from_proto(req: &pb::ShipRequest) -> Result<Shipment, Error> {
         receiver_applied_through: req.receiver_applied_through,
         complete_through: req.complete_through,
         full_sync,
+        after: req.after,
     })
 }
 
@@ -312,6 +321,7 @@ mod tests {
             receiver_applied_through: 4,
             complete_through: 7,
             full_sync: None,
+            after: 3,
         };
         assert_eq!(shipment_from_proto(&shipment_to_proto(s.clone())).unwrap(), s);
         // A full sync page: each key with its own version's origin.
@@ -329,7 +339,7 @@ mod tests {
                 origin: "us-east".into(),
             },
         ];
-        let sync = Shipment { entries: Vec::new(), full_sync: Some(page), ..s };
+        let sync = Shipment { entries: Vec::new(), full_sync: Some(page), after: 0, ..s };
         assert_eq!(shipment_from_proto(&shipment_to_proto(sync.clone())).unwrap(), sync);
         for refused in [Refusal::None, Refusal::StaleEpoch, Refusal::ClockAhead] {
             let a = ShipAnswer {
@@ -353,5 +363,14 @@ mod tests {
         ];
         let e = shipment_from_proto(&req).unwrap_err().to_string();
         assert!(e.contains("origin_index 5"), "{e}");
+        // Entries at or below the index the batch continues from.
+        req.entries.truncate(1);
+        req.after = 5;
+        let e = shipment_from_proto(&req).unwrap_err().to_string();
+        assert!(e.contains("origin_index 5 is not above 5"), "{e}");
+        req.entries.clear();
+        req.full_sync = true;
+        let e = shipment_from_proto(&req).unwrap_err().to_string();
+        assert!(e.contains("after = 0, not 5"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! Fault hooks for tests: drop replication traffic to and from chosen
-//! regions (or only to them), drop or delay this node's traffic to chosen
-//! peers of its region, and offset this node's physical clock.
+//! regions (or only to them), reorder this node's shipments to peer
+//! regions, drop or delay this node's traffic to chosen peers of its
+//! region, and offset this node's physical clock.
 //!
 //! Invariants:
 //! - The hooks exist in every build but act only when the node was started
@@ -14,7 +15,7 @@
 //!   request changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ pub struct FaultSet {
     pub clock_offset_ms: i64,
     /// (peer node id, rule) pairs.
     pub links: Vec<(u64, LinkRule)>,
+    /// Each shipment to a peer region waits a random extra time up to this
+    /// before it leaves, so shipments in flight together arrive out of order.
+    pub ship_jitter: Duration,
 }
 
 /// What happens to traffic from this node to one peer.
@@ -71,6 +75,7 @@ pub struct Faults {
     /// Peer node id -> rule. Same lock discipline as `blocked`.
     links: RwLock<BTreeMap<u64, LinkRule>>,
     clock_offset_ms: Arc<AtomicI64>,
+    ship_jitter_ms: AtomicU64,
 }
 
 impl Faults {
@@ -83,6 +88,7 @@ impl Faults {
             send_blocked: RwLock::new(BTreeSet::new()),
             links: RwLock::new(BTreeMap::new()),
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
+            ship_jitter_ms: AtomicU64::new(0),
         }
     }
 
@@ -118,9 +124,18 @@ impl Faults {
             || (self.enabled && self.send_blocked.read().unwrap_or_else(|p| p.into_inner()).contains(region))
     }
 
+    /// The extra wait for one shipment to a peer region: random, up to the
+    /// set jitter (zero unless one is set).
+    pub fn ship_jitter(&self) -> Duration {
+        match self.ship_jitter_ms.load(Ordering::SeqCst) {
+            0 => Duration::ZERO,
+            max => Duration::from_millis(rand::random_range(0..=max)),
+        }
+    }
+
     /// Replaces the active faults.
     pub fn set(&self, faults: FaultSet) -> Result<(), Error> {
-        let FaultSet { blocked_regions, send_blocked_regions, clock_offset_ms, links } = faults;
+        let FaultSet { blocked_regions, send_blocked_regions, clock_offset_ms, links, ship_jitter } = faults;
         if !self.enabled {
             return Err(Error::FailedPrecondition(
                 "fault injection is disabled on this node; it is a test-only setting (fault_injection = true)".into(),
@@ -146,11 +161,24 @@ impl Faults {
                 )));
             }
         }
-        tracing::warn!(?blocked_regions, ?send_blocked_regions, clock_offset_ms, ?links, "fault injection: faults set");
+        if ship_jitter.as_millis() > u128::from(LINK_DELAY_MS_MAX) {
+            return Err(Error::invalid(format!(
+                "ship jitter of {ship_jitter:?} is beyond LINK_DELAY_MS_MAX {LINK_DELAY_MS_MAX} ms"
+            )));
+        }
+        tracing::warn!(
+            ?blocked_regions,
+            ?send_blocked_regions,
+            clock_offset_ms,
+            ?links,
+            ?ship_jitter,
+            "fault injection: faults set"
+        );
         *self.blocked.write().unwrap_or_else(|p| p.into_inner()) = blocked_regions.into_iter().collect();
         *self.send_blocked.write().unwrap_or_else(|p| p.into_inner()) = send_blocked_regions.into_iter().collect();
         *self.links.write().unwrap_or_else(|p| p.into_inner()) = links.into_iter().collect();
         self.clock_offset_ms.store(clock_offset_ms, Ordering::SeqCst);
+        self.ship_jitter_ms.store(ship_jitter.as_millis() as u64, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -180,11 +208,13 @@ mod tests {
             send_blocked_regions: vec!["ap".into()],
             clock_offset_ms: 5_000,
             links: vec![(2, LinkRule::Drop), (3, LinkRule::Delay(Duration::from_millis(50)))],
+            ship_jitter: Duration::from_millis(30),
         };
         assert!(off.set(faults.clone()).is_err());
         assert!(!off.region_blocked("eu"));
         assert!(!off.sends_blocked("ap"));
         assert_eq!(off.link(2), None);
+        assert_eq!(off.ship_jitter(), Duration::ZERO);
         let on = Faults::new(true, false);
         assert!(!on.serves_reads_locally());
         on.set(faults).unwrap();
@@ -195,6 +225,8 @@ mod tests {
         assert_eq!(on.link(2), Some(LinkRule::Drop));
         assert_eq!(on.link(3), Some(LinkRule::Delay(Duration::from_millis(50))));
         assert_eq!(on.link(4), None);
+        assert!((0..200).all(|_| on.ship_jitter() <= Duration::from_millis(30)));
+        assert!((0..200).any(|_| on.ship_jitter() > Duration::ZERO), "the jitter varies");
         assert!(on.clock().now_ms() >= WallClock.now_ms() + 4_000);
         assert!(on.set(FaultSet { clock_offset_ms: CLOCK_OFFSET_MS_MAX + 1, ..FaultSet::default() }).is_err());
         let too_long = Duration::from_millis(u64::from(LINK_DELAY_MS_MAX) + 1);
@@ -205,5 +237,8 @@ mod tests {
         assert_eq!(on.link(2), None);
         assert!(!on.region_blocked("eu"));
         assert!(!on.sends_blocked("ap"));
+        assert_eq!(on.ship_jitter(), Duration::ZERO);
+        let too_much = Duration::from_millis(u64::from(LINK_DELAY_MS_MAX) + 1);
+        assert!(on.set(FaultSet { ship_jitter: too_much, ..FaultSet::default() }).is_err());
     }
 }

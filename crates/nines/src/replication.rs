@@ -14,6 +14,11 @@
 //!   its data), reports it in every reply, and the shipper always resumes
 //!   from the receiver's number. A leader change on either side, or a
 //!   restart, resumes from the right place with no gap and no duplicate.
+//! - Shipments are pipelined (several in flight to a peer, each continuing
+//!   from where the one before it ends) and the receiver applies each only
+//!   on top of the ones before it, grouping those that arrive together into
+//!   one proposal; a lost or late shipment never leaves a gap, and its
+//!   successors are shipped again.
 //! - Replicated writes are never shipped again: only local-origin writes
 //!   enter the changefeed.
 //! - A delete's tombstone is collected only when every peer has applied it
@@ -109,18 +114,34 @@ use crate::limits::{
 };
 use crate::node::Node;
 use crate::types::{
-    Command, CommandResult, Expected, Refusal, ResyncEntry, ShipAnswer, Shipment, SyncEntry, wins_epoch_tie,
+    Command, CommandResult, Expected, Refusal, RemoteEntry, ResyncEntry, ShipAnswer, Shipment, SyncEntry,
+    wins_epoch_tie,
 };
 
-/// How long an idle shipper waits before looking at the changefeed again.
-/// Bounds replication lag from below on an idle region; 10 ms is noise next
-/// to any cross-region latency.
+/// How long an idle shipper waits before looking at the changefeed again
+/// when no new local write woke it (it wakes on every one).
 const SHIP_IDLE: Duration = Duration::from_millis(10);
+
+/// Shipments in flight to one peer at once. Each waits out the one-way
+/// latency on its own, so a write ships a moment after it is applied, not
+/// after the exchange before it came back: stop-and-wait cost a write that
+/// landed just after a send two exchanges (45-90 ms at 40 ms one way).
+const SHIP_IN_FLIGHT_MAX: usize = 16;
+
+/// The least time between two shipments to one peer: writes arriving
+/// closer together share a shipment, so a busy region sends at most about
+/// 200 shipments a second (each one Raft proposal at the receiver).
+const SHIP_SPACING: Duration = Duration::from_millis(5);
 
 /// How often a shipper with nothing to ship still exchanges roles and
 /// progress with its peer, so epochs and acknowledgements spread on idle
 /// regions too.
 const SHIP_HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// How long a receiver holds a shipment whose predecessors (sent before it,
+/// in flight with it) it has not applied yet, before answering without
+/// applying it; the sender then ships again from what the answer reports.
+const SHIP_PREDECESSOR_WAIT: Duration = Duration::from_millis(500);
 
 /// Backoff after a failed shipment: the peer region is down or partitioned.
 const SHIP_BACKOFF: Duration = Duration::from_millis(200);
@@ -173,29 +194,63 @@ pub fn spawn_shippers(node: Arc<Node>, stop: watch::Receiver<bool>) -> Vec<tokio
 
 /// What one round of the shipper does next.
 enum Step {
-    /// Nothing to send now: wait `SHIP_IDLE`.
+    /// Nothing to send now.
     Idle,
     /// Send this shipment.
     Send(Shipment),
 }
 
 /// Ships this region's changefeed to one peer region while this node leads.
+///
+/// Changefeed shipments are pipelined: up to `SHIP_IN_FLIGHT_MAX` travel
+/// at once, each continuing from where the one before it ends (`after`),
+/// and the receiver applies each only once it applied the ones before, so
+/// none is applied over a gap. Answers are taken in the order the
+/// shipments left. A failure, a refusal, or an answer that shows a
+/// shipment was not applied drops everything in flight and ships again
+/// from the receiver's own number. Empty exchanges (the first one, which
+/// learns the receiver's position, and heartbeats) and full sync pages go
+/// one at a time.
 struct Shipper {
     node: Arc<Node>,
     peer: RegionConfig,
-    client: Client,
-    /// Simulated one-way latency to the peer, added before each shipment.
+    client: Arc<Client>,
+    /// Simulated one-way latency to the peer, added before each shipment
+    /// (with the test-only jitter, see `Faults::ship_jitter`).
     latency: Duration,
     /// The peer's applied position for this region: `None` until it told us
     /// (after every failure and leadership loss, so a new exchange resumes
     /// from the peer's own number).
     cursor: Option<u64>,
+    /// Shipments sent and not yet answered, oldest first.
+    in_flight: std::collections::VecDeque<InFlight>,
+    last_send: Instant,
     last_exchange: Instant,
     /// The latest acknowledgement proposed, and when.
     last_ack: (u64, Instant),
     failures: u32,
     /// A full sync under way (the peer lost writes it had applied).
     full_sync: Option<FullSync>,
+}
+
+/// One shipment on its way: the exchange runs as its own task, so it waits
+/// out the latency while the shipper sends the next one.
+struct InFlight {
+    reply: tokio::task::JoinHandle<Result<nines_proto::v1::ShipResponse, String>>,
+    /// The highest origin index it carries (its `after` when it carries
+    /// none): an answer below it means it was not applied.
+    through: u64,
+    /// Sent with nothing else in flight: its answer was read after every
+    /// earlier one. Answers to pipelined shipments may be read out of
+    /// order (each after its own apply), so only these can show that the
+    /// peer lost writes.
+    alone: bool,
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        self.drop_in_flight();
+    }
 }
 
 /// A full sync to one peer: every key of this region, in key order, then
@@ -212,9 +267,17 @@ struct FullSync {
     started: Instant,
 }
 
+/// What woke the shipper.
+enum Wake {
+    /// The oldest shipment in flight was answered (or failed).
+    Reply(Result<nines_proto::v1::ShipResponse, String>),
+    /// A timer, a new local write, or the stop signal.
+    Look,
+}
+
 impl Shipper {
     fn new(node: Arc<Node>, peer: RegionConfig) -> Result<Self, Error> {
-        let client = region_client(&peer)?;
+        let client = Arc::new(region_client(&peer)?);
         let latency = node.latency().between(node.region(), &node.info().az, &peer.name, "");
         Ok(Shipper {
             node,
@@ -222,6 +285,8 @@ impl Shipper {
             client,
             latency,
             cursor: None,
+            in_flight: Default::default(),
+            last_send: Instant::now() - SHIP_SPACING,
             last_exchange: Instant::now() - SHIP_HEARTBEAT,
             last_ack: (0, Instant::now()),
             failures: 0,
@@ -230,81 +295,131 @@ impl Shipper {
     }
 
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut writes = self.node.reader().local_writes();
         while !*stop.borrow() {
-            let step = match self.next_step() {
-                Ok(step) => step,
-                Err(e) => {
-                    self.node.stop_fatally(format!("reading the changefeed: {e}"));
-                    return;
-                }
-            };
-            match step {
-                Step::Idle => {
-                    tokio::select! {
-                        _ = stop.changed() => {}
-                        _ = tokio::time::sleep(SHIP_IDLE) => {}
+            let mut wait = SHIP_IDLE;
+            if self.in_flight.len() < SHIP_IN_FLIGHT_MAX {
+                let spacing = SHIP_SPACING.saturating_sub(self.last_send.elapsed());
+                if spacing.is_zero() {
+                    match self.next_step() {
+                        Ok(Step::Send(shipment)) => self.send(shipment),
+                        Ok(Step::Idle) => {}
+                        Err(e) => {
+                            self.node.stop_fatally(format!("reading the changefeed: {e}"));
+                            return;
+                        }
                     }
+                } else {
+                    wait = spacing;
                 }
-                Step::Send(shipment) => self.exchange(shipment).await,
+            }
+            // A new local write wakes the shipper when it could send at once.
+            let on_write = self.in_flight.len() < SHIP_IN_FLIGHT_MAX && wait == SHIP_IDLE;
+            let wake = tokio::select! {
+                _ = stop.changed() => Wake::Look,
+                reply = oldest_reply(&mut self.in_flight) => Wake::Reply(reply),
+                changed = writes.changed(), if on_write => {
+                    if changed.is_err() {
+                        // The state machine is gone: the node is stopping.
+                        tokio::time::sleep(SHIP_IDLE).await;
+                    }
+                    Wake::Look
+                }
+                _ = tokio::time::sleep(wait) => Wake::Look,
+            };
+            if let Wake::Reply(reply) = wake
+                && let Some(flight) = self.in_flight.pop_front()
+            {
+                self.settle(&flight, reply).await;
             }
         }
     }
 
-    /// Reads what to ship next: the changefeed above the cursor, or an empty
-    /// heartbeat when it is time to exchange roles and progress.
+    /// Reads what to ship next: the changefeed after what was last sent, or
+    /// an empty exchange of roles and progress when nothing is in flight
+    /// and the peer's position is unknown or a heartbeat is due.
     fn next_step(&mut self) -> Result<Step, Error> {
         let node = &self.node;
         if node.check_leader().is_err() || node.faults().sends_blocked(&self.peer.name) {
             self.cursor = None;
+            self.drop_in_flight();
             return Ok(Step::Idle);
         }
+        let idle = self.in_flight.is_empty();
         if let Some(sync) = self.full_sync.as_mut() {
-            return full_sync_page(node, &self.peer.name, sync);
+            return if idle { full_sync_page(node, &self.peer.name, sync) } else { Ok(Step::Idle) };
         }
+        let after = match (self.cursor, self.in_flight.back()) {
+            (Some(_), Some(last)) => last.through,
+            (Some(cursor), None) => cursor,
+            // The first exchange learns the peer's position; nothing follows
+            // it until it is answered.
+            (None, None) => return Ok(Step::Send(self.shipment(0, Vec::new(), 0))),
+            (None, Some(_)) => return Ok(Step::Idle),
+        };
         // Read the latest local write first: every local write at or below it
         // is in the changefeed (or was acknowledged by every peer) when we scan.
         let applied_before = node.reader().region_state().last_local_write;
-        let (entries, complete_through) = match self.cursor {
-            None => (Vec::new(), 0),
-            Some(c) => {
-                let (page, all) = node
-                    .reader()
-                    .changefeed_after(c, SHIP_BATCH_ENTRIES_MAX, SHIP_BATCH_BYTES_MAX)
-                    .map_err(Error::from)?;
-                let complete = if all { applied_before } else { page.last().map(|(i, _)| *i).unwrap_or(c) };
-                (page.into_iter().map(|(i, r)| convert::change_to_remote(i, r)).collect::<Vec<_>>(), complete)
-            }
-        };
-        if entries.is_empty() && self.cursor.is_some() && self.last_exchange.elapsed() < SHIP_HEARTBEAT {
+        let (page, all) =
+            node.reader().changefeed_after(after, SHIP_BATCH_ENTRIES_MAX, SHIP_BATCH_BYTES_MAX).map_err(Error::from)?;
+        let complete_through = if all { applied_before } else { page.last().map(|(i, _)| *i).unwrap_or(after) };
+        let entries: Vec<_> = page.into_iter().map(|(i, r)| convert::change_to_remote(i, r)).collect();
+        if entries.is_empty() && !(idle && self.last_exchange.elapsed() >= SHIP_HEARTBEAT) {
             return Ok(Step::Idle);
         }
-        let region = node.reader().region_state();
-        Ok(Step::Send(Shipment {
-            origin: node.region().to_string(),
+        Ok(Step::Send(self.shipment(after, entries, complete_through)))
+    }
+
+    /// A changefeed shipment (or an empty one) with this region's view of
+    /// the roles and of the peer.
+    fn shipment(&self, after: u64, entries: Vec<RemoteEntry>, complete_through: u64) -> Shipment {
+        let region = self.node.reader().region_state();
+        Shipment {
+            origin: self.node.region().to_string(),
             epoch: region.epoch,
-            primary: node.reader().primary(),
+            primary: self.node.reader().primary(),
+            after,
             entries,
             receiver_applied_through: region.applied_from.get(&self.peer.name).copied().unwrap_or(0),
             complete_through,
             full_sync: None,
-        }))
+        }
     }
 
-    /// Sends one shipment and acts on the answer: adopt a newer primary,
-    /// move the cursor, propose the acknowledgement now and then.
-    async fn exchange(&mut self, shipment: Shipment) {
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
-        }
+    /// Starts one exchange: a task that waits out the latency and sends.
+    fn send(&mut self, shipment: Shipment) {
+        let through = shipment.entries.last().map_or(shipment.after, |e| e.origin_index);
         let req = convert::shipment_to_proto(shipment);
-        let sent = self
-            .client
-            .call(true, |c| {
-                let r = req.clone();
-                async move { ship_client(c).ship(r).await }
-            })
-            .await;
-        let answer = match sent {
+        let (client, latency) = (self.client.clone(), self.latency + self.node.faults().ship_jitter());
+        let reply = tokio::spawn(async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            client
+                .call(true, |c| {
+                    let r = req.clone();
+                    async move { ship_client(c).ship(r).await }
+                })
+                .await
+                .map_err(|e| e.to_string())
+        });
+        let alone = self.in_flight.is_empty();
+        self.in_flight.push_back(InFlight { reply, through, alone });
+        self.last_send = Instant::now();
+    }
+
+    /// Abandons every shipment in flight: the next one continues from the
+    /// receiver's own number.
+    fn drop_in_flight(&mut self) {
+        for flight in self.in_flight.drain(..) {
+            flight.reply.abort();
+        }
+    }
+
+    /// Acts on the answer to the oldest shipment in flight: adopt a newer
+    /// primary, move the cursor, propose the acknowledgement now and then.
+    async fn settle(&mut self, flight: &InFlight, reply: Result<nines_proto::v1::ShipResponse, String>) {
+        let answer = match reply {
             Ok(r) => convert::answer_from_proto(r),
             Err(e) => {
                 self.failures += 1;
@@ -312,6 +427,7 @@ impl Shipper {
                     tracing::warn!(peer = %self.peer.name, failures = self.failures, error = %e, "shipping to region failed; retrying");
                 }
                 self.cursor = None;
+                self.drop_in_flight();
                 tokio::time::sleep(SHIP_BACKOFF).await;
                 return;
             }
@@ -321,20 +437,32 @@ impl Shipper {
         adopt_from_peer(&self.node, &self.peer, &answer).await;
         if answer.refused != Refusal::None {
             tracing::warn!(peer = %self.peer.name, refused = ?answer.refused, reason = %answer.reason, "shipment refused");
+            self.drop_in_flight();
             tokio::time::sleep(SHIP_BACKOFF).await;
         } else {
-            self.follow_full_sync(&answer);
+            self.follow_full_sync(&answer, flight.alone);
         }
-        self.cursor = Some(answer.applied_through);
-        self.node.stats().set_acked(&self.peer.name, answer.applied_through);
+        if answer.applied_through < flight.through {
+            // Not applied: a shipment before it was lost or late. What
+            // follows it cannot apply either.
+            self.drop_in_flight();
+        }
+        // An answer read out of order may be below one already taken.
+        let position = match self.cursor {
+            Some(cursor) if !flight.alone => cursor.max(answer.applied_through),
+            _ => answer.applied_through,
+        };
+        self.cursor = Some(position);
+        self.node.stats().set_acked(&self.peer.name, position);
         self.propose_ack(&answer).await;
     }
 
     /// After an accepted exchange: moves a full sync on (or ends it), or
     /// starts one when the peer reports having applied less of this region
     /// than it once acknowledged (it lost writes: its nodes lost their
-    /// disks) and the changefeed may no longer hold the difference.
-    fn follow_full_sync(&mut self, answer: &ShipAnswer) {
+    /// disks) and the changefeed may no longer hold the difference. Only
+    /// the answer to a shipment sent `alone` can show that (see `InFlight`).
+    fn follow_full_sync(&mut self, answer: &ShipAnswer, alone: bool) {
         let peer = &self.peer.name;
         if let Some(sync) = self.full_sync.as_mut() {
             match sync.sending.take() {
@@ -345,6 +473,9 @@ impl Shipper {
                 Some((last, false)) => sync.after = Some(last),
                 None => {}
             }
+            return;
+        }
+        if !alone {
             return;
         }
         let region = self.node.reader().region_state();
@@ -384,6 +515,16 @@ impl Shipper {
     }
 }
 
+/// The answer to the oldest shipment in flight; never ready when none is.
+async fn oldest_reply(
+    in_flight: &mut std::collections::VecDeque<InFlight>,
+) -> Result<nines_proto::v1::ShipResponse, String> {
+    match in_flight.front_mut() {
+        Some(flight) => (&mut flight.reply).await.unwrap_or_else(|e| Err(format!("the shipment task failed: {e}"))),
+        None => std::future::pending().await,
+    }
+}
+
 /// The next page of a full sync to `peer`: keys after the last one the peer
 /// applied; the last page carries the watermark.
 fn full_sync_page(node: &Node, peer: &str, sync: &mut FullSync) -> Result<Step, Error> {
@@ -403,6 +544,7 @@ fn full_sync_page(node: &Node, peer: &str, sync: &mut FullSync) -> Result<Step, 
         origin: node.region().to_string(),
         epoch: region.epoch,
         primary: node.reader().primary(),
+        after: 0,
         entries: Vec::new(),
         receiver_applied_through: region.applied_from.get(peer).copied().unwrap_or(0),
         complete_through: if more { 0 } else { sync.watermark.max(1) },
@@ -449,9 +591,10 @@ pub async fn adopt(node: &Node, primary: &str, epoch: u64, shipped_through: u64)
 /// Takes a peer region's shipment on this region's leader: checks that the
 /// sender is a peer, that it is not stale (active-passive), adopts a newer
 /// primary it names, refuses timestamps too far ahead of this clock, and
-/// proposes the batch through Raft. Forwarding to the leader is the
-/// adapter's job; this must run on the leader.
-pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Error> {
+/// proposes the batch through Raft in order with the origin's other
+/// shipments (see [`Inboxes`]). Forwarding to the leader is the adapter's
+/// job; this must run on the leader.
+pub async fn receive(node: &Node, inboxes: &Inboxes, shipment: Shipment) -> Result<ShipAnswer, Error> {
     let origin = shipment.origin.clone();
     if origin == node.region() || !node.peers().iter().any(|p| p.name == origin) {
         return Err(Error::invalid(format!("origin_region {origin:?} is not a peer region")));
@@ -502,24 +645,178 @@ pub async fn receive(node: &Node, shipment: Shipment) -> Result<ShipAnswer, Erro
             other => Err(Error::Indeterminate(format!("a full sync page applied as {other:?}"))),
         };
     }
-    // An empty batch can still advance what this region holds of the
-    // origin (`complete_through`); propose it when it would.
-    let held = node.reader().region_state().complete_from.get(&origin).copied().unwrap_or(0);
-    if !shipment.entries.is_empty() || shipment.complete_through > held {
-        let cmd = Command::ApplyRemote {
-            origin: origin.clone(),
-            epoch: shipment.epoch,
-            entries: shipment.entries,
-            complete_through: shipment.complete_through,
-            collect_below_ms: collect_below_ms(node),
-        };
-        match node.propose(cmd).await? {
-            CommandResult::Remote { .. } => {}
-            CommandResult::Rejected { reason, .. } => return Ok(answer(node, &origin, Refusal::StaleEpoch, reason)),
-            other => return Err(Error::Indeterminate(format!("a shipment applied as {other:?}"))),
+    let shipment = Waiting {
+        after: shipment.after,
+        through: shipment.entries.last().map_or(shipment.after, |e| e.origin_index),
+        epoch: shipment.epoch,
+        entries: shipment.entries,
+        complete_through: shipment.complete_through,
+        deadline: Instant::now() + SHIP_PREDECESSOR_WAIT,
+        done: None,
+    };
+    match inboxes.deliver(node, &origin, shipment).await? {
+        // A gap: the sender ships again from the position in the answer.
+        Delivered::Applied | Delivered::Gap => Ok(answer(node, &origin, Refusal::None, String::new())),
+        Delivered::Refused(reason) => Ok(answer(node, &origin, Refusal::StaleEpoch, reason)),
+    }
+}
+
+/// The changefeed shipments of each origin region waiting on this leader to
+/// be proposed. One proposal per origin is under way at a time, and holds
+/// only shipments that continue from what this region applied (a shipment
+/// sent after another may arrive first), so they apply in order with no
+/// gap. Shipments that arrive while a proposal is under way go into the
+/// next one together: one Raft entry for many shipments, so the time a
+/// commit takes does not bound how many shipments a second a region takes.
+#[derive(Default)]
+pub struct Inboxes(std::sync::Mutex<std::collections::HashMap<String, Arc<Inbox>>>);
+
+#[derive(Default)]
+struct Inbox {
+    /// `std::sync::Mutex`: never held across an `.await`.
+    waiting: std::sync::Mutex<Vec<Waiting>>,
+    /// Held while a proposal of this origin is under way.
+    proposing: tokio::sync::Mutex<()>,
+    /// The highest `through` of the shipments that arrived: one arriving
+    /// below it was overtaken on the way (counted).
+    arrived_through: std::sync::atomic::AtomicU64,
+}
+
+/// One shipment waiting for its turn.
+struct Waiting {
+    after: u64,
+    /// Its last entry's origin index (`after` when it has none).
+    through: u64,
+    epoch: u64,
+    entries: Vec<RemoteEntry>,
+    complete_through: u64,
+    /// Past this, a shipment whose predecessors never arrived is answered
+    /// unapplied.
+    deadline: Instant,
+    done: Option<tokio::sync::oneshot::Sender<Result<Delivered, Error>>>,
+}
+
+/// What became of a shipment.
+#[derive(Debug, Clone)]
+enum Delivered {
+    /// Applied (or it had nothing to apply).
+    Applied,
+    /// The batch was refused at apply (a stale epoch).
+    Refused(String),
+    /// Not applied: the shipments before it did not arrive in time.
+    Gap,
+}
+
+/// Shipments one origin may have waiting on a leader at once; a sender
+/// keeps at most `SHIP_IN_FLIGHT_MAX` in flight.
+const SHIPMENTS_WAITING_MAX: usize = 4 * SHIP_IN_FLIGHT_MAX;
+
+impl Inboxes {
+    /// Proposes `shipment` in order with the others of `origin`, alone or
+    /// together with them, and says what became of it.
+    async fn deliver(&self, node: &Node, origin: &str, mut shipment: Waiting) -> Result<Delivered, Error> {
+        let inbox = self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(origin.to_string()).or_default().clone();
+        let (done, mut delivered) = tokio::sync::oneshot::channel();
+        shipment.done = Some(done);
+        let arrived = inbox.arrived_through.fetch_max(shipment.through, std::sync::atomic::Ordering::Relaxed);
+        if shipment.through < arrived && !shipment.entries.is_empty() {
+            crate::telemetry::shipment_overtaken(origin);
+        }
+        {
+            let mut waiting = inbox.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if waiting.len() >= SHIPMENTS_WAITING_MAX {
+                return Err(Error::Unavailable {
+                    reason: format!(
+                        "{} shipments from {origin} are waiting already (SHIPMENTS_WAITING_MAX)",
+                        waiting.len()
+                    ),
+                    retry_safe: true,
+                });
+            }
+            waiting.push(shipment);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                outcome = &mut delivered => {
+                    return outcome.unwrap_or_else(|_| Err(Error::Internal("a shipment was dropped unanswered".into())));
+                }
+                _proposing = inbox.proposing.lock() => inbox.propose_ready(node, origin).await,
+            }
+            if let Ok(outcome) = delivered.try_recv() {
+                return outcome;
+            }
+            // The shipment before this one has not arrived or applied yet.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-    Ok(answer(node, &origin, Refusal::None, String::new()))
+}
+
+impl Inbox {
+    /// With `proposing` held: proposes the waiting shipments that continue
+    /// from what this region applied of `origin`, as one batch within the
+    /// shipment limits, and answers them; answers those whose predecessors
+    /// are overdue; leaves the rest waiting.
+    async fn propose_ready(&self, node: &Node, origin: &str) {
+        let mut waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        waiting.sort_by_key(|w| w.after);
+        let mut position = node.reader().applied_from(origin);
+        let (mut group, mut rest, mut entries, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        let now = Instant::now();
+        for mut w in waiting {
+            let size: usize = w.entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len)).sum();
+            let fits = group.first().is_none_or(|first: &Waiting| {
+                w.epoch == first.epoch
+                    && entries.len() + w.entries.len() <= SHIP_BATCH_ENTRIES_MAX
+                    && bytes + size <= SHIP_BATCH_BYTES_MAX
+            });
+            if w.after <= position && fits {
+                entries.extend(w.entries.drain(..).filter(|e| e.origin_index > position));
+                bytes += size;
+                position = position.max(w.through);
+                group.push(w);
+            } else if w.after > position && now >= w.deadline {
+                w.answer(Ok(Delivered::Gap));
+            } else {
+                rest.push(w);
+            }
+        }
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).extend(rest);
+        let Some(first) = group.first() else { return };
+        let complete_through = group.iter().map(|w| w.complete_through).max().unwrap_or(0);
+        // An empty batch can still advance what this region holds of the
+        // origin (`complete_through`); propose it when it would.
+        let held = node.reader().region_state().complete_from.get(origin).copied().unwrap_or(0);
+        let outcome = if entries.is_empty() && complete_through <= held {
+            Ok(Delivered::Applied)
+        } else {
+            let cmd = Command::ApplyRemote {
+                origin: origin.to_string(),
+                epoch: first.epoch,
+                entries,
+                complete_through,
+                collect_below_ms: collect_below_ms(node),
+            };
+            match node.propose(cmd).await {
+                Ok(CommandResult::Remote { .. }) => Ok(Delivered::Applied),
+                Ok(CommandResult::Rejected { reason, .. }) => Ok(Delivered::Refused(reason)),
+                Ok(other) => Err(Error::Indeterminate(format!("a shipment applied as {other:?}"))),
+                Err(e) => Err(e),
+            }
+        };
+        for mut w in group {
+            w.answer(outcome.clone());
+        }
+    }
+}
+
+impl Waiting {
+    fn answer(&mut self, outcome: Result<Delivered, Error>) {
+        if let Some(done) = self.done.take() {
+            // Ignored: the sender may have given up on this shipment.
+            let _ = done.send(outcome);
+        }
+    }
 }
 
 /// Tombstones stamped before this (physical milliseconds) may be collected:

@@ -102,6 +102,12 @@ pub fn remote_refused(origin: &str) {
     counter!("nines_hlc_remote_refused_total", "origin" => origin.to_string()).increment(1);
 }
 
+/// Counts a shipment from `origin` that arrived after one sent later than
+/// it (shipments travel several at once; the receiver applies them in order).
+pub fn shipment_overtaken(origin: &str) {
+    counter!("nines_shipments_overtaken_total", "origin" => origin.to_string()).increment(1);
+}
+
 /// Counts a logged write whose timestamp was too far ahead to adopt.
 pub fn log_refused() {
     counter!("nines_hlc_log_refused_total").increment(1);

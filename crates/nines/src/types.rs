@@ -396,7 +396,10 @@ pub struct Shipment {
     /// The sender's view of the region roles (active-passive).
     pub epoch: u64,
     pub primary: String,
-    /// Writes in origin-index order, all above what the receiver reported.
+    /// The origin index this batch continues from: `entries` are the
+    /// origin's writes after it (0 with a full sync).
+    pub after: u64,
+    /// Writes in origin-index order, all above `after`.
     pub entries: Vec<RemoteEntry>,
     /// How far the sender has applied the receiver's own changefeed: tells a
     /// receiver that is being demoted which of its writes arrived.

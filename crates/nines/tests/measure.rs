@@ -141,10 +141,15 @@ async fn measure_leader_loss_to_next_acknowledged_write() {
 #[ignore = "measurement: run with --ignored --nocapture"]
 async fn measure_replication_lag_under_steady_writes() {
     // Measures: with `nines up`'s latency (1 ms between AZs, 40 ms between
-    // regions) and a steady 200 writes/s in region a for 20 s: (1) the lag
-    // region a reports for b (age of the oldest write b has not applied),
-    // sampled every 20 ms; (2) for every 10th write, the time from its
-    // acknowledgement in a to its first local read in b.
+    // regions) and a steady NINES_LAG_RATE writes/s (default 200; each put
+    // sent on its tick, not after the one before) in region a for 20 s:
+    // (1) the lag region a reports for b (age of the oldest write b has not
+    // applied), sampled every 20 ms; (2) for 400 writes spread over the
+    // run, the time from the acknowledgement in a to the first local read
+    // in b.
+    let rate: u32 = std::env::var("NINES_LAG_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(200).clamp(1, 5_000);
+    let writes = rate * 20;
+    let probe_every = (writes / 400).max(1);
     let _serial = serial().await;
     let cluster = TestCluster::start_regions(&[("a", 3), ("b", 3)], Mode::ActiveActive, up_latency).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -162,38 +167,41 @@ async fn measure_replication_lag_under_steady_writes() {
             lag
         })
     };
-    let a = cluster.region_client("a");
-    let mut probes = Vec::new();
-    let mut ticker = tokio::time::interval(Duration::from_millis(5));
-    for i in 0..4_000u32 {
+    let a = Arc::new(cluster.region_client("a"));
+    let b = Arc::new(cluster.region_client("b"));
+    let mut puts = Vec::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+    for i in 0..writes {
         ticker.tick().await;
-        let key = format!("lag-{i:06}");
-        a.put(key.clone(), "v").await.expect("put");
-        let acked = Instant::now();
-        if i % 10 == 0 {
-            let b = cluster.region_client("b");
-            probes.push(tokio::spawn(async move {
-                let deadline = acked + Duration::from_secs(30);
-                while Instant::now() < deadline {
-                    if let Ok(r) = b.get(key.clone(), Consistency::Local).await
-                        && r.kv.is_some()
-                    {
-                        return Some(acked.elapsed());
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+        let (a, b) = (a.clone(), b.clone());
+        puts.push(tokio::spawn(async move {
+            let key = format!("lag-{i:06}");
+            a.put(key.clone(), "v").await.expect("put");
+            let acked = Instant::now();
+            if i % probe_every != 0 {
+                return None;
+            }
+            let deadline = acked + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(r) = b.get(key.clone(), Consistency::Local).await
+                    && r.kv.is_some()
+                {
+                    return Some(acked.elapsed());
                 }
-                None
-            }));
-        }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            panic!("{key} never became visible in b");
+        }));
+    }
+    let mut visible = Vec::new();
+    for p in puts {
+        visible.extend(p.await.unwrap());
     }
     stop.store(true, Ordering::SeqCst);
     let lag = sampler.await.unwrap();
-    let mut visible = Vec::new();
-    for p in probes {
-        visible.push(p.await.unwrap().expect("write became visible in b"));
-    }
+    eprintln!("{rate} writes/s in a for 20 s:");
     summary("replication lag reported by a for b (sampled every 20 ms)", lag);
-    summary("ack in a -> first local read in b (every 10th write)", visible);
+    summary("ack in a -> first local read in b", visible);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,15 +164,61 @@ async fn region_leaders_killed_while_shipping_resume_without_gap_or_duplicate() 
     stop.store(true, Ordering::SeqCst);
     let (acked, _) = writer.await.unwrap();
     cluster.wait_converged().await;
-    // Every write that originated in a (acknowledged or not) is a key "s-*"
-    // in a; b must have applied each exactly once.
+    assert_b_applied_every_write_of_a_once(&cluster, b"s", &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipments_overtaking_each_other_apply_in_order_without_gap_or_duplicate() {
+    // Shows: with each of a's shipments to b held back a random 0-60 ms more
+    // (on top of the 20 ms latency), shipments in flight together overtake
+    // each other (b counts them), and b still applies every write of a
+    // exactly once and holds every acknowledged one. A receiver that applied
+    // a shipment over a gap would skip the writes of the one overtaken.
+    let _serial = serial().await;
+    let cluster = TestCluster::start_regions(&[("a", 3), ("b", 3)], Mode::ActiveActive, with_latency).await;
+    for id in &cluster.regions["a"] {
+        let jitter = nines_proto::v1::SetFaultsRequest { ship_jitter_ms: 60, ..Default::default() };
+        cluster.client_of(&[*id]).set_all_faults_on(&cluster.nodes[id].grpc(), jitter).await.expect("set faults");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|w| tokio::spawn(unique_writer(cluster.region_client("a"), format!("s{w}"), stop.clone(), count.clone())))
+        .collect();
+    wait_at_least(&count, 2_000).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap().0);
+    }
+    cluster.wait_converged().await;
+    let mut overtaken = 0;
+    for id in &cluster.regions["b"] {
+        let url = format!("http://{}/metrics", cluster.nodes[id].config.admin_listen);
+        let out = Command::new(env!("CARGO_BIN_EXE_nines")).args(["health", &url]).output().expect("scrape");
+        overtaken += String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("nines_shipments_overtaken_total{origin=\"a\"}"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    assert!(overtaken > 0, "the jitter must make shipments overtake each other; none did");
+    assert_b_applied_every_write_of_a_once(&cluster, b"s", &acked).await;
+}
+
+/// Every write that originated in a (acknowledged or not) is a key starting
+/// with `prefix` in a: b must have applied each exactly once (its counter of
+/// writes applied from a equals their number), and hold every `acked` key.
+async fn assert_b_applied_every_write_of_a_once(cluster: &TestCluster, prefix: &[u8], acked: &[String]) {
     let a = cluster.region_client("a");
     let mut written = BTreeSet::new();
-    let mut start = b"s-".to_vec();
+    let mut start = prefix.to_vec();
+    let mut end = prefix.to_vec();
+    *end.last_mut().expect("a prefix") += 1;
     loop {
         let page = a
             .scan(
-                nines::rpc::KeyRange::Range { start: start.clone(), end: b"s.".to_vec() },
+                nines::rpc::KeyRange::Range { start: start.clone(), end: end.clone() },
                 10_000,
                 Consistency::Linearizable,
             )
@@ -197,7 +243,7 @@ async fn region_leaders_killed_while_shipping_resume_without_gap_or_duplicate() 
         written.len()
     );
     let b = cluster.region_client("b");
-    for key in &acked {
+    for key in acked {
         assert!(local_get(&b, key).await.is_some(), "acknowledged {key} missing in b");
     }
 }

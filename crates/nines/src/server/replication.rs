@@ -12,26 +12,27 @@ use tonic::{Request, Response, Status};
 use super::forward::on_leader;
 use crate::convert;
 use crate::node::Node;
-use crate::replication::ship_client;
+use crate::replication::{Inboxes, ship_client};
 
 pub struct ReplicationService {
     node: Arc<Node>,
+    inboxes: Inboxes,
 }
 
 impl ReplicationService {
     pub fn new(node: Arc<Node>) -> Self {
-        ReplicationService { node }
+        ReplicationService { node, inboxes: Inboxes::default() }
     }
 }
 
 #[tonic::async_trait]
 impl Replication for ReplicationService {
     async fn ship(&self, req: Request<ShipRequest>) -> Result<Response<ShipResponse>, Status> {
-        let node = &self.node;
+        let (node, inboxes) = (&self.node, &self.inboxes);
         let remote = |c, r| async move { ship_client(c).ship(r).await };
         on_leader(node, req, remote, |r| async move {
             let shipment = convert::shipment_from_proto(&r)?;
-            crate::replication::receive(node, shipment).await.map(convert::answer_to_proto)
+            crate::replication::receive(node, inboxes, shipment).await.map(convert::answer_to_proto)
         })
         .await
     }

@@ -298,9 +298,24 @@ pub struct StateReader {
     /// `std::sync::RwLock`: held only to clone or replace, never across `.await`.
     region: Arc<RwLock<RegionState>>,
     archive: Arc<RwLock<ArchiveState>>,
+    /// The region's latest local write, as published.
+    local_writes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateReader {
+    /// Follows the region's latest local write (the log index), changing
+    /// once each applied batch with a local write is published: what a
+    /// shipper waits on.
+    pub fn local_writes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.local_writes.subscribe()
+    }
+
+    /// The highest origin index of `origin`'s writes applied here, without
+    /// copying the region state.
+    pub fn applied_from(&self, origin: &str) -> u64 {
+        self.region_ref().applied_from.get(origin).copied().unwrap_or(0)
+    }
+
     /// The log index the state reflects at least.
     pub fn applied_index(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
@@ -706,6 +721,7 @@ pub struct StateMachine {
     applied: Arc<AtomicU64>,
     changefeed_len: Arc<AtomicU64>,
     shared_region: Arc<RwLock<RegionState>>,
+    local_writes: Arc<tokio::sync::watch::Sender<u64>>,
     archive: ArchiveState,
     shared_archive: Arc<RwLock<ArchiveState>>,
     /// The greatest timestamp of a session write applied (milliseconds):
@@ -788,6 +804,7 @@ impl StateMachine {
             last_applied,
             membership,
             shared_region: Arc::new(RwLock::new(region.clone())),
+            local_writes: Arc::new(tokio::sync::watch::channel(region.last_local_write).0),
             region,
             archive,
             shared_archive: Arc::new(RwLock::new(archive)),
@@ -815,6 +832,7 @@ impl StateMachine {
             changefeed_len: self.changefeed_len.clone(),
             region: self.shared_region.clone(),
             archive: self.shared_archive.clone(),
+            local_writes: self.local_writes.clone(),
         }
     }
 
@@ -1524,6 +1542,8 @@ impl StateMachine {
 
     fn publish(&mut self, region: RegionState) {
         *self.shared_region.write().unwrap_or_else(|p| p.into_inner()) = region.clone();
+        let latest = region.last_local_write;
+        self.local_writes.send_if_modified(|w| std::mem::replace(w, latest) != latest);
         self.region = region;
     }
 
