@@ -9,7 +9,9 @@
 # Rows: puts and linearizable gets of 128-byte values at 1/16/64/256
 # clients, a 90/10 mix, 16 KiB values, an open loop at 70% of etcd's put
 # capacity, each with CPU time per operation and resident memory; then
-# leader failover over BENCH_KILLS (20) kill -9s of each system's leader.
+# leader failover over BENCH_KILLS (20) kill -9s of each system's leader;
+# last, nines' cross-region lag (two regions, `nines up`'s 40 ms one way)
+# at 200 and 1,000 writes/s (etcd has no cross-region replication to compare).
 # Installs etcd from Debian when it is missing. Stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -145,9 +147,19 @@ failover="$work/failover.jsonl"
 python3 benches/failover.py --system nines --endpoints "$nines_eps" --work "$work" --kills "$kills" >>"$failover"
 python3 benches/failover.py --system etcd --endpoints "$etcd_eps" --work "$work" --kills "$kills" >>"$failover"
 
-python3 - "$results" "$failover" "$nines_peak" "$etcd_peak" "$duration" >benches/results.md <<'PY'
+# Cross-region lag: its own two-region cluster (crates/nines/tests/measure.rs).
+lag="$work/lag.jsonl"
+: >"$lag"
+for rate in 200 1000; do
+  echo "cross-region lag: $rate writes/s" >&2
+  NINES_LAG_RATE=$rate NINES_LAG_OUT="$lag" cargo test --release -q -p nines --test measure \
+    measure_replication_lag -- --ignored --nocapture >"$work/lag-$rate.log" 2>&1
+done
+
+python3 - "$results" "$failover" "$nines_peak" "$etcd_peak" "$duration" "$lag" >benches/results.md <<'PY'
 import json, sys, os, datetime, statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
+lag = [json.loads(l) for l in open(sys.argv[6])]
 failover = {f["system"]: f for f in map(json.loads, open(sys.argv[2]))}
 nines_peak, etcd_peak, duration = sys.argv[3], sys.argv[4], sys.argv[5]
 by = {}
@@ -189,6 +201,17 @@ for name in ("nines", "etcd"):
     f = failover[name]
     print(f"| {name} | {len(f['samples'])} | {f['median']:.3f} | {f['max']:.3f} | "
           f"{', '.join(f'{s:.2f}' for s in sorted(f['samples']))} |")
+print("\nCross-region lag, nines only: two regions of three nodes, 40 ms one way between them (`nines up`'s "
+      "simulated latency), a steady write rate in the first for 20 s. Visible: from a write's acknowledgement "
+      "to its first local read in the other region (400 writes spread over the run); reported: the lag the "
+      "first region reports (age of its oldest write the other has not applied), sampled every 20 ms. "
+      "Goal: visible p99 within one-way latency + 20 ms = 60 ms.\n")
+print("| writes/s | visible p50 / p99 / max ms | reported p50 / p99 / max ms |")
+print("|---:|---:|---:|")
+for l in lag:
+    v, r = l["visible"], l["reported"]
+    print(f"| {l['rate']:,} | {v['p50_ms']:.1f} / {v['p99_ms']:.1f} / {v['max_ms']:.1f} | "
+          f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} / {r['max_ms']:.0f} |")
 PY
 # The same table in benches/README.md, between its markers.
 python3 - <<'PY'

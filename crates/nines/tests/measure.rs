@@ -200,6 +200,17 @@ async fn measure_replication_lag_under_steady_writes() {
     stop.store(true, Ordering::SeqCst);
     let lag = sampler.await.unwrap();
     eprintln!("{rate} writes/s in a for 20 s:");
+    // For `benches/run.sh`: one JSON line per run, appended to NINES_LAG_OUT.
+    if let Ok(path) = std::env::var("NINES_LAG_OUT") {
+        let ms = |mut v: Vec<Duration>| {
+            v.sort();
+            let at = |p| percentile(&v, p).as_secs_f64() * 1e3;
+            serde_json::json!({ "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0) })
+        };
+        let line = serde_json::json!({ "rate": rate, "reported": ms(lag.clone()), "visible": ms(visible.clone()) });
+        let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("NINES_LAG_OUT");
+        std::io::Write::write_all(&mut out, format!("{line}\n").as_bytes()).expect("write NINES_LAG_OUT");
+    }
     summary("replication lag reported by a for b (sampled every 20 ms)", lag);
     summary("ack in a -> first local read in b", visible);
 }
