@@ -169,7 +169,7 @@ pub struct FaultRecord {
     pub end_us: u64,
 }
 
-/// Link rules, cut regions and clock offsets of one window, per node.
+/// Link rules, cut regions, clock offsets and ship jitter of one window, per node.
 #[derive(Default)]
 struct Net {
     links: BTreeMap<u64, BTreeMap<u64, Option<u32>>>,

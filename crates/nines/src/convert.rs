@@ -273,6 +273,7 @@ pub fn answer_to_proto(a: ShipAnswer) -> pb::ShipResponse {
         refused: refused as i32,
         reason: a.reason,
         receiver_index: a.receiver_index,
+        in_order: a.in_order,
     }
 }
 
@@ -291,6 +292,7 @@ pub fn answer_from_proto(r: pb::ShipResponse) -> ShipAnswer {
         refused,
         reason: r.reason,
         receiver_index: r.receiver_index,
+        in_order: r.in_order,
     }
 }
 
@@ -349,6 +351,7 @@ mod tests {
                 refused,
                 reason: "r".into(),
                 receiver_index: 3,
+                in_order: true,
             };
             assert_eq!(answer_from_proto(answer_to_proto(a.clone())), a);
         }

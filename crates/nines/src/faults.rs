@@ -6,7 +6,8 @@
 //! Invariants:
 //! - The hooks exist in every build but act only when the node was started
 //!   with `fault_injection = true`. Otherwise every request to set a fault
-//!   is refused and the hooks stay neutral (nothing blocked, offset 0).
+//!   is refused and the hooks stay neutral (nothing blocked, offset 0, no
+//!   jitter).
 //! - A link rule acts on what this node *sends* to a peer (Raft RPCs and
 //!   forwarded client requests). A one-way cut is one rule; a two-way cut is
 //!   a rule on each side. Answers to the peer's own requests still flow, as
@@ -29,6 +30,11 @@ pub const CLOCK_OFFSET_MS_MAX: i64 = 24 * 60 * 60 * 1000;
 /// Longest delay a link rule may add: a minute, far beyond any election
 /// timeout, so a test can stall a link without a rule that never ends.
 pub const LINK_DELAY_MS_MAX: u32 = 60_000;
+
+/// Longest extra wait the ship jitter may add to one shipment: ten
+/// seconds, far beyond any cross-region latency, so a test can reorder
+/// shipments as much as it likes without one that never leaves.
+pub const SHIP_JITTER_MS_MAX: u64 = 10_000;
 
 /// Most link rules at once: one per peer of a region is all a test needs,
 /// and a region has at most `INIT_MEMBERS_MAX` voters plus learners.
@@ -161,9 +167,9 @@ impl Faults {
                 )));
             }
         }
-        if ship_jitter.as_millis() > u128::from(LINK_DELAY_MS_MAX) {
+        if ship_jitter.as_millis() > u128::from(SHIP_JITTER_MS_MAX) {
             return Err(Error::invalid(format!(
-                "ship jitter of {ship_jitter:?} is beyond LINK_DELAY_MS_MAX {LINK_DELAY_MS_MAX} ms"
+                "ship jitter of {ship_jitter:?} is beyond SHIP_JITTER_MS_MAX {SHIP_JITTER_MS_MAX} ms"
             )));
         }
         tracing::warn!(
@@ -238,7 +244,7 @@ mod tests {
         assert!(!on.region_blocked("eu"));
         assert!(!on.sends_blocked("ap"));
         assert_eq!(on.ship_jitter(), Duration::ZERO);
-        let too_much = Duration::from_millis(u64::from(LINK_DELAY_MS_MAX) + 1);
+        let too_much = Duration::from_millis(SHIP_JITTER_MS_MAX + 1);
         assert!(on.set(FaultSet { ship_jitter: too_much, ..FaultSet::default() }).is_err());
     }
 }

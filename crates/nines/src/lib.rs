@@ -26,6 +26,8 @@
 //! - [`view`]: the whole cluster as one document (status page, `nines status`).
 //!
 //! The node:
+//! - [`reads`]: leadership confirmations shared by concurrent linearizable
+//!   reads (imports only `error`).
 //! - [`node`]: the handle every service holds (`Node`): propose, write,
 //!   linearizable reads, roles, lag, readiness, the write batcher.
 //! - [`authority`]: the lease and epoch records in the authority region.
@@ -57,6 +59,7 @@ pub mod lease;
 pub mod limits;
 pub mod network;
 pub mod node;
+pub mod reads;
 pub mod replication;
 pub mod rpc;
 pub mod server;

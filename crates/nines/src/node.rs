@@ -153,6 +153,8 @@ pub struct Node {
     /// ([`Stance::SteppingDown`]): it proposes nothing, sends no heartbeats
     /// and stands for no election, so a node with a sane clock takes over.
     stepping_down: AtomicBool,
+    /// Leadership confirmations shared by the linearizable reads waiting.
+    read_rounds: crate::reads::ReadRounds,
 }
 
 /// The receiving ends the daemon keeps: the proposal queue (for the
@@ -186,6 +188,7 @@ impl Node {
             authority: parts.authority,
             primary_lease: Arc::default(),
             log_index_at_start: parts.log_index_at_start,
+            read_rounds: Default::default(),
         };
         (Arc::new(node), Receivers { proposals: proposals_rx, fatal: fatal_rx })
     }
@@ -461,6 +464,7 @@ impl Node {
 
     /// Confirms leadership with a quorum and waits until the state machine
     /// has applied everything committed before the read began (ReadIndex).
+    /// The reads waiting share one confirmation round ([`crate::reads`]).
     ///
     /// openraft 0.9 lets a node that led before a restart lead again at
     /// once, in the same term, without a new first entry; its ReadIndex is
@@ -481,6 +485,13 @@ impl Node {
             // believes it leads, so this read may be stale.
             return Ok(());
         }
+        self.read_rounds.confirm(|| self.confirm_leadership()).await
+    }
+
+    /// One leadership confirmation round for the reads waiting (see
+    /// [`crate::reads`]): a quorum round, then the wait until this node has
+    /// applied what was committed when it began, and the log it started with.
+    async fn confirm_leadership(&self) -> Result<(), Error> {
         let outcome = tokio::time::timeout(self.write_timeout, async {
             let confirmed = self.raft.ensure_linearizable().await?;
             let m = self.raft_metrics();

@@ -1,7 +1,8 @@
 //! Cross-region replication: the shipper that runs on each region's leader,
 //! the receiver that takes a peer's shipments, and the adoption of region
 //! roles both learn about. The gRPC adapter (`server/replication.rs`) only
-//! decodes a shipment, calls [`receive`] and encodes the answer.
+//! decodes a shipment, calls [`receive`] with its node's [`Inboxes`] and
+//! encodes the answer.
 //!
 //! What it promises:
 //! - Every write that originates in a region is recorded in that region's
@@ -95,13 +96,19 @@
 //!   restart with files that say the same.
 //! - Tombstones of remote deletes and divergence records are kept forever.
 //! - Simulated latency is a one-way delay added before each shipment.
+//! - A shipment that arrives before the ones it continues from waits on the
+//!   receiver's leader up to `SHIP_PREDECESSOR_WAIT` (at most
+//!   `SHIPMENTS_WAITING_MAX` per origin, each up to the shipment limits),
+//!   then is refused as unavailable and the sender starts over.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::rpc::{Client, ClientConfig, Consistency};
 use nines_proto::v1::replication_client::ReplicationClient;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 
 use crate::config::{Mode, RegionConfig};
@@ -119,7 +126,7 @@ use crate::types::{
 };
 
 /// How long an idle shipper waits before looking at the changefeed again
-/// when no new local write woke it (it wakes on every one).
+/// when no new local write woke it (one wakes it whenever it could send).
 const SHIP_IDLE: Duration = Duration::from_millis(10);
 
 /// Shipments in flight to one peer at once. Each waits out the one-way
@@ -138,10 +145,19 @@ const SHIP_SPACING: Duration = Duration::from_millis(5);
 /// regions too.
 const SHIP_HEARTBEAT: Duration = Duration::from_millis(500);
 
-/// How long a receiver holds a shipment whose predecessors (sent before it,
-/// in flight with it) it has not applied yet, before answering without
-/// applying it; the sender then ships again from what the answer reports.
+/// How long a receiver holds a shipment that nothing waiting continues up
+/// to (the ones sent before it have not arrived) before refusing it as
+/// unavailable; the sender then starts over from the receiver's position.
+/// Far below the sender's 5 s attempt timeout (`region_client`).
 const SHIP_PREDECESSOR_WAIT: Duration = Duration::from_millis(500);
+
+/// Shipments one origin may have queued on a leader at once: a sender keeps
+/// at most `SHIP_IN_FLIGHT_MAX` in flight, and requests it gave up on leave
+/// the queue; four pipelines' worth leaves room for a sender's retries and a
+/// leader change, and bounds the queue at 64 x `SHIP_BATCH_BYTES_MAX`.
+const SHIPMENTS_WAITING_MAX: usize = 4 * SHIP_IN_FLIGHT_MAX;
+const _: () = assert!(SHIPMENTS_WAITING_MAX >= SHIP_IN_FLIGHT_MAX);
+const _: () = assert!(SHIP_PREDECESSOR_WAIT.as_millis() < 5_000);
 
 /// Backoff after a failed shipment: the peer region is down or partitioned.
 const SHIP_BACKOFF: Duration = Duration::from_millis(200);
@@ -206,11 +222,13 @@ enum Step {
 /// at once, each continuing from where the one before it ends (`after`),
 /// and the receiver applies each only once it applied the ones before, so
 /// none is applied over a gap. Answers are taken in the order the
-/// shipments left. A failure, a refusal, or an answer that shows a
+/// shipments left. A failure or a refusal drops everything in flight and
+/// starts over from the receiver's own number; an answer that shows a
 /// shipment was not applied drops everything in flight and ships again
-/// from the receiver's own number. Empty exchanges (the first one, which
+/// from the position answered. Empty exchanges (the first one, which
 /// learns the receiver's position, and heartbeats) and full sync pages go
-/// one at a time.
+/// one at a time, and so does everything to a receiver that does not
+/// answer `in_order`.
 struct Shipper {
     node: Arc<Node>,
     peer: RegionConfig,
@@ -223,7 +241,11 @@ struct Shipper {
     /// from the peer's own number).
     cursor: Option<u64>,
     /// Shipments sent and not yet answered, oldest first.
-    in_flight: std::collections::VecDeque<InFlight>,
+    in_flight: VecDeque<InFlight>,
+    /// The peer said it applies shipments in order (`ShipAnswer::in_order`):
+    /// until it does, one shipment at a time.
+    pipelined: bool,
+    /// When the latest shipment left (see `SHIP_SPACING`).
     last_send: Instant,
     last_exchange: Instant,
     /// The latest acknowledgement proposed, and when.
@@ -240,10 +262,11 @@ struct InFlight {
     /// The highest origin index it carries (its `after` when it carries
     /// none): an answer below it means it was not applied.
     through: u64,
-    /// Sent with nothing else in flight: its answer was read after every
-    /// earlier one. Answers to pipelined shipments may be read out of
-    /// order (each after its own apply), so only these can show that the
-    /// peer lost writes.
+    /// Sent with nothing else in flight: the receiver computed its answer
+    /// after every earlier one. Answers are taken in send order, but the
+    /// receiver computes each after its own apply, so a pipelined
+    /// shipment's answer may show less than the one before it; only answers
+    /// to these can show that the peer lost writes.
     alone: bool,
 }
 
@@ -286,6 +309,7 @@ impl Shipper {
             latency,
             cursor: None,
             in_flight: Default::default(),
+            pipelined: false,
             last_send: Instant::now() - SHIP_SPACING,
             last_exchange: Instant::now() - SHIP_HEARTBEAT,
             last_ack: (0, Instant::now()),
@@ -298,7 +322,8 @@ impl Shipper {
         let mut writes = self.node.reader().local_writes();
         while !*stop.borrow() {
             let mut wait = SHIP_IDLE;
-            if self.in_flight.len() < SHIP_IN_FLIGHT_MAX {
+            let in_flight_max = if self.pipelined { SHIP_IN_FLIGHT_MAX } else { 1 };
+            if self.in_flight.len() < in_flight_max {
                 let spacing = SHIP_SPACING.saturating_sub(self.last_send.elapsed());
                 if spacing.is_zero() {
                     match self.next_step() {
@@ -314,7 +339,7 @@ impl Shipper {
                 }
             }
             // A new local write wakes the shipper when it could send at once.
-            let on_write = self.in_flight.len() < SHIP_IN_FLIGHT_MAX && wait == SHIP_IDLE;
+            let on_write = self.in_flight.len() < in_flight_max && wait == SHIP_IDLE;
             let wake = tokio::select! {
                 _ = stop.changed() => Wake::Look,
                 reply = oldest_reply(&mut self.in_flight) => Wake::Reply(reply),
@@ -434,6 +459,7 @@ impl Shipper {
         };
         self.failures = 0;
         self.last_exchange = Instant::now();
+        self.pipelined = answer.in_order;
         adopt_from_peer(&self.node, &self.peer, &answer).await;
         if answer.refused != Refusal::None {
             tracing::warn!(peer = %self.peer.name, refused = ?answer.refused, reason = %answer.reason, "shipment refused");
@@ -447,7 +473,8 @@ impl Shipper {
             // follows it cannot apply either.
             self.drop_in_flight();
         }
-        // An answer read out of order may be below one already taken.
+        // A pipelined shipment's answer may show less than one already
+        // taken (the receiver computed it earlier).
         let position = match self.cursor {
             Some(cursor) if !flight.alone => cursor.max(answer.applied_through),
             _ => answer.applied_through,
@@ -516,9 +543,7 @@ impl Shipper {
 }
 
 /// The answer to the oldest shipment in flight; never ready when none is.
-async fn oldest_reply(
-    in_flight: &mut std::collections::VecDeque<InFlight>,
-) -> Result<nines_proto::v1::ShipResponse, String> {
+async fn oldest_reply(in_flight: &mut VecDeque<InFlight>) -> Result<nines_proto::v1::ShipResponse, String> {
     match in_flight.front_mut() {
         Some(flight) => (&mut flight.reply).await.unwrap_or_else(|e| Err(format!("the shipment task failed: {e}"))),
         None => std::future::pending().await,
@@ -594,7 +619,7 @@ pub async fn adopt(node: &Node, primary: &str, epoch: u64, shipped_through: u64)
 /// proposes the batch through Raft in order with the origin's other
 /// shipments (see [`Inboxes`]). Forwarding to the leader is the adapter's
 /// job; this must run on the leader.
-pub async fn receive(node: &Node, inboxes: &Inboxes, shipment: Shipment) -> Result<ShipAnswer, Error> {
+pub async fn receive(node: &Arc<Node>, inboxes: &Inboxes, shipment: Shipment) -> Result<ShipAnswer, Error> {
     let origin = shipment.origin.clone();
     if origin == node.region() || !node.peers().iter().any(|p| p.name == origin) {
         return Err(Error::invalid(format!("origin_region {origin:?} is not a peer region")));
@@ -646,6 +671,7 @@ pub async fn receive(node: &Node, inboxes: &Inboxes, shipment: Shipment) -> Resu
         };
     }
     let shipment = Waiting {
+        id: 0,
         after: shipment.after,
         through: shipment.entries.last().map_or(shipment.after, |e| e.origin_index),
         epoch: shipment.epoch,
@@ -655,8 +681,7 @@ pub async fn receive(node: &Node, inboxes: &Inboxes, shipment: Shipment) -> Resu
         done: None,
     };
     match inboxes.deliver(node, &origin, shipment).await? {
-        // A gap: the sender ships again from the position in the answer.
-        Delivered::Applied | Delivered::Gap => Ok(answer(node, &origin, Refusal::None, String::new())),
+        Delivered::Applied => Ok(answer(node, &origin, Refusal::None, String::new())),
         Delivered::Refused(reason) => Ok(answer(node, &origin, Refusal::StaleEpoch, reason)),
     }
 }
@@ -668,32 +693,51 @@ pub async fn receive(node: &Node, inboxes: &Inboxes, shipment: Shipment) -> Resu
 /// gap. Shipments that arrive while a proposal is under way go into the
 /// next one together: one Raft entry for many shipments, so the time a
 /// commit takes does not bound how many shipments a second a region takes.
+///
+/// A proposal runs as its own task, owning the shipments it took: a sender
+/// that gives up on one of them (its request is dropped) neither stops it
+/// nor leaves the others unanswered. A shipment whose request is dropped
+/// while it waits leaves the queue with it.
 #[derive(Default)]
-pub struct Inboxes(std::sync::Mutex<std::collections::HashMap<String, Arc<Inbox>>>);
+pub struct Inboxes(Mutex<HashMap<String, Arc<Inbox>>>);
 
+/// One origin's queue on this node.
 #[derive(Default)]
 struct Inbox {
     /// `std::sync::Mutex`: never held across an `.await`.
-    waiting: std::sync::Mutex<Vec<Waiting>>,
-    /// Held while a proposal of this origin is under way.
-    proposing: tokio::sync::Mutex<()>,
+    queue: Mutex<Queue>,
     /// The highest `through` of the shipments that arrived: one arriving
-    /// below it was overtaken on the way (counted).
-    arrived_through: std::sync::atomic::AtomicU64,
+    /// below it came out of order (counted).
+    arrived_through: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    /// Shipments taken into the proposal under way.
+    taken: usize,
+    /// A proposal task is running.
+    proposing: bool,
+    /// Shipments queued so far: numbers them (so a dropped request can
+    /// take its own out), and tells the proposal task whether any arrived
+    /// while it ran.
+    arrivals: u64,
 }
 
 /// One shipment waiting for its turn.
 struct Waiting {
+    id: u64,
     after: u64,
     /// Its last entry's origin index (`after` when it has none).
     through: u64,
     epoch: u64,
     entries: Vec<RemoteEntry>,
     complete_through: u64,
-    /// Past this, a shipment whose predecessors never arrived is answered
-    /// unapplied.
+    /// Past this, a shipment that nothing waiting continues up to is
+    /// answered unapplied.
     deadline: Instant,
-    done: Option<tokio::sync::oneshot::Sender<Result<Delivered, Error>>>,
+    /// Where its outcome goes (the request's handler).
+    done: Option<oneshot::Sender<Result<Delivered, Error>>>,
 }
 
 /// What became of a shipment.
@@ -703,86 +747,147 @@ enum Delivered {
     Applied,
     /// The batch was refused at apply (a stale epoch).
     Refused(String),
-    /// Not applied: the shipments before it did not arrive in time.
-    Gap,
 }
-
-/// Shipments one origin may have waiting on a leader at once; a sender
-/// keeps at most `SHIP_IN_FLIGHT_MAX` in flight.
-const SHIPMENTS_WAITING_MAX: usize = 4 * SHIP_IN_FLIGHT_MAX;
 
 impl Inboxes {
     /// Proposes `shipment` in order with the others of `origin`, alone or
     /// together with them, and says what became of it.
-    async fn deliver(&self, node: &Node, origin: &str, mut shipment: Waiting) -> Result<Delivered, Error> {
+    async fn deliver(&self, node: &Arc<Node>, origin: &str, mut shipment: Waiting) -> Result<Delivered, Error> {
         let inbox = self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(origin.to_string()).or_default().clone();
-        let (done, mut delivered) = tokio::sync::oneshot::channel();
-        shipment.done = Some(done);
-        let arrived = inbox.arrived_through.fetch_max(shipment.through, std::sync::atomic::Ordering::Relaxed);
+        let arrived = inbox.arrived_through.fetch_max(shipment.through, Ordering::Relaxed);
         if shipment.through < arrived && !shipment.entries.is_empty() {
-            crate::telemetry::shipment_overtaken(origin);
+            crate::telemetry::shipment_out_of_order(origin);
         }
-        {
-            let mut waiting = inbox.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            if waiting.len() >= SHIPMENTS_WAITING_MAX {
+        let (done, mut delivered) = oneshot::channel();
+        shipment.done = Some(done);
+        let deadline = shipment.deadline;
+        let id = {
+            let mut queue = inbox.lock();
+            let queued = queue.waiting.len() + queue.taken;
+            if queued >= SHIPMENTS_WAITING_MAX {
                 return Err(Error::Unavailable {
-                    reason: format!(
-                        "{} shipments from {origin} are waiting already (SHIPMENTS_WAITING_MAX)",
-                        waiting.len()
-                    ),
+                    reason: format!("{queued} shipments from {origin} are waiting already (SHIPMENTS_WAITING_MAX)"),
                     retry_safe: true,
                 });
             }
-            waiting.push(shipment);
-        }
+            shipment.id = queue.arrivals;
+            queue.arrivals += 1;
+            queue.waiting.push(shipment);
+            queue.arrivals - 1
+        };
+        // Takes the shipment out of the queue if this request is dropped
+        // while it waits.
+        let _leave = Leave { inbox: &inbox, id };
+        Inbox::start_proposal(&inbox, node, origin);
+        // Until its deadline, the proposal task answers it; past it, only a
+        // pass that proposes nothing does (see `propose_ready`), so an
+        // overdue shipment asks for one now and then.
+        let mut wake = deadline;
         loop {
             tokio::select! {
-                biased;
                 outcome = &mut delivered => {
                     return outcome.unwrap_or_else(|_| Err(Error::Internal("a shipment was dropped unanswered".into())));
                 }
-                _proposing = inbox.proposing.lock() => inbox.propose_ready(node, origin).await,
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    Inbox::start_proposal(&inbox, node, origin);
+                    wake = Instant::now() + SHIP_PREDECESSOR_WAIT / 10;
+                }
             }
-            if let Ok(outcome) = delivered.try_recv() {
-                return outcome;
-            }
-            // The shipment before this one has not arrived or applied yet.
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
 
+/// Takes a waiting shipment out of its queue when its request is dropped.
+struct Leave<'a> {
+    inbox: &'a Inbox,
+    id: u64,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.inbox.lock().waiting.retain(|w| w.id != self.id);
+    }
+}
+
 impl Inbox {
-    /// With `proposing` held: proposes the waiting shipments that continue
-    /// from what this region applied of `origin`, as one batch within the
-    /// shipment limits, and answers them; answers those whose predecessors
-    /// are overdue; leaves the rest waiting.
-    async fn propose_ready(&self, node: &Node, origin: &str) {
-        let mut waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
-        waiting.sort_by_key(|w| w.after);
-        let mut position = node.reader().applied_from(origin);
-        let (mut group, mut rest, mut entries, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
-        let now = Instant::now();
-        for mut w in waiting {
-            let size: usize = w.entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len)).sum();
-            let fits = group.first().is_none_or(|first: &Waiting| {
-                w.epoch == first.epoch
-                    && entries.len() + w.entries.len() <= SHIP_BATCH_ENTRIES_MAX
-                    && bytes + size <= SHIP_BATCH_BYTES_MAX
-            });
-            if w.after <= position && fits {
-                entries.extend(w.entries.drain(..).filter(|e| e.origin_index > position));
-                bytes += size;
-                position = position.max(w.through);
-                group.push(w);
-            } else if w.after > position && now >= w.deadline {
-                w.answer(Ok(Delivered::Gap));
-            } else {
-                rest.push(w);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a proposal task unless one is under way. The task proposes
+    /// as long as it gets on or shipments arrive while it runs, so a
+    /// shipment queued while it runs is seen by it or starts the next one.
+    fn start_proposal(inbox: &Arc<Inbox>, node: &Arc<Node>, origin: &str) {
+        {
+            let mut queue = inbox.lock();
+            if queue.proposing || queue.waiting.is_empty() {
+                return;
             }
+            queue.proposing = true;
         }
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).extend(rest);
-        let Some(first) = group.first() else { return };
+        let (inbox, node, origin) = (inbox.clone(), node.clone(), origin.to_string());
+        tokio::spawn(async move {
+            loop {
+                let seen = inbox.lock().arrivals;
+                let progressed = inbox.propose_ready(&node, &origin).await;
+                let mut queue = inbox.lock();
+                if queue.waiting.is_empty() || (!progressed && queue.arrivals == seen) {
+                    queue.proposing = false;
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Proposes the waiting shipments that continue from what this region
+    /// applied of `origin`, as one batch within the shipment limits, and
+    /// answers them. When none does, answers those past their deadline
+    /// with an error (what they continue from was lost on the way); the
+    /// rest keep waiting. Whether it proposed or answered anything.
+    async fn propose_ready(&self, node: &Node, origin: &str) -> bool {
+        let mut position = node.reader().applied_from(origin);
+        let (mut group, mut entries, mut bytes) = (Vec::new(), Vec::new(), 0);
+        {
+            let mut queue = self.lock();
+            queue.waiting.sort_by_key(|w| w.after);
+            let mut rest = Vec::new();
+            for mut w in std::mem::take(&mut queue.waiting) {
+                let size: usize = w.entries.iter().map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len)).sum();
+                let fits = group.first().is_none_or(|first: &Waiting| {
+                    w.epoch == first.epoch
+                        && entries.len() + w.entries.len() <= SHIP_BATCH_ENTRIES_MAX
+                        && bytes + size <= SHIP_BATCH_BYTES_MAX
+                });
+                if w.after <= position && fits {
+                    entries.extend(w.entries.drain(..).filter(|e| e.origin_index > position));
+                    bytes += size;
+                    position = position.max(w.through);
+                    group.push(w);
+                } else {
+                    rest.push(w);
+                }
+            }
+            if group.is_empty() {
+                let now = Instant::now();
+                let overdue = rest.iter().filter(|w| now >= w.deadline).count();
+                for w in rest.iter_mut().filter(|w| now >= w.deadline) {
+                    w.answer(Err(Error::Unavailable {
+                        reason: format!(
+                            "this shipment continues from {origin}'s write {} but this region has applied it only \
+                             through {position}, and the shipments between did not arrive within {SHIP_PREDECESSOR_WAIT:?}",
+                            w.after
+                        ),
+                        retry_safe: true,
+                    }));
+                }
+                rest.retain(|w| now < w.deadline);
+                queue.waiting = rest;
+                return overdue > 0;
+            }
+            queue.waiting = rest;
+            queue.taken = group.len();
+        }
+        let Some(first) = group.first() else { return false };
         let complete_through = group.iter().map(|w| w.complete_through).max().unwrap_or(0);
         // An empty batch can still advance what this region holds of the
         // origin (`complete_through`); propose it when it would.
@@ -804,9 +909,11 @@ impl Inbox {
                 Err(e) => Err(e),
             }
         };
+        self.lock().taken = 0;
         for mut w in group {
             w.answer(outcome.clone());
         }
+        true
     }
 }
 
@@ -839,6 +946,7 @@ fn answer(node: &Node, origin: &str, refused: Refusal, reason: String) -> ShipAn
         refused,
         reason,
         receiver_index: region.last_local_write,
+        in_order: true,
     }
 }
 

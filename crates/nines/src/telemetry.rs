@@ -102,10 +102,11 @@ pub fn remote_refused(origin: &str) {
     counter!("nines_hlc_remote_refused_total", "origin" => origin.to_string()).increment(1);
 }
 
-/// Counts a shipment from `origin` that arrived after one sent later than
-/// it (shipments travel several at once; the receiver applies them in order).
-pub fn shipment_overtaken(origin: &str) {
-    counter!("nines_shipments_overtaken_total", "origin" => origin.to_string()).increment(1);
+/// Counts a shipment from `origin` that arrived after one that continues
+/// past it: overtaken on the way (shipments travel several at once and the
+/// receiver applies them in order), or shipped again after a failure.
+pub fn shipment_out_of_order(origin: &str) {
+    counter!("nines_shipments_out_of_order_total", "origin" => origin.to_string()).increment(1);
 }
 
 /// Counts a logged write whose timestamp was too far ahead to adopt.

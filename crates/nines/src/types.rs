@@ -436,6 +436,8 @@ pub struct ShipAnswer {
     pub reason: String,
     /// The log index of the receiver's latest own write when it replied.
     pub receiver_index: u64,
+    /// The receiver orders shipments by `after`: several may be in flight.
+    pub in_order: bool,
 }
 
 /// What one peer region has not applied of this region's changefeed.

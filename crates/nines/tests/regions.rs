@@ -198,7 +198,7 @@ async fn shipments_overtaking_each_other_apply_in_order_without_gap_or_duplicate
         let out = Command::new(env!("CARGO_BIN_EXE_nines")).args(["health", &url]).output().expect("scrape");
         overtaken += String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| l.starts_with("nines_shipments_overtaken_total{origin=\"a\"}"))
+            .filter(|l| l.starts_with("nines_shipments_out_of_order_total{origin=\"a\"}"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum::<u64>();
     }
