@@ -265,6 +265,7 @@ pub fn answer_to_proto(a: ShipAnswer) -> pb::ShipResponse {
         Refusal::None => pb::ShipRefusal::None,
         Refusal::StaleEpoch => pb::ShipRefusal::StaleEpoch,
         Refusal::ClockAhead => pb::ShipRefusal::ClockAhead,
+        Refusal::OutOfOrder => pb::ShipRefusal::OutOfOrder,
     };
     pb::ShipResponse {
         applied_through: a.applied_through,
@@ -284,6 +285,7 @@ pub fn answer_from_proto(r: pb::ShipResponse) -> ShipAnswer {
         pb::ShipRefusal::None => Refusal::None,
         pb::ShipRefusal::StaleEpoch => Refusal::StaleEpoch,
         pb::ShipRefusal::ClockAhead => Refusal::ClockAhead,
+        pb::ShipRefusal::OutOfOrder => Refusal::OutOfOrder,
     };
     ShipAnswer {
         applied_through: r.applied_through,
@@ -343,7 +345,7 @@ mod tests {
         ];
         let sync = Shipment { entries: Vec::new(), full_sync: Some(page), after: 0, ..s };
         assert_eq!(shipment_from_proto(&shipment_to_proto(sync.clone())).unwrap(), sync);
-        for refused in [Refusal::None, Refusal::StaleEpoch, Refusal::ClockAhead] {
+        for refused in [Refusal::None, Refusal::StaleEpoch, Refusal::ClockAhead, Refusal::OutOfOrder] {
             let a = ShipAnswer {
                 applied_through: 1,
                 epoch: 2,

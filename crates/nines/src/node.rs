@@ -492,6 +492,11 @@ impl Node {
     /// [`crate::reads`]): a quorum round, then the wait until this node has
     /// applied what was committed when it began, and the log it started with.
     async fn confirm_leadership(&self) -> Result<(), Error> {
+        // Checked again: a read may have waited out a round while this node
+        // began stepping down.
+        if self.stepping_down.load(Ordering::Acquire) && self.check_leader().is_ok() {
+            return Err(Error::Unavailable { reason: self.stepping_down_reason(), retry_safe: true });
+        }
         let outcome = tokio::time::timeout(self.write_timeout, async {
             let confirmed = self.raft.ensure_linearizable().await?;
             let m = self.raft_metrics();

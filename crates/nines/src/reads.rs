@@ -14,8 +14,13 @@
 //!   confirmed; otherwise the error of the latest round, once one that
 //!   started after it has finished.
 //! - A round whose runner gave up (its future was dropped: the client went
-//!   away) finishes as failed at once, so no read waits on it forever; the
-//!   reads it would have served run or wait for another.
+//!   away) ends at once without an outcome: the reads it would have served
+//!   run or wait for another, and none waits on it forever.
+//!
+//! Caveats:
+//! - A read may wait for two rounds (the one under way when it arrived,
+//!   then its own), each bounded by the caller's timeout.
+//! - One failed round fails every read waiting on it (they all needed it).
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -87,15 +92,8 @@ impl ReadRounds {
             };
             match run {
                 Some(number) => {
-                    let mut running = Running {
-                        rounds: self,
-                        number,
-                        outcome: Err(Error::Unavailable {
-                            reason: "the leadership confirmation was abandoned".into(),
-                            retry_safe: true,
-                        }),
-                    };
-                    running.outcome = round().await;
+                    let mut running = Running { rounds: self, number, outcome: None };
+                    running.outcome = Some(round().await);
                 }
                 // The sender lives as long as `self`: this never fails
                 // while a read waits.
@@ -107,12 +105,13 @@ impl ReadRounds {
     }
 }
 
-/// A round under way: finishing it (or dropping it unfinished, which
-/// finishes it as failed) records its outcome and wakes the waiting reads.
+/// A round under way: dropping it records its outcome, if it got one (an
+/// abandoned round has none and counts as never finished), and wakes the
+/// waiting reads.
 struct Running<'a> {
     rounds: &'a ReadRounds,
     number: u64,
-    outcome: Result<(), Error>,
+    outcome: Option<Result<(), Error>>,
 }
 
 impl Drop for Running<'_> {
@@ -120,12 +119,15 @@ impl Drop for Running<'_> {
         {
             let mut rounds = self.rounds.lock();
             rounds.running = false;
-            rounds.finished = self.number;
-            if self.outcome.is_ok() {
-                rounds.confirmed = self.number;
+            if let Some(outcome) = self.outcome.take() {
+                rounds.finished = self.number;
+                if outcome.is_ok() {
+                    rounds.confirmed = self.number;
+                }
+                rounds.last = outcome;
             }
-            rounds.last = self.outcome.clone();
         }
+        // Wakes the waiting reads even when the number did not move.
         self.rounds.finished.send_replace(self.number);
     }
 }
@@ -144,7 +146,7 @@ mod tests {
         if fail { Err(Error::Unavailable { reason: "no quorum".into(), retry_safe: true }) } else { Ok(()) }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrent_reads_share_rounds_and_a_round_under_way_serves_no_later_read() {
         let rounds = Arc::new(ReadRounds::default());
         let calls = Arc::new(AtomicU64::new(0));
@@ -173,7 +175,7 @@ mod tests {
         first.await.unwrap().unwrap();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_round_fails_its_reads_and_an_abandoned_one_blocks_nobody() {
         let rounds = ReadRounds::default();
         let calls = AtomicU64::new(0);
@@ -190,5 +192,25 @@ mod tests {
         let after = tokio::time::timeout(Duration::from_secs(5), rounds.confirm(|| round(&calls, 1, false))).await;
         assert!(after.expect("a read after an abandoned round is not stuck").is_ok());
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_waiting_on_an_abandoned_round_runs_the_next_one() {
+        let rounds = Arc::new(ReadRounds::default());
+        let calls = Arc::new(AtomicU64::new(0));
+        let runner = {
+            let (rounds, calls) = (rounds.clone(), calls.clone());
+            tokio::spawn(async move { rounds.confirm(|| round(&calls, 10_000, false)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let waiter = {
+            let (rounds, calls) = (rounds.clone(), calls.clone());
+            tokio::spawn(async move { rounds.confirm(|| round(&calls, 5, false)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        runner.abort();
+        let served = tokio::time::timeout(Duration::from_secs(1), waiter).await;
+        assert!(served.expect("the waiter is not stuck").unwrap().is_ok(), "an abandoned round fails nobody");
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the waiter ran a round of its own");
     }
 }

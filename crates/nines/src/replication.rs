@@ -99,7 +99,12 @@
 //! - A shipment that arrives before the ones it continues from waits on the
 //!   receiver's leader up to `SHIP_PREDECESSOR_WAIT` (at most
 //!   `SHIPMENTS_WAITING_MAX` per origin, each up to the shipment limits),
-//!   then is refused as unavailable and the sender starts over.
+//!   then is refused as out of order and the sender ships again from there.
+//! - `in_order` comes from the node that answered. During a rolling upgrade
+//!   from a build without it, a region whose leadership moves back to an
+//!   old node applies pipelined shipments as they come and may skip
+//!   overtaken writes: upgrade the receiving regions before the senders
+//!   rely on it (a new sender pipelines only after an `in_order` answer).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,18 +151,23 @@ const SHIP_SPACING: Duration = Duration::from_millis(5);
 const SHIP_HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// How long a receiver holds a shipment that nothing waiting continues up
-/// to (the ones sent before it have not arrived) before refusing it as
-/// unavailable; the sender then starts over from the receiver's position.
-/// Far below the sender's 5 s attempt timeout (`region_client`).
+/// to (the ones sent before it have not arrived) before refusing it
+/// (`Refusal::OutOfOrder`); the sender then ships again from the position
+/// answered. Far below the sender's attempt timeout.
 const SHIP_PREDECESSOR_WAIT: Duration = Duration::from_millis(500);
+
+/// How long one attempt of a call to a peer region may take
+/// (`region_client`).
+const SHIP_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shipments one origin may have queued on a leader at once: a sender keeps
 /// at most `SHIP_IN_FLIGHT_MAX` in flight, and requests it gave up on leave
-/// the queue; four pipelines' worth leaves room for a sender's retries and a
+/// the queue (those already taken into the proposal under way stay counted
+/// until it ends); four pipelines' worth leaves room for a sender's retries and a
 /// leader change, and bounds the queue at 64 x `SHIP_BATCH_BYTES_MAX`.
 const SHIPMENTS_WAITING_MAX: usize = 4 * SHIP_IN_FLIGHT_MAX;
 const _: () = assert!(SHIPMENTS_WAITING_MAX >= SHIP_IN_FLIGHT_MAX);
-const _: () = assert!(SHIP_PREDECESSOR_WAIT.as_millis() < 5_000);
+const _: () = assert!(SHIP_PREDECESSOR_WAIT.as_millis() * 4 <= SHIP_ATTEMPT_TIMEOUT.as_millis());
 
 /// Backoff after a failed shipment: the peer region is down or partitioned.
 const SHIP_BACKOFF: Duration = Duration::from_millis(200);
@@ -183,7 +193,7 @@ pub fn ship_client(c: Channel) -> ReplicationClient<Channel> {
 /// (the shipper loop retries), short deadlines.
 pub fn region_client(region: &RegionConfig) -> Result<Client, Error> {
     let config = ClientConfig {
-        attempt_timeout: Duration::from_secs(5),
+        attempt_timeout: SHIP_ATTEMPT_TIMEOUT,
         attempts_max: 3,
         request_deadline: Duration::from_secs(10),
         ..ClientConfig::default()
@@ -461,7 +471,12 @@ impl Shipper {
         self.last_exchange = Instant::now();
         self.pipelined = answer.in_order;
         adopt_from_peer(&self.node, &self.peer, &answer).await;
-        if answer.refused != Refusal::None {
+        if answer.refused == Refusal::OutOfOrder {
+            // What it continued from was lost on the way: ship again from
+            // the position answered, at once.
+            tracing::debug!(peer = %self.peer.name, reason = %answer.reason, "shipment arrived out of order");
+            self.drop_in_flight();
+        } else if answer.refused != Refusal::None {
             tracing::warn!(peer = %self.peer.name, refused = ?answer.refused, reason = %answer.reason, "shipment refused");
             self.drop_in_flight();
             tokio::time::sleep(SHIP_BACKOFF).await;
@@ -683,6 +698,7 @@ pub async fn receive(node: &Arc<Node>, inboxes: &Inboxes, shipment: Shipment) ->
     match inboxes.deliver(node, &origin, shipment).await? {
         Delivered::Applied => Ok(answer(node, &origin, Refusal::None, String::new())),
         Delivered::Refused(reason) => Ok(answer(node, &origin, Refusal::StaleEpoch, reason)),
+        Delivered::OutOfOrder(reason) => Ok(answer(node, &origin, Refusal::OutOfOrder, reason)),
     }
 }
 
@@ -747,6 +763,8 @@ enum Delivered {
     Applied,
     /// The batch was refused at apply (a stale epoch).
     Refused(String),
+    /// Not applied: the shipments it continues from did not arrive in time.
+    OutOfOrder(String),
 }
 
 impl Inboxes {
@@ -809,6 +827,23 @@ impl Drop for Leave<'_> {
     }
 }
 
+/// The proposal task of an inbox: if it stops without ending normally (a
+/// panic), the next shipment can still start one.
+struct ProposalTask<'a> {
+    inbox: &'a Inbox,
+    ended: bool,
+}
+
+impl Drop for ProposalTask<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let mut queue = self.inbox.lock();
+            queue.proposing = false;
+            queue.taken = 0;
+        }
+    }
+}
+
 impl Inbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
@@ -827,12 +862,14 @@ impl Inbox {
         }
         let (inbox, node, origin) = (inbox.clone(), node.clone(), origin.to_string());
         tokio::spawn(async move {
+            let mut task = ProposalTask { inbox: &inbox, ended: false };
             loop {
                 let seen = inbox.lock().arrivals;
                 let progressed = inbox.propose_ready(&node, &origin).await;
                 let mut queue = inbox.lock();
                 if queue.waiting.is_empty() || (!progressed && queue.arrivals == seen) {
                     queue.proposing = false;
+                    task.ended = true;
                     return;
                 }
             }
@@ -871,14 +908,11 @@ impl Inbox {
                 let now = Instant::now();
                 let overdue = rest.iter().filter(|w| now >= w.deadline).count();
                 for w in rest.iter_mut().filter(|w| now >= w.deadline) {
-                    w.answer(Err(Error::Unavailable {
-                        reason: format!(
-                            "this shipment continues from {origin}'s write {} but this region has applied it only \
-                             through {position}, and the shipments between did not arrive within {SHIP_PREDECESSOR_WAIT:?}",
-                            w.after
-                        ),
-                        retry_safe: true,
-                    }));
+                    w.answer(Ok(Delivered::OutOfOrder(format!(
+                        "this shipment continues from {origin}'s write {} but this region has applied it only \
+                         through {position}, and the shipments between did not arrive within {SHIP_PREDECESSOR_WAIT:?}",
+                        w.after
+                    ))));
                 }
                 rest.retain(|w| now < w.deadline);
                 queue.waiting = rest;

@@ -422,6 +422,9 @@ pub enum Refusal {
     /// A timestamp in the batch is further ahead of the receiver's clock
     /// than its maximum offset.
     ClockAhead,
+    /// The shipments this one continues from did not arrive in time:
+    /// nothing was applied.
+    OutOfOrder,
 }
 
 /// A receiving region's answer to a [`Shipment`].
