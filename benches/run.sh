@@ -4,7 +4,7 @@
 # disk, driven by the same load generator. Writes benches/results.md and
 # the results table of benches/README.md.
 #
-#   bash benches/run.sh            # about 15 minutes; BENCH_DURATION=30s for longer runs
+#   bash benches/run.sh            # about 20 minutes; BENCH_DURATION=30s for longer runs
 #
 # Rows: puts and linearizable gets of 128-byte values at 1/16/64/256
 # clients, a 90/10 mix, 16 KiB values, an open loop at 70% of etcd's put
