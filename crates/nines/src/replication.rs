@@ -244,7 +244,7 @@ struct Shipper {
     peer: RegionConfig,
     client: Arc<Client>,
     /// Simulated one-way latency to the peer, added before each shipment
-    /// (with the test-only jitter, see `Faults::ship_jitter`).
+    /// (plus the test-only jitter, see `Faults::ship_jitter`).
     latency: Duration,
     /// The peer's applied position for this region: `None` until it told us
     /// (after every failure and leadership loss, so a new exchange resumes
