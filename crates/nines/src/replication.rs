@@ -788,10 +788,11 @@ impl Inboxes {
                     retry_safe: true,
                 });
             }
-            shipment.id = queue.arrivals;
+            let id = queue.arrivals;
             queue.arrivals += 1;
+            shipment.id = id;
             queue.waiting.push(shipment);
-            queue.arrivals - 1
+            id
         };
         // Takes the shipment out of the queue if this request is dropped
         // while it waits.
@@ -906,17 +907,16 @@ impl Inbox {
             }
             if group.is_empty() {
                 let now = Instant::now();
-                let overdue = rest.iter().filter(|w| now >= w.deadline).count();
-                for w in rest.iter_mut().filter(|w| now >= w.deadline) {
+                let (mut overdue, waiting): (Vec<_>, Vec<_>) = rest.into_iter().partition(|w| now >= w.deadline);
+                queue.waiting = waiting;
+                for w in overdue.iter_mut() {
                     w.answer(Ok(Delivered::OutOfOrder(format!(
                         "this shipment continues from {origin}'s write {} but this region has applied it only \
                          through {position}, and the shipments between did not arrive within {SHIP_PREDECESSOR_WAIT:?}",
                         w.after
                     ))));
                 }
-                rest.retain(|w| now < w.deadline);
-                queue.waiting = rest;
-                return overdue > 0;
+                return !overdue.is_empty();
             }
             queue.waiting = rest;
             queue.taken = group.len();

@@ -6,19 +6,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, serial, wait_for};
+use common::{TestCluster, http_get, serial, wait_for};
 use nines::config::Mode;
-
-async fn http_get(url: &str) -> (u16, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nines"))
-        .args(["health", url])
-        .output()
-        .await
-        .expect("run nines health");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let code = text.split_whitespace().find_map(|w| w.parse::<u16>().ok()).unwrap_or(0);
-    (if out.status.success() { 200 } else { code }, text)
-}
 
 fn admin(cluster: &TestCluster, id: u64) -> String {
     format!("http://{}", cluster.nodes[&id].config.admin_listen)

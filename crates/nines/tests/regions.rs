@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, serial, wait_at_least, wait_for};
+use common::{TestCluster, http_get, serial, wait_at_least, wait_for};
 use nines::config::{Mode, NodeConfig};
 use nines::rpc::{Client, Consistency, Error, Version};
 
@@ -194,9 +194,8 @@ async fn shipments_overtaking_each_other_apply_in_order_without_gap_or_duplicate
     cluster.wait_converged().await;
     let mut overtaken = 0;
     for id in &cluster.regions["b"] {
-        let url = format!("http://{}/metrics", cluster.nodes[id].config.admin_listen);
-        let out = Command::new(env!("CARGO_BIN_EXE_nines")).args(["health", &url]).output().expect("scrape");
-        overtaken += String::from_utf8_lossy(&out.stdout)
+        let (_, metrics) = http_get(&format!("http://{}/metrics", cluster.nodes[id].config.admin_listen)).await;
+        overtaken += metrics
             .lines()
             .filter(|l| l.starts_with("nines_shipments_out_of_order_total{origin=\"a\"}"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())

@@ -31,6 +31,19 @@ pub fn serial_blocking() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.blocking_lock()
 }
 
+/// GETs an admin HTTP URL through `nines health`: the status code (200 on
+/// success) and everything it printed (the body included).
+pub async fn http_get(url: &str) -> (u16, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nines"))
+        .args(["health", url])
+        .output()
+        .await
+        .expect("run nines health");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let code = text.split_whitespace().find_map(|w| w.parse::<u16>().ok()).unwrap_or(0);
+    (if out.status.success() { 200 } else { code }, text)
+}
+
 /// A port that was free a moment ago, chosen below the kernel's ephemeral
 /// range: a node restarted on its old port must not find it taken as the
 /// source port of some outgoing connection in the meantime.
