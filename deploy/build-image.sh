@@ -20,7 +20,8 @@ fi
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"
-mkdir -p "$root/usr/local/bin" "$root/data" "$root/tmp" "$root/etc/nines"
+mkdir -p "$root/usr/local/bin" "$root/tmp" "$root/etc/nines" "$ctx/data"
+chmod 1777 "$root/tmp"
 cp "$binary" "$root/usr/local/bin/nines"
 # The dynamic loader and every library the binary links, at their own paths.
 ldd "$binary" | grep -o '/[^ ]*' | sort -u | while read -r lib; do

@@ -69,6 +69,144 @@ fn kubernetes_manifests_spread_each_region_over_zones_with_probes_and_a_budget()
     assert!(sets.iter().any(|s| s["metadata"]["name"] == "nines-authority"));
 }
 
+/// Bytes in a Kubernetes memory quantity such as `512Mi` or `1Gi`.
+fn quantity_bytes(q: &str) -> u64 {
+    let (n, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("quantity {q:?}"));
+    n * match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        other => panic!("quantity {q:?}: unit {other:?} not handled here"),
+    }
+}
+
+/// The Kubernetes field names the manifests may use at each level; a
+/// misspelled field (which the API server would drop or refuse) fails here.
+fn assert_known_fields(what: &str, v: &Value, known: &[&str]) {
+    for k in v.as_mapping().unwrap_or_else(|| panic!("{what} is not a mapping")).keys() {
+        let k = k.as_str().unwrap();
+        assert!(known.contains(&k), "{what}: unknown field {k:?}");
+    }
+}
+
+#[test]
+fn kubernetes_pods_meet_the_restricted_profile_with_limits_labels_and_a_network_policy() {
+    let docs = manifests();
+    let cache = {
+        let m = docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "nines-cluster").unwrap();
+        NodeConfig::from_toml(m["data"]["cluster.toml"].as_str().unwrap(), Path::new("cluster.toml"))
+            .unwrap()
+            .storage
+            .cache_size
+    };
+    let mut pods = 0;
+    for d in &docs {
+        let kind = d["kind"].as_str().unwrap();
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let labels = &d["metadata"]["labels"];
+        for l in ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/part-of"] {
+            assert!(labels[l].as_str().is_some(), "{kind} {name}: recommended label {l}");
+        }
+        if !["StatefulSet", "Deployment", "Job"].contains(&kind) {
+            continue;
+        }
+        pods += 1;
+        let template = &d["spec"]["template"];
+        assert_eq!(template["metadata"]["labels"]["app.kubernetes.io/part-of"], "nines", "{name}: pods are nines'");
+        let spec = &template["spec"];
+        assert_known_fields(
+            &format!("{name} pod spec"),
+            spec,
+            &[
+                "terminationGracePeriodSeconds",
+                "automountServiceAccountToken",
+                "securityContext",
+                "topologySpreadConstraints",
+                "containers",
+                "volumes",
+                "restartPolicy",
+            ],
+        );
+        let pod = &spec["securityContext"];
+        assert_known_fields(
+            &format!("{name} pod securityContext"),
+            pod,
+            &["runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile"],
+        );
+        assert_eq!(pod["runAsNonRoot"], true, "{name}");
+        assert_ne!(pod["runAsUser"], 0, "{name}");
+        assert_eq!(pod["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+        for c in spec["containers"].as_sequence().unwrap() {
+            assert_known_fields(
+                &format!("{name} container"),
+                c,
+                &[
+                    "name",
+                    "image",
+                    "args",
+                    "env",
+                    "ports",
+                    "securityContext",
+                    "resources",
+                    "livenessProbe",
+                    "readinessProbe",
+                    "volumeMounts",
+                ],
+            );
+            let sc = &c["securityContext"];
+            assert_known_fields(
+                &format!("{name} container securityContext"),
+                sc,
+                &["allowPrivilegeEscalation", "readOnlyRootFilesystem", "runAsNonRoot", "capabilities"],
+            );
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+            assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}");
+            let r = &c["resources"];
+            assert!(r["requests"]["memory"].as_str().is_some() && r["requests"]["cpu"].as_str().is_some(), "{name}");
+            let limit = quantity_bytes(r["limits"]["memory"].as_str().unwrap_or_else(|| panic!("{name}: memory limit")));
+            if kind == "StatefulSet" {
+                // The cache plus the node's bounded queues and runtime.
+                assert!(limit >= cache + (512 << 20), "{name}: memory limit {limit} under cache {cache} + 512 MiB");
+                let env = c["env"].as_sequence().unwrap();
+                let field = |n: &str| {
+                    env.iter().find(|e| e["name"] == n).unwrap_or_else(|| panic!("{name}: env {n}"))["valueFrom"]
+                        ["fieldRef"]["fieldPath"]
+                        .clone()
+                };
+                assert_eq!(field("NINES_AZ"), "metadata.labels['topology.kubernetes.io/zone']", "{name}");
+                assert_eq!(field("NINES_AZ_FALLBACK"), "spec.nodeName", "{name}");
+                let spread = &spec["topologySpreadConstraints"][0];
+                assert_eq!(spread["whenUnsatisfiable"], "ScheduleAnyway", "{name} must schedule on kind/minikube");
+                let writable: Vec<_> = c["volumeMounts"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["readOnly"] != true)
+                    .map(|m| m["mountPath"].as_str().unwrap())
+                    .collect();
+                assert_eq!(writable, ["/data", "/tmp"], "{name}: the writable places under a read-only root");
+                let selector = &d["spec"]["selector"]["matchLabels"];
+                let policy = docs
+                    .iter()
+                    .find(|p| p["kind"] == "NetworkPolicy" && p["spec"]["podSelector"]["matchLabels"] == *selector)
+                    .unwrap_or_else(|| panic!("{name}: a NetworkPolicy for its pods"));
+                let grpc = policy["spec"]["ingress"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|i| i["ports"][0]["port"] == 7001)
+                    .unwrap_or_else(|| panic!("{name}: a rule for the gRPC port"));
+                let from = grpc["from"].as_sequence().unwrap();
+                assert!(!from.is_empty() && from.iter().all(|f| !f["podSelector"]["matchLabels"].is_null()), "{name}");
+            }
+        }
+    }
+    assert_eq!(pods, 7, "three StatefulSets, their three bootstrap Jobs and the controller");
+}
+
 #[test]
 fn the_compose_cluster_configuration_is_valid_for_every_node() {
     let text = std::fs::read_to_string(deploy().join("compose/cluster.toml")).unwrap();
@@ -172,6 +310,17 @@ async fn compose_cluster_comes_up_healthy_and_survives_killing_a_region_leader()
         }
         assert!(Instant::now() < deadline, "only {healthy} of {} containers healthy", nodes.len());
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    // Every node runs unprivileged, and publishes its ports on loopback only.
+    for n in &nodes {
+        let id = project.container(n);
+        let user = Command::new("docker").args(["inspect", "-f", "{{.Config.User}}", &id]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "65532:65532", "{n} runs as nines");
+        let ports = Command::new("docker").args(["port", &id]).output().unwrap();
+        let ports = String::from_utf8_lossy(&ports.stdout);
+        assert!(ports.lines().count() == 2, "{n} publishes gRPC and admin: {ports}");
+        assert!(ports.lines().all(|l| l.contains("-> 127.0.0.1:")), "{n} publishes on loopback only: {ports}");
     }
 
     let client = Client::local_default().unwrap();

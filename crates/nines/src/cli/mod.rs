@@ -144,8 +144,16 @@ pub struct NodeArgs {
     pub id_from_hostname: bool,
     #[arg(long, env = "NINES_REGION")]
     pub region: Option<String>,
+    /// The node's AZ label; an empty value counts as not given.
     #[arg(long, env = "NINES_AZ")]
     pub az: Option<String>,
+    /// The AZ when `--az` is absent or empty, made into a valid label (every
+    /// character other than a letter, digit, '-' or '_' becomes '-'). The
+    /// Kubernetes manifests pass the node's zone label as `--az` and the
+    /// node's name here, so a cluster whose nodes carry no zone label (kind,
+    /// minikube) or have dotted names (EKS) still starts.
+    #[arg(long, env = "NINES_AZ_FALLBACK")]
+    pub az_fallback: Option<String>,
     #[arg(long, env = "NINES_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     #[arg(long, env = "NINES_GRPC_LISTEN")]
@@ -176,8 +184,10 @@ impl NodeArgs {
         if let Some(v) = &self.region {
             c.region = v.clone();
         }
-        if let Some(v) = &self.az {
-            c.az = v.clone();
+        match (self.az.as_deref().filter(|v| !v.is_empty()), &self.az_fallback) {
+            (Some(v), _) => c.az = v.to_string(),
+            (None, Some(fallback)) => c.az = az_label(fallback),
+            (None, None) => {}
         }
         if let Some(v) = &self.data_dir {
             c.data_dir = v.clone();
@@ -200,6 +210,15 @@ impl NodeArgs {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// `name` as an AZ label: each character a label may not hold becomes
+/// '-', and the result is cut to `LABEL_BYTES_MAX` (config validation still
+/// refuses an empty one).
+fn az_label(name: &str) -> String {
+    let label: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
+    label.chars().take(crate::limits::LABEL_BYTES_MAX).collect()
 }
 
 fn hostname() -> anyhow::Result<String> {
@@ -571,6 +590,28 @@ mod tests {
         assert_eq!(id_from_hostname("nines-us-east-0").unwrap(), 1);
         assert_eq!(id_from_hostname("nines-eu-west-2").unwrap(), 3);
         assert!(id_from_hostname("nines").is_err());
+    }
+
+    #[test]
+    fn the_az_falls_back_to_a_sanitized_node_name_only_when_absent_or_empty() {
+        #[derive(Parser)]
+        struct Node {
+            #[command(flatten)]
+            args: NodeArgs,
+        }
+        let args = |az: Option<&str>, fallback: Option<&str>| {
+            let mut a = Node::try_parse_from(["node", "--id", "1", "--region", "r"]).unwrap().args;
+            a.az = az.map(str::to_string);
+            a.az_fallback = fallback.map(str::to_string);
+            a.resolve().map(|c| c.az)
+        };
+        // EKS names nodes after their DNS name: dots become dashes.
+        assert_eq!(args(Some(""), Some("ip-10-0-1-2.ec2.internal")).unwrap(), "ip-10-0-1-2-ec2-internal");
+        assert_eq!(args(None, Some("kind-worker")).unwrap(), "kind-worker");
+        assert_eq!(args(Some("us-east-1a"), Some("ip-10-0-1-2.ec2.internal")).unwrap(), "us-east-1a");
+        assert_eq!(args(None, Some(&"n".repeat(500))).unwrap().len(), crate::limits::LABEL_BYTES_MAX);
+        let e = args(Some(""), Some("")).unwrap_err().to_string();
+        assert!(e.contains("az"), "an empty AZ is still refused by name: {e}");
     }
 
     #[test]
