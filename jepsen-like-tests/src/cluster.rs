@@ -248,6 +248,7 @@ impl Cluster {
                         power_loss_simulation: flags.power_loss_simulation,
                         ..Default::default()
                     },
+                    insecure: true,
                     ..NodeConfig::default()
                 };
                 let config_path = dir.join(format!("node-{id}.toml"));
@@ -316,6 +317,7 @@ impl Cluster {
                 az: format!("{region}-{}", *letter as char),
                 grpc_listen: ([127, 0, 0, 1], grpc).into(),
                 admin_listen: ([127, 0, 0, 1], admin).into(),
+                insecure: true,
                 ..NodeConfig::default()
             };
             *letter += 1;

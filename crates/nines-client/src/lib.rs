@@ -105,6 +105,7 @@ struct Config {
     breaker: BreakerConfig,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Builds a [`Client`].
@@ -149,6 +150,7 @@ impl Default for ClientBuilder {
                 breaker: BreakerConfig::default(),
                 keepalive_interval: Duration::from_secs(10),
                 keepalive_timeout: Duration::from_secs(5),
+                tls: None,
             },
         }
     }
@@ -236,6 +238,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Mutual TLS for `https://` endpoints: the cluster CA and this
+    /// client's certificate and key (`nines certs create` makes them), e.g.
+    /// `ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).identity(Identity::from_pem(cert, key))`.
+    /// Without it an `https://` endpoint is refused as invalid.
+    pub fn tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
     /// The client. Connections are made on first use, so this needs no
     /// runtime and no reachable node.
     pub fn build(self) -> Result<Client> {
@@ -287,8 +298,15 @@ fn endpoint(config: &Config, addr: &str) -> Result<Endpoint> {
     if !(addr.starts_with("http://") || addr.starts_with("https://")) {
         return Err(invalid("an endpoint is a URL such as http://127.0.0.1:7001".into()));
     }
-    Ok(Endpoint::from_shared(addr.to_string())
-        .map_err(|e| invalid(e.to_string()))?
+    let endpoint = Endpoint::from_shared(addr.to_string()).map_err(|e| invalid(e.to_string()))?;
+    let endpoint = match (&config.tls, addr.starts_with("https://")) {
+        (Some(tls), true) => endpoint.tls_config(tls.clone()).map_err(|e| invalid(e.to_string()))?,
+        (None, true) => {
+            return Err(invalid("an https:// endpoint needs the client's TLS settings (ClientBuilder::tls)".into()));
+        }
+        (_, false) => endpoint,
+    };
+    Ok(endpoint
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.keepalive_interval)

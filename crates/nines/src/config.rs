@@ -55,6 +55,16 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     /// Scheduled backups, taken by the region's leader.
     pub backup: BackupConfig,
+    /// Mutual TLS on the gRPC port: the cluster CA, this node's certificate
+    /// and key (`nines certs create` makes them). Peers and clients must
+    /// present a certificate the CA signed; its role decides what they may
+    /// call (see `crate::tls`).
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// Run plaintext, without TLS and without authorization: anyone who
+    /// reaches the gRPC port can read, write, change membership and send
+    /// Raft traffic. For loopback and tests; a node with neither `[tls]`
+    /// nor `insecure = true` refuses to start.
+    pub insecure: bool,
     /// Test only: enables the fault hooks (dropping replication traffic,
     /// offsetting the clock) through the admin API. Off by default; a node
     /// without it refuses every fault request.
@@ -202,12 +212,13 @@ impl LatencyConfig {
 
 impl NodeConfig {
     /// The gRPC and admin URLs others reach this node at: the advertised
-    /// ones, or `http://` + the bound addresses.
+    /// ones, or the bound addresses (gRPC over `https://` with TLS).
     pub fn urls(&self, grpc: SocketAddr, admin: SocketAddr) -> (String, String) {
-        let url = |advertised: &str, bound: SocketAddr| {
-            if advertised.is_empty() { format!("http://{bound}") } else { advertised.to_string() }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let url = |advertised: &str, scheme: &str, bound: SocketAddr| {
+            if advertised.is_empty() { format!("{scheme}://{bound}") } else { advertised.to_string() }
         };
-        (url(&self.grpc_advertise, grpc), url(&self.admin_advertise, admin))
+        (url(&self.grpc_advertise, scheme, grpc), url(&self.admin_advertise, "http", admin))
     }
 
     /// The other regions, with their endpoints.
@@ -461,6 +472,8 @@ impl Default for NodeConfig {
             latency: LatencyConfig::default(),
             storage: StorageConfig::default(),
             backup: BackupConfig::default(),
+            tls: None,
+            insecure: false,
             fault_injection: false,
             planted_bug_local_reads: false,
         }
@@ -637,6 +650,27 @@ impl NodeConfig {
         if self.write_timeout.is_zero() {
             return Err(invalid("write_timeout", "must be greater than 0"));
         }
+        match (&self.tls, self.insecure) {
+            (None, false) => {
+                return Err(invalid(
+                    "tls",
+                    "is missing: give [tls] ca, cert and key (`nines certs create` makes them), or set \
+                     insecure = true (or --insecure) to run plaintext with no authentication",
+                ));
+            }
+            (Some(_), true) => return Err(invalid("insecure", "is true while [tls] is given: choose one")),
+            (Some(tls), false) if self.grpc_advertise.starts_with("http://") => {
+                return Err(invalid(
+                    "grpc_advertise",
+                    format!(
+                        "{:?} is plaintext while [tls] is on: use https:// ({})",
+                        self.grpc_advertise,
+                        tls.ca.display()
+                    ),
+                ));
+            }
+            _ => {}
+        }
         for (field, url) in [("grpc_advertise", &self.grpc_advertise), ("admin_advertise", &self.admin_advertise)] {
             if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(invalid(field, format!("{url:?} must be a URL such as http://nines-1:7001")));
@@ -720,7 +754,10 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nines.example.toml");
         let c = NodeConfig::load(&path).expect("example parses");
         assert_eq!(c, NodeConfig::default(), "the example must document the defaults");
-        c.validate().expect("defaults are valid");
+        let e = c.validate().expect_err("the defaults choose neither TLS nor insecure").to_string();
+        assert!(e.contains("`tls`") && e.contains("insecure = true"), "{e}");
+        let c = NodeConfig { insecure: true, ..c };
+        c.validate().expect("defaults are valid once insecure is chosen");
         c.openraft().expect("defaults make a valid openraft config");
     }
 
@@ -804,10 +841,24 @@ mod tests {
             ("[[cluster.regions]]\nname = \"local\"\nendpoints = [\"h:1\"]", "`cluster.regions`"),
         ];
         for (text, field) in table {
+            let c = NodeConfig::from_toml(&format!("insecure = true\n{text}"), std::path::Path::new("t.toml")).unwrap();
+            let err = c.validate().expect_err(text).to_string();
+            assert!(err.contains(field), "{text}: error {err:?} does not name {field}");
+        }
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n-key.pem\"";
+        for (text, field) in [
+            ("", "`tls`"),
+            (&format!("insecure = true\n{tls}") as &str, "`insecure`"),
+            (&format!("grpc_advertise = \"http://n:1\"\n{tls}"), "`grpc_advertise`"),
+        ] {
             let c = NodeConfig::from_toml(text, std::path::Path::new("t.toml")).unwrap();
             let err = c.validate().expect_err(text).to_string();
             assert!(err.contains(field), "{text}: error {err:?} does not name {field}");
         }
+        let c = NodeConfig::from_toml(tls, std::path::Path::new("t.toml")).unwrap();
+        c.validate().expect("TLS without insecure is valid");
+        let grpc = SocketAddr::from(([127, 0, 0, 1], 7001));
+        assert_eq!(c.urls(grpc, grpc).0, "https://127.0.0.1:7001", "a TLS node advertises https");
         let err = NodeConfig::from_toml("write_timeout = \"soon\"", std::path::Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("write_timeout"), "{err}");
         let err = NodeConfig::from_toml("[cluster]\nmode = \"both\"", std::path::Path::new("t.toml")).unwrap_err();

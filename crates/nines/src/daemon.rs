@@ -108,9 +108,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     let prepared = prepare(&config)?;
     let (storage, log_store, state_machine) = open_storage(&config, &prepared)?;
     let listeners = bind(&config).await?;
+    let tls = prepared.tls.clone();
     let (node, raft, receivers) = start_node(&config, prepared, &listeners, log_store, state_machine).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let servers = serve(&node, &raft, listeners, &stop_rx).await?;
+    let servers = serve(&node, &raft, listeners, tls, &stop_rx).await?;
     let tasks = spawn_tasks(&node, &config, storage, receivers.proposals, servers.health.clone(), &stop_rx);
     let addrs_path = write_addrs(&config, &node)?;
     let failure = wait_for_stop(&raft, receivers.fatal, shutdown).await;
@@ -130,6 +131,8 @@ struct Prepared {
     faults: Arc<Faults>,
     clock: Arc<HlcClock>,
     raft_config: Arc<openraft::Config>,
+    /// The TLS server side, when the node has `[tls]`.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Step 1: validate, create the data directory, fault hooks and clock.
@@ -142,8 +145,23 @@ fn prepare(config: &NodeConfig) -> anyhow::Result<Prepared> {
     if config.fault_injection {
         tracing::warn!("fault injection is enabled: this node is for tests only");
     }
+    let tls = match &config.tls {
+        Some(tls) => {
+            // This node's identity for every connection it makes.
+            crate::tls::set_client_identity(tls.client()?);
+            Some(tls.server()?)
+        }
+        None => {
+            tracing::warn!(
+                "RUNNING INSECURE (insecure = true): gRPC on {} is plaintext with no authentication; anyone who \
+                 reaches it can read, write, change membership and send Raft traffic",
+                config.grpc_listen
+            );
+            None
+        }
+    };
     let clock = Arc::new(HlcClock::new(Box::new(faults.clock()), config.clock_offset_max.as_millis() as u64));
-    Ok(Prepared { faults, clock, raft_config })
+    Ok(Prepared { faults, clock, raft_config, tls })
 }
 
 /// Step 2: the Raft log and the state machine; a region whose replicated
@@ -292,12 +310,14 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Step 5: every gRPC service on the gRPC port, probes and metrics on the
-/// admin port.
+/// Step 5: every gRPC service on the gRPC port (over mutual TLS, each call
+/// authorized by the caller's role, when the node has `[tls]`), probes and
+/// metrics on the admin port.
 async fn serve(
     node: &Arc<Node>,
     raft: &Raft,
     listeners: Listeners,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Servers> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -307,7 +327,7 @@ async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building gRPC reflection")?;
-    let grpc = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         // A leader cancels every Raft RPC that outlives its deadline, so a
         // node that was stopped for a while (SIGSTOP, a VM stall) resumes to
         // hundreds of streams its peers reset before it could accept them.
@@ -315,6 +335,7 @@ async fn serve(
         // and drops the connection with every forwarded write on it. The
         // limit still bounds what a rapid-reset flood can queue.
         .http2_max_pending_accept_reset_streams(Some(PENDING_ACCEPT_RESETS_MAX))
+        .layer(crate::tls::Gate::new(node.region()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -333,14 +354,20 @@ async fn serve(
             RaftServer::new(RaftService::new(raft.clone(), node.contact()))
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
-        )
-        .serve_with_incoming_shutdown(
-            // No Nagle on accepted connections: with delayed ACKs it holds
-            // small replies back by up to 40 ms.
+        );
+    let grpc = match tls {
+        // No Nagle on accepted connections: with delayed ACKs it holds
+        // small replies back by up to 40 ms.
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             stopped(stop.clone()),
-        );
-    let grpc = tokio::spawn(grpc);
+        )),
+        // The handshakes complete in `tls::accept` (which also sets no Nagle).
+        Some(acceptor) => tokio::spawn(router.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::ReceiverStream::new(crate::tls::accept(listeners.grpc, acceptor)),
+            stopped(stop.clone()),
+        )),
+    };
     let http = tokio::spawn(crate::http::serve(listeners.admin, node.clone(), stopped(stop.clone())));
     Ok(Servers { grpc, http, health })
 }

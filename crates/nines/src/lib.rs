@@ -46,6 +46,7 @@
 
 pub mod authority;
 pub mod backup;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod controller;
@@ -66,6 +67,7 @@ pub mod server;
 pub mod stance;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod types;
 pub mod validate;
 pub mod view;

@@ -41,7 +41,7 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::LatencyConfig;
 use crate::faults::{Faults, LinkRule};
@@ -62,12 +62,13 @@ pub struct Channels {
 
 impl Channels {
     /// The channel to `addr`, created (without connecting) on first use.
-    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    /// Over TLS, with this node's identity, when `addr` is `https://`.
+    pub fn get(&self, addr: &str) -> Result<Channel, String> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(addr.to_string())?
+        let channel = crate::tls::endpoint(addr)?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -132,7 +133,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     /// An address that does not parse stays an error, reported on each RPC.
-    channel: Result<Channel, tonic::transport::Error>,
+    channel: Result<Channel, String>,
     /// Simulated one-way latency to this peer, added before each RPC.
     delay: Duration,
     /// Test link rules, read on each RPC.

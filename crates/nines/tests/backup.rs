@@ -127,7 +127,8 @@ async fn a_backup_verifies_restores_whole_and_a_flipped_byte_is_refused() {
     assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
     assert!(text(&bad).contains(&manifest.chunks[0].name) && text(&bad).contains("corrupt"), "{}", text(&bad));
     let fresh = tempfile::tempdir().unwrap();
-    let mut config = nines::config::NodeConfig { id: 1, region: "restored".into(), ..Default::default() };
+    let mut config =
+        nines::config::NodeConfig { id: 1, region: "restored".into(), insecure: true, ..Default::default() };
     config.data_dir = fresh.path().join("node-1");
     let config_path = fresh.path().join("node-1.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
@@ -316,7 +317,7 @@ async fn a_point_in_time_restore_holds_exactly_the_writes_stamped_before_it() {
 
     // Without a time: every acknowledged write, from the archive.
     let fresh = tempfile::tempdir().unwrap();
-    let config = nines::config::NodeConfig { data_dir: fresh.path().join("n1"), ..Default::default() };
+    let config = nines::config::NodeConfig { data_dir: fresh.path().join("n1"), insecure: true, ..Default::default() };
     let config_path = fresh.path().join("n1.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
     let all = nines(&endpoints, &["restore", "--from", &url, "--config", config_path.to_str().unwrap()]);

@@ -166,7 +166,8 @@ fn kubernetes_pods_meet_the_restricted_profile_with_limits_labels_and_a_network_
             assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}");
             let r = &c["resources"];
             assert!(r["requests"]["memory"].as_str().is_some() && r["requests"]["cpu"].as_str().is_some(), "{name}");
-            let limit = quantity_bytes(r["limits"]["memory"].as_str().unwrap_or_else(|| panic!("{name}: memory limit")));
+            let limit =
+                quantity_bytes(r["limits"]["memory"].as_str().unwrap_or_else(|| panic!("{name}: memory limit")));
             if kind == "StatefulSet" {
                 // The cache plus the node's bounded queues and runtime.
                 assert!(limit >= cache + (512 << 20), "{name}: memory limit {limit} under cache {cache} + 512 MiB");

@@ -105,7 +105,7 @@ fn a_data_directory_of_another_format_is_refused_with_what_to_do() {
         }
         let before: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_nines"))
-            .args(["node", "--data-dir"])
+            .args(["node", "--insecure", "--data-dir"])
             .arg(&data)
             .args(["--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .output()

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::Manifest;
 

@@ -298,6 +298,7 @@ fn topology(s: &Scenario, dir: &Path, backups: &str, time: Duration) -> anyhow::
                 cross_region: Duration::from_millis(40),
                 ..LatencyConfig::default()
             },
+            insecure: true,
             ..NodeConfig::default()
         })
     };

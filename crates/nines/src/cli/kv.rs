@@ -163,7 +163,11 @@ fn client(g: &Global, consistency: ReadConsistency) -> Result<Client, Exit> {
         ReadConsistency::Linearizable => Consistency::Linearizable,
         ReadConsistency::Local => Consistency::Local,
     };
-    Ok(Client::builder()
+    let mut builder = Client::builder();
+    if let Some(tls) = g.tls().map_err(|e| Exit::new(exit::INVALID, e.to_string()))? {
+        builder = builder.tls(tls.client().map_err(|e| Exit::new(exit::INVALID, e.to_string()))?);
+    }
+    Ok(builder
         .endpoints(g.endpoints.clone())
         .connect_timeout(g.dial_timeout)
         // Longer than a dial: an attempt that ends while still connecting

@@ -47,7 +47,7 @@ impl NodeProcess {
     }
 
     pub fn grpc(&self) -> String {
-        format!("http://{}", self.config.grpc_listen)
+        member(&self.config).grpc_addr
     }
 
     /// The node as a member of its region.
@@ -58,13 +58,8 @@ impl NodeProcess {
 
 /// A node's membership entry, from its configuration.
 pub fn member(c: &NodeConfig) -> NodeInfo {
-    NodeInfo {
-        id: c.id,
-        grpc_addr: format!("http://{}", c.grpc_listen),
-        admin_addr: format!("http://{}", c.admin_listen),
-        region: c.region.clone(),
-        az: c.az.clone(),
-    }
+    let (grpc_addr, admin_addr) = c.urls(c.grpc_listen, c.admin_listen);
+    NodeInfo { id: c.id, grpc_addr, admin_addr, region: c.region.clone(), az: c.az.clone() }
 }
 
 /// The node processes this command started.

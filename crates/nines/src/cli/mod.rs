@@ -44,6 +44,29 @@ pub struct Global {
     /// How long a key-value command may take over all its retries.
     #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
     pub command_timeout: std::time::Duration,
+    /// The cluster CA certificate, to verify the nodes of an https:// cluster.
+    #[arg(long = "cacert", id = "tls_cacert", global = true, env = "NINES_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// This client's certificate (client.pem, or admin.pem for membership and region operations).
+    #[arg(long = "cert", id = "tls_cert", global = true, env = "NINES_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long = "key", id = "tls_key", global = true, env = "NINES_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+impl Global {
+    /// The TLS identity `--cacert`, `--cert` and `--key` give, if any: all
+    /// three or none.
+    pub fn tls(&self) -> anyhow::Result<Option<crate::tls::TlsConfig>> {
+        match (&self.cacert, &self.cert, &self.key) {
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => {
+                Ok(Some(crate::tls::TlsConfig { ca: ca.clone(), cert: cert.clone(), key: key.clone() }))
+            }
+            _ => anyhow::bail!("TLS needs all of --cacert, --cert and --key (or NINES_CACERT, NINES_CERT, NINES_KEY)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -95,6 +118,26 @@ pub enum Command {
         /// Give up after this long.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+    },
+    /// Certificates for mutual TLS, made offline.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Create a cluster CA (or reuse the one in DIR), a certificate per
+    /// node, and the admin's and a client's (never overwrites a file).
+    Create {
+        /// Where to write them: ca.pem, node-REGION-ID.pem, admin.pem,
+        /// client.pem, each with its -key.pem.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node, as REGION/ID or REGION/ID=HOST,HOST,... (DNS names and IP
+        /// addresses it is reached at; default localhost,127.0.0.1). Repeat
+        /// for each node.
+        #[arg(long = "node")]
+        nodes: Vec<crate::certs::NodeCert>,
     },
 }
 
@@ -169,6 +212,9 @@ pub struct NodeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+    /// Run plaintext with no authentication (the config's `insecure = true`).
+    #[arg(long, env = "NINES_INSECURE")]
+    pub insecure: bool,
 }
 
 impl NodeArgs {
@@ -206,6 +252,9 @@ impl NodeArgs {
         }
         if self.log_json {
             c.log_format = "json".into();
+        }
+        if self.insecure {
+            c.insecure = true;
         }
         c.validate()?;
         Ok(c)
@@ -262,7 +311,12 @@ where
                         init_tracing(false);
                         up::run(args).await.map(|_| true)
                     }
-                    command => run_client(cli.global, command).await,
+                    command => {
+                        if let Some(tls) = cli.global.tls()? {
+                            crate::tls::set_client_identity(tls.client()?);
+                        }
+                        run_client(cli.global, command).await
+                    }
                 }
             })
         }),
@@ -401,6 +455,23 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
         Command::Restore(args) => return backup::restore(args).await,
         Command::Drill(args) => return drill::run(&g, args).await,
         Command::Health { url, timeout } => return health(&url, timeout).await,
+        Command::Certs(CertsCommand::Create { dir, nodes }) => {
+            let created = crate::certs::create(&dir, &nodes)?;
+            for f in &created.written {
+                println!("wrote {}", f.display());
+            }
+            for f in &created.kept {
+                println!("kept  {} (exists)", f.display());
+            }
+            println!(
+                "a node's config: [tls] ca = \"{0}/ca.pem\", cert = \"{0}/node-REGION-ID.pem\", key = \"{0}/node-REGION-ID-key.pem\"",
+                dir.display()
+            );
+            println!(
+                "a client: nines --cacert {0}/ca.pem --cert {0}/client.pem --key {0}/client-key.pem (admin.pem for membership)",
+                dir.display()
+            );
+        }
         Command::Member(m) => {
             let c = client(&g)?;
             match m {
@@ -600,7 +671,7 @@ mod tests {
             args: NodeArgs,
         }
         let args = |az: Option<&str>, fallback: Option<&str>| {
-            let mut a = Node::try_parse_from(["node", "--id", "1", "--region", "r"]).unwrap().args;
+            let mut a = Node::try_parse_from(["node", "--id", "1", "--region", "r", "--insecure"]).unwrap().args;
             a.az = az.map(str::to_string);
             a.az_fallback = fallback.map(str::to_string);
             a.resolve().map(|c| c.az)

@@ -26,6 +26,9 @@ const AUTHORITY_NODES: u64 = 3;
 /// The authority's region name (it is not one of the cluster's regions).
 pub const AUTHORITY_REGION: &str = "authority";
 
+/// Where `up --tls` keeps the certificates, under the data directory.
+pub const CERTS_DIR: &str = "certs";
+
 /// The regions `up` can start, in order.
 pub const REGION_NAMES: &[&str] = &["us-east", "eu-west", "ap-south", "us-west", "sa-east"];
 
@@ -67,6 +70,11 @@ pub struct UpArgs {
     pub restore_id: Option<String>,
     #[command(flatten)]
     pub restore_until: super::backup::UntilArgs,
+    /// Mutual TLS: generate a CA and certificates into DATA_DIR/certs (kept
+    /// if there already) and run every node over https with them. Without
+    /// it the cluster is plaintext with no authentication, on 127.0.0.1.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -87,8 +95,9 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
     let port = |base: u16, id: u64| -> anyhow::Result<u16> {
         u16::try_from(u64::from(base) + id - 1).context("port base plus node count exceeds 65535")
     };
+    let scheme = if args.tls { "https" } else { "http" };
     let grpc =
-        |id: u64| -> anyhow::Result<String> { Ok(format!("http://127.0.0.1:{}", port(args.grpc_port_base, id)?)) };
+        |id: u64| -> anyhow::Result<String> { Ok(format!("{scheme}://127.0.0.1:{}", port(args.grpc_port_base, id)?)) };
     let mut regions = Vec::new();
     for r in 0..args.regions {
         let endpoints = (1..=args.azs).map(|a| grpc(r * args.azs + a)).collect::<anyhow::Result<Vec<_>>>()?;
@@ -139,6 +148,8 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
             admin_listen: ([127, 0, 0, 1], port(args.admin_port_base, id)?).into(),
             cluster: cluster.clone(),
             latency: latency.clone(),
+            tls: args.tls.then(|| crate::certs::node_files(&dir.join(CERTS_DIR), region, id)),
+            insecure: !args.tls,
             ..NodeConfig::default()
         })
     };
@@ -151,6 +162,25 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
         configs.push(node(id, AUTHORITY_REGION, a as u64, &ClusterConfig::default())?);
     }
     Ok(configs)
+}
+
+/// Creates (or keeps) the CA and the certificates of every node, the admin
+/// and the client in DIR/certs, and makes this process the admin for the
+/// bootstrap calls it makes.
+fn certificates(dir: &Path, configs: &[NodeConfig]) -> anyhow::Result<()> {
+    let certs = dir.join(CERTS_DIR);
+    let nodes: Vec<crate::certs::NodeCert> = configs
+        .iter()
+        .map(|c| crate::certs::NodeCert {
+            region: c.region.clone(),
+            id: c.id,
+            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+        })
+        .collect();
+    crate::certs::create(&certs, &nodes)?;
+    let admin = crate::certs::role_files(&certs, &crate::tls::Role::Admin);
+    crate::tls::set_client_identity(admin.client()?);
+    Ok(())
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -171,6 +201,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     let fresh = existing == 0;
+    if args.tls {
+        certificates(&dir, &configs)?;
+    }
     let until = args.restore_until.until();
     if args.restore_from.is_none() && (until.time_ms.is_some() || until.no_archive) {
         bail!("--to-time and --no-archive say how to restore: give --restore-from too");
@@ -211,15 +244,35 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             c.id,
             c.region,
             c.az,
-            format!("http://{}", c.grpc_listen),
-            format!("http://{}", c.admin_listen),
+            c.urls(c.grpc_listen, c.admin_listen).0,
+            c.urls(c.grpc_listen, c.admin_listen).1,
             p.pid()
         );
     }
     for (region, leader) in &leaders {
         println!("{region} leader: node {leader}");
     }
-    println!("try: nines put hello world && nines get hello && nines status   (Ctrl-C stops every node)");
+    if args.tls {
+        let certs = dir.join(CERTS_DIR);
+        let endpoints: Vec<String> =
+            local.nodes.iter().filter(|n| n.config.region != AUTHORITY_REGION).map(|n| n.grpc()).collect();
+        println!("mutual TLS on: certificates in {}; a client needs them:", certs.display());
+        let flags = |role: &str| {
+            format!(
+                "--endpoints {} --cacert {} --cert {} --key {}",
+                endpoints.join(","),
+                certs.join("ca.pem").display(),
+                certs.join(format!("{role}.pem")).display(),
+                certs.join(format!("{role}-key.pem")).display()
+            )
+        };
+        println!("  client (reads, writes, status):  nines {} put hello world", flags("client"));
+        println!("  admin (membership, regions):     nines {} member list", flags("admin"));
+        println!("Ctrl-C stops every node");
+    } else {
+        println!("plaintext on 127.0.0.1 with no authentication (nines up --tls for mutual TLS)");
+        println!("try: nines put hello world && nines get hello && nines status   (Ctrl-C stops every node)");
+    }
 
     let stop = crate::daemon::termination_signal();
     tokio::pin!(stop);

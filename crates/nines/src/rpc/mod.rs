@@ -39,7 +39,7 @@ pub use nines_proto::v1::{
 use nines_proto::v1::{
     ConfigureRequest, DivergentRequest, FenceRequest, RegionPromoteRequest, RegionStatusRequest, SetFaultsRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
 use self::retry::Retry;
@@ -199,8 +199,8 @@ impl Client {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| Error::InvalidEndpoint { endpoint: addr.to_string(), reason: e.to_string() })?
+        let endpoint = crate::tls::endpoint(addr)
+            .map_err(|reason| Error::InvalidEndpoint { endpoint: addr.to_string(), reason })?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();

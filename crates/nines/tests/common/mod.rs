@@ -210,6 +210,7 @@ impl TestCluster {
                     grpc_listen: ([127, 0, 0, 1], ports[id].0).into(),
                     admin_listen: ([127, 0, 0, 1], ports[id].1).into(),
                     cluster: if region == AUTHORITY { ClusterConfig::default() } else { cluster_config.clone() },
+                    insecure: true,
                     ..NodeConfig::default()
                 };
                 tweak(&mut config);

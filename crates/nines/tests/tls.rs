@@ -1,0 +1,151 @@
+//! Mutual TLS and authorization on real processes: `nines up --tls` serves
+//! only clients whose certificate the cluster CA signed, each method only to
+//! the role it needs, and Raft only to nodes of the region.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{Up, output_within, serial};
+use nines_proto::v1::RaftMessage;
+use nines_proto::v1::raft_client::RaftClient;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn nines(args: &[String]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_nines"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nines");
+    output_within(child, Duration::from_secs(30))
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// `--endpoints E --cacert CA --cert ROLE.pem --key ROLE-key.pem`, then `args`.
+fn with_identity(endpoints: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["--endpoints".into(), endpoints.into()];
+    for (flag, path) in [("--cacert", ca), ("--cert", cert), ("--key", key)] {
+        v.push(flag.into());
+        v.push(path.to_string_lossy().into_owned());
+    }
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
+/// A Raft AppendEntries from `identity` (cert, key) to `url`, trusting `ca`.
+async fn raft_append(url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<(), tonic::Status> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
+    let channel = Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
+    RaftClient::new(channel).append_entries(RaftMessage { payload: vec![0xff; 8] }).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_methods() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), &["--tls"]);
+    assert!(up.printed.contains("https://127.0.0.1:"), "the nodes serve https: {}", up.printed);
+    let certs = dir.path().join("certs");
+    let ca = certs.join("ca.pem");
+    let base = up.grpc_base();
+    let endpoints = (0..3).map(|i| format!("https://127.0.0.1:{}", base + i)).collect::<Vec<_>>().join(",");
+    let role = |name: &str, args: &[&str]| {
+        with_identity(&endpoints, &ca, &certs.join(format!("{name}.pem")), &certs.join(format!("{name}-key.pem")), args)
+    };
+
+    // A client certificate reads and writes.
+    let put = nines(&role("client", &["put", "k", "v1"]));
+    assert!(put.status.success(), "put with the client certificate: {}", text(&put));
+    let get = nines(&role("client", &["get", "k"]));
+    assert!(get.status.success() && text(&get).contains("v1"), "{}", text(&get));
+
+    // No certificate, or plaintext: refused, nothing written.
+    let bare = nines(&["--endpoints".into(), endpoints.clone(), "put".into(), "k".into(), "v2".into()]);
+    assert_eq!(bare.status.code(), Some(2), "https without certificates: {}", text(&bare));
+    assert!(text(&bare).contains("TLS"), "{}", text(&bare));
+    let plain = nines(&[
+        "--endpoints".into(),
+        format!("http://127.0.0.1:{base}"),
+        "--command-timeout".into(),
+        "2s".into(),
+        "put".into(),
+        "k".into(),
+        "v3".into(),
+    ]);
+    assert!(!plain.status.success(), "a plaintext client was served: {}", text(&plain));
+
+    // The client role may not change membership; the admin role may.
+    let remove = nines(&role("client", &["member", "remove", "3"]));
+    assert!(!remove.status.success(), "member remove as client: {}", text(&remove));
+    assert!(text(&remove).contains("PermissionDenied") && text(&remove).contains("admin role"), "{}", text(&remove));
+    let status = nines(&role("client", &["status"]));
+    assert!(status.status.success(), "status as client: {}", text(&status));
+    let remove = nines(&role("admin", &["member", "remove", "3"]));
+    assert!(remove.status.success(), "member remove as admin: {}", text(&remove));
+    let list = nines(&role("admin", &["member", "list"]));
+    assert!(!text(&list).contains(&format!("https://127.0.0.1:{}", base + 2)), "node 3 is gone: {}", text(&list));
+    let get = nines(&role("client", &["get", "k"]));
+    assert!(text(&get).contains("v1"), "the plaintext and bare puts wrote nothing: {}", text(&get));
+
+    // A node of another region (same CA) may not send Raft traffic here.
+    let more = nines(&[
+        "certs".into(),
+        "create".into(),
+        "--dir".into(),
+        certs.to_string_lossy().into(),
+        "--node".into(),
+        "eu-west/9".into(),
+    ]);
+    assert!(more.status.success() && text(&more).contains("kept"), "{}", text(&more));
+    let url = format!("https://127.0.0.1:{base}");
+    let e = raft_append(&url, &ca, &certs.join("node-eu-west-9.pem"), &certs.join("node-eu-west-9-key.pem"))
+        .await
+        .expect_err("Raft from another region's node");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("region us-east"), "{e:?}");
+    // Nor may a client certificate.
+    let e = raft_append(&url, &ca, &certs.join("client.pem"), &certs.join("client-key.pem")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+    // A node certificate from another CA cannot even connect, and the node
+    // logs the refusal with the peer's address.
+    let other = dir.path().join("other-ca");
+    let made = nines(&[
+        "certs".into(),
+        "create".into(),
+        "--dir".into(),
+        other.to_string_lossy().into(),
+        "--node".into(),
+        "us-east/2".into(),
+    ]);
+    assert!(made.status.success(), "{}", text(&made));
+    let e = raft_append(&url, &ca, &other.join("node-us-east-2.pem"), &other.join("node-us-east-2-key.pem"))
+        .await
+        .expect_err("Raft with a foreign CA's certificate");
+    assert_ne!(e.code(), tonic::Code::Ok);
+    let log = std::fs::read_to_string(dir.path().join("node-1/node.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("refused a TLS connection") && l.contains("peer=127.0.0.1:")),
+        "node 1 logged no refusal with the peer's address"
+    );
+    assert!(log.contains("permission denied") && log.contains("/nines.v1.Raft/AppendEntries"), "no denial logged");
+
+    // The region kept serving throughout.
+    let put = nines(&role("client", &["put", "k", "v4"]));
+    assert!(put.status.success(), "{}", text(&put));
+    up.stop();
+}
