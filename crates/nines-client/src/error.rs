@@ -109,7 +109,9 @@ pub(crate) fn classify(status: &Status) -> Attempt {
         // Made by the transport mid-call (a reset, a GOAWAY, a protocol
         // error), whatever code it maps to: the request may have arrived.
         _ if transport => Attempt::Unknown { transport: true },
-        Code::Unavailable if status.metadata().get(metadata::RETRY_SAFE).is_some() => {
+        // Not the leader (Unavailable), or shed by an overloaded node
+        // (ResourceExhausted): the server says the call never started.
+        Code::Unavailable | Code::ResourceExhausted if status.metadata().get(metadata::RETRY_SAFE).is_some() => {
             Attempt::NotApplied { leader, transport: false }
         }
         Code::DeadlineExceeded if status.metadata().get(metadata::SESSION_EXPIRED).is_some() => Attempt::SessionExpired,
@@ -148,6 +150,10 @@ mod tests {
                 Attempt::NotApplied { leader: Some("http://a:1".into()), transport: false },
             ),
             (with(Code::Unavailable, &[]), Attempt::Unknown { transport: false }),
+            (
+                with(Code::ResourceExhausted, &[(metadata::RETRY_SAFE, "true")]),
+                Attempt::NotApplied { leader: None, transport: false },
+            ),
             (reset, Attempt::Unknown { transport: true }),
             (
                 Status::from_error(Box::new(std::io::Error::other("h2 protocol error"))),

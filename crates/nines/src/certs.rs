@@ -11,8 +11,9 @@
 //!
 //! An existing CA is reused (so more nodes can be added later) and an
 //! existing file is never overwritten: creating into a directory that
-//! already holds everything changes nothing. Private keys are written
-//! readable by their owner only.
+//! already holds everything changes nothing (a certificate is kept even if
+//! its host names differ: remove its pair to issue it again). Private keys
+//! are written readable by their owner only.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -123,9 +124,17 @@ pub fn create(dir: &Path, nodes: &[NodeCert]) -> anyhow::Result<Created> {
         leaves.push((role, Vec::new(), files));
     }
     for (role, hosts, files) in leaves {
-        if files.cert.exists() && files.key.exists() {
-            created.kept.extend([files.cert, files.key]);
-            continue;
+        match (files.cert.exists(), files.key.exists()) {
+            (true, true) => {
+                created.kept.extend([files.cert, files.key]);
+                continue;
+            }
+            (false, false) => {}
+            (true, false) | (false, true) => bail!(
+                "{} and {} must both exist or neither: remove the one that is there to issue the pair again",
+                files.cert.display(),
+                files.key.display()
+            ),
         }
         let mut params = CertificateParams::new(hosts).with_context(|| format!("host names of {role}"))?;
         params.distinguished_name.push(DnType::OrganizationName, "nines");

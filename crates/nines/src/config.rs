@@ -659,17 +659,17 @@ impl NodeConfig {
                 ));
             }
             (Some(_), true) => return Err(invalid("insecure", "is true while [tls] is given: choose one")),
-            (Some(tls), false) if self.grpc_advertise.starts_with("http://") => {
-                return Err(invalid(
-                    "grpc_advertise",
-                    format!(
-                        "{:?} is plaintext while [tls] is on: use https:// ({})",
-                        self.grpc_advertise,
-                        tls.ca.display()
-                    ),
-                ));
-            }
             _ => {}
+        }
+        // A node with [tls] speaks only https, one without only http: every
+        // URL it advertises or dials must say so.
+        let (scheme, why) =
+            if self.tls.is_some() { ("https://", "this node has [tls]") } else { ("http://", "this node is insecure") };
+        let advertised = std::iter::once(("grpc_advertise", &self.grpc_advertise)).filter(|(_, u)| !u.is_empty());
+        let authority = self.cluster.authority.iter().map(|e| ("cluster.authority", e));
+        let regions = self.cluster.regions.iter().flat_map(|r| r.endpoints.iter().map(|e| ("cluster.regions", e)));
+        if let Some((field, url)) = advertised.chain(authority).chain(regions).find(|(_, u)| !u.starts_with(scheme)) {
+            return Err(invalid(field, format!("{url:?} must be a {scheme} URL: {why}")));
         }
         for (field, url) in [("grpc_advertise", &self.grpc_advertise), ("admin_advertise", &self.admin_advertise)] {
             if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {

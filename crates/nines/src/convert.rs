@@ -378,4 +378,62 @@ mod tests {
         let e = shipment_from_proto(&req).unwrap_err().to_string();
         assert!(e.contains("after = 0, not 5"), "{e}");
     }
+
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn change() -> impl Strategy<Value = pb::ChangeEntry> {
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..16),
+                any::<bool>(),
+                any::<u64>(),
+                any::<u32>(),
+                ".{0,8}",
+            )
+                .prop_map(
+                    |(origin_index, key, tombstone, hlc_physical_ms, hlc_logical, version_origin)| pb::ChangeEntry {
+                        origin_index,
+                        key,
+                        value: b"v".to_vec(),
+                        tombstone,
+                        hlc_physical_ms,
+                        hlc_logical,
+                        version_origin,
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// Any shipment a peer could send converts or is refused; none
+            /// panics, and an accepted one keeps its epoch within EPOCH_MAX.
+            #[test]
+            fn shipments_of_any_fields_convert_or_are_refused(
+                origin in ".{0,12}",
+                epoch in prop_oneof![any::<u64>(), Just(u64::MAX), Just(EPOCH_MAX), Just(EPOCH_MAX + 1)],
+                primary in ".{0,12}",
+                entries in proptest::collection::vec(change(), 0..8),
+                positions in (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()),
+            ) {
+                let (receiver_applied_through, complete_through, after, full_sync) = positions;
+                let req = pb::ShipRequest {
+                    origin_region: origin,
+                    epoch,
+                    primary,
+                    entries,
+                    receiver_applied_through,
+                    complete_through,
+                    full_sync,
+                    after,
+                };
+                if let Ok(s) = shipment_from_proto(&req) {
+                    prop_assert!(s.epoch <= EPOCH_MAX, "epoch {} accepted", s.epoch);
+                }
+            }
+        }
+    }
 }

@@ -47,7 +47,7 @@ use tokio::task::JoinHandle;
 use crate::config::NodeConfig;
 use crate::faults::Faults;
 use crate::hlc::HlcClock;
-use crate::limits::{RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
+use crate::limits::{GRPC_STREAMS_PER_CONNECTION_MAX, RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
 use crate::network::{Channels, NetworkFactory};
 use crate::node::{Node, Parts, Receivers, Regions};
 use crate::server::admin::AdminService;
@@ -335,7 +335,10 @@ async fn serve(
         // and drops the connection with every forwarded write on it. The
         // limit still bounds what a rapid-reset flood can queue.
         .http2_max_pending_accept_reset_streams(Some(PENDING_ACCEPT_RESETS_MAX))
-        .layer(crate::tls::Gate::new(node.region()))
+        .max_concurrent_streams(GRPC_STREAMS_PER_CONNECTION_MAX)
+        // Authorization first: a refused caller takes no share of the budget.
+        .layer(crate::tls::Gate::new(node.region(), tls.is_some()))
+        .layer(crate::server::shed::Shed::default())
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -68,6 +68,12 @@ pub const RAFT_MESSAGE_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// with room for framing, so a snapshot of any size streams in chunks.
 pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = 1024 * 1024;
 
+/// Largest snapshot a peer may stream to a node, in bytes: 1 TiB, beyond the
+/// data any one node holds. A chunk that would end past it is refused: at a
+/// hostile offset it would otherwise make a sparse file of that size, which
+/// the install then reads through.
+pub const SNAPSHOT_BYTES_MAX: u64 = 1 << 40;
+
 /// Bytes of a snapshot the state machine installs per transaction: an
 /// install of any size stays within bounded memory, and the batches go to
 /// staging tables that one final transaction switches in.
@@ -168,6 +174,22 @@ pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
 
 /// Writes waiting for a proposal slot; beyond it callers wait to enqueue.
 pub const PROPOSAL_QUEUE_MAX: usize = 4096;
+
+/// Client-facing gRPC calls (key-value, admin, region, reflection) one node
+/// serves at once; one more is refused at once with `RESOURCE_EXHAUSTED`
+/// (marked retry-safe: it never started) instead of joining an unbounded
+/// queue. Raft, cross-region shipments and health checks are never shed, so
+/// a node under a client flood keeps its leadership, its replication and
+/// its probes. Half of `PROPOSAL_QUEUE_MAX`: every admitted write finds room
+/// in the proposal queue with room left for forwarded ones; the heaviest
+/// benchmark (256 clients) uses an eighth of it.
+pub const CLIENT_CALLS_IN_FLIGHT_MAX: usize = PROPOSAL_QUEUE_MAX / 2;
+
+/// HTTP/2 streams (calls) one connection may have open at once; the client
+/// waits for a free one beyond it. Raft and shipments keep a connection per
+/// peer with a handful in flight; a client would need more than this from
+/// one connection only to flood.
+pub const GRPC_STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 
 /// A bound on what one key-value record adds around its key and value, in
 /// bytes, wherever it is encoded (a log entry, a shipment, a response): its

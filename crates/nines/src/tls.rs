@@ -236,7 +236,8 @@ pub fn accept(
 enum Need {
     /// Any certificate of the cluster.
     Anyone,
-    /// An admin, or a node (which forwards admin calls to its leader).
+    /// An admin, or a node of this region (which forwards admin calls to
+    /// its leader).
     Admin,
     /// A node of any region.
     Node,
@@ -256,8 +257,9 @@ fn need(path: &str) -> Need {
         ("nines.v1.Admin" | "nines.v1.RegionAdmin", _) => Need::Admin,
         ("nines.v1.Kv", _) => Need::Anyone,
         (s, _) if s.starts_with("grpc.health.") || s.starts_with("grpc.reflection.") => Need::Anyone,
-        // A method of no known service: let the router answer UNIMPLEMENTED.
-        _ => Need::Anyone,
+        // Anything else (a method added later and not listed here) is
+        // refused to all but admins until it is.
+        _ => Need::Admin,
     }
 }
 
@@ -265,11 +267,14 @@ fn need(path: &str) -> Need {
 /// `region`; the refusal names what is missing.
 fn permit(need: Need, role: &Role, region: &str) -> Result<(), String> {
     match (need, role) {
-        (Need::Anyone, _) | (Need::Admin, Role::Admin | Role::Node { .. }) | (Need::Node, Role::Node { .. }) => Ok(()),
-        (Need::RegionNode, Role::Node { region: r, .. }) if r == region => Ok(()),
+        (Need::Anyone, _) | (Need::Admin, Role::Admin) | (Need::Node, Role::Node { .. }) => Ok(()),
+        (Need::RegionNode | Need::Admin, Role::Node { region: r, .. }) if r == region => Ok(()),
         (Need::RegionNode, Role::Node { region: r, .. }) => {
             Err(format!("Raft traffic needs a node of region {region}; {role} is a node of region {r}"))
         }
+        (Need::Admin, Role::Node { region: r, .. }) => Err(format!(
+            "this operation needs the admin role (or a node of region {region}); {role} is a node of region {r}"
+        )),
         (Need::Admin, _) => Err(format!("this operation needs the admin role; the certificate is {role}")),
         (Need::Node | Need::RegionNode, _) => {
             Err(format!("this service is for nines nodes only; the certificate is {role}"))
@@ -278,23 +283,26 @@ fn permit(need: Need, role: &Role, region: &str) -> Result<(), String> {
 }
 
 /// A tower layer that authorizes every gRPC call by the role in the
-/// caller's certificate (see the module docs). It passes everything when
-/// the node runs without TLS.
+/// caller's certificate (see the module docs) and hands the role to the
+/// services in the request's extensions (a [`Role`]), for the checks that
+/// depend on the request's content ([`check_key_write`], shipments). On a
+/// node without TLS it passes everything and adds no role.
 #[derive(Clone)]
 pub struct Gate {
     region: Arc<str>,
+    tls: bool,
 }
 
 impl Gate {
-    pub fn new(region: &str) -> Self {
-        Gate { region: region.into() }
+    pub fn new(region: &str, tls: bool) -> Self {
+        Gate { region: region.into(), tls }
     }
 }
 
 impl<S> tower::Layer<S> for Gate {
     type Service = Gated<S>;
     fn layer(&self, inner: S) -> Gated<S> {
-        Gated { inner, region: self.region.clone() }
+        Gated { inner, region: self.region.clone(), tls: self.tls }
     }
 }
 
@@ -302,12 +310,20 @@ impl<S> tower::Layer<S> for Gate {
 pub struct Gated<S> {
     inner: S,
     region: Arc<str>,
+    tls: bool,
 }
 
 impl<S> Gated<S> {
-    /// `Ok` to pass the call on, or the refusal.
-    fn check<B>(&self, req: &::http::Request<B>) -> Result<(), Status> {
-        let Some(info) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() else { return Ok(()) };
+    /// The caller's role if it may make the call, or the refusal.
+    fn check<B>(&self, req: &::http::Request<B>) -> Result<Option<Role>, Status> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let Some(info) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() else {
+            // TLS is on, so every connection came through `accept`: a call
+            // without its TLS details is refused, never waved through.
+            return Err(Status::permission_denied("no TLS connection details: refused"));
+        };
         let peer = info.get_ref().remote_addr().map_or_else(|| "unknown".to_string(), |a: SocketAddr| a.to_string());
         let path = req.uri().path();
         let refuse = |why: String| {
@@ -318,7 +334,8 @@ impl<S> Gated<S> {
         let certs = info.peer_certs().ok_or_else(|| refuse("no client certificate".into()))?;
         let leaf = certs.first().ok_or_else(|| refuse("no client certificate".into()))?;
         let role = role_of(leaf).map_err(refuse)?;
-        permit(need(path), &role, &self.region).map_err(refuse)
+        permit(need(path), &role, &self.region).map_err(refuse)?;
+        Ok(Some(role))
     }
 }
 
@@ -337,11 +354,52 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: ::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: ::http::Request<B>) -> Self::Future {
         match self.check(&req) {
-            Ok(()) => Box::pin(self.inner.call(req)),
+            Ok(role) => {
+                if let Some(role) = role {
+                    req.extensions_mut().insert(role);
+                }
+                Box::pin(self.inner.call(req))
+            }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }
+    }
+}
+
+/// Keys nines keeps for itself (the authority's primary lease and epochs,
+/// the controller's lease): only admins and nodes may write them.
+pub const SYSTEM_KEY_PREFIX: &[u8] = b"nines/";
+
+/// Refuses a write of a system key by a caller whose role (from the
+/// [`Gate`]) is a client. Checked where the call arrives, before it is
+/// forwarded (a forwarded call carries the forwarding node's role).
+pub fn check_key_write<T>(req: &tonic::Request<T>, key: &[u8]) -> Result<(), Status> {
+    match req.extensions().get::<Role>() {
+        Some(Role::Client) if key.starts_with(SYSTEM_KEY_PREFIX) => {
+            metrics::counter!("nines_permission_denied_total").increment(1);
+            Err(Status::permission_denied(format!(
+                "keys under {:?} are nines' own (leases, epochs): writing them needs the admin role; the \
+                 certificate is client",
+                String::from_utf8_lossy(SYSTEM_KEY_PREFIX)
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a shipment that claims to come from `origin` when the caller's
+/// certificate is a node of neither `origin` nor this region (a node of this
+/// region forwards shipments to its leader).
+pub fn check_shipment_origin<T>(req: &tonic::Request<T>, origin: &str, region: &str) -> Result<(), Status> {
+    match req.extensions().get::<Role>() {
+        Some(Role::Node { region: r, .. }) if r != origin && r != region => {
+            metrics::counter!("nines_permission_denied_total").increment(1);
+            Err(Status::permission_denied(format!(
+                "a shipment from region {origin} must come from one of its nodes; the certificate is node/{r}/…"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -362,7 +420,9 @@ mod tests {
             ("/nines.v1.Admin/ClusterView", Role::Client, true),
             ("/nines.v1.Admin/Remove", Role::Client, false),
             ("/nines.v1.Admin/Remove", Role::Admin, true),
-            ("/nines.v1.Admin/Remove", node("eu-west", 1), true),
+            ("/nines.v1.Admin/Remove", node("us-east", 1), true),
+            ("/nines.v1.Admin/Remove", node("eu-west", 1), false),
+            ("/nines.v1.Admin/SomethingNew", Role::Client, false),
             ("/nines.v1.Admin/Backup", Role::Client, false),
             ("/nines.v1.RegionAdmin/Promote", Role::Client, false),
             ("/nines.v1.RegionAdmin/Fence", Role::Admin, true),

@@ -7,7 +7,10 @@ use common::{TestCluster, serial};
 use nines::limits::{KEY_BYTES_MAX, REQUEST_BYTES_MAX, SCAN_LIMIT_MAX, VALUE_BYTES_MAX};
 use nines::rpc::{Consistency, Error, Expect, KeyRange};
 use nines_proto::v1::kv_client::KvClient;
+use nines_proto::v1::raft_client::RaftClient;
+use nines_proto::v1::replication_client::ReplicationClient;
 use nines_proto::v1::{CompareAndSwapRequest, GetRequest, PutRequest, ScanRequest, Session};
+use nines_proto::v1::{RaftMessage, ShipRequest};
 use tonic::Code;
 
 fn assert_invalid<T: std::fmt::Debug>(what: &str, r: Result<T, Error>, needle: &str) {
@@ -87,6 +90,26 @@ async fn each_limit_and_malformed_field_is_refused_by_name_and_the_cluster_keeps
         .expect_err("oversize request");
     assert!(matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{s:?}");
     assert!(s.message().contains(&REQUEST_BYTES_MAX.to_string()), "{}", s.message());
+
+    // Hostile peer input is refused by name: a shipment at epoch u64::MAX,
+    // a promotion to it, a snapshot chunk at an offset near u64::MAX.
+    let url = cluster.nodes[&1].grpc();
+    let ship = ShipRequest { origin_region: "elsewhere".into(), epoch: u64::MAX, ..Default::default() };
+    let s = ReplicationClient::connect(url.clone()).await.unwrap().ship(ship).await.expect_err("epoch u64::MAX");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("EPOCH_MAX"), "{}", s.message());
+    let chunk = openraft::raft::InstallSnapshotRequest::<nines::types::TypeConfig> {
+        vote: Default::default(),
+        meta: Default::default(),
+        offset: u64::MAX - 1,
+        data: vec![1, 2, 3],
+        done: false,
+    };
+    let payload = postcard::to_allocvec(&chunk).unwrap();
+    let s =
+        RaftClient::connect(url).await.unwrap().install_snapshot(RaftMessage { payload }).await.expect_err("offset");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("SNAPSHOT_BYTES_MAX"), "{}", s.message());
 
     // Nothing was stored, and the cluster still serves.
     let r = c.get("k", Consistency::Linearizable).await.expect("get");

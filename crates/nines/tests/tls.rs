@@ -9,9 +9,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{Up, output_within, serial};
-use nines_proto::v1::RaftMessage;
 use nines_proto::v1::raft_client::RaftClient;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use nines_proto::v1::replication_client::ReplicationClient;
+use nines_proto::v1::{RaftMessage, ShipRequest};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 fn nines(args: &[String]) -> Output {
     let child = Command::new(env!("CARGO_BIN_EXE_nines"))
@@ -38,14 +39,22 @@ fn with_identity(endpoints: &str, ca: &Path, cert: &Path, key: &Path, args: &[&s
     v
 }
 
-/// A Raft AppendEntries from `identity` (cert, key) to `url`, trusting `ca`.
-async fn raft_append(url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<(), tonic::Status> {
-    let tls = ClientTlsConfig::new()
+fn tls(ca: &Path, cert: &Path, key: &Path) -> ClientTlsConfig {
+    ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-        .identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
+        .identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()))
+}
+
+/// A connected channel to `url` as the identity (cert, key), trusting `ca`.
+async fn channel(url: &str, ca: &Path, cert: &Path, key: &Path) -> Channel {
+    Endpoint::from_shared(url.to_string()).unwrap().tls_config(tls(ca, cert, key)).unwrap().connect().await.unwrap()
+}
+
+/// A Raft AppendEntries from the identity (cert, key) to `url`, trusting `ca`.
+async fn raft_append(url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<(), tonic::Status> {
     let channel = Endpoint::from_shared(url.to_string())
         .unwrap()
-        .tls_config(tls)
+        .tls_config(tls(ca, cert, key))
         .unwrap()
         .connect()
         .await
@@ -120,6 +129,17 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
     // Nor may a client certificate.
     let e = raft_append(&url, &ca, &certs.join("client.pem"), &certs.join("client-key.pem")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A node may ship only as its own region.
+    let channel = channel(&url, &ca, &certs.join("node-eu-west-9.pem"), &certs.join("node-eu-west-9-key.pem")).await;
+    let forged = ShipRequest { origin_region: "us-west".into(), ..Default::default() };
+    let e = ReplicationClient::new(channel).ship(forged).await.expect_err("a shipment under another region's name");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("region us-west"), "{e:?}");
+    // And a client may not write nines' own keys (the authority's leases).
+    let lease = nines(&role("client", &["put", "nines/primary", "mine"]));
+    assert!(!lease.status.success() && text(&lease).contains("nines/"), "{}", text(&lease));
+    let lease = nines(&role("admin", &["put", "nines/test", "admin may"]));
+    assert!(lease.status.success(), "{}", text(&lease));
 
     // A node certificate from another CA cannot even connect, and the node
     // logs the refusal with the peer's address.
@@ -148,4 +168,14 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
     let put = nines(&role("client", &["put", "k", "v4"]));
     assert!(put.status.success(), "{}", text(&put));
     up.stop();
+
+    // Restarting the cluster without --tls is refused by name (its members'
+    // addresses are https), before anything starts.
+    let (grpc, admin) = (common::free_port_run(3).to_string(), common::free_port_run(3).to_string());
+    let d = dir.path().to_string_lossy().into_owned();
+    let again = nines(
+        &["up", "--regions", "1", "--data-dir", &d, "--grpc-port-base", &grpc, "--admin-port-base", &admin]
+            .map(String::from),
+    );
+    assert!(!again.status.success() && text(&again).contains("started with --tls"), "{}", text(&again));
 }

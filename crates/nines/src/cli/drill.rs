@@ -554,7 +554,8 @@ async fn recover(
             let standby = Client::new(endpoints(&t.recovery), ClientConfig::default())?;
             let status = standby.region_status().await.context("reading the standby's epoch")?;
             let started = Instant::now();
-            standby.promote_region(status.epoch + 1).await.context("promoting the standby")?;
+            let next = status.epoch.checked_add(1).context("the standby's epoch is at u64::MAX: cannot promote")?;
+            standby.promote_region(next).await.context("promoting the standby")?;
             let promoted = started.elapsed();
             for c in &t.later {
                 local.spawn(c)?;

@@ -201,6 +201,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     let fresh = existing == 0;
+    // The members' addresses (http or https) are in the cluster's data.
+    let made_with_tls = dir.join(CERTS_DIR).join("ca.pem").exists();
+    if !fresh && args.tls != made_with_tls {
+        let (was, add) = if made_with_tls { ("with", "add") } else { ("without", "drop") };
+        bail!("{} holds a cluster started {was} --tls (its members' addresses say so): {add} --tls", dir.display());
+    }
     if args.tls {
         certificates(&dir, &configs)?;
     }

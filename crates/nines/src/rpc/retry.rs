@@ -35,7 +35,11 @@ pub fn connect_failed(status: &Status) -> bool {
 /// Classifies a failed attempt.
 pub fn classify(status: &Status) -> Retry {
     match status.code() {
-        Code::Unavailable if status.metadata().get(metadata::RETRY_SAFE).is_some() => Retry::Safe,
+        // Unavailable (not the leader) or ResourceExhausted (shed) that the
+        // server marked as never started.
+        Code::Unavailable | Code::ResourceExhausted if status.metadata().get(metadata::RETRY_SAFE).is_some() => {
+            Retry::Safe
+        }
         Code::Unavailable if connect_failed(status) => Retry::Safe,
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Aborted => Retry::Unsafe,
         _ => Retry::Final,
@@ -67,6 +71,8 @@ mod tests {
     fn classification_table() {
         let table = [
             (with(Code::Unavailable, &[(metadata::RETRY_SAFE, "true")]), Retry::Safe),
+            (with(Code::ResourceExhausted, &[(metadata::RETRY_SAFE, "true")]), Retry::Safe),
+            (with(Code::ResourceExhausted, &[]), Retry::Final),
             (never_connected(std::io::ErrorKind::ConnectionRefused), Retry::Safe),
             (never_connected(std::io::ErrorKind::NotFound), Retry::Safe),
             // A connection lost after the request went out: maybe applied.

@@ -52,6 +52,7 @@ fn kv_client(c: tonic::transport::Channel) -> KvClient<tonic::transport::Channel
 impl KvService {
     async fn handle_put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let hops = hops(&req);
+        crate::tls::check_key_write(&req, &req.get_ref().key)?;
         let r = req.into_inner();
         validate::key(&r.key)?;
         validate::value(&r.value)?;
@@ -83,6 +84,7 @@ impl KvService {
 
     async fn handle_delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let hops = hops(&req);
+        crate::tls::check_key_write(&req, &req.get_ref().key)?;
         let r = req.into_inner();
         validate::key(&r.key)?;
         let tag = validate::session(r.session.as_ref())?;
@@ -101,6 +103,7 @@ impl KvService {
         req: Request<CompareAndSwapRequest>,
     ) -> Result<Response<CompareAndSwapResponse>, Status> {
         let hops = hops(&req);
+        crate::tls::check_key_write(&req, &req.get_ref().key)?;
         let r = req.into_inner();
         validate::key(&r.key)?;
         validate::value(&r.value)?;

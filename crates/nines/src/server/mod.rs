@@ -11,6 +11,7 @@
 //!   the protocol is in [`crate::replication`].
 //! - [`raft`]: the internal Raft transport (`nines.v1.Raft`).
 //! - [`forward`]: forwarding a request to the leader.
+//! - [`shed`]: refusing client calls beyond the node's budget.
 //!
 //! A request that needs the leader and arrives at a follower is forwarded
 //! once to the leader it knows; if none is known, or the request was already
@@ -22,3 +23,4 @@ pub mod kv;
 pub mod raft;
 pub mod region;
 pub mod replication;
+pub mod shed;

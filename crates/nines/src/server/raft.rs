@@ -5,14 +5,16 @@
 
 use nines_proto::v1::RaftMessage;
 use nines_proto::v1::raft_server;
+use openraft::raft::InstallSnapshotRequest;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
 use std::sync::Arc;
 
+use crate::limits::{SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
 use crate::stance::LeaderContact;
-use crate::types::Raft;
+use crate::types::{Raft, TypeConfig};
 
 pub struct RaftService {
     raft: Raft,
@@ -51,6 +53,72 @@ impl raft_server::Raft for RaftService {
 
     async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc = decode(req, "install-snapshot")?;
+        check_chunk(&rpc)?;
         encode(&self.raft.install_snapshot(rpc).await)
+    }
+}
+
+/// Refuses a snapshot chunk larger than `SNAPSHOT_CHUNK_BYTES_MAX` or ending
+/// past `SNAPSHOT_BYTES_MAX`, before it reaches the snapshot file.
+fn check_chunk(rpc: &InstallSnapshotRequest<TypeConfig>) -> Result<(), Status> {
+    let len = rpc.data.len() as u64;
+    if len > SNAPSHOT_CHUNK_BYTES_MAX {
+        return Err(Status::invalid_argument(format!(
+            "snapshot chunk of {len} bytes; limit SNAPSHOT_CHUNK_BYTES_MAX is {SNAPSHOT_CHUNK_BYTES_MAX}"
+        )));
+    }
+    match rpc.offset.checked_add(len) {
+        Some(end) if end <= SNAPSHOT_BYTES_MAX => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "snapshot chunk at offset {} ends past SNAPSHOT_BYTES_MAX {SNAPSHOT_BYTES_MAX}",
+            rpc.offset
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn chunk(offset: u64, len: usize) -> InstallSnapshotRequest<TypeConfig> {
+        InstallSnapshotRequest {
+            vote: Default::default(),
+            meta: Default::default(),
+            offset,
+            data: vec![0; len],
+            done: false,
+        }
+    }
+
+    #[test]
+    fn snapshot_chunks_past_the_limits_are_refused_by_name() {
+        assert!(check_chunk(&chunk(0, SNAPSHOT_CHUNK_BYTES_MAX as usize)).is_ok());
+        assert!(check_chunk(&chunk(SNAPSHOT_BYTES_MAX - 10, 10)).is_ok());
+        for (c, needle) in [
+            (chunk(0, SNAPSHOT_CHUNK_BYTES_MAX as usize + 1), "SNAPSHOT_CHUNK_BYTES_MAX"),
+            (chunk(SNAPSHOT_BYTES_MAX, 1), "SNAPSHOT_BYTES_MAX"),
+            (chunk(u64::MAX, 1), "SNAPSHOT_BYTES_MAX"),
+        ] {
+            let e = check_chunk(&c).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(needle), "{}", e.message());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Any bytes as a Raft message decode or are refused; none panics.
+        #[test]
+        fn raft_messages_of_any_bytes_decode_or_fail_cleanly(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&payload);
+            let _ = postcard::from_bytes::<VoteRequest<crate::types::NodeId>>(&payload);
+            if let Ok(c) = postcard::from_bytes::<InstallSnapshotRequest<TypeConfig>>(&payload) {
+                let _ = check_chunk(&c);
+            }
+        }
     }
 }

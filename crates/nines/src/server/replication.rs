@@ -29,6 +29,7 @@ impl ReplicationService {
 impl Replication for ReplicationService {
     async fn ship(&self, req: Request<ShipRequest>) -> Result<Response<ShipResponse>, Status> {
         let (node, inboxes) = (&self.node, &self.inboxes);
+        crate::tls::check_shipment_origin(&req, &req.get_ref().origin_region, node.region())?;
         let remote = |c, r| async move { ship_client(c).ship(r).await };
         on_leader(node, req, remote, |r| async move {
             let shipment = convert::shipment_from_proto(&r)?;
