@@ -20,7 +20,7 @@ fi
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"
-mkdir -p "$root/usr/local/bin" "$root/tmp" "$root/etc/nines" "$ctx/data"
+mkdir -p "$root/usr/local/bin" "$root/tmp" "$root/etc/nines" "$ctx/data" "$ctx/certs"
 chmod 1777 "$root/tmp"
 cp "$binary" "$root/usr/local/bin/nines"
 # The dynamic loader and every library the binary links, at their own paths.

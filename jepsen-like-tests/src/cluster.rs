@@ -79,8 +79,9 @@ struct Container {
 }
 
 impl NodeProc {
+    /// Its gRPC URL: https when it runs TLS (the compose cluster).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.config.grpc_listen)
+        self.config.urls(self.config.grpc_listen, self.config.admin_listen).0
     }
 
     fn info(&self) -> NodeInfo {
@@ -308,6 +309,9 @@ impl Cluster {
         let mut regions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut logs = Vec::new();
         let mut az = BTreeMap::<&str, u8>::new();
+        // The compose cluster runs mutual TLS; its certificates are copied
+        // out of the `certs` volume once it is up.
+        let certs = dir.join("certs");
         for (n, (region, service)) in (1u64..).zip(compose::NODE_SERVICES) {
             let (grpc, admin) = compose::host_ports(n);
             let letter = az.entry(region).or_insert(b'a');
@@ -317,7 +321,7 @@ impl Cluster {
                 az: format!("{region}-{}", *letter as char),
                 grpc_listen: ([127, 0, 0, 1], grpc).into(),
                 admin_listen: ([127, 0, 0, 1], admin).into(),
-                insecure: true,
+                tls: Some(nines::certs::node_files(&certs, region, (n - 1) % 3 + 1)),
                 ..NodeConfig::default()
             };
             *letter += 1;
@@ -348,6 +352,9 @@ impl Cluster {
             let c = node.container.as_mut().expect("a compose node has a container");
             c.id = compose.container(&c.service)?;
         }
+        compose.copy_certs(&certs)?;
+        let admin = nines::certs::role_files(&certs, &nines::tls::Role::Admin);
+        nines::tls::set_client_identity(admin.client()?);
         let endpoints: Vec<String> = nodes.values().map(NodeProc::endpoint).collect();
         let cluster = Cluster {
             exe: PathBuf::new(),

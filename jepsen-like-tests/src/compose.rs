@@ -141,6 +141,16 @@ impl Compose {
     }
 
     /// The id of a service's container.
+    /// Copies the certificates the `certs` service made (from a node's
+    /// read-only mount of the volume) into `to`, waiting for the first node
+    /// to exist: it starts only after `certs` completed.
+    pub fn copy_certs(&self, to: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(to)?;
+        let from = format!("{}:/certs/.", self.container(NODE_SERVICES[0].1)?);
+        docker(&["cp", &from, &to.to_string_lossy()])?;
+        Ok(())
+    }
+
     pub fn container(&self, service: &str) -> anyhow::Result<String> {
         let id = self.run(&["ps", "-q", service])?;
         if id.is_empty() {

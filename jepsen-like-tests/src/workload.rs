@@ -181,7 +181,7 @@ pub async fn run_clients(
     let mut tasks = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
         let client = Client::new(spec.endpoints.clone(), client_config())?;
-        let library = nines_client::Client::builder()
+        let library = library_builder()
             .endpoints(spec.endpoints.clone())
             .request_timeout(COUNTER_DEADLINE)
             .attempt_timeout(Duration::from_millis(1500))
@@ -502,10 +502,20 @@ impl ClientTask {
     }
 }
 
+/// A client library builder with this process's TLS identity, if the
+/// cluster runs TLS (the compose cluster of `--docker`).
+fn library_builder() -> nines_client::ClientBuilder {
+    let builder = nines_client::Client::builder();
+    match nines::tls::client_identity() {
+        Some(tls) => builder.tls(tls),
+        None => builder,
+    }
+}
+
 /// The counter's final value, read linearizably from the first region
 /// (bounded by the converge timeout); 0 if it was never written.
 pub async fn final_counter(cluster: &Cluster) -> anyhow::Result<u64> {
-    let client = nines_client::Client::builder()
+    let client = library_builder()
         .endpoints(cluster.region_endpoints(&cluster.region_order[0]))
         .request_timeout(CONVERGE_TIMEOUT)
         .build()?;

@@ -9,10 +9,13 @@
 //!   `node/REGION/ID`), `admin` or `client`. [`Gate`] checks the role
 //!   against the method: data and read-only status for every role;
 //!   membership, region promote/fence/configure, snapshots and backups for
-//!   `admin` (and nodes, which forward them to their leader and claim
-//!   epochs at the authority); Raft only for nodes of this region;
-//!   cross-region shipments only for nodes. A refusal is
-//!   `PERMISSION_DENIED` naming the role the call needs.
+//!   `admin` (and nodes of this region, which forward them to their
+//!   leader); Raft only for nodes of this region; cross-region shipments
+//!   only for nodes, and only as their own region (or this region's,
+//!   forwarding: [`check_shipment_origin`]); writes of keys under `nines/`
+//!   (the authority's leases and epochs) only for admins and nodes
+//!   ([`check_key_write`]). A refusal is `PERMISSION_DENIED` naming the
+//!   role the call needs.
 //! - The process's own identity for the connections it makes (a node to its
 //!   peers, the CLI to the cluster) is set once ([`set_client_identity`]);
 //!   [`endpoint`] applies it to every `https://` URL.
@@ -169,6 +172,12 @@ static CLIENT_TLS: OnceLock<ClientTlsConfig> = OnceLock::new();
 /// `https://` URLs; the first call wins.
 pub fn set_client_identity(tls: ClientTlsConfig) {
     let _ = CLIENT_TLS.set(tls);
+}
+
+/// This process's identity for `https://` URLs, if one was set (for the
+/// client library's [`nines_client::ClientBuilder::tls`]).
+pub fn client_identity() -> Option<ClientTlsConfig> {
+    CLIENT_TLS.get().cloned()
 }
 
 /// An endpoint for `url`: over TLS with this process's identity when the

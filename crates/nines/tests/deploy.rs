@@ -212,14 +212,23 @@ fn kubernetes_pods_meet_the_restricted_profile_with_limits_labels_and_a_network_
 fn the_compose_cluster_configuration_is_valid_for_every_node() {
     let text = std::fs::read_to_string(deploy().join("compose/cluster.toml")).unwrap();
     let base = NodeConfig::from_toml(&text, Path::new("cluster.toml")).expect("parses");
+    // Each node runs with `--tls-dir /certs`.
+    let tls = |region: &str, id| Some(nines::certs::node_files(Path::new("/certs"), region, id));
     for (region, id) in [("us-east", 1), ("eu-west", 3)] {
-        let c = NodeConfig { id, region: region.into(), az: format!("{region}-a"), ..base.clone() };
+        let c =
+            NodeConfig { id, region: region.into(), az: format!("{region}-a"), tls: tls(region, id), ..base.clone() };
         c.validate().unwrap_or_else(|e| panic!("{region}: {e}"));
     }
     assert_eq!(base.cluster.authority.len(), 3, "the primary's lease lives in a three-node authority");
     let text = std::fs::read_to_string(deploy().join("compose/authority.toml")).unwrap();
     let authority = NodeConfig::from_toml(&text, Path::new("authority.toml")).expect("parses");
-    let c = NodeConfig { id: 1, region: "authority".into(), az: "authority-a".into(), ..authority };
+    let c = NodeConfig {
+        id: 1,
+        region: "authority".into(),
+        az: "authority-a".into(),
+        tls: tls("authority", 1),
+        ..authority
+    };
     c.validate().unwrap_or_else(|e| panic!("authority: {e}"));
 }
 
@@ -313,6 +322,23 @@ async fn compose_cluster_comes_up_healthy_and_survives_killing_a_region_leader()
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
+    // The cluster runs mutual TLS: the host client uses the certificates the
+    // `certs` service made (copied out of the volume), as admin.
+    let certs = tempfile::tempdir().unwrap();
+    let copied = Command::new("docker")
+        .args(["cp", &format!("{}:/certs/.", project.container("us-east-1")), &certs.path().to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "docker cp: {}", String::from_utf8_lossy(&copied.stderr));
+    let admin = nines::certs::role_files(certs.path(), &nines::tls::Role::Admin);
+    nines::tls::set_client_identity(admin.client().expect("the admin certificate loads"));
+    let https = |ports: std::ops::RangeInclusive<u16>| -> Vec<String> {
+        ports.map(|p| format!("https://127.0.0.1:{p}")).collect()
+    };
+    let plain = Client::local_default().unwrap();
+    let refused = plain.put("plain", "text").await;
+    assert!(refused.is_err(), "a plaintext client was served: {refused:?}");
+
     // Every node runs unprivileged, and publishes its ports on loopback only.
     for n in &nodes {
         let id = project.container(n);
@@ -324,7 +350,7 @@ async fn compose_cluster_comes_up_healthy_and_survives_killing_a_region_leader()
         assert!(ports.lines().all(|l| l.contains("-> 127.0.0.1:")), "{n} publishes on loopback only: {ports}");
     }
 
-    let client = Client::local_default().unwrap();
+    let client = Client::new(https(7001..=7003), ClientConfig::default()).unwrap();
     for i in 0..20 {
         client.put(format!("k{i}"), format!("v{i}")).await.expect("put from the host");
     }
@@ -339,8 +365,7 @@ async fn compose_cluster_comes_up_healthy_and_survives_killing_a_region_leader()
         let r = client.get(format!("k{i}"), Consistency::Linearizable).await.expect("get");
         assert_eq!(r.kv.map(|kv| kv.value), Some(format!("v{i}").into_bytes()), "k{i}");
     }
-    let eu =
-        Client::new((4..=6).map(|p| format!("http://127.0.0.1:700{p}")).collect(), ClientConfig::default()).unwrap();
+    let eu = Client::new(https(7004..=7006), ClientConfig::default()).unwrap();
     common::wait_for("writes to reach eu-west", Duration::from_secs(30), || async {
         let r = eu.get("k39", Consistency::Local).await.ok()?;
         r.kv.map(|_| ())

@@ -213,8 +213,13 @@ pub struct NodeArgs {
     #[arg(long)]
     pub log_json: bool,
     /// Run plaintext with no authentication (the config's `insecure = true`).
-    #[arg(long, env = "NINES_INSECURE")]
+    #[arg(long, env = "NINES_INSECURE", conflicts_with = "tls_dir")]
     pub insecure: bool,
+    /// Mutual TLS with the certificates `nines certs create` wrote to this
+    /// directory: ca.pem and this node's node-REGION-ID.pem and its key
+    /// (the config's [tls], for nodes that share one config file).
+    #[arg(long, env = "NINES_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -255,6 +260,10 @@ impl NodeArgs {
         }
         if self.insecure {
             c.insecure = true;
+        }
+        if let Some(dir) = &self.tls_dir {
+            c.tls = Some(crate::certs::node_files(dir, &c.region, c.id));
+            c.insecure = false;
         }
         c.validate()?;
         Ok(c)

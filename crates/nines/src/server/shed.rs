@@ -2,9 +2,15 @@
 //! client-facing calls at once and refuses the next one at once with
 //! `RESOURCE_EXHAUSTED`, marked retry-safe (the call never started), so a
 //! flood of clients gets refusals it can back off from, not a queue that
-//! grows without bound. Raft, cross-region shipments and health checks pass
-//! untouched: a flooded node keeps its leadership, its replication and its
-//! probes.
+//! grows without bound. A call holds its share until its answer starts (a
+//! streamed answer, a backup, runs on without it).
+//!
+//! Never shed: Raft, cross-region shipments, health checks and the
+//! controller's probe (`RegionStatus`), and, on a TLS node, every call of a
+//! node or an admin certificate (the authority's lease renewals are
+//! key-value calls of nodes; operators must get through a flood). On an
+//! insecure node, which knows no roles, a lease renewal can be shed; the
+//! authority client retries it, as it is marked retry-safe.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +21,7 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 
 use crate::limits::CLIENT_CALLS_IN_FLIGHT_MAX;
+use crate::tls::Role;
 
 /// The tower layer: one shared budget of calls for the whole server.
 #[derive(Clone)]
@@ -41,9 +48,15 @@ pub struct Shedding<S> {
     permits: Arc<Semaphore>,
 }
 
-/// Calls that are never shed: the cluster's own traffic and probes.
-fn exempt(path: &str) -> bool {
-    ["/nines.v1.Raft/", "/nines.v1.Replication/", "/grpc.health."].iter().any(|p| path.starts_with(p))
+/// Calls that are never shed: the cluster's own traffic and probes, and
+/// the calls of nodes and admins (their role, from `tls::Gate`).
+fn exempt<B>(req: &::http::Request<B>) -> bool {
+    let path = req.uri().path();
+    let cluster_path =
+        ["/nines.v1.Raft/", "/nines.v1.Replication/", "/grpc.health.", "/nines.v1.RegionAdmin/RegionStatus"]
+            .iter()
+            .any(|p| path.starts_with(p));
+    cluster_path || matches!(req.extensions().get::<Role>(), Some(Role::Node { .. } | Role::Admin))
 }
 
 impl<S, B, R> tower::Service<::http::Request<B>> for Shedding<S>
@@ -62,7 +75,7 @@ where
     }
 
     fn call(&mut self, req: ::http::Request<B>) -> Self::Future {
-        if exempt(req.uri().path()) {
+        if exempt(&req) {
             return Box::pin(self.inner.call(req));
         }
         match self.permits.clone().try_acquire_owned() {
@@ -91,13 +104,29 @@ where
 mod tests {
     use super::*;
 
+    fn call(path: &str, role: Option<Role>) -> ::http::Request<()> {
+        let mut req = ::http::Request::builder().uri(path).body(()).unwrap();
+        if let Some(role) = role {
+            req.extensions_mut().insert(role);
+        }
+        req
+    }
+
     #[test]
-    fn cluster_traffic_and_probes_are_never_shed() {
-        for p in ["/nines.v1.Raft/AppendEntries", "/nines.v1.Replication/Ship", "/grpc.health.v1.Health/Check"] {
-            assert!(exempt(p), "{p}");
+    fn cluster_traffic_probes_nodes_and_admins_are_never_shed() {
+        for p in [
+            "/nines.v1.Raft/AppendEntries",
+            "/nines.v1.Replication/Ship",
+            "/grpc.health.v1.Health/Check",
+            "/nines.v1.RegionAdmin/RegionStatus",
+        ] {
+            assert!(exempt(&call(p, None)), "{p}");
         }
         for p in ["/nines.v1.Kv/Put", "/nines.v1.Admin/Status", "/grpc.reflection.v1.ServerReflection/Info"] {
-            assert!(!exempt(p), "{p}");
+            assert!(!exempt(&call(p, None)), "{p}");
+            assert!(!exempt(&call(p, Some(Role::Client))), "{p} by a client");
+            assert!(exempt(&call(p, Some(Role::Admin))), "{p} by an admin");
+            assert!(exempt(&call(p, Some(Role::Node { region: "r".into(), id: 1 }))), "{p} by a node");
         }
     }
 }
