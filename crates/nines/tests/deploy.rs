@@ -61,10 +61,14 @@ fn kubernetes_manifests_spread_each_region_over_zones_with_probes_and_a_budget()
     let c = map("nines-cluster", "cluster.toml");
     assert_eq!(c.cluster.regions.len(), 2);
     // The primary's lease lives in the authority's three pods.
-    let pods: Vec<String> = (0..3).map(|i| format!("http://nines-authority-{i}.nines-authority:7001")).collect();
+    let pods: Vec<String> = (0..3).map(|i| format!("https://nines-authority-{i}.nines-authority:7001")).collect();
     assert_eq!(c.cluster.authority, pods);
+    // Every pod runs with `--tls-dir /certs` (the nines-certs Secret).
+    let tls = |region: &str| Some(nines::certs::node_files(Path::new("/certs"), region, 1));
+    let us = NodeConfig { id: 1, region: "us-east".into(), az: "us-east-a".into(), tls: tls("us-east"), ..c };
+    us.validate().unwrap_or_else(|e| panic!("us-east: {e}"));
     let a = map("nines-authority", "authority.toml");
-    let a = NodeConfig { id: 1, region: "authority".into(), az: "authority-a".into(), ..a };
+    let a = NodeConfig { id: 1, region: "authority".into(), az: "authority-a".into(), tls: tls("authority"), ..a };
     a.validate().unwrap_or_else(|e| panic!("authority: {e}"));
     assert!(sets.iter().any(|s| s["metadata"]["name"] == "nines-authority"));
 }
@@ -138,7 +142,19 @@ fn kubernetes_pods_meet_the_restricted_profile_with_limits_labels_and_a_network_
         assert_eq!(pod["runAsNonRoot"], true, "{name}");
         assert_ne!(pod["runAsUser"], 0, "{name}");
         assert_eq!(pod["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+        // The cluster's certificates, from the nines-certs Secret, readable by
+        // the pod's group only.
+        let certs = spec["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == "certs");
+        let certs = certs.unwrap_or_else(|| panic!("{name}: a certs volume"));
+        assert_eq!(certs["secret"]["secretName"], "nines-certs", "{name}");
+        assert_eq!(pod["fsGroup"], 65532, "{name}: the Secret's files belong to the pod's group");
         for c in spec["containers"].as_sequence().unwrap() {
+            let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+            let tls_flag = if kind == "StatefulSet" { "--tls-dir" } else { "--cacert" };
+            assert!(args.contains(&tls_flag), "{name}: runs TLS ({tls_flag}): {args:?}");
+            assert!(args.iter().all(|a| !a.contains("http://")), "{name}: only https endpoints: {args:?}");
+            let mounts = c["volumeMounts"].as_sequence().unwrap();
+            assert!(mounts.iter().any(|m| m["name"] == "certs" && m["readOnly"] == true), "{name}: mounts its certs");
             assert_known_fields(
                 &format!("{name} container"),
                 c,

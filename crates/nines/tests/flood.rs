@@ -1,4 +1,4 @@
-//! A flood on a real node: 2,000 idle connections plus thousands of calls
+//! A flood on a real node: 2,000 idle connections plus 12,000 calls
 //! at once. The node stays up, answers health checks, serves what it
 //! admits and refuses the excess at once with RESOURCE_EXHAUSTED (marked
 //! retry-safe) instead of queuing it.
@@ -18,7 +18,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 /// Connections the flood spreads its calls over, and calls on each.
-const FLOOD_CONNECTIONS: usize = 16;
+const FLOOD_CONNECTIONS: usize = 24;
 const CALLS_PER_CONNECTION: usize = 500;
 const IDLE_CONNECTIONS: usize = 2000;
 
