@@ -51,6 +51,7 @@ use crate::limits::{GRPC_STREAMS_PER_CONNECTION_MAX, RAFT_MESSAGE_BYTES_MAX, REQ
 use crate::network::{Channels, NetworkFactory};
 use crate::node::{Node, Parts, Receivers, Regions};
 use crate::server::admin::AdminService;
+use crate::server::guard::GuardLayer;
 use crate::server::kv::KvService;
 use crate::server::raft::RaftService;
 use crate::server::region::RegionAdminService;
@@ -337,8 +338,8 @@ async fn serve(
         .http2_max_pending_accept_reset_streams(Some(PENDING_ACCEPT_RESETS_MAX))
         .max_concurrent_streams(GRPC_STREAMS_PER_CONNECTION_MAX)
         // Authorization first: a refused caller takes no share of the budget.
-        .layer(crate::tls::Gate::new(node.region(), tls.is_some()))
-        .layer(crate::server::shed::Shed::default())
+        .layer(GuardLayer(crate::tls::Gate::new(node.region(), tls.is_some())))
+        .layer(GuardLayer(crate::server::shed::Shed::default()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -24,9 +24,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -291,7 +289,7 @@ fn permit(need: Need, role: &Role, region: &str) -> Result<(), String> {
     }
 }
 
-/// A tower layer that authorizes every gRPC call by the role in the
+/// The guard that authorizes every gRPC call by the role in the
 /// caller's certificate (see the module docs) and hands the role to the
 /// services in the request's extensions (a [`Role`]), for the checks that
 /// depend on the request's content ([`check_key_write`], shipments). On a
@@ -308,21 +306,7 @@ impl Gate {
     }
 }
 
-impl<S> tower::Layer<S> for Gate {
-    type Service = Gated<S>;
-    fn layer(&self, inner: S) -> Gated<S> {
-        Gated { inner, region: self.region.clone(), tls: self.tls }
-    }
-}
-
-#[derive(Clone)]
-pub struct Gated<S> {
-    inner: S,
-    region: Arc<str>,
-    tls: bool,
-}
-
-impl<S> Gated<S> {
+impl Gate {
     /// The caller's role if it may make the call, or the refusal.
     fn check<B>(&self, req: &::http::Request<B>) -> Result<Option<Role>, Status> {
         if !self.tls {
@@ -348,31 +332,16 @@ impl<S> Gated<S> {
     }
 }
 
-impl<S, B, R> tower::Service<::http::Request<B>> for Gated<S>
-where
-    S: tower::Service<::http::Request<B>, Response = ::http::Response<R>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    R: Default + Send + 'static,
-{
-    type Response = ::http::Response<R>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+impl crate::server::guard::Guard for Gate {
+    type Pass = ();
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: ::http::Request<B>) -> Self::Future {
-        match self.check(&req) {
-            Ok(role) => {
-                if let Some(role) = role {
-                    req.extensions_mut().insert(role);
-                }
-                Box::pin(self.inner.call(req))
-            }
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+    /// Admits the call if the caller's role may make it, and hands the role
+    /// on in the request's extensions.
+    fn admit<B>(&self, req: &mut ::http::Request<B>) -> Result<(), Status> {
+        if let Some(role) = self.check(req)? {
+            req.extensions_mut().insert(role);
         }
+        Ok(())
     }
 }
 

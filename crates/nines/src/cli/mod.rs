@@ -217,7 +217,7 @@ pub struct NodeArgs {
     pub insecure: bool,
     /// Mutual TLS with the certificates `nines certs create` wrote to this
     /// directory: ca.pem and this node's node-REGION-ID.pem and its key
-    /// (the config's [tls], for nodes that share one config file).
+    /// (the config's `[tls]`, for nodes that share one config file).
     #[arg(long, env = "NINES_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
 }

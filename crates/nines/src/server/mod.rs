@@ -11,7 +11,8 @@
 //!   the protocol is in [`crate::replication`].
 //! - [`raft`]: the internal Raft transport (`nines.v1.Raft`).
 //! - [`forward`]: forwarding a request to the leader.
-//! - [`shed`]: refusing client calls beyond the node's budget.
+//! - [`guard`]: admitting or refusing each call before a service sees it;
+//!   [`shed`]: refusing client calls beyond the node's budget.
 //!
 //! A request that needs the leader and arrives at a follower is forwarded
 //! once to the leader it knows; if none is known, or the request was already
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod forward;
+pub mod guard;
 pub mod kv;
 pub mod raft;
 pub mod region;

@@ -12,18 +12,17 @@
 //! insecure node, which knows no roles, a lease renewal can be shed; the
 //! authority client retries it, as it is marked retry-safe.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use nines_proto::metadata;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
+use super::guard::Guard;
 use crate::limits::CLIENT_CALLS_IN_FLIGHT_MAX;
 use crate::tls::Role;
 
-/// The tower layer: one shared budget of calls for the whole server.
+/// The guard: one shared budget of calls for the whole server.
 #[derive(Clone)]
 pub struct Shed {
     permits: Arc<Semaphore>,
@@ -33,19 +32,6 @@ impl Default for Shed {
     fn default() -> Self {
         Shed { permits: Arc::new(Semaphore::new(CLIENT_CALLS_IN_FLIGHT_MAX)) }
     }
-}
-
-impl<S> tower::Layer<S> for Shed {
-    type Service = Shedding<S>;
-    fn layer(&self, inner: S) -> Shedding<S> {
-        Shedding { inner, permits: self.permits.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct Shedding<S> {
-    inner: S,
-    permits: Arc<Semaphore>,
 }
 
 /// Calls that are never shed: the cluster's own traffic and probes, and
@@ -59,34 +45,16 @@ fn exempt<B>(req: &::http::Request<B>) -> bool {
     cluster_path || matches!(req.extensions().get::<Role>(), Some(Role::Node { .. } | Role::Admin))
 }
 
-impl<S, B, R> tower::Service<::http::Request<B>> for Shedding<S>
-where
-    S: tower::Service<::http::Request<B>, Response = ::http::Response<R>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    R: Default + Send + 'static,
-{
-    type Response = ::http::Response<R>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+impl Guard for Shed {
+    /// The call's share of the budget (none when exempt).
+    type Pass = Option<OwnedSemaphorePermit>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: ::http::Request<B>) -> Self::Future {
-        if exempt(&req) {
-            return Box::pin(self.inner.call(req));
+    fn admit<B>(&self, req: &mut ::http::Request<B>) -> Result<Self::Pass, Status> {
+        if exempt(req) {
+            return Ok(None);
         }
         match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let call = self.inner.call(req);
-                Box::pin(async move {
-                    let response = call.await;
-                    drop(permit);
-                    response
-                })
-            }
+            Ok(permit) => Ok(Some(permit)),
             Err(_) => {
                 metrics::counter!("nines_calls_shed_total").increment(1);
                 let mut status = Status::resource_exhausted(format!(
@@ -94,7 +62,7 @@ where
                      was not started: retry with backoff, or another node"
                 ));
                 status.metadata_mut().insert(metadata::RETRY_SAFE, "true".parse().expect("ASCII"));
-                Box::pin(std::future::ready(Ok(status.into_http())))
+                Err(status)
             }
         }
     }
