@@ -307,8 +307,9 @@ impl Gate {
 }
 
 impl Gate {
-    /// The caller's role if it may make the call, or the refusal.
-    fn check<B>(&self, req: &::http::Request<B>) -> Result<Option<Role>, Status> {
+    /// The caller's role if it may make the call (none on a node without
+    /// TLS), or the refusal.
+    pub fn check<B>(&self, req: &::http::Request<B>) -> Result<Option<Role>, Status> {
         if !self.tls {
             return Ok(None);
         }
@@ -329,19 +330,6 @@ impl Gate {
         let role = role_of(leaf).map_err(refuse)?;
         permit(need(path), &role, &self.region).map_err(refuse)?;
         Ok(Some(role))
-    }
-}
-
-impl crate::server::guard::Guard for Gate {
-    type Pass = ();
-
-    /// Admits the call if the caller's role may make it, and hands the role
-    /// on in the request's extensions.
-    fn admit<B>(&self, req: &mut ::http::Request<B>) -> Result<(), Status> {
-        if let Some(role) = self.check(req)? {
-            req.extensions_mut().insert(role);
-        }
-        Ok(())
     }
 }
 

@@ -16,6 +16,19 @@ pub trait Guard: Clone {
     fn admit<B>(&self, req: &mut ::http::Request<B>) -> Result<Self::Pass, Status>;
 }
 
+/// Authorization: admits a call its caller's role may make, and hands the
+/// role on in the request's extensions.
+impl Guard for crate::tls::Gate {
+    type Pass = ();
+
+    fn admit<B>(&self, req: &mut ::http::Request<B>) -> Result<(), Status> {
+        if let Some(role) = self.check(req)? {
+            req.extensions_mut().insert(role);
+        }
+        Ok(())
+    }
+}
+
 /// The layer of a guard.
 #[derive(Clone)]
 pub struct GuardLayer<G>(pub G);
