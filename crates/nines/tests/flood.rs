@@ -27,6 +27,9 @@ async fn idle_connections_and_a_call_flood_get_refusals_not_a_queue() {
     let _serial = serial().await;
     let cluster = TestCluster::start(3, |_| {}).await;
     let leader = cluster.wait_leader().await;
+    // Serving writes (the leader has proposed the region's setup) before
+    // the flood: every failure below is then the flood's.
+    cluster.client().put("before", "flood").await.expect("a put before the flood");
     let node = &cluster.nodes[&leader];
     let url = node.grpc();
 
