@@ -304,9 +304,7 @@ impl Gate {
     pub fn new(region: &str, tls: bool) -> Self {
         Gate { region: region.into(), tls }
     }
-}
 
-impl Gate {
     /// The caller's role if it may make the call (none on a node without
     /// TLS), or the refusal.
     pub fn check<B>(&self, req: &::http::Request<B>) -> Result<Option<Role>, Status> {
