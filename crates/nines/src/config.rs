@@ -503,6 +503,12 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
+/// Whether a region or AZ label may hold `c`: ASCII letters, digits, '-'
+/// and '_'.
+pub fn is_label_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, reason: reason.into() }
 }
@@ -533,7 +539,7 @@ impl NodeConfig {
                     format!("is {} bytes; limit LABEL_BYTES_MAX is {LABEL_BYTES_MAX}", label.len()),
                 ));
             }
-            if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            if !label.chars().all(is_label_char) {
                 return Err(invalid(field, format!("{label:?} may hold only ASCII letters, digits, '-' and '_'")));
             }
         }
@@ -639,14 +645,6 @@ impl NodeConfig {
         if self.cluster.lease < LEASE_MIN {
             return Err(invalid("cluster.lease", format!("must be at least {LEASE_MIN:?}")));
         }
-        if let Some(e) =
-            self.cluster.authority.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-        {
-            return Err(invalid(
-                "cluster.authority",
-                format!("endpoint {e:?} must be a URL such as http://127.0.0.1:7101"),
-            ));
-        }
         if self.write_timeout.is_zero() {
             return Err(invalid("write_timeout", "must be greater than 0"));
         }
@@ -662,7 +660,8 @@ impl NodeConfig {
             _ => {}
         }
         // A node with [tls] speaks only https, one without only http: every
-        // URL it advertises or dials must say so.
+        // gRPC URL it advertises or dials must be one of its scheme (which
+        // also makes it a URL).
         let (scheme, why) =
             if self.tls.is_some() { ("https://", "this node has [tls]") } else { ("http://", "this node is insecure") };
         let advertised = std::iter::once(("grpc_advertise", &self.grpc_advertise)).filter(|(_, u)| !u.is_empty());
@@ -671,10 +670,9 @@ impl NodeConfig {
         if let Some((field, url)) = advertised.chain(authority).chain(regions).find(|(_, u)| !u.starts_with(scheme)) {
             return Err(invalid(field, format!("{url:?} must be a {scheme} URL: {why}")));
         }
-        for (field, url) in [("grpc_advertise", &self.grpc_advertise), ("admin_advertise", &self.admin_advertise)] {
-            if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(field, format!("{url:?} must be a URL such as http://nines-1:7001")));
-            }
+        let admin = &self.admin_advertise;
+        if !(admin.is_empty() || admin.starts_with("http://") || admin.starts_with("https://")) {
+            return Err(invalid("admin_advertise", format!("{admin:?} must be a URL such as http://nines-1:8001")));
         }
         let regions = &self.cluster.regions;
         if !regions.is_empty() {
@@ -685,12 +683,6 @@ impl NodeConfig {
                 }
                 if r.endpoints.is_empty() {
                     return Err(invalid("cluster.regions", format!("region {:?} has no endpoints", r.name)));
-                }
-                if let Some(e) = r.endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
-                    return Err(invalid(
-                        "cluster.regions",
-                        format!("endpoint {e:?} of region {:?} must be a URL such as http://127.0.0.1:7001", r.name),
-                    ));
                 }
             }
             if !names.contains(self.region.as_str()) {

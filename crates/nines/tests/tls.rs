@@ -9,10 +9,11 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{Up, output_within, serial};
+use nines::tls::TlsConfig;
 use nines_proto::v1::raft_client::RaftClient;
 use nines_proto::v1::replication_client::ReplicationClient;
 use nines_proto::v1::{RaftMessage, ShipRequest};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 fn nines(args: &[String]) -> Output {
     let child = Command::new(env!("CARGO_BIN_EXE_nines"))
@@ -28,10 +29,10 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-/// `--endpoints E --cacert CA --cert ROLE.pem --key ROLE-key.pem`, then `args`.
-fn with_identity(endpoints: &str, ca: &Path, cert: &Path, key: &Path, args: &[&str]) -> Vec<String> {
+/// `--endpoints E --cacert CA --cert CERT --key KEY` of `id`, then `args`.
+fn with_identity(endpoints: &str, id: &TlsConfig, args: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = vec!["--endpoints".into(), endpoints.into()];
-    for (flag, path) in [("--cacert", ca), ("--cert", cert), ("--key", key)] {
+    for (flag, path) in [("--cacert", &id.ca), ("--cert", &id.cert), ("--key", &id.key)] {
         v.push(flag.into());
         v.push(path.to_string_lossy().into_owned());
     }
@@ -39,26 +40,24 @@ fn with_identity(endpoints: &str, ca: &Path, cert: &Path, key: &Path, args: &[&s
     v
 }
 
-fn tls(ca: &Path, cert: &Path, key: &Path) -> ClientTlsConfig {
-    ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-        .identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()))
+/// `nines certs create --dir DIR --node NODE`.
+fn certs_create(dir: &Path, node: &str) -> Output {
+    nines(&["certs", "create", "--dir", &dir.to_string_lossy(), "--node", node].map(String::from))
 }
 
-/// A connected channel to `url` as the identity (cert, key), trusting `ca`.
-async fn channel(url: &str, ca: &Path, cert: &Path, key: &Path) -> Channel {
-    Endpoint::from_shared(url.to_string()).unwrap().tls_config(tls(ca, cert, key)).unwrap().connect().await.unwrap()
+/// An identity: trusting the cluster's `ca`, presenting `dir/NAME.pem`.
+fn identity(ca: &Path, dir: &Path, name: &str) -> TlsConfig {
+    TlsConfig { ca: ca.to_path_buf(), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}-key.pem")) }
 }
 
-/// A Raft AppendEntries from the identity (cert, key) to `url`, trusting `ca`.
-async fn raft_append(url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<(), tonic::Status> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls(ca, cert, key))
-        .unwrap()
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
+/// A channel to `url` as `id`, connected now.
+async fn channel(url: &str, id: &TlsConfig) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(url.to_string()).unwrap().tls_config(id.client().unwrap()).unwrap().connect().await
+}
+
+/// A Raft AppendEntries to `url` as `id`.
+async fn raft_append(url: &str, id: &TlsConfig) -> Result<(), tonic::Status> {
+    let channel = channel(url, id).await.map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
     RaftClient::new(channel).append_entries(RaftMessage { payload: vec![0xff; 8] }).await.map(|_| ())
 }
 
@@ -72,9 +71,7 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
     let ca = certs.join("ca.pem");
     let base = up.grpc_base();
     let endpoints = (0..3).map(|i| format!("https://127.0.0.1:{}", base + i)).collect::<Vec<_>>().join(",");
-    let role = |name: &str, args: &[&str]| {
-        with_identity(&endpoints, &ca, &certs.join(format!("{name}.pem")), &certs.join(format!("{name}-key.pem")), args)
-    };
+    let role = |name: &str, args: &[&str]| with_identity(&endpoints, &identity(&ca, &certs, name), args);
 
     // A client certificate reads and writes.
     let put = nines(&role("client", &["put", "k", "v1"]));
@@ -111,26 +108,18 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
     assert!(text(&get).contains("v1"), "the plaintext and bare puts wrote nothing: {}", text(&get));
 
     // A node of another region (same CA) may not send Raft traffic here.
-    let more = nines(&[
-        "certs".into(),
-        "create".into(),
-        "--dir".into(),
-        certs.to_string_lossy().into(),
-        "--node".into(),
-        "eu-west/9".into(),
-    ]);
+    let more = certs_create(&certs, "eu-west/9");
     assert!(more.status.success() && text(&more).contains("kept"), "{}", text(&more));
     let url = format!("https://127.0.0.1:{base}");
-    let e = raft_append(&url, &ca, &certs.join("node-eu-west-9.pem"), &certs.join("node-eu-west-9-key.pem"))
-        .await
-        .expect_err("Raft from another region's node");
+    let eu_west_9 = identity(&ca, &certs, "node-eu-west-9");
+    let e = raft_append(&url, &eu_west_9).await.expect_err("Raft from another region's node");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("region us-east"), "{e:?}");
     // Nor may a client certificate.
-    let e = raft_append(&url, &ca, &certs.join("client.pem"), &certs.join("client-key.pem")).await.unwrap_err();
+    let e = raft_append(&url, &identity(&ca, &certs, "client")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     // A node may ship only as its own region.
-    let channel = channel(&url, &ca, &certs.join("node-eu-west-9.pem"), &certs.join("node-eu-west-9-key.pem")).await;
+    let channel = channel(&url, &eu_west_9).await.expect("a node of the cluster's CA connects");
     let forged = ShipRequest { origin_region: "us-west".into(), ..Default::default() };
     let e = ReplicationClient::new(channel).ship(forged).await.expect_err("a shipment under another region's name");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
@@ -144,16 +133,9 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
     // A node certificate from another CA cannot even connect, and the node
     // logs the refusal with the peer's address.
     let other = dir.path().join("other-ca");
-    let made = nines(&[
-        "certs".into(),
-        "create".into(),
-        "--dir".into(),
-        other.to_string_lossy().into(),
-        "--node".into(),
-        "us-east/2".into(),
-    ]);
+    let made = certs_create(&other, "us-east/2");
     assert!(made.status.success(), "{}", text(&made));
-    let e = raft_append(&url, &ca, &other.join("node-us-east-2.pem"), &other.join("node-us-east-2-key.pem"))
+    let e = raft_append(&url, &identity(&ca, &other, "node-us-east-2"))
         .await
         .expect_err("Raft with a foreign CA's certificate");
     assert_ne!(e.code(), tonic::Code::Ok);

@@ -274,9 +274,10 @@ impl NodeArgs {
 /// '-', and the result is cut to `LABEL_BYTES_MAX` (config validation still
 /// refuses an empty one).
 fn az_label(name: &str) -> String {
-    let label: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
-    label.chars().take(crate::limits::LABEL_BYTES_MAX).collect()
+    name.chars()
+        .map(|c| if crate::config::is_label_char(c) { c } else { '-' })
+        .take(crate::limits::LABEL_BYTES_MAX)
+        .collect()
 }
 
 fn hostname() -> anyhow::Result<String> {

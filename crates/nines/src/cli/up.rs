@@ -245,15 +245,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("nines: {} regions x {} AZs{mode} (data in {})", args.regions, args.azs, dir.display());
     println!("{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}", "NODE", "REGION", "AZ", "GRPC", "ADMIN", "PID");
     for (c, p) in configs.iter().zip(&local.nodes) {
-        println!(
-            "{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}",
-            c.id,
-            c.region,
-            c.az,
-            c.urls(c.grpc_listen, c.admin_listen).0,
-            c.urls(c.grpc_listen, c.admin_listen).1,
-            p.pid()
-        );
+        let (grpc, admin) = c.urls(c.grpc_listen, c.admin_listen);
+        println!("{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}", c.id, c.region, c.az, grpc, admin, p.pid());
     }
     for (region, leader) in &leaders {
         println!("{region} leader: node {leader}");
@@ -263,17 +256,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let endpoints: Vec<String> =
             local.nodes.iter().filter(|n| n.config.region != AUTHORITY_REGION).map(|n| n.grpc()).collect();
         println!("mutual TLS on: certificates in {}; a client needs them:", certs.display());
-        let flags = |role: &str| {
+        let flags = |role: &crate::tls::Role| {
+            let f = crate::certs::role_files(&certs, role);
             format!(
                 "--endpoints {} --cacert {} --cert {} --key {}",
                 endpoints.join(","),
-                certs.join("ca.pem").display(),
-                certs.join(format!("{role}.pem")).display(),
-                certs.join(format!("{role}-key.pem")).display()
+                f.ca.display(),
+                f.cert.display(),
+                f.key.display()
             )
         };
-        println!("  client (reads, writes, status):  nines {} put hello world", flags("client"));
-        println!("  admin (membership, regions):     nines {} member list", flags("admin"));
+        println!("  client (reads, writes, status):  nines {} put hello world", flags(&crate::tls::Role::Client));
+        println!("  admin (membership, regions):     nines {} member list", flags(&crate::tls::Role::Admin));
         println!("Ctrl-C stops every node");
     } else {
         println!("plaintext on 127.0.0.1 with no authentication (nines up --tls for mutual TLS)");
