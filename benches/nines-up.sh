@@ -1,12 +1,13 @@
 # Sourced by run.sh and profile.sh (not run on its own).
 #
-# start_nines WORK GRPC_BASE ADMIN_BASE: starts a one-region nines (three
+# start_nines WORK GRPC_BASE ADMIN_BASE PEER_BASE: starts a one-region nines (three
 # AZs, simulated latency off) with `nines up` in the background, its data in
 # WORK/nines and its output in WORK/up.log; sets NINES_UP_PID at once (for
 # the caller's cleanup) and returns once it printed its leader, or fails
 # after 60 s with that output.
 start_nines() {
   ./target/release/nines up --regions 1 --azs 3 --no-latency --grpc-port-base "$2" --admin-port-base "$3" \
+    --peer-port-base "$4" \
     --data-dir "$1/nines" >"$1/up.log" 2>&1 &
   NINES_UP_PID=$!
   for _ in $(seq 1 600); do

@@ -24,7 +24,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-start_nines "$work" 27101 28101
+start_nines "$work" 27101 28101 29101
 eps="http://127.0.0.1:27101,http://127.0.0.1:27102,http://127.0.0.1:27103"
 leader=$(./target/release/nines --endpoints "$eps" -w json member list | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"])')
 pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$work/nines/node-$leader/addrs.json")

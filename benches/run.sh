@@ -61,7 +61,7 @@ EOF
   echo "$!" >"$work/etcd$i.pid"
 done
 
-start_nines "$work" 27001 28001
+start_nines "$work" 27001 28001 29001
 for _ in $(seq 1 100); do
   ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:23791 endpoint health >/dev/null 2>&1 && break
   sleep 0.1

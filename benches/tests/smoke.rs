@@ -33,6 +33,7 @@ async fn the_generator_measures_a_real_nines_node() {
         data_dir: dir.path().join("node"),
         grpc_listen: ([127, 0, 0, 1], free_port()).into(),
         admin_listen: ([127, 0, 0, 1], free_port()).into(),
+        peer_listen: ([127, 0, 0, 1], free_port()).into(),
         insecure: true,
         ..NodeConfig::default()
     };

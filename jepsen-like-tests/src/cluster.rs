@@ -81,17 +81,11 @@ struct Container {
 impl NodeProc {
     /// Its gRPC URL: https when it runs TLS (the compose cluster).
     pub fn endpoint(&self) -> String {
-        self.config.urls(self.config.grpc_listen, self.config.admin_listen).0
+        self.config.listen_urls().grpc
     }
 
     fn info(&self) -> NodeInfo {
-        NodeInfo {
-            id: self.config.id,
-            grpc_addr: self.endpoint(),
-            admin_addr: format!("http://{}", self.config.admin_listen),
-            region: self.config.region.clone(),
-            az: self.config.az.clone(),
-        }
+        nines::convert::info_to_proto(self.config.id, &nines::types::NodeInfo::listening(&self.config))
     }
 }
 
@@ -207,7 +201,8 @@ impl Cluster {
         for r in &all_regions {
             let nodes = if r == AUTHORITY_REGION { 3 } else { azs };
             for _ in 0..nodes {
-                ports.insert(next, (free_port(&mut taken, &mut rng)?, free_port(&mut taken, &mut rng)?));
+                let mut port = || free_port(&mut taken, &mut rng);
+                ports.insert(next, (port()?, port()?, port()?));
                 region_ids.entry(r.clone()).or_default().push(next);
                 next += 1;
             }
@@ -225,6 +220,10 @@ impl Cluster {
                     .map(|r| RegionConfig {
                         name: r.clone(),
                         endpoints: region_ids[r].iter().map(|id| format!("http://127.0.0.1:{}", ports[id].0)).collect(),
+                        peer_endpoints: region_ids[r]
+                            .iter()
+                            .map(|id| format!("http://127.0.0.1:{}", ports[id].2))
+                            .collect(),
                     })
                     .collect()
             } else {
@@ -242,6 +241,7 @@ impl Cluster {
                     data_dir: dir.join(format!("node-{id}")),
                     grpc_listen: ([127, 0, 0, 1], ports[id].0).into(),
                     admin_listen: ([127, 0, 0, 1], ports[id].1).into(),
+                    peer_listen: ([127, 0, 0, 1], ports[id].2).into(),
                     cluster: if r == AUTHORITY_REGION { ClusterConfig::default() } else { cluster_config.clone() },
                     fault_injection: true,
                     planted_bug_local_reads: flags.planted_bug_local_reads,

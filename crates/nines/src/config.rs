@@ -19,9 +19,14 @@ pub struct NodeConfig {
     pub az: String,
     /// Where the node keeps its log, state and snapshots.
     pub data_dir: PathBuf,
-    /// Where gRPC (client, admin and Raft services) listens. Port 0 picks a
-    /// free port; the node then writes its addresses to `data_dir/addrs.json`.
+    /// Where the client gRPC listener (KV, membership and region admin,
+    /// health, reflection) listens. Port 0 picks a free port; the node then
+    /// writes its addresses to `data_dir/addrs.json`.
     pub grpc_listen: SocketAddr,
+    /// Where the peer gRPC listener (Raft inside the region, shipments
+    /// between regions) listens: only other nodes need to reach it (as
+    /// etcd's peer port). Port 0 picks a free port, as for `grpc_listen`.
+    pub peer_listen: SocketAddr,
     /// Where the HTTP probes listen.
     pub admin_listen: SocketAddr,
     /// The gRPC URL other nodes and clients use to reach this node. Empty:
@@ -30,6 +35,8 @@ pub struct NodeConfig {
     pub grpc_advertise: String,
     /// The admin URL, as `grpc_advertise`.
     pub admin_advertise: String,
+    /// The peer URL other nodes use, as `grpc_advertise`.
+    pub peer_advertise: String,
     pub raft: RaftConfig,
     /// Largest offset a remote clock may be ahead of this node's.
     #[serde(with = "humantime_serde")]
@@ -60,6 +67,11 @@ pub struct NodeConfig {
     /// present a certificate the CA signed; its role decides what they may
     /// call (see `crate::tls`).
     pub tls: Option<crate::tls::TlsConfig>,
+    /// A file holding the admin token (`crate::token`): a call carrying it
+    /// (`authorization: Bearer TOKEN`, the CLI's `--admin-token-file`) may
+    /// make admin operations. Without `[tls]`, admin operations then need
+    /// it; with `[tls]`, it lifts a client certificate to admin.
+    pub admin_token_file: Option<PathBuf>,
     /// Run plaintext, without TLS and without authorization: anyone who
     /// reaches the gRPC port can read, write, change membership and send
     /// Raft traffic. For loopback and tests; a node with neither `[tls]`
@@ -156,7 +168,13 @@ pub const LEASE_MIN: Duration = Duration::from_millis(600);
 #[serde(deny_unknown_fields)]
 pub struct RegionConfig {
     pub name: String,
+    /// The client URLs of its nodes (`grpc_advertise`): status, and what
+    /// clients learn of the region.
     pub endpoints: Vec<String>,
+    /// The peer URLs of its nodes (`peer_advertise`): where shipments go.
+    /// Needed for every region but this node's own.
+    #[serde(default)]
+    pub peer_endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,20 +229,60 @@ impl LatencyConfig {
 }
 
 impl NodeConfig {
-    /// The gRPC and admin URLs others reach this node at: the advertised
-    /// ones, or the bound addresses (gRPC over `https://` with TLS).
-    pub fn urls(&self, grpc: SocketAddr, admin: SocketAddr) -> (String, String) {
+    /// The URLs others reach this node at: the advertised ones, or the
+    /// addresses its listeners bound (gRPC over `https://` with TLS).
+    pub fn urls(&self, bound: &Bound) -> Urls {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let url = |advertised: &str, scheme: &str, bound: SocketAddr| {
             if advertised.is_empty() { format!("{scheme}://{bound}") } else { advertised.to_string() }
         };
-        (url(&self.grpc_advertise, scheme, grpc), url(&self.admin_advertise, "http", admin))
+        Urls {
+            grpc: url(&self.grpc_advertise, scheme, bound.grpc),
+            peer: url(&self.peer_advertise, scheme, bound.peer),
+            admin: url(&self.admin_advertise, "http", bound.admin),
+        }
+    }
+
+    /// [`Self::urls`] of a node that binds what it is configured to listen
+    /// on (no port 0).
+    pub fn listen_urls(&self) -> Urls {
+        self.urls(&Bound { grpc: self.grpc_listen, peer: self.peer_listen, admin: self.admin_listen })
     }
 
     /// The other regions, with their endpoints.
     pub fn peer_regions(&self) -> Vec<RegionConfig> {
         self.cluster.regions.iter().filter(|r| r.name != self.region).cloned().collect()
     }
+}
+
+impl RegionConfig {
+    /// Region `name`, made up of `nodes`, at their configured listen
+    /// addresses (no port 0).
+    pub fn of(name: &str, nodes: &[NodeConfig]) -> RegionConfig {
+        let urls: Vec<Urls> = nodes.iter().map(NodeConfig::listen_urls).collect();
+        RegionConfig {
+            name: name.to_string(),
+            endpoints: urls.iter().map(|u| u.grpc.clone()).collect(),
+            peer_endpoints: urls.into_iter().map(|u| u.peer).collect(),
+        }
+    }
+}
+
+/// Where others reach a node: its client gRPC, peer gRPC and admin HTTP
+/// URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Urls {
+    pub grpc: String,
+    pub peer: String,
+    pub admin: String,
+}
+
+/// The addresses a node's three listeners bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub peer: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 /// The storage engine's settings.
@@ -459,9 +517,11 @@ impl Default for NodeConfig {
             az: "local-a".into(),
             data_dir: PathBuf::from("nines-data"),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 9001)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             grpc_advertise: String::new(),
             admin_advertise: String::new(),
+            peer_advertise: String::new(),
             raft: RaftConfig::default(),
             clock_offset_max: Duration::from_millis(500),
             write_timeout: Duration::from_secs(10),
@@ -473,6 +533,7 @@ impl Default for NodeConfig {
             storage: StorageConfig::default(),
             backup: BackupConfig::default(),
             tls: None,
+            admin_token_file: None,
             insecure: false,
             fault_injection: false,
             planted_bug_local_reads: false,
@@ -664,9 +725,15 @@ impl NodeConfig {
         // also makes it a URL).
         let (scheme, why) =
             if self.tls.is_some() { ("https://", "this node has [tls]") } else { ("http://", "this node is insecure") };
-        let advertised = std::iter::once(("grpc_advertise", &self.grpc_advertise)).filter(|(_, u)| !u.is_empty());
+        let advertised = [("grpc_advertise", &self.grpc_advertise), ("peer_advertise", &self.peer_advertise)]
+            .into_iter()
+            .filter(|(_, u)| !u.is_empty());
         let authority = self.cluster.authority.iter().map(|e| ("cluster.authority", e));
-        let regions = self.cluster.regions.iter().flat_map(|r| r.endpoints.iter().map(|e| ("cluster.regions", e)));
+        let regions = self
+            .cluster
+            .regions
+            .iter()
+            .flat_map(|r| r.endpoints.iter().chain(&r.peer_endpoints).map(|e| ("cluster.regions", e)));
         if let Some((field, url)) = advertised.chain(authority).chain(regions).find(|(_, u)| !u.starts_with(scheme)) {
             return Err(invalid(field, format!("{url:?} must be a {scheme} URL: {why}")));
         }
@@ -683,6 +750,12 @@ impl NodeConfig {
                 }
                 if r.endpoints.is_empty() {
                     return Err(invalid("cluster.regions", format!("region {:?} has no endpoints", r.name)));
+                }
+                if r.peer_endpoints.is_empty() && r.name != self.region {
+                    return Err(invalid(
+                        "cluster.regions",
+                        format!("region {:?} has no peer_endpoints: shipments to it need its nodes' peer URLs", r.name),
+                    ));
                 }
             }
             if !names.contains(self.region.as_str()) {
@@ -831,6 +904,16 @@ mod tests {
             ("[cluster]\nmode = \"active-passive\"", "`cluster.primary`"),
             ("[[cluster.regions]]\nname = \"other\"\nendpoints = [\"http://h:1\"]", "`cluster.regions`"),
             ("[[cluster.regions]]\nname = \"local\"\nendpoints = [\"h:1\"]", "`cluster.regions`"),
+            (
+                "[[cluster.regions]]\nname = \"local\"\nendpoints = [\"http://h:1\"]\n\
+                 [[cluster.regions]]\nname = \"b\"\nendpoints = [\"http://h:2\"]",
+                "has no peer_endpoints",
+            ),
+            (
+                "[[cluster.regions]]\nname = \"local\"\nendpoints = [\"http://h:1\"]\n\
+                 [[cluster.regions]]\nname = \"b\"\nendpoints = [\"http://h:2\"]\npeer_endpoints = [\"h:3\"]",
+                "`cluster.regions`",
+            ),
         ];
         for (text, field) in table {
             let c = NodeConfig::from_toml(&format!("insecure = true\n{text}"), std::path::Path::new("t.toml")).unwrap();
@@ -842,6 +925,7 @@ mod tests {
             ("", "`tls`"),
             (&format!("insecure = true\n{tls}") as &str, "`insecure`"),
             (&format!("grpc_advertise = \"http://n:1\"\n{tls}"), "`grpc_advertise`"),
+            (&format!("peer_advertise = \"http://n:2\"\n{tls}"), "`peer_advertise`"),
         ] {
             let c = NodeConfig::from_toml(text, std::path::Path::new("t.toml")).unwrap();
             let err = c.validate().expect_err(text).to_string();
@@ -849,8 +933,12 @@ mod tests {
         }
         let c = NodeConfig::from_toml(tls, std::path::Path::new("t.toml")).unwrap();
         c.validate().expect("TLS without insecure is valid");
-        let grpc = SocketAddr::from(([127, 0, 0, 1], 7001));
-        assert_eq!(c.urls(grpc, grpc).0, "https://127.0.0.1:7001", "a TLS node advertises https");
+        let urls = c.listen_urls();
+        assert_eq!(
+            (urls.grpc.as_str(), urls.peer.as_str(), urls.admin.as_str()),
+            ("https://127.0.0.1:7001", "https://127.0.0.1:9001", "http://127.0.0.1:8001"),
+            "a TLS node advertises https on both gRPC ports"
+        );
         let err = NodeConfig::from_toml("write_timeout = \"soon\"", std::path::Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("write_timeout"), "{err}");
         let err = NodeConfig::from_toml("[cluster]\nmode = \"both\"", std::path::Path::new("t.toml")).unwrap_err();

@@ -38,6 +38,7 @@ pub fn info_to_proto(id: NodeId, n: &NodeInfo) -> pb::NodeInfo {
         admin_addr: n.admin_addr.clone(),
         region: n.region.clone(),
         az: n.az.clone(),
+        peer_addr: n.peer_addr.clone(),
     }
 }
 
@@ -46,11 +47,13 @@ pub fn info_from_proto(n: &pb::NodeInfo) -> Result<(NodeId, NodeInfo), Error> {
     if n.id == 0 {
         return Err(Error::invalid("node id must not be 0"));
     }
-    if !(n.grpc_addr.starts_with("http://") || n.grpc_addr.starts_with("https://")) {
-        return Err(Error::invalid(format!(
-            "node {} grpc_addr {:?} must be a URL such as http://127.0.0.1:7001",
-            n.id, n.grpc_addr
-        )));
+    for (field, url, example) in [("grpc_addr", &n.grpc_addr, 7001), ("peer_addr", &n.peer_addr, 9001)] {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(Error::invalid(format!(
+                "node {} {field} {url:?} must be a URL such as http://127.0.0.1:{example}",
+                n.id
+            )));
+        }
     }
     for (field, label) in [("region", &n.region), ("az", &n.az)] {
         if label.len() > LABEL_BYTES_MAX {
@@ -66,6 +69,7 @@ pub fn info_from_proto(n: &pb::NodeInfo) -> Result<(NodeId, NodeInfo), Error> {
         admin_addr: n.admin_addr.clone(),
         region: n.region.clone(),
         az: n.az.clone(),
+        peer_addr: n.peer_addr.clone(),
     };
     Ok((n.id, info))
 }

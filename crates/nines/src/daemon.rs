@@ -8,11 +8,14 @@
 //!    directory, set up the fault hooks and the clock.
 //! 2. **Open storage** (`open_storage`): the Raft log and the state
 //!    machine, with this node's replication setup.
-//! 3. **Bind** (`bind`): the gRPC and admin listeners, before anything is
-//!    started, so a taken port fails the start with its name.
+//! 3. **Bind** (`bind`): the client gRPC, peer gRPC and admin HTTP
+//!    listeners, before anything is started, so a taken port fails the
+//!    start with its name.
 //! 4. **Start Raft and the handle** (`start_node`): openraft on the opened
 //!    storage, and the [`Node`] every service shares.
-//! 5. **Serve** (`serve`): the gRPC services and the admin HTTP port.
+//! 5. **Serve** (`serve`): the client services (KV, admin, health,
+//!    reflection) on the client port, Raft and shipments on the peer port
+//!    (ports by trust, as etcd's 2379 and 2380), probes on the admin port.
 //! 6. **Spawn tasks** (`spawn_tasks`): the write batcher, the shippers,
 //!    the setup and resync tasks, the gauges, the gRPC health reporter, the clock
 //!    watch and the scheduled backups.
@@ -44,7 +47,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::NodeConfig;
+use crate::config::{Bound, NodeConfig};
 use crate::faults::Faults;
 use crate::hlc::HlcClock;
 use crate::limits::{GRPC_STREAMS_PER_CONNECTION_MAX, RAFT_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX};
@@ -92,6 +95,7 @@ const HEALTH_RECHECK: Duration = Duration::from_millis(250);
 pub struct Addrs {
     pub id: crate::types::NodeId,
     pub grpc_addr: String,
+    pub peer_addr: String,
     pub admin_addr: String,
     pub pid: u32,
 }
@@ -109,10 +113,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     let prepared = prepare(&config)?;
     let (storage, log_store, state_machine) = open_storage(&config, &prepared)?;
     let listeners = bind(&config).await?;
-    let tls = prepared.tls.clone();
+    let (tls, admin_token) = (prepared.tls.clone(), prepared.admin_token.clone());
     let (node, raft, receivers) = start_node(&config, prepared, &listeners, log_store, state_machine).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let servers = serve(&node, &raft, listeners, tls, &stop_rx).await?;
+    let servers = serve(&node, &raft, listeners, (tls, admin_token), &stop_rx).await?;
     let tasks = spawn_tasks(&node, &config, storage, receivers.proposals, servers.health.clone(), &stop_rx);
     let addrs_path = write_addrs(&config, &node)?;
     let failure = wait_for_stop(&raft, receivers.fatal, shutdown).await;
@@ -134,6 +138,8 @@ struct Prepared {
     raft_config: Arc<openraft::Config>,
     /// The TLS server side, when the node has `[tls]`.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The admin token, when the node has `admin_token_file`.
+    admin_token: Option<crate::token::AdminToken>,
 }
 
 /// Step 1: validate, create the data directory, fault hooks and clock.
@@ -154,15 +160,25 @@ fn prepare(config: &NodeConfig) -> anyhow::Result<Prepared> {
         }
         None => {
             tracing::warn!(
-                "RUNNING INSECURE (insecure = true): gRPC on {} is plaintext with no authentication; anyone who \
-                 reaches it can read, write, change membership and send Raft traffic",
-                config.grpc_listen
+                "RUNNING INSECURE (insecure = true): gRPC on {} (clients) and {} (peers) is plaintext with no \
+                 authentication; anyone who reaches them can read, write, change membership and send Raft traffic",
+                config.grpc_listen,
+                config.peer_listen
             );
             None
         }
     };
+    let admin_token = match &config.admin_token_file {
+        Some(path) => {
+            let token = crate::token::AdminToken::read(path).map_err(|e| anyhow::anyhow!("admin_token_file: {e}"))?;
+            // Sent with the node's own calls, as its identity is.
+            crate::token::set_outgoing(token.clone());
+            Some(token)
+        }
+        None => None,
+    };
     let clock = Arc::new(HlcClock::new(Box::new(faults.clock()), config.clock_offset_max.as_millis() as u64));
-    Ok(Prepared { faults, clock, raft_config, tls })
+    Ok(Prepared { faults, clock, raft_config, tls, admin_token })
 }
 
 /// Step 2: the Raft log and the state machine; a region whose replicated
@@ -223,20 +239,21 @@ fn authority(config: &NodeConfig) -> anyhow::Result<Option<crate::authority::Aut
 /// The bound listeners of step 3.
 struct Listeners {
     grpc: TcpListener,
+    peer: TcpListener,
     admin: TcpListener,
-    grpc_addr: SocketAddr,
-    admin_addr: SocketAddr,
+    bound: Bound,
 }
 
-/// Step 3: bind both ports.
+/// Step 3: bind the three ports.
 async fn bind(config: &NodeConfig) -> anyhow::Result<Listeners> {
-    let grpc = TcpListener::bind(config.grpc_listen)
-        .await
-        .with_context(|| format!("binding grpc_listen {}", config.grpc_listen))?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
-    Ok(Listeners { grpc_addr: grpc.local_addr()?, admin_addr: admin.local_addr()?, grpc, admin })
+    let listen = |field: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("binding {field} {addr}"))
+    };
+    let grpc = listen("grpc_listen", config.grpc_listen).await?;
+    let peer = listen("peer_listen", config.peer_listen).await?;
+    let admin = listen("admin_listen", config.admin_listen).await?;
+    let bound = Bound { grpc: grpc.local_addr()?, peer: peer.local_addr()?, admin: admin.local_addr()? };
+    Ok(Listeners { grpc, peer, admin, bound })
 }
 
 /// Step 4: start openraft on the opened storage and build the handle.
@@ -251,8 +268,7 @@ async fn start_node(
     // restart (see `Node::ensure_linearizable`).
     let log_state = openraft::storage::RaftLogStorage::get_log_state(&mut log_store).await?;
     let log_index_at_start = log_state.last_log_id.map_or(0, |l| l.index);
-    let (grpc_addr, admin_addr) = config.urls(listeners.grpc_addr, listeners.admin_addr);
-    let info = NodeInfo { grpc_addr, admin_addr, region: config.region.clone(), az: config.az.clone() };
+    let info = NodeInfo::of(config, config.urls(&listeners.bound));
     let reader = state_machine.reader();
     let channels = Channels::default();
     let network = NetworkFactory::new(
@@ -301,6 +317,7 @@ async fn start_node(
 /// The running servers of step 5 and the health reporter they feed.
 struct Servers {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    peer: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<()>,
     health: tonic_health::server::HealthReporter,
 }
@@ -311,14 +328,15 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Step 5: every gRPC service on the gRPC port (over mutual TLS, each call
-/// authorized by the caller's role, when the node has `[tls]`), probes and
-/// metrics on the admin port.
+/// Step 5: the client services on the client port, Raft and shipments on
+/// the peer port (both over mutual TLS, each call authorized by the
+/// caller's role, when the node has `[tls]`), probes and metrics on the
+/// admin port. A service is reachable on its own port only.
 async fn serve(
     node: &Arc<Node>,
     raft: &Raft,
     listeners: Listeners,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    (tls, admin_token): (Option<tokio_rustls::TlsAcceptor>, Option<crate::token::AdminToken>),
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Servers> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -328,7 +346,7 @@ async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building gRPC reflection")?;
-    let router = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder()
         // A leader cancels every Raft RPC that outlives its deadline, so a
         // node that was stopped for a while (SIGSTOP, a VM stall) resumes to
         // hundreds of streams its peers reset before it could accept them.
@@ -338,9 +356,11 @@ async fn serve(
         .http2_max_pending_accept_reset_streams(Some(PENDING_ACCEPT_RESETS_MAX))
         .max_concurrent_streams(GRPC_STREAMS_PER_CONNECTION_MAX)
         // Authorization first: a refused caller takes no share of the budget.
-        .layer(GuardLayer(crate::tls::Gate::new(node.region(), tls.is_some())))
-        .layer(GuardLayer(crate::server::shed::Shed::default()))
-        .add_service(health_service)
+        .layer(GuardLayer(crate::tls::Gate::new(node.region(), tls.is_some(), admin_token)))
+        .layer(GuardLayer(crate::server::shed::Shed::default()));
+    let client = server
+        .clone()
+        .add_service(health_service.clone())
         .add_service(reflection)
         .add_service(
             KvServer::new(KvService::new(node.clone()))
@@ -348,7 +368,9 @@ async fn serve(
                 .max_encoding_message_size(RESPONSE_BYTES_MAX),
         )
         .add_service(AdminServer::new(AdminService::new(node.clone())))
-        .add_service(RegionAdminServer::new(RegionAdminService::new(node.clone())))
+        .add_service(RegionAdminServer::new(RegionAdminService::new(node.clone())));
+    let peer = server
+        .add_service(health_service)
         .add_service(
             ReplicationServer::new(ReplicationService::new(node.clone()))
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
@@ -359,21 +381,29 @@ async fn serve(
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         );
-    let grpc = match tls {
-        // No Nagle on accepted connections: with delayed ACKs it holds
-        // small replies back by up to 40 ms.
-        None => tokio::spawn(router.serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            stopped(stop.clone()),
-        )),
-        // The handshakes complete in `tls::accept` (which also sets no Nagle).
-        Some(acceptor) => tokio::spawn(router.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(crate::tls::accept(listeners.grpc, acceptor)),
-            stopped(stop.clone()),
-        )),
-    };
+    // One router on one listener, plaintext or TLS.
+    macro_rules! spawn_router {
+        ($router:expr, $listener:expr) => {
+            match &tls {
+                // No Nagle on accepted connections: with delayed ACKs it
+                // holds small replies back by up to 40 ms.
+                None => tokio::spawn($router.serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from($listener).with_nodelay(Some(true)),
+                    stopped(stop.clone()),
+                )),
+                // The handshakes complete in `tls::accept` (which also sets
+                // no Nagle).
+                Some(acceptor) => tokio::spawn($router.serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(crate::tls::accept($listener, acceptor.clone())),
+                    stopped(stop.clone()),
+                )),
+            }
+        };
+    }
+    let grpc = spawn_router!(client, listeners.grpc);
+    let peer = spawn_router!(peer, listeners.peer);
     let http = tokio::spawn(crate::http::serve(listeners.admin, node.clone(), stopped(stop.clone())));
-    Ok(Servers { grpc, http, health })
+    Ok(Servers { grpc, peer, http, health })
 }
 
 /// Step 6: the node's background tasks; they stop when `stop` turns true
@@ -414,12 +444,13 @@ fn write_addrs(config: &NodeConfig, node: &Node) -> anyhow::Result<PathBuf> {
     let addrs = Addrs {
         id: config.id,
         grpc_addr: info.grpc_addr.clone(),
+        peer_addr: info.peer_addr.clone(),
         admin_addr: info.admin_addr.clone(),
         pid: std::process::id(),
     };
     let path = config.data_dir.join(ADDRS_FILE);
     write_atomically(&path, &serde_json::to_vec_pretty(&addrs)?)?;
-    tracing::info!(grpc = %info.grpc_addr, admin = %info.admin_addr, "node serving");
+    tracing::info!(grpc = %info.grpc_addr, peer = %info.peer_addr, admin = %info.admin_addr, "node serving");
     Ok(path)
 }
 
@@ -487,6 +518,7 @@ async fn drain(stop: watch::Sender<bool>, servers: Servers, tasks: Tasks, raft: 
     tasks.batcher.abort();
     let wait = async {
         let _ = servers.grpc.await;
+        let _ = servers.peer.await;
         let _ = servers.http.await;
         for t in tasks.background {
             let _ = t.await;

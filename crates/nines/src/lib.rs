@@ -68,6 +68,7 @@ pub mod stance;
 pub mod storage;
 pub mod telemetry;
 pub mod tls;
+pub mod token;
 pub mod types;
 pub mod validate;
 pub mod view;

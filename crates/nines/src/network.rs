@@ -113,8 +113,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerClient {
             id: self.id,
             target,
-            addr: node.grpc_addr.clone(),
-            channel: self.channels.get(&node.grpc_addr),
+            addr: node.peer_addr.clone(),
+            channel: self.channels.get(&node.peer_addr),
             delay,
             faults: self.faults.clone(),
             retry_unreachable: self.retry_unreachable,

@@ -189,17 +189,17 @@ pub fn ship_client(c: Channel) -> ReplicationClient<Channel> {
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
 }
 
-/// A client of a peer region, tuned for replication: few attempts per call
+/// A client of a peer region at `endpoints` (its peer URLs for shipments,
+/// its client URLs for reads), tuned for replication: few attempts per call
 /// (the shipper loop retries), short deadlines.
-pub fn region_client(region: &RegionConfig) -> Result<Client, Error> {
+pub fn region_client(region: &str, endpoints: &[String]) -> Result<Client, Error> {
     let config = ClientConfig {
         attempt_timeout: SHIP_ATTEMPT_TIMEOUT,
         attempts_max: 3,
         request_deadline: Duration::from_secs(10),
         ..ClientConfig::default()
     };
-    Client::new(region.endpoints.clone(), config)
-        .map_err(|e| Error::Internal(format!("region {} endpoints: {e}", region.name)))
+    Client::new(endpoints.to_vec(), config).map_err(|e| Error::Internal(format!("region {region} endpoints: {e}")))
 }
 
 /// Starts one shipper per peer region; they stop when `stop` turns true.
@@ -310,7 +310,7 @@ enum Wake {
 
 impl Shipper {
     fn new(node: Arc<Node>, peer: RegionConfig) -> Result<Self, Error> {
-        let client = Arc::new(region_client(&peer)?);
+        let client = Arc::new(region_client(&peer.name, &peer.peer_endpoints)?);
         let latency = node.latency().between(node.region(), &node.info().az, &peer.name, "");
         Ok(Shipper {
             node,
@@ -1152,7 +1152,7 @@ async fn resync_once(node: &Node, epoch: u64) -> Result<(), Error> {
             retry_safe: true,
         });
     }
-    let client = region_client(&region)?;
+    let client = region_client(&region.name, &region.endpoints)?;
     let mut batch: Vec<ResyncEntry> = Vec::new();
     let (mut bytes, mut keys) = (0, 0);
     let mut start = Some(0);

@@ -292,24 +292,40 @@ fn permit(need: Need, role: &Role, region: &str) -> Result<(), String> {
 /// The guard that authorizes every gRPC call by the role in the
 /// caller's certificate (see the module docs) and hands the role to the
 /// services in the request's extensions (a [`Role`]), for the checks that
-/// depend on the request's content ([`check_key_write`], shipments). On a
-/// node without TLS it passes everything and adds no role.
+/// depend on the request's content ([`check_key_write`], shipments). The
+/// admin token ([`crate::token`]), when the node has one, stands for the
+/// admin role. On a node without TLS it passes everything else and adds no
+/// role.
 #[derive(Clone)]
 pub struct Gate {
     region: Arc<str>,
     tls: bool,
+    admin_token: Option<crate::token::AdminToken>,
 }
 
 impl Gate {
-    pub fn new(region: &str, tls: bool) -> Self {
-        Gate { region: region.into(), tls }
+    pub fn new(region: &str, tls: bool, admin_token: Option<crate::token::AdminToken>) -> Self {
+        Gate { region: region.into(), tls, admin_token }
     }
 
     /// The caller's role if it may make the call (none on a node without
-    /// TLS), or the refusal.
+    /// TLS, unless it shows the admin token), or the refusal.
     pub fn check<B>(&self, req: &::http::Request<B>) -> Result<Option<Role>, Status> {
+        let token = self.admin_token.as_ref().is_some_and(|t| t.presented(req.headers()));
         if !self.tls {
-            return Ok(None);
+            let path = req.uri().path();
+            return match (token, &self.admin_token) {
+                (true, _) => Ok(Some(Role::Admin)),
+                (false, Some(_)) if matches!(need(path), Need::Admin) => {
+                    metrics::counter!("nines_permission_denied_total").increment(1);
+                    tracing::warn!(method = path, "permission denied: no admin token");
+                    Err(Status::permission_denied(format!(
+                        "{path}: this operation needs the admin token (--admin-token-file, sent as \
+                         `authorization: Bearer TOKEN`)"
+                    )))
+                }
+                _ => Ok(None),
+            };
         }
         let Some(info) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() else {
             // TLS is on, so every connection came through `accept`: a call
@@ -325,7 +341,12 @@ impl Gate {
         };
         let certs = info.peer_certs().ok_or_else(|| refuse("no client certificate".into()))?;
         let leaf = certs.first().ok_or_else(|| refuse("no client certificate".into()))?;
-        let role = role_of(leaf).map_err(refuse)?;
+        let role = match role_of(leaf).map_err(refuse)? {
+            // The token lifts a client to admin (never a node: a node's
+            // role is its identity).
+            Role::Client if token => Role::Admin,
+            role => role,
+        };
         permit(need(path), &role, &self.region).map_err(refuse)?;
         Ok(Some(role))
     }

@@ -52,12 +52,35 @@ pub fn role_name(state: &openraft::ServerState) -> &'static str {
 /// A member of a region's Raft group, as stored in the membership config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
-    /// Where the node serves gRPC, e.g. `http://127.0.0.1:7001`.
+    /// Where the node serves clients (KV, admin, health), e.g.
+    /// `http://127.0.0.1:7001`.
     pub grpc_addr: String,
     /// Where the node serves HTTP probes, e.g. `http://127.0.0.1:8001`.
     pub admin_addr: String,
     pub region: String,
     pub az: String,
+    /// Where the node serves its peers (Raft, cross-region shipments), e.g.
+    /// `http://127.0.0.1:9001`.
+    pub peer_addr: String,
+}
+
+impl NodeInfo {
+    /// The node `config` describes, reached at `urls`.
+    pub fn of(config: &crate::config::NodeConfig, urls: crate::config::Urls) -> NodeInfo {
+        NodeInfo {
+            grpc_addr: urls.grpc,
+            admin_addr: urls.admin,
+            region: config.region.clone(),
+            az: config.az.clone(),
+            peer_addr: urls.peer,
+        }
+    }
+
+    /// The node `config` describes, at its configured listen addresses (no
+    /// port 0).
+    pub fn listening(config: &crate::config::NodeConfig) -> NodeInfo {
+        NodeInfo::of(config, config.listen_urls())
+    }
 }
 
 /// What a CompareAndSwap compares against.

@@ -34,14 +34,10 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     // put/get/cas/del/scan/status/member list work against it with the
     // documented exit codes; SIGINT stops `up` and every node it started.
     let _serial = serial_blocking();
-    let grpc = common::free_port_run(6);
-    let admin = common::free_port_run(6);
-    let (grpc_base, admin_base) = (grpc.to_string(), admin.to_string());
-    let up = common::Up::spawn(
-        &["up", "--grpc-port-base", &grpc_base, "--admin-port-base", &admin_base],
-        grpc,
-        "eu-west leader: node",
-    );
+    let ports = common::PortBases::free(6);
+    let flags = ports.flags();
+    let args: Vec<&str> = std::iter::once("up").chain(flags.iter().map(String::as_str)).collect();
+    let up = common::Up::spawn(&args, ports.grpc, "eu-west leader: node");
     let printed = up.printed.clone();
     let pids: Vec<i32> = printed
         .lines()
@@ -50,11 +46,17 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
         .collect();
     assert_eq!(pids.len(), 6, "six nodes with PIDs: {printed}");
     for n in 0..6 {
-        assert!(printed.contains(&format!("http://127.0.0.1:{}", grpc + n)), "{printed}");
-        assert!(printed.contains(&format!("http://127.0.0.1:{}", admin + n)), "{printed}");
+        assert!(printed.contains(&format!("http://127.0.0.1:{}", ports.grpc + n)), "{printed}");
+        assert!(printed.contains(&format!("http://127.0.0.1:{}", ports.admin + n)), "{printed}");
+        assert!(printed.contains(&format!("http://127.0.0.1:{}", ports.peer + n)), "{printed}");
     }
 
-    let eps = format!("http://127.0.0.1:{},http://127.0.0.1:{},http://127.0.0.1:{}", grpc, grpc + 1, grpc + 2);
+    let eps = format!(
+        "http://127.0.0.1:{},http://127.0.0.1:{},http://127.0.0.1:{}",
+        ports.grpc,
+        ports.grpc + 1,
+        ports.grpc + 2
+    );
     let o = nines(&eps, &["put", "greeting", "hello"]);
     assert!(o.status.success(), "put: {}", String::from_utf8_lossy(&o.stderr));
     let o = nines(&eps, &["get", "greeting"]);
@@ -89,7 +91,12 @@ fn up_starts_a_cluster_the_cli_reaches_and_ctrl_c_stops_every_node() {
     assert_eq!(table.lines().filter(|l| l.contains(" leader ")).count(), 2, "one leader per region: {table}");
     assert!(table.contains("us-east") && table.contains("eu-west") && table.contains("LAG ENTRIES"), "{table}");
     // A write in one region reaches the other.
-    let eu = format!("http://127.0.0.1:{},http://127.0.0.1:{},http://127.0.0.1:{}", grpc + 3, grpc + 4, grpc + 5);
+    let eu = format!(
+        "http://127.0.0.1:{},http://127.0.0.1:{},http://127.0.0.1:{}",
+        ports.grpc + 3,
+        ports.grpc + 4,
+        ports.grpc + 5
+    );
     let o = nines(&eps, &["put", "travels", "far"]);
     assert!(o.status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -131,11 +138,11 @@ async fn up_with_a_data_dir_starts_again_on_its_own_data() {
     // data, bootstraps nothing, and serves what the first one stored.
     let _serial = common::serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, admin) = (common::free_port_run(3), common::free_port_run(3));
-    let first = common::Up::start_on(dir.path(), grpc, admin, &[]);
+    let ports = common::PortBases::free(3);
+    let first = common::Up::start_on(dir.path(), ports, &[]);
     first.client().put("kept", "across restarts").await.unwrap();
     first.stop();
-    let again = common::Up::start_on(dir.path(), grpc, admin, &[]);
+    let again = common::Up::start_on(dir.path(), ports, &[]);
     let kv = again.client().get("kept", nines::rpc::Consistency::Linearizable).await.unwrap().kv.expect("kept");
     assert_eq!(kv.value, b"across restarts");
     again.stop();

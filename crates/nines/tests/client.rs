@@ -99,20 +99,21 @@ async fn the_writer_follows_a_region_failover_with_one_endpoint_given() {
     let _serial = common::serial().await;
     let writer_exe = tokio::task::spawn_blocking(|| example("writer")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, admin) = (common::free_port_run(9), common::free_port_run(9));
-    let (g, a, d) = (grpc.to_string(), admin.to_string(), dir.path().to_string_lossy().into_owned());
-    let args = ["up", "--mode", "active-passive", "--data-dir", &d, "--grpc-port-base", &g, "--admin-port-base", &a];
-    let up = common::Up::spawn(&args, grpc, "try: nines put");
-    // NODE REGION AZ GRPC ADMIN PID rows of us-east.
+    let ports = common::PortBases::free(9);
+    let (flags, d) = (ports.flags(), dir.path().to_string_lossy().into_owned());
+    let mut args = vec!["up", "--mode", "active-passive", "--data-dir", &d];
+    args.extend(flags.iter().map(String::as_str));
+    let up = common::Up::spawn(&args, ports.grpc, "try: nines put");
+    // NODE REGION AZ GRPC PEER ADMIN PID rows of us-east.
     let us_east: Vec<(u64, i32)> = up
         .printed
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|cols| cols.len() == 6 && cols[1] == "us-east")
-        .map(|cols| (cols[0].parse().unwrap(), cols[5].parse().unwrap()))
+        .filter(|cols| cols.len() == 7 && cols[1] == "us-east")
+        .map(|cols| (cols[0].parse().unwrap(), cols[6].parse().unwrap()))
         .collect();
     assert_eq!(us_east.len(), 3, "{}", up.printed);
-    let url = |i: u16| format!("http://127.0.0.1:{}", grpc + i);
+    let url = |i: u16| format!("http://127.0.0.1:{}", ports.grpc + i);
     let all: Vec<String> = (0..6).map(url).collect();
     let _controller = spawn_nines(
         &["--endpoints", &all.join(","), "controller", "--interval", "500ms", "--threshold", "3", "--duration", "90s"],

@@ -147,8 +147,18 @@ async fn wiped_node_removed_and_readded_rejoins_and_converges() {
     assert!(m.members.iter().all(|m| m.node.as_ref().unwrap().id != victim), "still a member: {m:?}");
     cluster.spawn(victim);
     cluster.wait_serving(victim).await;
-    let m = client.add_learner(cluster.nodes[&victim].info()).await.expect("add learner");
-    assert!(m.members.iter().any(|m| m.node.as_ref().unwrap().id == victim && !m.voter));
+    // Added by its client URL alone (as `nines member add-learner` does):
+    // the leader asks the node for its peer URL, after checking it is the
+    // node named.
+    let mut by_client_url = cluster.nodes[&victim].info();
+    by_client_url.peer_addr.clear();
+    let wrong = nines::rpc::NodeInfo { id: victim + 10, ..by_client_url.clone() };
+    let e = client.add_learner(wrong).await.expect_err("another node's URL");
+    assert!(e.to_string().contains(&format!("is node {victim} of region")), "{e}");
+    let m = client.add_learner(by_client_url).await.expect("add learner");
+    let added = m.members.iter().find(|m| m.node.as_ref().unwrap().id == victim).expect("added");
+    assert!(!added.voter);
+    assert_eq!(added.node.as_ref().unwrap().peer_addr, cluster.nodes[&victim].peer(), "its own peer URL");
     let m = client.promote(victim).await.expect("promote");
     assert!(m.members.iter().any(|m| m.node.as_ref().unwrap().id == victim && m.voter));
     for i in 100..200 {

@@ -218,6 +218,28 @@ fn kubernetes_pods_meet_the_restricted_profile_with_limits_labels_and_a_network_
                     .unwrap_or_else(|| panic!("{name}: a rule for the gRPC port"));
                 let from = grpc["from"].as_sequence().unwrap();
                 assert!(!from.is_empty() && from.iter().all(|f| !f["podSelector"]["matchLabels"].is_null()), "{name}");
+                // The peer port (Raft, shipments) admits nines nodes only.
+                let peer = policy["spec"]["ingress"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|i| i["ports"][0]["port"] == 9001)
+                    .unwrap_or_else(|| panic!("{name}: a rule for the peer port"));
+                let from = peer["from"].as_sequence().unwrap();
+                assert_eq!(from.len(), 1, "{name}: one selector on the peer port");
+                let nodes = &from[0]["podSelector"];
+                assert_eq!(nodes["matchLabels"]["app.kubernetes.io/name"], "nines", "{name}");
+                assert_eq!(nodes["matchExpressions"][0]["key"], "nines.io/region", "{name}: nodes only");
+                assert_eq!(nodes["matchExpressions"][0]["operator"], "Exists", "{name}");
+                let ports: Vec<_> =
+                    c["ports"].as_sequence().unwrap().iter().map(|p| p["containerPort"].clone()).collect();
+                assert!(ports.contains(&9001.into()) && ports.contains(&7001.into()), "{name}: {ports:?}");
+                let advertised = |n: &str| env.iter().find(|e| e["name"] == n).map(|e| e["value"].clone());
+                assert!(
+                    advertised("NINES_PEER_ADVERTISE").and_then(|v| v.as_str().map(|v| v.ends_with(":9001")))
+                        == Some(true),
+                    "{name}: advertises its peer port"
+                );
             }
         }
     }
@@ -362,7 +384,7 @@ async fn compose_cluster_comes_up_healthy_and_survives_killing_a_region_leader()
         assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "65532:65532", "{n} runs as nines");
         let ports = Command::new("docker").args(["port", &id]).output().unwrap();
         let ports = String::from_utf8_lossy(&ports.stdout);
-        assert!(ports.lines().count() == 2, "{n} publishes gRPC and admin: {ports}");
+        assert!(ports.lines().count() == 2, "{n} publishes gRPC and admin, not the peer port: {ports}");
         assert!(ports.lines().all(|l| l.contains("-> 127.0.0.1:")), "{n} publishes on loopback only: {ports}");
     }
 

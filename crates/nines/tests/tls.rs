@@ -65,11 +65,12 @@ async fn raft_append(url: &str, id: &TlsConfig) -> Result<(), tonic::Status> {
 async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_methods() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let up = Up::start(dir.path(), &["--tls"]);
+    let ports = common::PortBases::free(3);
+    let up = Up::start_on(dir.path(), ports, &["--tls"]);
     assert!(up.printed.contains("https://127.0.0.1:"), "the nodes serve https: {}", up.printed);
     let certs = dir.path().join("certs");
     let ca = certs.join("ca.pem");
-    let base = up.grpc_base();
+    let base = ports.grpc;
     let endpoints = (0..3).map(|i| format!("https://127.0.0.1:{}", base + i)).collect::<Vec<_>>().join(",");
     let role = |name: &str, args: &[&str]| with_identity(&endpoints, &identity(&ca, &certs, name), args);
 
@@ -107,10 +108,27 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
     let get = nines(&role("client", &["get", "k"]));
     assert!(text(&get).contains("v1"), "the plaintext and bare puts wrote nothing: {}", text(&get));
 
+    // Ports by trust: Raft and shipments only on the peer port, the client
+    // services only on the client port, whoever asks.
+    let us_east_2 = identity(&ca, &certs, "node-us-east-2");
+    let e = raft_append(&format!("https://127.0.0.1:{base}"), &us_east_2).await.expect_err("Raft on the client port");
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    let on_peer_port = format!("https://127.0.0.1:{}", ports.peer);
+    let put = nines(&with_identity(&on_peer_port, &identity(&ca, &certs, "admin"), &["put", "k", "v5"]));
+    assert!(!put.status.success() && text(&put).contains("Unimplemented"), "a put on the peer port: {}", text(&put));
+
+    // A node certificate of this region whose id is no member (removed,
+    // or never added) may not either.
+    let stranger = certs_create(&certs, "us-east/9");
+    assert!(stranger.status.success(), "{}", text(&stranger));
+    let e = raft_append(&on_peer_port, &identity(&ca, &certs, "node-us-east-9")).await.expect_err("a non-member");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node 9 is not a member of region us-east"), "{e:?}");
+
     // A node of another region (same CA) may not send Raft traffic here.
     let more = certs_create(&certs, "eu-west/9");
     assert!(more.status.success() && text(&more).contains("kept"), "{}", text(&more));
-    let url = format!("https://127.0.0.1:{base}");
+    let url = on_peer_port;
     let eu_west_9 = identity(&ca, &certs, "node-eu-west-9");
     let e = raft_append(&url, &eu_west_9).await.expect_err("Raft from another region's node");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
@@ -153,11 +171,60 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
 
     // Restarting the cluster without --tls is refused by name (its members'
     // addresses are https), before anything starts.
-    let (grpc, admin) = (common::free_port_run(3).to_string(), common::free_port_run(3).to_string());
     let d = dir.path().to_string_lossy().into_owned();
-    let again = nines(
-        &["up", "--regions", "1", "--data-dir", &d, "--grpc-port-base", &grpc, "--admin-port-base", &admin]
-            .map(String::from),
-    );
+    let mut args: Vec<String> = ["up", "--regions", "1", "--data-dir", &d].map(String::from).into();
+    args.extend(common::PortBases::free(3).flags());
+    let again = nines(&args);
     assert!(!again.status.success() && text(&again).contains("started with --tls"), "{}", text(&again));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_guards_admin_operations_where_clients_have_no_certificates() {
+    // Shows: on a plaintext cluster started with --admin-token-file, data
+    // calls stay open, admin calls need the token (a wrong or missing one is
+    // PERMISSION_DENIED naming it), and a follower forwards a tokened call
+    // to its leader with the token.
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "c2VjcmV0LXRva2VuLWZvci10aGUtdGVzdA==\n").unwrap();
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "c2VjcmV0LXRva2VuLWZvci10aGUtdGVzdA=X").unwrap();
+    let ports = common::PortBases::free(3);
+    let token_flag = token.to_string_lossy().into_owned();
+    let up = Up::start_on(dir.path(), ports, &["--admin-token-file", &token_flag]);
+    let node = |i: u16| format!("http://127.0.0.1:{}", ports.grpc + i);
+    let all = (0..3).map(node).collect::<Vec<_>>().join(",");
+    let run = |endpoints: &str, token: Option<&Path>, args: &[&str]| {
+        let mut v: Vec<String> = vec!["--endpoints".into(), endpoints.into()];
+        if let Some(t) = token {
+            v.extend(["--admin-token-file".into(), t.to_string_lossy().into_owned()]);
+        }
+        v.extend(args.iter().map(|s| s.to_string()));
+        nines(&v)
+    };
+
+    let put = run(&all, None, &["put", "k", "v"]);
+    assert!(put.status.success(), "a put needs no token: {}", text(&put));
+    for (what, t) in [("no token", None), ("a wrong token", Some(wrong.as_path()))] {
+        let remove = run(&all, t, &["member", "remove", "3"]);
+        assert!(!remove.status.success(), "member remove with {what}: {}", text(&remove));
+        assert!(
+            text(&remove).contains("PermissionDenied") && text(&remove).contains("admin token"),
+            "{}",
+            text(&remove)
+        );
+    }
+
+    // Sent to a follower, which forwards it to the leader with the token.
+    let list = run(&all, None, &["-w", "json", "member", "list"]);
+    let members: serde_json::Value = serde_json::from_slice(&list.stdout).expect("member list as JSON");
+    let leader = members["leader_id"].as_u64().expect("a leader");
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let removed = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
+    let remove = run(&node(follower as u16 - 1), Some(&token), &["member", "remove", &removed.to_string()]);
+    assert!(remove.status.success(), "member remove with the token, via a follower: {}", text(&remove));
+    let list = run(&all, None, &["member", "list"]);
+    assert!(!text(&list).contains(&node(removed as u16 - 1)), "node {removed} is gone: {}", text(&list));
+    up.stop();
 }

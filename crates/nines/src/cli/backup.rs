@@ -253,9 +253,7 @@ fn members(configs: &[crate::config::NodeConfig]) -> anyhow::Result<Vec<(NodeId,
         if out.iter().any(|(id, _, _)| *id == c.id) {
             bail!("node id {} appears in two configurations", c.id);
         }
-        let (grpc_addr, admin_addr) = c.urls(c.grpc_listen, c.admin_listen);
-        let info = NodeInfo { grpc_addr, admin_addr, region: c.region.clone(), az: c.az.clone() };
-        out.push((c.id, info, c.data_dir.clone()));
+        out.push((c.id, NodeInfo::listening(c), c.data_dir.clone()));
     }
     Ok(out)
 }

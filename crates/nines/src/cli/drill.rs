@@ -290,6 +290,7 @@ fn topology(s: &Scenario, dir: &Path, backups: &str, time: Duration) -> anyhow::
             az: format!("{region}-{}", (b'a' + az as u8) as char),
             data_dir: dir.join(format!("node-{next_id}")),
             grpc_listen: ([127, 0, 0, 1], free_port(&mut used)?).into(),
+            peer_listen: ([127, 0, 0, 1], free_port(&mut used)?).into(),
             admin_listen: ([127, 0, 0, 1], free_port(&mut used)?).into(),
             runtime_threads: 1,
             fault_injection: s.cut_before.is_some(),
@@ -316,10 +317,7 @@ fn topology(s: &Scenario, dir: &Path, backups: &str, time: Duration) -> anyhow::
         mode: if s.strategy == Strategy::ActiveActive { Mode::ActiveActive } else { Mode::ActivePassive },
         primary: if s.strategy == Strategy::ActiveActive { String::new() } else { "us-east".into() },
         regions: if two_regions {
-            vec![
-                RegionConfig { name: "us-east".into(), endpoints: endpoints(&topology.primary) },
-                RegionConfig { name: "eu-west".into(), endpoints: endpoints(&topology.recovery) },
-            ]
+            vec![RegionConfig::of("us-east", &topology.primary), RegionConfig::of("eu-west", &topology.recovery)]
         } else {
             Vec::new()
         },

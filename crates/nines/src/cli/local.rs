@@ -58,8 +58,7 @@ impl NodeProcess {
 
 /// A node's membership entry, from its configuration.
 pub fn member(c: &NodeConfig) -> NodeInfo {
-    let (grpc_addr, admin_addr) = c.urls(c.grpc_listen, c.admin_listen);
-    NodeInfo { id: c.id, grpc_addr, admin_addr, region: c.region.clone(), az: c.az.clone() }
+    crate::convert::info_to_proto(c.id, &crate::types::NodeInfo::listening(c))
 }
 
 /// The node processes this command started.

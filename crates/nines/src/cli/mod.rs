@@ -53,6 +53,23 @@ pub struct Global {
     /// The private key of --cert.
     #[arg(long = "key", id = "tls_key", global = true, env = "NINES_KEY")]
     pub key: Option<PathBuf>,
+    /// A file holding the admin token (for clusters whose clients have no
+    /// certificates): sent with every call; `nines node` and `nines up`
+    /// require it for admin operations.
+    #[arg(long, global = true, env = "NINES_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl Global {
+    /// Reads `--admin-token-file`, if given, and sends the token with every
+    /// call this process makes.
+    fn send_admin_token(&self) -> anyhow::Result<()> {
+        if let Some(path) = &self.admin_token_file {
+            let token = crate::token::AdminToken::read(path).map_err(|e| anyhow::anyhow!("--admin-token-file {e}"))?;
+            crate::token::set_outgoing(token);
+        }
+        Ok(())
+    }
 }
 
 impl Global {
@@ -159,8 +176,12 @@ pub enum MemberCommand {
     /// Add a node as a learner (returns once it caught up).
     AddLearner {
         id: u64,
-        /// The node's gRPC URL, e.g. http://127.0.0.1:7004.
+        /// The node's client gRPC URL, e.g. http://127.0.0.1:7004.
         grpc_addr: String,
+        /// The node's peer URL, e.g. http://127.0.0.1:9004 (default: the
+        /// node is asked for it).
+        #[arg(long, default_value = "")]
+        peer_addr: String,
         #[arg(long, default_value = "")]
         admin_addr: String,
         #[arg(long, default_value = "local")]
@@ -199,13 +220,20 @@ pub struct NodeArgs {
     pub az_fallback: Option<String>,
     #[arg(long, env = "NINES_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where the client gRPC listener (KV, admin, health) listens.
     #[arg(long, env = "NINES_GRPC_LISTEN")]
     pub grpc_listen: Option<std::net::SocketAddr>,
+    /// Where the peer gRPC listener (Raft, shipments) listens.
+    #[arg(long, env = "NINES_PEER_LISTEN")]
+    pub peer_listen: Option<std::net::SocketAddr>,
     #[arg(long, env = "NINES_ADMIN_LISTEN")]
     pub admin_listen: Option<std::net::SocketAddr>,
-    /// The gRPC URL others reach this node at (default: http:// + the listen address).
+    /// The client gRPC URL others reach this node at (default: http:// + the listen address).
     #[arg(long, env = "NINES_GRPC_ADVERTISE")]
     pub grpc_advertise: Option<String>,
+    /// The peer URL other nodes reach this node at (default: http:// + the listen address).
+    #[arg(long, env = "NINES_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
     /// The admin URL others reach this node at.
     #[arg(long, env = "NINES_ADMIN_ADVERTISE")]
     pub admin_advertise: Option<String>,
@@ -246,11 +274,17 @@ impl NodeArgs {
         if let Some(v) = self.grpc_listen {
             c.grpc_listen = v;
         }
+        if let Some(v) = self.peer_listen {
+            c.peer_listen = v;
+        }
         if let Some(v) = self.admin_listen {
             c.admin_listen = v;
         }
         if let Some(v) = &self.grpc_advertise {
             c.grpc_advertise = v.clone();
+        }
+        if let Some(v) = &self.peer_advertise {
+            c.peer_advertise = v.clone();
         }
         if let Some(v) = &self.admin_advertise {
             c.admin_advertise = v.clone();
@@ -313,18 +347,20 @@ where
         }
     };
     let result = match cli.command {
-        Command::Node(args) => run_node(args).map(|_| true),
+        Command::Node(args) => run_node(args, cli.global.admin_token_file.clone()).map(|_| true),
         command => tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| {
             rt.block_on(async {
                 match command {
                     Command::Up(args) => {
                         init_tracing(false);
-                        up::run(args).await.map(|_| true)
+                        cli.global.send_admin_token()?;
+                        up::run(args, cli.global.admin_token_file.clone()).await.map(|_| true)
                     }
                     command => {
                         if let Some(tls) = cli.global.tls()? {
                             crate::tls::set_client_identity(tls.client()?);
                         }
+                        cli.global.send_admin_token()?;
                         run_client(cli.global, command).await
                     }
                 }
@@ -360,8 +396,11 @@ pub fn init_tracing(json: bool) {
 /// Runs `nines node` on its own runtime. Every runtime thread enters the
 /// node's span (id, region, AZ) for good, so every log line of the node
 /// names it, including those of tasks openraft spawns.
-pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
-    let config = args.resolve()?;
+pub fn run_node(args: NodeArgs, admin_token_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = args.resolve()?;
+    if admin_token_file.is_some() {
+        config.admin_token_file = admin_token_file;
+    }
     init_tracing(config.log_format == "json");
     let span = tracing::info_span!("node", id = config.id, region = %config.region, az = %config.az);
     let thread_span = span.clone();
@@ -420,7 +459,8 @@ fn parse_member(s: &str) -> anyhow::Result<NodeInfo> {
         }
         None => ("local".to_string(), String::new()),
     };
-    Ok(NodeInfo { id, grpc_addr: url.to_string(), admin_addr: String::new(), region, az })
+    // The node that takes the request asks each member for its peer URL.
+    Ok(NodeInfo { id, grpc_addr: url.to_string(), admin_addr: String::new(), region, az, peer_addr: String::new() })
 }
 
 fn print_members(g: &Global, m: &crate::rpc::MembersResponse) {
@@ -508,8 +548,8 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
                         }
                     }
                 }
-                MemberCommand::AddLearner { id, grpc_addr, admin_addr, region, az } => {
-                    let m = c.add_learner(NodeInfo { id, grpc_addr, admin_addr, region, az }).await?;
+                MemberCommand::AddLearner { id, grpc_addr, peer_addr, admin_addr, region, az } => {
+                    let m = c.add_learner(NodeInfo { id, grpc_addr, admin_addr, region, az, peer_addr }).await?;
                     print_members(&g, &m);
                 }
                 MemberCommand::Promote { id } => print_members(&g, &c.promote(id).await?),

@@ -46,9 +46,12 @@ pub struct UpArgs {
     /// How regions relate: every region takes writes, or one primary does.
     #[arg(long, value_enum, default_value_t = UpMode::ActiveActive)]
     pub mode: UpMode,
-    /// gRPC port of node 1; node N listens on base + N - 1.
+    /// Client gRPC port of node 1; node N listens on base + N - 1.
     #[arg(long, default_value_t = 7001)]
     pub grpc_port_base: u16,
+    /// Peer gRPC port (Raft, shipments) of node 1; node N listens on base + N - 1.
+    #[arg(long, default_value_t = 9001)]
+    pub peer_port_base: u16,
     /// Admin HTTP port of node 1; node N listens on base + N - 1.
     #[arg(long, default_value_t = 8001)]
     pub admin_port_base: u16,
@@ -96,12 +99,17 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
         u16::try_from(u64::from(base) + id - 1).context("port base plus node count exceeds 65535")
     };
     let scheme = if args.tls { "https" } else { "http" };
-    let grpc =
-        |id: u64| -> anyhow::Result<String> { Ok(format!("{scheme}://127.0.0.1:{}", port(args.grpc_port_base, id)?)) };
+    let url =
+        |base: u16, id: u64| -> anyhow::Result<String> { Ok(format!("{scheme}://127.0.0.1:{}", port(base, id)?)) };
+    let grpc = |id: u64| url(args.grpc_port_base, id);
     let mut regions = Vec::new();
     for r in 0..args.regions {
-        let endpoints = (1..=args.azs).map(|a| grpc(r * args.azs + a)).collect::<anyhow::Result<Vec<_>>>()?;
-        regions.push(RegionConfig { name: REGION_NAMES[r as usize].to_string(), endpoints });
+        let ids = (1..=args.azs).map(|a| r * args.azs + a);
+        regions.push(RegionConfig {
+            name: REGION_NAMES[r as usize].to_string(),
+            endpoints: ids.clone().map(grpc).collect::<anyhow::Result<_>>()?,
+            peer_endpoints: ids.map(|id| url(args.peer_port_base, id)).collect::<anyhow::Result<_>>()?,
+        });
     }
     // Active-passive: three more nodes form the authority, a region of its
     // own that holds the primary's lease and allocates epochs.
@@ -145,6 +153,7 @@ pub fn node_configs(args: &UpArgs, dir: &Path) -> anyhow::Result<Vec<NodeConfig>
             az: az_name(region, az),
             data_dir: dir.join(format!("node-{id}")),
             grpc_listen: ([127, 0, 0, 1], port(args.grpc_port_base, id)?).into(),
+            peer_listen: ([127, 0, 0, 1], port(args.peer_port_base, id)?).into(),
             admin_listen: ([127, 0, 0, 1], port(args.admin_port_base, id)?).into(),
             cluster: cluster.clone(),
             latency: latency.clone(),
@@ -183,7 +192,9 @@ fn certificates(dir: &Path, configs: &[NodeConfig]) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+/// Runs `nines up`; with `admin_token_file` (the global flag) every node
+/// requires that token for admin operations.
+pub async fn run(args: UpArgs, admin_token_file: Option<PathBuf>) -> anyhow::Result<()> {
     if args.azs == 0 || args.azs > UP_AZS_MAX {
         bail!("--azs {} is outside 1..={UP_AZS_MAX}", args.azs);
     }
@@ -191,7 +202,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         bail!("--regions {} is outside 1..={}", args.regions, REGION_NAMES.len());
     }
     let (dir, temp) = super::local::data_dir(args.data_dir.as_ref(), "nines-up-")?;
-    let configs = node_configs(&args, &dir)?;
+    let mut configs = node_configs(&args, &dir)?;
+    if let Some(path) = admin_token_file {
+        // The nodes run in their own directories: an absolute path.
+        let path = std::fs::canonicalize(&path).with_context(|| format!("--admin-token-file {}", path.display()))?;
+        for c in &mut configs {
+            c.admin_token_file = Some(path.clone());
+        }
+    }
     let existing = configs.iter().filter(|c| crate::backup::restore::holds_data(&c.data_dir)).count();
     if existing != 0 && existing != configs.len() {
         bail!(
@@ -243,10 +261,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         mode += &format!(", primary lease {:?} from a {AUTHORITY_NODES}-node authority", configs[0].cluster.lease);
     }
     println!("nines: {} regions x {} AZs{mode} (data in {})", args.regions, args.azs, dir.display());
-    println!("{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}", "NODE", "REGION", "AZ", "GRPC", "ADMIN", "PID");
+    println!("{:<5} {:<10} {:<12} {:<24} {:<24} {:<24} {:<8}", "NODE", "REGION", "AZ", "GRPC", "PEER", "ADMIN", "PID");
     for (c, p) in configs.iter().zip(&local.nodes) {
-        let (grpc, admin) = c.urls(c.grpc_listen, c.admin_listen);
-        println!("{:<5} {:<10} {:<12} {:<24} {:<24} {:<8}", c.id, c.region, c.az, grpc, admin, p.pid());
+        let urls = c.listen_urls();
+        println!(
+            "{:<5} {:<10} {:<12} {:<24} {:<24} {:<24} {:<8}",
+            c.id,
+            c.region,
+            c.az,
+            urls.grpc,
+            urls.peer,
+            urls.admin,
+            p.pid()
+        );
     }
     for (region, leader) in &leaders {
         println!("{region} leader: node {leader}");

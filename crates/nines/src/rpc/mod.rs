@@ -49,7 +49,7 @@ use self::retry::Retry;
 macro_rules! rpc {
     ($client:ident, $method:ident, $req:expr) => {
         |c| {
-            let r = $req.clone();
+            let r = crate::token::request($req.clone());
             async move { Self::$client(c).$method(r).await }
         }
     };
@@ -366,7 +366,7 @@ impl Client {
     /// The status of the node at `endpoint` (not routed: status is per node).
     pub async fn status_of(&self, endpoint: &str) -> Result<StatusResponse> {
         let channel = self.channel(endpoint)?;
-        let fut = async move { Self::admin(channel).status(StatusRequest {}).await };
+        let fut = async move { Self::admin(channel).status(crate::token::request(StatusRequest {})).await };
         match tokio::time::timeout(self.config.attempt_timeout, fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(Error::Unavailable { attempts: 1, last: format!("{endpoint}: {}", s.message()) }),
@@ -378,7 +378,10 @@ impl Client {
     /// (`FailedPrecondition`) if that node is already initialized.
     pub async fn init(&self, endpoint: &str, members: Vec<NodeInfo>) -> Result<()> {
         let channel = self.channel(endpoint)?;
-        Self::admin(channel).init(InitRequest { members }).await.map_err(|s| Error::from_final(&s))?;
+        Self::admin(channel)
+            .init(crate::token::request(InitRequest { members }))
+            .await
+            .map_err(|s| Error::from_final(&s))?;
         Ok(())
     }
 
@@ -386,7 +389,10 @@ impl Client {
     /// applied index at that moment (the snapshot covers at least that).
     pub async fn snapshot_on(&self, endpoint: &str) -> Result<u64> {
         let channel = self.channel(endpoint)?;
-        let r = Self::admin(channel).snapshot(SnapshotRequest {}).await.map_err(|s| Error::from_final(&s))?;
+        let r = Self::admin(channel)
+            .snapshot(crate::token::request(SnapshotRequest {}))
+            .await
+            .map_err(|s| Error::from_final(&s))?;
         Ok(r.into_inner().applied_index)
     }
 
@@ -401,7 +407,10 @@ impl Client {
             .and_then(|id| members.members.iter().filter_map(|m| m.node.as_ref()).find(|n| n.id == id))
             .ok_or_else(|| Error::Unavailable { attempts: 1, last: "the region has no leader now".into() })?;
         let channel = self.channel(&leader.grpc_addr)?;
-        let r = Self::admin(channel).backup(BackupRequest {}).await.map_err(|s| Error::from_final(&s))?;
+        let r = Self::admin(channel)
+            .backup(crate::token::request(BackupRequest {}))
+            .await
+            .map_err(|s| Error::from_final(&s))?;
         Ok(r.into_inner())
     }
 
@@ -504,7 +513,7 @@ impl Client {
     /// Replaces every fault on one node, link rules included (test only).
     pub async fn set_all_faults_on(&self, endpoint: &str, req: SetFaultsRequest) -> Result<()> {
         let channel = self.channel(endpoint)?;
-        Self::region(channel).set_faults(req).await.map_err(|s| Error::from_final(&s))?;
+        Self::region(channel).set_faults(crate::token::request(req)).await.map_err(|s| Error::from_final(&s))?;
         Ok(())
     }
 }

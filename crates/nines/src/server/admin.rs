@@ -69,6 +69,46 @@ fn init_members(r: &InitRequest, this: NodeId) -> Result<BTreeMap<NodeId, crate:
     Ok(members)
 }
 
+/// How long asking a new member for its peer address may take.
+const PEER_ADDR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Fills in a new member's peer address when the request leaves it empty:
+/// the member itself says where it serves its peers (its `Status` at its
+/// client URL), after confirming it is the node the request names.
+async fn resolve_peer_addr(node: &Node, m: &mut nines_proto::v1::NodeInfo) -> Result<(), Error> {
+    if !m.peer_addr.is_empty() {
+        return Ok(());
+    }
+    if m.id == node.id() {
+        m.peer_addr = node.info().peer_addr.clone();
+        return Ok(());
+    }
+    let unreachable = |reason: String| Error::Unavailable {
+        reason: format!(
+            "node {} at {} did not say its peer address ({reason}); start it first, or give its peer URL",
+            m.id, m.grpc_addr
+        ),
+        retry_safe: true,
+    };
+    let channel = node.channels().get(&m.grpc_addr).map_err(|e| Error::invalid(format!("node {}: {e}", m.id)))?;
+    let status = tokio::time::timeout(PEER_ADDR_TIMEOUT, admin_client(channel).status(StatusRequest {}))
+        .await
+        .map_err(|_| unreachable(format!("no answer within {PEER_ADDR_TIMEOUT:?}")))?
+        .map_err(|s| unreachable(s.message().to_string()))?
+        .into_inner();
+    let Some(found) = status.node else {
+        return Err(unreachable("its status names no node".into()));
+    };
+    if found.id != m.id || found.region != m.region {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is node {} of region {}, not node {} of region {}",
+            m.grpc_addr, found.id, found.region, m.id, m.region
+        )));
+    }
+    m.peer_addr = found.peer_addr;
+    Ok(())
+}
+
 /// Removes node `id` (a voter or a learner) from the membership.
 async fn remove(node: &Node, id: NodeId) -> Result<MembersResponse, Error> {
     let (voters, members, _) = node.membership();
@@ -84,7 +124,11 @@ async fn remove(node: &Node, id: NodeId) -> Result<MembersResponse, Error> {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
-        let members = init_members(&req.into_inner(), self.node.id())?;
+        let mut req = req.into_inner();
+        for m in &mut req.members {
+            resolve_peer_addr(&self.node, m).await?;
+        }
+        let members = init_members(&req, self.node.id())?;
         self.node.initialize(members).await?;
         Ok(Response::new(InitResponse {}))
     }
@@ -92,10 +136,11 @@ impl Admin for AdminService {
     async fn add_learner(&self, req: Request<AddLearnerRequest>) -> Result<Response<MembersResponse>, Status> {
         let node = &self.node;
         let remote = |c, r| async move { admin_client(c).add_learner(r).await };
-        on_leader(node, req, remote, |r| async move {
-            let Some(learner) = &r.node else {
+        on_leader(node, req, remote, |mut r| async move {
+            let Some(learner) = &mut r.node else {
                 return Err(Error::invalid("node is not set"));
             };
+            resolve_peer_addr(node, learner).await?;
             let (id, info) = info_from_proto(learner)?;
             node.add_learner(id, info).await?;
             Ok(members_response(node))

@@ -35,10 +35,26 @@ where
     F: FnOnce(Channel, Request<M>) -> Fut,
     Fut: Future<Output = Result<Response<R>, Status>>,
 {
+    forward_as(node, err, hops, Request::new(msg), call).await
+}
+
+/// [`forward`] of `req`, whose metadata (the caller's admin token) goes
+/// with it.
+async fn forward_as<M, R, F, Fut>(
+    node: &Node,
+    err: Error,
+    hops: u32,
+    mut req: Request<M>,
+    call: F,
+) -> Result<Response<R>, Status>
+where
+    F: FnOnce(Channel, Request<M>) -> Fut,
+    Fut: Future<Output = Result<Response<R>, Status>>,
+{
     let Error::NotLeader { leader_addr: Some(addr), leader_id } = &err else {
         return Err(err.into());
     };
-    if hops >= FORWARD_HOPS_MAX || *addr == node.info().grpc_addr {
+    if hops >= FORWARD_HOPS_MAX || *addr == node.info().grpc_addr || *addr == node.info().peer_addr {
         return Err(err.into());
     }
     match leader_id.and_then(|id| node.faults().link(id)) {
@@ -55,7 +71,6 @@ where
     let Ok(channel) = node.channels().get(addr) else {
         return Err(err.into());
     };
-    let mut req = Request::new(msg);
     req.metadata_mut().insert(metadata::FORWARDED, (hops + 1).into());
     let deadline = node.write_timeout() + FORWARD_MARGIN;
     match tokio::time::timeout(deadline, call(channel, req)).await {
@@ -68,6 +83,14 @@ where
         Ok(Err(s)) => Err(s),
         Err(_) => Err(Error::Indeterminate(format!("no answer from the leader at {addr} within {deadline:?}")).into()),
     }
+}
+
+/// `req` with no metadata but its admin token (see [`crate::token`]).
+fn token_only<M>(req: Request<M>) -> Request<M> {
+    let (metadata, _, msg) = req.into_parts();
+    let mut out = Request::new(msg);
+    crate::token::pass_on(&metadata, out.metadata_mut());
+    out
 }
 
 /// Serves a request that needs the leader: `here` runs on this node when it
@@ -88,6 +111,33 @@ where
     let hops = hops(&req);
     match node.check_leader() {
         Ok(()) => here(req.into_inner()).await.map(Response::new).map_err(Status::from),
-        Err(e) => forward(node, e, hops, req.into_inner(), remote).await,
+        Err(e) => forward_as(node, e, hops, token_only(req), remote).await,
+    }
+}
+
+/// [`on_leader`] for a service of the peer listener (shipments): the leader
+/// is reached, and named in the hint, at its peer address.
+pub(crate) async fn on_leader_peer<M, R, F, Fut, H, HFut>(
+    node: &Node,
+    req: Request<M>,
+    remote: F,
+    here: H,
+) -> Result<Response<R>, Status>
+where
+    F: FnOnce(Channel, Request<M>) -> Fut,
+    Fut: Future<Output = Result<Response<R>, Status>>,
+    H: FnOnce(M) -> HFut,
+    HFut: Future<Output = Result<R, Error>>,
+{
+    let hops = hops(&req);
+    match node.check_leader() {
+        Ok(()) => here(req.into_inner()).await.map(Response::new).map_err(Status::from),
+        Err(Error::NotLeader { leader_id, .. }) => {
+            let (_, members, _) = node.membership();
+            let leader_addr =
+                leader_id.and_then(|l| members.into_iter().find(|(id, _)| *id == l)).map(|(_, n)| n.peer_addr);
+            forward_as(node, Error::NotLeader { leader_id, leader_addr }, hops, token_only(req), remote).await
+        }
+        Err(e) => Err(e.into()),
     }
 }

@@ -28,6 +28,27 @@ impl RaftService {
     }
 }
 
+impl RaftService {
+    /// Refuses Raft traffic from a node certificate (the gate already
+    /// checked its region) whose id is not in this node's membership: a
+    /// removed node's certificate stays valid, its Raft traffic does not. A
+    /// node with no membership yet (before its first entries) takes any.
+    fn check_member(&self, req: &Request<RaftMessage>) -> Result<(), Status> {
+        let Some(crate::tls::Role::Node { region, id }) = req.extensions().get::<crate::tls::Role>() else {
+            return Ok(());
+        };
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        if membership.nodes().next().is_none() || membership.get_node(id).is_some() {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "node {id} is not a member of region {region}: Raft traffic comes only from its members"
+        )))
+    }
+}
+
 fn decode<T: DeserializeOwned>(req: Request<RaftMessage>, what: &str) -> Result<T, Status> {
     postcard::from_bytes(&req.into_inner().payload)
         .map_err(|e| Status::invalid_argument(format!("malformed {what} message: {e}")))
@@ -41,17 +62,20 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_member(&req)?;
         let rpc = decode(req, "append-entries")?;
         self.contact.record();
         encode(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_member(&req)?;
         let rpc = decode(req, "vote")?;
         encode(&self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_member(&req)?;
         let rpc = decode(req, "install-snapshot")?;
         check_chunk(&rpc)?;
         encode(&self.raft.install_snapshot(rpc).await)

@@ -9,7 +9,7 @@ use nines_proto::v1::replication_server::Replication;
 use nines_proto::v1::{ShipRequest, ShipResponse};
 use tonic::{Request, Response, Status};
 
-use super::forward::on_leader;
+use super::forward::on_leader_peer;
 use crate::convert;
 use crate::node::Node;
 use crate::replication::{Inboxes, ship_client};
@@ -31,7 +31,7 @@ impl Replication for ReplicationService {
         let (node, inboxes) = (&self.node, &self.inboxes);
         crate::tls::check_shipment_origin(&req, &req.get_ref().origin_region, node.region())?;
         let remote = |c, r| async move { ship_client(c).ship(r).await };
-        on_leader(node, req, remote, |r| async move {
+        on_leader_peer(node, req, remote, |r| async move {
             let shipment = convert::shipment_from_proto(&r)?;
             crate::replication::receive(node, inboxes, shipment).await.map(convert::answer_to_proto)
         })

@@ -13,8 +13,8 @@ pub const FORMAT_FILE: &str = "FORMAT";
 
 /// This version's format: redb files for the log (`log.redb`) and the state
 /// machine (`state.redb`), snapshots under `snapshots/`. 3: the region state
-/// records full syncs under way.
-pub const FORMAT_VERSION: u32 = 3;
+/// records full syncs under way. 4: members have a peer address.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// What `FORMAT` holds for this version.
 fn format_text(version: u32) -> String {

@@ -105,14 +105,13 @@ impl TestNode {
         format!("http://{}", self.config.grpc_listen)
     }
 
+    /// Its peer URL (Raft, shipments).
+    pub fn peer(&self) -> String {
+        format!("http://{}", self.config.peer_listen)
+    }
+
     pub fn info(&self) -> NodeInfo {
-        NodeInfo {
-            id: self.config.id,
-            grpc_addr: self.grpc(),
-            admin_addr: format!("http://{}", self.config.admin_listen),
-            region: self.config.region.clone(),
-            az: self.config.az.clone(),
-        }
+        nines::convert::info_to_proto(self.config.id, &nines::types::NodeInfo::listening(&self.config))
     }
 }
 
@@ -174,7 +173,7 @@ impl TestCluster {
         let mut ports = BTreeMap::new();
         for (region, n) in spec {
             for _ in 0..*n {
-                ports.insert(next, (free_port(), free_port()));
+                ports.insert(next, (free_port(), free_port(), free_port()));
                 regions.entry(region.to_string()).or_default().push(next);
                 next += 1;
             }
@@ -193,6 +192,10 @@ impl TestCluster {
                     .map(|(r, _)| RegionConfig {
                         name: r.to_string(),
                         endpoints: regions[*r].iter().map(|id| format!("http://127.0.0.1:{}", ports[id].0)).collect(),
+                        peer_endpoints: regions[*r]
+                            .iter()
+                            .map(|id| format!("http://127.0.0.1:{}", ports[id].2))
+                            .collect(),
                     })
                     .collect()
             } else {
@@ -209,6 +212,7 @@ impl TestCluster {
                     data_dir: dir.path().join(format!("node-{id}")),
                     grpc_listen: ([127, 0, 0, 1], ports[id].0).into(),
                     admin_listen: ([127, 0, 0, 1], ports[id].1).into(),
+                    peer_listen: ([127, 0, 0, 1], ports[id].2).into(),
                     cluster: if region == AUTHORITY { ClusterConfig::default() } else { cluster_config.clone() },
                     insecure: true,
                     ..NodeConfig::default()
@@ -438,6 +442,32 @@ pub fn free_port_run(n: u16) -> u16 {
     panic!("no run of {n} free ports");
 }
 
+/// Port bases for `nines up`, each the start of a run of free ports.
+#[derive(Debug, Clone, Copy)]
+pub struct PortBases {
+    pub grpc: u16,
+    pub peer: u16,
+    pub admin: u16,
+}
+
+impl PortBases {
+    /// Runs of `n` free ports.
+    pub fn free(n: u16) -> PortBases {
+        PortBases { grpc: free_port_run(n), peer: free_port_run(n), admin: free_port_run(n) }
+    }
+
+    /// `--grpc-port-base`, `--peer-port-base` and `--admin-port-base`.
+    pub fn flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        for (flag, base) in
+            [("--grpc-port-base", self.grpc), ("--peer-port-base", self.peer), ("--admin-port-base", self.admin)]
+        {
+            flags.extend([flag.to_string(), base.to_string()]);
+        }
+        flags
+    }
+}
+
 /// `nines up --regions 1 --data-dir DIR` (plus `extra`), started and
 /// serving: it printed its region's leader.
 pub struct Up {
@@ -449,19 +479,17 @@ pub struct Up {
 
 impl Up {
     pub fn start(dir: &Path, extra: &[&str]) -> Up {
-        let grpc = free_port_run(3);
-        let admin = free_port_run(3);
-        Self::start_on(dir, grpc, admin, extra)
+        Self::start_on(dir, PortBases::free(3), extra)
     }
 
     /// On given port bases (a restart reuses its cluster's addresses).
-    pub fn start_on(dir: &Path, grpc: u16, admin: u16, extra: &[&str]) -> Up {
-        let (grpc_base, admin_base) = (grpc.to_string(), admin.to_string());
+    pub fn start_on(dir: &Path, ports: PortBases, extra: &[&str]) -> Up {
+        let flags = ports.flags();
         let dir = dir.to_string_lossy();
         let mut args = vec!["up", "--regions", "1", "--data-dir", &dir];
-        args.extend_from_slice(&["--grpc-port-base", &grpc_base, "--admin-port-base", &admin_base]);
+        args.extend(flags.iter().map(String::as_str));
         args.extend_from_slice(extra);
-        Self::spawn(&args, grpc, "us-east leader: node")
+        Self::spawn(&args, ports.grpc, "us-east leader: node")
     }
 
     /// `nines ARGS` (an `up` command on gRPC port base `grpc`), until it
@@ -503,10 +531,6 @@ impl Up {
             }
         }
         up
-    }
-
-    pub fn grpc_base(&self) -> u16 {
-        self.grpc
     }
 
     pub fn client(&self) -> Client {
