@@ -122,3 +122,82 @@ async fn each_limit_and_malformed_field_is_refused_by_name_and_the_cluster_keeps
     c.put(max_key.clone(), "v").await.expect("a key at the limit is accepted");
     assert!(c.get(max_key, Consistency::Linearizable).await.unwrap().kv.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_batch_over_the_limit_is_refused_at_apply_and_the_region_keeps_serving() {
+    // Shows: a Raft entry packing WRITES_PER_ENTRY_MAX + 1 writes (position
+    // 1024, which no leader of this build proposes: a forged leader sends it
+    // to every node, so it is committed everywhere) is refused when applied,
+    // by every node, without a crash; the region elects a leader and serves.
+    use nines::types::{Command, Entry, TypeConfig};
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
+
+    let _serial = serial().await;
+    let cluster = TestCluster::start(3, |_| {}).await;
+    let c = cluster.client();
+    c.put("before", "v").await.expect("put");
+    // A quiet region: every node holds the same log.
+    let leader = cluster.wait_leader().await;
+    let (term, last) = loop {
+        let all: Vec<_> = terms_and_last_indexes(&cluster).await;
+        if all.windows(2).all(|w| w[0] == w[1]) {
+            break all[0];
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // The forged leader: node 99 (no member; this cluster is insecure) at
+    // the next term.
+    let forged = CommittedLeaderId::new(term + 1, 99);
+    let prev = LogId::new(CommittedLeaderId::new(term, leader), last);
+    let puts = (0..=nines::limits::WRITES_PER_ENTRY_MAX)
+        .map(|i| Command::Put {
+            key: format!("k{i}").into_bytes(),
+            value: b"v".to_vec(),
+            hlc: nines::hlc::Hlc { physical_ms: 1, logical: 0 },
+        })
+        .collect();
+    let entry = Entry { log_id: LogId::new(forged, last + 1), payload: EntryPayload::Normal(Command::Batch(puts)) };
+    let append = AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(term + 1, 99),
+        prev_log_id: Some(prev),
+        entries: vec![entry],
+        leader_commit: Some(LogId::new(forged, last + 1)),
+    };
+    let payload = postcard::to_allocvec(&append).unwrap();
+    for id in 1..=3u64 {
+        let mut raft = RaftClient::connect(cluster.nodes[&id].peer()).await.unwrap();
+        let reply =
+            raft.append_entries(RaftMessage { payload: payload.clone() }).await.expect("delivered").into_inner();
+        let answer: Result<AppendEntriesResponse<u64>, openraft::error::RaftError<u64>> =
+            postcard::from_bytes(&reply.payload).unwrap();
+        assert!(matches!(answer, Ok(AppendEntriesResponse::Success)), "node {id} took the entry: {answer:?}");
+    }
+    // Every node applies it as refused and keeps running; the region elects
+    // a new leader and serves.
+    for id in 1..=3u64 {
+        cluster.wait_applied(id, last + 1).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.put("after", "v").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the region did not serve again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for id in 1..=3u64 {
+        assert!(cluster.status(id).await.is_some(), "node {id} is up");
+        let log = cluster.log_of(id);
+        assert!(log.contains("refusing a batch at apply time") && log.contains("WRITES_PER_ENTRY_MAX"), "node {id}");
+    }
+    let read = c.get("k0", Consistency::Linearizable).await.expect("get");
+    assert!(read.kv.is_none(), "nothing of the refused batch was applied");
+}
+
+/// Each node's (term, last log index).
+async fn terms_and_last_indexes(cluster: &TestCluster) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for id in 1..=3u64 {
+        let s = cluster.status(id).await.expect("status");
+        out.push((s.term, s.last_log_index));
+    }
+    out
+}
