@@ -438,6 +438,66 @@ mod tests {
                     prop_assert!(s.epoch <= EPOCH_MAX, "epoch {} accepted", s.epoch);
                 }
             }
+
+            /// A member description of any fields converts or is refused; an
+            /// accepted one has an id, URLs for both gRPC ports, and labels
+            /// within LABEL_BYTES_MAX.
+            #[test]
+            fn members_of_any_fields_convert_or_are_refused(
+                id in prop_oneof![Just(0u64), any::<u64>()],
+                grpc_addr in prop_oneof![".{0,20}", Just("http://h:1".to_string())],
+                peer_addr in prop_oneof![".{0,20}", Just("https://h:2".to_string())],
+                region in ".{0,80}",
+                az in ".{0,80}",
+            ) {
+                let n = pb::NodeInfo { id, grpc_addr, admin_addr: String::new(), region, az, peer_addr };
+                if let Ok((id, info)) = info_from_proto(&n) {
+                    prop_assert!(id != 0);
+                    prop_assert!(info.grpc_addr.starts_with("http") && info.peer_addr.starts_with("http"));
+                    prop_assert!(info.region.len() <= LABEL_BYTES_MAX && info.az.len() <= LABEL_BYTES_MAX);
+                }
+            }
+
+            /// A replication setup of any fields converts or is refused; an
+            /// accepted one names its region and lists other regions once.
+            #[test]
+            fn setups_of_any_fields_convert_or_are_refused(
+                region in "[ab]{0,2}",
+                peers in proptest::collection::vec("[ab]{0,2}", 0..4),
+                mode in prop_oneof![Just("active-active".to_string()), Just("active-passive".to_string()), ".{0,8}"],
+                initial_primary in "[ab]{0,2}",
+            ) {
+                let setup = pb::ReplicationSetup { region, peers, mode, initial_primary };
+                if let Ok(s) = setup_from_proto(&setup) {
+                    prop_assert!(!s.region.is_empty() && !s.peers.contains(&s.region));
+                    prop_assert!(s.peers.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates: {:?}", s.peers);
+                }
+            }
+
+            /// A shipment's answer and a fault request of any field values
+            /// convert without panicking (an unknown refusal reads as none).
+            #[test]
+            fn answers_and_fault_requests_of_any_fields_convert(
+                refused in any::<i32>(),
+                numbers in (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()),
+                clock_offset_ms in any::<i64>(),
+                delay_ms in any::<u32>(),
+                ship_jitter_ms in any::<u32>(),
+            ) {
+                let (applied_through, epoch, receiver_index, in_order) = numbers;
+                let r = pb::ShipResponse {
+                    applied_through, epoch, primary: "p".into(), refused, reason: String::new(), receiver_index, in_order,
+                };
+                let a = answer_from_proto(r);
+                if pb::ShipRefusal::try_from(refused).is_err() {
+                    prop_assert!(matches!(a.refused, Refusal::None));
+                }
+                let link = pb::LinkFault { to_node: 2, drop: false, delay_ms };
+                let f = faults_from_proto(pb::SetFaultsRequest {
+                    clock_offset_ms, links: vec![link], ship_jitter_ms, ..Default::default()
+                });
+                prop_assert_eq!(f.clock_offset_ms, clock_offset_ms);
+            }
         }
     }
 }
