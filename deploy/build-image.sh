@@ -22,7 +22,11 @@ trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"
 mkdir -p "$root/usr/local/bin" "$root/tmp" "$root/etc/nines" "$ctx/data" "$ctx/certs"
 chmod 1777 "$root/tmp"
-cp "$binary" "$root/usr/local/bin/nines"
+# The image gets the binary without its debug information (most of its
+# size); that stays beside the build as BINARY.debug, which gdb and perf
+# find through the debug link.
+objcopy --only-keep-debug "$binary" "$binary.debug"
+objcopy --strip-debug --add-gnu-debuglink="$binary.debug" "$binary" "$root/usr/local/bin/nines"
 # The dynamic loader and every library the binary links, at their own paths.
 ldd "$binary" | grep -o '/[^ ]*' | sort -u | while read -r lib; do
   mkdir -p "$root$(dirname "$lib")"

@@ -73,9 +73,11 @@ pub struct NodeConfig {
     /// it; with `[tls]`, it lifts a client certificate to admin.
     pub admin_token_file: Option<PathBuf>,
     /// Run plaintext, without TLS and without authorization: anyone who
-    /// reaches the gRPC port can read, write, change membership and send
-    /// Raft traffic. For loopback and tests; a node with neither `[tls]`
-    /// nor `insecure = true` refuses to start.
+    /// reaches the client port can read, write and change membership (unless
+    /// `admin_token_file` guards the admin operations), and anyone who
+    /// reaches the peer port can send Raft traffic and shipments. For
+    /// loopback and tests; a node with neither `[tls]` nor `insecure = true`
+    /// refuses to start.
     pub insecure: bool,
     /// Test only: enables the fault hooks (dropping replication traffic,
     /// offsetting the clock) through the admin API. Off by default; a node
@@ -737,6 +739,16 @@ impl NodeConfig {
         if let Some((field, url)) = advertised.chain(authority).chain(regions).find(|(_, u)| !u.starts_with(scheme)) {
             return Err(invalid(field, format!("{url:?} must be a {scheme} URL: {why}")));
         }
+        // A node that tells clients where it is (listening on 0.0.0.0, in a
+        // container) must tell its peers too: the bound peer address would
+        // lead them nowhere, or back to themselves.
+        if !self.grpc_advertise.is_empty() && self.peer_advertise.is_empty() {
+            return Err(invalid(
+                "peer_advertise",
+                "is missing while grpc_advertise is set: give the peer URL other nodes reach this node at \
+                 (e.g. http://us-east-1:9001)",
+            ));
+        }
         let admin = &self.admin_advertise;
         if !(admin.is_empty() || admin.starts_with("http://") || admin.starts_with("https://")) {
             return Err(invalid("admin_advertise", format!("{admin:?} must be a URL such as http://nines-1:8001")));
@@ -926,6 +938,7 @@ mod tests {
             (&format!("insecure = true\n{tls}") as &str, "`insecure`"),
             (&format!("grpc_advertise = \"http://n:1\"\n{tls}"), "`grpc_advertise`"),
             (&format!("peer_advertise = \"http://n:2\"\n{tls}"), "`peer_advertise`"),
+            (&format!("grpc_advertise = \"https://n:1\"\n{tls}"), "is missing while grpc_advertise is set"),
         ] {
             let c = NodeConfig::from_toml(text, std::path::Path::new("t.toml")).unwrap();
             let err = c.validate().expect_err(text).to_string();

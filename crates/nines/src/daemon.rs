@@ -5,12 +5,14 @@
 //! [`run`] is a fixed sequence of steps, each a function here:
 //!
 //! 1. **Prepare** (`prepare`): validate the configuration, create the data
-//!    directory, set up the fault hooks and the clock.
-//! 2. **Open storage** (`open_storage`): the Raft log and the state
+//!    directory and take its lock (`LOCK`, naming this process: a second
+//!    node on the same directory stops, naming the first one's PID), set up
+//!    the fault hooks and the clock.
+//! 2. **Bind** (`bind`): the client gRPC, peer gRPC and admin HTTP
+//!    listeners, before anything is opened or started, so a taken port
+//!    fails the start with its name (and the node that answers there).
+//! 3. **Open storage** (`open_storage`): the Raft log and the state
 //!    machine, with this node's replication setup.
-//! 3. **Bind** (`bind`): the client gRPC, peer gRPC and admin HTTP
-//!    listeners, before anything is started, so a taken port fails the
-//!    start with its name.
 //! 4. **Start Raft and the handle** (`start_node`): openraft on the opened
 //!    storage, and the [`Node`] every service shares.
 //! 5. **Serve** (`serve`): the client services (KV, admin, health,
@@ -111,8 +113,10 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
 /// Runs a node until `shutdown` completes (steps 1-9 of the module doc).
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let prepared = prepare(&config)?;
-    let (storage, log_store, state_machine) = open_storage(&config, &prepared)?;
+    // Held until the node's process ends.
+    let _lock = lock_data_dir(&config.data_dir)?;
     let listeners = bind(&config).await?;
+    let (storage, log_store, state_machine) = open_storage(&config, &prepared)?;
     let (tls, admin_token) = (prepared.tls.clone(), prepared.admin_token.clone());
     let (node, raft, receivers) = start_node(&config, prepared, &listeners, log_store, state_machine).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -142,7 +146,47 @@ struct Prepared {
     admin_token: Option<crate::token::AdminToken>,
 }
 
-/// Step 1: validate, create the data directory, fault hooks and clock.
+/// The lock file in a data directory: locked (`flock`) by the node that
+/// uses the directory, and naming its PID.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Takes the lock of `dir`, or says which live process holds it. The lock
+/// goes with the process, however it ends (even `kill -9`).
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { "another process".to_string() } else { format!("PID {holder}") };
+            anyhow::bail!(
+                "data_dir {} is in use by a running nines node ({holder}): stop it first, or give this node \
+                 another data_dir",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// Step 1: validate, create the data directory, fault hooks and clock (the
+/// directory's lock is taken right after, and held by `run`).
 fn prepare(config: &NodeConfig) -> anyhow::Result<Prepared> {
     config.validate()?;
     let raft_config = Arc::new(config.openraft()?);
@@ -181,7 +225,7 @@ fn prepare(config: &NodeConfig) -> anyhow::Result<Prepared> {
     Ok(Prepared { faults, clock, raft_config, tls, admin_token })
 }
 
-/// Step 2: the Raft log and the state machine; a region whose replicated
+/// Step 3: the Raft log and the state machine; a region whose replicated
 /// setup disagrees with this node's file is refused here, naming the field.
 fn open_storage(config: &NodeConfig, prepared: &Prepared) -> anyhow::Result<(storage::Disk, LogStore, StateMachine)> {
     let options = storage::Options {
@@ -244,16 +288,42 @@ struct Listeners {
     bound: Bound,
 }
 
-/// Step 3: bind the three ports.
+/// Step 2: bind the three ports.
 async fn bind(config: &NodeConfig) -> anyhow::Result<Listeners> {
     let listen = |field: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.with_context(|| format!("binding {field} {addr}"))
+        match TcpListener::bind(addr).await {
+            Ok(listener) => Ok(listener),
+            Err(e) => Err(anyhow::anyhow!("{field} {}", port_taken(addr, &e).await)),
+        }
     };
     let grpc = listen("grpc_listen", config.grpc_listen).await?;
     let peer = listen("peer_listen", config.peer_listen).await?;
     let admin = listen("admin_listen", config.admin_listen).await?;
     let bound = Bound { grpc: grpc.local_addr()?, peer: peer.local_addr()?, admin: admin.local_addr()? };
     Ok(Listeners { grpc, peer, admin, bound })
+}
+
+/// Why `addr` cannot be bound, and who answers there when it is a nines
+/// node (asked for its status, within a second).
+pub async fn port_taken(addr: SocketAddr, e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::AddrInUse {
+        return format!("{addr} cannot be bound: {e}");
+    }
+    let url = format!("http://{addr}");
+    let probe =
+        crate::rpc::ClientConfig { attempt_timeout: Duration::from_secs(1), ..crate::rpc::ClientConfig::default() };
+    let answer = match crate::rpc::Client::new(vec![url.clone()], probe) {
+        Ok(client) => client.status_of(&url).await.ok().and_then(|s| s.node),
+        Err(_) => None,
+    };
+    match answer {
+        Some(n) => format!(
+            "{addr} is in use: node {} of region {} of another nines cluster answers there (see it with `nines \
+             status --endpoints {url}`)",
+            n.id, n.region
+        ),
+        None => format!("{addr} is in use by another program"),
+    }
 }
 
 /// Step 4: start openraft on the opened storage and build the handle.
@@ -271,6 +341,7 @@ async fn start_node(
     let info = NodeInfo::of(config, config.urls(&listeners.bound));
     let reader = state_machine.reader();
     let channels = Channels::default();
+    let history = Arc::new(crate::events::History::new(config.id, &config.region));
     let network = NetworkFactory::new(
         config.id,
         channels.clone(),
@@ -278,6 +349,7 @@ async fn start_node(
         config.latency.clone(),
         prepared.faults.clone(),
         Duration::from_millis(prepared.raft_config.heartbeat_interval),
+        history.clone(),
     );
     let raft =
         Raft::new(config.id, prepared.raft_config, network, log_store, state_machine).await.context("starting raft")?;
@@ -310,6 +382,7 @@ async fn start_node(
         contact: Arc::default(),
         authority: authority(config)?,
         log_index_at_start,
+        history,
     });
     Ok((node, raft, receivers))
 }
@@ -341,11 +414,15 @@ async fn serve(
 ) -> anyhow::Result<Servers> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nines_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building gRPC reflection")?;
+    // Reflection in both protocols: v1, and v1alpha, which older grpcurl
+    // and grpcui and Python's grpcio-reflection speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(nines_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha().context("building gRPC reflection (v1alpha)")?;
+    let reflection = reflection().build_v1().context("building gRPC reflection")?;
     let mut server = tonic::transport::Server::builder()
         // A leader cancels every Raft RPC that outlives its deadline, so a
         // node that was stopped for a while (SIGSTOP, a VM stall) resumes to
@@ -362,6 +439,7 @@ async fn serve(
         .clone()
         .add_service(health_service.clone())
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             KvServer::new(KvService::new(node.clone()))
                 .max_decoding_message_size(REQUEST_BYTES_MAX)
@@ -536,6 +614,7 @@ async fn drain(stop: watch::Sender<bool>, servers: Servers, tasks: Tasks, raft: 
 fn spawn_gauges(node: Arc<Node>, storage: storage::Disk, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_leader = None;
+        let mut watch = Watch::default();
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
@@ -547,8 +626,10 @@ fn spawn_gauges(node: Arc<Node>, storage: storage::Disk, mut stop: watch::Receiv
                 if m.current_leader.is_some() {
                     crate::telemetry::leader_changed();
                 }
+                record_leader(&node, last_leader, m.current_leader, m.current_term);
                 last_leader = m.current_leader;
             }
+            watch.region(&node);
             crate::telemetry::raft_gauges(&crate::telemetry::RaftGauges {
                 has_leader: m.current_leader.is_some(),
                 is_leader: m.current_leader == Some(node.id()),
@@ -561,15 +642,103 @@ fn spawn_gauges(node: Arc<Node>, storage: storage::Disk, mut stop: watch::Receiv
             if let Ok(bytes) = storage.size_on_disk() {
                 crate::telemetry::storage_bytes(bytes);
             }
+            let mut lag_ms = std::collections::BTreeMap::new();
             if node.check_leader().is_ok()
                 && let Ok(lags) = node.replication_lag()
             {
                 for lag in lags {
                     crate::telemetry::replication_lag(node.region(), &lag.region, lag.lag_entries, lag.lag_ms);
+                    lag_ms.insert(lag.region, lag.lag_ms);
                 }
             }
+            watch.sample(&node, m.current_leader, m.current_term, lag_ms);
         }
     })
+}
+
+/// Records a change of the leader this node knows: the node elected records
+/// its election, a node left without one records the loss.
+fn record_leader(node: &Node, was: Option<u64>, now: Option<u64>, term: u64) {
+    let region = node.region();
+    match (was, now) {
+        (_, Some(l)) if l == node.id() => {
+            node.history().record("leader", format!("node {l} elected leader of {region} at term {term}"))
+        }
+        (Some(old), None) => {
+            node.history().record("no-leader", format!("node {} lost its leader (node {old})", node.id()))
+        }
+        _ => {}
+    }
+}
+
+/// What the gauge loop remembers between rounds for the events and samples.
+#[derive(Default)]
+struct Watch {
+    /// The region's (primary, epoch, fenced, divergent total) last seen.
+    region: Option<(String, u64, bool, u64)>,
+    /// When the last sample was taken, and the writes counted then.
+    sampled: Option<(std::time::Instant, u64)>,
+}
+
+impl Watch {
+    /// Records the region's promotions, demotions, fences and divergent
+    /// writes (active-passive); the same message from each node of the
+    /// region merges into one event.
+    fn region(&mut self, node: &Node) {
+        let (primary, epoch, fenced_until, divergent) = node.reader().role_summary();
+        if primary.is_empty() {
+            return;
+        }
+        let now = (primary.clone(), epoch, fenced_until != 0, divergent);
+        let region = node.region();
+        let history = node.history();
+        match &self.region {
+            Some(was) if *was == now => return,
+            Some((was_primary, was_epoch, was_fenced, was_divergent)) => {
+                if (was_primary, was_epoch) != (&primary, &epoch) {
+                    history.record("region", role_message(region, &primary, epoch));
+                }
+                if *was_fenced != now.2 {
+                    let what = if now.2 { "fenced: refuses local writes" } else { "unfenced" };
+                    history.record("region", format!("region {region} {what}"));
+                }
+                if divergent > *was_divergent {
+                    history.record(
+                        "divergent",
+                        format!(
+                            "region {region} recorded {} divergent writes (acknowledged, not shipped before its demotion)",
+                            divergent - was_divergent
+                        ),
+                    );
+                }
+            }
+            None => history.record("region", role_message(region, &primary, epoch)),
+        }
+        self.region = Some(now);
+    }
+
+    /// Takes a sample every `events::SAMPLE_EVERY`.
+    fn sample(&mut self, node: &Node, leader: Option<u64>, term: u64, lag_ms: std::collections::BTreeMap<String, u64>) {
+        let writes = node.history().writes();
+        let now = std::time::Instant::now();
+        let writes_per_s = match self.sampled {
+            Some((at, _)) if now.duration_since(at) < crate::events::SAMPLE_EVERY => return,
+            Some((at, before)) => writes.saturating_sub(before) as f64 / now.duration_since(at).as_secs_f64(),
+            None => 0.0,
+        };
+        self.sampled = Some((now, writes));
+        let at_ms = crate::events::now_ms();
+        node.history().sample(crate::events::Sample { at_ms, writes_per_s, leader, term, lag_ms });
+    }
+}
+
+/// A region's role, as an event says it.
+fn role_message(region: &str, primary: &str, epoch: u64) -> String {
+    if primary == region {
+        format!("region {region} is the primary at epoch {epoch}")
+    } else {
+        format!("region {region} is a secondary (primary {primary}, epoch {epoch})")
+    }
 }
 
 /// Keeps the gRPC health status of the client API in step with readiness:

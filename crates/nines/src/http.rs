@@ -9,6 +9,9 @@
 //! This module only renders; what "ready" means lives in the node.
 //! - `/metrics`: Prometheus text format (see [`crate::telemetry`]).
 //! - `/api/cluster`: the whole cluster as JSON (see [`crate::view`]).
+//! - `/api/events`: this node's recent events and samples (see
+//!   [`crate::events`]); `/api/cluster/events`: every node's, each fetched
+//!   from its own admin port.
 //! - `/`: the status page, plain HTML and JavaScript drawing `/api/cluster`.
 
 use std::future::Future;
@@ -46,6 +49,14 @@ async fn cluster(State(node): State<Arc<Node>>) -> Json<crate::view::ClusterView
     Json(crate::view::cluster(&node.regions_for_view()).await)
 }
 
+async fn events(State(node): State<Arc<Node>>) -> Json<crate::events::NodeHistory> {
+    Json(node.history().snapshot())
+}
+
+async fn cluster_events(State(node): State<Arc<Node>>) -> Json<Vec<crate::events::NodeHistory>> {
+    Json(crate::view::histories(&node.regions_for_view()).await)
+}
+
 async fn page() -> Html<&'static str> {
     Html(STATUS_PAGE)
 }
@@ -55,6 +66,8 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: impl Future
     let app = Router::new()
         .route("/", get(page))
         .route("/api/cluster", get(cluster))
+        .route("/api/events", get(events))
+        .route("/api/cluster/events", get(cluster_events))
         .route("/metrics", get(metrics))
         .route("/health/live", get(live))
         .route("/livez", get(live))

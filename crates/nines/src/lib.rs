@@ -53,6 +53,7 @@ pub mod controller;
 pub mod convert;
 pub mod daemon;
 pub mod error;
+pub mod events;
 pub mod faults;
 pub mod hlc;
 pub mod http;

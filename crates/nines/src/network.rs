@@ -44,6 +44,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::config::LatencyConfig;
+use crate::events::History;
 use crate::faults::{Faults, LinkRule};
 use crate::limits::{RAFT_APPEND_BYTES_TARGET, RAFT_MESSAGE_BYTES_MAX};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
@@ -88,6 +89,8 @@ pub struct NetworkFactory {
     faults: Arc<Faults>,
     /// How long openraft waits before it tries an unreachable peer again.
     retry_unreachable: Duration,
+    /// Where a peer turning unreachable (and back) is recorded.
+    history: Arc<History>,
 }
 
 impl NetworkFactory {
@@ -100,8 +103,9 @@ impl NetworkFactory {
         latency: LatencyConfig,
         faults: Arc<Faults>,
         heartbeat: Duration,
+        history: Arc<History>,
     ) -> Self {
-        NetworkFactory { id, channels, me, latency, faults, retry_unreachable: heartbeat }
+        NetworkFactory { id, channels, me, latency, faults, retry_unreachable: heartbeat, history }
     }
 }
 
@@ -118,6 +122,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             delay,
             faults: self.faults.clone(),
             retry_unreachable: self.retry_unreachable,
+            history: self.history.clone(),
+            failures: 0,
         }
     }
 }
@@ -139,7 +145,14 @@ pub struct PeerClient {
     /// Test link rules, read on each RPC.
     faults: Arc<Faults>,
     retry_unreachable: Duration,
+    history: Arc<History>,
+    /// RPCs in a row that found the peer unreachable or timed out.
+    failures: u32,
 }
+
+/// RPCs in a row that must fail before a peer is recorded unreachable: one
+/// slow answer under load is not an event.
+const UNREACHABLE_AFTER: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -153,6 +166,36 @@ impl PeerClient {
     /// reported as `PayloadTooLarge` with a smaller count to try, so openraft
     /// sends fewer entries instead of resending the same message forever.
     async fn send<Req, Resp, E>(
+        &mut self,
+        action: RPCTypes,
+        req: &Req,
+        entries: Option<usize>,
+        ttl: Duration,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        E: std::error::Error + DeserializeOwned,
+        Resp: DeserializeOwned,
+    {
+        let result = self.send_once(action, req, entries, ttl).await;
+        let failed = matches!(&result, Err(RPCError::Unreachable(_) | RPCError::Timeout(_) | RPCError::Network(_)));
+        if failed {
+            self.failures = self.failures.saturating_add(1);
+            if self.failures == UNREACHABLE_AFTER {
+                let message = format!("node {} cannot reach node {} at {}", self.id, self.target, self.addr);
+                self.history.record("unreachable", message);
+            }
+        } else if result.is_ok() {
+            if self.failures >= UNREACHABLE_AFTER {
+                self.history.record("reachable", format!("node {} reaches node {} again", self.id, self.target));
+            }
+            self.failures = 0;
+        }
+        result
+    }
+
+    /// One RPC, as [`Self::send`] describes.
+    async fn send_once<Req, Resp, E>(
         &mut self,
         action: RPCTypes,
         req: &Req,

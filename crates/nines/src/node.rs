@@ -116,7 +116,12 @@ pub struct Parts {
     pub authority: Option<Authority>,
     /// The last log index this node's log held when it started.
     pub log_index_at_start: u64,
+    /// What happened, as this node saw it (see [`crate::events`]).
+    pub history: Arc<crate::events::History>,
 }
+
+/// Why `Init` is refused on a node that has a log already.
+pub const ALREADY_INITIALIZED: &str = "this node is already initialized: a cluster is bootstrapped exactly once";
 
 /// What every service of a node shares. See the module doc.
 pub struct Node {
@@ -155,6 +160,8 @@ pub struct Node {
     stepping_down: AtomicBool,
     /// Leadership confirmations shared by the linearizable reads waiting.
     read_rounds: crate::reads::ReadRounds,
+    /// What happened, as this node saw it.
+    history: Arc<crate::events::History>,
 }
 
 /// The receiving ends the daemon keeps: the proposal queue (for the
@@ -189,6 +196,7 @@ impl Node {
             primary_lease: Arc::default(),
             log_index_at_start: parts.log_index_at_start,
             read_rounds: Default::default(),
+            history: parts.history,
         };
         (Arc::new(node), Receivers { proposals: proposals_rx, fatal: fatal_rx })
     }
@@ -295,6 +303,11 @@ impl Node {
     /// When a leader's append-entries message last reached this node.
     pub fn contact(&self) -> Arc<LeaderContact> {
         self.contact.clone()
+    }
+
+    /// What happened, as this node saw it.
+    pub fn history(&self) -> &crate::events::History {
+        &self.history
     }
 
     pub fn stats(&self) -> &Stats {
@@ -635,12 +648,20 @@ impl Node {
     pub async fn initialize(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), Error> {
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Err(Error::FailedPrecondition(
-                "this node is already initialized: a cluster is bootstrapped exactly once".into(),
-            )),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                Err(Error::FailedPrecondition(ALREADY_INITIALIZED.into()))
+            }
             Err(RaftError::APIError(InitializeError::NotInMembers(e))) => Err(Error::invalid(e.to_string())),
             Err(RaftError::Fatal(f)) => Err(Error::Unavailable { reason: f.to_string(), retry_safe: false }),
         }
+    }
+
+    /// Whether this node holds a log or a membership already: bootstrapped,
+    /// or added to a region. (Raft's own check at `initialize` stays the
+    /// authority; this one answers before anything else is done.)
+    pub fn is_initialized(&self) -> bool {
+        let m = self.raft_metrics();
+        m.last_log_index.is_some() || m.membership_config.membership().nodes().next().is_some()
     }
 
     /// Adds a learner and waits until it has caught up (this node must lead).
@@ -752,7 +773,15 @@ impl Node {
                     Stance::Normal => tracing::warn!("the physical clock caught up with the hybrid clock"),
                     Stance::SteppingDown => {
                         alone_since = now();
-                        tracing::error!(ahead_ms, "hybrid clock too far ahead of the physical clock: stepping down")
+                        tracing::error!(ahead_ms, "hybrid clock too far ahead of the physical clock: stepping down");
+                        node.history.record(
+                            "clock",
+                            format!(
+                                "node {}: hybrid clock {ahead_ms} ms ahead of the physical clock: refusing to stamp \
+                                 writes, stepping down",
+                                node.id
+                            ),
+                        );
                     }
                     Stance::Standing => {
                         standing_since = now();
@@ -788,6 +817,9 @@ impl Node {
                 Err(e) => vec![Err(e); n],
             }
         };
+        let committed =
+            results.iter().filter(|r| matches!(r, Ok(r) if !matches!(r, CommandResult::Rejected { .. }))).count();
+        self.history.count_writes(committed as u64);
         for (waiter, result) in waiters.into_iter().zip(results) {
             // Ignored: the caller may have given up (its request was cancelled).
             let _ = waiter.send(result);

@@ -37,9 +37,95 @@ use tonic::{Response, Status};
 const BUCKETS_SECONDS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// Installs the process-wide Prometheus recorder (once per node process).
+/// The kinds of metric, for [`METRICS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric a node exports, with the HELP text `/metrics` gives it
+/// (`promtool check metrics` wants one for each). A metric recorded
+/// anywhere in the crate must be listed here (a test checks).
+const METRICS: &[(&str, Kind, &str)] = &[
+    ("nines_raft_has_leader", Kind::Gauge, "1 if this node knows a leader of its region, else 0."),
+    ("nines_raft_is_leader", Kind::Gauge, "1 if this node leads its region, else 0."),
+    ("nines_raft_role", Kind::Gauge, "1 for the Raft role (label role) this node has now, 0 for the others."),
+    ("nines_raft_term", Kind::Gauge, "The current Raft term."),
+    ("nines_raft_last_log_index", Kind::Gauge, "Index of the last entry in this node's Raft log."),
+    ("nines_raft_applied_index", Kind::Gauge, "Index of the last entry applied to the state machine."),
+    ("nines_raft_commit_index", Kind::Gauge, "On the leader: the highest index a majority of voters holds."),
+    ("nines_raft_leader_changes_seen_total", Kind::Counter, "Leader changes this node has observed."),
+    ("nines_proposals_committed_total", Kind::Counter, "Proposals this node made that committed and applied."),
+    ("nines_proposals_failed_total", Kind::Counter, "Proposals this node made that failed."),
+    ("nines_proposal_duration_seconds", Kind::Histogram, "Time from proposing a command to its application."),
+    ("nines_log_fsync_duration_seconds", Kind::Histogram, "Time to flush the Raft log to disk."),
+    ("nines_grpc_requests_total", Kind::Counter, "Client and admin requests, by method and gRPC status code."),
+    ("nines_grpc_request_duration_seconds", Kind::Histogram, "Client and admin request latency, by method."),
+    ("nines_storage_bytes", Kind::Gauge, "Size of the node's database files on disk."),
+    ("nines_replication_lag_entries", Kind::Gauge, "Writes of region from that region to has not applied yet."),
+    (
+        "nines_replication_lag_seconds",
+        Kind::Gauge,
+        "Age of the oldest write of region from that region to has not applied.",
+    ),
+    (
+        "nines_hlc_remote_refused_total",
+        Kind::Counter,
+        "Shipped writes whose timestamp was too far ahead for the clock to adopt.",
+    ),
+    (
+        "nines_hlc_log_refused_total",
+        Kind::Counter,
+        "Writes in this region's log whose timestamp was too far ahead to adopt.",
+    ),
+    ("nines_hlc_ahead_seconds", Kind::Gauge, "How far this node's hybrid clock runs ahead of its physical clock."),
+    (
+        "nines_shipments_out_of_order_total",
+        Kind::Counter,
+        "Shipments from origin refused for arriving ahead of their predecessors.",
+    ),
+    ("nines_rpo_guard_refusing", Kind::Gauge, "1 while the RPO guard refuses writes because no secondary keeps up."),
+    (
+        "nines_calls_shed_total",
+        Kind::Counter,
+        "Client calls refused with RESOURCE_EXHAUSTED because too many were in flight.",
+    ),
+    (
+        "nines_permission_denied_total",
+        Kind::Counter,
+        "Calls refused because the caller's role or token does not allow them.",
+    ),
+    ("nines_tls_handshakes_refused_total", Kind::Counter, "TLS handshakes that failed or timed out."),
+    ("nines_backups_total", Kind::Counter, "Scheduled backups this node completed as its region's leader."),
+    ("nines_backup_failures_total", Kind::Counter, "Scheduled backups that failed."),
+    ("nines_backup_running", Kind::Gauge, "1 while a scheduled backup runs on this node."),
+    (
+        "nines_backup_last_success_timestamp_seconds",
+        Kind::Gauge,
+        "When the last successful backup was taken (Unix time).",
+    ),
+    ("nines_backup_last_duration_seconds", Kind::Gauge, "How long the last successful backup took."),
+    ("nines_backup_last_keys", Kind::Gauge, "Keys in the last successful backup."),
+    ("nines_backup_last_bytes", Kind::Gauge, "Bytes in the last successful backup."),
+    ("nines_archive_writes_total", Kind::Counter, "Writes stored in the continuous changefeed archive."),
+    ("nines_archive_segments_total", Kind::Counter, "Segments stored in the continuous changefeed archive."),
+    ("nines_archive_failures_total", Kind::Counter, "Failed attempts to store an archive segment."),
+    ("nines_archive_last_store_timestamp_seconds", Kind::Gauge, "When the archive last stored writes (Unix time)."),
+];
+
+/// Installs the process-wide Prometheus recorder (once per node process)
+/// and gives every metric its HELP text.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new().set_buckets(BUCKETS_SECONDS)?.install_recorder()?;
+    for (name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
     Ok(handle)
 }
 
@@ -165,4 +251,47 @@ pub fn replication_lag(from: &str, to: &str, entries: u64, ms: u64) {
     let labels = [("from", from.to_string()), ("to", to.to_string())];
     gauge!("nines_replication_lag_entries", &labels).set(entries as f64);
     gauge!("nines_replication_lag_seconds", &labels).set(ms as f64 / 1000.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `counter!`, `gauge!` and `histogram!` in the crate's source, by
+    /// metric name and kind.
+    fn recorded(dir: &std::path::Path, out: &mut Vec<(String, Kind)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                recorded(&path, out);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (macro_name, kind) in
+                [("counter!(\"", Kind::Counter), ("gauge!(\"", Kind::Gauge), ("histogram!(\"", Kind::Histogram)]
+            {
+                for (at, _) in text.match_indices(macro_name) {
+                    let rest = &text[at + macro_name.len()..];
+                    let name = &rest[..rest.find('"').unwrap()];
+                    out.push((name.to_string(), kind));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_recorded_metric_has_help_text_and_its_kind() {
+        let mut found = Vec::new();
+        recorded(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut found);
+        assert!(found.len() > 20, "the scan found the crate's metrics: {found:?}");
+        for (name, kind) in found {
+            let listed = METRICS.iter().find(|(n, _, _)| *n == name);
+            let Some((_, listed_kind, help)) = listed else { panic!("{name} has no HELP text in METRICS") };
+            assert_eq!(*listed_kind, kind, "{name} is recorded as a {kind:?}");
+            assert!(help.ends_with('.') && help.len() > 10, "{name}: {help:?}");
+        }
+    }
 }

@@ -259,7 +259,7 @@ fn need(path: &str) -> Need {
     match (service, method) {
         ("nines.v1.Raft", _) => Need::RegionNode,
         ("nines.v1.Replication", _) => Need::Node,
-        ("nines.v1.Admin", "ClusterView" | "Members" | "Status") => Need::Anyone,
+        ("nines.v1.Admin", "ClusterView" | "ClusterEvents" | "Members" | "Status") => Need::Anyone,
         ("nines.v1.RegionAdmin", "RegionStatus" | "Divergent") => Need::Anyone,
         ("nines.v1.Admin" | "nines.v1.RegionAdmin", _) => Need::Admin,
         ("nines.v1.Kv", _) => Need::Anyone,
@@ -314,9 +314,12 @@ impl Gate {
         let token = self.admin_token.as_ref().is_some_and(|t| t.presented(req.headers()));
         if !self.tls {
             let path = req.uri().path();
-            return match (token, &self.admin_token) {
-                (true, _) => Ok(Some(Role::Admin)),
-                (false, Some(_)) if matches!(need(path), Need::Admin) => {
+            // With a token, a caller without it is a client: no admin
+            // operations, no writes of nines' own keys. The peer services
+            // stay open (without TLS nothing tells a node from anyone).
+            return match (token, &self.admin_token, need(path)) {
+                (true, _, _) => Ok(Some(Role::Admin)),
+                (false, Some(_), Need::Admin) => {
                     metrics::counter!("nines_permission_denied_total").increment(1);
                     tracing::warn!(method = path, "permission denied: no admin token");
                     Err(Status::permission_denied(format!(
@@ -324,6 +327,7 @@ impl Gate {
                          `authorization: Bearer TOKEN`)"
                     )))
                 }
+                (false, Some(_), Need::Anyone) => Ok(Some(Role::Client)),
                 _ => Ok(None),
             };
         }
@@ -358,14 +362,15 @@ pub const SYSTEM_KEY_PREFIX: &[u8] = b"nines/";
 
 /// Refuses a write of a system key by a caller whose role (from the
 /// [`Gate`]) is a client. Checked where the call arrives, before it is
-/// forwarded (a forwarded call carries the forwarding node's role).
+/// forwarded (a forwarded call carries the forwarding node's role, or
+/// without TLS its admin token).
 pub fn check_key_write<T>(req: &tonic::Request<T>, key: &[u8]) -> Result<(), Status> {
     match req.extensions().get::<Role>() {
         Some(Role::Client) if key.starts_with(SYSTEM_KEY_PREFIX) => {
             metrics::counter!("nines_permission_denied_total").increment(1);
             Err(Status::permission_denied(format!(
-                "keys under {:?} are nines' own (leases, epochs): writing them needs the admin role; the \
-                 certificate is client",
+                "keys under {:?} are nines' own (leases, epochs): writing them needs the admin role (an admin \
+                 certificate or the admin token); the caller is a client",
                 String::from_utf8_lossy(SYSTEM_KEY_PREFIX)
             )))
         }

@@ -4,12 +4,18 @@
 //! - A node with `admin_token_file` treats a call carrying
 //!   `authorization: Bearer TOKEN` as the admin's. On a node without TLS,
 //!   admin operations (membership, region promote/fence/configure,
-//!   snapshots, backups) then need it; everything else stays open, as
-//!   `insecure` says. With TLS, it lifts a client certificate to admin.
+//!   snapshots, backups) and writes of keys under `nines/` then need it;
+//!   the rest stays open, as `insecure` says. With TLS, it lifts a client
+//!   certificate to admin.
 //! - A process that has the token ([`set_outgoing`]: the CLI given
 //!   `--admin-token-file`, a node given `admin_token_file`) sends it with
-//!   every call it makes ([`request`]); a node forwarding an admin call to
-//!   its leader passes the caller's token on.
+//!   every call it makes ([`request`]); a node forwarding a call to its
+//!   leader passes the caller's token on, or vouches for the call with its
+//!   own ([`vouch`]): it admitted the call itself.
+//! - One token for the whole cluster: every node and client of it sends
+//!   the same. Without TLS the token guards the client port's admin
+//!   operations and nines' own keys; the peer port stays open to whoever
+//!   reaches it (firewall it).
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -86,6 +92,14 @@ pub fn request<M>(msg: M) -> tonic::Request<M> {
         req.metadata_mut().insert(HEADER, token.value());
     }
     req
+}
+
+/// Adds this process's token to `to` unless it carries one already: a node
+/// forwarding a call it admitted vouches for it.
+pub fn vouch(to: &mut MetadataMap) {
+    if let (None, Some(token)) = (to.get(HEADER), OUTGOING.get()) {
+        to.insert(HEADER, token.value());
+    }
 }
 
 /// Copies the token a request came with (if any) into `to`, for a call

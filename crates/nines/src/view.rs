@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::events::NodeHistory;
 use crate::rpc::{Client, ClientConfig, RegionInfo};
 use serde::{Deserialize, Serialize};
 
@@ -153,4 +154,45 @@ pub async fn cluster(regions: &[RegionInfo]) -> ClusterView {
         out.push(region_view(r).await);
     }
     ClusterView { regions: out }
+}
+
+/// Every node's history (events and samples, see [`crate::events`]), each
+/// fetched from its node's admin port (`/api/events`) from inside the
+/// cluster's network; a node that does not answer comes with `error`, and
+/// the others still come.
+pub async fn histories(regions: &[RegionInfo]) -> Vec<NodeHistory> {
+    let view = cluster(regions).await;
+    let fetches = view.regions.iter().flat_map(|r| r.nodes.iter()).map(|n| async move {
+        let failed =
+            |why: String| NodeHistory { node: n.id, region: n.region.clone(), error: Some(why), ..Default::default() };
+        if n.admin_addr.is_empty() {
+            return failed("no admin address in the membership".into());
+        }
+        let url = format!("{}/api/events", n.admin_addr.trim_end_matches('/'));
+        match http_get(&url, PROBE_TIMEOUT).await {
+            Ok((200, body)) => serde_json::from_slice(&body).unwrap_or_else(|e| failed(format!("{url}: {e}"))),
+            Ok((code, _)) => failed(format!("{url} answered {code}")),
+            Err(e) => failed(format!("{e:#}")),
+        }
+    });
+    futures::future::join_all(fetches).await
+}
+
+/// A GET of `url` (plain HTTP) within `timeout`: the status code and body.
+pub async fn http_get(url: &str, timeout: Duration) -> anyhow::Result<(u16, Vec<u8>)> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let uri: axum::http::Uri = url.parse().map_err(|e| anyhow::anyhow!("URL {url:?}: {e}"))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<axum::body::Bytes>>();
+    let call = async {
+        let resp = client.get(uri).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status.as_u16(), body.to_vec()))
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("{url} did not answer within {timeout:?}"),
+    }
 }

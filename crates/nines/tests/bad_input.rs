@@ -92,8 +92,8 @@ async fn each_limit_and_malformed_field_is_refused_by_name_and_the_cluster_keeps
     assert!(s.message().contains(&REQUEST_BYTES_MAX.to_string()), "{}", s.message());
 
     // Hostile peer input is refused by name: a shipment at epoch u64::MAX,
-    // a promotion to it, a snapshot chunk at an offset near u64::MAX (at
-    // the peer port, where those services are).
+    // a snapshot chunk at an offset near u64::MAX (at the peer port, where
+    // those services are).
     let url = cluster.nodes[&1].peer();
     let ship = ShipRequest { origin_region: "elsewhere".into(), epoch: u64::MAX, ..Default::default() };
     let s = ReplicationClient::connect(url.clone()).await.unwrap().ship(ship).await.expect_err("epoch u64::MAX");

@@ -148,6 +148,81 @@ async fn up_with_a_data_dir_starts_again_on_its_own_data() {
     again.stop();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_up_on_taken_ports_or_a_held_data_dir_stops_at_once_naming_them() {
+    // Shows: with a cluster running, `nines up` on the same ports exits
+    // non-zero within 2 s naming the port and the nines node answering
+    // there, and changes nothing in the running cluster; `nines node` on a
+    // running node's data directory stops naming that node's PID.
+    let _serial = common::serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ports = common::PortBases::free(3);
+    let first = common::Up::start_on(dir.path(), ports, &[]);
+    let client = first.client();
+    client.put("k", "v").await.unwrap();
+    let before = client.status_of(&format!("http://127.0.0.1:{}", ports.grpc)).await.unwrap();
+
+    let flags = ports.flags();
+    let mut args = vec!["up", "--regions", "1"];
+    args.extend(flags.iter().map(String::as_str));
+    let started = Instant::now();
+    let second = Command::new(env!("CARGO_BIN_EXE_nines")).args(&args).output().unwrap();
+    let took = started.elapsed();
+    let said = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(!second.status.success(), "the second up must fail: {said}");
+    assert!(took < Duration::from_secs(2), "it took {took:?}: {said}");
+    assert!(said.contains(&format!("port {}", ports.grpc)), "names the port: {said}");
+    assert!(said.contains("node 1 of region us-east of another nines cluster answers there"), "{said}");
+    assert!(!said.contains("bootstrapping"), "{said}");
+
+    let after = client.status_of(&format!("http://127.0.0.1:{}", ports.grpc)).await.unwrap();
+    assert_eq!((after.term, after.last_log_index), (before.term, before.last_log_index), "nothing changed");
+    assert_eq!(after.members.len(), 3);
+
+    // A second node on node 1's data directory stops, naming the holder.
+    let config = dir.path().join("node-1/nines.toml");
+    let node = Command::new(env!("CARGO_BIN_EXE_nines"))
+        .args(["node", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&node.stderr).into_owned();
+    // Node 1's PID, as `up` printed it (NODE ... PID).
+    let pid = first
+        .printed
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.len() == 7 && cols[0] == "1")
+        .map(|cols| cols[6].to_string())
+        .expect("node 1's row");
+    assert!(!node.status.success(), "{said}");
+    assert!(said.contains(&format!("in use by a running nines node (PID {pid})")), "{said}");
+    assert_eq!(client.get("k", nines::rpc::Consistency::Linearizable).await.unwrap().kv.unwrap().value, b"v");
+
+    // `nines events` lists the election of the running cluster's leader, as
+    // a table and as JSON.
+    let eps = format!("http://127.0.0.1:{}", ports.grpc);
+    let leader = before.leader_id.expect("a leader");
+    // (A node notes what happened within a second.)
+    let elected = format!("node {leader} elected leader of us-east");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = nines(&eps, &["events"]);
+        let printed = String::from_utf8_lossy(&table.stdout).into_owned();
+        assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+        if printed.contains(&elected) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no election listed: {printed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let json = nines(&eps, &["-w", "json", "events"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("events as JSON");
+    let kinds: Vec<&str> = v["events"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"leader"), "{v}");
+    assert_eq!(v["unreachable"].as_array().map(Vec::len), Some(0), "every node answered: {v}");
+    first.stop();
+}
+
 /// The exit codes of the README's table, by code.
 fn readme_exit_codes() -> Vec<(i32, String)> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();

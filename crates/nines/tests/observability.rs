@@ -79,6 +79,28 @@ async fn grpc_health_reflection_and_metrics_are_served() {
     for want in ["nines.v1.Kv", "nines.v1.Admin", "nines.v1.RegionAdmin", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == want), "reflection lists {want}: {names:?}");
     }
+    // The older v1alpha protocol too (older grpcurl, Python's grpcio-reflection).
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let channel =
+            tonic::transport::Endpoint::from_shared(cluster.nodes[&1].grpc()).unwrap().connect().await.unwrap();
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let resp = stream.message().await.unwrap().expect("a v1alpha reflection answer");
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == "nines.v1.Kv"), "v1alpha reflection lists nines.v1.Kv: {names:?}");
+    }
     let metrics = wait_for("metrics with replication lag", Duration::from_secs(20), || async {
         let (code, body) = http_get(&format!("{}/metrics", admin(&cluster, 1))).await;
         (code == 200 && body.contains("nines_replication_lag_entries")).then_some(body)
@@ -101,6 +123,34 @@ async fn grpc_health_reflection_and_metrics_are_served() {
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
+    // Prometheus' own linter has nothing to say (every metric has HELP text).
+    match promtool() {
+        Some(promtool) => {
+            use std::io::Write;
+            let mut child = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run promtool");
+            // `nines health` printed the status code before the body.
+            let body = metrics.strip_prefix("200 ").expect("the body after its status code");
+            child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}");
+        }
+        None => {
+            assert!(std::env::var("CI").is_err(), "CI must install promtool (see .ci/run)");
+            eprintln!("skipped: promtool is not installed (Debian's prometheus package has it)");
+        }
+    }
+}
+
+/// promtool, if installed. CI installs it; elsewhere the check says it skipped.
+fn promtool() -> Option<&'static str> {
+    Command::new("promtool").arg("--version").output().ok().filter(|o| o.status.success()).map(|_| "promtool")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,36 +210,83 @@ fn chromium() -> Option<&'static str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_page_in_a_headless_browser_shows_every_node_of_every_region() {
+async fn status_page_in_a_headless_browser_shows_every_node_events_and_charts() {
     // Shows: the page at / on any node's admin port, run in headless
-    // Chromium, draws both regions and all six nodes with their roles.
+    // Chromium, draws both regions and all six nodes with their roles; after
+    // a leader is killed and the other region is failed over to, its events
+    // panel lists the election and the promotion and its lag chart has data
+    // points (a screenshot is kept in target/tmp/status-page.png).
     let Some(browser) = chromium() else {
         assert!(std::env::var("CI").is_err(), "CI must install chromium (see .ci/run)");
         eprintln!("skipped: chromium is not installed (apt-get install chromium to run this test)");
         return;
     };
     let _serial = serial().await;
-    let cluster = TestCluster::start_regions(&[("a", 3), ("b", 3)], Mode::ActivePassive, |_| {}).await;
+    let mut cluster = TestCluster::start_regions(&[("a", 3), ("b", 3)], Mode::ActivePassive, |_| {}).await;
     let url = format!("{}/", admin(&cluster, 5));
     let profile = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            &format!("--user-data-dir={}", profile.path().display()),
-            "--virtual-time-budget=8000",
-            "--dump-dom",
-            &url,
-        ])
-        .output()
-        .await
-        .expect("run chromium");
+    let chromium = |extra: Vec<String>| {
+        let mut args: Vec<String> =
+            ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=8000"]
+                .map(String::from)
+                .into();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        args.extend(extra);
+        args.push(url.clone());
+        tokio::process::Command::new(browser).args(args).output()
+    };
+    let out = chromium(vec!["--dump-dom".into()]).await.expect("run chromium");
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(dom.contains("id=\"region-a\"") && dom.contains("id=\"region-b\""), "both regions drawn: {dom}");
     for id in 1..=6 {
         assert!(dom.contains(&format!("id=\"node-{id}\"")), "node {id} drawn: {dom}");
     }
     assert!(dom.contains("primary") && dom.contains("secondary") && dom.contains("leader"), "{dom}");
+
+    // Writes, a leader killed in a, then an unplanned failover to b.
+    let a = cluster.region_client("a");
+    for i in 0..50 {
+        a.put(format!("k{i}"), "v").await.unwrap();
+    }
+    let killed = cluster.wait_leader_in("a").await;
+    cluster.kill(killed);
+    let elected = wait_for("a new leader in a", Duration::from_secs(30), || async {
+        let s = cluster.status(*cluster.regions["a"].iter().find(|id| **id != killed).unwrap()).await?;
+        s.leader_id.filter(|l| *l != killed)
+    })
+    .await;
+    let b = cluster.endpoints(&cluster.regions["b"]).join(",");
+    let failover = Command::new(env!("CARGO_BIN_EXE_nines"))
+        .args(["--endpoints", &b, "region", "failover", "b"])
+        .output()
+        .unwrap();
+    assert!(failover.status.success(), "failover: {}", String::from_utf8_lossy(&failover.stderr));
+    // The samples are taken every 5 s: wait for one after the failover.
+    tokio::time::sleep(nines::events::SAMPLE_EVERY + Duration::from_secs(1)).await;
+
+    let out = chromium(vec!["--dump-dom".into()]).await.expect("run chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    for event in [format!("node {elected} elected leader of a"), "region b is the primary at epoch 1".to_string()] {
+        assert!(dom.contains(&event), "the events panel shows {event:?}: {dom}");
+    }
+    assert!(dom.contains("class=\"event\""), "{dom}");
+    let lag_points = dom
+        .split("id=\"chart-lag-a\"")
+        .nth(1)
+        .and_then(|rest| rest.split("data-points=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("a lag chart for region a with its point count");
+    assert!(lag_points > 0, "the lag chart has data points: {dom}");
+    assert!(dom.contains(&format!("not reached: node {killed}")), "the dead node is named: {dom}");
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = chromium(vec![format!("--screenshot={}", shot.display()), "--window-size=1400,1600".into()])
+        .await
+        .expect("run chromium");
+    let png = std::fs::read(&shot)
+        .unwrap_or_else(|e| panic!("no screenshot ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a screenshot of the page");
+    eprintln!("status page screenshot: {}", shot.display());
 }

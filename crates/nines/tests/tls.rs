@@ -61,6 +61,15 @@ async fn raft_append(url: &str, id: &TlsConfig) -> Result<(), tonic::Status> {
     RaftClient::new(channel).append_entries(RaftMessage { payload: vec![0xff; 8] }).await.map(|_| ())
 }
 
+/// A Raft vote request to `url` as `id`, for `candidate` at a high term
+/// (refused before it reaches Raft, or it would start an election).
+async fn raft_vote(url: &str, id: &TlsConfig, candidate: u64) -> Result<(), tonic::Status> {
+    let channel = channel(url, id).await.map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
+    let req = openraft::raft::VoteRequest::<u64> { vote: openraft::Vote::new(1_000, candidate), last_log_id: None };
+    let payload = postcard::to_allocvec(&req).unwrap();
+    RaftClient::new(channel).vote(RaftMessage { payload }).await.map(|_| ())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_methods() {
     let _serial = serial().await;
@@ -117,11 +126,15 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
     let put = nines(&with_identity(&on_peer_port, &identity(&ca, &certs, "admin"), &["put", "k", "v5"]));
     assert!(!put.status.success() && text(&put).contains("Unimplemented"), "a put on the peer port: {}", text(&put));
 
-    // A node certificate of this region whose id is no member (removed,
-    // or never added) may not either.
+    // A node certificate of this region speaks only in its own name, and
+    // one whose id is no member (removed, or never added) may not stand
+    // for election.
+    let e = raft_vote(&on_peer_port, &us_east_2, 1).await.expect_err("a vote in another node's name");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node 2 of region us-east sends Raft traffic in the name of node 1"), "{e:?}");
     let stranger = certs_create(&certs, "us-east/9");
     assert!(stranger.status.success(), "{}", text(&stranger));
-    let e = raft_append(&on_peer_port, &identity(&ca, &certs, "node-us-east-9")).await.expect_err("a non-member");
+    let e = raft_vote(&on_peer_port, &identity(&ca, &certs, "node-us-east-9"), 9).await.expect_err("a non-member");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("node 9 is not a member of region us-east"), "{e:?}");
 

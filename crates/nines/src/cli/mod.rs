@@ -20,8 +20,12 @@ use tracing::Instrument;
 
 use crate::config::NodeConfig;
 
+/// `nines --version`: the crate version and the git revision it was built
+/// from (see build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("NINES_GIT_REV"), ")");
+
 #[derive(Parser, Debug)]
-#[command(name = "nines", version, about = "A replicated key-value store with multi-region failover")]
+#[command(name = "nines", version = VERSION, about = "A replicated key-value store with multi-region failover")]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -110,6 +114,10 @@ pub enum Command {
     Kv(kv::KvCommand),
     /// Show every node: region, AZ, role, term, log and applied index, leader.
     Status,
+    /// What happened lately, every node's events merged by time: leaders
+    /// elected and lost, peers unreachable, promotions, demotions and fences,
+    /// divergent writes recorded, clock skew refused.
+    Events,
     /// Membership: list, init, add a learner, promote, remove.
     #[command(subcommand)]
     Member(MemberCommand),
@@ -469,7 +477,7 @@ fn print_members(g: &Global, m: &crate::rpc::MembersResponse) {
             .members
             .iter()
             .filter_map(|m| m.node.as_ref().map(|n| (n, m.voter)))
-            .map(|(n, voter)| json!({"id": n.id, "grpc_addr": n.grpc_addr, "admin_addr": n.admin_addr, "region": n.region, "az": n.az, "voter": voter}))
+            .map(|(n, voter)| json!({"id": n.id, "grpc_addr": n.grpc_addr, "peer_addr": n.peer_addr, "admin_addr": n.admin_addr, "region": n.region, "az": n.az, "voter": voter}))
             .collect();
         print_json(json!({ "leader_id": m.leader_id, "members": members }));
         return;
@@ -485,11 +493,12 @@ fn print_members(g: &Global, m: &crate::rpc::MembersResponse) {
                 n.region.clone(),
                 n.az.clone(),
                 n.grpc_addr.clone(),
+                n.peer_addr.clone(),
                 if m.leader_id == Some(n.id) { "*".into() } else { String::new() },
             ]
         })
         .collect();
-    print_table(&["ID", "KIND", "REGION", "AZ", "GRPC", "LEADER"], &rows);
+    print_table(&["ID", "KIND", "REGION", "AZ", "GRPC", "PEER", "LEADER"], &rows);
 }
 
 /// Runs one client command; `Ok(false)` means "ran, but the answer is no"
@@ -499,6 +508,7 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
         Command::Up(_) | Command::Node(_) => unreachable!("handled by main"),
         Command::Kv(kv) => kv::run(&g, kv).await?,
         Command::Status => status(&g).await?,
+        Command::Events => events(&g).await?,
         Command::Region(r) => region::run(&g, r).await?,
         Command::Controller(args) => controller::run(&g, args).await?,
         Command::Backup(b) => return backup::run(&g, b).await,
@@ -562,29 +572,42 @@ pub async fn run_client(g: Global, command: Command) -> anyhow::Result<bool> {
 
 /// `nines health URL`: `Ok(true)` on a 2xx answer within `timeout`.
 async fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<bool> {
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-    let uri: axum::http::Uri = url.parse().map_err(|e| anyhow::anyhow!("URL {url:?}: {e}"))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<axum::body::Bytes>>();
-    let call = async {
-        let resp = client.get(uri).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, body))
-    };
-    let (status, body) = match tokio::time::timeout(timeout, call).await {
-        Ok(r) => r?,
-        Err(_) => anyhow::bail!("{url} did not answer within {timeout:?}"),
-    };
+    let (status, body) = crate::view::http_get(url, timeout).await?;
     let text = String::from_utf8_lossy(&body);
-    if status.is_success() {
-        println!("{} {}", status.as_u16(), text.trim());
+    if (200..300).contains(&status) {
+        println!("{status} {}", text.trim());
         Ok(true)
     } else {
-        eprintln!("{url}: {} {}", status.as_u16(), text.trim());
+        eprintln!("{url}: {status} {}", text.trim());
         Ok(false)
     }
+}
+
+/// `nines events`: every node's events, merged by time; then the nodes
+/// whose events could not be fetched.
+async fn events(g: &Global) -> anyhow::Result<()> {
+    let json = client(g)?.cluster_events().await?;
+    let histories: Vec<crate::events::NodeHistory> =
+        serde_json::from_str(&json).map_err(|e| anyhow::anyhow!("the cluster's events: {e}"))?;
+    let events = crate::events::merge(&histories);
+    let missing: Vec<_> =
+        histories.iter().filter_map(|h| h.error.as_ref().map(|e| json!({"node": h.node, "error": e}))).collect();
+    if g.format == Format::Json {
+        print_json(json!({ "events": events, "unreachable": missing }));
+        return Ok(());
+    }
+    let time = |ms: u64| {
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+    };
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| vec![time(e.at_ms), e.node.to_string(), e.region.clone(), e.kind.clone(), e.message.clone()])
+        .collect();
+    print_table(&["TIME", "NODE", "REGION", "KIND", "EVENT"], &rows);
+    for h in histories.iter().filter(|h| h.error.is_some()) {
+        eprintln!("node {}: events not fetched: {}", h.node, h.error.as_deref().unwrap_or_default());
+    }
+    Ok(())
 }
 
 /// `nines status`: every node of every region (from [`crate::view`]),

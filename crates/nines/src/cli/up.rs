@@ -192,6 +192,25 @@ fn certificates(dir: &Path, configs: &[NodeConfig]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses to start anything while a port of the cluster is taken, naming
+/// the port and, where a nines node answers there, that node.
+async fn check_ports(configs: &[NodeConfig]) -> anyhow::Result<()> {
+    for c in configs {
+        for (what, addr) in [("client gRPC", c.grpc_listen), ("peer", c.peer_listen), ("admin", c.admin_listen)] {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                bail!(
+                    "node {}'s {what} port {}: {}. Stop what runs there, or start this cluster on other ports \
+                     (--grpc-port-base, --peer-port-base, --admin-port-base)",
+                    c.id,
+                    addr.port(),
+                    crate::daemon::port_taken(addr, &e).await
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `nines up`; with `admin_token_file` (the global flag) every node
 /// requires that token for admin operations.
 pub async fn run(args: UpArgs, admin_token_file: Option<PathBuf>) -> anyhow::Result<()> {
@@ -210,6 +229,7 @@ pub async fn run(args: UpArgs, admin_token_file: Option<PathBuf>) -> anyhow::Res
             c.admin_token_file = Some(path.clone());
         }
     }
+    check_ports(&configs).await?;
     let existing = configs.iter().filter(|c| crate::backup::restore::holds_data(&c.data_dir)).count();
     if existing != 0 && existing != configs.len() {
         bail!(

@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use nines_proto::v1::region_admin_client::RegionAdminClient;
 use nines_proto::v1::{
-    AddLearnerRequest, BackupRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest, GetRequest,
-    InitRequest, MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, SnapshotRequest,
+    AddLearnerRequest, BackupRequest, ClusterEventsRequest, ClusterViewRequest, CompareAndSwapRequest, DeleteRequest,
+    GetRequest, InitRequest, MembersRequest, PromoteRequest, PutRequest, RemoveRequest, ScanRequest, SnapshotRequest,
     StatusRequest, admin_client::AdminClient, compare_and_swap_request, kv_client::KvClient,
 };
 pub use nines_proto::v1::{
@@ -417,6 +417,12 @@ impl Client {
     /// The whole cluster as JSON, gathered by whichever node answers.
     pub async fn cluster_view(&self) -> Result<String> {
         Ok(self.call(true, rpc!(admin, cluster_view, ClusterViewRequest {})).await?.json)
+    }
+
+    /// Every node's recent events and samples as JSON, gathered by the node
+    /// that answers (see `crate::events`).
+    pub async fn cluster_events(&self) -> Result<String> {
+        Ok(self.call(true, rpc!(admin, cluster_events, ClusterEventsRequest {})).await?.json)
     }
 
     /// The cluster's members and leader.

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use nines_proto::v1::admin_client::AdminClient;
 use nines_proto::v1::admin_server::Admin;
 use nines_proto::v1::{
-    AddLearnerRequest, BackupMessage, BackupRequest, ClusterViewRequest, ClusterViewResponse, InitRequest,
-    InitResponse, Member, MembersRequest, MembersResponse, PromoteRequest, RemoveRequest, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse,
+    AddLearnerRequest, BackupMessage, BackupRequest, ClusterEventsRequest, ClusterEventsResponse, ClusterViewRequest,
+    ClusterViewResponse, InitRequest, InitResponse, Member, MembersRequest, MembersResponse, PromoteRequest,
+    RemoveRequest, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 use openraft::ChangeMembers;
 use tonic::transport::Channel;
@@ -18,7 +18,7 @@ use super::forward::on_leader;
 use crate::convert::{info_from_proto, info_to_proto};
 use crate::error::Error;
 use crate::limits::INIT_MEMBERS_MAX;
-use crate::node::Node;
+use crate::node::{ALREADY_INITIALIZED, Node};
 use crate::types::{NodeId, role_name};
 
 pub struct AdminService {
@@ -47,6 +47,26 @@ fn members_response(node: &Node) -> MembersResponse {
 
 /// Checks the members of an `Init` request and converts them.
 fn init_members(r: &InitRequest, this: NodeId) -> Result<BTreeMap<NodeId, crate::types::NodeInfo>, Error> {
+    let mut members = BTreeMap::new();
+    for m in &r.members {
+        let (id, info) = info_from_proto(m)?;
+        if members
+            .values()
+            .any(|o: &crate::types::NodeInfo| o.grpc_addr == info.grpc_addr || o.peer_addr == info.peer_addr)
+        {
+            return Err(Error::invalid(format!("node {id} shares a URL with another member: {info:?}")));
+        }
+        members.insert(id, info);
+    }
+    if !members.contains_key(&this) {
+        return Err(Error::invalid(format!("members must include this node ({this})")));
+    }
+    Ok(members)
+}
+
+/// The checks of an `Init` request that need no member asked: its size,
+/// each id once, this node among them.
+fn check_init_request(r: &InitRequest, this: NodeId) -> Result<(), Error> {
     if r.members.is_empty() {
         return Err(Error::invalid("members is empty; give at least this node"));
     }
@@ -56,17 +76,14 @@ fn init_members(r: &InitRequest, this: NodeId) -> Result<BTreeMap<NodeId, crate:
             r.members.len()
         )));
     }
-    let mut members = BTreeMap::new();
-    for m in &r.members {
-        let (id, info) = info_from_proto(m)?;
-        if members.insert(id, info).is_some() {
-            return Err(Error::invalid(format!("node id {id} appears twice in members")));
-        }
+    let mut ids = BTreeSet::new();
+    if let Some(m) = r.members.iter().find(|m| !ids.insert(m.id)) {
+        return Err(Error::invalid(format!("node id {} appears twice in members", m.id)));
     }
-    if !members.contains_key(&this) {
+    if !ids.contains(&this) {
         return Err(Error::invalid(format!("members must include this node ({this})")));
     }
-    Ok(members)
+    Ok(())
 }
 
 /// How long asking a new member for its peer address may take.
@@ -100,7 +117,7 @@ async fn resolve_peer_addr(node: &Node, m: &mut nines_proto::v1::NodeInfo) -> Re
         return Err(unreachable("its status names no node".into()));
     };
     if found.id != m.id || found.region != m.region {
-        return Err(Error::FailedPrecondition(format!(
+        return Err(Error::invalid(format!(
             "{} is node {} of region {}, not node {} of region {}",
             m.grpc_addr, found.id, found.region, m.id, m.region
         )));
@@ -125,6 +142,12 @@ async fn remove(node: &Node, id: NodeId) -> Result<MembersResponse, Error> {
 impl Admin for AdminService {
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
         let mut req = req.into_inner();
+        // The cheap refusals first: an initialized node or a malformed
+        // request asks no member anything.
+        if self.node.is_initialized() {
+            return Err(Error::FailedPrecondition(ALREADY_INITIALIZED.into()).into());
+        }
+        check_init_request(&req, self.node.id())?;
         for m in &mut req.members {
             resolve_peer_addr(&self.node, m).await?;
         }
@@ -142,6 +165,11 @@ impl Admin for AdminService {
             };
             resolve_peer_addr(node, learner).await?;
             let (id, info) = info_from_proto(learner)?;
+            let (_, members, _) = node.membership();
+            let same = |n: &crate::types::NodeInfo| n.grpc_addr == info.grpc_addr || n.peer_addr == info.peer_addr;
+            if let Some((other, _)) = members.iter().find(|(o, n)| *o != id && same(n)) {
+                return Err(Error::invalid(format!("node {id} would share a URL with node {other}: {info:?}")));
+            }
             node.add_learner(id, info).await?;
             Ok(members_response(node))
         })
@@ -162,6 +190,15 @@ impl Admin for AdminService {
         let node = &self.node;
         let remote = |c, r| async move { admin_client(c).remove(r).await };
         on_leader(node, req, remote, |r| remove(node, r.node_id)).await
+    }
+
+    async fn cluster_events(
+        &self,
+        _req: Request<ClusterEventsRequest>,
+    ) -> Result<Response<ClusterEventsResponse>, Status> {
+        let histories = crate::view::histories(&self.node.regions_for_view()).await;
+        let json = serde_json::to_string(&histories).map_err(|e| Status::internal(format!("encoding events: {e}")))?;
+        Ok(Response::new(ClusterEventsResponse { json }))
     }
 
     async fn cluster_view(&self, _req: Request<ClusterViewRequest>) -> Result<Response<ClusterViewResponse>, Status> {

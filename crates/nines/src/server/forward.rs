@@ -72,6 +72,9 @@ where
         return Err(err.into());
     };
     req.metadata_mut().insert(metadata::FORWARDED, (hops + 1).into());
+    // A call this node admitted goes on with the caller's admin token, or
+    // this node's own (as its certificate vouches for it under TLS).
+    crate::token::vouch(req.metadata_mut());
     let deadline = node.write_timeout() + FORWARD_MARGIN;
     match tokio::time::timeout(deadline, call(channel, req)).await {
         Ok(Ok(resp)) => Ok(resp),
@@ -130,14 +133,19 @@ where
     HFut: Future<Output = Result<R, Error>>,
 {
     let hops = hops(&req);
-    match node.check_leader() {
-        Ok(()) => here(req.into_inner()).await.map(Response::new).map_err(Status::from),
-        Err(Error::NotLeader { leader_id, .. }) => {
+    // A leader hint names the leader's peer address, whether this node found
+    // it is no leader before or while serving the call.
+    let at_peer_port = |e: Error| match e {
+        Error::NotLeader { leader_id, .. } => {
             let (_, members, _) = node.membership();
             let leader_addr =
                 leader_id.and_then(|l| members.into_iter().find(|(id, _)| *id == l)).map(|(_, n)| n.peer_addr);
-            forward_as(node, Error::NotLeader { leader_id, leader_addr }, hops, token_only(req), remote).await
+            Error::NotLeader { leader_id, leader_addr }
         }
-        Err(e) => Err(e.into()),
+        e => e,
+    };
+    match node.check_leader() {
+        Ok(()) => here(req.into_inner()).await.map(Response::new).map_err(|e| Status::from(at_peer_port(e))),
+        Err(e) => forward_as(node, at_peer_port(e), hops, token_only(req), remote).await,
     }
 }

@@ -1,4 +1,5 @@
-//! The gRPC services a node serves on its one gRPC port, as thin adapters
+//! The gRPC services a node serves (the client ones on its client port,
+//! Raft and shipments on its peer port), as thin adapters
 //! over the [`crate::node::Node`] handle: each decodes a request (through
 //! [`crate::convert`] and [`crate::validate`]), calls the node, and encodes
 //! the answer.

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use crate::limits::{SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
 use crate::stance::LeaderContact;
-use crate::types::{Raft, TypeConfig};
+use crate::tls::Role;
+use crate::types::{NodeId, Raft, TypeConfig, Vote};
 
 pub struct RaftService {
     raft: Raft,
@@ -29,23 +30,42 @@ impl RaftService {
 }
 
 impl RaftService {
-    /// Refuses Raft traffic from a node certificate (the gate already
-    /// checked its region) whose id is not in this node's membership: a
-    /// removed node's certificate stays valid, its Raft traffic does not. A
-    /// node with no membership yet (before its first entries) takes any.
-    fn check_member(&self, req: &Request<RaftMessage>) -> Result<(), Status> {
-        let Some(crate::tls::Role::Node { region, id }) = req.extensions().get::<crate::tls::Role>() else {
-            return Ok(());
-        };
+    /// Checks who a Raft message comes from, by the vote it carries (the
+    /// candidate's, or the leader's):
+    /// - never this node itself: a peer URL that leads back to its own node
+    ///   would have it vote for itself and count its own acknowledgements;
+    /// - with TLS, the sender speaks in its own name (the certificate's id,
+    ///   whose region the gate checked), so one member's certificate cannot
+    ///   stand for another;
+    /// - with TLS, a vote request comes from a member: a removed node's
+    ///   certificate stays valid, its candidacy does not. Entries and
+    ///   snapshots are not checked against the membership: a node that
+    ///   missed a membership change must still take them from a leader it
+    ///   does not know yet. A node with no membership yet takes any.
+    fn check_sender(&self, role: Option<&Role>, vote: &Vote, request_vote: bool) -> Result<(), Status> {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
-        let membership = metrics.membership_config.membership();
-        if membership.nodes().next().is_none() || membership.get_node(id).is_some() {
-            return Ok(());
+        let sender = vote.leader_id.node_id;
+        if sender == metrics.id {
+            return Err(Status::permission_denied(format!(
+                "Raft traffic in this node's own name (node {sender}): a peer URL that leads back to it?"
+            )));
         }
-        Err(Status::permission_denied(format!(
-            "node {id} is not a member of region {region}: Raft traffic comes only from its members"
-        )))
+        let Some(Role::Node { region, id }) = role else {
+            return Ok(());
+        };
+        if *id != sender {
+            return Err(Status::permission_denied(format!(
+                "node {id} of region {region} sends Raft traffic in the name of node {sender}"
+            )));
+        }
+        let membership = metrics.membership_config.membership();
+        if request_vote && membership.nodes().next().is_some() && membership.get_node(id).is_none() {
+            return Err(Status::permission_denied(format!(
+                "node {id} is not a member of region {region}: only members stand for election"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -62,21 +82,24 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.check_member(&req)?;
-        let rpc = decode(req, "append-entries")?;
+        let role = req.extensions().get::<Role>().cloned();
+        let rpc: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(req, "append-entries")?;
+        self.check_sender(role.as_ref(), &rpc.vote, false)?;
         self.contact.record();
         encode(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.check_member(&req)?;
-        let rpc = decode(req, "vote")?;
+        let role = req.extensions().get::<Role>().cloned();
+        let rpc: openraft::raft::VoteRequest<NodeId> = decode(req, "vote")?;
+        self.check_sender(role.as_ref(), &rpc.vote, true)?;
         encode(&self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.check_member(&req)?;
-        let rpc = decode(req, "install-snapshot")?;
+        let role = req.extensions().get::<Role>().cloned();
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req, "install-snapshot")?;
+        self.check_sender(role.as_ref(), &rpc.vote, false)?;
         check_chunk(&rpc)?;
         encode(&self.raft.install_snapshot(rpc).await)
     }

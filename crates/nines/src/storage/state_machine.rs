@@ -343,6 +343,19 @@ impl StateReader {
         self.region_ref().setup.clone()
     }
 
+    /// The region's role as of now, without copying the region state:
+    /// (primary, epoch, fenced until (HLC ms, 0: not fenced), divergent
+    /// writes recorded ever). The primary is empty before the setup is
+    /// replicated or in active-active mode.
+    pub fn role_summary(&self) -> (String, u64, u64, u64) {
+        let state = self.region_ref();
+        let primary = match &state.setup {
+            Some(setup) if setup.mode == crate::config::Mode::ActivePassive => effective_primary(setup, &state),
+            _ => String::new(),
+        };
+        (primary, state.epoch, state.fenced_until_ms, state.divergent_total)
+    }
+
     /// Until when (HLC milliseconds) the region is fenced; 0: not fenced.
     pub fn fenced_until_ms(&self) -> u64 {
         self.region_ref().fenced_until_ms

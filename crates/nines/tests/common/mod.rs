@@ -451,9 +451,13 @@ pub struct PortBases {
 }
 
 impl PortBases {
-    /// Runs of `n` free ports.
+    /// Runs of `n` free ports that do not overlap.
     pub fn free(n: u16) -> PortBases {
-        PortBases { grpc: free_port_run(n), peer: free_port_run(n), admin: free_port_run(n) }
+        let apart = |a: u16, b: u16| a.abs_diff(b) >= n;
+        let grpc = free_port_run(n);
+        let peer = std::iter::repeat_with(|| free_port_run(n)).find(|p| apart(*p, grpc)).unwrap();
+        let admin = std::iter::repeat_with(|| free_port_run(n)).find(|a| apart(*a, grpc) && apart(*a, peer)).unwrap();
+        PortBases { grpc, peer, admin }
     }
 
     /// `--grpc-port-base`, `--peer-port-base` and `--admin-port-base`.
