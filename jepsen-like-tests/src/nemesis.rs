@@ -97,10 +97,15 @@ pub enum Nemesis {
     /// One region's shipments to the others each wait a random extra time,
     /// so shipments in flight together arrive out of order.
     ShipReorder,
+    /// Every node of a region gets, on its peer port, what a broken or
+    /// hostile peer could send: a shipment at epoch u64::MAX, a snapshot
+    /// chunk far past any size, a malformed Raft message. Each must be
+    /// refused by name (the run stops otherwise), and no node may die of it.
+    HostilePeer,
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 18] = [
+pub const NAMES: [(&str, Nemesis); 19] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -119,6 +124,7 @@ pub const NAMES: [(&str, Nemesis); 18] = [
     ("power-cut", Nemesis::PowerCut),
     ("controller-kill", Nemesis::ControllerKill),
     ("ship-reorder", Nemesis::ShipReorder),
+    ("hostile-peer", Nemesis::HostilePeer),
 ];
 
 /// The nemeses a `--docker` run can inject: those docker itself can do to
@@ -547,6 +553,18 @@ async fn apply(
                 "ship-reorder: each shipment {region} sends waits a random 0-{SHIP_JITTER_MS} ms more, so they overtake each other"
             )
         }
+        Nemesis::HostilePeer => {
+            let mut refused = Vec::new();
+            for id in &ids {
+                let url = nines::types::NodeInfo::listening(&cluster.nodes[id].config).peer_addr;
+                refused.push(format!("node {id}: {}", hostile_peer_input(&url).await?));
+            }
+            format!(
+                "hostile-peer: every node of {region} sent a shipment at epoch u64::MAX, a snapshot chunk at \
+                 offset 2^64-2 and a malformed append-entries ({})",
+                refused.join("; ")
+            )
+        }
         Nemesis::ControllerKill => match cluster.kill_deciding_controller().await {
             Some(n) => format!("controller-kill: kill -9 controller {n} (the one deciding); restarted at heal"),
             None => "controller-kill: no controller holds the lease; nothing killed".into(),
@@ -560,6 +578,72 @@ async fn apply(
         region
     };
     Ok((hit, detail))
+}
+
+/// Sends the peer port at `url` a shipment at epoch u64::MAX, a snapshot
+/// chunk at an offset near u64::MAX and a malformed append-entries message.
+/// Each must be INVALID_ARGUMENT naming what is wrong: any other answer
+/// stops the run with an error. A node that cannot be reached (killed or
+/// cut off by a fault applied with this one), or a region without a leader
+/// to take the shipment, is said so.
+async fn hostile_peer_input(url: &str) -> anyhow::Result<String> {
+    use nines_proto::v1::raft_client::RaftClient;
+    use nines_proto::v1::replication_client::ReplicationClient;
+    use nines_proto::v1::{RaftMessage, ShipRequest};
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?.connect_timeout(Duration::from_secs(2));
+    let Ok(channel) = endpoint.connect().await else { return Ok("not reached".into()) };
+    let chunk = openraft::raft::InstallSnapshotRequest::<nines::types::TypeConfig> {
+        vote: Default::default(),
+        meta: Default::default(),
+        offset: u64::MAX - 1,
+        data: vec![1, 2, 3],
+        done: false,
+    };
+    let ship = ShipRequest { origin_region: "hostile".into(), epoch: u64::MAX, ..Default::default() };
+    let timeout = Duration::from_secs(5);
+    let answers = [
+        (
+            "the shipment",
+            tokio::time::timeout(timeout, ReplicationClient::new(channel.clone()).ship(ship))
+                .await
+                .map(|r| r.map(|_| ())),
+            "EPOCH_MAX",
+        ),
+        (
+            "the snapshot chunk",
+            tokio::time::timeout(
+                timeout,
+                RaftClient::new(channel.clone())
+                    .install_snapshot(RaftMessage { payload: postcard::to_allocvec(&chunk)? }),
+            )
+            .await
+            .map(|r| r.map(|_| ())),
+            "SNAPSHOT_BYTES_MAX",
+        ),
+        (
+            "the append-entries",
+            tokio::time::timeout(
+                timeout,
+                RaftClient::new(channel).append_entries(RaftMessage { payload: vec![0xff; 8] }),
+            )
+            .await
+            .map(|r| r.map(|_| ())),
+            "malformed",
+        ),
+    ];
+    let mut said = Vec::new();
+    for (what, answer, needle) in answers {
+        match answer {
+            Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument && s.message().contains(needle) => {
+                said.push(format!("{what} refused"))
+            }
+            // No leader to take the shipment, or the node went away.
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => said.push(format!("{what} not taken (unavailable)")),
+            Err(_) => said.push(format!("{what} unanswered within {timeout:?}")),
+            other => bail!("{url} answered {what} with {other:?}: it must be INVALID_ARGUMENT naming {needle}"),
+        }
+    }
+    Ok(said.join(", "))
 }
 
 #[cfg(test)]

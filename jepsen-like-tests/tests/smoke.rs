@@ -53,19 +53,32 @@ fn register_under_kill_and_partition_is_linearizable_and_reported() {
 
 // The counter workload under kill -9: increments go through the client
 // library, whose sessions make a swap retried after an unknown outcome
-// apply once; the counter must end at the acknowledged increments.
+// apply once; the counter must end at the acknowledged increments, also
+// while nodes take hostile peer input.
 #[test]
 fn counter_under_kill_counts_every_acknowledged_increment_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("counter");
-    let (code, results) = run(&out, &["--workload", "counter", "--nemesis", "kill", "--time", "30s", "--seed", "5"]);
+    let (code, results) =
+        run(&out, &["--workload", "counter", "--nemesis", "kill+hostile-peer", "--time", "30s", "--seed", "5"]);
     assert_eq!(code, 0, "verdict {}: see {}", results["valid"], out.join("index.html").display());
     let counter = &results["details"]["counter"];
     assert_eq!(counter["valid"], serde_json::json!(true), "{counter}");
     assert!(counter["acknowledged"].as_u64().unwrap() > 20, "too few increments: {counter}");
     assert_eq!(counter["lost"], serde_json::json!(0), "{counter}");
-    assert!(!results["faults"].as_array().unwrap().is_empty(), "no fault was injected");
+    let faults = results["faults"].as_array().unwrap();
+    assert!(!faults.is_empty(), "no fault was injected");
+    // Hostile peer input (a shipment at epoch u64::MAX, a snapshot chunk past
+    // any size, a malformed Raft message) is refused by every node it
+    // reached, and none of them died of it (an unexpected exit would make
+    // the run invalid).
+    let hostile: Vec<&str> =
+        faults.iter().filter(|f| f["nemesis"] == "hostile-peer").filter_map(|f| f["detail"].as_str()).collect();
+    assert!(!hostile.is_empty(), "no hostile-peer window: {faults:?}");
+    for detail in hostile {
+        assert!(detail.contains("the snapshot chunk refused"), "{detail}");
+    }
 }
 
 // The planted bug (a leader serves linearizable reads without asking a
