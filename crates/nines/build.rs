@@ -13,11 +13,12 @@ fn main() {
     let rev = git(&["rev-parse", "--short=12", "HEAD"]).filter(|r| !r.is_empty()).unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=NINES_GIT_REV={rev}");
     // Built again when HEAD moves: a checkout, or a commit on the branch.
+    // (Only files that exist: cargo takes a missing one as always changed.)
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={dir}/HEAD");
-        println!("cargo:rerun-if-changed={dir}/packed-refs");
-        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={dir}/{head}");
+        let head = git(&["symbolic-ref", "-q", "HEAD"]).map(|h| format!("{dir}/{h}"));
+        let files = [Some(format!("{dir}/HEAD")), Some(format!("{dir}/packed-refs")), head];
+        for file in files.into_iter().flatten().filter(|f| std::path::Path::new(f).exists()) {
+            println!("cargo:rerun-if-changed={file}");
         }
     }
     println!("cargo:rerun-if-changed=build.rs");

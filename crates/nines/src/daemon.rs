@@ -8,11 +8,14 @@
 //!    directory and take its lock (`LOCK`, naming this process: a second
 //!    node on the same directory stops, naming the first one's PID), set up
 //!    the fault hooks and the clock.
-//! 2. **Bind** (`bind`): the client gRPC, peer gRPC and admin HTTP
-//!    listeners, before anything is opened or started, so a taken port
-//!    fails the start with its name (and the node that answers there).
-//! 3. **Open storage** (`open_storage`): the Raft log and the state
-//!    machine, with this node's replication setup.
+//! 2. **Check the ports** (`check_ports`): each port is bound and let go
+//!    before storage opens (which can take a while after a crash), so a
+//!    taken port fails the start at once with its name (and the node that
+//!    answers there).
+//! 3. **Open storage** (`open_storage`) and **bind** (`bind`): the Raft log
+//!    and the state machine, with this node's replication setup; then the
+//!    client gRPC, peer gRPC and admin HTTP listeners, so that until the
+//!    node can answer, connections are refused rather than left waiting.
 //! 4. **Start Raft and the handle** (`start_node`): openraft on the opened
 //!    storage, and the [`Node`] every service shares.
 //! 5. **Serve** (`serve`): the client services (KV, admin, health,
@@ -113,10 +116,15 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
 /// Runs a node until `shutdown` completes (steps 1-9 of the module doc).
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let prepared = prepare(&config)?;
+    // A directory of another format is refused before anything is written
+    // into it, the lock file included.
+    crate::storage::format::check(&config.data_dir)
+        .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
     // Held until the node's process ends.
     let _lock = lock_data_dir(&config.data_dir)?;
-    let listeners = bind(&config).await?;
+    check_ports(&config).await?;
     let (storage, log_store, state_machine) = open_storage(&config, &prepared)?;
+    let listeners = bind(&config).await?;
     let (tls, admin_token) = (prepared.tls.clone(), prepared.admin_token.clone());
     let (node, raft, receivers) = start_node(&config, prepared, &listeners, log_store, state_machine).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -173,6 +181,13 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
                 "data_dir {} is in use by a running nines node ({holder}): stop it first, or give this node \
                  another data_dir",
                 dir.display()
+            );
+        }
+        // A filesystem without locks: run unguarded, and say so.
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!(
+                path = %path.display(),
+                "the filesystem cannot lock files: a second node on this data_dir would not be stopped"
             );
         }
         Err(std::fs::TryLockError::Error(e)) => {
@@ -288,7 +303,21 @@ struct Listeners {
     bound: Bound,
 }
 
-/// Step 2: bind the three ports.
+/// Step 2: each port can be bound now (a port 0 always can).
+async fn check_ports(config: &NodeConfig) -> anyhow::Result<()> {
+    for (field, addr) in [
+        ("grpc_listen", config.grpc_listen),
+        ("peer_listen", config.peer_listen),
+        ("admin_listen", config.admin_listen),
+    ] {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!("{field} {}", port_taken(addr, &e).await);
+        }
+    }
+    Ok(())
+}
+
+/// Step 3: bind the three ports.
 async fn bind(config: &NodeConfig) -> anyhow::Result<Listeners> {
     let listen = |field: &'static str, addr: SocketAddr| async move {
         match TcpListener::bind(addr).await {
@@ -309,21 +338,21 @@ pub async fn port_taken(addr: SocketAddr, e: &std::io::Error) -> String {
     if e.kind() != std::io::ErrorKind::AddrInUse {
         return format!("{addr} cannot be bound: {e}");
     }
-    let url = format!("http://{addr}");
     let probe =
-        crate::rpc::ClientConfig { attempt_timeout: Duration::from_secs(1), ..crate::rpc::ClientConfig::default() };
-    let answer = match crate::rpc::Client::new(vec![url.clone()], probe) {
-        Ok(client) => client.status_of(&url).await.ok().and_then(|s| s.node),
-        Err(_) => None,
-    };
-    match answer {
-        Some(n) => format!(
-            "{addr} is in use: node {} of region {} of another nines cluster answers there (see it with `nines \
-             status --endpoints {url}`)",
-            n.id, n.region
-        ),
-        None => format!("{addr} is in use by another program"),
+        crate::rpc::ClientConfig { attempt_timeout: Duration::from_millis(500), ..crate::rpc::ClientConfig::default() };
+    // Plaintext, then TLS with this process's identity if it has one (a
+    // node of another CA cannot be asked).
+    for url in [format!("http://{addr}"), format!("https://{addr}")] {
+        let Ok(client) = crate::rpc::Client::new(vec![url.clone()], probe.clone()) else { continue };
+        if let Some(n) = client.status_of(&url).await.ok().and_then(|s| s.node) {
+            return format!(
+                "{addr} is in use: nines node {} of region {} answers there (see its cluster with `nines status \
+                 --endpoints {url}`)",
+                n.id, n.region
+            );
+        }
     }
+    format!("{addr} is in use (by another program, or a nines port this process cannot ask)")
 }
 
 /// Step 4: start openraft on the opened storage and build the handle.
@@ -682,14 +711,16 @@ struct Watch {
 
 impl Watch {
     /// Records the region's promotions, demotions, fences and divergent
-    /// writes (active-passive); the same message from each node of the
-    /// region merges into one event.
+    /// writes (active-passive) as this node applies them after its start;
+    /// the same message from each node of the region merges into one event.
     fn region(&mut self, node: &Node) {
         let (primary, epoch, fenced_until, divergent) = node.reader().role_summary();
         if primary.is_empty() {
             return;
         }
-        let now = (primary.clone(), epoch, fenced_until != 0, divergent);
+        // A fence ends by time; its field keeps the time.
+        let fenced = fenced_until > crate::events::now_ms();
+        let now = (primary.clone(), epoch, fenced, divergent);
         let region = node.region();
         let history = node.history();
         match &self.region {
@@ -712,7 +743,9 @@ impl Watch {
                     );
                 }
             }
-            None => history.record("region", role_message(region, &primary, epoch)),
+            // What the node finds at start is no event: it may be a promotion
+            // of long ago.
+            None => {}
         }
         self.region = Some(now);
     }

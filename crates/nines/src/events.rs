@@ -144,20 +144,19 @@ fn push<T>(queue: &Mutex<VecDeque<T>>, item: T, max: usize) {
 pub fn merge(histories: &[NodeHistory]) -> Vec<Event> {
     let mut all: Vec<Event> = histories.iter().flat_map(|h| h.events.iter().cloned()).collect();
     all.sort_by_key(|e| (e.at_ms, e.node));
-    let mut seen: Vec<&Event> = Vec::new();
-    let mut out = Vec::new();
-    for e in &all {
-        // The same message about the same region within a few seconds is
-        // one event that several nodes applied.
-        let duplicate = seen
+    let mut out: Vec<Event> = Vec::new();
+    for e in all {
+        // The same message about the same region within a few seconds of
+        // one kept is one event that several nodes applied (the status page
+        // merges by the same rule).
+        let duplicate = out
             .iter()
             .rev()
             .take_while(|s| e.at_ms.saturating_sub(s.at_ms) <= 5_000)
             .any(|s| s.region == e.region && s.kind == e.kind && s.message == e.message && s.node != e.node);
         if !duplicate {
-            out.push(e.clone());
+            out.push(e);
         }
-        seen.push(e);
     }
     out
 }

@@ -294,8 +294,9 @@ fn permit(need: Need, role: &Role, region: &str) -> Result<(), String> {
 /// services in the request's extensions (a [`Role`]), for the checks that
 /// depend on the request's content ([`check_key_write`], shipments). The
 /// admin token ([`crate::token`]), when the node has one, stands for the
-/// admin role. On a node without TLS it passes everything else and adds no
-/// role.
+/// admin role. On a node without TLS and without a token it passes
+/// everything and adds no role; with a token, a caller without it is a
+/// client of the client services and refused the admin ones.
 #[derive(Clone)]
 pub struct Gate {
     region: Arc<str>,

@@ -160,9 +160,31 @@ pub async fn cluster(regions: &[RegionInfo]) -> ClusterView {
 /// fetched from its node's admin port (`/api/events`) from inside the
 /// cluster's network; a node that does not answer comes with `error`, and
 /// the others still come.
+///
+/// The nodes come from each region's membership (one call per region); a
+/// region none of whose nodes answers comes as one entry with `node` 0.
 pub async fn histories(regions: &[RegionInfo]) -> Vec<NodeHistory> {
-    let view = cluster(regions).await;
-    let fetches = view.regions.iter().flat_map(|r| r.nodes.iter()).map(|n| async move {
+    let members = futures::future::join_all(regions.iter().map(|r| async move {
+        let answer = match probe_client(r.endpoints.clone()) {
+            Some(client) => client.members().await.ok(),
+            None => None,
+        };
+        (r, answer)
+    }))
+    .await;
+    let mut nodes = Vec::new();
+    let mut out = Vec::new();
+    for (region, answer) in members {
+        match answer {
+            Some(m) => nodes.extend(m.members.into_iter().filter_map(|m| m.node)),
+            None => out.push(NodeHistory {
+                region: region.name.clone(),
+                error: Some(format!("no node of region {} answered", region.name)),
+                ..Default::default()
+            }),
+        }
+    }
+    let fetches = nodes.iter().map(|n| async move {
         let failed =
             |why: String| NodeHistory { node: n.id, region: n.region.clone(), error: Some(why), ..Default::default() };
         if n.admin_addr.is_empty() {
@@ -175,7 +197,8 @@ pub async fn histories(regions: &[RegionInfo]) -> Vec<NodeHistory> {
             Err(e) => failed(format!("{e:#}")),
         }
     });
-    futures::future::join_all(fetches).await
+    out.extend(futures::future::join_all(fetches).await);
+    out
 }
 
 /// A GET of `url` (plain HTTP) within `timeout`: the status code and body.

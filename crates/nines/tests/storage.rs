@@ -107,7 +107,7 @@ fn a_data_directory_of_another_format_is_refused_with_what_to_do() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_nines"))
             .args(["node", "--insecure", "--data-dir"])
             .arg(&data)
-            .args(["--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--grpc-listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .output()
             .expect("run nines node");
         let stderr = String::from_utf8_lossy(&out.stderr);

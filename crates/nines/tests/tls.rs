@@ -194,9 +194,9 @@ async fn a_tls_cluster_admits_only_its_certificates_and_each_role_only_its_metho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_token_guards_admin_operations_where_clients_have_no_certificates() {
     // Shows: on a plaintext cluster started with --admin-token-file, data
-    // calls stay open, admin calls need the token (a wrong or missing one is
-    // PERMISSION_DENIED naming it), and a follower forwards a tokened call
-    // to its leader with the token.
+    // calls stay open, admin calls and writes of nines' own keys need the
+    // token (a wrong or missing one is PERMISSION_DENIED naming it), and a
+    // follower forwards a tokened call to its leader with the token.
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("admin.token");
@@ -219,6 +219,11 @@ async fn an_admin_token_guards_admin_operations_where_clients_have_no_certificat
 
     let put = run(&all, None, &["put", "k", "v"]);
     assert!(put.status.success(), "a put needs no token: {}", text(&put));
+    // nines' own keys (leases, epochs) need it.
+    let lease = run(&all, None, &["put", "nines/primary", "mine"]);
+    assert!(!lease.status.success() && text(&lease).contains("nines/"), "{}", text(&lease));
+    let lease = run(&all, Some(&token), &["put", "nines/test", "admin may"]);
+    assert!(lease.status.success(), "{}", text(&lease));
     for (what, t) in [("no token", None), ("a wrong token", Some(wrong.as_path()))] {
         let remove = run(&all, t, &["member", "remove", "3"]);
         assert!(!remove.status.success(), "member remove with {what}: {}", text(&remove));

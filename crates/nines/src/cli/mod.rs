@@ -590,8 +590,10 @@ async fn events(g: &Global) -> anyhow::Result<()> {
     let histories: Vec<crate::events::NodeHistory> =
         serde_json::from_str(&json).map_err(|e| anyhow::anyhow!("the cluster's events: {e}"))?;
     let events = crate::events::merge(&histories);
-    let missing: Vec<_> =
-        histories.iter().filter_map(|h| h.error.as_ref().map(|e| json!({"node": h.node, "error": e}))).collect();
+    let missing: Vec<_> = histories
+        .iter()
+        .filter_map(|h| h.error.as_ref().map(|e| json!({"node": h.node, "region": h.region, "error": e})))
+        .collect();
     if g.format == Format::Json {
         print_json(json!({ "events": events, "unreachable": missing }));
         return Ok(());
@@ -605,7 +607,8 @@ async fn events(g: &Global) -> anyhow::Result<()> {
         .collect();
     print_table(&["TIME", "NODE", "REGION", "KIND", "EVENT"], &rows);
     for h in histories.iter().filter(|h| h.error.is_some()) {
-        eprintln!("node {}: events not fetched: {}", h.node, h.error.as_deref().unwrap_or_default());
+        let who = if h.node == 0 { format!("region {}", h.region) } else { format!("node {}", h.node) };
+        eprintln!("{who}: events not fetched: {}", h.error.as_deref().unwrap_or_default());
     }
     Ok(())
 }

@@ -41,11 +41,21 @@ impl RaftService {
     ///   certificate stays valid, its candidacy does not. Entries and
     ///   snapshots are not checked against the membership: a node that
     ///   missed a membership change must still take them from a leader it
-    ///   does not know yet. A node with no membership yet takes any.
+    ///   does not know yet. So a removed node's certificate can still send
+    ///   entries in its own name: revoke it by a new CA (rotate the
+    ///   certificates) where that matters. A node with no membership yet
+    ///   takes any.
     fn check_sender(&self, role: Option<&Role>, vote: &Vote, request_vote: bool) -> Result<(), Status> {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
         let sender = vote.leader_id.node_id;
+        if let Some(Role::Node { region, id }) = role
+            && *id != sender
+        {
+            return Err(Status::permission_denied(format!(
+                "node {id} of region {region} sends Raft traffic in the name of node {sender}"
+            )));
+        }
         if sender == metrics.id {
             return Err(Status::permission_denied(format!(
                 "Raft traffic in this node's own name (node {sender}): a peer URL that leads back to it?"
@@ -54,11 +64,6 @@ impl RaftService {
         let Some(Role::Node { region, id }) = role else {
             return Ok(());
         };
-        if *id != sender {
-            return Err(Status::permission_denied(format!(
-                "node {id} of region {region} sends Raft traffic in the name of node {sender}"
-            )));
-        }
         let membership = metrics.membership_config.membership();
         if request_vote && membership.nodes().next().is_some() && membership.get_node(id).is_none() {
             return Err(Status::permission_denied(format!(

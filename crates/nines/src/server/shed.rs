@@ -9,8 +9,10 @@
 //! controller's probe (`RegionStatus`), and, on a TLS node, every call of a
 //! node or an admin certificate (the authority's lease renewals are
 //! key-value calls of nodes; operators must get through a flood). On an
-//! insecure node, which knows no roles, a lease renewal can be shed; the
-//! authority client retries it, as it is marked retry-safe.
+//! insecure node, the admin token's holders count as admins (nodes that
+//! have it, and calls another node forwarded with it); without a token no
+//! caller has a role, and a lease renewal can be shed: the authority client
+//! retries it, as it is marked retry-safe.
 
 use std::sync::Arc;
 

@@ -48,16 +48,16 @@ pub enum FormatError {
     Io { dir: String, source: std::io::Error },
 }
 
-/// Checks `dir`'s format, or marks a fresh directory with this version's.
-pub fn check_or_create(dir: &Path) -> Result<(), FormatError> {
+/// Checks `dir`'s format without changing anything: `Ok(true)` if it is
+/// this version's, `Ok(false)` if the directory holds nothing of a format
+/// (fresh), the refusal otherwise.
+pub fn check(dir: &Path) -> Result<bool, FormatError> {
     let name = || dir.display().to_string();
-    let io = |source| FormatError::Io { dir: name(), source };
-    let path = dir.join(FORMAT_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text == format_text(FORMAT_VERSION) => return Ok(()),
+    match std::fs::read_to_string(dir.join(FORMAT_FILE)) {
+        Ok(text) if text == format_text(FORMAT_VERSION) => return Ok(true),
         Ok(text) => return Err(FormatError::Version { dir: name(), found: format!("{:?}", text.trim()) }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+        Err(e) => return Err(FormatError::Io { dir: name(), source: e }),
     }
     if dir.join("db").exists() {
         return Err(FormatError::Sled { dir: name() });
@@ -65,6 +65,17 @@ pub fn check_or_create(dir: &Path) -> Result<(), FormatError> {
     if let Some(file) = OURS.iter().find(|f| dir.join(f).exists()) {
         return Err(FormatError::Unknown { dir: name(), file: file.to_string() });
     }
+    Ok(false)
+}
+
+/// Checks `dir`'s format, or marks a fresh directory with this version's.
+pub fn check_or_create(dir: &Path) -> Result<(), FormatError> {
+    if check(dir)? {
+        return Ok(());
+    }
+    let name = || dir.display().to_string();
+    let io = |source| FormatError::Io { dir: name(), source };
+    let path = dir.join(FORMAT_FILE);
     let tmp = dir.join(format!("{FORMAT_FILE}.tmp"));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

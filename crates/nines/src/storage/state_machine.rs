@@ -344,8 +344,8 @@ impl StateReader {
     }
 
     /// The region's role as of now, without copying the region state:
-    /// (primary, epoch, fenced until (HLC ms, 0: not fenced), divergent
-    /// writes recorded ever). The primary is empty before the setup is
+    /// (primary, epoch, fenced until (HLC ms; a time past, or 0, is no
+    /// fence), divergent writes recorded ever). The primary is empty before the setup is
     /// replicated or in active-active mode.
     pub fn role_summary(&self) -> (String, u64, u64, u64) {
         let state = self.region_ref();
