@@ -5,9 +5,10 @@
 //! [`run`] is a fixed sequence of steps, each a function here:
 //!
 //! 1. **Prepare** (`prepare`): validate the configuration, create the data
-//!    directory and take its lock (`LOCK`, naming this process: a second
-//!    node on the same directory stops, naming the first one's PID), set up
-//!    the fault hooks and the clock.
+//!    directory, set up the fault hooks and the clock; then check the
+//!    directory's format (another one is refused before anything is
+//!    written) and take its lock (`LOCK`, naming this process: a second
+//!    node on the same directory stops, naming the first one's PID).
 //! 2. **Check the ports** (`check_ports`): each port is bound and let go
 //!    before storage opens (which can take a while after a crash), so a
 //!    taken port fails the start at once with its name (and the node that

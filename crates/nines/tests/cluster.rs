@@ -205,11 +205,13 @@ async fn a_loaded_region_keeps_its_leader_and_term() {
     let _serial = serial().await;
     let cluster = TestCluster::start(3, |c| c.latency.cross_az = Duration::from_millis(1)).await;
     let leader = cluster.wait_leader().await;
-    // Terms once every node knows the leader.
+    // Terms once every node knows the leader. (A status call may fail while
+    // a node works off the load's last writes; that is no election: asked
+    // again, within 10 s.)
     let terms = || async {
         let mut terms = Vec::new();
         for id in 1..=3u64 {
-            let s = cluster.status(id).await.unwrap_or_else(|| panic!("status of node {id}"));
+            let s = wait_for(&format!("the status of node {id}"), Duration::from_secs(10), || cluster.status(id)).await;
             terms.push((id, s.term, s.leader_id));
         }
         terms

@@ -35,7 +35,8 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Comma-separated gRPC endpoints of the cluster.
+    /// Comma-separated client gRPC endpoints of the cluster (any one node
+    /// will do).
     #[arg(long, global = true, env = "NINES_ENDPOINTS", value_delimiter = ',',
           default_values_t = crate::rpc::DEFAULT_ENDPOINTS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
     pub endpoints: Vec<String>,
@@ -108,7 +109,9 @@ pub enum Command {
     /// default (plus a three-node authority in active-passive mode); no
     /// config needed.
     Up(up::UpArgs),
-    /// Run one node.
+    /// Run one node until SIGTERM or Ctrl-C: its config file (see
+    /// deploy/nines.example.toml), environment and flags; it bootstraps
+    /// nothing by itself (`nines member init` does, once).
     Node(NodeArgs),
     #[command(flatten)]
     Kv(kv::KvCommand),
