@@ -576,15 +576,17 @@ async fn wait_for_stop(
     mut fatal: watch::Receiver<Option<String>>,
     shutdown: impl Future<Output = ()>,
 ) -> Option<String> {
-    let mut metrics = raft.metrics();
+    // The server metrics change only on elections and membership changes
+    // (the full metrics with every acknowledgement, waking this task each
+    // time); both senders go when Raft's core stops, the full metrics last
+    // saying why.
+    let metrics = raft.metrics();
+    let mut server = raft.server_metrics();
     let raft_failed = async move {
-        loop {
-            if let Err(f) = &metrics.borrow_and_update().running_state {
-                return format!("raft stopped: {f}");
-            }
-            if metrics.changed().await.is_err() {
-                return "raft stopped".to_string();
-            }
+        while server.changed().await.is_ok() {}
+        match &metrics.borrow().running_state {
+            Err(f) => format!("raft stopped: {f}"),
+            Ok(()) => "raft stopped".to_string(),
         }
     };
     let corrupt = async move {

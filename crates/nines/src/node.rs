@@ -363,7 +363,9 @@ impl Node {
     /// else `NotLeader` with the leader it knows of. Nothing was proposed,
     /// so the error is safe to retry anywhere.
     pub fn check_leader(&self) -> Result<(), Error> {
-        let m = self.raft.metrics().borrow().clone();
+        // Borrowed, not cloned: this runs before every write.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         if m.current_leader == Some(self.id) && m.state == openraft::ServerState::Leader {
             return Ok(());
         }

@@ -56,18 +56,28 @@ async fn corrupt_log_record_stops_the_node_at_startup() {
     cluster.client().put("k", "value").await.expect("put");
     assert!(cluster.stop(1).success(), "clean stop");
     {
-        const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-        let db = Database::open(cluster.nodes[&1].config.data_dir.join("log.redb")).expect("open log");
-        let txn = db.begin_write().unwrap();
-        {
-            let mut log = txn.open_table(LOG).unwrap();
-            let (index, record) = {
-                let (k, v) = log.last().unwrap().expect("log entries on disk");
-                (k.value(), v.value().to_vec())
-            };
-            log.insert(index, flip_payload(&record).as_slice()).unwrap();
+        // The last segment ends with a write's last entry and its marker:
+        // damage that entry (the marker after it says it was written whole).
+        let log_dir = cluster.nodes[&1].config.data_dir.join("log");
+        let mut segments: Vec<_> = std::fs::read_dir(&log_dir)
+            .expect("log directory")
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+            .collect();
+        segments.sort();
+        let last = segments.last().expect("a log segment");
+        let bytes = std::fs::read(last).unwrap();
+        let mut records = Vec::new();
+        let mut pos = 0;
+        while pos + 4 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            records.push(pos + 4..pos + 4 + len);
+            pos += 4 + len;
         }
-        txn.commit().unwrap();
+        let entry = records[records.len() - 2].clone();
+        let mut damaged = bytes.clone();
+        damaged[entry.clone()].copy_from_slice(&flip_payload(&bytes[entry]));
+        std::fs::write(last, &damaged).unwrap();
     }
     cluster.spawn(1);
     let status = cluster.wait_exit(1, Duration::from_secs(30)).expect("the node stops by itself");

@@ -64,7 +64,7 @@ pub struct Until {
 /// Whether a data directory holds node data (a config file or log beside it
 /// does not count).
 pub fn holds_data(dir: &Path) -> bool {
-    [format::FORMAT_FILE, storage::log_store::LOG_FILE, storage::state_machine::STATE_FILE, snapshot::SNAPSHOT_DIR]
+    [format::FORMAT_FILE, storage::log_store::LOG_DIR, storage::state_machine::STATE_FILE, snapshot::SNAPSHOT_DIR]
         .iter()
         .any(|f| dir.join(f).exists())
 }

@@ -11,19 +11,28 @@ use super::fsync_dir;
 /// The file naming the format.
 pub const FORMAT_FILE: &str = "FORMAT";
 
-/// This version's format: redb files for the log (`log.redb`) and the state
-/// machine (`state.redb`), snapshots under `snapshots/`. 3: the region state
-/// records full syncs under way. 4: members have a peer address.
-pub const FORMAT_VERSION: u32 = 4;
+/// This version's format: the log in segment files under `log/`, the state
+/// machine in a redb file (`state.redb`), snapshots under `snapshots/`. 3:
+/// the region state records full syncs under way. 4: members have a peer
+/// address. 5: the log moved from `log.redb` into segments.
+pub const FORMAT_VERSION: u32 = 5;
 
-/// What `FORMAT` holds for this version.
+/// The format this version upgrades in place (its log is moved into
+/// segments when the storage opens: [`super::open`]).
+pub const UPGRADABLE_VERSION: u32 = 4;
+
+/// What `FORMAT` holds for a version.
 fn format_text(version: u32) -> String {
-    format!("nines data directory format {version} (redb)\n")
+    if version <= UPGRADABLE_VERSION {
+        format!("nines data directory format {version} (redb)\n")
+    } else {
+        format!("nines data directory format {version} (log segments, redb)\n")
+    }
 }
 
 /// Files of this format; any of them without `FORMAT` is a directory this
 /// version did not write.
-const OURS: [&str; 3] = ["log.redb", "state.redb", "snapshots"];
+const OURS: [&str; 4] = ["log", "log.redb", "state.redb", "snapshots"];
 
 /// What a directory was written by, and why it cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -49,12 +58,14 @@ pub enum FormatError {
 }
 
 /// Checks `dir`'s format without changing anything: `Ok(true)` if it is
-/// this version's, `Ok(false)` if the directory holds nothing of a format
-/// (fresh), the refusal otherwise.
+/// this version's (or the one it upgrades), `Ok(false)` if the directory
+/// holds nothing of a format (fresh), the refusal otherwise.
 pub fn check(dir: &Path) -> Result<bool, FormatError> {
     let name = || dir.display().to_string();
     match std::fs::read_to_string(dir.join(FORMAT_FILE)) {
-        Ok(text) if text == format_text(FORMAT_VERSION) => return Ok(true),
+        Ok(text) if text == format_text(FORMAT_VERSION) || text == format_text(UPGRADABLE_VERSION) => {
+            return Ok(true);
+        }
         Ok(text) => return Err(FormatError::Version { dir: name(), found: format!("{:?}", text.trim()) }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(FormatError::Io { dir: name(), source: e }),
@@ -68,11 +79,21 @@ pub fn check(dir: &Path) -> Result<bool, FormatError> {
     Ok(false)
 }
 
+/// Whether `dir` has the format this version upgrades in place.
+pub fn needs_upgrade(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(FORMAT_FILE)).is_ok_and(|t| t == format_text(UPGRADABLE_VERSION))
+}
+
 /// Checks `dir`'s format, or marks a fresh directory with this version's.
 pub fn check_or_create(dir: &Path) -> Result<(), FormatError> {
     if check(dir)? {
         return Ok(());
     }
+    mark(dir)
+}
+
+/// Marks `dir` with this version's format (durably, replacing any).
+pub fn mark(dir: &Path) -> Result<(), FormatError> {
     let name = || dir.display().to_string();
     let io = |source| FormatError::Io { dir: name(), source };
     let path = dir.join(FORMAT_FILE);

@@ -1,70 +1,116 @@
-//! The Raft log and vote in `log.redb` (openraft's `RaftLogStorage`).
+//! The Raft log and vote (openraft's `RaftLogStorage`): an append-only
+//! write-ahead log in segment files under `log/`, and the vote and the last
+//! purged log id in `log/meta`.
 //!
-//! Layout: table `log` maps the log index to an encoded [`Entry`]; table
-//! `meta` holds the vote, the last purged log id and the committed log id.
+//! Why not a B-tree: openraft 0.9's core waits for each append to be
+//! flushed before it sends the entry to the followers, so the flush is on
+//! every write's path twice (the leader's, then a follower's). A redb commit
+//! rewrote the B-tree's page, its parents and the allocator state (about
+//! 28 KB per small append) before its `fdatasync`; an append here writes the
+//! entries and one marker, then `fdatasync` (`benches/README.md` has the
+//! before and after).
+//!
+//! # Layout
+//!
+//! - `log/SEGMENT.wal` (SEGMENT: the index of the first entry written to it,
+//!   20 digits): records `[length: u32 LE][record]`, each record a
+//!   checksummed [`record`] holding a [`Wal`] item. A segment past
+//!   `SEGMENT_BYTES` is closed (synced) and the next appends open a new one.
+//! - Every write of the writer ends with a [`Wal::Commit`] marker, which also
+//!   carries the latest committed log id (openraft's restart hint).
+//! - `log/meta`: the vote and the last purged log id, replaced whole
+//!   (written beside, synced, renamed, directory synced).
 //!
 //! Every change goes through one writer thread, in the order it was made:
-//! it takes every request waiting, applies them in one write transaction
-//! and commits it with `Durability::Immediate` (redb fsyncs the file), then
-//! answers all of them: group commit. An append is readable at once (from
-//! `pending`, until its commit lands). openraft 0.9's core waits for each
-//! append to be flushed before it goes on, so today a batch rarely holds
-//! more than one append (plus the vote or the commit hint); the writer is
-//! ready for an openraft that pipelines appends.
+//! it takes every request waiting, writes them and syncs once, then answers
+//! all of them (group commit). An append is readable at once (from
+//! `pending`, until it is written).
 //!
 //! Invariants:
 //! - openraft hears that an append is persisted, and `save_vote`,
-//!   `truncate` and `purge` return, only after the transaction that made the
-//!   change durable committed (fsync of the file).
-//! - The key of every log record equals the index inside it; a mismatch is
-//!   corruption.
-//! - A reader sees every entry appended before it began: entries move from
-//!   `pending` to the file only after the file has them, and readers look at
-//!   `pending` first.
+//!   `truncate` and `purge` return, only after the change is synced
+//!   (`fdatasync` of the segment, or the meta file and its directory).
+//! - The entries in the segments are contiguous by index, in file order.
+//! - At start, entries after the last marker of the last segment were
+//!   never acknowledged (their write did not finish): they are cut off. A
+//!   record that fails its checksum with a marker after it was synced and is
+//!   damaged: the node stops with an error, as it does for any damage in an
+//!   earlier segment.
+//! - A truncation first removes the segments wholly above it, then cuts the
+//!   segment holding it and writes a marker, so the entries before it keep
+//!   their marker.
 //! - A purge takes effect only once the state machine has made the purged
 //!   entries' effects durable: `purge` records the target and returns at
 //!   once (openraft calls it right after handing a snapshot to the state
 //!   machine, and must not wait for the install), and a purger task carries
-//!   it out when the durable applied index reaches it. A crash before that
-//!   leaves entries that are merely redundant.
+//!   it out when the durable applied index reaches it; the meta file records
+//!   it before segments are removed. A crash before that leaves entries that
+//!   are merely redundant.
 //!
 //! Caveats:
-//! - The committed log id is written with the next transaction, not on its
-//!   own: openraft treats it as a hint that speeds up restart.
+//! - The committed log id rides on the next write; openraft treats it as a
+//!   hint that speeds up restart.
+//! - A damaged length prefix in the last, unsynced-looking stretch of the
+//!   last segment reads as a torn write and is cut off, as a torn write
+//!   would be; the entries of a region live on its other nodes too.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
 
+use super::power_loss::{Medium, PowerLossBackend};
 use super::state_machine::DurableApplied;
-use super::{FileBackend, record};
+use super::{fsync_dir, record};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
-
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-
-const VOTE_KEY: &str = "vote";
-const LAST_PURGED_KEY: &str = "last_purged";
-const COMMITTED_KEY: &str = "committed";
 
 /// Requests that may wait for the writer. At the limit openraft's appends
 /// wait, which slows the leader down instead of growing memory.
 const WRITE_QUEUE_MAX: usize = 4096;
 
-/// Requests the writer takes into one transaction (one fsync).
+/// Requests the writer takes into one write (one sync).
 const WRITES_PER_COMMIT_MAX: usize = 1024;
+
+/// A segment this long is closed; the next append opens a new one.
+const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// How long the purger waits before it retries a purge that failed.
 const PURGE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The file of the log inside the data directory.
-pub const LOG_FILE: &str = "log.redb";
+/// The log's directory inside the data directory.
+pub const LOG_DIR: &str = "log";
+
+/// The vote and the last purged log id, inside [`LOG_DIR`].
+const META_FILE: &str = "meta";
+
+/// What a segment holds, record by record.
+#[derive(Debug, Deserialize)]
+enum Wal {
+    Entry(Entry),
+    /// Ends each write: the records before it were written whole.
+    Commit {
+        committed: Option<LogId>,
+    },
+}
+
+/// [`Wal`] as written (the same encoding, without copying the entry).
+#[derive(Serialize)]
+enum WalOut<'a> {
+    Entry(&'a Entry),
+    Commit { committed: Option<LogId> },
+}
+
+/// The contents of `log/meta`.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+struct Meta {
+    vote: Option<Vote>,
+    last_purged: Option<LogId>,
+}
 
 /// A change for the writer thread.
 enum Write {
@@ -72,17 +118,77 @@ enum Write {
     Truncate { from: u64, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
     Purge { upto: LogId, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
     Vote { vote: Vote, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
-    Committed(Option<LogId>),
+}
+
+/// A segment file: a plain file, or (test only) one that keeps only what
+/// was synced at a power cut.
+type SegmentFile = Arc<dyn Medium>;
+
+/// Where an entry's record is.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// What the writer and the readers share.
+#[derive(Default)]
+struct Shared {
+    /// Appended entries not written yet, by index.
+    pending: BTreeMap<u64, Entry>,
+    /// Entries written lately, by index, up to `cache_max` bytes.
+    cache: BTreeMap<u64, (Entry, usize)>,
+    cache_bytes: usize,
+    cache_max: usize,
+    /// Every entry in the segments above the last purge.
+    locs: BTreeMap<u64, Loc>,
+    /// The segments by their name (the first index written to each).
+    segments: BTreeMap<u64, SegmentFile>,
+    /// The last entry written (not counting `pending`).
+    last_entry: Option<LogId>,
+    meta: Meta,
+    committed: Option<LogId>,
+}
+
+impl Shared {
+    fn cache_insert(&mut self, index: u64, entry: Entry, bytes: usize) {
+        if let Some((_, old)) = self.cache.insert(index, (entry, bytes)) {
+            self.cache_bytes -= old;
+        }
+        self.cache_bytes += bytes;
+        while self.cache_bytes > self.cache_max {
+            let Some((_, (_, b))) = self.cache.pop_first() else { break };
+            self.cache_bytes -= b;
+        }
+    }
+
+    fn forget_from(&mut self, from: u64) {
+        for (_, (_, b)) in self.cache.split_off(&from) {
+            self.cache_bytes -= b;
+        }
+        self.locs.split_off(&from);
+    }
+
+    fn forget_upto(&mut self, upto: u64) {
+        let keep = self.cache.split_off(&upto.saturating_add(1));
+        for (_, (_, b)) in std::mem::replace(&mut self.cache, keep) {
+            self.cache_bytes -= b;
+        }
+        self.locs = self.locs.split_off(&upto.saturating_add(1));
+    }
 }
 
 /// The Raft log of one node. Cloning shares it (the log reader is a clone).
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
-    /// Appended entries whose commit has not landed yet, by index.
-    /// `std::sync::Mutex`: held only to copy or update, never across `.await`.
-    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    /// `std::sync::Mutex`: held only to copy or update, never across
+    /// `.await` or a disk access.
+    shared: Arc<Mutex<Shared>>,
     writes: std::sync::mpsc::SyncSender<Write>,
+    /// The latest committed log id openraft reported and the writer has not
+    /// written yet: it rides on the writer's next marker.
+    committed: Arc<Mutex<Option<Option<LogId>>>>,
     /// The latest purge openraft asked for, carried out by the purger task
     /// once the state machine has made it durable. `None` only in the
     /// storage conformance suite, which purges a log with no state machine
@@ -110,31 +216,59 @@ fn other(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How segment files are opened: plain, or through the power-loss
+/// simulation.
+#[derive(Clone)]
+struct Files {
+    dir: PathBuf,
+    power_loss: bool,
+}
+
+impl Files {
+    fn path(&self, first: u64) -> PathBuf {
+        self.dir.join(format!("{first:020}.wal"))
+    }
+
+    fn open(&self, first: u64) -> std::io::Result<SegmentFile> {
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(self.path(first))?;
+        Ok(if self.power_loss { Arc::new(PowerLossBackend::new(file)?) } else { Arc::new(file) })
+    }
+}
+
 impl LogStore {
-    /// Opens (or creates) the log in `dir`, on `backend` when a test asks
-    /// for one, and starts its writer thread.
+    /// Opens (or creates) the log under `dir`, keeping up to `cache_bytes`
+    /// of recent entries in memory, through the power-loss simulation when
+    /// a test asks for it, and starts its writer thread.
     pub fn open(
         dir: &Path,
         cache_bytes: usize,
-        backend: Option<FileBackend>,
+        power_loss: bool,
         durable_applied: Option<DurableApplied>,
     ) -> anyhow::Result<Self> {
-        let db = super::open_database(&dir.join(LOG_FILE), cache_bytes, backend)?;
-        let txn = db.begin_write()?;
-        txn.open_table(LOG)?;
-        txn.open_table(META)?;
-        txn.commit()?;
-        let db = Arc::new(db);
-        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let files = Files { dir: dir.join(LOG_DIR), power_loss };
+        let created = !files.dir.exists();
+        std::fs::create_dir_all(&files.dir)?;
+        if created {
+            fsync_dir(dir)?;
+        }
+        let mut shared = recover(&files)?;
+        shared.cache_max = cache_bytes;
+        let shared = Arc::new(Mutex::new(shared));
+        let committed = Arc::new(Mutex::new(None));
         let (writes, queue) = std::sync::mpsc::sync_channel(WRITE_QUEUE_MAX);
-        let (wdb, wpending) = (db.clone(), pending.clone());
-        std::thread::Builder::new().name("nines-log-writer".into()).spawn(move || writer(wdb, wpending, queue))?;
+        let writer = Writer { files, shared: shared.clone(), committed: committed.clone() };
+        std::thread::Builder::new().name("nines-log-writer".into()).spawn(move || writer.run(queue))?;
         let purge_target = durable_applied.map(|durable| {
             let (target, watch) = tokio::sync::watch::channel(None);
             tokio::spawn(purger(durable, watch, writes.clone()));
             Arc::new(target)
         });
-        Ok(LogStore { db, pending, writes, purge_target })
+        Ok(LogStore { shared, writes, committed, purge_target })
     }
 
     /// Sends a change and waits until it is durable.
@@ -156,22 +290,117 @@ impl LogStore {
             .map_err(|e| io_err(subject, ErrorVerb::Write, e))
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
-        let subject = || if key == VOTE_KEY { ErrorSubject::Vote } else { ErrorSubject::Store };
-        let err = |e: redb::Error| io_err(subject(), ErrorVerb::Read, e);
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let table = txn.open_table(META).map_err(|e| err(e.into()))?;
-        let Some(bytes) = table.get(key).map_err(|e| err(e.into()))? else { return Ok(None) };
-        record::decode(bytes.value()).map(Some).map_err(|e| io_err(subject(), ErrorVerb::Read, e))
+    fn send_stopped(&self) -> Result<(), StorageError> {
+        Err(write_logs_err(LogError("the log writer stopped".into())))
     }
 }
 
-fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StorageError> {
-    let entry: Entry = record::decode(bytes).map_err(read_logs_err)?;
-    if entry.log_id.index != index {
-        return Err(read_logs_err(LogError(format!("log record under index {index} holds entry {}", entry.log_id))));
+/// Reads `log/meta` and every segment, cutting off a torn tail (see the
+/// module doc).
+fn recover(files: &Files) -> anyhow::Result<Shared> {
+    let mut shared = Shared::default();
+    match std::fs::read(files.dir.join(META_FILE)) {
+        Ok(bytes) => {
+            shared.meta =
+                record::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", files.dir.join(META_FILE).display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
     }
-    Ok(entry)
+    let mut names = Vec::new();
+    for item in std::fs::read_dir(&files.dir)? {
+        let name = item?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(first) = name.strip_suffix(".wal").and_then(|n| n.parse::<u64>().ok()) {
+            names.push(first);
+        }
+    }
+    names.sort_unstable();
+    let purged = shared.meta.last_purged.map(|l| l.index);
+    let mut next: Option<u64> = None;
+    for (pos, &first) in names.iter().enumerate() {
+        let last_segment = pos + 1 == names.len();
+        let path = files.path(first);
+        let file = files.open(first)?;
+        let mut bytes = vec![0; file.len()? as usize];
+        file.read_at(0, &mut bytes)?;
+        let scan = scan(&bytes).map_err(|e| anyhow::anyhow!("log segment {}: {e}", path.display()))?;
+        if scan.whole < bytes.len() as u64 {
+            if !last_segment {
+                anyhow::bail!(
+                    "log segment {} ends in an incomplete write at offset {} but is not the last segment: the log \
+                     is damaged",
+                    path.display(),
+                    scan.whole
+                );
+            }
+            tracing::warn!(
+                segment = %path.display(),
+                offset = scan.whole,
+                bytes = bytes.len() as u64 - scan.whole,
+                "cutting off the log's torn tail (a write that never finished, so never acknowledged)"
+            );
+            file.set_len(scan.whole)?;
+            file.sync()?;
+        }
+        for (entry, offset, len) in scan.entries {
+            let index = entry.log_id.index;
+            if let Some(n) = next
+                && index != n
+            {
+                anyhow::bail!("log segment {} holds entry {} where entry {n} was due", path.display(), entry.log_id);
+            }
+            next = Some(index + 1);
+            if purged.is_none_or(|p| index > p) {
+                shared.locs.insert(index, Loc { segment: first, offset, len });
+                shared.last_entry = Some(entry.log_id);
+            }
+        }
+        if scan.committed.is_some() {
+            shared.committed = scan.committed;
+        }
+        shared.segments.insert(first, file);
+    }
+    Ok(shared)
+}
+
+/// A segment read through: its whole writes' entries (with where each
+/// record is), the last committed hint, and where the whole writes end.
+struct Scan {
+    entries: Vec<(Entry, u64, u32)>,
+    committed: Option<LogId>,
+    whole: u64,
+}
+
+fn scan(bytes: &[u8]) -> Result<Scan, String> {
+    let mut out = Scan { entries: Vec::new(), committed: None, whole: 0 };
+    let mut batch = Vec::new();
+    // The first record of this write that failed its check.
+    let mut damaged: Option<(u64, record::RecordError)> = None;
+    let mut pos = 0usize;
+    while bytes.len() - pos >= 4 {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let body = pos + 4;
+        if len == 0 || bytes.len() - body < len {
+            break; // A write that never finished: cut here.
+        }
+        match record::decode::<Wal>(&bytes[body..body + len]) {
+            Err(e) => {
+                damaged.get_or_insert((pos as u64, e));
+            }
+            Ok(Wal::Entry(e)) => batch.push((e, body as u64, len as u32)),
+            Ok(Wal::Commit { committed }) => {
+                if let Some((at, e)) = damaged {
+                    return Err(format!("the record at offset {at} is damaged ({e}), and written whole"));
+                }
+                out.entries.append(&mut batch);
+                out.committed = committed.or(out.committed);
+                out.whole = (body + len) as u64;
+            }
+        }
+        pos = body + len;
+    }
+    Ok(out)
 }
 
 /// Carries out purges once the state machine made them durable (see the
@@ -209,92 +438,253 @@ async fn purger(
     }
 }
 
-/// The writer thread: one transaction and one fsync per batch of requests.
-fn writer(db: Arc<Database>, pending: Arc<Mutex<BTreeMap<u64, Entry>>>, queue: std::sync::mpsc::Receiver<Write>) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        while batch.len() < WRITES_PER_COMMIT_MAX {
-            match queue.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let result = commit(&db, &batch);
-        crate::telemetry::log_fsync(started);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "writing the log failed");
-        }
-        let mut appended = Vec::new();
-        for w in batch {
-            let r = result.as_ref().map(|_| ()).map_err(other);
-            match w {
-                Write::Append { entries, done } => {
-                    appended.extend(entries.into_iter().map(|e| e.log_id));
-                    done.log_io_completed(r);
-                }
-                Write::Truncate { done, .. } | Write::Purge { done, .. } | Write::Vote { done, .. } => {
-                    // Ignored: the caller may have given up waiting.
-                    let _ = done.send(r);
-                }
-                Write::Committed(_) => {}
-            }
-        }
-        if result.is_ok() {
-            // The file has them now; a later entry at the same index (after a
-            // truncate) stays pending until its own commit.
-            let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
-            for id in appended {
-                if pending.get(&id.index).is_some_and(|e| e.log_id == id) {
-                    pending.remove(&id.index);
-                }
-            }
-        }
+/// The writer thread's state.
+struct Writer {
+    files: Files,
+    shared: Arc<Mutex<Shared>>,
+    committed: Arc<Mutex<Option<Option<LogId>>>>,
+}
+
+/// Records encoded for the current segment, not yet written.
+#[derive(Default)]
+struct Buffer {
+    bytes: Vec<u8>,
+    /// Entries in `bytes`: (entry, offset of its record in `bytes`, length).
+    entries: Vec<(Entry, usize, u32)>,
+}
+
+impl Buffer {
+    fn push(&mut self, item: &WalOut<'_>) -> anyhow::Result<(usize, u32)> {
+        let rec = record::encode(item)?;
+        let len = u32::try_from(rec.len())?;
+        self.bytes.extend_from_slice(&len.to_le_bytes());
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&rec);
+        Ok((at, len))
     }
 }
 
-/// Applies a batch of changes in one durable transaction.
-fn commit(db: &Database, batch: &[Write]) -> anyhow::Result<()> {
-    let mut txn = db.begin_write()?;
-    if batch.iter().all(|w| matches!(w, Write::Committed(_))) {
-        // Only the commit hint: the next durable commit carries it.
-        txn.set_durability(redb::Durability::None)?;
+impl Writer {
+    /// One write and one sync per batch of requests.
+    fn run(self, queue: std::sync::mpsc::Receiver<Write>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            while batch.len() < WRITES_PER_COMMIT_MAX {
+                match queue.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
+            }
+            let started = std::time::Instant::now();
+            let result = self.commit(&batch);
+            crate::telemetry::log_fsync(started);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "writing the log failed");
+            }
+            for w in batch {
+                let r = result.as_ref().map(|_| ()).map_err(other);
+                match w {
+                    Write::Append { done, .. } => done.log_io_completed(r),
+                    Write::Truncate { done, .. } | Write::Purge { done, .. } | Write::Vote { done, .. } => {
+                        // Ignored: the caller may have given up waiting.
+                        let _ = done.send(r);
+                    }
+                }
+            }
+        }
     }
-    {
-        let mut log = txn.open_table(LOG)?;
-        let mut meta = txn.open_table(META)?;
+
+    /// Carries out a batch in order, then syncs what it wrote.
+    fn commit(&self, batch: &[Write]) -> anyhow::Result<()> {
+        let mut buffer = Buffer::default();
+        let mut unsynced: Option<SegmentFile> = None;
         for w in batch {
             match w {
                 Write::Append { entries, .. } => {
                     for e in entries {
-                        log.insert(e.log_id.index, record::encode(e)?.as_slice())?;
+                        let (at, len) = buffer.push(&WalOut::Entry(e))?;
+                        buffer.entries.push((e.clone(), at, len));
                     }
                 }
                 Write::Truncate { from, .. } => {
-                    log.retain_in(*from.., |_, _| false)?;
+                    self.flush(&mut buffer, &mut unsynced)?;
+                    self.truncate(*from, &mut unsynced)?;
                 }
                 Write::Purge { upto, .. } => {
-                    let stored: Option<LogId> = match meta.get(LAST_PURGED_KEY)? {
-                        Some(b) => Some(record::decode(b.value())?),
-                        None => None,
-                    };
-                    // Purges only move forward.
-                    if stored.is_none_or(|s| *upto > s) {
-                        meta.insert(LAST_PURGED_KEY, record::encode(upto)?.as_slice())?;
-                        log.retain_in(..=upto.index, |_, _| false)?;
-                    }
+                    self.flush(&mut buffer, &mut unsynced)?;
+                    self.purge(*upto, &mut unsynced)?;
                 }
                 Write::Vote { vote, .. } => {
-                    meta.insert(VOTE_KEY, record::encode(vote)?.as_slice())?;
-                }
-                Write::Committed(c) => {
-                    meta.insert(COMMITTED_KEY, record::encode(c)?.as_slice())?;
+                    let meta = Meta { vote: Some(*vote), ..lock(&self.shared).meta };
+                    self.write_meta(meta)?;
                 }
             }
         }
+        self.flush(&mut buffer, &mut unsynced)?;
+        if let Some(file) = unsynced {
+            file.sync()?;
+        }
+        Ok(())
     }
-    txn.commit()?;
-    Ok(())
+
+    /// The last segment, opening the first one (named `first`) when there
+    /// is none, or a new one when the last is full (syncing it first).
+    fn segment_for(&self, first: u64, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<(u64, SegmentFile)> {
+        let last = lock(&self.shared).segments.last_key_value().map(|(n, f)| (*n, f.clone()));
+        if let Some((name, file)) = last
+            && file.len()? < SEGMENT_BYTES
+        {
+            return Ok((name, file));
+        }
+        if let Some(file) = unsynced.take() {
+            file.sync()?;
+        }
+        let file = self.files.open(first)?;
+        fsync_dir(&self.files.dir)?;
+        lock(&self.shared).segments.insert(first, file.clone());
+        Ok((first, file))
+    }
+
+    /// Writes the buffered entries and a marker to the last segment and
+    /// makes them readable from where they are.
+    fn flush(&self, buffer: &mut Buffer, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<()> {
+        if buffer.entries.is_empty() {
+            return Ok(());
+        }
+        let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner()).take().flatten();
+        let committed = committed.or(lock(&self.shared).committed);
+        buffer.push(&WalOut::Commit { committed })?;
+        let first = buffer.entries[0].0.log_id.index;
+        let (name, file) = self.segment_for(first, unsynced)?;
+        let base = file.len()?;
+        file.write_at(base, &buffer.bytes)?;
+        *unsynced = Some(file);
+        let mut shared = lock(&self.shared);
+        shared.committed = committed;
+        for (entry, at, len) in buffer.entries.drain(..) {
+            let index = entry.log_id.index;
+            // A later entry at the same index (after a truncate) stays
+            // pending until its own write.
+            if shared.pending.get(&index).is_some_and(|p| p.log_id == entry.log_id) {
+                shared.pending.remove(&index);
+            }
+            shared.locs.insert(index, Loc { segment: name, offset: base + at as u64, len });
+            shared.last_entry = Some(entry.log_id);
+            shared.cache_insert(index, entry, len as usize);
+        }
+        buffer.bytes.clear();
+        Ok(())
+    }
+
+    /// Removes the entries from `from` on: the segments wholly above it
+    /// first, then the tail of the one holding it, ended by a marker.
+    fn truncate(&self, from: u64, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<()> {
+        let (cut, later) = {
+            let shared = lock(&self.shared);
+            let cut = shared.locs.get(&from).copied();
+            let later: Vec<u64> = shared.segments.range(from..).map(|(n, _)| *n).collect();
+            (cut, later)
+        };
+        let Some(cut) = cut else {
+            // Nothing from `from` on was written.
+            lock(&self.shared).forget_from(from);
+            return Ok(());
+        };
+        let later: Vec<u64> = later.into_iter().filter(|n| *n != cut.segment).collect();
+        for name in &later {
+            std::fs::remove_file(self.files.path(*name))?;
+        }
+        if !later.is_empty() {
+            fsync_dir(&self.files.dir)?;
+        }
+        let (file, committed) = {
+            let mut shared = lock(&self.shared);
+            for name in &later {
+                shared.segments.remove(name);
+            }
+            shared.forget_from(from);
+            let file = shared.segments.get(&cut.segment).cloned();
+            (file.ok_or_else(|| anyhow::anyhow!("log segment {} is gone", cut.segment))?, shared.committed)
+        };
+        // The record's length prefix sits just before it; the marker keeps
+        // the entries before the cut whole.
+        let at = cut.offset - 4;
+        file.set_len(at)?;
+        let mut marker = Buffer::default();
+        marker.push(&WalOut::Commit { committed })?;
+        file.write_at(at, &marker.bytes)?;
+        file.sync()?;
+        *unsynced = None;
+        let last = {
+            let shared = lock(&self.shared);
+            shared.locs.last_key_value().map(|(i, l)| (shared.cache.get(i).map(|(e, _)| e.log_id), *l))
+        };
+        let last_entry = match last {
+            None => None,
+            Some((Some(id), _)) => Some(id),
+            Some((None, loc)) => Some(read_entry(&file_of(&self.shared, loc.segment)?, loc)?.log_id),
+        };
+        lock(&self.shared).last_entry = last_entry;
+        Ok(())
+    }
+
+    /// Records the purge in the meta file, then removes the segments whose
+    /// entries are all purged.
+    fn purge(&self, upto: LogId, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<()> {
+        let meta = lock(&self.shared).meta;
+        // Purges only move forward.
+        if meta.last_purged.is_some_and(|p| p >= upto) {
+            return Ok(());
+        }
+        if let Some(file) = unsynced.take() {
+            file.sync()?;
+        }
+        self.write_meta(Meta { last_purged: Some(upto), ..meta })?;
+        let names: Vec<u64> = lock(&self.shared).segments.keys().copied().collect();
+        // A segment's entries all lie below the next segment's first index.
+        let gone: Vec<u64> = names.windows(2).filter(|w| w[1] <= upto.index + 1).map(|w| w[0]).collect();
+        for name in &gone {
+            std::fs::remove_file(self.files.path(*name))?;
+        }
+        if !gone.is_empty() {
+            fsync_dir(&self.files.dir)?;
+        }
+        let mut shared = lock(&self.shared);
+        for name in &gone {
+            shared.segments.remove(name);
+        }
+        shared.forget_upto(upto.index);
+        Ok(())
+    }
+
+    /// Replaces `log/meta` durably and updates the shared copy.
+    fn write_meta(&self, meta: Meta) -> anyhow::Result<()> {
+        let path = self.files.dir.join(META_FILE);
+        let tmp = self.files.dir.join(format!("{META_FILE}.tmp"));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &record::encode(&meta)?)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        fsync_dir(&self.files.dir)?;
+        lock(&self.shared).meta = meta;
+        Ok(())
+    }
+}
+
+fn file_of(shared: &Mutex<Shared>, segment: u64) -> std::io::Result<SegmentFile> {
+    lock(shared).segments.get(&segment).cloned().ok_or_else(|| other(format!("log segment {segment} is gone")))
+}
+
+/// Reads the entry at `loc` from `file`.
+fn read_entry(file: &SegmentFile, loc: Loc) -> std::io::Result<Entry> {
+    let mut bytes = vec![0; loc.len as usize];
+    file.read_at(loc.offset, &mut bytes)?;
+    match record::decode::<Wal>(&bytes).map_err(other)? {
+        Wal::Entry(e) => Ok(e),
+        Wal::Commit { .. } => Err(other(format!("log offset {} holds a marker, not an entry", loc.offset))),
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -307,22 +697,40 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        // Pending first: an entry that leaves it is in the file by then.
-        let mut out: BTreeMap<u64, Entry> = {
-            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.range(start..).take_while(|(i, _)| range.contains(*i)).map(|(i, e)| (*i, e.clone())).collect()
-        };
-        let txn = self.db.begin_read().map_err(|e| read_logs_err(redb::Error::from(e)))?;
-        let log = txn.open_table(LOG).map_err(|e| read_logs_err(redb::Error::from(e)))?;
-        for item in log.range(start..).map_err(|e| read_logs_err(redb::Error::from(e)))? {
-            let (k, v) = item.map_err(|e| read_logs_err(redb::Error::from(e)))?;
-            let index = k.value();
-            if !range.contains(&index) {
-                break;
+        // Under the lock: what is in memory, and where the rest is. Pending
+        // first: an entry that leaves it is written by then.
+        let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
+        let mut to_read = Vec::new();
+        {
+            let shared = lock(&self.shared);
+            for (i, e) in shared.pending.range(start..).take_while(|(i, _)| range.contains(*i)) {
+                out.insert(*i, e.clone());
             }
-            if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(index) {
-                slot.insert(decode_entry(index, v.value())?);
+            for (i, loc) in shared.locs.range(start..).take_while(|(i, _)| range.contains(*i)) {
+                if out.contains_key(i) {
+                    continue;
+                }
+                match shared.cache.get(i) {
+                    Some((e, _)) => {
+                        out.insert(*i, e.clone());
+                    }
+                    None => {
+                        let file = shared.segments.get(&loc.segment).cloned();
+                        to_read.push((*i, *loc, file));
+                    }
+                }
             }
+        }
+        for (index, loc, file) in to_read {
+            let file = file.ok_or_else(|| read_logs_err(LogError(format!("log segment {} is gone", loc.segment))))?;
+            let entry = read_entry(&file, loc).map_err(read_logs_err)?;
+            if entry.log_id.index != index {
+                return Err(read_logs_err(LogError(format!(
+                    "log record for index {index} holds entry {}",
+                    entry.log_id
+                ))));
+            }
+            out.insert(index, entry);
         }
         Ok(out.into_values().collect())
     }
@@ -332,22 +740,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let pending_last =
-            self.pending.lock().unwrap_or_else(|p| p.into_inner()).values().next_back().map(|e| e.log_id);
-        // One read transaction: a purge between two reads would tear them.
-        let txn = self.db.begin_read().map_err(|e| read_logs_err(redb::Error::from(e)))?;
-        let meta = txn.open_table(META).map_err(|e| read_logs_err(redb::Error::from(e)))?;
-        let last_purged: Option<LogId> =
-            match meta.get(LAST_PURGED_KEY).map_err(|e| read_logs_err(redb::Error::from(e)))? {
-                Some(b) => Some(record::decode(b.value()).map_err(read_logs_err)?),
-                None => None,
-            };
-        let log = txn.open_table(LOG).map_err(|e| read_logs_err(redb::Error::from(e)))?;
-        let stored_last = match log.last().map_err(|e| read_logs_err(redb::Error::from(e)))? {
-            Some((k, v)) => Some(decode_entry(k.value(), v.value())?.log_id),
-            None => None,
-        };
-        let last = pending_last.max(stored_last).max(last_purged);
+        let shared = lock(&self.shared);
+        let pending_last = shared.pending.values().next_back().map(|e| e.log_id);
+        let last_purged = shared.meta.last_purged;
+        let last = pending_last.max(shared.last_entry).max(last_purged);
         Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
@@ -361,17 +757,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.read_meta(VOTE_KEY)
+        Ok(lock(&self.shared).meta.vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Rides on the next transaction; a full queue drops it (a hint only).
-        let _ = self.writes.try_send(Write::Committed(committed));
+        // Rides on the writer's next marker (a hint only).
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = Some(committed);
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.read_meta::<Option<LogId>>(COMMITTED_KEY)?.flatten())
+        Ok(lock(&self.shared).committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -381,13 +777,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shared = lock(&self.shared);
             for e in &entries {
-                pending.insert(e.log_id.index, e.clone());
+                shared.pending.insert(e.log_id.index, e.clone());
             }
         }
-        // Durable once the writer commits; openraft goes on meanwhile and
-        // learns it through the callback. A full queue waits here.
+        // Durable once the writer syncs; openraft learns it through the
+        // callback. A full queue waits here.
         let writes = self.writes.clone();
         let w = Write::Append { entries, done: callback };
         match writes.try_send(w) {
@@ -401,13 +797,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).retain(|i, _| *i < log_id.index);
+        lock(&self.shared).pending.retain(|i, _| *i < log_id.index);
         let from = log_id.index;
         self.durably(|done| Write::Truncate { from, done }, ErrorSubject::Logs).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).retain(|i, _| *i > log_id.index);
+        lock(&self.shared).pending.retain(|i, _| *i > log_id.index);
         match &self.purge_target {
             Some(target) => {
                 target.send_modify(|t| *t = (*t).max(Some(log_id)));
@@ -418,8 +814,230 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-impl LogStore {
-    fn send_stopped(&self) -> Result<(), StorageError> {
-        Err(write_logs_err(LogError("the log writer stopped".into())))
+/// The log of format 4 (a redb file), read once to move it into segments.
+const OLD_LOG_FILE: &str = "log.redb";
+
+/// Moves a format-4 log (`log.redb`: vote, last purged and committed log
+/// ids, entries) into `log/`. Built beside under `log.migrating` and
+/// renamed into place, so a crash part way leaves the old log to start
+/// again from; the caller then marks the directory with the new format and
+/// calls [`remove_old_log`].
+pub fn migrate_from_redb(dir: &Path) -> anyhow::Result<()> {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    let old = dir.join(OLD_LOG_FILE);
+    if !old.exists() {
+        return Ok(());
+    }
+    let db = redb::Database::open(&old)?;
+    let txn = db.begin_read()?;
+    let meta_table = txn.open_table(META)?;
+    let read_meta =
+        |key: &str| -> anyhow::Result<Option<Vec<u8>>> { Ok(meta_table.get(key)?.map(|v| v.value().to_vec())) };
+    let vote: Option<Vote> = read_meta("vote")?.map(|b| record::decode(&b)).transpose()?;
+    let last_purged: Option<LogId> = read_meta("last_purged")?.map(|b| record::decode(&b)).transpose()?;
+    let committed: Option<LogId> =
+        read_meta("committed")?.map(|b| record::decode::<Option<LogId>>(&b)).transpose()?.flatten();
+    let mut buffer = Buffer::default();
+    let (mut first, mut count) = (None, 0u64);
+    for item in txn.open_table(LOG)?.iter()? {
+        let (k, v) = item?;
+        let entry: Entry = record::decode(v.value())?;
+        anyhow::ensure!(
+            entry.log_id.index == k.value(),
+            "{}: index {} holds entry {}",
+            old.display(),
+            k.value(),
+            entry.log_id
+        );
+        first.get_or_insert(entry.log_id.index);
+        count += 1;
+        buffer.push(&WalOut::Entry(&entry))?;
+    }
+    buffer.push(&WalOut::Commit { committed })?;
+    let staging = dir.join("log.migrating");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir(&staging)?;
+    let files = Files { dir: staging.clone(), power_loss: false };
+    let name = first.unwrap_or_else(|| last_purged.map_or(0, |l| l.index + 1));
+    let segment = files.open(name)?;
+    segment.write_at(0, &buffer.bytes)?;
+    segment.sync()?;
+    let meta = record::encode(&Meta { vote, last_purged })?;
+    let mut f = std::fs::File::create(staging.join(META_FILE))?;
+    std::io::Write::write_all(&mut f, &meta)?;
+    f.sync_all()?;
+    fsync_dir(&staging)?;
+    let target = dir.join(LOG_DIR);
+    if target.exists() {
+        // An earlier migration renamed its copy but stopped before the
+        // format was marked: nothing ran on it.
+        std::fs::remove_dir_all(&target)?;
+    }
+    std::fs::rename(&staging, &target)?;
+    fsync_dir(dir)?;
+    tracing::info!(entries = count, "moved the log from log.redb into log segments");
+    Ok(())
+}
+
+/// Removes the format-4 log once the directory is marked with the new format.
+pub fn remove_old_log(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join(OLD_LOG_FILE)) {
+        Ok(()) => fsync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    /// Writes `writes` (each a run of entries, then its marker unless the
+    /// flag says the write never finished) as segment `first` of `dir`.
+    fn segment(dir: &Path, first: u64, writes: &[(std::ops::RangeInclusive<u64>, bool)]) -> PathBuf {
+        let files = Files { dir: dir.join(LOG_DIR), power_loss: false };
+        std::fs::create_dir_all(&files.dir).unwrap();
+        let mut buffer = Buffer::default();
+        for (range, finished) in writes {
+            for i in range.clone() {
+                buffer.push(&WalOut::Entry(&entry(i))).unwrap();
+            }
+            if *finished {
+                buffer.push(&WalOut::Commit { committed: Some(entry(*range.end()).log_id) }).unwrap();
+            }
+        }
+        std::fs::write(files.path(first), &buffer.bytes).unwrap();
+        files.path(first)
+    }
+
+    fn recovered(dir: &Path) -> anyhow::Result<Shared> {
+        recover(&Files { dir: dir.join(LOG_DIR), power_loss: false })
+    }
+
+    fn indexes(shared: &Shared) -> Vec<u64> {
+        shared.locs.keys().copied().collect()
+    }
+
+    #[test]
+    fn a_write_that_never_finished_is_cut_off_and_the_whole_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment(dir.path(), 1, &[(1..=2, true), (3..=3, true), (4..=5, false)]);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        // A torn record too: the last one loses its end.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(whole - 3).unwrap();
+        let shared = recovered(dir.path()).unwrap();
+        assert_eq!(indexes(&shared), vec![1, 2, 3]);
+        assert_eq!(shared.last_entry, Some(entry(3).log_id));
+        assert_eq!(shared.committed, Some(entry(3).log_id));
+        // Cut on disk: a second start finds the same without cutting again.
+        let cut = std::fs::metadata(&path).unwrap().len();
+        assert!(cut < whole - 3, "the unfinished write is gone from the file");
+        assert_eq!(indexes(&recovered(dir.path()).unwrap()), vec![1, 2, 3]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), cut);
+    }
+
+    #[test]
+    fn a_damaged_record_written_whole_stops_the_log_from_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment(dir.path(), 1, &[(1..=3, true), (4..=4, true)]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The last byte of entry 2's record (its marker follows later).
+        let mut pos = 0;
+        for _ in 0..2 {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            pos += 4 + len;
+        }
+        bytes[pos - 1] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = recovered(dir.path()).err().expect("damage refused").to_string();
+        assert!(e.contains("checksum mismatch") && e.contains("written whole"), "{e}");
+    }
+
+    #[test]
+    fn a_gap_between_segments_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        segment(dir.path(), 1, &[(1..=3, true)]);
+        segment(dir.path(), 5, &[(5..=6, true)]);
+        let e = recovered(dir.path()).err().expect("gap refused").to_string();
+        assert!(e.contains("where entry 4 was due"), "{e}");
+    }
+
+    #[test]
+    fn an_unfinished_write_before_the_last_segment_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        segment(dir.path(), 1, &[(1..=3, true), (4..=4, false)]);
+        segment(dir.path(), 5, &[(5..=6, true)]);
+        let e = recovered(dir.path()).err().expect("refused").to_string();
+        assert!(e.contains("not the last segment"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn truncation_and_purge_last_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        segment(dir.path(), 1, &[(1..=3, true)]);
+        segment(dir.path(), 4, &[(4..=6, true)]);
+        segment(dir.path(), 7, &[(7..=9, true)]);
+        {
+            let mut log = LogStore::open(dir.path(), 1 << 20, false, None).unwrap();
+            log.truncate(entry(5).log_id).await.unwrap();
+            log.purge(entry(3).log_id).await.unwrap();
+            let state = log.get_log_state().await.unwrap();
+            assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(entry(3).log_id), Some(entry(4).log_id)));
+            log.save_vote(&Vote::new(3, 2)).await.unwrap();
+        }
+        let shared = recovered(dir.path()).unwrap();
+        assert_eq!(indexes(&shared), vec![4]);
+        assert_eq!(shared.meta.last_purged, Some(entry(3).log_id));
+        assert_eq!(shared.meta.vote, Some(Vote::new(3, 2)));
+        let names: Vec<u64> = shared.segments.keys().copied().collect();
+        assert_eq!(names, vec![4], "segment 1 purged, segment 7 truncated away");
+        let mut log = LogStore::open(dir.path(), 1 << 20, false, None).unwrap();
+        let got: Vec<u64> = log.try_get_log_entries(0..100).await.unwrap().iter().map(|e| e.log_id.index).collect();
+        assert_eq!(got, vec![4]);
+    }
+
+    #[test]
+    fn a_format_4_log_moves_into_segments() {
+        use redb::TableDefinition;
+        const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+        const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = redb::Database::create(dir.path().join(OLD_LOG_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(LOG).unwrap();
+                for i in 3..=7 {
+                    log.insert(i, record::encode(&entry(i)).unwrap().as_slice()).unwrap();
+                }
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert("vote", record::encode(&Vote::new(4, 1)).unwrap().as_slice()).unwrap();
+                meta.insert("last_purged", record::encode(&entry(2).log_id).unwrap().as_slice()).unwrap();
+                meta.insert("committed", record::encode(&Some(entry(6).log_id)).unwrap().as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        migrate_from_redb(dir.path()).unwrap();
+        remove_old_log(dir.path()).unwrap();
+        assert!(!dir.path().join(OLD_LOG_FILE).exists());
+        let shared = recovered(dir.path()).unwrap();
+        assert_eq!(indexes(&shared), vec![3, 4, 5, 6, 7]);
+        assert_eq!(shared.meta.vote, Some(Vote::new(4, 1)));
+        assert_eq!(shared.meta.last_purged, Some(entry(2).log_id));
+        assert_eq!(shared.committed, Some(entry(6).log_id));
+        // Nothing left to move: a second call changes nothing.
+        migrate_from_redb(dir.path()).unwrap();
+        assert_eq!(indexes(&recovered(dir.path()).unwrap()), vec![3, 4, 5, 6, 7]);
     }
 }

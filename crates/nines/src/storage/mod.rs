@@ -60,12 +60,11 @@ pub struct Disk(std::path::PathBuf);
 impl Disk {
     /// Bytes of the log and state files and the snapshots.
     pub fn size_on_disk(&self) -> std::io::Result<u64> {
-        let mut total = 0;
-        for name in [log_store::LOG_FILE, state_machine::STATE_FILE] {
-            total += std::fs::metadata(self.0.join(name))?.len();
-        }
-        for entry in std::fs::read_dir(snapshot::dir(&self.0))? {
-            total += entry?.metadata()?.len();
+        let mut total = std::fs::metadata(self.0.join(state_machine::STATE_FILE))?.len();
+        for dir in [self.0.join(log_store::LOG_DIR), snapshot::dir(&self.0)] {
+            for entry in std::fs::read_dir(dir)? {
+                total += entry?.metadata()?.len();
+            }
         }
         Ok(total)
     }
@@ -74,6 +73,11 @@ impl Disk {
 /// Opens (or creates) the storage of one node under `dir`.
 pub fn open(dir: &Path, clock: Arc<HlcClock>, options: Options) -> anyhow::Result<(Disk, LogStore, StateMachine)> {
     format::check_or_create(dir)?;
+    if format::needs_upgrade(dir) {
+        log_store::migrate_from_redb(dir).context("moving the log of data format 4 into log segments")?;
+        format::mark(dir)?;
+    }
+    log_store::remove_old_log(dir)?;
     let backend = |name: &str| -> anyhow::Result<Option<FileBackend>> {
         if !options.power_loss_simulation {
             return Ok(None);
@@ -84,7 +88,7 @@ pub fn open(dir: &Path, clock: Arc<HlcClock>, options: Options) -> anyhow::Resul
     };
     let sm = StateMachine::open(dir, options.cache_bytes / 4 * 3, backend(state_machine::STATE_FILE)?, clock)
         .context("opening the state machine")?;
-    let log = LogStore::open(dir, options.cache_bytes / 4, backend(log_store::LOG_FILE)?, Some(sm.durable_applied()))
+    let log = LogStore::open(dir, options.cache_bytes / 4, options.power_loss_simulation, Some(sm.durable_applied()))
         .context("opening the log")?;
     fsync_dir(dir)?;
     Ok((Disk(dir.to_path_buf()), log, sm))
@@ -126,7 +130,7 @@ mod tests {
             let sm =
                 StateMachine::open(dir.path(), 1 << 20, None, Arc::new(HlcClock::wall(500))).expect("state machine");
             // No purge gate: the suite purges logs with no state machine behind them.
-            let log = LogStore::open(dir.path(), 1 << 20, None, None).expect("open log");
+            let log = LogStore::open(dir.path(), 1 << 20, false, None).expect("open log");
             Ok((dir, log, sm))
         }
     }

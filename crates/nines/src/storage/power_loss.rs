@@ -241,6 +241,29 @@ impl<M: Medium> redb::StorageBackend for PowerLossBackend<M> {
     }
 }
 
+/// The same simulation under the log's segment files.
+impl<M: Medium> Medium for PowerLossBackend<M> {
+    fn len(&self) -> io::Result<u64> {
+        redb::StorageBackend::len(self)
+    }
+
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        redb::StorageBackend::read(self, offset, out)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        redb::StorageBackend::write(self, offset, data)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        redb::StorageBackend::set_len(self, len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        redb::StorageBackend::sync_data(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -263,10 +286,10 @@ mod tests {
 
     impl redb::StorageBackend for SharedBackend {
         fn len(&self) -> io::Result<u64> {
-            self.0.len()
+            redb::StorageBackend::len(&*self.0)
         }
         fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-            self.0.read(offset, out)
+            redb::StorageBackend::read(&*self.0, offset, out)
         }
         fn set_len(&self, len: u64) -> io::Result<()> {
             redb::StorageBackend::set_len(&*self.0, len)
