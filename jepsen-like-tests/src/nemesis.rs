@@ -525,9 +525,13 @@ async fn apply(
         Nemesis::PowerCut => {
             // With power-loss storage a kill is a power cut: only what each
             // node synced survives.
+            // One node, two, or (a quarter of the time) the whole region at
+            // once: then only what the logs synced holds acknowledged writes.
             let first = pick_node(cluster, &region, rng).await;
             let mut cut = vec![first];
-            if ids.len() > 2 && rng.random_bool(0.5) {
+            if rng.random_bool(0.25) {
+                cut = ids.clone();
+            } else if ids.len() > 2 && rng.random_bool(0.5) {
                 let others: Vec<u64> = ids.iter().copied().filter(|id| *id != first).collect();
                 cut.push(others[rng.random_range(0..others.len())]);
             }
