@@ -1496,41 +1496,51 @@ impl StateMachine {
                     }
                 }
             }
-            let mut changefeed = txn.open_table(CHANGEFEED).map_err(write_err)?;
-            for (i, rec) in &pending.changefeed {
-                match rec {
-                    Some(r) => {
-                        let replaced = changefeed.insert(*i, enc(r)?.as_slice()).map_err(write_err)?;
-                        // A changefeed key is the version index of a write
-                        // applied in this very batch: never there before.
-                        grown += i64::from(replaced.is_none());
+            // A table is opened only when this batch writes to it: each
+            // table opened is looked up and its root rewritten at commit.
+            if !pending.changefeed.is_empty() {
+                let mut changefeed = txn.open_table(CHANGEFEED).map_err(write_err)?;
+                for (i, rec) in &pending.changefeed {
+                    match rec {
+                        Some(r) => {
+                            let replaced = changefeed.insert(*i, enc(r)?.as_slice()).map_err(write_err)?;
+                            // A changefeed key is the version index of a write
+                            // applied in this very batch: never there before.
+                            grown += i64::from(replaced.is_none());
+                        }
+                        None => grown -= i64::from(changefeed.remove(*i).map_err(write_err)?.is_some()),
                     }
-                    None => grown -= i64::from(changefeed.remove(*i).map_err(write_err)?.is_some()),
                 }
             }
-            let mut divergent = txn.open_table(DIVERGENT).map_err(write_err)?;
-            for (seq, rec) in &pending.divergent {
-                divergent.insert(*seq, enc(rec)?.as_slice()).map_err(write_err)?;
+            if !pending.divergent.is_empty() {
+                let mut divergent = txn.open_table(DIVERGENT).map_err(write_err)?;
+                for (seq, rec) in &pending.divergent {
+                    divergent.insert(*seq, enc(rec)?.as_slice()).map_err(write_err)?;
+                }
             }
-            let mut archive = txn.open_table(ARCHIVE).map_err(write_err)?;
             let mut meta = txn.open_table(META).map_err(write_err)?;
-            if let Some(state) = &pending.archive_state {
-                // Entries already stored (or all, when archiving stops) go;
-                // this batch's own writes are above `through`.
-                archive
-                    .retain_in(..=if state.on { state.through } else { u64::MAX }, |_, _| false)
-                    .map_err(write_err)?;
-                meta.insert(ARCHIVE_KEY, enc(state)?.as_slice()).map_err(write_err)?;
+            if pending.archive_state.is_some() || !pending.archive.is_empty() {
+                let mut archive = txn.open_table(ARCHIVE).map_err(write_err)?;
+                if let Some(state) = &pending.archive_state {
+                    // Entries already stored (or all, when archiving stops) go;
+                    // this batch's own writes are above `through`.
+                    archive
+                        .retain_in(..=if state.on { state.through } else { u64::MAX }, |_, _| false)
+                        .map_err(write_err)?;
+                    meta.insert(ARCHIVE_KEY, enc(state)?.as_slice()).map_err(write_err)?;
+                }
+                for (i, rec) in &pending.archive {
+                    archive.insert(*i, enc(rec)?.as_slice()).map_err(write_err)?;
+                }
             }
-            for (i, rec) in &pending.archive {
-                archive.insert(*i, enc(rec)?.as_slice()).map_err(write_err)?;
-            }
-            let mut sessions = txn.open_table(SESSIONS).map_err(write_err)?;
-            for (client, record) in &pending.sessions {
-                match record {
-                    Some(r) => sessions.insert(client.as_slice(), enc(r)?.as_slice()).map_err(write_err)?,
-                    None => sessions.remove(client.as_slice()).map_err(write_err)?,
-                };
+            if !pending.sessions.is_empty() {
+                let mut sessions = txn.open_table(SESSIONS).map_err(write_err)?;
+                for (client, record) in &pending.sessions {
+                    match record {
+                        Some(r) => sessions.insert(client.as_slice(), enc(r)?.as_slice()).map_err(write_err)?,
+                        None => sessions.remove(client.as_slice()).map_err(write_err)?,
+                    };
+                }
             }
             if let Some(ms) = pending.session_clock {
                 meta.insert(SESSION_CLOCK_KEY, enc(&ms)?.as_slice()).map_err(write_err)?;
