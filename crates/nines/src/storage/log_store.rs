@@ -12,10 +12,13 @@
 //!
 //! # Layout
 //!
-//! - `log/SEGMENT.wal` (SEGMENT: the index of the first entry written to it,
-//!   20 digits): records `[length: u32 LE][record]`, each record a
-//!   checksummed [`record`] holding a [`Wal`] item. A segment past
-//!   `SEGMENT_BYTES` is closed (synced) and the next appends open a new one.
+//! - `log/SEGMENT.wal` (SEGMENT, 20 digits: the index of the first entry
+//!   written to it, or one above the segment before when that is higher,
+//!   so names rise in the order written): records `[length: u32 LE]
+//!   [record]`, each record a checksummed [`record`] holding a [`Wal`]
+//!   item. A segment past `SEGMENT_BYTES` is closed (synced) and the next
+//!   appends open a new one. The live entries of a segment all lie below
+//!   the next segment's name (what the purge relies on).
 //! - Every write of the writer ends with a [`Wal::Commit`] marker, which also
 //!   carries the latest committed log id (openraft's restart hint).
 //! - `log/meta`: the vote and the last purged log id, replaced whole
@@ -30,15 +33,19 @@
 //! - openraft hears that an append is persisted, and `save_vote`,
 //!   `truncate` and `purge` return, only after the change is synced
 //!   (`fdatasync` of the segment, or the meta file and its directory).
-//! - The entries in the segments are contiguous by index, in file order.
+//! - The entries in the segments rise by index, in file order: one by one,
+//!   except where the log goes on after a snapshot installed on a node
+//!   behind it (openraft appends after the snapshot at once).
 //! - At start, entries after the last marker of the last segment were
-//!   never acknowledged (their write did not finish): they are cut off. A
-//!   record that fails its checksum with a marker after it was synced and is
-//!   damaged: the node stops with an error, as it does for any damage in an
-//!   earlier segment.
-//! - A truncation first removes the segments wholly above it, then cuts the
-//!   segment holding it and writes a marker, so the entries before it keep
-//!   their marker.
+//!   never acknowledged (their write did not finish): they are cut off, and
+//!   so is a last write with a damaged record (a disk may persist the
+//!   marker before an earlier sector of a write torn by a power cut). A
+//!   damaged record with a whole write after it was synced and is damaged:
+//!   the node stops with an error, as it does for any damage in an earlier
+//!   segment.
+//! - A truncation is a record (with its marker) appended to the last
+//!   segment; nothing is ever cut in place except a torn tail at start, so
+//!   a power cut cannot separate entries from their marker.
 //! - A purge takes effect only once the state machine has made the purged
 //!   entries' effects durable: `purge` records the target and returns at
 //!   once (openraft calls it right after handing a snapshot to the state
@@ -47,12 +54,18 @@
 //!   it before segments are removed. A crash before that leaves entries that
 //!   are merely redundant.
 //!
+//! - After a write or a sync fails, the writer takes no more changes:
+//!   openraft stops the node rather than go on past a gap.
+//!
 //! Caveats:
 //! - The committed log id rides on the next write; openraft treats it as a
 //!   hint that speeds up restart.
-//! - A damaged length prefix in the last, unsynced-looking stretch of the
-//!   last segment reads as a torn write and is cut off, as a torn write
-//!   would be; the entries of a region live on its other nodes too.
+//! - Damage in the last write of the last segment (or a damaged length
+//!   prefix) reads as a torn write and is cut off, as a torn write would
+//!   be: a write acknowledged just before the power cut could be lost from
+//!   this node's log if the disk also damaged it; the region's other nodes
+//!   hold it too.
+//! - Truncated entries stay on disk until their segment is purged.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -96,6 +109,11 @@ enum Wal {
     Commit {
         committed: Option<LogId>,
     },
+    /// The entries from `from` on, in this segment and earlier ones, are
+    /// gone (a follower's log conflicted with its leader's).
+    Truncate {
+        from: u64,
+    },
 }
 
 /// [`Wal`] as written (the same encoding, without copying the entry).
@@ -103,6 +121,7 @@ enum Wal {
 enum WalOut<'a> {
     Entry(&'a Entry),
     Commit { committed: Option<LogId> },
+    Truncate { from: u64 },
 }
 
 /// The contents of `log/meta`.
@@ -127,6 +146,7 @@ type SegmentFile = Arc<dyn Medium>;
 /// Where an entry's record is.
 #[derive(Debug, Clone, Copy)]
 struct Loc {
+    log_id: LogId,
     segment: u64,
     offset: u64,
     len: u32,
@@ -143,7 +163,7 @@ struct Shared {
     cache_max: usize,
     /// Every entry in the segments above the last purge.
     locs: BTreeMap<u64, Loc>,
-    /// The segments by their name (the first index written to each).
+    /// The segments by their name (rising in the order written).
     segments: BTreeMap<u64, SegmentFile>,
     /// The last entry written (not counting `pending`).
     last_entry: Option<LogId>,
@@ -226,6 +246,8 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 struct Files {
     dir: PathBuf,
     power_loss: bool,
+    /// `SEGMENT_BYTES`, or less in a test.
+    segment_bytes: u64,
 }
 
 impl Files {
@@ -250,7 +272,7 @@ impl LogStore {
         power_loss: bool,
         durable_applied: Option<DurableApplied>,
     ) -> anyhow::Result<Self> {
-        let files = Files { dir: dir.join(LOG_DIR), power_loss };
+        let files = Files { dir: dir.join(LOG_DIR), power_loss, segment_bytes: SEGMENT_BYTES };
         let created = !files.dir.exists();
         std::fs::create_dir_all(&files.dir)?;
         if created {
@@ -343,17 +365,28 @@ fn recover(files: &Files) -> anyhow::Result<Shared> {
             file.set_len(scan.whole)?;
             file.sync()?;
         }
-        for (entry, offset, len) in scan.entries {
+        for item in scan.items {
+            let (entry, offset, len) = match item {
+                Item::Entry(entry, offset, len) => (entry, offset, len),
+                Item::Truncate(from) => {
+                    shared.locs.split_off(&from);
+                    next = next.map(|n| n.min(from));
+                    continue;
+                }
+            };
             let index = entry.log_id.index;
+            // The log goes on after a snapshot installed on a node behind
+            // it: forward, past the snapshot, before the purge that follows
+            // the install is recorded (the purge waits for the state
+            // machine), as openraft appended it. Never backward.
             if let Some(n) = next
-                && index != n
+                && index < n
             {
                 anyhow::bail!("log segment {} holds entry {} where entry {n} was due", path.display(), entry.log_id);
             }
             next = Some(index + 1);
             if purged.is_none_or(|p| index > p) {
-                shared.locs.insert(index, Loc { segment: first, offset, len });
-                shared.last_entry = Some(entry.log_id);
+                shared.locs.insert(index, Loc { log_id: entry.log_id, segment: first, offset, len });
             }
         }
         if scan.committed.is_some() {
@@ -361,22 +394,38 @@ fn recover(files: &Files) -> anyhow::Result<Shared> {
         }
         shared.segments.insert(first, file);
     }
+    shared.last_entry = shared.locs.last_key_value().map(|(_, l)| l.log_id);
     Ok(shared)
 }
 
-/// A segment read through: its whole writes' entries (with where each
-/// record is), the last committed hint, and where the whole writes end.
+/// A record of a whole write, in file order.
+enum Item {
+    /// The entry, where its record starts, its length.
+    Entry(Entry, u64, u32),
+    Truncate(u64),
+}
+
+/// A segment read through: its whole writes' records, the last committed
+/// hint, and where the whole writes end.
 struct Scan {
-    entries: Vec<(Entry, u64, u32)>,
+    items: Vec<Item>,
     committed: Option<LogId>,
     whole: u64,
 }
 
+/// Reads a segment's writes. A write counts once its marker is read; a
+/// write with no marker never finished (never acknowledged) and ends the
+/// whole ones. A damaged record in the last write is what a write torn by
+/// a power cut looks like on a disk that persisted its marker before an
+/// earlier sector: cut off too. A damaged record with another whole write
+/// after it was synced before that write began: the segment is damaged.
 fn scan(bytes: &[u8]) -> Result<Scan, String> {
-    let mut out = Scan { entries: Vec::new(), committed: None, whole: 0 };
+    let mut out = Scan { items: Vec::new(), committed: None, whole: 0 };
     let mut batch = Vec::new();
     // The first record of this write that failed its check.
     let mut damaged: Option<(u64, record::RecordError)> = None;
+    // A write with a marker and a damaged record: torn if it is the last.
+    let mut suspect: Option<(u64, record::RecordError)> = None;
     let mut pos = 0usize;
     while bytes.len() - pos >= 4 {
         let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
@@ -388,14 +437,22 @@ fn scan(bytes: &[u8]) -> Result<Scan, String> {
             Err(e) => {
                 damaged.get_or_insert((pos as u64, e));
             }
-            Ok(Wal::Entry(e)) => batch.push((e, body as u64, len as u32)),
+            Ok(Wal::Entry(e)) => batch.push(Item::Entry(e, body as u64, len as u32)),
+            Ok(Wal::Truncate { from }) => batch.push(Item::Truncate(from)),
             Ok(Wal::Commit { committed }) => {
-                if let Some((at, e)) = damaged {
-                    return Err(format!("the record at offset {at} is damaged ({e}), and written whole"));
+                if let Some((at, e)) = suspect.take() {
+                    return Err(format!(
+                        "the record at offset {at} is damaged ({e}), and writes after it were written whole"
+                    ));
                 }
-                out.entries.append(&mut batch);
-                out.committed = committed.or(out.committed);
-                out.whole = (body + len) as u64;
+                if damaged.is_some() {
+                    suspect = damaged.take();
+                    batch.clear();
+                } else {
+                    out.items.append(&mut batch);
+                    out.committed = committed.or(out.committed);
+                    out.whole = (body + len) as u64;
+                }
             }
         }
         pos = body + len;
@@ -478,8 +535,9 @@ impl Writer {
             let started = std::time::Instant::now();
             let result = self.commit(&batch);
             crate::telemetry::log_fsync(started);
+            let failed = result.is_err();
             if let Err(e) = &result {
-                tracing::error!(error = %e, "writing the log failed");
+                tracing::error!(error = %e, "writing the log failed; the log takes no more writes");
             }
             for w in batch {
                 let r = result.as_ref().map(|_| ()).map_err(other);
@@ -490,6 +548,12 @@ impl Writer {
                         let _ = done.send(r);
                     }
                 }
+            }
+            if failed {
+                // What is on disk and in memory may no longer agree (a write
+                // or a sync failed part way): every later change fails
+                // (openraft then stops the node), none lands after it.
+                return;
             }
         }
     }
@@ -531,18 +595,21 @@ impl Writer {
     /// is none, or a new one when the last is full (syncing it first).
     fn segment_for(&self, first: u64, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<(u64, SegmentFile)> {
         let last = lock(&self.shared).segments.last_key_value().map(|(n, f)| (*n, f.clone()));
-        if let Some((name, file)) = last
-            && file.len()? < SEGMENT_BYTES
+        if let Some((name, file)) = &last
+            && file.len()? < self.files.segment_bytes
         {
-            return Ok((name, file));
+            return Ok((*name, file.clone()));
         }
         if let Some(file) = unsynced.take() {
             file.sync()?;
         }
-        let file = self.files.open(first)?;
+        // Names only rise, so segments read back in the order written: after
+        // a truncation the next first index may be below the last name.
+        let name = last.map_or(first, |(n, _)| first.max(n + 1));
+        let file = self.files.open(name)?;
         fsync_dir(&self.files.dir)?;
-        lock(&self.shared).segments.insert(first, file.clone());
-        Ok((first, file))
+        lock(&self.shared).segments.insert(name, file.clone());
+        Ok((name, file))
     }
 
     /// Writes the buffered entries and a marker to the last segment and
@@ -568,7 +635,7 @@ impl Writer {
             if shared.pending.get(&index).is_some_and(|p| p.log_id == entry.log_id) {
                 shared.pending.remove(&index);
             }
-            shared.locs.insert(index, Loc { segment: name, offset: base + at as u64, len });
+            shared.locs.insert(index, Loc { log_id: entry.log_id, segment: name, offset: base + at as u64, len });
             shared.last_entry = Some(entry.log_id);
             shared.cache_insert(index, entry, len as usize);
         }
@@ -576,55 +643,20 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes the entries from `from` on: the segments wholly above it
-    /// first, then the tail of the one holding it, ended by a marker.
+    /// Removes the entries from `from` on: a truncation record and a marker
+    /// appended to the last segment (nothing is cut in place, so a power
+    /// cut cannot tear the entries before `from` from their marker).
     fn truncate(&self, from: u64, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<()> {
-        let (cut, later) = {
-            let shared = lock(&self.shared);
-            let cut = shared.locs.get(&from).copied();
-            let later: Vec<u64> = shared.segments.range(from..).map(|(n, _)| *n).collect();
-            (cut, later)
-        };
-        let Some(cut) = cut else {
-            // Nothing from `from` on was written.
-            lock(&self.shared).forget_from(from);
-            return Ok(());
-        };
-        let later: Vec<u64> = later.into_iter().filter(|n| *n != cut.segment).collect();
-        for name in &later {
-            std::fs::remove_file(self.files.path(*name))?;
-        }
-        if !later.is_empty() {
-            fsync_dir(&self.files.dir)?;
-        }
-        let (file, committed) = {
-            let mut shared = lock(&self.shared);
-            for name in &later {
-                shared.segments.remove(name);
-            }
-            shared.forget_from(from);
-            let file = shared.segments.get(&cut.segment).cloned();
-            (file.ok_or_else(|| anyhow::anyhow!("log segment {} is gone", cut.segment))?, shared.committed)
-        };
-        // The record's length prefix sits just before it; the marker keeps
-        // the entries before the cut whole.
-        let at = cut.offset - 4;
-        file.set_len(at)?;
-        let mut marker = Buffer::default();
-        marker.push(&WalOut::Commit { committed })?;
-        file.write_at(at, &marker.bytes)?;
-        file.sync()?;
-        *unsynced = None;
-        let last = {
-            let shared = lock(&self.shared);
-            shared.locs.last_key_value().map(|(i, l)| (shared.cache.get(i).map(|(e, _)| e.log_id), *l))
-        };
-        let last_entry = match last {
-            None => None,
-            Some((Some(id), _)) => Some(id),
-            Some((None, loc)) => Some(read_entry(&file_of(&self.shared, loc.segment)?, loc)?.log_id),
-        };
-        lock(&self.shared).last_entry = last_entry;
+        let committed = lock(&self.shared).committed;
+        let mut buffer = Buffer::default();
+        buffer.push(&WalOut::Truncate { from })?;
+        buffer.push(&WalOut::Commit { committed })?;
+        let (_, file) = self.segment_for(from, unsynced)?;
+        file.write_at(file.len()?, &buffer.bytes)?;
+        *unsynced = Some(file);
+        let mut shared = lock(&self.shared);
+        shared.forget_from(from);
+        shared.last_entry = shared.locs.last_key_value().map(|(_, l)| l.log_id);
         Ok(())
     }
 
@@ -673,17 +705,13 @@ impl Writer {
     }
 }
 
-fn file_of(shared: &Mutex<Shared>, segment: u64) -> std::io::Result<SegmentFile> {
-    lock(shared).segments.get(&segment).cloned().ok_or_else(|| other(format!("log segment {segment} is gone")))
-}
-
 /// Reads the entry at `loc` from `file`.
 fn read_entry(file: &SegmentFile, loc: Loc) -> std::io::Result<Entry> {
     let mut bytes = vec![0; loc.len as usize];
     file.read_at(loc.offset, &mut bytes)?;
     match record::decode::<Wal>(&bytes).map_err(other)? {
         Wal::Entry(e) => Ok(e),
-        Wal::Commit { .. } => Err(other(format!("log offset {} holds a marker, not an entry", loc.offset))),
+        _ => Err(other(format!("log offset {} holds no entry", loc.offset))),
     }
 }
 
@@ -861,7 +889,7 @@ pub fn migrate_from_redb(dir: &Path) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&staging)?;
     }
     std::fs::create_dir(&staging)?;
-    let files = Files { dir: staging.clone(), power_loss: false };
+    let files = Files { dir: staging.clone(), power_loss: false, segment_bytes: SEGMENT_BYTES };
     let name = first.unwrap_or_else(|| last_purged.map_or(0, |l| l.index + 1));
     let segment = files.open(name)?;
     segment.write_at(0, &buffer.bytes)?;
@@ -871,6 +899,8 @@ pub fn migrate_from_redb(dir: &Path) -> anyhow::Result<()> {
     std::io::Write::write_all(&mut f, &meta)?;
     f.sync_all()?;
     fsync_dir(&staging)?;
+    // Read back as a start would, while `log.redb` is still there.
+    recover(&files).map_err(|e| anyhow::anyhow!("the moved log does not read back ({e}); log.redb is unchanged"))?;
     let target = dir.join(LOG_DIR);
     if target.exists() {
         // An earlier migration renamed its copy but stopped before the
@@ -905,7 +935,7 @@ mod tests {
     /// Writes `writes` (each a run of entries, then its marker unless the
     /// flag says the write never finished) as segment `first` of `dir`.
     fn segment(dir: &Path, first: u64, writes: &[(std::ops::RangeInclusive<u64>, bool)]) -> PathBuf {
-        let files = Files { dir: dir.join(LOG_DIR), power_loss: false };
+        let files = Files { dir: dir.join(LOG_DIR), power_loss: false, segment_bytes: SEGMENT_BYTES };
         std::fs::create_dir_all(&files.dir).unwrap();
         let mut buffer = Buffer::default();
         for (range, finished) in writes {
@@ -920,8 +950,21 @@ mod tests {
         files.path(first)
     }
 
+    /// Appends one whole write of `range` to segment `first`.
+    fn segment_append(dir: &Path, first: u64, range: std::ops::RangeInclusive<u64>) {
+        let path = Files { dir: dir.join(LOG_DIR), power_loss: false, segment_bytes: SEGMENT_BYTES }.path(first);
+        let mut buffer = Buffer::default();
+        for i in range {
+            buffer.push(&WalOut::Entry(&entry(i))).unwrap();
+        }
+        buffer.push(&WalOut::Commit { committed: None }).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&buffer.bytes);
+        std::fs::write(&path, &bytes).unwrap();
+    }
+
     fn recovered(dir: &Path) -> anyhow::Result<Shared> {
-        recover(&Files { dir: dir.join(LOG_DIR), power_loss: false })
+        recover(&Files { dir: dir.join(LOG_DIR), power_loss: false, segment_bytes: SEGMENT_BYTES })
     }
 
     fn indexes(shared: &Shared) -> Vec<u64> {
@@ -965,12 +1008,42 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_between_segments_is_refused() {
+    fn a_damaged_record_in_the_last_write_is_a_torn_write_and_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment(dir.path(), 1, &[(1..=3, true), (4..=5, true)]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The last byte of entry 4's record: its write's marker is whole.
+        let mut pos = 0;
+        for _ in 0..5 {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            pos += 4 + len;
+        }
+        bytes[pos - 1] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let shared = recovered(dir.path()).unwrap();
+        assert_eq!(indexes(&shared), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn an_entry_at_or_below_the_one_before_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         segment(dir.path(), 1, &[(1..=3, true)]);
-        segment(dir.path(), 5, &[(5..=6, true)]);
-        let e = recovered(dir.path()).err().expect("gap refused").to_string();
-        assert!(e.contains("where entry 4 was due"), "{e}");
+        segment(dir.path(), 3, &[(3..=4, true)]);
+        let e = recovered(dir.path()).err().expect("a step back refused").to_string();
+        assert!(e.contains("holds entry") && e.contains("where entry 4 was due"), "{e}");
+    }
+
+    #[test]
+    fn the_log_goes_on_past_a_snapshot_whether_or_not_its_purge_was_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        segment(dir.path(), 1, &[(1..=3, true), (11..=12, true)]);
+        let shared = recovered(dir.path()).unwrap();
+        assert_eq!(indexes(&shared), vec![1, 2, 3, 11, 12]);
+        assert_eq!(shared.last_entry, Some(entry(12).log_id));
+        let meta = Meta { vote: None, last_purged: Some(entry(10).log_id) };
+        std::fs::write(dir.path().join(LOG_DIR).join(META_FILE), record::encode(&meta).unwrap()).unwrap();
+        let shared = recovered(dir.path()).unwrap();
+        assert_eq!(indexes(&shared), vec![11, 12]);
     }
 
     #[test]
@@ -1001,10 +1074,57 @@ mod tests {
         assert_eq!(shared.meta.last_purged, Some(entry(3).log_id));
         assert_eq!(shared.meta.vote, Some(Vote::new(3, 2)));
         let names: Vec<u64> = shared.segments.keys().copied().collect();
-        assert_eq!(names, vec![4], "segment 1 purged, segment 7 truncated away");
+        assert_eq!(names, vec![4, 7], "segment 1 purged; 7 holds the truncation");
+        // Appends go on after the truncation, and outlast a restart.
+        drop(shared);
+        segment_append(dir.path(), 7, 5..=6);
+        assert_eq!(indexes(&recovered(dir.path()).unwrap()), vec![4, 5, 6]);
         let mut log = LogStore::open(dir.path(), 1 << 20, false, None).unwrap();
         let got: Vec<u64> = log.try_get_log_entries(0..100).await.unwrap().iter().map(|e| e.log_id.index).collect();
-        assert_eq!(got, vec![4]);
+        assert_eq!(got, vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn segments_written_after_a_truncation_read_back_in_the_order_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of about three entries each.
+        let files = Files { dir: dir.path().join(LOG_DIR), power_loss: false, segment_bytes: 120 };
+        std::fs::create_dir_all(&files.dir).unwrap();
+        let writer = Writer {
+            files: files.clone(),
+            shared: Arc::new(Mutex::new(Shared::default())),
+            committed: Arc::new(Mutex::new(None)),
+        };
+        let term = |t: u64, i: u64| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(t, 1), i),
+            payload: EntryPayload::Blank,
+        };
+        let append = |entries: Vec<Entry>, unsynced: &mut Option<SegmentFile>| {
+            let mut buffer = Buffer::default();
+            for e in entries {
+                let (at, len) = buffer.push(&WalOut::Entry(&e)).unwrap();
+                buffer.entries.push((e, at, len));
+            }
+            writer.flush(&mut buffer, unsynced).unwrap();
+        };
+        let mut unsynced = None;
+        for i in 1..=9 {
+            append(vec![term(1, i)], &mut unsynced);
+        }
+        writer.truncate(3, &mut unsynced).unwrap();
+        for i in 3..=8 {
+            append(vec![term(2, i)], &mut unsynced);
+        }
+        if let Some(f) = unsynced.take() {
+            f.sync().unwrap();
+        }
+        let names: Vec<u64> = lock(&writer.shared).segments.keys().copied().collect();
+        assert!(names.len() >= 4 && names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+        let shared = recovered(dir.path()).unwrap();
+        let ids: Vec<(u64, u64)> = shared.locs.values().map(|l| (l.log_id.leader_id.term, l.log_id.index)).collect();
+        let want: Vec<(u64, u64)> = (1..=2).map(|i| (1, i)).chain((3..=8).map(|i| (2, i))).collect();
+        assert_eq!(ids, want);
+        assert_eq!(shared.last_entry, Some(term(2, 8).log_id));
     }
 
     #[test]
