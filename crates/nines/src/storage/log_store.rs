@@ -33,9 +33,10 @@
 //! - openraft hears that an append is persisted, and `save_vote`,
 //!   `truncate` and `purge` return, only after the change is synced
 //!   (`fdatasync` of the segment, or the meta file and its directory).
-//! - The entries in the segments rise by index, in file order: one by one,
-//!   except where the log goes on after a snapshot installed on a node
-//!   behind it (openraft appends after the snapshot at once).
+//! - The live entries (above the last purge) follow one another by index
+//!   in file order, truncation records applied: a log that goes on past a
+//!   snapshot installed beyond its end records the purge up to there first
+//!   (`append`), so a start never finds a hole, which it refuses.
 //! - At start, entries after the last marker of the last segment were
 //!   never acknowledged (their write did not finish): they are cut off, and
 //!   so is a last write with a damaged record (a disk may persist the
@@ -214,6 +215,8 @@ pub struct LogStore {
     /// storage conformance suite, which purges a log with no state machine
     /// behind it: there purges happen at once.
     purge_target: Option<Arc<tokio::sync::watch::Sender<Option<LogId>>>>,
+    /// How far the state machine is durable (`None` as `purge_target`).
+    durable: Option<DurableApplied>,
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -263,6 +266,42 @@ impl Files {
 }
 
 impl LogStore {
+    /// openraft appends past its log's end after it installed a snapshot
+    /// beyond it (or found the state machine ahead of the log at start),
+    /// having asked for a purge up to there, which waits for the state
+    /// machine. Here that purge is recorded first, so the log on disk never
+    /// has a hole (a start would refuse it): the state machine is durable
+    /// that far already (a snapshot install is), so the wait is short.
+    async fn purge_before_a_hole(&self, first: u64) -> Result<(), StorageError> {
+        let Some(target) = &self.purge_target else { return Ok(()) };
+        let due = {
+            let shared = lock(&self.shared);
+            let last = [shared.pending.keys().next_back().copied(), shared.last_entry.map(|l| l.index)]
+                .into_iter()
+                .flatten()
+                .chain(shared.meta.last_purged.map(|l| l.index))
+                .max();
+            last.map_or(0, |l| l + 1)
+        };
+        if first <= due {
+            return Ok(());
+        }
+        let Some(upto) = *target.borrow() else {
+            return Err(write_logs_err(LogError(format!(
+                "entry {first} would leave a hole after entry {due} with no purge asked for up to it"
+            ))));
+        };
+        if upto.index + 1 < first {
+            return Err(write_logs_err(LogError(format!(
+                "entry {first} would leave a hole after entry {due}: the purge asked for ends at {upto}"
+            ))));
+        }
+        if let Some(durable) = &self.durable {
+            durable.reach(upto.index).await.map_err(|e| write_logs_err(LogError(e)))?;
+        }
+        self.durably(|done| Write::Purge { upto, done }, ErrorSubject::Logs).await
+    }
+
     /// Opens (or creates) the log under `dir`, keeping up to `cache_bytes`
     /// of recent entries in memory, through the power-loss simulation when
     /// a test asks for it, and starts its writer thread.
@@ -285,12 +324,12 @@ impl LogStore {
         let (writes, queue) = std::sync::mpsc::sync_channel(WRITE_QUEUE_MAX);
         let writer = Writer { files, shared: shared.clone(), committed: committed.clone() };
         std::thread::Builder::new().name("nines-log-writer".into()).spawn(move || writer.run(queue))?;
-        let purge_target = durable_applied.map(|durable| {
+        let purge_target = durable_applied.clone().map(|durable| {
             let (target, watch) = tokio::sync::watch::channel(None);
             tokio::spawn(purger(durable, watch, writes.clone()));
             Arc::new(target)
         });
-        Ok(LogStore { shared, writes, committed, purge_target })
+        Ok(LogStore { shared, writes, committed, purge_target, durable: durable_applied })
     }
 
     /// Sends a change and waits until it is durable.
@@ -339,7 +378,10 @@ fn recover(files: &Files) -> anyhow::Result<Shared> {
     }
     names.sort_unstable();
     let purged = shared.meta.last_purged.map(|l| l.index);
-    let mut next: Option<u64> = None;
+    // The next live entry due: one above the last purge, then one above
+    // the entry before (the first live entry of a log never purged may
+    // have any index).
+    let mut next: Option<u64> = purged.map(|p| p + 1);
     for (pos, &first) in names.iter().enumerate() {
         let last_segment = pos + 1 == names.len();
         let path = files.path(first);
@@ -370,24 +412,26 @@ fn recover(files: &Files) -> anyhow::Result<Shared> {
                 Item::Entry(entry, offset, len) => (entry, offset, len),
                 Item::Truncate(from) => {
                     shared.locs.split_off(&from);
-                    next = next.map(|n| n.min(from));
+                    let floor = purged.map_or(from, |p| from.max(p + 1));
+                    next = next.map(|n| n.min(floor));
                     continue;
                 }
             };
             let index = entry.log_id.index;
-            // The log goes on after a snapshot installed on a node behind
-            // it: forward, past the snapshot, before the purge that follows
-            // the install is recorded (the purge waits for the state
-            // machine), as openraft appended it. Never backward.
+            // Purged entries are dead (a purge may have removed only some
+            // of their segments before a crash).
+            if purged.is_some_and(|p| index <= p) {
+                continue;
+            }
+            // No hole and no step back: a log that goes on past a snapshot
+            // recorded the purge up to it first (see `append`).
             if let Some(n) = next
-                && index < n
+                && index != n
             {
                 anyhow::bail!("log segment {} holds entry {} where entry {n} was due", path.display(), entry.log_id);
             }
             next = Some(index + 1);
-            if purged.is_none_or(|p| index > p) {
-                shared.locs.insert(index, Loc { log_id: entry.log_id, segment: first, offset, len });
-            }
+            shared.locs.insert(index, Loc { log_id: entry.log_id, segment: first, offset, len });
         }
         if scan.committed.is_some() {
             shared.committed = scan.committed;
@@ -506,8 +550,15 @@ struct Writer {
 #[derive(Default)]
 struct Buffer {
     bytes: Vec<u8>,
-    /// Entries in `bytes`: (entry, offset of its record in `bytes`, length).
-    entries: Vec<(Entry, usize, u32)>,
+    /// What `bytes` holds, in order.
+    items: Vec<BufItem>,
+}
+
+/// A record in a [`Buffer`].
+enum BufItem {
+    /// The entry, the offset of its record in the buffer, its length.
+    Entry(Entry, usize, u32),
+    Truncate(u64),
 }
 
 impl Buffer {
@@ -567,17 +618,18 @@ impl Writer {
                 Write::Append { entries, .. } => {
                     for e in entries {
                         let (at, len) = buffer.push(&WalOut::Entry(e))?;
-                        buffer.entries.push((e.clone(), at, len));
+                        buffer.items.push(BufItem::Entry(e.clone(), at, len));
                     }
                 }
+                // In the same write as the appends around it: one marker per
+                // sync, so a torn sync never leaves a whole write after a
+                // damaged one.
                 Write::Truncate { from, .. } => {
-                    self.flush(&mut buffer, &mut unsynced)?;
-                    self.truncate(*from, &mut unsynced)?;
+                    buffer.push(&WalOut::Truncate { from: *from })?;
+                    buffer.items.push(BufItem::Truncate(*from));
                 }
-                Write::Purge { upto, .. } => {
-                    self.flush(&mut buffer, &mut unsynced)?;
-                    self.purge(*upto, &mut unsynced)?;
-                }
+                // Never touches the last segment, where the buffer goes.
+                Write::Purge { upto, .. } => self.purge(*upto)?,
                 Write::Vote { vote, .. } => {
                     let meta = Meta { vote: Some(*vote), ..lock(&self.shared).meta };
                     self.write_meta(meta)?;
@@ -603,9 +655,12 @@ impl Writer {
         if let Some(file) = unsynced.take() {
             file.sync()?;
         }
-        // Names only rise, so segments read back in the order written: after
-        // a truncation the next first index may be below the last name.
-        let name = last.map_or(first, |(n, _)| first.max(n + 1));
+        // Names only rise, so segments read back in the order written (after
+        // a truncation the next first index may be below the last name), and
+        // lie above every live entry written before, which the purge relies
+        // on (a truncation in this write may not land).
+        let highest = lock(&self.shared).locs.last_key_value().map(|(i, _)| *i);
+        let name = first.max(last.map_or(0, |(n, _)| n + 1)).max(highest.map_or(0, |i| i + 1));
         let file = self.files.open(name)?;
         fsync_dir(&self.files.dir)?;
         lock(&self.shared).segments.insert(name, file.clone());
@@ -615,20 +670,31 @@ impl Writer {
     /// Writes the buffered entries and a marker to the last segment and
     /// makes them readable from where they are.
     fn flush(&self, buffer: &mut Buffer, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<()> {
-        if buffer.entries.is_empty() {
+        if buffer.items.is_empty() {
             return Ok(());
         }
         let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner()).take().flatten();
         let committed = committed.or(lock(&self.shared).committed);
         buffer.push(&WalOut::Commit { committed })?;
-        let first = buffer.entries[0].0.log_id.index;
+        let first = match &buffer.items[0] {
+            BufItem::Entry(e, ..) => e.log_id.index,
+            BufItem::Truncate(from) => *from,
+        };
         let (name, file) = self.segment_for(first, unsynced)?;
         let base = file.len()?;
         file.write_at(base, &buffer.bytes)?;
         *unsynced = Some(file);
         let mut shared = lock(&self.shared);
         shared.committed = committed;
-        for (entry, at, len) in buffer.entries.drain(..) {
+        for item in buffer.items.drain(..) {
+            let (entry, at, len) = match item {
+                BufItem::Entry(entry, at, len) => (entry, at, len),
+                BufItem::Truncate(from) => {
+                    shared.forget_from(from);
+                    shared.last_entry = shared.locs.last_key_value().map(|(_, l)| l.log_id);
+                    continue;
+                }
+            };
             let index = entry.log_id.index;
             // A later entry at the same index (after a truncate) stays
             // pending until its own write.
@@ -643,33 +709,13 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes the entries from `from` on: a truncation record and a marker
-    /// appended to the last segment (nothing is cut in place, so a power
-    /// cut cannot tear the entries before `from` from their marker).
-    fn truncate(&self, from: u64, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<()> {
-        let committed = lock(&self.shared).committed;
-        let mut buffer = Buffer::default();
-        buffer.push(&WalOut::Truncate { from })?;
-        buffer.push(&WalOut::Commit { committed })?;
-        let (_, file) = self.segment_for(from, unsynced)?;
-        file.write_at(file.len()?, &buffer.bytes)?;
-        *unsynced = Some(file);
-        let mut shared = lock(&self.shared);
-        shared.forget_from(from);
-        shared.last_entry = shared.locs.last_key_value().map(|(_, l)| l.log_id);
-        Ok(())
-    }
-
     /// Records the purge in the meta file, then removes the segments whose
     /// entries are all purged.
-    fn purge(&self, upto: LogId, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<()> {
+    fn purge(&self, upto: LogId) -> anyhow::Result<()> {
         let meta = lock(&self.shared).meta;
         // Purges only move forward.
         if meta.last_purged.is_some_and(|p| p >= upto) {
             return Ok(());
-        }
-        if let Some(file) = unsynced.take() {
-            file.sync()?;
         }
         self.write_meta(Meta { last_purged: Some(upto), ..meta })?;
         let names: Vec<u64> = lock(&self.shared).segments.keys().copied().collect();
@@ -804,6 +850,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(first) = entries.first() {
+            self.purge_before_a_hole(first.log_id.index).await?;
+        }
         {
             let mut shared = lock(&self.shared);
             for e in &entries {
@@ -1034,16 +1083,16 @@ mod tests {
     }
 
     #[test]
-    fn the_log_goes_on_past_a_snapshot_whether_or_not_its_purge_was_recorded() {
+    fn a_hole_in_the_log_is_refused_unless_a_purge_covers_it() {
         let dir = tempfile::tempdir().unwrap();
         segment(dir.path(), 1, &[(1..=3, true), (11..=12, true)]);
-        let shared = recovered(dir.path()).unwrap();
-        assert_eq!(indexes(&shared), vec![1, 2, 3, 11, 12]);
-        assert_eq!(shared.last_entry, Some(entry(12).log_id));
+        let e = recovered(dir.path()).err().expect("a hole refused").to_string();
+        assert!(e.contains("where entry 4 was due"), "{e}");
         let meta = Meta { vote: None, last_purged: Some(entry(10).log_id) };
         std::fs::write(dir.path().join(LOG_DIR).join(META_FILE), record::encode(&meta).unwrap()).unwrap();
         let shared = recovered(dir.path()).unwrap();
         assert_eq!(indexes(&shared), vec![11, 12]);
+        assert_eq!(shared.last_entry, Some(entry(12).log_id));
     }
 
     #[test]
@@ -1103,15 +1152,21 @@ mod tests {
             let mut buffer = Buffer::default();
             for e in entries {
                 let (at, len) = buffer.push(&WalOut::Entry(&e)).unwrap();
-                buffer.entries.push((e, at, len));
+                buffer.items.push(BufItem::Entry(e, at, len));
             }
+            writer.flush(&mut buffer, unsynced).unwrap();
+        };
+        let truncate = |from: u64, unsynced: &mut Option<SegmentFile>| {
+            let mut buffer = Buffer::default();
+            buffer.push(&WalOut::Truncate { from }).unwrap();
+            buffer.items.push(BufItem::Truncate(from));
             writer.flush(&mut buffer, unsynced).unwrap();
         };
         let mut unsynced = None;
         for i in 1..=9 {
             append(vec![term(1, i)], &mut unsynced);
         }
-        writer.truncate(3, &mut unsynced).unwrap();
+        truncate(3, &mut unsynced);
         for i in 3..=8 {
             append(vec![term(2, i)], &mut unsynced);
         }
