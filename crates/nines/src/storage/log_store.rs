@@ -15,11 +15,11 @@
 //! - `log/SEGMENT.wal` (SEGMENT, 20 digits: the index of the first entry
 //!   written to it, or one above the segment before when that is higher,
 //!   so names rise in the order written): records `[length: u32 LE]
-//!   [record]`, each record a checksummed [`record`] holding a [`Wal`]
+//!   [record]`, each record a checksummed [`record`] holding a `Wal`
 //!   item. A segment past `SEGMENT_BYTES` is closed (synced) and the next
 //!   appends open a new one. The live entries of a segment all lie below
 //!   the next segment's name (what the purge relies on).
-//! - Every write of the writer ends with a [`Wal::Commit`] marker, which also
+//! - Every write of the writer ends with a `Wal::Commit` marker, which also
 //!   carries the latest committed log id (openraft's restart hint).
 //! - `log/meta`: the vote and the last purged log id, replaced whole
 //!   (written beside, synced, renamed, directory synced).
