@@ -59,8 +59,9 @@
 //!   openraft stops the node rather than go on past a gap.
 //!
 //! Caveats:
-//! - The committed log id rides on the next write; openraft treats it as a
-//!   hint that speeds up restart.
+//! - The committed log id rides on the next write that leaves its entry in
+//!   the log (never ahead of it: a start re-applies up to it); openraft
+//!   treats it as a hint that speeds up restart.
 //! - Damage in the last write of the last segment (or a damaged length
 //!   prefix) reads as a torn write and is cut off, as a torn write would
 //!   be: a write acknowledged just before the power cut could be lost from
@@ -673,7 +674,25 @@ impl Writer {
         if buffer.items.is_empty() {
             return Ok(());
         }
-        let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner()).take().flatten();
+        // The hint may name entries still queued behind this write: it is
+        // written only once the log holds its entry (a start re-applies up
+        // to it), and kept for a later write until then.
+        let durable_max = buffer
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                BufItem::Entry(e, ..) => Some(e.log_id.index),
+                BufItem::Truncate(_) => None,
+            })
+            .chain(lock(&self.shared).locs.last_key_value().map(|(i, _)| *i))
+            .max();
+        let committed = {
+            let mut slot = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+            match *slot {
+                Some(Some(c)) if durable_max.is_some_and(|m| c.index <= m) => slot.take().flatten(),
+                _ => None,
+            }
+        };
         let committed = committed.or(lock(&self.shared).committed);
         buffer.push(&WalOut::Commit { committed })?;
         let first = match &buffer.items[0] {
@@ -1180,6 +1199,32 @@ mod tests {
         let want: Vec<(u64, u64)> = (1..=2).map(|i| (1, i)).chain((3..=8).map(|i| (2, i))).collect();
         assert_eq!(ids, want);
         assert_eq!(shared.last_entry, Some(term(2, 8).log_id));
+    }
+
+    #[test]
+    fn a_committed_hint_ahead_of_the_written_entries_waits_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files { dir: dir.path().join(LOG_DIR), power_loss: false, segment_bytes: SEGMENT_BYTES };
+        std::fs::create_dir_all(&files.dir).unwrap();
+        let writer =
+            Writer { files, shared: Arc::new(Mutex::new(Shared::default())), committed: Arc::new(Mutex::new(None)) };
+        let write = |range: std::ops::RangeInclusive<u64>, unsynced: &mut Option<SegmentFile>| {
+            let mut buffer = Buffer::default();
+            for i in range {
+                let e = entry(i);
+                let (at, len) = buffer.push(&WalOut::Entry(&e)).unwrap();
+                buffer.items.push(BufItem::Entry(e, at, len));
+            }
+            writer.flush(&mut buffer, unsynced).unwrap();
+        };
+        let mut unsynced = None;
+        // openraft reports entry 6 committed while entries 4..=6 still wait
+        // behind the write of 1..=3.
+        *writer.committed.lock().unwrap() = Some(Some(entry(6).log_id));
+        write(1..=3, &mut unsynced);
+        assert_eq!(recovered(dir.path()).unwrap().committed, None, "not ahead of the log");
+        write(4..=6, &mut unsynced);
+        assert_eq!(recovered(dir.path()).unwrap().committed, Some(entry(6).log_id));
     }
 
     #[test]
