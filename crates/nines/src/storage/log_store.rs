@@ -677,6 +677,10 @@ impl Writer {
         // The hint may name entries still queued behind this write: it is
         // written only once the log holds its entry (a start re-applies up
         // to it), and kept for a later write until then.
+        let (written_max, written_committed) = {
+            let shared = lock(&self.shared);
+            (shared.locs.last_key_value().map(|(i, _)| *i), shared.committed)
+        };
         let durable_max = buffer
             .items
             .iter()
@@ -684,7 +688,7 @@ impl Writer {
                 BufItem::Entry(e, ..) => Some(e.log_id.index),
                 BufItem::Truncate(_) => None,
             })
-            .chain(lock(&self.shared).locs.last_key_value().map(|(i, _)| *i))
+            .chain(written_max)
             .max();
         let committed = {
             let mut slot = self.committed.lock().unwrap_or_else(|p| p.into_inner());
@@ -693,7 +697,7 @@ impl Writer {
                 _ => None,
             }
         };
-        let committed = committed.or(lock(&self.shared).committed);
+        let committed = committed.or(written_committed);
         buffer.push(&WalOut::Commit { committed })?;
         let first = match &buffer.items[0] {
             BufItem::Entry(e, ..) => e.log_id.index,
@@ -1031,6 +1035,18 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
     }
 
+    /// Flips the last byte of the `n`th record (from 1) of the segment at `path`.
+    fn damage_end_of_record(path: &Path, n: usize) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let mut pos = 0;
+        for _ in 0..n {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            pos += 4 + len;
+        }
+        bytes[pos - 1] ^= 1;
+        std::fs::write(path, &bytes).unwrap();
+    }
+
     fn recovered(dir: &Path) -> anyhow::Result<Shared> {
         recover(&Files { dir: dir.join(LOG_DIR), power_loss: false, segment_bytes: SEGMENT_BYTES })
     }
@@ -1062,15 +1078,8 @@ mod tests {
     fn a_damaged_record_written_whole_stops_the_log_from_opening() {
         let dir = tempfile::tempdir().unwrap();
         let path = segment(dir.path(), 1, &[(1..=3, true), (4..=4, true)]);
-        let mut bytes = std::fs::read(&path).unwrap();
         // The last byte of entry 2's record (its marker follows later).
-        let mut pos = 0;
-        for _ in 0..2 {
-            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-            pos += 4 + len;
-        }
-        bytes[pos - 1] ^= 1;
-        std::fs::write(&path, &bytes).unwrap();
+        damage_end_of_record(&path, 2);
         let e = recovered(dir.path()).err().expect("damage refused").to_string();
         assert!(e.contains("checksum mismatch") && e.contains("written whole"), "{e}");
     }
@@ -1079,15 +1088,9 @@ mod tests {
     fn a_damaged_record_in_the_last_write_is_a_torn_write_and_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
         let path = segment(dir.path(), 1, &[(1..=3, true), (4..=5, true)]);
-        let mut bytes = std::fs::read(&path).unwrap();
-        // The last byte of entry 4's record: its write's marker is whole.
-        let mut pos = 0;
-        for _ in 0..5 {
-            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-            pos += 4 + len;
-        }
-        bytes[pos - 1] ^= 1;
-        std::fs::write(&path, &bytes).unwrap();
+        // The last byte of entry 4's record (the 5th, after 1-3 and a
+        // marker): its write's marker is whole.
+        damage_end_of_record(&path, 5);
         let shared = recovered(dir.path()).unwrap();
         assert_eq!(indexes(&shared), vec![1, 2, 3]);
     }
