@@ -68,6 +68,12 @@ pub const READY_QUORUM_TIMEOUT: Duration = Duration::from_secs(1);
 /// message, heartbeats included) to count as alive: a few heartbeats.
 const LEADER_HEARD_MAX: Duration = Duration::from_secs(1);
 
+/// The longest a client call waits on a follower for a new leader (see
+/// [`Node::await_leader`]): below the attempt timeouts of the clients in this
+/// repository (1.5 s in the fault-injection harness, 2 s in `nines-client`),
+/// so a held call is answered, forwarded or refused before they give up.
+const LEADER_WAIT_MAX: Duration = Duration::from_secs(1);
+
 /// How often the clock watch compares the hybrid clock with the physical
 /// one: a node that must step down does so before a follower would start an
 /// election (at least 280 ms of silence with the default timings).
@@ -372,6 +378,31 @@ impl Node {
         let leader_addr =
             m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.grpc_addr.clone()));
         Err(Error::NotLeader { leader_id: m.current_leader, leader_addr })
+    }
+
+    /// Waits, about as long as an election takes at most, until the region
+    /// has a leader other than `gone` (one found unreachable), and returns
+    /// what the leadership check says then: `NotLeader` naming the leader to
+    /// go to, or naming this node once it leads.
+    pub async fn await_leader(&self, gone: Option<NodeId>) -> Error {
+        // A dead leader is replaced after its lease and a random election
+        // timeout, each at most election_timeout_max; a split vote costs one
+        // more timeout. Capped well inside a client's attempt timeout.
+        let bound =
+            Duration::from_millis(self.raft.config().election_timeout_max.saturating_mul(3)).min(LEADER_WAIT_MAX);
+        let id = self.id;
+        let elected = |m: &RaftMetrics<NodeId, NodeInfo>| match m.current_leader {
+            Some(l) if l == id => m.state == openraft::ServerState::Leader,
+            Some(l) => Some(l) != gone,
+            None => false,
+        };
+        let mut metrics = self.raft.metrics();
+        // Whether one was elected in time or not, the check below says.
+        let _ = tokio::time::timeout(bound, metrics.wait_for(elected)).await;
+        match self.check_leader() {
+            Ok(()) => Error::NotLeader { leader_id: Some(id), leader_addr: Some(self.info.grpc_addr.clone()) },
+            Err(e) => e,
+        }
     }
 
     /// Proposes a command on this node (which must lead) and waits until it

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TestCluster, serial, wait_at_least, wait_for};
-use nines::rpc::{Consistency, Error};
+use nines::rpc::{Client, ClientConfig, Consistency, Error};
 
 fn key(i: usize) -> String {
     format!("key-{i:05}")
@@ -313,4 +313,60 @@ async fn a_restarted_follower_rejoins_without_an_election() {
         "the leader never backed off from the killed follower; its log ends:\n{}",
         cluster.log_tail(leader, 20)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_holds_a_write_through_the_election_after_its_leader_dies() {
+    // Shows: a write that reaches a follower whose leader was just killed
+    // (the follower still names it, or names none mid-election) is held
+    // until the new leader is elected and then answered, in one attempt:
+    // the client sees the election and not its own polling for the new
+    // leader. Without the wait the follower answers "the leader is
+    // unreachable" at once, every round. An election slower than the wait
+    // (a split vote) fails a round; the test passes on the first round in
+    // which every held write was answered, of at most three.
+    let _serial = serial().await;
+    let mut cluster = TestCluster::start(3, |_| {}).await;
+    let mut rounds = Vec::new();
+    for round in 0..3 {
+        let old_leader = cluster.wait_leader().await;
+        let followers: Vec<u64> = (1..=3).filter(|id| *id != old_leader).collect();
+        let clients: Vec<Client> = followers
+            .iter()
+            .map(|id| {
+                let one_attempt = ClientConfig { attempts_max: 1, ..ClientConfig::default() };
+                Client::new(cluster.endpoints(&[*id]), one_attempt).expect("client")
+            })
+            .collect();
+        // Each follower has forwarded to the leader (its connection is up),
+        // retried while the region finishes starting.
+        for (i, id) in followers.iter().enumerate() {
+            let through = cluster.client_of(&[*id]);
+            through.put(format!("before-{round}-{i}"), "v").await.unwrap_or_else(|e| panic!("put via {id}: {e}"));
+        }
+        cluster.kill(old_leader);
+        // The killed leader's connections are closed by now: the follower
+        // finds it unreachable rather than losing a call in flight.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let writes = clients.iter().enumerate().map(|(i, c)| c.put(format!("during-{round}-{i}"), "v"));
+        let outcomes = futures::future::join_all(writes).await;
+        let took = started.elapsed();
+        eprintln!("round {round}: writes sent to followers {followers:?} after the kill: {took:?}, {outcomes:?}");
+        let answered = outcomes.iter().all(Result::is_ok);
+        rounds.push(format!("round {round}, after {took:?}: {outcomes:?}"));
+        if answered {
+            let reader = cluster.client_of(&followers);
+            for i in 0..clients.len() {
+                let r = reader.get(format!("during-{round}-{i}"), Consistency::Linearizable).await.expect("read");
+                assert_eq!(r.kv.map(|kv| kv.value), Some(b"v".to_vec()), "write during-{round}-{i} lost");
+            }
+            let new_leader = cluster.wait_leader().await;
+            assert_ne!(new_leader, old_leader, "a new leader must be elected");
+            return;
+        }
+        cluster.spawn(old_leader);
+        cluster.wait_serving(old_leader).await;
+    }
+    panic!("no round had every write held through the election and answered: {rounds:#?}");
 }
