@@ -23,8 +23,13 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; th
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 cargo build --release -q -p nines -p nines-bench
-# The lag rows' measurement, built now rather than beside running clusters.
-cargo test --release -q -p nines --test measure --no-run
+# The lag rows' measurement, built now rather than beside running clusters;
+# its binary is run by path at the end, so editing the sources meanwhile
+# changes nothing in this run.
+measure_bin=$(cargo test --release -q -p nines --test measure --no-run --message-format=json | python3 -c '
+import json, sys
+print([a["executable"] for a in map(json.loads, sys.stdin)
+       if a.get("reason") == "compiler-artifact" and a.get("executable") and a["target"]["name"] == "measure"][-1])')
 source benches/nines-up.sh
 work="$(mktemp -d)"
 pids=()
@@ -154,8 +159,9 @@ lag="$work/lag.jsonl"
 : >"$lag"
 for rate in 200 1000; do
   echo "cross-region lag: $rate writes/s" >&2
-  NINES_LAG_RATE=$rate NINES_LAG_OUT="$lag" cargo test --release -q -p nines --test measure \
-    measure_replication_lag -- --ignored --nocapture >"$work/lag-$rate.log" 2>&1
+  # Run where cargo test would run it: the package's directory.
+  (cd crates/nines && NINES_LAG_RATE=$rate NINES_LAG_OUT="$lag" "$measure_bin" measure_replication_lag \
+    --ignored --nocapture) >"$work/lag-$rate.log" 2>&1
 done
 
 python3 - "$results" "$failover" "$nines_peak" "$etcd_peak" "$duration" "$lag" >benches/results.md <<'PY'
@@ -180,8 +186,8 @@ print(f"Measured {datetime.date.today()} on {os.cpu_count()} cores, "
       "loopback, one disk. CPU is the three members' user + system time over the run (warm-up included) "
       "per operation answered; memory is the three members' resident set after the run.\n")
 print("| workload | clients | nines ops/s | etcd ops/s | nines/etcd | nines p50 / p99 ms | etcd p50 / p99 ms "
-      "| CPU per op nines / etcd (µs) | memory nines / etcd (MiB) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "| CPU per op nines / etcd (µs) | memory nines / etcd (MiB) | errors nines / etcd |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (row, clients) in order:
     n, e = by[(row, clients, "nines")], by[(row, clients, "etcd")]
     nr, er = n["report"], e["report"]
@@ -192,9 +198,18 @@ for (row, clients) in order:
     cpu = lambda x: x["cpu_s"] / max(x["report"]["ops_total"], 1) * 1e6
     print(f"| {label} | {clients} | {nr['ops_per_sec']:.0f} | {er['ops_per_sec']:.0f} | "
           f"{nr['ops_per_sec'] / er['ops_per_sec']:.2f} | {nr['p50_ms']:.2f} / {nr['p99_ms']:.2f} | "
-          f"{er['p50_ms']:.2f} / {er['p99_ms']:.2f} | {cpu(n):.0f} / {cpu(e):.0f} | {n['rss_mib']} / {e['rss_mib']} |")
+          f"{er['p50_ms']:.2f} / {er['p99_ms']:.2f} | {cpu(n):.0f} / {cpu(e):.0f} | {n['rss_mib']} / {e['rss_mib']} | "
+          f"{nr['errors']} / {er['errors']} |")
 print(f"\nPeak resident memory over the runs above (sum of the three members): nines {nines_peak} MiB, "
       f"etcd {etcd_peak} MiB. Errors across all runs: {sum(r['report']['errors'] for r in rows)}.\n")
+failed = [r for r in rows if r["report"]["errors"]]
+if failed:
+    print("The first error of each run that had any:\n")
+    for r in failed:
+        rep = r["report"]
+        print(f"- {r['row']}, {rep['target']}, {rep['workload']['clients']} clients: {rep['errors']} errors, "
+              f"first: `{rep.get('first_error') or 'not recorded'}`")
+    print()
 print("Leader failover: kill -9 of the leader under one writer, time to the acknowledgement of the first "
       "write sent after the kill (`benches/failover.py`):\n")
 print("| system | kills | median s | worst s | every sample, s |")

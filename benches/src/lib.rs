@@ -209,6 +209,9 @@ pub struct Report {
     /// ones included: what the target's CPU time is divided by.
     pub ops_total: u64,
     pub errors: u64,
+    /// The first failed operation's error, if any failed: what the
+    /// errors were.
+    pub first_error: Option<String>,
     pub ops_per_sec: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -223,6 +226,7 @@ impl Report {
         w: &Workload,
         hist: &Histogram<u64>,
         errors: u64,
+        first_error: Option<String>,
         ops_total: u64,
         elapsed: Duration,
     ) -> Report {
@@ -233,6 +237,7 @@ impl Report {
             ops: hist.len(),
             ops_total,
             errors,
+            first_error,
             ops_per_sec: hist.len() as f64 / elapsed.as_secs_f64(),
             p50_ms: ms(0.5),
             p90_ms: ms(0.9),
@@ -286,6 +291,7 @@ pub async fn run(target: &Target, w: &Workload) -> anyhow::Result<Report> {
             let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37_79b9 ^ c as u64);
             let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3)?;
             let (mut errors, mut answered) = (0u64, 0u64);
+            let mut first_error = None;
             let mut last_done = start;
             let value = vec![b'x'; w.value_bytes];
             // Open loop: the gap between one client's sends.
@@ -309,7 +315,8 @@ pub async fn run(target: &Target, w: &Workload) -> anyhow::Result<Report> {
                 let key = key(rng.random_range(0..w.keys));
                 let read = rng.random_bool(w.read_ratio);
                 let sent = unix_now();
-                let ok = if read { t.get(key).await.is_ok() } else { t.put(key, value.clone()).await.is_ok() };
+                let outcome = if read { t.get(key).await } else { t.put(key, value.clone()).await };
+                let ok = outcome.is_ok();
                 answered += 1;
                 last_done = last_done.max(Instant::now());
                 if let (true, Some(log)) = (ok, &ack_log) {
@@ -322,18 +329,23 @@ pub async fn run(target: &Target, w: &Workload) -> anyhow::Result<Report> {
                         hist.saturating_record((intended.elapsed().as_micros() as u64).max(1));
                     } else {
                         errors += 1;
+                        if let (None, Err(e)) = (&first_error, outcome) {
+                            first_error = Some(format!("{e:#}"));
+                        }
                     }
                 }
             }
-            anyhow::Ok((hist, errors, answered, last_done))
+            anyhow::Ok((hist, errors, first_error, answered, last_done))
         }));
     }
     let mut total = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3)?;
     let (mut errors, mut answered, mut last_done) = (0, 0, measure_until);
+    let mut first_error = None;
     for t in tasks {
-        let (h, e, a, done) = t.await??;
+        let (h, e, first, a, done) = t.await??;
         total.add(h)?;
         errors += e;
+        first_error = first_error.or(first);
         answered += a;
         last_done = last_done.max(done);
     }
@@ -341,7 +353,7 @@ pub async fn run(target: &Target, w: &Workload) -> anyhow::Result<Report> {
     // over the time until the last was answered, which a target that fell
     // behind stretches past the measured duration.
     let elapsed = if w.rate.is_some() { last_done - warm_until } else { w.duration };
-    Ok(Report::from(target.name(), w, &total, errors, answered, elapsed))
+    Ok(Report::from(target.name(), w, &total, errors, first_error, answered, elapsed))
 }
 
 #[cfg(test)]
@@ -390,12 +402,14 @@ mod tests {
         for us in 1..=1000u64 {
             h.record(us * 1000).unwrap();
         }
-        let r = Report::from("nines", &workload(), &h, 2, 1002, Duration::from_secs(2));
+        let first = Some("unavailable: no leader".to_string());
+        let r = Report::from("nines", &workload(), &h, 2, first.clone(), 1002, Duration::from_secs(2));
         assert_eq!(r.ops, 1000);
         assert_eq!(r.ops_per_sec, 500.0);
         assert!((r.p50_ms - 500.0).abs() < 1.0, "{}", r.p50_ms);
         assert!((r.p99_ms - 990.0).abs() < 2.0, "{}", r.p99_ms);
         assert_eq!(r.errors, 2);
+        assert_eq!(r.first_error, first);
         assert_eq!(r.ops_total, 1002);
     }
 }

@@ -14,6 +14,7 @@
 //! | `nines_proposals_committed_total`, `nines_proposals_failed_total` | counter | proposals (etcd: `server_proposals_*`) |
 //! | `nines_proposal_duration_seconds` | histogram | propose to applied |
 //! | `nines_log_fsync_duration_seconds` | histogram | log flush (etcd: `disk_wal_fsync_duration_seconds`) |
+//! | `nines_state_commit_duration_seconds{durable}` | histogram | an apply's state machine commit, synced or not (etcd: `disk_backend_commit_duration_seconds`) |
 //! | `nines_grpc_requests_total{method,code}` | counter | client and admin requests by outcome |
 //! | `nines_grpc_request_duration_seconds{method}` | histogram | request latency |
 //! | `nines_storage_bytes` | gauge | size of the node's database on disk |
@@ -61,6 +62,11 @@ const METRICS: &[(&str, Kind, &str)] = &[
     ("nines_proposals_failed_total", Kind::Counter, "Proposals this node made that failed."),
     ("nines_proposal_duration_seconds", Kind::Histogram, "Time from proposing a command to its application."),
     ("nines_log_fsync_duration_seconds", Kind::Histogram, "Time to flush the Raft log to disk."),
+    (
+        "nines_state_commit_duration_seconds",
+        Kind::Histogram,
+        "Time to commit an apply's state machine transaction; durable says whether it synced to disk.",
+    ),
     ("nines_grpc_requests_total", Kind::Counter, "Client and admin requests, by method and gRPC status code."),
     ("nines_grpc_request_duration_seconds", Kind::Histogram, "Client and admin request latency, by method."),
     ("nines_storage_bytes", Kind::Gauge, "Size of the node's database files on disk."),
@@ -181,6 +187,12 @@ pub fn proposal(started: Instant, ok: bool) {
 /// Records one log flush.
 pub fn log_fsync(started: Instant) {
     histogram!("nines_log_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// Records one state machine commit.
+pub fn state_commit(started: Instant, durable: bool) {
+    let durable = if durable { "true" } else { "false" };
+    histogram!("nines_state_commit_duration_seconds", "durable" => durable).record(started.elapsed().as_secs_f64());
 }
 
 /// Counts a shipped write whose timestamp was too far ahead to adopt.

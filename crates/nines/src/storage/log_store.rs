@@ -744,17 +744,33 @@ impl Writer {
         let names: Vec<u64> = lock(&self.shared).segments.keys().copied().collect();
         // A segment's entries all lie below the next segment's first index.
         let gone: Vec<u64> = names.windows(2).filter(|w| w[1] <= upto.index + 1).map(|w| w[0]).collect();
-        for name in &gone {
-            std::fs::remove_file(self.files.path(*name))?;
+        {
+            let mut shared = lock(&self.shared);
+            for name in &gone {
+                shared.segments.remove(name);
+            }
+            shared.forget_upto(upto.index);
         }
         if !gone.is_empty() {
-            fsync_dir(&self.files.dir)?;
+            // Removed by another thread: unlinking gigabytes of segments
+            // and syncing the directory took this writer (and so every
+            // append's flush) off the log for a third of a second, on every
+            // node at once. Nothing waits for it: the purge is recorded, and
+            // a segment left by a crash meanwhile holds only purged entries,
+            // which a start skips and the next purge removes.
+            let paths: Vec<PathBuf> = gone.iter().map(|name| self.files.path(*name)).collect();
+            let dir = self.files.dir.clone();
+            std::thread::Builder::new().name("nines-log-purge".into()).spawn(move || {
+                for path in &paths {
+                    if let Err(e) = std::fs::remove_file(path) {
+                        tracing::warn!(segment = %path.display(), error = %e, "removing a purged log segment failed");
+                    }
+                }
+                if let Err(e) = fsync_dir(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "syncing the log directory after a purge failed");
+                }
+            })?;
         }
-        let mut shared = lock(&self.shared);
-        for name in &gone {
-            shared.segments.remove(name);
-        }
-        shared.forget_upto(upto.index);
         Ok(())
     }
 

@@ -115,6 +115,16 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Runs `f`, a call that may wait on the disk, off the runtime's worker
+/// thread where the runtime allows it (`block_in_place`, multi-threaded
+/// runtimes), so the node's other tasks go on meanwhile; inline otherwise.
+pub(crate) fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use openraft::testing::{StoreBuilder, Suite};

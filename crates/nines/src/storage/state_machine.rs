@@ -1553,7 +1553,16 @@ impl StateMachine {
                 meta.insert(MEMBERSHIP_KEY, enc(m)?.as_slice()).map_err(write_err)?;
             }
         }
-        txn.commit().map_err(write_err)?;
+        let committing = Instant::now();
+        if durable {
+            // A sync that waits on the disk leaves the runtime's thread to
+            // the node's other tasks (Raft's heartbeats and appends): with one
+            // runtime thread per node, a slow sync here would stall them all.
+            super::off_the_runtime(|| txn.commit()).map_err(write_err)?;
+        } else {
+            txn.commit().map_err(write_err)?;
+        }
+        crate::telemetry::state_commit(committing, durable);
         let index = last_applied.map(|l| l.index).unwrap_or(0);
         self.durable.committed.store(index, Ordering::Release);
         if durable {
