@@ -52,8 +52,9 @@
 //!   once (openraft calls it right after handing a snapshot to the state
 //!   machine, and must not wait for the install), and a purger task carries
 //!   it out when the durable applied index reaches it; the meta file records
-//!   it before segments are removed. A crash before that leaves entries that
-//!   are merely redundant.
+//!   it before segments are removed, on a thread of their own (not the
+//!   writer's: unlinking a compaction's segments held every append's flush).
+//!   A crash before that leaves entries that are merely redundant.
 //!
 //! - After a write or a sync fails, the writer takes no more changes:
 //!   openraft stops the node rather than go on past a gap.
@@ -354,6 +355,19 @@ impl LogStore {
 
     fn send_stopped(&self) -> Result<(), StorageError> {
         Err(write_logs_err(LogError("the log writer stopped".into())))
+    }
+}
+
+/// Removes purged segments and syncs the directory; a failure is logged
+/// (the files hold only purged entries).
+fn remove_segments(paths: &[PathBuf], dir: &Path) {
+    for path in paths {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(segment = %path.display(), error = %e, "removing a purged log segment failed");
+        }
+    }
+    if let Err(e) = fsync_dir(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "syncing the log directory after a purge failed");
     }
 }
 
@@ -756,20 +770,18 @@ impl Writer {
             // and syncing the directory took this writer (and so every
             // append's flush) off the log for a third of a second, on every
             // node at once. Nothing waits for it: the purge is recorded, and
-            // a segment left by a crash meanwhile holds only purged entries,
-            // which a start skips and the next purge removes.
+            // a segment a crash leaves behind holds only purged entries,
+            // which a start skips and the next purge removes (one whose
+            // removal failed stays until the next start).
             let paths: Vec<PathBuf> = gone.iter().map(|name| self.files.path(*name)).collect();
-            let dir = self.files.dir.clone();
-            std::thread::Builder::new().name("nines-log-purge".into()).spawn(move || {
-                for path in &paths {
-                    if let Err(e) = std::fs::remove_file(path) {
-                        tracing::warn!(segment = %path.display(), error = %e, "removing a purged log segment failed");
-                    }
-                }
-                if let Err(e) = fsync_dir(&dir) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "syncing the log directory after a purge failed");
-                }
-            })?;
+            let (on_thread, dir) = (paths.clone(), self.files.dir.clone());
+            let spawned = std::thread::Builder::new()
+                .name("nines-log-purge".into())
+                .spawn(move || remove_segments(&on_thread, &dir));
+            if spawned.is_err() {
+                // No thread to spare: removed here, as before.
+                remove_segments(&paths, &self.files.dir);
+            }
         }
         Ok(())
     }
@@ -1156,6 +1168,15 @@ mod tests {
             assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(entry(3).log_id), Some(entry(4).log_id)));
             log.save_vote(&Vote::new(3, 2)).await.unwrap();
         }
+        // The purged segment goes on a thread of its own.
+        let purged = dir.path().join(LOG_DIR).join(format!("{:020}.wal", 1));
+        for _ in 0..500 {
+            if !purged.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!purged.exists(), "the purged segment was not removed within 5 s");
         let shared = recovered(dir.path()).unwrap();
         assert_eq!(indexes(&shared), vec![4]);
         assert_eq!(shared.meta.last_purged, Some(entry(3).log_id));

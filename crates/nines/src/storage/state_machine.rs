@@ -549,23 +549,35 @@ pub struct DurableApplied {
     /// The applied index of the latest commit, durable or not.
     committed: Arc<AtomicU64>,
     durable: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The highest index a `reach` waits to see durable.
+    wanted: Arc<AtomicU64>,
 }
 
 /// How often `DurableApplied::reach` looks whether the state machine has
 /// applied what it waits for.
 const REACH_POLL: Duration = Duration::from_millis(10);
 
+/// How long `DurableApplied::reach` leaves the durable commit to the
+/// applies before it makes one itself (the state machine is idle).
+const REACH_IDLE: Duration = Duration::from_millis(50);
+
 impl DurableApplied {
-    /// Waits until the applied index `index` is durable, making it so once
-    /// the state machine has applied it: an empty durable commit persists
-    /// every commit before it.
+    /// Waits until the applied index `index` is durable. The next apply
+    /// commits durably (off the runtime's thread); when none comes within
+    /// `REACH_IDLE` of the state machine having applied `index`, an empty
+    /// durable commit here persists every commit before it. (Made here
+    /// while applies run, it held redb's write lock through its sync, and
+    /// the next apply waited for it on the runtime's thread.)
     pub async fn reach(&self, index: u64) -> Result<(), String> {
+        self.want(index);
+        let mut applied_at: Option<Instant> = None;
         loop {
             if *self.durable.borrow() >= index {
                 return Ok(());
             }
             let committed = self.committed.load(Ordering::Acquire);
-            if committed >= index {
+            let idle = committed >= index && applied_at.get_or_insert_with(Instant::now).elapsed() >= REACH_IDLE;
+            if idle {
                 let db = self.db.clone();
                 let synced = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
                     db.begin_write()?.commit()?;
@@ -578,6 +590,18 @@ impl DurableApplied {
             }
             tokio::time::sleep(REACH_POLL).await;
         }
+    }
+
+    /// Asks the next apply that reaches `index` to commit durably.
+    fn want(&self, index: u64) {
+        self.wanted.fetch_max(index, Ordering::AcqRel);
+    }
+
+    /// Whether a commit through `index` should be durable: a `reach` waits
+    /// for more than is durable, and this commit gets it there.
+    fn wanted_by(&self, index: u64) -> bool {
+        let wanted = self.wanted.load(Ordering::Acquire);
+        wanted > *self.durable.borrow() && index >= wanted
     }
 
     fn raise(&self, index: u64) {
@@ -809,6 +833,7 @@ impl StateMachine {
             db: db.clone(),
             committed: Arc::new(AtomicU64::new(applied_index)),
             durable: Arc::new(tokio::sync::watch::channel(applied_index).0),
+            wanted: Arc::new(AtomicU64::new(0)),
         };
         Ok(StateMachine {
             db,
@@ -1468,7 +1493,8 @@ impl StateMachine {
     }
 
     /// Writes a batch's effects and the new applied log id in one
-    /// transaction, durably when `DURABLE_COMMIT_INTERVAL` has passed.
+    /// transaction, durably when `DURABLE_COMMIT_INTERVAL` has passed or a
+    /// purge or snapshot waits for it (see [`DurableApplied::reach`]).
     /// Returns the change in the changefeed's length.
     fn write(
         &mut self,
@@ -1477,9 +1503,37 @@ impl StateMachine {
         last_applied: Option<LogId>,
         membership: Option<&StoredMembership>,
     ) -> Result<i64, StorageError> {
+        let index = last_applied.map(|l| l.index).unwrap_or(0);
+        let durable = self.last_durable_commit.elapsed() >= DURABLE_COMMIT_INTERVAL || self.durable.wanted_by(index);
+        let started = Instant::now();
+        let grown = if durable {
+            // A sync that waits on the disk leaves the runtime's thread to
+            // the node's other tasks (Raft's heartbeats and appends): with one
+            // runtime thread per node, a slow sync here would stall them all.
+            super::off_the_runtime(|| self.transact(true, pending, region, last_applied, membership))?
+        } else {
+            self.transact(false, pending, region, last_applied, membership)?
+        };
+        crate::telemetry::state_commit(started, durable);
+        self.durable.committed.store(index, Ordering::Release);
+        if durable {
+            self.last_durable_commit = Instant::now();
+            self.durable.raise(index);
+        }
+        Ok(grown)
+    }
+
+    /// [`Self::write`]'s transaction.
+    fn transact(
+        &self,
+        durable: bool,
+        pending: &Pending,
+        region: &RegionState,
+        last_applied: Option<LogId>,
+        membership: Option<&StoredMembership>,
+    ) -> Result<i64, StorageError> {
         let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| sm_err(ErrorVerb::Write, e));
         let mut txn = self.db.begin_write().map_err(write_err)?;
-        let durable = self.last_durable_commit.elapsed() >= DURABLE_COMMIT_INTERVAL;
         if !durable {
             txn.set_durability(Durability::None).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
@@ -1553,22 +1607,7 @@ impl StateMachine {
                 meta.insert(MEMBERSHIP_KEY, enc(m)?.as_slice()).map_err(write_err)?;
             }
         }
-        let committing = Instant::now();
-        if durable {
-            // A sync that waits on the disk leaves the runtime's thread to
-            // the node's other tasks (Raft's heartbeats and appends): with one
-            // runtime thread per node, a slow sync here would stall them all.
-            super::off_the_runtime(|| txn.commit()).map_err(write_err)?;
-        } else {
-            txn.commit().map_err(write_err)?;
-        }
-        crate::telemetry::state_commit(committing, durable);
-        let index = last_applied.map(|l| l.index).unwrap_or(0);
-        self.durable.committed.store(index, Ordering::Release);
-        if durable {
-            self.last_durable_commit = Instant::now();
-            self.durable.raise(index);
-        }
+        txn.commit().map_err(write_err)?;
         Ok(grown)
     }
 
@@ -2088,6 +2127,29 @@ mod tests {
 
     fn remote(origin_index: u64, key: &str, value: Option<&str>, at: Hlc) -> RemoteEntry {
         RemoteEntry { origin_index, key: key.into(), value: value.map(|v| v.into()), hlc: at }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_durable_wait_is_met_by_the_next_apply_or_alone_when_idle() {
+        // Shows: a wait for an applied index to be durable leaves the sync
+        // to the next apply (which commits durably, so the wait ends without
+        // a commit of its own); with no apply coming the waiter syncs alone.
+        let (_d, mut sm) = open("a", &[], Mode::ActiveActive, "");
+        let durable = sm.durable_applied();
+        apply(&mut sm, put("k", "v1", hlc(1, 0))).await;
+        let first = sm.applied.load(Ordering::Acquire);
+        assert!(*durable.durable.borrow() < first, "the interval's durable commit came early");
+        durable.want(first);
+        apply(&mut sm, put("k", "v2", hlc(2, 0))).await;
+        let second = sm.applied.load(Ordering::Acquire);
+        assert_eq!(*durable.durable.borrow(), second, "the apply after the wait did not commit durably");
+        tokio::time::timeout(Duration::from_secs(5), durable.reach(first)).await.unwrap().unwrap();
+        // Idle: no apply follows, and the waiter syncs by itself.
+        apply(&mut sm, put("k", "v3", hlc(3, 0))).await;
+        let third = sm.applied.load(Ordering::Acquire);
+        assert!(*durable.durable.borrow() < third, "an apply nobody waited for committed durably");
+        tokio::time::timeout(Duration::from_secs(5), durable.reach(third)).await.unwrap().unwrap();
+        assert_eq!(*durable.durable.borrow(), third);
     }
 
     #[tokio::test]
