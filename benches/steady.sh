@@ -26,8 +26,21 @@ eps="http://127.0.0.1:27201,http://127.0.0.1:27202,http://127.0.0.1:27203"
 metric() { # NODE NAME: the value of a metric on a node's admin port
   curl -s --max-time 5 "http://127.0.0.1:$((28200 + $1))/metrics" | awk -v m="$2" '$1 == m {print $2}'
 }
+# Each node's count once it reports one (the daemon samples Raft's
+# metrics about once a second after it starts).
 before=()
-for n in 1 2 3; do before+=("$(metric "$n" nines_raft_leader_changes_seen_total)"); done
+terms=()
+for n in 1 2 3; do
+  count=""
+  for _ in $(seq 1 100); do
+    count=$(metric "$n" nines_raft_leader_changes_seen_total)
+    [[ -n $count ]] && break
+    sleep 0.1
+  done
+  [[ -n $count ]] || { echo "node $n reports no nines_raft_leader_changes_seen_total" >&2; exit 1; }
+  before+=("$count")
+  terms+=("$(metric "$n" nines_raft_term)")
+done
 echo "256 put clients for $duration; leader changes seen at the start: ${before[*]}" >&2
 ./target/release/nines-bench --target nines --endpoints "$eps" --clients 256 --keys 10000 --value-size 128 \
   --duration "$duration" --warmup 0s
@@ -35,8 +48,8 @@ changed=0
 for n in 1 2 3; do
   after=$(metric "$n" nines_raft_leader_changes_seen_total)
   term=$(metric "$n" nines_raft_term)
-  echo "node $n: leader changes seen ${before[$((n - 1))]} -> $after, term $term"
-  [[ $after == "${before[$((n - 1))]}" ]] || changed=1
+  echo "node $n: leader changes seen ${before[$((n - 1))]} -> $after, term ${terms[$((n - 1))]} -> $term"
+  [[ $after == "${before[$((n - 1))]}" && $term == "${terms[$((n - 1))]}" ]] || changed=1
 done
 if (( changed )); then
   echo "a leader changed under load" >&2
