@@ -1,4 +1,4 @@
-# Sourced by run.sh and profile.sh (not run on its own).
+# Sourced by run.sh, profile.sh and steady.sh (not run on its own).
 #
 # start_nines WORK GRPC_BASE ADMIN_BASE PEER_BASE: starts a one-region nines (three
 # AZs, simulated latency off) with `nines up` in the background, its data in
@@ -17,4 +17,18 @@ start_nines() {
   cat "$1/up.log"
   echo "nines did not start" >&2
   return 1
+}
+
+# start_nines_alone GRPC_BASE ADMIN_BASE PEER_BASE: for a script that runs
+# nines alone: a work directory (WORK) removed at exit, after the nines
+# started here is stopped; then start_nines in it.
+start_nines_alone() {
+  WORK="$(mktemp -d)"
+  NINES_UP_PID=""
+  trap 'stop_nines_alone' EXIT
+  start_nines "$WORK" "$1" "$2" "$3"
+}
+stop_nines_alone() {
+  [[ -n $NINES_UP_PID ]] && kill "$NINES_UP_PID" 2>/dev/null && wait "$NINES_UP_PID" 2>/dev/null
+  rm -rf "$WORK"
 }

@@ -17,14 +17,8 @@ for tool in perf inferno-collapse-perf inferno-flamegraph; do
 done
 cargo build --release -q -p nines -p nines-bench
 source benches/nines-up.sh
-work="$(mktemp -d)"
-NINES_UP_PID=""
-cleanup() {
-  [[ -n $NINES_UP_PID ]] && kill "$NINES_UP_PID" 2>/dev/null && wait "$NINES_UP_PID" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-start_nines "$work" 27101 28101 29101
+start_nines_alone 27101 28101 29101
+work="$WORK"
 eps="http://127.0.0.1:27101,http://127.0.0.1:27102,http://127.0.0.1:27103"
 leader=$(./target/release/nines --endpoints "$eps" -w json member list | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"])')
 pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$work/nines/node-$leader/addrs.json")

@@ -14,14 +14,8 @@ duration="${STEADY_DURATION:-10m}"
 [[ $duration =~ ^[0-9]+[sm]$ ]] || { echo "STEADY_DURATION must be like 90s or 10m: $duration" >&2; exit 2; }
 cargo build --release -q -p nines -p nines-bench
 source benches/nines-up.sh
-work="$(mktemp -d)"
-NINES_UP_PID=""
-cleanup() {
-  [[ -n $NINES_UP_PID ]] && kill "$NINES_UP_PID" 2>/dev/null && wait "$NINES_UP_PID" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-start_nines "$work" 27201 28201 29201
+start_nines_alone 27201 28201 29201
+work="$WORK"
 eps="http://127.0.0.1:27201,http://127.0.0.1:27202,http://127.0.0.1:27203"
 metric() { # NODE NAME: the value of a metric on a node's admin port
   curl -s --max-time 5 "http://127.0.0.1:$((28200 + $1))/metrics" | awk -v m="$2" '$1 == m {print $2}'
