@@ -18,7 +18,7 @@ start_nines_alone 27201 28201 29201
 work="$WORK"
 eps="http://127.0.0.1:27201,http://127.0.0.1:27202,http://127.0.0.1:27203"
 metric() { # NODE NAME: the value of a metric on a node's admin port
-  curl -s --max-time 5 "http://127.0.0.1:$((28200 + $1))/metrics" | awk -v m="$2" '$1 == m {print $2}'
+  { curl -s --max-time 5 "http://127.0.0.1:$((28200 + $1))/metrics" || true; } | awk -v m="$2" '$1 == m {print $2}'
 }
 # Each node's count once it reports one (the daemon samples Raft's
 # metrics about once a second after it starts).
@@ -38,6 +38,9 @@ done
 echo "256 put clients for $duration; leader changes seen at the start: ${before[*]}" >&2
 ./target/release/nines-bench --target nines --endpoints "$eps" --clients 256 --keys 10000 --value-size 128 \
   --duration "$duration" --warmup 0s
+# The nodes sample Raft's metrics about once a second: the last second's
+# changes show after it.
+sleep 1.5
 changed=0
 for n in 1 2 3; do
   after=$(metric "$n" nines_raft_leader_changes_seen_total)

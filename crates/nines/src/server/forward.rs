@@ -170,6 +170,7 @@ where
         Sent::Unreachable(e) => Err(e.into()),
     }
 }
+
 /// `req` with no metadata but its admin token (see [`crate::token`]).
 fn token_only<M>(req: Request<M>) -> Request<M> {
     let (metadata, _, msg) = req.into_parts();

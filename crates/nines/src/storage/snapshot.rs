@@ -28,13 +28,6 @@ pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// The directory of snapshot files inside the data directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
 
-/// How much a snapshot being written may hold unsynced: every node builds
-/// its snapshot at about the same log index, and one sync of a whole large
-/// file at the end queues every node's log flush behind it on a shared disk
-/// (a 17 MB snapshot stalled the Raft log's fsync for 0.3 s, long enough for
-/// an election). Synced in steps, the log's flushes interleave with them.
-const SYNC_STEP_BYTES: u64 = 1024 * 1024;
-
 /// The snapshot a node serves to followers and keeps after a restart.
 pub const CURRENT: &str = "current.snap";
 
@@ -131,14 +124,12 @@ pub fn read_frames(mut bytes: &[u8]) -> Result<Vec<Item>, SnapshotError> {
 pub struct Writer {
     out: BufWriter<std::fs::File>,
     counts: (u64, u64, u64),
-    /// Bytes written since the last sync.
-    unsynced: u64,
 }
 
 impl Writer {
     pub fn create(path: &Path, meta: SnapshotMeta, region: RegionState) -> Result<Self, SnapshotError> {
         let file = std::fs::File::create(path)?;
-        let mut w = Writer { out: BufWriter::new(file), counts: (0, 0, 0), unsynced: 0 };
+        let mut w = Writer { out: BufWriter::new(file), counts: (0, 0, 0) };
         w.frame(&Item::Header { meta: Box::new(meta), region: Box::new(region) })?;
         Ok(w)
     }
@@ -147,12 +138,6 @@ impl Writer {
         let bytes = encode_frame(item)?;
         self.out.write_all(&(bytes.len() as u32).to_le_bytes())?;
         self.out.write_all(&bytes)?;
-        self.unsynced += 4 + bytes.len() as u64;
-        if self.unsynced >= SYNC_STEP_BYTES {
-            self.out.flush()?;
-            self.out.get_ref().sync_data()?;
-            self.unsynced = 0;
-        }
         Ok(())
     }
 

@@ -563,30 +563,49 @@ const REACH_IDLE: Duration = Duration::from_millis(50);
 
 impl DurableApplied {
     /// Waits until the applied index `index` is durable. The next apply
-    /// commits durably (off the runtime's thread); when none comes within
-    /// `REACH_IDLE` of the state machine having applied `index`, an empty
-    /// durable commit here persists every commit before it. (Made here
-    /// while applies run, it held redb's write lock through its sync, and
-    /// the next apply waited for it on the runtime's thread.)
+    /// commits durably (off the runtime's thread). Only when the state
+    /// machine, having applied `index`, commits nothing for `REACH_IDLE` and
+    /// holds no write transaction does an empty durable commit here persist
+    /// every commit before it. (Made here while applies run, it held redb's
+    /// write lock through its sync, and the next apply waited for it on the
+    /// runtime's thread.)
     pub async fn reach(&self, index: u64) -> Result<(), String> {
         self.want(index);
-        let mut applied_at: Option<Instant> = None;
+        // The applied index last seen, and since when.
+        let mut seen: Option<(u64, Instant)> = None;
         loop {
             if *self.durable.borrow() >= index {
                 return Ok(());
             }
             let committed = self.committed.load(Ordering::Acquire);
-            let idle = committed >= index && applied_at.get_or_insert_with(Instant::now).elapsed() >= REACH_IDLE;
-            if idle {
-                let db = self.db.clone();
-                let synced = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
-                    db.begin_write()?.commit()?;
-                    Ok(())
+            let since = match seen {
+                Some((c, t)) if c == committed => t,
+                _ => seen.insert((committed, Instant::now())).1,
+            };
+            if committed >= index && since.elapsed() >= REACH_IDLE {
+                let (db, durable) = (self.db.clone(), self.durable.clone());
+                let synced = tokio::task::spawn_blocking(move || -> Result<bool, redb::Error> {
+                    let txn = match db.try_begin_write() {
+                        Ok(txn) => txn,
+                        // An apply is under way after all.
+                        Err(redb::TransactionError::WouldBlock) => return Ok(false),
+                        Err(e) => return Err(e.into()),
+                    };
+                    if *durable.borrow() >= index {
+                        txn.abort()?;
+                    } else {
+                        txn.commit()?;
+                    }
+                    Ok(true)
                 })
                 .await;
-                synced.map_err(|e| format!("durable commit task failed: {e}"))?.map_err(|e| e.to_string())?;
-                self.raise(committed);
-                return Ok(());
+                let synced =
+                    synced.map_err(|e| format!("durable commit task failed: {e}"))?.map_err(|e| e.to_string())?;
+                if synced {
+                    self.raise(committed);
+                    return Ok(());
+                }
+                seen = None;
             }
             tokio::time::sleep(REACH_POLL).await;
         }
