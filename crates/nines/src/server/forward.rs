@@ -57,6 +57,16 @@ enum Sent<R> {
     Unreachable(Error),
 }
 
+impl<R> Sent<R> {
+    /// What the caller is answered.
+    fn into_result(self) -> Result<Response<R>, Status> {
+        match self {
+            Sent::Answer(a) => a,
+            Sent::Unreachable(e) => Err(e.into()),
+        }
+    }
+}
+
 /// Sends `req` to `leader`.
 async fn send<M, R, F, Fut>(node: &Node, leader: Leader<'_>, hops: u32, mut req: Request<M>, call: F) -> Sent<R>
 where
@@ -119,14 +129,7 @@ where
     if let Error::NotLeader { leader_addr: None, .. } = err
         && hops < FORWARD_HOPS_MAX
     {
-        let err = node.await_leader(None).await;
-        let Some(leader) = leader_to_forward_to(node, &err, hops) else {
-            return Err(err.into());
-        };
-        return match send(node, leader, hops, Request::new(msg), &call).await {
-            Sent::Answer(a) => a,
-            Sent::Unreachable(e) => Err(e.into()),
-        };
+        return forward_as(node, node.await_leader(None).await, hops, Request::new(msg), &call).await;
     }
     let Some(leader) = leader_to_forward_to(node, &err, hops) else {
         return Err(err.into());
@@ -140,17 +143,14 @@ where
     };
     let err = node.await_leader(gone).await;
     match leader_to_forward_to(node, &err, hops) {
-        Some(leader) if leader.id != gone => match send(node, leader, hops, Request::new(msg), &call).await {
-            Sent::Answer(a) => a,
-            Sent::Unreachable(e) => Err(e.into()),
-        },
+        Some(leader) if leader.id != gone => send(node, leader, hops, Request::new(msg), &call).await.into_result(),
         _ => Err(unreachable.into()),
     }
 }
 
 /// [`forward`] of `req`, whose metadata (the caller's admin token) goes
-/// with it, without waiting for an election: an admin call is answered at
-/// once.
+/// with it, without waiting for an election (an admin call is answered at
+/// once; a client call has waited already).
 async fn forward_as<M, R, F, Fut>(
     node: &Node,
     err: Error,
@@ -165,10 +165,7 @@ where
     let Some(leader) = leader_to_forward_to(node, &err, hops) else {
         return Err(err.into());
     };
-    match send(node, leader, hops, req, call).await {
-        Sent::Answer(a) => a,
-        Sent::Unreachable(e) => Err(e.into()),
-    }
+    send(node, leader, hops, req, call).await.into_result()
 }
 
 /// `req` with no metadata but its admin token (see [`crate::token`]).
