@@ -150,7 +150,16 @@ pub struct NodeFlags {
     /// lease from a three-node authority, and two failover controllers run
     /// (one decides, the other stands by).
     pub failover: bool,
+    /// Keep only a few entries below a snapshot
+    /// (`raft.logs_kept_after_snapshot`), so that each snapshot of the
+    /// `compact` nemesis drops the whole log written since the last one.
+    pub compact_fully: bool,
 }
+
+/// Entries a node keeps below its snapshot when the run compacts
+/// (`NodeFlags::compact_fully`); the default keeps 1,000, which under
+/// `large` is more than a whole run writes.
+const LOGS_KEPT_WHEN_COMPACTING: u64 = 8;
 
 /// The authority's region name in a failover run (not a data region).
 pub const AUTHORITY_REGION: &str = "authority";
@@ -250,6 +259,13 @@ impl Cluster {
                         ..Default::default()
                     },
                     insecure: true,
+                    raft: nines::config::RaftConfig {
+                        logs_kept_after_snapshot: match flags.compact_fully {
+                            true => LOGS_KEPT_WHEN_COMPACTING,
+                            false => nines::config::RaftConfig::default().logs_kept_after_snapshot,
+                        },
+                        ..Default::default()
+                    },
                     ..NodeConfig::default()
                 };
                 let config_path = dir.join(format!("node-{id}.toml"));
@@ -657,6 +673,35 @@ impl Cluster {
             }
         }
         best.map(|(_, id)| id)
+    }
+
+    /// The highest Raft term any node of each data region reports (nodes
+    /// that do not answer are left out; a region none of whose nodes
+    /// answers is missing). A term rises with every election, won or not.
+    pub async fn terms(&self) -> BTreeMap<String, u64> {
+        let mut terms = BTreeMap::new();
+        for r in &self.region_order {
+            for id in &self.regions[r] {
+                if let Some(s) = self.status(*id).await {
+                    let t = terms.entry(r.clone()).or_insert(s.term);
+                    *t = (*t).max(s.term);
+                }
+            }
+        }
+        terms
+    }
+
+    /// Asks node `id` to build a snapshot now (and so to drop its log
+    /// below it); returns its applied index then.
+    pub async fn snapshot(&self, id: u64) -> anyhow::Result<u64> {
+        if !self.running(id) || self.paused(id) {
+            bail!("node {id} is not running");
+        }
+        let endpoint = self.endpoint(id);
+        let index = tokio::time::timeout(PROBE_TIMEOUT, self.probe.snapshot_on(&endpoint))
+            .await
+            .with_context(|| format!("asking node {id} for a snapshot timed out"))??;
+        Ok(index)
     }
 
     async fn wait_serving(&self, id: u64) -> anyhow::Result<()> {

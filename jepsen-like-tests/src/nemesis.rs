@@ -102,10 +102,15 @@ pub enum Nemesis {
     /// chunk far past any size, a malformed Raft message. Each must be
     /// refused by name (the run stops otherwise), and no node may die of it.
     HostilePeer,
+    /// Every node of a region builds a snapshot at the same moment and drops
+    /// its log below it: no fault at all, only the heaviest disk work a node
+    /// does, on every node at once. It must not cost an election (see
+    /// [`keeps_leaders`]).
+    Compact,
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 19] = [
+pub const NAMES: [(&str, Nemesis); 20] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -125,6 +130,7 @@ pub const NAMES: [(&str, Nemesis); 19] = [
     ("controller-kill", Nemesis::ControllerKill),
     ("ship-reorder", Nemesis::ShipReorder),
     ("hostile-peer", Nemesis::HostilePeer),
+    ("compact", Nemesis::Compact),
 ];
 
 /// The nemeses a `--docker` run can inject: those docker itself can do to
@@ -135,6 +141,16 @@ impl Nemesis {
     pub fn name(self) -> &'static str {
         NAMES.iter().find(|(_, n)| *n == self).map_or("?", |(s, _)| s)
     }
+}
+
+/// Whether a run under `plan` must keep every region's first leader: no
+/// entry stops, pauses, cuts off or slows a node, so an election (a term
+/// rising) means a node stalled by itself long enough for a follower to
+/// give up on its leader. `none` qualifies, and so do `compact` (all nodes
+/// compacting at once) and `ship-reorder` (only cross-region shipments
+/// wait).
+pub fn keeps_leaders(plan: &[Vec<Nemesis>]) -> bool {
+    plan.iter().flatten().all(|n| matches!(n, Nemesis::Compact | Nemesis::ShipReorder))
 }
 
 /// Parses `--nemesis`: entries separated by `,`, each one or more names
@@ -569,6 +585,23 @@ async fn apply(
                 refused.join("; ")
             )
         }
+        Nemesis::Compact => {
+            // All at once: the stall this looks for came from every node
+            // removing its log segments at the same moment.
+            let asked = futures::future::join_all(ids.iter().map(|id| cluster.snapshot(*id))).await;
+            let said: Vec<String> = ids
+                .iter()
+                .zip(asked)
+                .map(|(id, r)| match r {
+                    Ok(index) => format!("node {id} from index {index}"),
+                    Err(e) => format!("node {id} not asked ({e:#})"),
+                })
+                .collect();
+            format!(
+                "compact: every node of {region} builds a snapshot at once and drops its log below it ({})",
+                said.join(", ")
+            )
+        }
         Nemesis::ControllerKill => match cluster.kill_deciding_controller().await {
             Some(n) => format!("controller-kill: kill -9 controller {n} (the one deciding); restarted at heal"),
             None => "controller-kill: no controller holds the lease; nothing killed".into(),
@@ -671,6 +704,14 @@ mod tests {
         assert!(e.contains("\"explode\""), "{e}");
         assert!(parse_plan("kill+kill").is_err());
         assert!(parse_plan("").is_err());
+    }
+
+    #[test]
+    fn only_plans_that_touch_no_node_must_keep_their_leaders() {
+        assert!(keeps_leaders(&parse_plan("none").unwrap()));
+        assert!(keeps_leaders(&parse_plan("compact,ship-reorder").unwrap()));
+        assert!(!keeps_leaders(&parse_plan("compact,kill").unwrap()));
+        assert!(!keeps_leaders(&parse_plan("compact+latency").unwrap()));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! One run, start to verdict: start a cluster, drive clients while the
 //! nemesis injects faults, heal, wait, read the final state, check, report.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -159,6 +159,31 @@ async fn divergent_elements(cluster: &Cluster) -> anyhow::Result<BTreeSet<u64>> 
     Ok(elements)
 }
 
+/// The `elections` check of a run whose faults touch no node: every data
+/// region must end in the term it started in. A rise means some node stalled
+/// long enough for a follower to campaign (won or not): a false election, and
+/// the unavailability it brings, with no fault to blame.
+fn elections(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, regions: &[String]) -> (Validity, String) {
+    let mut rose = Vec::new();
+    let mut unread = Vec::new();
+    let mut kept = Vec::new();
+    for r in regions {
+        match (before.get(r), after.get(r)) {
+            (Some(b), Some(a)) if a > b => rose.push(format!("{r} from term {b} to {a}")),
+            (Some(b), Some(_)) => kept.push(format!("{r} {b}")),
+            _ => unread.push(r.as_str()),
+        }
+    }
+    if !rose.is_empty() {
+        let msg = format!("elections with no fault that touches a node: {}", rose.join(", "));
+        (Validity::Invalid, msg)
+    } else if !unread.is_empty() {
+        (Validity::Unknown, format!("no node of {} answered with its term", unread.join(", ")))
+    } else {
+        (Validity::Valid, format!("every region kept its leader's term ({})", kept.join(", ")))
+    }
+}
+
 /// What a run found, for the caller (and the suite's table).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -280,12 +305,16 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
         planted_bug_local_reads: args.planted_bug_local_reads,
         power_loss_simulation: plan.iter().flatten().any(|n| *n == Nemesis::PowerCut),
         failover,
+        compact_fully: plan.iter().flatten().any(|n| *n == Nemesis::Compact),
     };
     let mut cluster = match args.docker {
         true => Cluster::start_compose(&out, crate::compose::default_file(), &args.image).await?,
         false => Cluster::start(&out, exe, regions, args.azs, flags).await?,
     };
 
+    // Plans that touch no node must keep every region's first leader.
+    let must_keep_leaders = nemesis::keeps_leaders(&plan);
+    let terms_before = cluster.terms().await;
     let began = Instant::now();
     let until = began + time;
     let recorder = Recorder::new(began);
@@ -306,6 +335,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     let faults: Vec<FaultRecord> = faults?;
     clients?;
     let ran_us = recorder.now_us();
+    let terms_after = cluster.terms().await;
 
     // Heal whatever is left, then let the cluster settle before final reads.
     cluster.heal(RECOVERY_TIMEOUT).await?;
@@ -372,6 +402,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
             lost_count = r.lost_writes.len();
             details.insert("convergence".into(), serde_json::to_value(&r)?);
         }
+    }
+    if must_keep_leaders {
+        let (v, msg) = elections(&terms_before, &terms_after, &cluster.region_order);
+        checkers.push(("elections", v, msg));
     }
     // A node that exited by itself stopped fatally or crashed: a finding.
     cluster.reap();
@@ -489,4 +523,27 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
         counts,
         out,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn terms(list: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        list.iter().map(|(r, t)| (r.to_string(), *t)).collect()
+    }
+
+    #[test]
+    fn a_term_that_rose_without_a_fault_is_a_false_election() {
+        let regions = vec!["us-east".to_string(), "eu-west".to_string()];
+        let before = terms(&[("us-east", 1), ("eu-west", 1)]);
+        let (v, msg) = elections(&before, &terms(&[("us-east", 1), ("eu-west", 1)]), &regions);
+        assert_eq!(v, Validity::Valid, "{msg}");
+        let (v, msg) = elections(&before, &terms(&[("us-east", 1), ("eu-west", 3)]), &regions);
+        assert_eq!(v, Validity::Invalid);
+        assert!(msg.contains("eu-west from term 1 to 3"), "{msg}");
+        let (v, msg) = elections(&before, &terms(&[("us-east", 1)]), &regions);
+        assert_eq!(v, Validity::Unknown);
+        assert!(msg.contains("eu-west"), "{msg}");
+    }
 }
