@@ -184,9 +184,18 @@ pub fn proposal(started: Instant, ok: bool) {
     }
 }
 
-/// Records one log flush.
-pub fn log_fsync(started: Instant) {
-    histogram!("nines_log_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
+/// A log flush slower than this is logged as a warning (etcd's "slow
+/// fdatasync"): it is more than the heartbeat interval, so every follower
+/// waiting on it misses heartbeats, and a few in a row cost an election.
+pub const SLOW_LOG_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Records one log flush of `bytes`; warns when it was slow.
+pub fn log_fsync(started: Instant, bytes: usize) {
+    let took = started.elapsed();
+    histogram!("nines_log_fsync_duration_seconds").record(took.as_secs_f64());
+    if took >= SLOW_LOG_FLUSH {
+        tracing::warn!(took_ms = took.as_millis() as u64, bytes, "slow log flush: the disk is saturated or stalled");
+    }
 }
 
 /// Records one state machine commit.

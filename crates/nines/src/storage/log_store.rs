@@ -600,7 +600,7 @@ impl Writer {
             }
             let started = std::time::Instant::now();
             let result = self.commit(&batch);
-            crate::telemetry::log_fsync(started);
+            crate::telemetry::log_fsync(started, *result.as_ref().unwrap_or(&0));
             let failed = result.is_err();
             if let Err(e) = &result {
                 tracing::error!(error = %e, "writing the log failed; the log takes no more writes");
@@ -625,7 +625,8 @@ impl Writer {
     }
 
     /// Carries out a batch in order, then syncs what it wrote.
-    fn commit(&self, batch: &[Write]) -> anyhow::Result<()> {
+    /// Returns the bytes written to the log.
+    fn commit(&self, batch: &[Write]) -> anyhow::Result<usize> {
         let mut buffer = Buffer::default();
         let mut unsynced: Option<SegmentFile> = None;
         for w in batch {
@@ -651,11 +652,11 @@ impl Writer {
                 }
             }
         }
-        self.flush(&mut buffer, &mut unsynced)?;
+        let written = self.flush(&mut buffer, &mut unsynced)?;
         if let Some(file) = unsynced {
             file.sync()?;
         }
-        Ok(())
+        Ok(written)
     }
 
     /// The last segment, opening the first one (named `first`) when there
@@ -683,10 +684,10 @@ impl Writer {
     }
 
     /// Writes the buffered entries and a marker to the last segment and
-    /// makes them readable from where they are.
-    fn flush(&self, buffer: &mut Buffer, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<()> {
+    /// makes them readable from where they are. Returns the bytes written.
+    fn flush(&self, buffer: &mut Buffer, unsynced: &mut Option<SegmentFile>) -> anyhow::Result<usize> {
         if buffer.items.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         // The hint may name entries still queued behind this write: it is
         // written only once the log holds its entry (a start re-applies up
@@ -742,8 +743,9 @@ impl Writer {
             shared.last_entry = Some(entry.log_id);
             shared.cache_insert(index, entry, len as usize);
         }
+        let written = buffer.bytes.len();
         buffer.bytes.clear();
-        Ok(())
+        Ok(written)
     }
 
     /// Records the purge in the meta file, then removes the segments whose

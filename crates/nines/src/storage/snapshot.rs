@@ -28,6 +28,14 @@ pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// The directory of snapshot files inside the data directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
 
+/// How much of a snapshot being written may wait unsynced. A snapshot holds
+/// the whole state (1.9 GB after a minute of the harness's `large`
+/// workload), every node builds one at about the same log index, and one
+/// sync of it all at the end queued each node's log flushes behind it for
+/// 0.5-0.7 s, long enough for an election. Synced in steps, each log flush
+/// waits for at most one step.
+const SYNC_STEP_BYTES: u64 = 8 * 1024 * 1024;
+
 /// The snapshot a node serves to followers and keeps after a restart.
 pub const CURRENT: &str = "current.snap";
 
@@ -124,12 +132,14 @@ pub fn read_frames(mut bytes: &[u8]) -> Result<Vec<Item>, SnapshotError> {
 pub struct Writer {
     out: BufWriter<std::fs::File>,
     counts: (u64, u64, u64),
+    /// Bytes written since the last sync.
+    unsynced: u64,
 }
 
 impl Writer {
     pub fn create(path: &Path, meta: SnapshotMeta, region: RegionState) -> Result<Self, SnapshotError> {
         let file = std::fs::File::create(path)?;
-        let mut w = Writer { out: BufWriter::new(file), counts: (0, 0, 0) };
+        let mut w = Writer { out: BufWriter::new(file), counts: (0, 0, 0), unsynced: 0 };
         w.frame(&Item::Header { meta: Box::new(meta), region: Box::new(region) })?;
         Ok(w)
     }
@@ -138,6 +148,12 @@ impl Writer {
         let bytes = encode_frame(item)?;
         self.out.write_all(&(bytes.len() as u32).to_le_bytes())?;
         self.out.write_all(&bytes)?;
+        self.unsynced += 4 + bytes.len() as u64;
+        if self.unsynced >= SYNC_STEP_BYTES {
+            self.out.flush()?;
+            self.out.get_ref().sync_data()?;
+            self.unsynced = 0;
+        }
         Ok(())
     }
 
@@ -311,6 +327,31 @@ mod tests {
         let path = dir.path().join("s.snap");
         write(&path, 100);
         assert_eq!(read_all(&path).unwrap(), 100);
+    }
+
+    #[test]
+    fn a_snapshot_synced_in_steps_reads_back_every_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.snap");
+        let big = |i: usize| vec![(i % 251) as u8; 64 * 1024];
+        let n = (3 * SYNC_STEP_BYTES as usize) / (64 * 1024) + 7;
+        let mut w = Writer::create(&path, SnapshotMeta::default(), RegionState::default()).unwrap();
+        for i in 0..n {
+            let mut v = value("");
+            v.value = Some(big(i));
+            w.data(format!("k{i:05}").into_bytes(), v).unwrap();
+        }
+        w.finish().unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 3 * SYNC_STEP_BYTES);
+        let (mut r, _, _) = Reader::open(&path).unwrap();
+        let mut i = 0;
+        while let Some(item) = r.next_item().unwrap() {
+            let Item::Data { key, value } = item else { continue };
+            assert_eq!(key, format!("k{i:05}").into_bytes());
+            assert_eq!(value.value, Some(big(i)), "value {i}");
+            i += 1;
+        }
+        assert_eq!(i, n);
     }
 
     #[test]

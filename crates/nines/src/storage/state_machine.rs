@@ -1935,6 +1935,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .take()
             .ok_or_else(|| snapshot_err(ErrorVerb::Read, SnapshotError::Damaged("built twice".into())))?;
         let (dir, meta, region) = (self.dir.clone(), self.meta.clone(), self.region.clone());
+        let started = std::time::Instant::now();
         let built = tokio::task::spawn_blocking(move || write_snapshot(view, &dir, &meta, region))
             .await
             .map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e.to_string())))?
@@ -1948,6 +1949,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let index = self.meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.durable.reach(index).await.map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e)))?;
         keep_snapshot(&self.dir, &self.lock, &built, &self.meta)?;
+        let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        tracing::info!(index, bytes, took_ms = started.elapsed().as_millis() as u64, "snapshot built");
         Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(file) })
     }
 }
