@@ -1656,7 +1656,7 @@ impl StateMachine {
             None => false,
         };
         if same && let Some(path) = receiving {
-            file.sync_all().map_err(io)?;
+            super::off_the_runtime(|| file.sync_all()).map_err(io)?;
             return Ok(path);
         }
         if let Some(p) = receiving {
@@ -1665,9 +1665,12 @@ impl StateMachine {
         self.snapshot_seq += 1;
         let path = self.snapshot_dir.join(format!("installing-{}.snap", self.snapshot_seq));
         file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
-        let mut copy = std::fs::File::create(&path).map_err(io)?;
-        std::io::copy(&mut file, &mut copy).map_err(io)?;
-        copy.sync_all().map_err(io)?;
+        super::off_the_runtime(|| {
+            let mut copy = std::fs::File::create(&path)?;
+            std::io::copy(&mut file, &mut copy)?;
+            copy.sync_all()
+        })
+        .map_err(io)?;
         Ok(path)
     }
 
@@ -1948,7 +1951,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // its own durable state.
         let index = self.meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.durable.reach(index).await.map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e)))?;
-        keep_snapshot(&self.dir, &self.lock, &built, &self.meta)?;
+        // Off the runtime's thread: the rename frees the replaced snapshot's
+        // blocks (a whole state's worth) and the directory sync waits for
+        // the journal.
+        super::off_the_runtime(|| keep_snapshot(&self.dir, &self.lock, &built, &self.meta))?;
         let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
         tracing::info!(index, bytes, took_ms = started.elapsed().as_millis() as u64, "snapshot built");
         Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(file) })
@@ -2046,7 +2052,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // the durable index moves, so the log is never purged beyond the
         // current snapshot (a crash in between keeps the older snapshot and
         // the unpurged log).
-        self.keep_snapshot(&path, meta)?;
+        super::off_the_runtime(|| self.keep_snapshot(&path, meta))?;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.durable.committed.store(index, Ordering::Release);
         self.durable.raise(index);
