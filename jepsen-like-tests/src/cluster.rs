@@ -157,8 +157,9 @@ pub struct NodeFlags {
 }
 
 /// Entries a node keeps below its snapshot when the run compacts
-/// (`NodeFlags::compact_fully`); the default keeps 1,000, which under
-/// `large` is more than a whole run writes.
+/// (`NodeFlags::compact_fully`): with the default 1,000 (each holding up to
+/// 1 MiB of batched values under `large`), an early compaction would drop
+/// little or nothing of the log.
 const LOGS_KEPT_WHEN_COMPACTING: u64 = 8;
 
 /// The authority's region name in a failover run (not a data region).

@@ -586,8 +586,9 @@ async fn apply(
             )
         }
         Nemesis::Compact => {
-            // All at once: the stall this looks for came from every node
-            // removing its log segments at the same moment.
+            // All at once: the stalls this looks for came from every node
+            // doing the same disk work at the same moment (removing its
+            // purged log segments; syncing a whole snapshot file at once).
             let asked = futures::future::join_all(ids.iter().map(|id| cluster.snapshot(*id))).await;
             let said: Vec<String> = ids
                 .iter()

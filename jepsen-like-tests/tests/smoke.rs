@@ -149,8 +149,8 @@ fn register_under_power_cuts_loses_nothing_and_stays_linearizable() {
 // its log below it, twice, while 32 clients write values of up to 256 KiB:
 // hundreds of MB per snapshot, on one shared disk. Before snapshot files
 // were synced in steps, one sync of the whole file held every node's log
-// flushes for 0.25-0.7 s and cost elections (this run failed its
-// `elections` check on that code). Nothing is faulted, so the region must
+// flushes for up to 0.7 s and cost elections (this run failed its
+// `elections` check on that code in one of two runs). Nothing is faulted, so the region must
 // keep its first leader, and every acknowledged value must be there, whole.
 #[test]
 fn large_values_while_every_node_compacts_cost_no_election() {
@@ -169,7 +169,10 @@ fn large_values_while_every_node_compacts_cost_no_election() {
     assert_eq!(elections["valid"], serde_json::json!(true), "{elections}");
     let faults = results["faults"].as_array().unwrap();
     assert_eq!(faults.len(), 2, "{faults:?}");
-    assert!(faults.iter().all(|f| f["detail"].as_str().unwrap().contains("builds a snapshot")), "{faults:?}");
+    for f in faults {
+        let detail = f["detail"].as_str().unwrap();
+        assert!(detail.contains("builds a snapshot") && !detail.contains("not asked"), "{detail}");
+    }
     let logs: String = (1..=3).map(|n| std::fs::read_to_string(out.join(format!("node-{n}.log"))).unwrap()).collect();
     assert!(logs.matches("snapshot built").count() >= 6, "every node builds both snapshots");
 }

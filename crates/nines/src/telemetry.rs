@@ -187,9 +187,10 @@ pub fn proposal(started: Instant, ok: bool) {
 /// A log flush slower than this is logged as a warning (etcd's "slow
 /// fdatasync"): it is more than the heartbeat interval, so every follower
 /// waiting on it misses heartbeats, and a few in a row cost an election.
-pub const SLOW_LOG_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
+const SLOW_LOG_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Records one log flush of `bytes`; warns when it was slow.
+/// Records one log flush that wrote `bytes` of log segments (0 when it only
+/// wrote the meta file, or failed); warns when it was slow.
 pub fn log_fsync(started: Instant, bytes: usize) {
     let took = started.elapsed();
     histogram!("nines_log_fsync_duration_seconds").record(took.as_secs_f64());

@@ -134,12 +134,14 @@ pub struct Writer {
     counts: (u64, u64, u64),
     /// Bytes written since the last sync.
     unsynced: u64,
+    /// Bytes written in all.
+    bytes: u64,
 }
 
 impl Writer {
     pub fn create(path: &Path, meta: SnapshotMeta, region: RegionState) -> Result<Self, SnapshotError> {
         let file = std::fs::File::create(path)?;
-        let mut w = Writer { out: BufWriter::new(file), counts: (0, 0, 0), unsynced: 0 };
+        let mut w = Writer { out: BufWriter::new(file), counts: (0, 0, 0), unsynced: 0, bytes: 0 };
         w.frame(&Item::Header { meta: Box::new(meta), region: Box::new(region) })?;
         Ok(w)
     }
@@ -149,6 +151,7 @@ impl Writer {
         self.out.write_all(&(bytes.len() as u32).to_le_bytes())?;
         self.out.write_all(&bytes)?;
         self.unsynced += 4 + bytes.len() as u64;
+        self.bytes += 4 + bytes.len() as u64;
         if self.unsynced >= SYNC_STEP_BYTES {
             self.out.flush()?;
             self.out.get_ref().sync_data()?;
@@ -188,13 +191,13 @@ impl Writer {
         self.frame(&Item::SessionClock(ms))
     }
 
-    /// Ends the file and makes it durable.
-    pub fn finish(mut self) -> Result<(), SnapshotError> {
+    /// Ends the file and makes it durable; returns its size.
+    pub fn finish(mut self) -> Result<u64, SnapshotError> {
         let (data, changefeed, divergent) = self.counts;
         self.frame(&Item::End { data, changefeed, divergent })?;
         let file = self.out.into_inner().map_err(|e| SnapshotError::Io(e.into_error()))?;
         file.sync_all()?;
-        Ok(())
+        Ok(self.bytes)
     }
 }
 
@@ -330,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_synced_in_steps_reads_back_every_value() {
+    fn a_snapshot_of_several_sync_steps_reads_back_every_value() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.snap");
         let big = |i: usize| vec![(i % 251) as u8; 64 * 1024];
@@ -341,8 +344,9 @@ mod tests {
             v.value = Some(big(i));
             w.data(format!("k{i:05}").into_bytes(), v).unwrap();
         }
-        w.finish().unwrap();
-        assert!(std::fs::metadata(&path).unwrap().len() > 3 * SYNC_STEP_BYTES);
+        let bytes = w.finish().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
+        assert!(bytes > 3 * SYNC_STEP_BYTES);
         let (mut r, _, _) = Reader::open(&path).unwrap();
         let mut i = 0;
         while let Some(item) = r.next_item().unwrap() {

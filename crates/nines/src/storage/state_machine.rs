@@ -1882,13 +1882,14 @@ pub struct SnapshotBuilder {
     lock: Arc<std::sync::Mutex<()>>,
 }
 
-/// Streams the state of `view` into a new file in `dir`.
+/// Streams the state of `view` into a new file in `dir`; returns its path
+/// and size.
 fn write_snapshot(
     view: ReadTransaction,
     dir: &Path,
     meta: &SnapshotMeta,
     region: RegionState,
-) -> Result<PathBuf, SnapshotError> {
+) -> Result<(PathBuf, u64), SnapshotError> {
     let path = dir.join(format!("build-{}.snap", meta.snapshot_id));
     let mut w = snapshot::Writer::create(&path, meta.clone(), region)?;
     let storage = |e: redb::Error| SnapshotError::Damaged(format!("reading the state: {e}"));
@@ -1927,8 +1928,8 @@ fn write_snapshot(
             .map_err(|_| SnapshotError::Damaged(format!("a session id of {} bytes", k.value().len())))?;
         w.session(client, record::decode(v.value()).map_err(decode_err)?)?;
     }
-    w.finish()?;
-    Ok(path)
+    let bytes = w.finish()?;
+    Ok((path, bytes))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -1939,7 +1940,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .ok_or_else(|| snapshot_err(ErrorVerb::Read, SnapshotError::Damaged("built twice".into())))?;
         let (dir, meta, region) = (self.dir.clone(), self.meta.clone(), self.region.clone());
         let started = std::time::Instant::now();
-        let built = tokio::task::spawn_blocking(move || write_snapshot(view, &dir, &meta, region))
+        let (built, bytes) = tokio::task::spawn_blocking(move || write_snapshot(view, &dir, &meta, region))
             .await
             .map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e.to_string())))?
             .map_err(|e| snapshot_err(ErrorVerb::Write, e))?;
@@ -1955,7 +1956,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // blocks (a whole state's worth) and the directory sync waits for
         // the journal.
         super::off_the_runtime(|| keep_snapshot(&self.dir, &self.lock, &built, &self.meta))?;
-        let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
         tracing::info!(index, bytes, took_ms = started.elapsed().as_millis() as u64, "snapshot built");
         Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(file) })
     }
