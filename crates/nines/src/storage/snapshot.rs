@@ -32,8 +32,9 @@ pub const SNAPSHOT_DIR: &str = "snapshots";
 /// the whole state (1.9 GB after a minute of the harness's `large`
 /// workload), every node builds one at about the same log index, and one
 /// sync of it all at the end queued each node's log flushes behind it for
-/// 0.5-0.7 s, long enough for an election. Synced in steps, each log flush
-/// waits for at most one step.
+/// 0.5-0.7 s, long enough for an election. Synced in steps, a log flush
+/// queues behind at most a step of each snapshot being written, not a whole
+/// state.
 const SYNC_STEP_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The snapshot a node serves to followers and keeps after a restart.
