@@ -424,7 +424,8 @@ pub struct RaftConfig {
     pub election_timeout_min: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub election_timeout_max: Option<Duration>,
-    /// Build a snapshot after this many entries since the last one.
+    /// Build a snapshot about every this many entries; the nodes of a
+    /// region build theirs a third of it apart (`storage::compaction`).
     pub snapshot_logs_since_last: u64,
     /// Entries kept in the log below the snapshot, so briefly lagging
     /// followers catch up from the log instead of a snapshot.
@@ -795,7 +796,9 @@ impl NodeConfig {
             heartbeat_interval: ms(t.heartbeat_interval),
             election_timeout_min: ms(t.election_timeout_min),
             election_timeout_max: ms(t.election_timeout_max),
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.raft.snapshot_logs_since_last),
+            // Each node snapshots at its own phase (`storage::compaction`),
+            // not all at the same index as openraft's own policy would.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: self.raft.logs_kept_after_snapshot,
             max_payload_entries: crate::limits::RAFT_PAYLOAD_ENTRIES_MAX,
             snapshot_max_chunk_size: crate::limits::SNAPSHOT_CHUNK_BYTES_MAX,

@@ -23,6 +23,7 @@
 // value; boxing it in our helpers would only move the copy elsewhere.
 #![allow(clippy::result_large_err)]
 
+pub mod compaction;
 pub mod format;
 pub mod log_store;
 pub mod power_loss;
