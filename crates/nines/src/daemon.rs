@@ -531,7 +531,7 @@ fn spawn_tasks(
     background.push(spawn_gauges(node.clone(), storage, stop.clone()));
     background.push(spawn_health(node.clone(), health, stop.clone()));
     background.push(node.spawn_clock_watch(stop.clone()));
-    background.push(storage::compaction::spawn(node.clone(), config.raft.snapshot_logs_since_last, stop.clone()));
+    background.push(node.spawn_snapshot_schedule(config.raft.snapshot_logs_since_last, stop.clone()));
     if let Some(authority) = node.authority() {
         background.push(crate::lease::spawn_keeper(node.clone(), authority.clone(), node.lease(), stop.clone()));
     }

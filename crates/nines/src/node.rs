@@ -79,6 +79,16 @@ const LEADER_WAIT_MAX: Duration = Duration::from_secs(1);
 /// election (at least 280 ms of silence with the default timings).
 const CLOCK_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How often the snapshot schedule looks at the applied index: snapshots
+/// come thousands of entries apart, so a look costs nothing and a late one
+/// little.
+const SNAPSHOT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long the snapshot schedule waits for a build it asked for before it
+/// may ask again (openraft ignores an ask while it builds): far longer than
+/// a build of gigabytes takes (about 7 s for 2 GB on the test machine).
+const SNAPSHOT_BUILD_MAX: Duration = Duration::from_secs(120);
+
 /// How long a membership change may take, including a new learner catching
 /// up. A learner that needs longer is still being added; the caller is told
 /// the outcome is unknown rather than waiting without bound.
@@ -759,6 +769,50 @@ impl Node {
                     let _slot = slot;
                     node.propose_batch(batch).await;
                 });
+            }
+        })
+    }
+
+    /// Asks openraft for a snapshot about every `every` applied entries, at
+    /// this node's phase among its region's voters
+    /// (`storage::compaction`), until `stop`.
+    pub fn spawn_snapshot_schedule(
+        self: &Arc<Self>,
+        every: u64,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            // The snapshot index when this task last asked, and when: the
+            // metrics can lag the core, so until the snapshot moves (or a
+            // build had all the time it could need) it does not ask again,
+            // lest a stale look start a second build of the whole state.
+            let mut asked: Option<(u64, std::time::Instant)> = None;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(SNAPSHOT_CHECK_INTERVAL) => {}
+                }
+                let m = node.raft_metrics();
+                let applied = m.last_applied.map_or(0, |l| l.index);
+                let snapshot = m.snapshot.map_or(0, |l| l.index);
+                if asked.is_some_and(|(at, when)| at == snapshot && when.elapsed() < SNAPSHOT_BUILD_MAX) {
+                    continue;
+                }
+                let position = m.membership_config.membership().voter_ids().position(|id| id == node.id).unwrap_or(0);
+                if !crate::storage::compaction::due(
+                    applied,
+                    snapshot,
+                    every,
+                    crate::storage::compaction::phase(position, every),
+                ) {
+                    continue;
+                }
+                if let Err(e) = node.trigger_snapshot().await {
+                    tracing::debug!(error = %e, "no snapshot: raft stopped");
+                    return;
+                }
+                asked = Some((snapshot, std::time::Instant::now()));
             }
         })
     }

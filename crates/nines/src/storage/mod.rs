@@ -16,6 +16,8 @@
 //!   record; consistent reads through read transactions.
 //! - [`session`]: client sessions, so that a retried write applies once.
 //! - [`snapshot`]: snapshot files, streamed out and read back in batches.
+//! - [`compaction`]: when each node builds its snapshot (a phase of its
+//!   own, so a region's nodes do not all write one at once).
 //! - [`power_loss`]: a storage backend for tests that keeps only what was
 //!   synced.
 
