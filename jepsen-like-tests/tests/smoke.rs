@@ -150,8 +150,9 @@ fn register_under_power_cuts_loses_nothing_and_stays_linearizable() {
 // hundreds of MB per snapshot, on one shared disk. Before snapshot files
 // were synced in steps, one sync of the whole file held every node's log
 // flushes for up to 0.7 s and cost elections (this run failed its
-// `elections` check on that code in one of two runs). Nothing is faulted, so the region must
-// keep its first leader, and every acknowledged value must be there, whole.
+// `elections` check on that code in one of two runs). Nothing is faulted,
+// so the region must keep its first leader, and every acknowledged value
+// must be there, whole.
 #[test]
 fn large_values_while_every_node_compacts_cost_no_election() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -1835,26 +1835,30 @@ fn clean_snapshot_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// See [`StateMachine::keep_snapshot`].
+/// See [`StateMachine::keep_snapshot`]. Runs off the runtime's thread: the
+/// rename frees the replaced snapshot's blocks (a whole state's worth) and
+/// the directory sync waits for the journal.
 fn keep_snapshot(
     dir: &Path,
     lock: &std::sync::Mutex<()>,
     path: &Path,
     meta: &SnapshotMeta,
 ) -> Result<(), StorageError> {
-    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-    let current = dir.join(snapshot::CURRENT);
-    let newer = match snapshot::Reader::open(&current) {
-        Ok((_, kept, _)) => kept.last_log_id > meta.last_log_id,
-        Err(_) => false,
-    };
-    let io = |e: std::io::Error| snapshot_err(ErrorVerb::Write, e);
-    if newer {
-        std::fs::remove_file(path).map_err(io)?;
-    } else {
-        std::fs::rename(path, &current).map_err(io)?;
-    }
-    super::fsync_dir(dir).map_err(io)
+    super::off_the_runtime(|| {
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = dir.join(snapshot::CURRENT);
+        let newer = match snapshot::Reader::open(&current) {
+            Ok((_, kept, _)) => kept.last_log_id > meta.last_log_id,
+            Err(_) => false,
+        };
+        let io = |e: std::io::Error| snapshot_err(ErrorVerb::Write, e);
+        if newer {
+            std::fs::remove_file(path).map_err(io)?;
+        } else {
+            std::fs::rename(path, &current).map_err(io)?;
+        }
+        super::fsync_dir(dir).map_err(io)
+    })
 }
 
 /// Encoding a stored record through one object-safe call, so the write
@@ -1952,10 +1956,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // its own durable state.
         let index = self.meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.durable.reach(index).await.map_err(|e| snapshot_err(ErrorVerb::Write, SnapshotError::Damaged(e)))?;
-        // Off the runtime's thread: the rename frees the replaced snapshot's
-        // blocks (a whole state's worth) and the directory sync waits for
-        // the journal.
-        super::off_the_runtime(|| keep_snapshot(&self.dir, &self.lock, &built, &self.meta))?;
+        keep_snapshot(&self.dir, &self.lock, &built, &self.meta)?;
         tracing::info!(index, bytes, took_ms = started.elapsed().as_millis() as u64, "snapshot built");
         Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(file) })
     }
@@ -2052,7 +2053,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // the durable index moves, so the log is never purged beyond the
         // current snapshot (a crash in between keeps the older snapshot and
         // the unpurged log).
-        super::off_the_runtime(|| self.keep_snapshot(&path, meta))?;
+        self.keep_snapshot(&path, meta)?;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.durable.committed.store(index, Ordering::Release);
         self.durable.raise(index);
