@@ -68,6 +68,12 @@ const CLOCK_OFFSET_MS: std::ops::Range<i64> = 200..2_000;
 /// its physical clock has caught up, minutes later (past the run's end).
 const CLOCK_JUMP_MS: std::ops::Range<i64> = 120_000..300_000;
 
+/// How late a slowed leader syncs its log (ms), in `slow-sync`.
+const SLOW_SYNC_MS: std::ops::Range<u32> = 200..800;
+/// How long the slowed leader runs before its region's power is cut (ms):
+/// often before its first late sync lands.
+const SLOW_SYNC_CUT_AFTER_MS: std::ops::Range<u64> = 100..600;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Nemesis {
     Kill,
@@ -107,10 +113,19 @@ pub enum Nemesis {
     /// does, on every node at once. It must not cost an election (see
     /// [`keeps_leaders`]).
     Compact,
+    /// A region's leader syncs its log hundreds of ms late (a slow disk) and
+    /// is cut off from one follower; moments later the whole region loses
+    /// power. The leader counts its own appends before it syncs them, so the
+    /// other follower alone holds writes openraft counted committed, and the
+    /// leader comes back without them: no such write may have been answered
+    /// or applied anywhere (the cut-off follower can win the next election
+    /// without them), and the leader must not lead the same term again
+    /// (its next entries would reuse the lost ones' log ids).
+    SlowSync,
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 20] = [
+pub const NAMES: [(&str, Nemesis); 21] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -131,6 +146,7 @@ pub const NAMES: [(&str, Nemesis); 20] = [
     ("ship-reorder", Nemesis::ShipReorder),
     ("hostile-peer", Nemesis::HostilePeer),
     ("compact", Nemesis::Compact),
+    ("slow-sync", Nemesis::SlowSync),
 ];
 
 /// The nemeses a `--docker` run can inject: those docker itself can do to
@@ -201,6 +217,8 @@ struct Net {
     clock: BTreeMap<u64, i64>,
     /// The most extra wait of each shipment a node sends (ms).
     ship_jitter: BTreeMap<u64, u32>,
+    /// How late a node syncs its log (ms).
+    log_sync_delay: BTreeMap<u64, u32>,
 }
 
 impl Net {
@@ -234,6 +252,7 @@ impl Net {
             && self.send_blocked.is_empty()
             && self.clock.is_empty()
             && self.ship_jitter.is_empty()
+            && self.log_sync_delay.is_empty()
     }
 
     fn request(&self, id: u64) -> SetFaultsRequest {
@@ -242,6 +261,7 @@ impl Net {
             send_blocked_regions: self.send_blocked.get(&id).map(|b| b.iter().cloned().collect()).unwrap_or_default(),
             clock_offset_ms: self.clock.get(&id).copied().unwrap_or(0),
             ship_jitter_ms: self.ship_jitter.get(&id).copied().unwrap_or(0),
+            log_sync_delay_ms: self.log_sync_delay.get(&id).copied().unwrap_or(0),
             links: self
                 .links
                 .get(&id)
@@ -555,6 +575,35 @@ async fn apply(
                 cluster.kill(*id);
             }
             format!("power-cut: nodes {cut:?} ({region}) lost power; unsynced writes gone; restarted at heal")
+        }
+        Nemesis::SlowSync => {
+            let Some(leader) = cluster.leader_of(&region).await else {
+                return Ok((region.clone(), format!("slow-sync: {region} has no leader; nothing slowed")));
+            };
+            let ms = rng.random_range(SLOW_SYNC_MS);
+            net.log_sync_delay.insert(leader, ms);
+            let followers: Vec<u64> = ids.iter().copied().filter(|id| *id != leader).collect();
+            let cut_off = (!followers.is_empty()).then(|| followers[rng.random_range(0..followers.len())]);
+            if let Some(f) = cut_off {
+                net.cut_both(leader, f);
+            }
+            // In place now, not after this returns: the power cut comes
+            // inside the window.
+            for id in std::iter::once(leader).chain(cut_off) {
+                if let Err(e) = cluster.set_faults(id, net.request(id)).await {
+                    eprintln!("  could not set faults on node {id}: {e:#}");
+                }
+            }
+            let after = rng.random_range(SLOW_SYNC_CUT_AFTER_MS);
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            for id in &ids {
+                cluster.kill(*id);
+            }
+            let cut = cut_off.map_or(String::new(), |f| format!(", cut off from node {f}"));
+            format!(
+                "slow-sync: node {leader} (leader of {region}) synced its log {ms} ms late{cut}; {after} ms later \
+                 every node of {region} ({ids:?}) lost power (unsynced writes gone); restarted at heal"
+            )
         }
         Nemesis::RegionLoss => {
             for id in &ids {

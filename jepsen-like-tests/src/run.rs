@@ -303,7 +303,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Summary> {
     let exe = std::env::current_exe().context("finding this executable to start nodes with")?;
     let flags = NodeFlags {
         planted_bug_local_reads: args.planted_bug_local_reads,
-        power_loss_simulation: plan.iter().flatten().any(|n| *n == Nemesis::PowerCut),
+        power_loss_simulation: plan.iter().flatten().any(|n| matches!(n, Nemesis::PowerCut | Nemesis::SlowSync)),
         failover,
         compact_fully: plan.iter().flatten().any(|n| *n == Nemesis::Compact),
     };

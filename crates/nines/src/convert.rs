@@ -113,6 +113,7 @@ pub fn faults_from_proto(r: pb::SetFaultsRequest) -> FaultSet {
         clock_offset_ms: r.clock_offset_ms,
         links,
         ship_jitter: std::time::Duration::from_millis(u64::from(r.ship_jitter_ms)),
+        log_sync_delay: std::time::Duration::from_millis(u64::from(r.log_sync_delay_ms)),
     }
 }
 

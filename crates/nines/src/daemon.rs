@@ -247,6 +247,8 @@ fn open_storage(config: &NodeConfig, prepared: &Prepared) -> anyhow::Result<(sto
     let options = storage::Options {
         cache_bytes: config.storage.cache_size as usize,
         power_loss_simulation: config.storage.power_loss_simulation,
+        node_id: Some(config.id),
+        log_sync_delay_ms: Some(prepared.faults.log_sync_delay_ms()),
     };
     let opened = storage::open(&config.data_dir, prepared.clock.clone(), options)
         .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
@@ -372,15 +374,16 @@ async fn start_node(
     let reader = state_machine.reader();
     let channels = Channels::default();
     let history = Arc::new(crate::events::History::new(config.id, &config.region));
-    let network = NetworkFactory::new(
-        config.id,
-        channels.clone(),
-        info.clone(),
-        config.latency.clone(),
-        prepared.faults.clone(),
-        Duration::from_millis(prepared.raft_config.heartbeat_interval),
-        history.clone(),
-    );
+    let network = NetworkFactory {
+        id: config.id,
+        channels: channels.clone(),
+        me: info.clone(),
+        latency: config.latency.clone(),
+        faults: prepared.faults.clone(),
+        retry_unreachable: Duration::from_millis(prepared.raft_config.heartbeat_interval),
+        history: history.clone(),
+        synced: log_store.synced(),
+    };
     let raft =
         Raft::new(config.id, prepared.raft_config, network, log_store, state_machine).await.context("starting raft")?;
     let metrics = match crate::telemetry::install() {

@@ -36,6 +36,11 @@ pub const LINK_DELAY_MS_MAX: u32 = 60_000;
 /// shipments as much as it likes without one that never leaves.
 pub const SHIP_JITTER_MS_MAX: u64 = 10_000;
 
+/// The most a fault may hold each sync of the Raft log back (ms): a stall
+/// several elections long (a leader's followers replace it after 0.5-0.7 s)
+/// and as long as a write's timeout (10 s), past which every write fails.
+pub const LOG_SYNC_DELAY_MS_MAX: u64 = 10_000;
+
 /// Most link rules at once: one per peer of a region is all a test needs,
 /// and a region has at most `INIT_MEMBERS_MAX` voters plus learners.
 pub const LINK_RULES_MAX: usize = 64;
@@ -57,6 +62,8 @@ pub struct FaultSet {
     /// Each shipment to a peer region waits a random extra time up to this
     /// before it leaves, so shipments in flight together arrive out of order.
     pub ship_jitter: Duration,
+    /// Each sync of the Raft log waits this long first (a slow disk).
+    pub log_sync_delay: Duration,
 }
 
 /// What happens to traffic from this node to one peer.
@@ -82,6 +89,8 @@ pub struct Faults {
     links: RwLock<BTreeMap<u64, LinkRule>>,
     clock_offset_ms: Arc<AtomicI64>,
     ship_jitter_ms: AtomicU64,
+    /// Read by the log's writer before each sync.
+    log_sync_delay_ms: Arc<AtomicU64>,
 }
 
 impl Faults {
@@ -95,7 +104,14 @@ impl Faults {
             links: RwLock::new(BTreeMap::new()),
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
             ship_jitter_ms: AtomicU64::new(0),
+            log_sync_delay_ms: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How long each sync of the Raft log waits first, in milliseconds
+    /// (always 0 unless enabled): the log's writer reads it.
+    pub fn log_sync_delay_ms(&self) -> Arc<AtomicU64> {
+        self.log_sync_delay_ms.clone()
     }
 
     /// Whether the planted stale-read bug is on: a linearizable read on a
@@ -141,7 +157,8 @@ impl Faults {
 
     /// Replaces the active faults.
     pub fn set(&self, faults: FaultSet) -> Result<(), Error> {
-        let FaultSet { blocked_regions, send_blocked_regions, clock_offset_ms, links, ship_jitter } = faults;
+        let FaultSet { blocked_regions, send_blocked_regions, clock_offset_ms, links, ship_jitter, log_sync_delay } =
+            faults;
         if !self.enabled {
             return Err(Error::FailedPrecondition(
                 "fault injection is disabled on this node; it is a test-only setting (fault_injection = true)".into(),
@@ -172,12 +189,18 @@ impl Faults {
                 "ship jitter of {ship_jitter:?} is beyond SHIP_JITTER_MS_MAX {SHIP_JITTER_MS_MAX} ms"
             )));
         }
+        if log_sync_delay.as_millis() > u128::from(LOG_SYNC_DELAY_MS_MAX) {
+            return Err(Error::invalid(format!(
+                "log sync delay of {log_sync_delay:?} is beyond LOG_SYNC_DELAY_MS_MAX {LOG_SYNC_DELAY_MS_MAX} ms"
+            )));
+        }
         tracing::warn!(
             ?blocked_regions,
             ?send_blocked_regions,
             clock_offset_ms,
             ?links,
             ?ship_jitter,
+            ?log_sync_delay,
             "fault injection: faults set"
         );
         *self.blocked.write().unwrap_or_else(|p| p.into_inner()) = blocked_regions.into_iter().collect();
@@ -185,6 +208,7 @@ impl Faults {
         *self.links.write().unwrap_or_else(|p| p.into_inner()) = links.into_iter().collect();
         self.clock_offset_ms.store(clock_offset_ms, Ordering::SeqCst);
         self.ship_jitter_ms.store(ship_jitter.as_millis() as u64, Ordering::SeqCst);
+        self.log_sync_delay_ms.store(log_sync_delay.as_millis() as u64, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -215,8 +239,10 @@ mod tests {
             clock_offset_ms: 5_000,
             links: vec![(2, LinkRule::Drop), (3, LinkRule::Delay(Duration::from_millis(50)))],
             ship_jitter: Duration::from_millis(30),
+            log_sync_delay: Duration::from_millis(40),
         };
         assert!(off.set(faults.clone()).is_err());
+        assert_eq!(off.log_sync_delay_ms().load(Ordering::SeqCst), 0);
         assert!(!off.region_blocked("eu"));
         assert!(!off.sends_blocked("ap"));
         assert_eq!(off.link(2), None);
@@ -234,6 +260,7 @@ mod tests {
         assert!((0..200).all(|_| on.ship_jitter() <= Duration::from_millis(30)));
         assert!((0..200).any(|_| on.ship_jitter() > Duration::ZERO), "the jitter varies");
         assert!(on.clock().now_ms() >= WallClock.now_ms() + 4_000);
+        assert_eq!(on.log_sync_delay_ms().load(Ordering::SeqCst), 40);
         assert!(on.set(FaultSet { clock_offset_ms: CLOCK_OFFSET_MS_MAX + 1, ..FaultSet::default() }).is_err());
         let too_long = Duration::from_millis(u64::from(LINK_DELAY_MS_MAX) + 1);
         assert!(on.set(FaultSet { links: vec![(2, LinkRule::Delay(too_long))], ..FaultSet::default() }).is_err());
@@ -246,5 +273,8 @@ mod tests {
         assert_eq!(on.ship_jitter(), Duration::ZERO);
         let too_much = Duration::from_millis(SHIP_JITTER_MS_MAX + 1);
         assert!(on.set(FaultSet { ship_jitter: too_much, ..FaultSet::default() }).is_err());
+        assert_eq!(on.log_sync_delay_ms().load(Ordering::SeqCst), 0);
+        let too_slow = Duration::from_millis(LOG_SYNC_DELAY_MS_MAX + 1);
+        assert!(on.set(FaultSet { log_sync_delay: too_slow, ..FaultSet::default() }).is_err());
     }
 }

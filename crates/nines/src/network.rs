@@ -47,6 +47,7 @@ use crate::config::LatencyConfig;
 use crate::events::History;
 use crate::faults::{Faults, LinkRule};
 use crate::limits::{RAFT_APPEND_BYTES_TARGET, RAFT_MESSAGE_BYTES_MAX};
+use crate::storage::LogSynced;
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
 /// How long connecting to a peer may take before the RPC fails. Peers are
@@ -81,32 +82,24 @@ impl Channels {
 
 /// Creates a [`PeerClient`] per target; openraft keeps one per peer.
 pub struct NetworkFactory {
-    id: NodeId,
-    channels: Channels,
+    /// This node's id.
+    pub id: NodeId,
+    /// The connections to peers, shared with the node's other clients.
+    pub channels: Channels,
     /// This node, for its region and AZ.
-    me: NodeInfo,
-    latency: LatencyConfig,
-    faults: Arc<Faults>,
-    /// How long openraft waits before it tries an unreachable peer again.
-    retry_unreachable: Duration,
+    pub me: NodeInfo,
+    /// The simulated latency between AZs and regions.
+    pub latency: LatencyConfig,
+    /// The test link rules.
+    pub faults: Arc<Faults>,
+    /// How long openraft waits before it tries an unreachable peer again:
+    /// the Raft heartbeat interval (see [`PeerClient::backoff`]).
+    pub retry_unreachable: Duration,
     /// Where a peer turning unreachable (and back) is recorded.
-    history: Arc<History>,
-}
-
-impl NetworkFactory {
-    /// `heartbeat` is the Raft heartbeat interval: an unreachable peer is
-    /// tried again after one (see [`PeerClient::backoff`]).
-    pub fn new(
-        id: NodeId,
-        channels: Channels,
-        me: NodeInfo,
-        latency: LatencyConfig,
-        faults: Arc<Faults>,
-        heartbeat: Duration,
-        history: Arc<History>,
-    ) -> Self {
-        NetworkFactory { id, channels, me, latency, faults, retry_unreachable: heartbeat, history }
-    }
+    pub history: Arc<History>,
+    /// How far this node's log is synced: the commit index it sends is
+    /// capped there.
+    pub synced: LogSynced,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -124,9 +117,17 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             retry_unreachable: self.retry_unreachable,
             history: self.history.clone(),
             failures: 0,
+            synced: self.synced.clone(),
         }
     }
 }
+
+/// How long the log's write under way may take before the leader counts
+/// its disk stalled and sends its followers nothing until it lands: above
+/// the slowest sync seen under load here (131 ms, large values on a shared
+/// disk), well below the 280-400 ms of silence after which a follower
+/// campaigns, so a stalled leader is replaced about 0.5-0.7 s into the stall.
+const SYNC_STALL: Duration = Duration::from_millis(250);
 
 /// Shortest wait before an unreachable peer is tried again, whatever the
 /// heartbeat: a dead peer costs at most a hundred connection attempts a
@@ -148,6 +149,8 @@ pub struct PeerClient {
     history: Arc<History>,
     /// RPCs in a row that found the peer unreachable or timed out.
     failures: u32,
+    /// How far this node's log is synced.
+    synced: LogSynced,
 }
 
 /// RPCs in a row that must fail before a peer is recorded unreachable: one
@@ -319,9 +322,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         let entries = rpc.entries.len();
+        // A leader whose log sync stalls (a disk that stopped) goes silent:
+        // its followers elect another leader, as they did when openraft's
+        // core waited for each of its syncs. (It acknowledges its own appends
+        // before their sync now, so nothing else would stop it.)
+        let ttl = option.soft_ttl();
+        if tokio::time::timeout(ttl, self.synced.unstalled(SYNC_STALL)).await.is_err() {
+            let timeout = Timeout { action: RPCTypes::AppendEntries, id: self.id, target: self.target, timeout: ttl };
+            return Err(RPCError::Timeout(timeout));
+        }
+        // openraft may count this leader's own entries before they are
+        // synced here (see `LogSynced`): a follower that applied one could
+        // keep it while a new leader, elected without it, writes over it.
+        let mut rpc = rpc;
+        rpc.leader_commit = self.synced.cap(rpc.leader_commit);
         // The soft deadline: our own timeout must fire before openraft's
         // (at the hard one) for a slow message to be sent smaller next time.
-        self.send(RPCTypes::AppendEntries, &rpc, Some(entries), option.soft_ttl()).await
+        self.send(RPCTypes::AppendEntries, &rpc, Some(entries), ttl).await
     }
 
     async fn install_snapshot(

@@ -178,6 +178,9 @@ pub struct Node {
     read_rounds: crate::reads::ReadRounds,
     /// What happened, as this node saw it.
     history: Arc<crate::events::History>,
+    /// Held by the membership change under way (see
+    /// [`Node::membership_turn`]).
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 /// The receiving ends the daemon keeps: the proposal queue (for the
@@ -213,6 +216,7 @@ impl Node {
             log_index_at_start: parts.log_index_at_start,
             read_rounds: Default::default(),
             history: parts.history,
+            membership_changes: tokio::sync::Mutex::new(()),
         };
         (Arc::new(node), Receivers { proposals: proposals_rx, fatal: fatal_rx })
     }
@@ -529,7 +533,10 @@ impl Node {
     /// restarted leader served a value two writes old; openraft issue #1511).
     /// Any entry of the log it started with may have been committed, so
     /// reads also wait until it has applied that log (as far as it still
-    /// holds it).
+    /// holds it). (A node that led when it stopped now starts with its vote
+    /// uncommitted and campaigns instead, see `storage::log_store`, and a
+    /// newly elected leader's ReadIndex covers its first entry of the term:
+    /// the wait stays as a second line of defence.)
     pub async fn ensure_linearizable(&self) -> Result<(), Error> {
         if self.stepping_down.load(Ordering::Acquire) && self.check_leader().is_ok() {
             // Confirming leadership would send heartbeats and keep this node
@@ -709,15 +716,48 @@ impl Node {
 
     /// Adds a learner and waits until it has caught up (this node must lead).
     pub async fn add_learner(&self, id: NodeId, info: NodeInfo) -> Result<(), Error> {
-        self.check_leader()?;
-        membership_outcome(tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, self.raft.add_learner(id, info, true)).await)
+        let deadline = tokio::time::Instant::now() + MEMBERSHIP_CHANGE_TIMEOUT;
+        let _turn = self.membership_turn(deadline).await?;
+        membership_outcome(tokio::time::timeout_at(deadline, self.raft.add_learner(id, info, true)).await)
     }
 
     /// Changes the voters or members (this node must lead).
     pub async fn change_membership(&self, change: ChangeMembers<NodeId, NodeInfo>) -> Result<(), Error> {
-        self.check_leader()?;
+        let deadline = tokio::time::Instant::now() + MEMBERSHIP_CHANGE_TIMEOUT;
+        let _turn = self.membership_turn(deadline).await?;
         let call = self.raft.change_membership(change, false);
-        membership_outcome(tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, call).await)
+        membership_outcome(tokio::time::timeout_at(deadline, call).await)
+    }
+
+    /// Waits until no other membership change is under way here and the
+    /// latest membership entry is applied on this node. openraft takes a
+    /// new change once it counts the last one committed, and a leader counts
+    /// its own copy before syncing it (see `storage::LogSynced`): the last
+    /// change might then sit on a single follower, and if this leader lost
+    /// it, two changes would be in flight at once, which can leave two
+    /// majorities. An applied entry is synced here, so truly committed.
+    /// Then checks again that this node leads (the wait may be long). Gives
+    /// up at `deadline`, the whole change's.
+    async fn membership_turn(&self, deadline: tokio::time::Instant) -> Result<tokio::sync::MutexGuard<'_, ()>, Error> {
+        self.check_leader()?;
+        let applied = |m: &RaftMetrics<NodeId, NodeInfo>| {
+            m.last_applied.map(|l| l.index) >= m.membership_config.log_id().map(|l| l.index)
+        };
+        let waited = tokio::time::timeout_at(deadline, async {
+            let turn = self.membership_changes.lock().await;
+            self.raft.metrics().wait_for(applied).await.map(|_| turn)
+        })
+        .await;
+        match waited {
+            Ok(Ok(turn)) => self.check_leader().map(|()| turn),
+            Ok(Err(_)) => Err(Error::Unavailable { reason: "raft stopped".into(), retry_safe: true }),
+            Err(_) => Err(Error::Unavailable {
+                reason: format!(
+                    "another membership change, or the last one's apply, took all of {MEMBERSHIP_CHANGE_TIMEOUT:?}"
+                ),
+                retry_safe: true,
+            }),
+        }
     }
 
     /// The membership's voters and members as this node knows them.

@@ -1,6 +1,7 @@
 //! Storage seen from outside: scans read one consistent state, a power cut
-//! of a whole region loses no acknowledged write, and a data directory the
-//! node did not write is refused with what to do.
+//! of a whole region loses no acknowledged write, a leader's unsynced log
+//! never leaves it as committed, and a data directory the node did not write
+//! is refused with what to do.
 
 mod common;
 
@@ -96,8 +97,9 @@ const POWER_CUT_AFTER: Duration = Duration::from_millis(1500);
 async fn a_power_cut_of_the_whole_region_keeps_every_acknowledged_write() {
     // Shows: every node of a region on storage that keeps only what was
     // synced (`power_loss_simulation`), all three killed at once while 8
-    // writers put, keep every write that was acknowledged: the log syncs an
-    // append before openraft counts it, whatever the state machine (synced
+    // writers put, keep every write that was acknowledged: a follower syncs
+    // an append before openraft counts it, and the leader syncs its own
+    // before it applies (answers) it, whatever the state machine (synced
     // once a second) holds. Appends cut mid-write are dropped at restart.
     // With the log's sync removed this test fails: the last second of
     // acknowledged writes is gone.
@@ -159,6 +161,122 @@ async fn a_power_cut_of_the_whole_region_keeps_every_acknowledged_write() {
     for id in 1..=3 {
         assert!(!cluster.log_of(id).contains("panicked"), "node {id}: {}", cluster.log_tail(id, 20));
     }
+}
+
+/// How long the leader's log syncs are held in the stalled-sync test, and
+/// when it looks: before its followers could have elected another leader
+/// (the network holds a stalled leader's messages only after 250 ms, and a
+/// follower campaigns after 280 ms of silence at the earliest).
+const STALLED_SYNC: Duration = Duration::from_millis(3_000);
+const STALLED_SYNC_LOOK: Duration = Duration::from_millis(200);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_log_sync_stalls_answers_nothing_unsynced_and_loses_its_place() {
+    // Shows: the leader acknowledges its own appends to openraft before it
+    // syncs them (its sync runs beside the followers'), so openraft counts a
+    // write committed once a follower synced it; yet nothing leaves the
+    // leader as committed before its own sync. With the leader's log syncs
+    // held 3 s (the `log_sync_delay_ms` fault), a put is not answered, and
+    // no node serves it, at first; then, the leader's disk stalled, its
+    // followers elect another leader, which holds the write. Without the
+    // state machine's wait for the sync the put is answered at once; without
+    // the cap on the commit index the leader sends, the followers serve it
+    // at once (and could keep it while a node without it is elected, had the
+    // leader lost power); without the stalled leader going silent it keeps
+    // its place (it heartbeats on) and the region takes no writes.
+    let _serial = serial().await;
+    let cluster = TestCluster::start(3, |c| c.fault_injection = true).await;
+    let leader = cluster.wait_leader().await;
+    cluster.client().put("before", "1").await.expect("put before the fault");
+    let stalled =
+        nines_proto::v1::SetFaultsRequest { log_sync_delay_ms: STALLED_SYNC.as_millis() as u32, ..Default::default() };
+    let leader_url = cluster.nodes[&leader].grpc();
+    cluster.client_of(&[leader]).set_all_faults_on(&leader_url, stalled).await.expect("set faults");
+    let client = cluster.client();
+    let put = tokio::spawn(async move { client.put("held", "2").await });
+    tokio::time::sleep(STALLED_SYNC_LOOK).await;
+    assert!(!put.is_finished(), "the put was answered before the leader synced it: {:?}", put.await);
+    for id in 1..=3 {
+        let got = cluster.client_of(&[id]).get("held", Consistency::Local).await.expect("local read");
+        assert!(got.kv.is_none(), "node {id} (leader {leader}) served a write its leader has not synced");
+    }
+    let next = wait_for("another node to lead", Duration::from_secs(10), || async {
+        for id in (1..=3).filter(|id| *id != leader) {
+            if cluster.status(id).await.is_some_and(|s| s.role == "leader") {
+                return Some(id);
+            }
+        }
+        None
+    })
+    .await;
+    put.abort();
+    // The new leader holds the write (both followers synced it) and commits
+    // it; the old one serves it too once its disk is back.
+    cluster.client_of(&[leader]).set_all_faults_on(&leader_url, Default::default()).await.expect("clear faults");
+    for id in 1..=3 {
+        let c = cluster.client_of(&[id]);
+        wait_for(&format!("node {id} to serve the write (new leader {next})"), Duration::from_secs(15), || async {
+            c.get("held", Consistency::Local).await.ok().and_then(|g| g.kv)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_unsynced_entries_at_a_power_cut_does_not_reuse_their_log_ids() {
+    // Shows: a leader whose followers synced an entry it had not (its log's
+    // syncs held back, the `log_sync_delay_ms` fault) loses it when the
+    // whole region loses power. openraft 0.9 would restart it as leader of
+    // the same term, from its saved committed vote, and its next entry would
+    // reuse the lost one's log id, which the followers take as the entry
+    // they hold: they would apply `held` where the leader applied `after`,
+    // and never serve `after` (this test then times out waiting for it).
+    // Restarted with its vote uncommitted, it campaigns for a new term, and
+    // every node ends with the same writes.
+    let _serial = serial().await;
+    let mut cluster = TestCluster::start(3, |c| {
+        c.fault_injection = true;
+        c.storage.power_loss_simulation = true;
+    })
+    .await;
+    let leader = cluster.wait_leader().await;
+    cluster.client().put("before", "1").await.expect("put before the fault");
+    let base = cluster.status(leader).await.expect("leader status").last_log_index;
+    let slow = nines_proto::v1::SetFaultsRequest { log_sync_delay_ms: 5_000, ..Default::default() };
+    let leader_url = cluster.nodes[&leader].grpc();
+    cluster.client_of(&[leader]).set_all_faults_on(&leader_url, slow).await.expect("set faults");
+    let client = cluster.client();
+    let put = tokio::spawn(async move { client.put("held", "2").await });
+    for id in (1..=3).filter(|id| *id != leader) {
+        wait_for(&format!("follower {id} to hold the entry"), Duration::from_secs(10), || async {
+            cluster.status(id).await.filter(|s| s.last_log_index > base)
+        })
+        .await;
+    }
+    // A follower syncs an entry within milliseconds of holding it; the cut
+    // must come before 250 ms, after which the stalled leader goes silent
+    // and an election would move the region to a new term first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!put.is_finished(), "the put was answered before the leader synced it");
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    put.abort();
+    for id in 1..=3 {
+        cluster.spawn(id);
+    }
+    cluster.wait_leader().await;
+    cluster.client().put("after", "3").await.expect("a put after the restart");
+    let mut held = Vec::new();
+    for id in 1..=3 {
+        let c = cluster.client_of(&[id]);
+        wait_for(&format!("node {id} to serve `after`"), Duration::from_secs(30), || async {
+            c.get("after", Consistency::Local).await.ok().and_then(|g| g.kv)
+        })
+        .await;
+        held.push(c.get("held", Consistency::Local).await.expect("local read").kv.is_some());
+    }
+    assert!(held.iter().all(|h| *h == held[0]), "the nodes disagree about `held` (leader before: {leader}): {held:?}");
 }
 
 #[test]

@@ -216,7 +216,12 @@ async fn build(
 /// up to it.
 async fn install(dir: &Path, file: &Path, meta: &SnapshotMeta) -> anyhow::Result<()> {
     let clock = Arc::new(HlcClock::wall(0));
-    let options = storage::Options { cache_bytes: RESTORE_CACHE_BYTES, power_loss_simulation: false };
+    let options = storage::Options {
+        cache_bytes: RESTORE_CACHE_BYTES,
+        power_loss_simulation: false,
+        node_id: None,
+        log_sync_delay_ms: None,
+    };
     let (_, mut log, mut sm) = storage::open(dir, clock, options)?;
     let snapshot = tokio::fs::File::open(file).await?;
     sm.install_snapshot(meta, Box::new(snapshot)).await?;

@@ -2,9 +2,7 @@
 //! write-ahead log in segment files under `log/`, and the vote and the last
 //! purged log id in `log/meta`.
 //!
-//! Why not a B-tree: openraft 0.9's core waits for each append to be
-//! flushed before it sends the entry to the followers, so the flush is on
-//! every write's path twice (the leader's, then a follower's). A redb commit
+//! Why not a B-tree: a follower's flush is on every write's path. A redb commit
 //! rewrote the B-tree's page, its parents and the allocator state (about
 //! 28 KB per small append) before its `fdatasync`; an append here writes the
 //! entries and one marker, then `fdatasync` (`benches/README.md` has the
@@ -30,9 +28,18 @@
 //! `pending`, until it is written).
 //!
 //! Invariants:
-//! - openraft hears that an append is persisted, and `save_vote`,
-//!   `truncate` and `purge` return, only after the change is synced
-//!   (`fdatasync` of the segment, or the meta file and its directory).
+//! - openraft hears that a follower's append is persisted, and
+//!   `save_vote`, `truncate` and `purge` return, only after the change is
+//!   synced (`fdatasync` of the segment, or the meta file and its
+//!   directory). A leader's own appends are acknowledged once queued, so
+//!   its sync runs beside the followers' instead of before them (openraft
+//!   0.9 sends an entry only after the leader's acknowledgement); openraft
+//!   may then count one committed before the leader holds it synced, so
+//!   nothing leaves the node as committed before that: the state machine
+//!   applies (answers clients, serves reads) only synced entries, and the
+//!   commit index sent to followers is capped at the synced log
+//!   ([`LogSynced`]). A start syncs the last segment before the log is used
+//!   (a killed process's unsynced writes are still in the page cache).
 //! - The live entries (above the last purge) follow one another by index
 //!   in file order, truncation records applied: a log that goes on past a
 //!   snapshot installed beyond its end records the purge up to there first
@@ -59,7 +66,22 @@
 //! - After a write or a sync fails, the writer takes no more changes:
 //!   openraft stops the node rather than go on past a gap.
 //!
+//! - A node that led when it stopped starts with its vote uncommitted
+//!   (saved so before openraft reads it): it may have lost entries its
+//!   followers hold, and openraft 0.9 would otherwise restart it as leader
+//!   of the same term, whose next entries would reuse the lost ones' log
+//!   ids. It campaigns for a new term instead (one election after each
+//!   restart of a leader).
+//!
 //! Caveats:
+//! - openraft counts a leader's own entry committed before the leader's
+//!   sync; what it does with that count inside itself (a new membership
+//!   change once the last one counts committed) is held back by
+//!   `Node::membership_turn`, which waits until the last change is applied.
+//! - The commit index a leader sends is capped at its synced log, and
+//!   openraft sends a new commit index once: a follower may learn it at the
+//!   next heartbeat instead (every 40-60 ms), or, from a stepping-down
+//!   leader (which sends none), from the next leader.
 //! - The committed log id rides on the next write that leaves its entry in
 //!   the log (never ahead of it: a start re-applies up to it); openraft
 //!   treats it as a hint that speeds up restart.
@@ -74,6 +96,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -83,7 +106,7 @@ use serde::{Deserialize, Serialize};
 use super::power_loss::{Medium, PowerLossBackend};
 use super::state_machine::DurableApplied;
 use super::{fsync_dir, record};
-use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
 /// Requests that may wait for the writer. At the limit openraft's appends
 /// wait, which slows the leader down instead of growing memory.
@@ -136,10 +159,24 @@ struct Meta {
 
 /// A change for the writer thread.
 enum Write {
-    Append { entries: Vec<Entry>, done: LogFlushed<TypeConfig> },
-    Truncate { from: u64, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
-    Purge { upto: LogId, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
-    Vote { vote: Vote, done: tokio::sync::oneshot::Sender<std::io::Result<()>> },
+    /// `done` is `None` for the leader's own appends, acknowledged when
+    /// queued (see [`own_as_leader`]).
+    Append {
+        entries: Vec<Entry>,
+        done: Option<LogFlushed<TypeConfig>>,
+    },
+    Truncate {
+        from: u64,
+        done: tokio::sync::oneshot::Sender<std::io::Result<()>>,
+    },
+    Purge {
+        upto: LogId,
+        done: tokio::sync::oneshot::Sender<std::io::Result<()>>,
+    },
+    Vote {
+        vote: Vote,
+        done: tokio::sync::oneshot::Sender<std::io::Result<()>>,
+    },
 }
 
 /// A segment file: a plain file, or (test only) one that keeps only what
@@ -219,6 +256,132 @@ pub struct LogStore {
     purge_target: Option<Arc<tokio::sync::watch::Sender<Option<LogId>>>>,
     /// How far the state machine is durable (`None` as `purge_target`).
     durable: Option<DurableApplied>,
+    /// This node: its own appends as leader are acknowledged once queued.
+    /// `None` acknowledges every append once synced.
+    me: Option<NodeId>,
+    /// How far the log is synced (moved by the writer).
+    synced: LogSynced,
+}
+
+/// How far the log is synced: the last entry it held at its latest sync,
+/// and whether a write failed (then it never moves again).
+#[derive(Debug, Clone, Copy, Default)]
+struct SyncState {
+    last: Option<LogId>,
+    failed: bool,
+}
+
+/// How far a node's log is synced. A leader's own appends are acknowledged
+/// to openraft before they are synced ([`own_as_leader`]), so openraft may
+/// count an entry committed before this node holds it durably. Nothing
+/// leaves the node as committed until it does: the state machine applies an
+/// entry (and so answers its client and serves it to reads) only once it is
+/// synced here ([`LogSynced::reach`]), and the commit index a leader sends
+/// its followers is capped at it ([`LogSynced::cap`]).
+#[derive(Clone)]
+pub struct LogSynced {
+    state: tokio::sync::watch::Receiver<SyncState>,
+    under_way: Arc<UnderWay>,
+}
+
+/// Since when the writer's current write and sync have been under way.
+#[derive(Debug)]
+struct UnderWay {
+    epoch: std::time::Instant,
+    /// Microseconds from `epoch` to the start, plus one; 0 while idle.
+    since_us: AtomicU64,
+}
+
+impl UnderWay {
+    fn new() -> Self {
+        UnderWay { epoch: std::time::Instant::now(), since_us: AtomicU64::new(0) }
+    }
+
+    fn start(&self) {
+        self.since_us.store(self.epoch.elapsed().as_micros() as u64 + 1, Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.since_us.store(0, Ordering::Release);
+    }
+
+    /// How long the write under way has taken so far.
+    fn taking(&self) -> Option<std::time::Duration> {
+        match self.since_us.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(self.epoch.elapsed().saturating_sub(std::time::Duration::from_micros(since - 1))),
+        }
+    }
+}
+
+/// How often [`LogSynced::unstalled`] looks again.
+const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+impl LogSynced {
+    /// Waits until the log is synced through `index`; fails once a write
+    /// failed (the node then stops).
+    pub async fn reach(&mut self, index: u64) -> Result<(), String> {
+        let reached = |s: &SyncState| s.failed || s.last.is_some_and(|l| l.index >= index);
+        match self.state.wait_for(reached).await {
+            Ok(s) if !s.failed => Ok(()),
+            Ok(_) => Err(format!("the log failed a write before entry {index} was synced")),
+            Err(_) => Err(format!("the log's writer stopped before entry {index} was synced")),
+        }
+    }
+
+    /// The commit index this node may tell others: `commit`, capped at
+    /// the last synced entry.
+    pub fn cap(&self, commit: Option<LogId>) -> Option<LogId> {
+        capped(commit, self.state.borrow().last)
+    }
+
+    /// Waits while the log's write under way has taken `limit` or longer (a
+    /// stalled disk); at once when it has not.
+    pub async fn unstalled(&self, limit: std::time::Duration) {
+        while self.under_way.taking().is_some_and(|t| t >= limit) {
+            tokio::time::sleep(STALL_POLL).await;
+        }
+    }
+
+    /// A handle synced through `last`, and a way to move it (tests of the
+    /// gates).
+    #[cfg(test)]
+    pub fn for_test(last: Option<LogId>) -> (impl Fn(Option<LogId>), LogSynced) {
+        let (tx, rx) = tokio::sync::watch::channel(SyncState { last, failed: false });
+        let sync_to = move |last| {
+            tx.send_replace(SyncState { last, failed: false });
+        };
+        (sync_to, LogSynced { state: rx, under_way: Arc::new(UnderWay::new()) })
+    }
+}
+
+/// `commit`, or `synced` when that is lower. Both are entries of one
+/// leader's log, which it never truncates, so their indexes order them.
+fn capped(commit: Option<LogId>, synced: Option<LogId>) -> Option<LogId> {
+    match (commit, synced) {
+        (Some(c), Some(s)) if c.index > s.index => Some(s),
+        (Some(_), None) => None,
+        _ => commit,
+    }
+}
+
+/// Whether the entries starting with `first` are this node's own as the
+/// leader of the latest saved `vote` (its own vote, committed: the election
+/// is won). openraft 0.9 waits for the callback of such an append before it
+/// sends the entries to the followers, which put two syncs in series on
+/// every write. These are acknowledged once queued, so the leader's sync
+/// runs beside the followers' ([`LogSynced`] keeps that safe). No other
+/// append is: a follower's acknowledgement tells its leader the entries are
+/// durable. Only the leader of that vote makes entries with its leader id,
+/// so an entry it led in an earlier term and gets back from a later leader
+/// is a follower's append.
+fn own_as_leader(me: Option<NodeId>, vote: Option<Vote>, first: &Entry) -> bool {
+    vote.is_some_and(|vote| won(me, vote) && first.log_id.leader_id == vote.leader_id)
+}
+
+/// Whether `vote` is `me`'s own and committed: `me` won that election.
+fn won(me: Option<NodeId>, vote: Vote) -> bool {
+    me.is_some_and(|me| vote.committed && vote.leader_id.node_id == me)
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -304,14 +467,16 @@ impl LogStore {
         self.durably(|done| Write::Purge { upto, done }, ErrorSubject::Logs).await
     }
 
-    /// Opens (or creates) the log under `dir`, keeping up to `cache_bytes`
-    /// of recent entries in memory, through the power-loss simulation when
-    /// a test asks for it, and starts its writer thread.
+    /// Opens (or creates) the log of node `me` under `dir`, keeping up to
+    /// `cache_bytes` of recent entries in memory, through the power-loss
+    /// simulation when a test asks for it, and starts its writer thread.
     pub fn open(
         dir: &Path,
+        me: Option<NodeId>,
         cache_bytes: usize,
         power_loss: bool,
         durable_applied: Option<DurableApplied>,
+        sync_delay_ms: Option<Arc<AtomicU64>>,
     ) -> anyhow::Result<Self> {
         let files = Files { dir: dir.join(LOG_DIR), power_loss, segment_bytes: SEGMENT_BYTES };
         let created = !files.dir.exists();
@@ -324,14 +489,51 @@ impl LogStore {
         let shared = Arc::new(Mutex::new(shared));
         let committed = Arc::new(Mutex::new(None));
         let (writes, queue) = std::sync::mpsc::sync_channel(WRITE_QUEUE_MAX);
-        let writer = Writer { files, shared: shared.clone(), committed: committed.clone() };
+        let last = lock(&shared).last_entry;
+        let (synced_tx, synced) = tokio::sync::watch::channel(SyncState { last, failed: false });
+        let under_way = Arc::new(UnderWay::new());
+        let writer = Writer {
+            files,
+            shared: shared.clone(),
+            committed: committed.clone(),
+            synced: synced_tx,
+            under_way: under_way.clone(),
+            sync_delay_ms,
+        };
+        let meta = lock(&shared).meta;
+        if let Some(vote) = meta.vote
+            && won(me, vote)
+        {
+            // This node led when it stopped, and may have lost entries its
+            // followers hold: its own appends are acknowledged before they
+            // are synced. openraft 0.9 restarts a node whose saved vote is
+            // its own, committed, as leader in the same term, and its next
+            // entries would reuse the lost ones' log ids, which a follower
+            // takes as the entries it holds. Uncommitted, the vote makes it
+            // campaign for the next term instead; that term's entries
+            // replace the lost tail wherever it is.
+            writer.write_meta(Meta { vote: Some(Vote { committed: false, ..vote }), ..meta })?;
+        }
         std::thread::Builder::new().name("nines-log-writer".into()).spawn(move || writer.run(queue))?;
         let purge_target = durable_applied.clone().map(|durable| {
             let (target, watch) = tokio::sync::watch::channel(None);
             tokio::spawn(purger(durable, watch, writes.clone()));
             Arc::new(target)
         });
-        Ok(LogStore { shared, writes, committed, purge_target, durable: durable_applied })
+        Ok(LogStore {
+            shared,
+            writes,
+            committed,
+            purge_target,
+            durable: durable_applied,
+            me,
+            synced: LogSynced { state: synced, under_way: under_way.clone() },
+        })
+    }
+
+    /// How far this log is synced.
+    pub fn synced(&self) -> LogSynced {
+        self.synced.clone()
     }
 
     /// Sends a change and waits until it is durable.
@@ -454,6 +656,11 @@ fn recover(files: &Files) -> anyhow::Result<Shared> {
         shared.segments.insert(first, file);
     }
     shared.last_entry = shared.locs.last_key_value().map(|(_, l)| l.log_id);
+    // What a killed process wrote without its sync is still read back (from
+    // the page cache): sync it before this log claims it as its own.
+    if let Some(file) = shared.segments.values().next_back() {
+        file.sync()?;
+    }
     Ok(shared)
 }
 
@@ -559,6 +766,12 @@ struct Writer {
     files: Files,
     shared: Arc<Mutex<Shared>>,
     committed: Arc<Mutex<Option<Option<LogId>>>>,
+    /// Moved after each sync, before anyone is answered.
+    synced: tokio::sync::watch::Sender<SyncState>,
+    /// Set while a batch is written and synced.
+    under_way: Arc<UnderWay>,
+    /// Test only: how long each write waits before its sync (ms).
+    sync_delay_ms: Option<Arc<AtomicU64>>,
 }
 
 /// Records encoded for the current segment, not yet written.
@@ -599,16 +812,29 @@ impl Writer {
                 }
             }
             let started = std::time::Instant::now();
+            self.under_way.start();
             let result = self.commit(&batch);
+            self.under_way.end();
             crate::telemetry::log_fsync(started, *result.as_ref().unwrap_or(&0));
             let failed = result.is_err();
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "writing the log failed; the log takes no more writes");
+            match &result {
+                Ok(_) => {
+                    let last = lock(&self.shared).last_entry;
+                    self.synced.send_replace(SyncState { last, failed: false });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "writing the log failed; the log takes no more writes");
+                    self.synced.send_modify(|s| s.failed = true);
+                }
             }
             for w in batch {
                 let r = result.as_ref().map(|_| ()).map_err(other);
                 match w {
-                    Write::Append { done, .. } => done.log_io_completed(r),
+                    Write::Append { done, .. } => {
+                        if let Some(done) = done {
+                            done.log_io_completed(r)
+                        }
+                    }
                     Write::Truncate { done, .. } | Write::Purge { done, .. } | Write::Vote { done, .. } => {
                         // Ignored: the caller may have given up waiting.
                         let _ = done.send(r);
@@ -654,6 +880,9 @@ impl Writer {
         }
         let written = self.flush(&mut buffer, &mut unsynced)?;
         if let Some(file) = unsynced {
+            if let Some(ms) = self.sync_delay_ms.as_ref().map(|d| d.load(Ordering::Relaxed)).filter(|ms| *ms > 0) {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
             file.sync()?;
         }
         Ok(written)
@@ -906,24 +1135,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(first) = entries.first() {
             self.purge_before_a_hole(first.log_id.index).await?;
         }
-        {
+        // Durable once the writer syncs; openraft learns it through the
+        // callback, or, for the leader's own entries, once they are queued
+        // (in order, so a later sync covers them). A full queue waits here.
+        let own = {
             let mut shared = lock(&self.shared);
             for e in &entries {
                 shared.pending.insert(e.log_id.index, e.clone());
             }
-        }
-        // Durable once the writer syncs; openraft learns it through the
-        // callback. A full queue waits here.
+            entries.first().is_some_and(|first| own_as_leader(self.me, shared.meta.vote, first))
+        };
+        let (done, queued) = if own { (None, Some(callback)) } else { (Some(callback), None) };
         let writes = self.writes.clone();
-        let w = Write::Append { entries, done: callback };
+        let w = Write::Append { entries, done };
         match writes.try_send(w) {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(w)) => tokio::task::spawn_blocking(move || writes.send(w))
                 .await
                 .map_err(|e| write_logs_err(LogError(e.to_string())))?
-                .map_err(|_| write_logs_err(LogError("the log writer stopped".into()))),
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => self.send_stopped(),
+                .map_err(|_| write_logs_err(LogError("the log writer stopped".into())))?,
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return self.send_stopped(),
         }
+        if let Some(queued) = queued {
+            queued.log_io_completed(Ok(()));
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -1032,6 +1268,44 @@ mod tests {
 
     fn entry(index: u64) -> Entry {
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn led_by(term: u64, node: NodeId, index: u64) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, node), index), payload: EntryPayload::Blank }
+    }
+
+    fn vote(term: u64, node: NodeId, committed: bool) -> Option<Vote> {
+        let mut v = Vote::new(term, node);
+        v.committed = committed;
+        Some(v)
+    }
+
+    #[test]
+    fn only_the_leaders_own_entries_are_acknowledged_before_their_sync() {
+        // Node 1 won term 3 and appends what it leads.
+        assert!(own_as_leader(Some(1), vote(3, 1, true), &led_by(3, 1, 10)));
+        // A follower of node 1 in term 3 (its vote is committed too).
+        assert!(!own_as_leader(Some(2), vote(3, 1, true), &led_by(3, 1, 10)));
+        // A candidate that has not won yet.
+        assert!(!own_as_leader(Some(1), vote(3, 1, false), &led_by(3, 1, 10)));
+        // Node 1's entry of term 2, sent back by the leader of term 4.
+        assert!(!own_as_leader(Some(1), vote(4, 3, true), &led_by(2, 1, 10)));
+        // Node 1 leads term 4; an entry of its term-2 leadership is not one
+        // it makes now.
+        assert!(!own_as_leader(Some(1), vote(4, 1, true), &led_by(2, 1, 10)));
+        // No node id (a restore) or no vote yet.
+        assert!(!own_as_leader(None, vote(3, 1, true), &led_by(3, 1, 10)));
+        assert!(!own_as_leader(Some(1), None, &led_by(3, 1, 10)));
+    }
+
+    #[test]
+    fn the_commit_index_sent_is_capped_at_the_synced_log() {
+        let at = |index| Some(LogId::new(CommittedLeaderId::new(3, 1), index));
+        assert_eq!(capped(at(9), at(7)), at(7));
+        assert_eq!(capped(at(7), at(9)), at(7));
+        assert_eq!(capped(at(7), at(7)), at(7));
+        assert_eq!(capped(at(7), None), None);
+        assert_eq!(capped(None, at(7)), None);
     }
 
     /// Writes `writes` (each a run of entries, then its marker unless the
@@ -1163,7 +1437,7 @@ mod tests {
         segment(dir.path(), 4, &[(4..=6, true)]);
         segment(dir.path(), 7, &[(7..=9, true)]);
         {
-            let mut log = LogStore::open(dir.path(), 1 << 20, false, None).unwrap();
+            let mut log = LogStore::open(dir.path(), None, 1 << 20, false, None, None).unwrap();
             log.truncate(entry(5).log_id).await.unwrap();
             log.purge(entry(3).log_id).await.unwrap();
             let state = log.get_log_state().await.unwrap();
@@ -1189,7 +1463,7 @@ mod tests {
         drop(shared);
         segment_append(dir.path(), 7, 5..=6);
         assert_eq!(indexes(&recovered(dir.path()).unwrap()), vec![4, 5, 6]);
-        let mut log = LogStore::open(dir.path(), 1 << 20, false, None).unwrap();
+        let mut log = LogStore::open(dir.path(), None, 1 << 20, false, None, None).unwrap();
         let got: Vec<u64> = log.try_get_log_entries(0..100).await.unwrap().iter().map(|e| e.log_id.index).collect();
         assert_eq!(got, vec![4, 5, 6]);
     }
@@ -1204,6 +1478,9 @@ mod tests {
             files: files.clone(),
             shared: Arc::new(Mutex::new(Shared::default())),
             committed: Arc::new(Mutex::new(None)),
+            synced: tokio::sync::watch::channel(SyncState::default()).0,
+            under_way: Arc::new(UnderWay::new()),
+            sync_delay_ms: None,
         };
         let term = |t: u64, i: u64| Entry {
             log_id: LogId::new(CommittedLeaderId::new(t, 1), i),
@@ -1248,8 +1525,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = Files { dir: dir.path().join(LOG_DIR), power_loss: false, segment_bytes: SEGMENT_BYTES };
         std::fs::create_dir_all(&files.dir).unwrap();
-        let writer =
-            Writer { files, shared: Arc::new(Mutex::new(Shared::default())), committed: Arc::new(Mutex::new(None)) };
+        let writer = Writer {
+            files,
+            shared: Arc::new(Mutex::new(Shared::default())),
+            committed: Arc::new(Mutex::new(None)),
+            synced: tokio::sync::watch::channel(SyncState::default()).0,
+            under_way: Arc::new(UnderWay::new()),
+            sync_delay_ms: None,
+        };
         let write = |range: std::ops::RangeInclusive<u64>, unsynced: &mut Option<SegmentFile>| {
             let mut buffer = Buffer::default();
             for i in range {

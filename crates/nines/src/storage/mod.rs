@@ -38,13 +38,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-pub use log_store::LogStore;
+pub use log_store::{LogStore, LogSynced};
 pub use state_machine::{StateMachine, StateReader};
 
 use crate::hlc::HlcClock;
 
 /// How a node's storage is opened.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// The engine's page cache in bytes, shared between the log and the
     /// state machine (a quarter and three quarters: the log is read mostly
@@ -53,6 +53,14 @@ pub struct Options {
     /// Test only: keep only what was synced at a power cut (`kill -9`); see
     /// [`power_loss`].
     pub power_loss_simulation: bool,
+    /// The node whose storage this is: its own appends as leader are
+    /// acknowledged to openraft once queued, their sync beside the
+    /// followers' (see `log_store::LogSynced`). `None` (a restore)
+    /// acknowledges every append once synced.
+    pub node_id: Option<crate::types::NodeId>,
+    /// Test only: each sync of the log waits this many milliseconds first
+    /// (the `log_sync_delay_ms` fault).
+    pub log_sync_delay_ms: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The data directory of one node, for what is not the log or the state
@@ -89,10 +97,18 @@ pub fn open(dir: &Path, clock: Arc<HlcClock>, options: Options) -> anyhow::Resul
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(name))?;
         Ok(Some(power_loss::PowerLossBackend::new(file)?))
     };
-    let sm = StateMachine::open(dir, options.cache_bytes / 4 * 3, backend(state_machine::STATE_FILE)?, clock)
+    let mut sm = StateMachine::open(dir, options.cache_bytes / 4 * 3, backend(state_machine::STATE_FILE)?, clock)
         .context("opening the state machine")?;
-    let log = LogStore::open(dir, options.cache_bytes / 4, options.power_loss_simulation, Some(sm.durable_applied()))
-        .context("opening the log")?;
+    let log = LogStore::open(
+        dir,
+        options.node_id,
+        options.cache_bytes / 4,
+        options.power_loss_simulation,
+        Some(sm.durable_applied()),
+        options.log_sync_delay_ms.clone(),
+    )
+    .context("opening the log")?;
+    sm.apply_only_synced(log.synced());
     fsync_dir(dir)?;
     Ok((Disk(dir.to_path_buf()), log, sm))
 }
@@ -143,7 +159,7 @@ mod tests {
             let sm =
                 StateMachine::open(dir.path(), 1 << 20, None, Arc::new(HlcClock::wall(500))).expect("state machine");
             // No purge gate: the suite purges logs with no state machine behind them.
-            let log = LogStore::open(dir.path(), 1 << 20, false, None).expect("open log");
+            let log = LogStore::open(dir.path(), None, 1 << 20, false, None, None).expect("open log");
             Ok((dir, log, sm))
         }
     }

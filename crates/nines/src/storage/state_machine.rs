@@ -47,6 +47,13 @@
 //!   go on, and installed through staging tables in bounded batches that one
 //!   final transaction switches in: a crash during an install leaves the old
 //!   state whole (and the staging tables are dropped at the next open).
+//! - An entry is applied only once this node's log holds it synced
+//!   ([`LogSynced`]): a leader's own appends are acknowledged to openraft
+//!   before their sync, so openraft may hand over an entry it counted
+//!   committed before the leader holds it durably. The apply waits (the
+//!   leader's client, its reads and this state are then not ahead of its
+//!   disk); an entry never appended to this log would wait for good, which
+//!   is why the storage conformance suite runs without the wait.
 //! - A failure to apply a committed entry is returned to openraft, which
 //!   stops the node: the replica can no longer be trusted.
 //!
@@ -71,6 +78,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::log_store::LogSynced;
 use super::session::{self, Lookup, SessionRecord};
 use super::snapshot::{self, Item, SnapshotError};
 use super::{FileBackend, record};
@@ -796,6 +804,9 @@ pub struct StateMachine {
     snapshot_lock: Arc<std::sync::Mutex<()>>,
     /// The file a snapshot is being received into.
     receiving: Option<PathBuf>,
+    /// How far the log is synced: an entry is applied only once it is
+    /// (see [`LogSynced`]). `None` in tests without a log.
+    log_synced: Option<LogSynced>,
 }
 
 /// Reads a record stored under `key` in the meta table, if any.
@@ -874,7 +885,13 @@ impl StateMachine {
             view: None,
             snapshot_lock: Arc::new(std::sync::Mutex::new(())),
             receiving: None,
+            log_synced: None,
         })
+    }
+
+    /// Applies an entry only once `synced` says the log holds it durably.
+    pub fn apply_only_synced(&mut self, synced: LogSynced) {
+        self.log_synced = Some(synced);
     }
 
     /// The durable applied index, for the log store's purges.
@@ -1974,6 +1991,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let (Some(synced), Some(last)) = (&mut self.log_synced, entries.last()) {
+            let reached = synced.reach(last.log_id.index).await;
+            reached
+                .map_err(|e| StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Write, openraft::AnyError::error(e)))?;
+        }
         self.view = Some(self.db.begin_read().map_err(read_err)?);
         let computed = self.compute(entries);
         // The read view ends with the computation, whatever its outcome.
@@ -2156,6 +2179,26 @@ mod tests {
 
     fn remote(origin_index: u64, key: &str, value: Option<&str>, at: Hlc) -> RemoteEntry {
         RemoteEntry { origin_index, key: key.into(), value: value.map(|v| v.into()), hlc: at }
+    }
+
+    #[tokio::test]
+    async fn an_entry_is_applied_only_once_the_log_holds_it_synced() {
+        let (_dir, mut sm) = open("us-east", &[], Mode::ActivePassive, "us-east");
+        let (sync_to, synced) = LogSynced::for_test(Some(LogId::new(CommittedLeaderId::new(1, 1), 0)));
+        sm.apply_only_synced(synced);
+        let entry =
+            |index| Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank };
+        // Entries 1 and 2 are queued in the log, not synced: the apply waits.
+        let early = tokio::time::timeout(Duration::from_millis(200), sm.apply([entry(1), entry(2)])).await;
+        assert!(early.is_err(), "applied before the log was synced: {early:?}");
+        assert_eq!(sm.reader().applied_index(), 0);
+        sync_to(Some(LogId::new(CommittedLeaderId::new(1, 1), 1)));
+        let half = tokio::time::timeout(Duration::from_millis(200), sm.apply([entry(1), entry(2)])).await;
+        assert!(half.is_err(), "applied entry 2 with the log synced through 1 only");
+        sync_to(Some(LogId::new(CommittedLeaderId::new(1, 1), 2)));
+        let applied = tokio::time::timeout(Duration::from_secs(5), sm.apply([entry(1), entry(2)])).await;
+        assert_eq!(applied.expect("applied once synced").unwrap().len(), 2);
+        assert_eq!(sm.reader().applied_index(), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
