@@ -261,6 +261,8 @@ pub struct LogStore {
     me: Option<NodeId>,
     /// How far the log is synced (moved by the writer).
     synced: LogSynced,
+    /// This node led when it stopped (its vote was saved uncommitted).
+    led_when_stopped: bool,
 }
 
 /// How far the log is synced: the last entry it held at its latest sync,
@@ -501,8 +503,9 @@ impl LogStore {
             sync_delay_ms,
         };
         let meta = lock(&shared).meta;
+        let led_when_stopped = meta.vote.is_some_and(|vote| won(me, vote));
         if let Some(vote) = meta.vote
-            && won(me, vote)
+            && led_when_stopped
         {
             // This node led when it stopped, and may have lost entries its
             // followers hold: its own appends are acknowledged before they
@@ -528,12 +531,18 @@ impl LogStore {
             durable: durable_applied,
             me,
             synced: LogSynced { state: synced, under_way: under_way.clone() },
+            led_when_stopped,
         })
     }
 
     /// How far this log is synced.
     pub fn synced(&self) -> LogSynced {
         self.synced.clone()
+    }
+
+    /// Whether this node led its region when it stopped (see `open`).
+    pub fn led_when_stopped(&self) -> bool {
+        self.led_when_stopped
     }
 
     /// Sends a change and waits until it is durable.
