@@ -486,8 +486,9 @@ impl RaftConfig {
     ///   follower campaigns after max + a random [min, max): 280 to 400 ms of
     ///   silence, more than four heartbeats lost in a row, which a busy CPU
     ///   does not do (see the test `a_loaded_region_keeps_its_leader_and_term`).
-    ///   A leader whose disk stalls that long does lose its place (openraft's
-    ///   core waits for its log flushes): before, a stall had to last 0.9 s.
+    ///   A leader whose disk stalls does lose its place: once one log write
+    ///   has taken 250 ms it sends its followers nothing until it lands
+    ///   (`network::SYNC_STALL`), so a stall of about 0.53-0.65 s costs it.
     /// - election_timeout_min = 2 heartbeats: openraft also gives a vote
     ///   request this long, and a voter fsyncs its vote before it answers;
     ///   the random part [min, max) spans two timer checks, so the two

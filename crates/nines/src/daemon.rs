@@ -370,7 +370,6 @@ async fn start_node(
     // restart (see `Node::ensure_linearizable`).
     let log_state = openraft::storage::RaftLogStorage::get_log_state(&mut log_store).await?;
     let log_index_at_start = log_state.last_log_id.map_or(0, |l| l.index);
-    let led_when_stopped = log_store.led_when_stopped();
     let info = NodeInfo::of(config, config.urls(&listeners.bound));
     let reader = state_machine.reader();
     let channels = Channels::default();
@@ -418,9 +417,6 @@ async fn start_node(
         log_index_at_start,
         history,
     });
-    if led_when_stopped {
-        node.hold_elections_after_restart();
-    }
     Ok((node, raft, receivers))
 }
 

@@ -94,10 +94,6 @@ const SNAPSHOT_BUILD_MAX: Duration = Duration::from_secs(120);
 /// the outcome is unknown rather than waiting without bound.
 pub const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How many `election_timeout_max` a node that led when it stopped waits
-/// before it may campaign (see [`Node::hold_elections_after_restart`]).
-const RESTART_ELECTION_HOLD: u32 = 3;
-
 /// The regions of the cluster as this node's configuration names them.
 #[derive(Debug, Clone, Default)]
 pub struct Regions {
@@ -859,27 +855,6 @@ impl Node {
                 asked = Some((snapshot, std::time::Instant::now()));
             }
         })
-    }
-
-    /// A node that led when it stopped restarts with its vote uncommitted
-    /// (see `storage::log_store`) and, hearing no leader within an election
-    /// timeout (its peers' connections to it still backing off), would
-    /// campaign with a higher term than the leader elected meanwhile, which
-    /// that leader then meets and steps down for: one more election. It
-    /// stands for no election for `RESTART_ELECTION_HOLD` election timeouts,
-    /// long enough to hear the leader; a region whose every node restarted
-    /// elects that much later.
-    pub fn hold_elections_after_restart(self: &Arc<Self>) {
-        self.raft.runtime_config().elect(false);
-        let hold = Duration::from_millis(self.raft.config().election_timeout_max) * RESTART_ELECTION_HOLD;
-        let node = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(hold).await;
-            // The clock watch decides while it steps down.
-            if !node.stepping_down.load(Ordering::Acquire) {
-                node.raft.runtime_config().elect(true);
-            }
-        });
     }
 
     /// Starts the clock watch: every `CLOCK_CHECK_INTERVAL` it exports how

@@ -62,10 +62,11 @@
 //!   it before segments are removed, on a thread of their own (not the
 //!   writer's: unlinking a compaction's segments held every append's flush).
 //!   A crash before that leaves entries that are merely redundant.
-//!
 //! - After a write or a sync fails, the writer takes no more changes:
 //!   openraft stops the node rather than go on past a gap.
-//!
+//! - The writer marks when each write begins and ends (`UnderWay`): a
+//!   leader whose write has been under way too long counts its disk
+//!   stalled and goes silent (`network::SYNC_STALL`).
 //! - A node that led when it stopped starts with its vote uncommitted
 //!   (saved so before openraft reads it): it may have lost entries its
 //!   followers hold, and openraft 0.9 would otherwise restart it as leader
@@ -261,8 +262,6 @@ pub struct LogStore {
     me: Option<NodeId>,
     /// How far the log is synced (moved by the writer).
     synced: LogSynced,
-    /// This node led when it stopped (its vote was saved uncommitted).
-    led_when_stopped: bool,
 }
 
 /// How far the log is synced: the last entry it held at its latest sync,
@@ -274,7 +273,7 @@ struct SyncState {
 }
 
 /// How far a node's log is synced. A leader's own appends are acknowledged
-/// to openraft before they are synced ([`own_as_leader`]), so openraft may
+/// to openraft before they are synced (`own_as_leader`), so openraft may
 /// count an entry committed before this node holds it durably. Nothing
 /// leaves the node as committed until it does: the state machine applies an
 /// entry (and so answers its client and serves it to reads) only once it is
@@ -316,7 +315,8 @@ impl UnderWay {
     }
 }
 
-/// How often [`LogSynced::unstalled`] looks again.
+/// How often [`LogSynced::unstalled`] looks again: a fraction of the 40 ms
+/// heartbeat, and only while a write is stalled.
 const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl LogSynced {
@@ -503,9 +503,8 @@ impl LogStore {
             sync_delay_ms,
         };
         let meta = lock(&shared).meta;
-        let led_when_stopped = meta.vote.is_some_and(|vote| won(me, vote));
         if let Some(vote) = meta.vote
-            && led_when_stopped
+            && won(me, vote)
         {
             // This node led when it stopped, and may have lost entries its
             // followers hold: its own appends are acknowledged before they
@@ -531,18 +530,12 @@ impl LogStore {
             durable: durable_applied,
             me,
             synced: LogSynced { state: synced, under_way: under_way.clone() },
-            led_when_stopped,
         })
     }
 
     /// How far this log is synced.
     pub fn synced(&self) -> LogSynced {
         self.synced.clone()
-    }
-
-    /// Whether this node led its region when it stopped (see `open`).
-    pub fn led_when_stopped(&self) -> bool {
-        self.led_when_stopped
     }
 
     /// Sends a change and waits until it is durable.
