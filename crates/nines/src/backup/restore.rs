@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Membership};
 
 use super::archive::{self, Replay};
@@ -226,7 +226,7 @@ async fn install(dir: &Path, file: &Path, meta: &SnapshotMeta) -> anyhow::Result
     let snapshot = tokio::fs::File::open(file).await?;
     sm.install_snapshot(meta, Box::new(snapshot)).await?;
     if let Some(log_id) = meta.last_log_id {
-        log.purge(log_id).await?;
+        log.purge_now(log_id).await?;
     }
     Ok(())
 }

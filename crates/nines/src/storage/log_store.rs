@@ -533,6 +533,19 @@ impl LogStore {
         })
     }
 
+    /// Purges the log up to `log_id` and returns once the purge is
+    /// recorded on disk, the state machine durable that far first (a
+    /// restore, which moves the files away next: openraft's `purge` only
+    /// records the target, and the purger task would carry it out later, in
+    /// a directory that is gone by then).
+    pub async fn purge_now(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        if let Some(durable) = &self.durable {
+            durable.reach(log_id.index).await.map_err(|e| write_logs_err(LogError(e)))?;
+        }
+        lock(&self.shared).pending.retain(|i, _| *i > log_id.index);
+        self.durably(|done| Write::Purge { upto: log_id, done }, ErrorSubject::Logs).await
+    }
+
     /// How far this log is synced.
     pub fn synced(&self) -> LogSynced {
         self.synced.clone()
