@@ -463,6 +463,12 @@ impl LogStore {
                 "entry {first} would leave a hole after entry {due}: the purge asked for ends at {upto}"
             ))));
         }
+        self.purge_durably(upto).await
+    }
+
+    /// Makes the state machine durable through `upto`, then records the
+    /// purge up to it and waits until that is on disk.
+    async fn purge_durably(&self, upto: LogId) -> Result<(), StorageError> {
         if let Some(durable) = &self.durable {
             durable.reach(upto.index).await.map_err(|e| write_logs_err(LogError(e)))?;
         }
@@ -539,11 +545,8 @@ impl LogStore {
     /// records the target, and the purger task would carry it out later, in
     /// a directory that is gone by then).
     pub async fn purge_now(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        if let Some(durable) = &self.durable {
-            durable.reach(log_id.index).await.map_err(|e| write_logs_err(LogError(e)))?;
-        }
         lock(&self.shared).pending.retain(|i, _| *i > log_id.index);
-        self.durably(|done| Write::Purge { upto: log_id, done }, ErrorSubject::Logs).await
+        self.purge_durably(log_id).await
     }
 
     /// How far this log is synced.
