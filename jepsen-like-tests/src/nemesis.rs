@@ -73,6 +73,10 @@ const SLOW_SYNC_MS: std::ops::Range<u32> = 200..800;
 /// How long the slowed leader runs before its region's power is cut (ms):
 /// often before its first late sync lands.
 const SLOW_SYNC_CUT_AFTER_MS: std::ops::Range<u64> = 100..600;
+/// How long a leader cut off from one follower keeps committing with the
+/// other before it is killed, in `kill-leader-lag` (ms): short of the 280
+/// ms after which the cut-off follower starts campaigning on its own.
+const LAG_BEFORE_KILL_MS: std::ops::Range<u64> = 50..250;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Nemesis {
@@ -122,10 +126,17 @@ pub enum Nemesis {
     /// without them), and the leader must not lead the same term again
     /// (its next entries would reuse the lost ones' log ids).
     SlowSync,
+    /// A region's leader is cut off from one follower, which falls behind
+    /// while the other keeps committing with the leader; moments later the
+    /// leader is killed. The follower that is behind may campaign first,
+    /// with an older log: the other refuses it and must take over at once
+    /// (`nines::takeover`), not after its own election timeout; no
+    /// acknowledged write may be lost. The fault's RTO shows which.
+    KillLeaderLag,
 }
 
 /// Every nemesis name `--nemesis` accepts.
-pub const NAMES: [(&str, Nemesis); 21] = [
+pub const NAMES: [(&str, Nemesis); 22] = [
     ("kill", Nemesis::Kill),
     ("pause", Nemesis::Pause),
     ("partition", Nemesis::Partition),
@@ -147,6 +158,7 @@ pub const NAMES: [(&str, Nemesis); 21] = [
     ("hostile-peer", Nemesis::HostilePeer),
     ("compact", Nemesis::Compact),
     ("slow-sync", Nemesis::SlowSync),
+    ("kill-leader-lag", Nemesis::KillLeaderLag),
 ];
 
 /// The nemeses a `--docker` run can inject: those docker itself can do to
@@ -603,6 +615,33 @@ async fn apply(
             format!(
                 "slow-sync: node {leader} (leader of {region}) synced its log {ms} ms late{cut}; {after} ms later \
                  every node of {region} ({ids:?}) lost power (unsynced writes gone); restarted at heal"
+            )
+        }
+        Nemesis::KillLeaderLag => {
+            let Some(leader) = cluster.leader_of(&region).await else {
+                return Ok((region.clone(), format!("kill-leader-lag: {region} has no leader; nothing killed")));
+            };
+            let followers: Vec<u64> = ids.iter().copied().filter(|id| *id != leader).collect();
+            if followers.len() < 2 {
+                return Ok((
+                    region.clone(),
+                    format!("kill-leader-lag: {region} has under two followers; nothing done"),
+                ));
+            }
+            let behind = followers[rng.random_range(0..followers.len())];
+            net.cut_both(leader, behind);
+            // In place now: the follower must fall behind before the kill.
+            for id in [leader, behind] {
+                if let Err(e) = cluster.set_faults(id, net.request(id)).await {
+                    eprintln!("  could not set faults on node {id}: {e:#}");
+                }
+            }
+            let after = rng.random_range(LAG_BEFORE_KILL_MS);
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            cluster.kill(leader);
+            format!(
+                "kill-leader-lag: node {leader} (leader of {region}) cut off from node {behind}, which fell behind; \
+                 {after} ms later kill -9 node {leader}; restarted at heal"
             )
         }
         Nemesis::RegionLoss => {

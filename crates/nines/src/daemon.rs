@@ -488,7 +488,7 @@ async fn serve(
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         )
         .add_service(
-            RaftServer::new(RaftService::new(raft.clone(), node.contact()))
+            RaftServer::new(RaftService::new(raft.clone(), node.clone()))
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         );

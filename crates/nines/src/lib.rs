@@ -35,6 +35,8 @@
 //! - [`replication`]: cross-region shipping and receiving, roles and divergence.
 //! - [`controller`]: the failover controller's decision, a pure function.
 //! - [`stance`]: what a node whose clock ran ahead does, a pure function.
+//! - [`takeover`]: a follower that refuses a candidate for its older log
+//!   stands for election at once.
 //! - [`server`]: the gRPC services, thin adapters over the node.
 //! - [`http`]: the admin HTTP port: probes, metrics, the status page.
 //! - [`backup`]: snapshot backups to an object store, verify, retention,
@@ -67,6 +69,7 @@ pub mod rpc;
 pub mod server;
 pub mod stance;
 pub mod storage;
+pub mod takeover;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -33,7 +33,8 @@ use std::time::Duration;
 use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
 };
-use openraft::{ChangeMembers, RaftMetrics};
+use openraft::raft::{VoteRequest, VoteResponse};
+use openraft::{ChangeMembers, RaftMetrics, ServerState};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -49,6 +50,7 @@ use crate::limits::{
 use crate::network::Channels;
 use crate::stance::{LeaderContact, Stance, StanceInputs, next_stance};
 use crate::storage::StateReader;
+use crate::takeover;
 use crate::types::{Command, CommandResult, NodeId, NodeInfo, PeerLag, Raft, ReplicationSetup};
 
 /// A client write waiting to be proposed, and where its result goes.
@@ -332,6 +334,59 @@ impl Node {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Answers a candidate's vote request. When this node refused it only
+    /// for its older log (see [`crate::takeover`]), heard no leader within
+    /// the leader lease, and neither leads nor steps down for its clock, it
+    /// takes over: it campaigns at once, in a
+    /// task of its own, so the answer leaves first (and leaves without this
+    /// node's longer log, see [`takeover::refusal_to_send`]).
+    pub async fn vote(self: &Arc<Self>, req: VoteRequest<NodeId>) -> Result<VoteResponse<NodeId>, RaftError<NodeId>> {
+        let resp = self.raft.vote(req.clone()).await?;
+        if !takeover::refused_for_an_older_log(&req, &resp) || self.stepping_down.load(Ordering::Acquire) {
+            return Ok(resp);
+        }
+        let (voters, state) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.membership_config.membership().voter_ids().count(), m.state)
+        };
+        let config = self.raft.config();
+        let lease = Duration::from_millis(config.election_timeout_max);
+        if !matches!(state, ServerState::Follower | ServerState::Candidate) || self.contact.heard_within(lease) {
+            return Ok(resp);
+        }
+        // More than three voters: others may refuse the same candidate at
+        // once; a random wait within one AZ round trip (a quarter of the
+        // heartbeat, see `RaftConfig::timing`) spreads their campaigns.
+        let jitter = if voters > 3 {
+            Duration::from_millis(rand::random_range(0..=config.heartbeat_interval / 4))
+        } else {
+            Duration::ZERO
+        };
+        let node = self.clone();
+        let (candidate, candidate_last, ours) = (req.vote, req.last_log_id, resp.last_log_id);
+        tokio::spawn(async move {
+            match takeover::take_over(&node.raft, candidate, ours, jitter).await {
+                Ok(takeover::TakeOver::Standing) => node.history.record(
+                    "takeover",
+                    format!(
+                        "node {}: candidate {} has an older log ({} against this node's {}): standing for \
+                         election at once",
+                        node.id,
+                        candidate,
+                        takeover::describe(candidate_last),
+                        takeover::describe(ours),
+                    ),
+                ),
+                Ok(takeover::TakeOver::Declined { vote }) => {
+                    tracing::debug!(%vote, "no take-over: the vote moved on since the refusal")
+                }
+                Err(e) => tracing::warn!("taking over from candidate {candidate} failed: {e}"),
+            }
+        });
+        Ok(takeover::refusal_to_send(resp, &req))
     }
 
     /// A snapshot of openraft's metrics.

@@ -370,3 +370,59 @@ async fn a_follower_holds_a_write_through_the_election_after_its_leader_dies() {
     }
     panic!("no round had every write held through the election and answered: {rounds:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_with_a_longer_log_takes_over_from_a_candidate_with_an_older_one() {
+    // Shows: when a leader dies and the follower that campaigns first lacks
+    // an entry the other follower holds, the other refuses it and stands at
+    // once (`nines::takeover`), instead of waiting out its own election
+    // timeout. Node 3 is that follower here, with timeouts made long (lease
+    // 5 s, then a random 4-5 s) so its own timer cannot fire before 9 s of
+    // silence; the leader is cut off from the other follower before a last
+    // write, then killed. Node 3 refuses the stale candidate by lease for
+    // 5 s, then for its log, and leads at once. Without the take-over it
+    // first campaigns after 9 s, at the term the refused candidate already
+    // holds, and leads after another 4-5 s at best: this test fails at 8 s.
+    let _serial = serial().await;
+    let slow = 3;
+    let mut cluster = TestCluster::start(3, |c| {
+        c.fault_injection = true;
+        if c.id == slow {
+            c.raft.election_timeout_min = Some(Duration::from_secs(4));
+            c.raft.election_timeout_max = Some(Duration::from_secs(5));
+        }
+    })
+    .await;
+    let leader = cluster.wait_leader().await;
+    assert_ne!(leader, slow, "node {slow} cannot have campaigned yet");
+    let stale = (1..=3).find(|id| *id != leader && *id != slow).unwrap();
+    cluster.client().put("before", "1").await.expect("put before the cut");
+    let cut = nines_proto::v1::SetFaultsRequest {
+        links: vec![nines_proto::v1::LinkFault { to_node: stale, drop: true, delay_ms: 0 }],
+        ..Default::default()
+    };
+    let leader_url = cluster.nodes[&leader].grpc();
+    cluster.client_of(&[leader]).set_all_faults_on(&leader_url, cut).await.expect("cut the leader from the follower");
+    cluster.client_of(&[leader]).put("held", "2").await.expect("put committed by the leader and node 3");
+    let stale_index = cluster.status(stale).await.expect("stale follower status").last_log_index;
+    let slow_index = cluster.status(slow).await.expect("node 3 status").last_log_index;
+    assert!(
+        slow_index > stale_index,
+        "node {slow} ({slow_index}) must hold more log than node {stale} ({stale_index})"
+    );
+    cluster.kill(leader);
+    let killed = Instant::now();
+    wait_for("node 3 to lead before its own election timeout", Duration::from_secs(8), || async {
+        cluster.status(slow).await.filter(|s| s.role == "leader")
+    })
+    .await;
+    eprintln!("node {slow} led {:?} after the kill", killed.elapsed());
+    assert!(
+        cluster.log_of(slow).contains("standing for election at once"),
+        "node {slow} led without taking over; its log ends:\n{}",
+        cluster.log_tail(slow, 20)
+    );
+    let got =
+        cluster.client_of(&[slow]).get("held", Consistency::Linearizable).await.expect("read from the new leader");
+    assert_eq!(got.kv.map(|kv| kv.value), Some(b"2".to_vec()), "the last write was lost");
+}

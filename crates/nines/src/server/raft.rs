@@ -13,19 +13,23 @@ use tonic::{Request, Response, Status};
 use std::sync::Arc;
 
 use crate::limits::{SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
+use crate::node::Node;
 use crate::stance::LeaderContact;
 use crate::tls::Role;
 use crate::types::{NodeId, Raft, TypeConfig, Vote};
 
 pub struct RaftService {
     raft: Raft,
+    /// Answers vote requests (see [`Node::vote`]).
+    node: Arc<Node>,
     /// Told of every append-entries message (see [`LeaderContact`]).
     contact: Arc<LeaderContact>,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, contact: Arc<LeaderContact>) -> Self {
-        RaftService { raft, contact }
+    pub fn new(raft: Raft, node: Arc<Node>) -> Self {
+        let contact = node.contact();
+        RaftService { raft, node, contact }
     }
 }
 
@@ -98,7 +102,7 @@ impl raft_server::Raft for RaftService {
         let role = req.extensions().get::<Role>().cloned();
         let rpc: openraft::raft::VoteRequest<NodeId> = decode(req, "vote")?;
         self.check_sender(role.as_ref(), &rpc.vote, true)?;
-        encode(&self.raft.vote(rpc).await)
+        encode(&self.node.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
