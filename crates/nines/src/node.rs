@@ -337,14 +337,14 @@ impl Node {
     }
 
     /// Answers a candidate's vote request. When this node refused it only
-    /// for its older log (see [`crate::takeover`]), heard no leader within
-    /// the leader lease, and neither leads nor steps down for its clock, it
-    /// takes over: it campaigns at once, in a
-    /// task of its own, so the answer leaves first (and leaves without this
-    /// node's longer log, see [`takeover::refusal_to_send`]).
+    /// for its older log (see [`crate::takeover`]), the answer leaves
+    /// without this node's longer log ([`takeover::refusal_to_send`]); and
+    /// when this node also heard no leader within the leader lease, and
+    /// neither leads nor steps down for its clock, it takes over: it
+    /// campaigns at once, in a task of its own, so the answer leaves first.
     pub async fn vote(self: &Arc<Self>, req: VoteRequest<NodeId>) -> Result<VoteResponse<NodeId>, RaftError<NodeId>> {
         let resp = self.raft.vote(req.clone()).await?;
-        if !takeover::refused_for_an_older_log(&req, &resp) || self.stepping_down.load(Ordering::Acquire) {
+        if !takeover::refused_for_an_older_log(&req, &resp) {
             return Ok(resp);
         }
         let (voters, state) = {
@@ -354,8 +354,11 @@ impl Node {
         };
         let config = self.raft.config();
         let lease = Duration::from_millis(config.election_timeout_max);
-        if !matches!(state, ServerState::Follower | ServerState::Candidate) || self.contact.heard_within(lease) {
-            return Ok(resp);
+        if !matches!(state, ServerState::Follower | ServerState::Candidate)
+            || self.stepping_down.load(Ordering::Acquire)
+            || self.contact.heard_within(lease)
+        {
+            return Ok(takeover::refusal_to_send(resp, &req));
         }
         // More than three voters: others may refuse the same candidate at
         // once; a random wait within one AZ round trip (a quarter of the

@@ -24,9 +24,9 @@
 //! (or refuses, and nothing happens: a leader heard meanwhile, a vote given
 //! to someone else at that term, a log that grew). That vote is never sent,
 //! so no candidate counts it; it only binds this node, which then does not
-//! vote for anyone else at that term, as Raft allows. The refusal it sends
-//! gives the candidate's own last log id, so the candidate does not take up
-//! openraft's long-lived "saw a longer log" delay ([`refusal_to_send`]).
+//! vote for anyone else at that term, as Raft allows. Every refusal for an
+//! older log gives the candidate its own last log id, so it does not take
+//! up openraft's long-lived "saw a longer log" delay ([`refusal_to_send`]).
 //!
 //! Not done by a leader (it must not step down for a candidate that cannot
 //! win), nor by a node stepping down for its clock (see [`crate::stance`]).
@@ -49,15 +49,17 @@ pub fn refused_for_an_older_log(req: &VoteRequest<NodeId>, resp: &VoteResponse<N
     !resp.vote_granted && resp.last_log_id > req.last_log_id && req.vote.leader_id().term > resp.vote.leader_id().term
 }
 
-/// The refusal a node that takes over sends the candidate: its own answer
-/// with the candidate's last log id in place of this node's longer one.
-/// openraft reads a refusal's log id for one thing only: a candidate that
-/// sees a longer log than its own adds twice `election_timeout_max` to its
-/// election timeout, so that the node holding it can win first, and keeps
-/// that delay until it next campaigns by its timer, which a candidate that
-/// becomes the follower of the node taking over may not do for many
-/// failovers (see the module doc). The take-over already lets the longer
-/// log win first; the stale delay would only slow a later failover.
+/// The refusal sent to a candidate refused for its older log: this node's
+/// answer with the candidate's own last log id in place of this node's
+/// longer one. openraft reads a refusal's log id for one thing only: a
+/// candidate that sees a longer log than its own adds twice
+/// `election_timeout_max` to its election timeout, so that the node
+/// holding it can win first, and keeps that delay until it next campaigns
+/// by its timer. A node refused while its leader still lives (by lease)
+/// thus campaigns late just when the leader dies (seen in the harness'
+/// `kill-leader-lag`: 0.7 s), and one that lost a campaign and then
+/// followed carries the delay into the next failover. The take-over lets
+/// the longer log win first without it.
 pub fn refusal_to_send(mut resp: VoteResponse<NodeId>, req: &VoteRequest<NodeId>) -> VoteResponse<NodeId> {
     resp.last_log_id = req.last_log_id;
     resp
