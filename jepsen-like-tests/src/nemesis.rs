@@ -640,7 +640,7 @@ async fn apply(
             tokio::time::sleep(Duration::from_millis(after)).await;
             cluster.kill(leader);
             format!(
-                "kill-leader-lag: node {leader} (leader of {region}) cut off from node {behind}, which fell behind; \
+                "kill-leader-lag: node {leader} (leader of {region}) cut off from node {behind} (to fall behind); \
                  {after} ms later kill -9 node {leader}; restarted at heal"
             )
         }

@@ -43,7 +43,7 @@ pub struct RunArgs {
     /// partition-az, partition-region, partition-region-one-way,
     /// partition-one-way, latency, clock, clock-jump,
     /// az-loss, region-loss, power-cut, controller-kill (failover only),
-    /// ship-reorder.
+    /// ship-reorder, hostile-peer, compact, slow-sync, kill-leader-lag.
     #[arg(long, default_value = "none")]
     pub nemesis: String,
     /// How long clients run (faults stop before the end), e.g. `60s`.

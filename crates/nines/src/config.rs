@@ -494,7 +494,9 @@ impl RaftConfig {
     ///   the random part [min, max) spans two timer checks, so the two
     ///   followers of a dead leader rarely campaign at the same check (a
     ///   split vote costs another timeout). A dead leader is replaced in
-    ///   about 0.3 to 0.4 s instead of 0.9 to 1.2 s.
+    ///   about 0.3 to 0.4 s instead of 0.9 to 1.2 s; when the follower that
+    ///   campaigns first lacks an entry the other holds, the other takes
+    ///   over at once (`crate::takeover`).
     ///
     /// Every timing is whole milliseconds, as openraft counts them.
     pub fn timing(&self, simulated_cross_az: Duration) -> RaftTiming {

@@ -133,7 +133,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()> + Send +
     let tasks = spawn_tasks(&node, &config, storage, receivers.proposals, servers.health.clone(), &stop_rx);
     let addrs_path = write_addrs(&config, &node)?;
     let failure = wait_for_stop(&raft, receivers.fatal, shutdown).await;
-    drain(stop_tx, servers, tasks, &raft).await;
+    drain(stop_tx, servers, tasks, &node, &raft).await;
     let _ = std::fs::remove_file(&addrs_path);
     match failure {
         None => {
@@ -621,14 +621,13 @@ async fn wait_for_stop(
 /// Earlier is not possible: openraft 0.9 has no leadership transfer, and a
 /// follower refuses every vote until the lease from the last heartbeat it
 /// heard has passed.
-async fn drain(stop: watch::Sender<bool>, servers: Servers, tasks: Tasks, raft: &Raft) {
+async fn drain(stop: watch::Sender<bool>, servers: Servers, tasks: Tasks, node: &Node, raft: &Raft) {
     // Ignored: the receivers only disappear once everything has stopped.
     let _ = stop.send(true);
     // After `stop`, which the clock watch (it also switches these) obeys
     // at its next step: should it switch them back once in between, the
     // hand-off only waits for the drain, as it always did.
-    raft.runtime_config().heartbeat(false);
-    raft.runtime_config().elect(false);
+    node.set_campaigning(false);
     tasks.batcher.abort();
     let wait = async {
         let _ = servers.grpc.await;

@@ -32,8 +32,8 @@ pub struct Event {
     /// The node that saw it.
     pub node: u64,
     pub region: String,
-    /// `leader`, `no-leader`, `unreachable`, `reachable`, `region`,
-    /// `divergent` or `clock`.
+    /// `leader`, `no-leader`, `takeover`, `unreachable`, `reachable`,
+    /// `region`, `divergent` or `clock`.
     pub kind: String,
     pub message: String,
 }

@@ -176,6 +176,9 @@ pub struct Node {
     /// ([`Stance::SteppingDown`]): it proposes nothing, sends no heartbeats
     /// and stands for no election, so a node with a sane clock takes over.
     stepping_down: AtomicBool,
+    /// Whether this node sends heartbeats and stands for elections, by its
+    /// timer or by a take-over (see [`Node::set_campaigning`]).
+    campaigning: AtomicBool,
     /// Leadership confirmations shared by the linearizable reads waiting.
     read_rounds: crate::reads::ReadRounds,
     /// What happened, as this node saw it.
@@ -212,6 +215,7 @@ impl Node {
             fatal,
             proposals,
             stepping_down: AtomicBool::new(false),
+            campaigning: AtomicBool::new(true),
             contact: parts.contact,
             authority: parts.authority,
             primary_lease: Arc::default(),
@@ -336,12 +340,22 @@ impl Node {
         &self.stats
     }
 
-    /// Answers a candidate's vote request. When this node refused it only
-    /// for its older log (see [`crate::takeover`]), the answer leaves
-    /// without this node's longer log ([`takeover::refusal_to_send`]); and
-    /// when this node also heard no leader within the leader lease, and
-    /// neither leads nor steps down for its clock, it takes over: it
-    /// campaigns at once, in a task of its own, so the answer leaves first.
+    /// Switches this node's heartbeats and its candidacies (openraft's
+    /// timer and a take-over) on or off: off while it steps down for its
+    /// clock and once it drains.
+    pub fn set_campaigning(&self, on: bool) {
+        self.campaigning.store(on, Ordering::Release);
+        let runtime = self.raft.runtime_config();
+        runtime.heartbeat(on);
+        runtime.elect(on);
+    }
+
+    /// Answers a candidate's vote request. A refusal for an older log
+    /// leaves without this node's longer log ([`takeover::refusal_to_send`]).
+    /// When the candidate's term is also newer than this node's vote, this
+    /// node heard no leader within the leader lease (and has run that
+    /// long), follows or campaigns, and stands for elections, it takes
+    /// over (see [`crate::takeover`]), in a task of its own.
     pub async fn vote(self: &Arc<Self>, req: VoteRequest<NodeId>) -> Result<VoteResponse<NodeId>, RaftError<NodeId>> {
         let resp = self.raft.vote(req.clone()).await?;
         if !takeover::refused_for_an_older_log(&req, &resp) {
@@ -354,41 +368,37 @@ impl Node {
         };
         let config = self.raft.config();
         let lease = Duration::from_millis(config.election_timeout_max);
-        if !matches!(state, ServerState::Follower | ServerState::Candidate)
-            || self.stepping_down.load(Ordering::Acquire)
-            || self.contact.heard_within(lease)
-        {
-            return Ok(takeover::refusal_to_send(resp, &req));
-        }
-        // More than three voters: others may refuse the same candidate at
-        // once; a random wait within one AZ round trip (a quarter of the
-        // heartbeat, see `RaftConfig::timing`) spreads their campaigns.
-        let jitter = if voters > 3 {
-            Duration::from_millis(rand::random_range(0..=config.heartbeat_interval / 4))
-        } else {
-            Duration::ZERO
-        };
-        let node = self.clone();
-        let (candidate, candidate_last, ours) = (req.vote, req.last_log_id, resp.last_log_id);
-        tokio::spawn(async move {
-            match takeover::take_over(&node.raft, candidate, ours, jitter).await {
-                Ok(takeover::TakeOver::Standing) => node.history.record(
-                    "takeover",
-                    format!(
-                        "node {}: candidate {} has an older log ({} against this node's {}): standing for \
-                         election at once",
-                        node.id,
-                        candidate,
-                        takeover::describe(candidate_last),
-                        takeover::describe(ours),
+        let take_over = takeover::candidate_term_is_newer(&req, &resp)
+            && matches!(state, ServerState::Follower | ServerState::Candidate)
+            && self.contact.silent_for(lease)
+            && self.campaigning.load(Ordering::Acquire);
+        if take_over {
+            let wait = takeover::spread(voters, Duration::from_millis(config.heartbeat_interval));
+            let node = self.clone();
+            let (candidate, candidate_last, ours) = (req.vote, req.last_log_id, resp.last_log_id);
+            tokio::spawn(async move {
+                let may_stand = || node.campaigning.load(Ordering::Acquire);
+                match takeover::take_over(&node.raft, candidate, ours, wait, may_stand).await {
+                    Ok(takeover::TakeOver::Standing) => node.history.record(
+                        "takeover",
+                        format!(
+                            "node {}: candidate node {} at term {} holds an older log ({}, this node's {}): \
+                             standing for election at term {}",
+                            node.id,
+                            candidate.leader_id().node_id,
+                            candidate.leader_id().term,
+                            takeover::position(candidate_last),
+                            takeover::position(ours),
+                            candidate.leader_id().term + 1,
+                        ),
                     ),
-                ),
-                Ok(takeover::TakeOver::Declined { vote }) => {
-                    tracing::debug!(%vote, "no take-over: the vote moved on since the refusal")
+                    Ok(takeover::TakeOver::Declined { reason }) => {
+                        tracing::debug!(%candidate, "no take-over: {reason}")
+                    }
+                    Err(e) => tracing::warn!("taking over from candidate {candidate} failed: {e}"),
                 }
-                Err(e) => tracing::warn!("taking over from candidate {candidate} failed: {e}"),
-            }
-        });
+            });
+        }
         Ok(takeover::refusal_to_send(resp, &req))
     }
 
@@ -978,9 +988,7 @@ impl Node {
                 }
                 let stepping_down = next == Stance::SteppingDown;
                 node.stepping_down.store(stepping_down, Ordering::Release);
-                let runtime = node.raft.runtime_config();
-                runtime.heartbeat(!stepping_down);
-                runtime.elect(!stepping_down);
+                node.set_campaigning(!stepping_down);
                 stance = next;
             }
         })

@@ -86,6 +86,12 @@ impl LeaderContact {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// Whether this node has run at least `within` without hearing a
+    /// leader in that time.
+    pub fn silent_for(&self, within: Duration) -> bool {
+        self.start.elapsed() >= within && !self.heard_within(within)
+    }
+
     /// Whether a leader was heard from within `within`.
     pub fn heard_within(&self, within: Duration) -> bool {
         match self.last_ms.load(Ordering::Relaxed) {
