@@ -40,9 +40,15 @@
 //! - openraft's `trigger().elect()` ignores its own election switch; the
 //!   take-over checks nines' ([`TakeOver`] is `Declined` when it is off),
 //!   before it records the vote and again before it campaigns.
-//! - A leader elected between the recorded vote and the campaign is
-//!   deposed when its term is not above the candidate's (checked, but not
-//!   atomically with the campaign): one more election, no safety issue.
+//! - A leader elected at the candidate's term or later keeps its place,
+//!   as openraft's metrics show it just before the campaign; one they do
+//!   not show yet, or one of an older term, is deposed (the recorded vote
+//!   alone would do that, as in plain Raft): one more election, no safety
+//!   issue.
+//! - Every node rewrites its refusals, so openraft's back-off for a
+//!   candidate that saw a longer log is off across the region. Where no
+//!   take-over happens (within a lease of a start, declined), the longer
+//!   log wins on its own timer against a candidate that retries sooner.
 //! - With more than three voters the candidate may still win on the
 //!   others' votes, and several followers may refuse it at once and split
 //!   the next term; each waits a random time within one heartbeat first
@@ -143,10 +149,14 @@ pub async fn take_over(
         return Ok(TakeOver::Declined { reason: format!("openraft refused the vote; this node's is {}", resp.vote) });
     }
     // A leader elected meanwhile at the candidate's term or later (its
-    // append moved this node's vote on) stays: openraft's metrics may not
-    // show the recorded vote yet, but they never show an older one.
+    // append moved this node's vote on; the candidate itself, when it won
+    // on other voters), or another campaign at such a term, stays:
+    // openraft's metrics may not show the recorded vote yet, but they
+    // never show a vote newer than this node's.
     let now = raft.metrics().borrow().vote;
-    if now.leader_id().term >= candidate.leader_id().term && now.leader_id() != candidate.leader_id() {
+    if now.leader_id().term >= candidate.leader_id().term
+        && (now.is_committed() || now.leader_id() != candidate.leader_id())
+    {
         return Ok(TakeOver::Declined { reason: format!("this node's vote moved on to {now}") });
     }
     if !may_stand() {

@@ -381,8 +381,9 @@ async fn a_follower_with_a_longer_log_takes_over_from_a_candidate_with_an_older_
     // silence; the leader is cut off from the other follower before a last
     // write, then killed. Node 3 refuses the stale candidate by lease for
     // 5 s, then for its log, and leads at once. Without the take-over it
-    // first campaigns after 9 s, at the term the refused candidate already
-    // holds, and leads after another 4-5 s at best: this test fails at 8 s.
+    // first campaigns after 9 s, at a term below the one the stale
+    // follower reached by then, and leads after another 4-5 s at best:
+    // this test fails at 8 s.
     let _serial = serial().await;
     let slow = 3;
     let mut cluster = TestCluster::start(3, |c| {
