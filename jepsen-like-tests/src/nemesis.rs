@@ -388,6 +388,30 @@ async fn pick_node(cluster: &Cluster, region: &str, rng: &mut StdRng) -> u64 {
     if rng.random_bool(0.5) { cluster.leader_of(region).await.unwrap_or(any) } else { any }
 }
 
+/// Cuts `leader` off from one of its followers among `ids`, chosen at
+/// random, both ways, and sets the two nodes' rules from `net` at once
+/// rather than after `apply` returns (the nemeses that use it act on the
+/// cut within the window). The follower, when the region has one.
+async fn cut_off_a_follower(
+    cluster: &Cluster,
+    net: &mut Net,
+    rng: &mut StdRng,
+    leader: u64,
+    ids: &[u64],
+) -> Option<u64> {
+    let followers: Vec<u64> = ids.iter().copied().filter(|id| *id != leader).collect();
+    let cut_off = (!followers.is_empty()).then(|| followers[rng.random_range(0..followers.len())]);
+    if let Some(f) = cut_off {
+        net.cut_both(leader, f);
+    }
+    for id in std::iter::once(leader).chain(cut_off) {
+        if let Err(e) = cluster.set_faults(id, net.request(id)).await {
+            eprintln!("  could not set faults on node {id}: {e:#}");
+        }
+    }
+    cut_off
+}
+
 /// How a report names node `id` of `region`: says whether it leads (asked
 /// before the fault, which may silence it).
 async fn describe(cluster: &Cluster, region: &str, id: u64) -> String {
@@ -594,18 +618,8 @@ async fn apply(
             };
             let ms = rng.random_range(SLOW_SYNC_MS);
             net.log_sync_delay.insert(leader, ms);
-            let followers: Vec<u64> = ids.iter().copied().filter(|id| *id != leader).collect();
-            let cut_off = (!followers.is_empty()).then(|| followers[rng.random_range(0..followers.len())]);
-            if let Some(f) = cut_off {
-                net.cut_both(leader, f);
-            }
-            // In place now, not after this returns: the power cut comes
-            // inside the window.
-            for id in std::iter::once(leader).chain(cut_off) {
-                if let Err(e) = cluster.set_faults(id, net.request(id)).await {
-                    eprintln!("  could not set faults on node {id}: {e:#}");
-                }
-            }
+            // In place now: the power cut comes inside the window.
+            let cut_off = cut_off_a_follower(cluster, net, rng, leader, &ids).await;
             let after = rng.random_range(SLOW_SYNC_CUT_AFTER_MS);
             tokio::time::sleep(Duration::from_millis(after)).await;
             for id in &ids {
@@ -621,21 +635,14 @@ async fn apply(
             let Some(leader) = cluster.leader_of(&region).await else {
                 return Ok((region.clone(), format!("kill-leader-lag: {region} has no leader; nothing killed")));
             };
-            let followers: Vec<u64> = ids.iter().copied().filter(|id| *id != leader).collect();
-            if followers.len() < 2 {
+            if ids.len() < 3 {
                 return Ok((
                     region.clone(),
                     format!("kill-leader-lag: {region} has under two followers; nothing done"),
                 ));
             }
-            let behind = followers[rng.random_range(0..followers.len())];
-            net.cut_both(leader, behind);
             // In place now: the follower must fall behind before the kill.
-            for id in [leader, behind] {
-                if let Err(e) = cluster.set_faults(id, net.request(id)).await {
-                    eprintln!("  could not set faults on node {id}: {e:#}");
-                }
-            }
+            let behind = cut_off_a_follower(cluster, net, rng, leader, &ids).await.expect("two followers or more");
             let after = rng.random_range(LAG_BEFORE_KILL_MS);
             tokio::time::sleep(Duration::from_millis(after)).await;
             cluster.kill(leader);
